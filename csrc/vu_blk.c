@@ -1,0 +1,586 @@
+/* virtio-blk device: request parsing separate from I/O, and the RAM and
+ * file back-ends.
+ *
+ * Parsing trusts nothing in the chain: the header may be split across
+ * buffers, lengths may overflow, data may point the wrong way. Every such
+ * request gets IOERR or UNSUPP as the virtio spec says and the queue goes on;
+ * only a chain without room for the status byte breaks the queue, since
+ * there is no way to answer it. */
+#include "vu_blk.h"
+#include "vu_dev.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define BLK_BATCH 64
+#define BLK_ROUNDS 16
+#define HDR_LEN 16
+#define SEG_LEN 16
+#define MAX_SEGS 256
+
+/* Defined by cffi (extern "Python+C"): runs n parsed requests in Python. */
+int vu_blk_py_batch(void *ctx, struct vu_vq *vq, struct vu_blk_req **reqs, int n);
+
+struct vu_blk_dev *vu_blk_new(int backend)
+{
+    struct vu_blk_dev *b = calloc(1, sizeof(*b));
+    if (!b)
+        return NULL;
+    b->backend = backend;
+    b->fd = -1;
+    b->punch_hole = true;
+    return b;
+}
+
+static void free_reqs(struct vu_blk_dev *b, uint32_t q)
+{
+    for (uint32_t i = 0; i < b->reqs_num[q]; i++) {
+        free(b->reqs[q][i].iov);
+        free(b->reqs[q][i].segs);
+    }
+    free(b->reqs[q]);
+    b->reqs[q] = NULL;
+    b->reqs_num[q] = 0;
+}
+
+void vu_blk_free(struct vu_blk_dev *b)
+{
+    if (!b)
+        return;
+    for (uint32_t q = 0; q < VU_BLK_MAX_QUEUES; q++)
+        free_reqs(b, q);
+    if (b->ram)
+        munmap(b->ram, b->ram_size);
+    free(b);
+}
+
+void vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct)
+{
+    b->fd = fd;
+    b->direct = direct;
+}
+
+int vu_blk_set_ram(struct vu_blk_dev *b, uint64_t size)
+{
+    if (size == 0 || size % VU_BLK_SECTOR)
+        return -VU_ERR_INVAL;
+    /* Anonymous and untouched: only written sectors cost memory. */
+    void *p = b->ram ? mremap(b->ram, b->ram_size, size, MREMAP_MAYMOVE)
+                     : mmap(NULL, size, PROT_READ | PROT_WRITE,
+                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED)
+        return -VU_ERR_NOMEM;
+    b->ram = p;
+    b->ram_size = size;
+    return 0;
+}
+
+/* Request parsing ---------------------------------------------------------- */
+
+/* Copies len bytes starting at byte `skip` of iov[0..n) into dst. */
+static bool gather(const struct iovec *iov, uint32_t n, uint64_t skip, void *dst, size_t len)
+{
+    uint8_t *out = dst;
+    for (uint32_t i = 0; i < n && len > 0; i++) {
+        if (skip >= iov[i].iov_len) {
+            skip -= iov[i].iov_len;
+            continue;
+        }
+        size_t chunk = iov[i].iov_len - skip;
+        if (chunk > len)
+            chunk = len;
+        memcpy(out, (uint8_t *)iov[i].iov_base + skip, chunk);
+        out += chunk;
+        len -= chunk;
+        skip = 0;
+    }
+    return len == 0;
+}
+
+/* r->iov = the bytes [skip, skip+len) of iov[0..n). */
+static int slice_iov(struct vu_blk_req *r, const struct iovec *iov, uint32_t n,
+                     uint64_t skip, uint64_t len)
+{
+    if (r->iov_cap < n) {
+        struct iovec *p = realloc(r->iov, n * sizeof(*p));
+        if (!p)
+            return -VU_ERR_NOMEM;
+        r->iov = p;
+        r->iov_cap = n;
+    }
+    r->niov = 0;
+    for (uint32_t i = 0; i < n && len > 0; i++) {
+        if (skip >= iov[i].iov_len) {
+            skip -= iov[i].iov_len;
+            continue;
+        }
+        size_t chunk = iov[i].iov_len - skip;
+        if (chunk > len)
+            chunk = len;
+        r->iov[r->niov].iov_base = (uint8_t *)iov[i].iov_base + skip;
+        r->iov[r->niov].iov_len = chunk;
+        r->niov++;
+        len -= chunk;
+        skip = 0;
+    }
+    return 0;
+}
+
+static int fail(struct vu_blk_req *r, uint8_t status, uint8_t reason)
+{
+    r->result = status;
+    r->reason = reason;
+    return 0;
+}
+
+/* sector + nsectors within capacity, without overflow. */
+static bool in_range(const struct vu_blk_limits *lim, uint64_t sector, uint64_t nsectors)
+{
+    return sector <= lim->capacity && nsectors <= lim->capacity - sector;
+}
+
+static int parse_segments(struct vu_blk_dev *b, struct vu_elem *e, struct vu_blk_req *r)
+{
+    const struct vu_blk_limits *lim = &b->lim;
+    uint32_t max_seg, max_sectors;
+    uint32_t allowed_flags = 0;
+    bool negotiated;
+    switch (r->type) {
+    case VU_BLK_T_DISCARD:
+        negotiated = lim->discard;
+        max_seg = lim->max_discard_seg;
+        max_sectors = lim->max_discard_sectors;
+        break;
+    case VU_BLK_T_WRITE_ZEROES:
+        negotiated = lim->write_zeroes;
+        max_seg = lim->max_write_zeroes_seg;
+        max_sectors = lim->max_write_zeroes_sectors;
+        allowed_flags = 1;  /* VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP */
+        break;
+    default:
+        negotiated = lim->secure_erase;
+        max_seg = lim->max_secure_erase_seg;
+        max_sectors = lim->max_secure_erase_sectors;
+        break;
+    }
+    if (!negotiated)
+        return fail(r, VU_BLK_S_UNSUPP, VU_BLK_R_NOT_NEGOTIATED);
+    if (lim->read_only)
+        return fail(r, VU_BLK_S_IOERR, VU_BLK_R_READ_ONLY);
+    if (e->in_len != 1)
+        return fail(r, VU_BLK_S_IOERR, VU_BLK_R_WRONG_DIRECTION);
+    uint64_t data = e->out_len - HDR_LEN;
+    if (data == 0 || data % SEG_LEN)
+        return fail(r, VU_BLK_S_IOERR, VU_BLK_R_BAD_SEGMENTS);
+    uint64_t nsegs = data / SEG_LEN;
+    if (nsegs > max_seg || nsegs > MAX_SEGS)
+        return fail(r, VU_BLK_S_IOERR, VU_BLK_R_TOO_MANY_SEGMENTS);
+    if (r->segs_cap < nsegs) {
+        struct vu_blk_seg *p = realloc(r->segs, nsegs * sizeof(*p));
+        if (!p)
+            return fail(r, VU_BLK_S_IOERR, VU_BLK_R_IO_FAILED);
+        r->segs = p;
+        r->segs_cap = (uint32_t)nsegs;
+    }
+    r->nsegs = (uint32_t)nsegs;
+    for (uint32_t i = 0; i < nsegs; i++) {
+        struct vu_blk_seg *s = &r->segs[i];
+        gather(e->iov, e->out_num, HDR_LEN + (uint64_t)i * SEG_LEN, s, SEG_LEN);
+        if (s->flags & ~allowed_flags)
+            return fail(r, VU_BLK_S_UNSUPP, VU_BLK_R_BAD_FLAGS);
+        if (s->num_sectors > max_sectors)
+            return fail(r, VU_BLK_S_IOERR, VU_BLK_R_SEGMENT_TOO_LARGE);
+        if (!in_range(lim, s->sector, s->num_sectors))
+            return fail(r, VU_BLK_S_IOERR, VU_BLK_R_OUT_OF_RANGE);
+    }
+    return 0;
+}
+
+int vu_blk_parse(struct vu_blk_dev *b, struct vu_elem *e, struct vu_blk_req *r)
+{
+    const struct vu_blk_limits *lim = &b->lim;
+    r->elem = e;
+    r->result = VU_BLK_S_PENDING;
+    r->reason = VU_BLK_R_NONE;
+    r->niov = 0;
+    r->nsegs = 0;
+    r->data_len = 0;
+    r->type = UINT32_MAX;
+    r->sector = 0;
+
+    /* The status byte is the last byte the driver lets us write. */
+    if (e->in_len == 0)
+        return -VU_ERR_ZERO_CHAIN;
+    struct iovec *last = &e->iov[e->out_num + e->in_num - 1];
+    r->status = (uint8_t *)last->iov_base + last->iov_len - 1;
+
+    uint8_t hdr[HDR_LEN];
+    if (e->out_len < HDR_LEN || !gather(e->iov, e->out_num, 0, hdr, HDR_LEN))
+        return fail(r, VU_BLK_S_IOERR, VU_BLK_R_SHORT_HEADER);
+    memcpy(&r->type, hdr, 4);
+    memcpy(&r->sector, hdr + 8, 8);
+
+    uint64_t readable = e->out_len - HDR_LEN;   /* data the driver sent */
+    uint64_t writable = e->in_len - 1;          /* room for data we return */
+    struct iovec *in_iov = e->iov + e->out_num;
+
+    switch (r->type) {
+    case VU_BLK_T_IN:
+        if (readable)
+            return fail(r, VU_BLK_S_IOERR, VU_BLK_R_WRONG_DIRECTION);
+        if (writable % VU_BLK_SECTOR)
+            return fail(r, VU_BLK_S_IOERR, VU_BLK_R_UNALIGNED_LEN);
+        if (!in_range(lim, r->sector, writable / VU_BLK_SECTOR))
+            return fail(r, VU_BLK_S_IOERR, VU_BLK_R_OUT_OF_RANGE);
+        r->data_len = writable;
+        return slice_iov(r, in_iov, e->in_num, 0, writable) ? fail(r, VU_BLK_S_IOERR, VU_BLK_R_IO_FAILED) : 0;
+    case VU_BLK_T_OUT:
+        if (lim->read_only)
+            return fail(r, VU_BLK_S_IOERR, VU_BLK_R_READ_ONLY);
+        if (writable)
+            return fail(r, VU_BLK_S_IOERR, VU_BLK_R_WRONG_DIRECTION);
+        if (readable % VU_BLK_SECTOR)
+            return fail(r, VU_BLK_S_IOERR, VU_BLK_R_UNALIGNED_LEN);
+        if (!in_range(lim, r->sector, readable / VU_BLK_SECTOR))
+            return fail(r, VU_BLK_S_IOERR, VU_BLK_R_OUT_OF_RANGE);
+        r->data_len = readable;
+        return slice_iov(r, e->iov, e->out_num, HDR_LEN, readable) ? fail(r, VU_BLK_S_IOERR, VU_BLK_R_IO_FAILED) : 0;
+    case VU_BLK_T_FLUSH:
+        return 0;
+    case VU_BLK_T_GET_ID:
+        if (writable == 0)
+            return fail(r, VU_BLK_S_IOERR, VU_BLK_R_NO_ID_ROOM);
+        r->data_len = writable < VU_BLK_ID_BYTES ? writable : VU_BLK_ID_BYTES;
+        return slice_iov(r, in_iov, e->in_num, 0, r->data_len) ? fail(r, VU_BLK_S_IOERR, VU_BLK_R_IO_FAILED) : 0;
+    case VU_BLK_T_DISCARD:
+    case VU_BLK_T_WRITE_ZEROES:
+    case VU_BLK_T_SECURE_ERASE:
+        return parse_segments(b, e, r);
+    case VU_BLK_T_GET_LIFETIME:
+        /* Only a Python back-end can know lifetime metrics. */
+        if (b->backend != VU_BLK_BACKEND_PYTHON)
+            return fail(r, VU_BLK_S_UNSUPP, VU_BLK_R_NOT_NEGOTIATED);
+        if (writable < 6)
+            return fail(r, VU_BLK_S_IOERR, VU_BLK_R_NO_ID_ROOM);
+        r->data_len = 6;
+        return slice_iov(r, in_iov, e->in_num, 0, 6) ? fail(r, VU_BLK_S_IOERR, VU_BLK_R_IO_FAILED) : 0;
+    default:
+        return fail(r, VU_BLK_S_UNSUPP, VU_BLK_R_UNKNOWN_TYPE);
+    }
+}
+
+/* I/O: RAM ------------------------------------------------------------------- */
+
+static void copy_iov(struct vu_blk_req *r, uint8_t *disk, bool to_guest)
+{
+    for (uint32_t i = 0; i < r->niov; i++) {
+        if (to_guest)
+            memcpy(r->iov[i].iov_base, disk, r->iov[i].iov_len);
+        else
+            memcpy(disk, r->iov[i].iov_base, r->iov[i].iov_len);
+        disk += r->iov[i].iov_len;
+    }
+}
+
+static int ram_zero(struct vu_blk_dev *b, uint64_t off, uint64_t len)
+{
+    memset(b->ram + off, 0, len);
+    return 0;
+}
+
+/* I/O: file ------------------------------------------------------------------ */
+
+/* Full preadv/pwritev: retries short transfers and EINTR. */
+static int file_rw(int fd, struct iovec *iov, uint32_t niov, uint64_t off, bool write_op)
+{
+    while (niov > 0) {
+        ssize_t n = write_op ? pwritev(fd, iov, (int)niov, (off_t)off)
+                             : preadv(fd, iov, (int)niov, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return -EIO;   /* past the end of the file: it shrank under us */
+        off += (uint64_t)n;
+        while (niov > 0 && (size_t)n >= iov->iov_len) {
+            n -= (ssize_t)iov->iov_len;
+            iov++;
+            niov--;
+        }
+        if (niov > 0 && n > 0) {
+            /* iov belongs to the request, adjusting it in place is fine:
+             * it is not used again after the transfer. */
+            iov->iov_base = (uint8_t *)iov->iov_base + n;
+            iov->iov_len -= (size_t)n;
+        }
+    }
+    return 0;
+}
+
+/* O_DIRECT needs aligned buffers; guest buffers often are not. */
+static int file_rw_bounce(int fd, struct vu_blk_req *r, uint64_t off, bool write_op)
+{
+    void *buf;
+    if (posix_memalign(&buf, 4096, r->data_len ? r->data_len : 4096))
+        return -ENOMEM;
+    int rc = 0;
+    struct iovec one = {buf, r->data_len};
+    if (write_op) {
+        uint8_t *p = buf;
+        for (uint32_t i = 0; i < r->niov; i++) {
+            memcpy(p, r->iov[i].iov_base, r->iov[i].iov_len);
+            p += r->iov[i].iov_len;
+        }
+        rc = file_rw(fd, &one, 1, off, true);
+    } else {
+        rc = file_rw(fd, &one, 1, off, false);
+        if (rc == 0)
+            copy_iov(r, buf, true);
+    }
+    free(buf);
+    return rc;
+}
+
+static bool iov_aligned(const struct vu_blk_req *r)
+{
+    for (uint32_t i = 0; i < r->niov; i++)
+        if (((uintptr_t)r->iov[i].iov_base | r->iov[i].iov_len) & 511)
+            return false;
+    return true;
+}
+
+static int file_write_zeroes_slow(int fd, uint64_t off, uint64_t len)
+{
+    static const uint8_t zeroes[65536] __attribute__((aligned(4096)));
+    while (len > 0) {
+        size_t chunk = len < sizeof(zeroes) ? (size_t)len : sizeof(zeroes);
+        struct iovec iov = {(void *)zeroes, chunk};
+        int rc = file_rw(fd, &iov, 1, off, true);
+        if (rc)
+            return rc;
+        off += chunk;
+        len -= chunk;
+    }
+    return 0;
+}
+
+static int file_zero(struct vu_blk_dev *b, uint64_t off, uint64_t len, bool unmap)
+{
+    if (unmap && b->punch_hole &&
+        fallocate(b->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+        return 0;
+    if (fallocate(b->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+        return 0;
+    /* No zero-range support here (tmpfs, some block devices): write them. */
+    return file_write_zeroes_slow(b->fd, off, len);
+}
+
+static int file_discard(struct vu_blk_dev *b, uint64_t off, uint64_t len)
+{
+    if (!b->punch_hole)
+        return 0;
+    if (fallocate(b->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) < 0) {
+        if (errno == EOPNOTSUPP || errno == ENOSYS) {
+            b->punch_hole = false;   /* discard is a hint: dropping it is allowed */
+            return 0;
+        }
+        return -errno;
+    }
+    return 0;
+}
+
+/* Execution ------------------------------------------------------------------ */
+
+static int do_segments(struct vu_blk_dev *b, struct vu_blk_req *r)
+{
+    for (uint32_t i = 0; i < r->nsegs; i++) {
+        uint64_t off = r->segs[i].sector * VU_BLK_SECTOR;
+        uint64_t len = (uint64_t)r->segs[i].num_sectors * VU_BLK_SECTOR;
+        int rc = 0;
+        if (len == 0)
+            continue;
+        if (b->backend == VU_BLK_BACKEND_RAM) {
+            rc = ram_zero(b, off, len);
+        } else if (r->type == VU_BLK_T_DISCARD) {
+            rc = file_discard(b, off, len);
+        } else if (r->type == VU_BLK_T_WRITE_ZEROES) {
+            rc = file_zero(b, off, len, (r->segs[i].flags & 1) && b->lim.write_zeroes_unmap);
+        } else {
+            /* secure erase: overwrite, then make it stable */
+            rc = file_write_zeroes_slow(b->fd, off, len);
+            if (rc == 0 && fdatasync(b->fd) < 0)
+                rc = -errno;
+        }
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r)
+{
+    struct vu_blk_stats *st = &b->stats[r->queue % VU_BLK_MAX_QUEUES];
+    uint64_t off = r->sector * VU_BLK_SECTOR;
+    bool ram = b->backend == VU_BLK_BACKEND_RAM;
+    int rc = 0;
+    switch (r->type) {
+    case VU_BLK_T_IN:
+        if (ram)
+            copy_iov(r, b->ram + off, true);
+        else if (b->direct && !iov_aligned(r))
+            rc = file_rw_bounce(b->fd, r, off, false);
+        else
+            rc = file_rw(b->fd, r->iov, r->niov, off, false);
+        st->reads++;
+        st->bytes_read += r->data_len;
+        break;
+    case VU_BLK_T_OUT:
+        if (ram)
+            copy_iov(r, b->ram + off, false);
+        else if (b->direct && !iov_aligned(r))
+            rc = file_rw_bounce(b->fd, r, off, true);
+        else
+            rc = file_rw(b->fd, r->iov, r->niov, off, true);
+        /* Write-through (writeback 0): the write is stable when we complete it. */
+        if (rc == 0 && !ram && !b->lim.writeback && fdatasync(b->fd) < 0)
+            rc = -errno;
+        st->writes++;
+        st->bytes_written += r->data_len;
+        break;
+    case VU_BLK_T_FLUSH:
+        if (!ram && fdatasync(b->fd) < 0)
+            rc = -errno;
+        st->flushes++;
+        break;
+    case VU_BLK_T_GET_ID: {
+        char id[VU_BLK_ID_BYTES];
+        memcpy(id, b->lim.serial, sizeof(id));
+        uint64_t left = r->data_len;
+        for (uint32_t i = 0; i < r->niov && left; i++) {
+            size_t n = r->iov[i].iov_len < left ? r->iov[i].iov_len : (size_t)left;
+            memcpy(r->iov[i].iov_base, id + (r->data_len - left), n);
+            left -= n;
+        }
+        break;
+    }
+    case VU_BLK_T_DISCARD:
+    case VU_BLK_T_WRITE_ZEROES:
+    case VU_BLK_T_SECURE_ERASE:
+        rc = do_segments(b, r);
+        if (r->type == VU_BLK_T_DISCARD)
+            st->discards++;
+        else
+            st->write_zeroes++;
+        break;
+    default:
+        r->result = VU_BLK_S_UNSUPP;
+        return;
+    }
+    r->result = rc ? VU_BLK_S_IOERR : VU_BLK_S_OK;
+    if (rc)
+        r->reason = VU_BLK_R_IO_FAILED;
+}
+
+int vu_blk_finish(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool notify)
+{
+    if (status == VU_BLK_S_PENDING)
+        status = VU_BLK_S_IOERR;
+    VU_WRITE_ONCE(*r->status, status);
+    /* Like QEMU we report the whole writable length as used: the driver
+     * ignores it and dirty logging then covers the status byte too. */
+    uint32_t len = (uint32_t)r->elem->in_len;
+    return notify ? vu_vq_complete(vq, r->elem, len) : vu_vq_push(vq, r->elem, len);
+}
+
+static struct vu_blk_req *queue_reqs(struct vu_blk_dev *b, struct vu_vq *vq)
+{
+    uint32_t q = vq->index;
+    if (q >= VU_BLK_MAX_QUEUES)
+        return NULL;
+    if (b->reqs_num[q] < vq->size) {
+        free_reqs(b, q);
+        b->reqs[q] = calloc(vq->size, sizeof(struct vu_blk_req));
+        if (!b->reqs[q])
+            return NULL;
+        b->reqs_num[q] = vq->size;
+        for (uint32_t i = 0; i < vq->size; i++)
+            b->reqs[q][i].queue = (uint16_t)q;
+    }
+    return b->reqs[q];
+}
+
+static void account_error(struct vu_blk_dev *b, struct vu_blk_req *r)
+{
+    struct vu_blk_stats *st = &b->stats[r->queue % VU_BLK_MAX_QUEUES];
+    if (r->result == VU_BLK_S_IOERR)
+        st->errors++;
+    else if (r->result == VU_BLK_S_UNSUPP)
+        st->unsupported++;
+}
+
+int vu_blk_handler(void *ctx, struct vu_vq *vq)
+{
+    struct vu_blk_dev *b = ctx;
+    struct vu_blk_req *reqs = queue_reqs(b, vq);
+    if (!reqs) {
+        vu_vq_break(vq, VU_ERR_NOMEM, vq->index);
+        return VU_HANDLED_NONE;
+    }
+    struct vu_blk_req *batch[BLK_BATCH];
+    bool did = false;
+    for (int round = 0; round < BLK_ROUNDS; round++) {
+        vu_vq_set_notification(vq, false);
+        int n = 0, nbatch = 0, rc = 0;
+        struct vu_elem *e;
+        while (n < BLK_BATCH && (rc = vu_vq_pop(vq, &e)) == 1) {
+            struct vu_blk_req *r = &reqs[e->slot];
+            n++;
+            if (vu_blk_parse(b, e, r) < 0) {
+                /* No status byte: nothing can answer this chain. */
+                vu_vq_break(vq, VU_ERR_ZERO_CHAIN, e->id);
+                rc = -VU_ERR_ZERO_CHAIN;
+                break;
+            }
+            if (r->result == VU_BLK_S_PENDING) {
+                if (b->backend == VU_BLK_BACKEND_PYTHON) {
+                    batch[nbatch++] = r;
+                    continue;
+                }
+                vu_blk_execute(b, r);
+            }
+            account_error(b, r);
+            vu_blk_finish(vq, r, r->result, false);
+        }
+        if (nbatch) {
+            vu_blk_py_batch(b->py_ctx, vq, batch, nbatch);
+            /* What Python left PENDING it completes later itself, with
+             * vu_blk_finish(notify): r->result stays PENDING then, so the
+             * two never both complete a request. */
+            for (int i = 0; i < nbatch; i++) {
+                if (batch[i]->result != VU_BLK_S_PENDING) {
+                    account_error(b, batch[i]);
+                    vu_blk_finish(vq, batch[i], batch[i]->result, false);
+                }
+            }
+        }
+        if (n) {
+            did = true;
+            vu_vq_flush(vq);
+            vu_vq_notify(vq);
+        }
+        if (rc < 0)
+            return VU_HANDLED_SOME;
+        if (n == BLK_BATCH)
+            continue;
+        if (!vu_vq_set_notification(vq, true))
+            return did ? VU_HANDLED_SOME : VU_HANDLED_NONE;
+    }
+    return VU_HANDLED_MORE;
+}

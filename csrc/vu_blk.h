@@ -1,0 +1,101 @@
+/* virtio-blk: request parsing (no I/O) and the built-in back-ends' I/O. */
+#ifndef VU_BLK_H
+#define VU_BLK_H
+
+#include "vu_queue.h"
+
+#define VU_BLK_MAX_QUEUES 64
+#define VU_BLK_SECTOR 512
+#define VU_BLK_ID_BYTES 20
+
+/* Request types and status values (virtio 1.4, 5.2.6). */
+enum {
+    VU_BLK_T_IN = 0, VU_BLK_T_OUT = 1, VU_BLK_T_FLUSH = 4, VU_BLK_T_GET_ID = 8,
+    VU_BLK_T_GET_LIFETIME = 10, VU_BLK_T_DISCARD = 11, VU_BLK_T_WRITE_ZEROES = 13,
+    VU_BLK_T_SECURE_ERASE = 14,
+};
+enum { VU_BLK_S_OK = 0, VU_BLK_S_IOERR = 1, VU_BLK_S_UNSUPP = 2, VU_BLK_S_PENDING = 255 };
+enum { VU_BLK_BACKEND_RAM = 0, VU_BLK_BACKEND_FILE = 1, VU_BLK_BACKEND_PYTHON = 2 };
+
+/* Why a request got IOERR/UNSUPP, for logs and tests. */
+enum vu_blk_reason {
+    VU_BLK_R_NONE = 0, VU_BLK_R_SHORT_HEADER, VU_BLK_R_WRONG_DIRECTION, VU_BLK_R_UNALIGNED_LEN,
+    VU_BLK_R_OUT_OF_RANGE, VU_BLK_R_READ_ONLY, VU_BLK_R_UNKNOWN_TYPE, VU_BLK_R_NOT_NEGOTIATED,
+    VU_BLK_R_BAD_SEGMENTS, VU_BLK_R_TOO_MANY_SEGMENTS, VU_BLK_R_SEGMENT_TOO_LARGE,
+    VU_BLK_R_BAD_FLAGS, VU_BLK_R_IO_FAILED, VU_BLK_R_NO_ID_ROOM,
+};
+
+struct vu_blk_seg {        /* virtio_blk_discard_write_zeroes */
+    uint64_t sector;
+    uint32_t num_sectors;
+    uint32_t flags;
+};
+
+struct vu_blk_req {
+    struct vu_elem *elem;
+    uint32_t type;
+    uint64_t sector;
+    uint64_t data_len;        /* bytes of data (IN/OUT/GET_ID) */
+    struct iovec *iov;        /* the data only: no header, no status byte */
+    uint32_t niov, iov_cap;
+    struct vu_blk_seg *segs;  /* DISCARD / WRITE_ZEROES / SECURE_ERASE, validated */
+    uint32_t nsegs, segs_cap;
+    uint8_t *status;          /* in guest memory */
+    uint8_t result;           /* VU_BLK_S_*; PENDING until executed */
+    uint8_t reason;           /* enum vu_blk_reason */
+    uint16_t queue;
+};
+
+/* What the device enforces; the control plane updates it under the device lock. */
+struct vu_blk_limits {
+    uint64_t capacity;                 /* in 512-byte sectors */
+    uint32_t max_discard_sectors, max_discard_seg;
+    uint32_t max_write_zeroes_sectors, max_write_zeroes_seg;
+    uint32_t max_secure_erase_sectors, max_secure_erase_seg;
+    bool read_only;
+    bool writeback;                    /* config space writeback (WCE) */
+    bool discard, write_zeroes, secure_erase;  /* negotiated */
+    bool write_zeroes_unmap;
+    char serial[VU_BLK_ID_BYTES];
+};
+
+struct vu_blk_stats {
+    uint64_t reads, writes, flushes, discards, write_zeroes, errors, unsupported;
+    uint64_t bytes_read, bytes_written;
+};
+
+struct vu_blk_dev {
+    struct vu_blk_limits lim;
+    int backend;
+    int fd;                 /* FILE */
+    bool direct;            /* FILE opened O_DIRECT: bounce unaligned buffers */
+    bool punch_hole;        /* FILE: fallocate punch-hole works here */
+    uint8_t *ram;           /* RAM */
+    uint64_t ram_size;
+    void *py_ctx;           /* PYTHON: cffi handle */
+    struct vu_blk_req *reqs[VU_BLK_MAX_QUEUES];
+    uint32_t reqs_num[VU_BLK_MAX_QUEUES];
+    struct vu_blk_stats stats[VU_BLK_MAX_QUEUES];
+};
+
+struct vu_blk_dev *vu_blk_new(int backend);
+void vu_blk_free(struct vu_blk_dev *b);
+/* FILE back-end: fd is borrowed (the caller keeps it open). */
+void vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct);
+/* RAM back-end: anonymous mapping of size bytes (resizes keep the data). */
+int vu_blk_set_ram(struct vu_blk_dev *b, uint64_t size);
+
+/* Parses e into r (no I/O). Returns 0 with r->result PENDING (ready to
+ * execute) or final (IOERR/UNSUPP/OK already decided), or -VU_ERR_* when the
+ * chain has no status byte: the queue must break. */
+int vu_blk_parse(struct vu_blk_dev *b, struct vu_elem *e, struct vu_blk_req *r);
+/* Executes a parsed request with the C back-end; sets r->result. */
+void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r);
+/* Writes status and returns the chain to the driver. With notify, also
+ * flushes and signals (a completion outside the worker's batch). */
+int vu_blk_finish(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool notify);
+
+/* The queue handler for the worker (ctx = struct vu_blk_dev *). */
+int vu_blk_handler(void *ctx, struct vu_vq *vq);
+
+#endif

@@ -1,0 +1,60 @@
+/* Shared definitions for the vhostuser C data plane. */
+#ifndef VU_COMMON_H
+#define VU_COMMON_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <stdbool.h>
+#include <sys/uio.h>
+
+/* One error enum for the whole data plane: every failing call returns one of
+ * these (negated); vhostuser/errors.py maps each to an exception type. */
+enum vu_err {
+    VU_OK = 0,
+    VU_ERR_NOMEM = 1,            /* allocation failed */
+    VU_ERR_INVAL = 2,            /* bad argument from the control plane */
+    VU_ERR_MMAP = 3,             /* mmap of a region fd failed */
+    VU_ERR_REGION_OVERLAP = 4,   /* new region overlaps an existing one */
+    VU_ERR_TOO_MANY_REGIONS = 5, /* more than VU_MAX_REGIONS */
+    VU_ERR_REGION_NOT_FOUND = 6, /* REM_MEM_REG of a region we don't have */
+    VU_ERR_ADDR_UNMAPPED = 7,    /* guest/user address not inside a region */
+    VU_ERR_RING_UNMAPPED = 8,    /* ring address does not translate */
+    VU_ERR_BAD_QUEUE_SIZE = 9,   /* not a power of two (split) or > max */
+    VU_ERR_AVAIL_IDX_JUMP = 10,  /* avail idx moved more than the ring size */
+    VU_ERR_DESC_INDEX = 11,      /* descriptor index beyond the table */
+    VU_ERR_CHAIN_LOOP = 12,      /* chain longer than the table: a loop */
+    VU_ERR_NESTED_INDIRECT = 13, /* indirect descriptor inside an indirect table */
+    VU_ERR_INDIRECT_SIZE = 14,   /* indirect table length not a multiple of 16 or 0 */
+    VU_ERR_INDIRECT_NEXT = 15,   /* indirect descriptor with NEXT set */
+    VU_ERR_WRITE_BEFORE_READ = 16, /* device-readable after device-writable */
+    VU_ERR_TOO_MANY_SEGMENTS = 17, /* more iovecs than VU_MAX_IOV */
+    VU_ERR_INDIRECT_NOT_NEGOTIATED = 18,
+    VU_ERR_BAD_USED_ID = 19,     /* push of an element that is not in flight */
+    VU_ERR_QUEUE_BROKEN = 20,    /* queue already broken; reset needed */
+    VU_ERR_QUEUE_NOT_READY = 21, /* queue not configured / started */
+    VU_ERR_SYS = 22,             /* system call failure (errno logged) */
+    VU_ERR_LOG_RANGE = 23,       /* dirty-log write beyond the log size */
+    VU_ERR_BAD_HEAD = 24,        /* avail ring head beyond the table */
+    VU_ERR_INFLIGHT = 25,        /* inflight region malformed */
+    VU_ERR_ZERO_CHAIN = 26,      /* packed: buffer id / chain empty */
+    VU_ERR__COUNT
+};
+
+#define VU_MAX_REGIONS 509     /* VHOST_USER_MAX_RAM_SLOTS in QEMU */
+#define VU_MAX_QUEUE_SIZE 32768
+#define VU_MAX_IOV 1024        /* IOV_MAX: what preadv/writev take in one call */
+
+#define VU_LIKELY(x) __builtin_expect(!!(x), 1)
+#define VU_UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+/* The guest and the front-end run concurrently with us on other CPUs: every
+ * ring access that orders against theirs goes through these. */
+#define vu_smp_rmb() __atomic_thread_fence(__ATOMIC_ACQUIRE)
+#define vu_smp_wmb() __atomic_thread_fence(__ATOMIC_RELEASE)
+#define vu_smp_mb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#define VU_READ_ONCE(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+#define VU_WRITE_ONCE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
+
+const char *vu_strerror(int err);
+
+#endif

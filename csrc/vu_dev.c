@@ -1,0 +1,149 @@
+/* Device data-plane state and the dirty log used for live migration. */
+#include "vu_dev.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define VHOST_F_LOG_ALL 26
+#define VU_LOG_PAGE 4096
+
+struct vu_dev *vu_dev_new(uint32_t nqueues)
+{
+    struct vu_dev *dev = calloc(1, sizeof(*dev));
+    if (!dev)
+        return NULL;
+    pthread_rwlock_init(&dev->lock, NULL);
+    dev->log_call_fd = -1;
+    dev->mem = vu_mem_new();
+    dev->vqs = calloc(nqueues ? nqueues : 1, sizeof(*dev->vqs));
+    if (!dev->mem || !dev->vqs)
+        goto fail;
+    dev->nqueues = nqueues;
+    for (uint32_t i = 0; i < nqueues; i++) {
+        dev->vqs[i] = vu_vq_new(dev, i);
+        if (!dev->vqs[i])
+            goto fail;
+    }
+    return dev;
+fail:
+    vu_dev_free(dev);
+    return NULL;
+}
+
+void vu_dev_free(struct vu_dev *dev)
+{
+    if (!dev)
+        return;
+    if (dev->vqs)
+        for (uint32_t i = 0; i < dev->nqueues; i++)
+            vu_vq_free(dev->vqs[i]);
+    free(dev->vqs);
+    vu_dev_clear_log(dev);
+    vu_mem_free(dev->mem);
+    pthread_rwlock_destroy(&dev->lock);
+    free(dev);
+}
+
+void vu_dev_wrlock(struct vu_dev *dev) { pthread_rwlock_wrlock(&dev->lock); }
+void vu_dev_rdlock(struct vu_dev *dev) { pthread_rwlock_rdlock(&dev->lock); }
+void vu_dev_unlock(struct vu_dev *dev) { pthread_rwlock_unlock(&dev->lock); }
+
+void vu_dev_set_features(struct vu_dev *dev, uint64_t features)
+{
+    dev->features = features;
+}
+
+int vu_dev_set_log(struct vu_dev *dev, int fd, uint64_t size, uint64_t offset)
+{
+    if (size == 0 || size > (1ULL << 40) || offset + size < offset)
+        return -VU_ERR_INVAL;
+    long page = sysconf(_SC_PAGESIZE);
+    uint64_t slack = offset % (uint64_t)page;
+    size_t len = (size_t)(size + slack);
+    void *base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+                      (off_t)(offset - slack));
+    if (base == MAP_FAILED)
+        return -VU_ERR_MMAP;
+    vu_dev_clear_log(dev);
+    dev->log_map = base;
+    dev->log_map_len = len;
+    dev->log = (uint8_t *)base + slack;
+    dev->log_size = size;
+    return 0;
+}
+
+void vu_dev_clear_log(struct vu_dev *dev)
+{
+    if (dev->log_map)
+        munmap(dev->log_map, dev->log_map_len);
+    dev->log_map = NULL;
+    dev->log = NULL;
+    dev->log_size = 0;
+}
+
+bool vu_dev_logging(struct vu_dev *dev)
+{
+    return dev->log && (dev->features & (1ULL << VHOST_F_LOG_ALL));
+}
+
+void vu_log_write(struct vu_dev *dev, uint64_t gpa, uint64_t len)
+{
+    if (!vu_dev_logging(dev) || len == 0)
+        return;
+    uint64_t first = gpa / VU_LOG_PAGE;
+    uint64_t last = (gpa + len - 1) / VU_LOG_PAGE;
+    for (uint64_t page = first; page <= last; page++) {
+        /* Pages past the log are not ours to mark: the front-end sized the
+         * log to cover all its memory. */
+        if (page / 8 >= dev->log_size)
+            break;
+        __atomic_fetch_or(&dev->log[page / 8], (uint8_t)(1u << (page % 8)),
+                          __ATOMIC_RELAXED);
+    }
+    if (dev->log_call_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t r = write(dev->log_call_fd, &one, sizeof(one));
+        (void)r;
+    }
+}
+
+static const char *const err_names[VU_ERR__COUNT] = {
+    [VU_OK] = "ok",
+    [VU_ERR_NOMEM] = "out of memory",
+    [VU_ERR_INVAL] = "invalid argument",
+    [VU_ERR_MMAP] = "mmap of a memory region failed",
+    [VU_ERR_REGION_OVERLAP] = "memory region overlaps an existing one",
+    [VU_ERR_TOO_MANY_REGIONS] = "too many memory regions",
+    [VU_ERR_REGION_NOT_FOUND] = "no such memory region",
+    [VU_ERR_ADDR_UNMAPPED] = "address not in any memory region",
+    [VU_ERR_RING_UNMAPPED] = "ring address not mapped or misaligned",
+    [VU_ERR_BAD_QUEUE_SIZE] = "bad queue size",
+    [VU_ERR_AVAIL_IDX_JUMP] = "avail index moved more than the queue size",
+    [VU_ERR_DESC_INDEX] = "descriptor index out of range",
+    [VU_ERR_CHAIN_LOOP] = "descriptor chain loops or exceeds the queue size",
+    [VU_ERR_NESTED_INDIRECT] = "indirect descriptor inside an indirect table",
+    [VU_ERR_INDIRECT_SIZE] = "bad indirect table length",
+    [VU_ERR_INDIRECT_NEXT] = "indirect descriptor combined with NEXT",
+    [VU_ERR_WRITE_BEFORE_READ] = "device-readable descriptor after a device-writable one",
+    [VU_ERR_TOO_MANY_SEGMENTS] = "chain has more segments than the device takes",
+    [VU_ERR_INDIRECT_NOT_NEGOTIATED] = "indirect descriptor without INDIRECT_DESC",
+    [VU_ERR_BAD_USED_ID] = "completion of an element not in flight",
+    [VU_ERR_QUEUE_BROKEN] = "queue is broken",
+    [VU_ERR_QUEUE_NOT_READY] = "queue not configured",
+    [VU_ERR_SYS] = "system call failed",
+    [VU_ERR_LOG_RANGE] = "dirty log write out of range",
+    [VU_ERR_BAD_HEAD] = "avail ring head out of range",
+    [VU_ERR_INFLIGHT] = "malformed inflight region",
+    [VU_ERR_ZERO_CHAIN] = "empty descriptor chain",
+};
+
+const char *vu_strerror(int err)
+{
+    if (err < 0)
+        err = -err;
+    if (err >= VU_ERR__COUNT || !err_names[err])
+        return "unknown error";
+    return err_names[err];
+}

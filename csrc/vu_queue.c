@@ -1,0 +1,405 @@
+/* Virtqueue state shared by both layouts, element pool, notifications,
+ * and dispatch to the split or packed implementation. */
+#include "vu_queue.h"
+#include "vu_dev.h"
+#include "vu_ring_impl.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <linux/virtio_config.h>
+
+#define VU_ELEM_INLINE_IOV 16
+
+struct vu_vq *vu_vq_new(struct vu_dev *dev, uint32_t index)
+{
+    struct vu_vq *vq = calloc(1, sizeof(*vq));
+    if (!vq)
+        return NULL;
+    vq->dev = dev;
+    vq->index = index;
+    pthread_mutex_init(&vq->lock, NULL);
+    vq->kick_fd = vq->call_fd = vq->err_fd = -1;
+    return vq;
+}
+
+static void free_pool(struct vu_vq *vq)
+{
+    if (vq->elems) {
+        for (uint32_t i = 0; i < vq->size; i++)
+            free(vq->elems[i].iov);
+    }
+    free(vq->elems);
+    free(vq->free_slots);
+    free(vq->resubmit);
+    vq->elems = NULL;
+    vq->free_slots = NULL;
+    vq->resubmit = NULL;
+    vq->nfree = 0;
+    vq->resubmit_num = vq->resubmit_pos = 0;
+}
+
+void vu_vq_free(struct vu_vq *vq)
+{
+    if (!vq)
+        return;
+    free_pool(vq);
+    pthread_mutex_destroy(&vq->lock);
+    free(vq);
+}
+
+void vu_vq_reset(struct vu_vq *vq)
+{
+    /* The owner of the fds (the Python control plane) closes them. */
+    struct vu_dev *dev = vq->dev;
+    uint32_t index = vq->index;
+    pthread_mutex_t lock = vq->lock;
+    vu_handler_fn handler = vq->handler;
+    void *ctx = vq->handler_ctx;
+    struct vu_worker *worker = vq->worker;
+    free_pool(vq);
+    memset(vq, 0, sizeof(*vq));
+    vq->dev = dev;
+    vq->index = index;
+    vq->lock = lock;
+    vq->handler = handler;
+    vq->handler_ctx = ctx;
+    vq->worker = worker;
+    vq->kick_fd = vq->call_fd = vq->err_fd = -1;
+}
+
+int vu_vq_set_num(struct vu_vq *vq, uint32_t num)
+{
+    if (vq->started)
+        return -VU_ERR_INVAL;
+    /* Split rings index with `% size`, so sizes must be powers of two;
+     * packed rings only need a non-zero size. We ask powers of two of both,
+     * as every driver in practice uses them. */
+    if (num == 0 || num > VU_MAX_QUEUE_SIZE || (num & (num - 1)))
+        return -VU_ERR_BAD_QUEUE_SIZE;
+    if (num != vq->size)
+        free_pool(vq);
+    vq->size = (uint16_t)num;
+    return 0;
+}
+
+int vu_vq_set_addr(struct vu_vq *vq, uint32_t flags, uint64_t desc, uint64_t used,
+                   uint64_t avail, uint64_t log)
+{
+    /* Allowed on a running ring: QEMU toggles VHOST_VRING_F_LOG this way
+     * when migration starts and ends. */
+    vq->desc_addr = desc;
+    vq->used_addr = used;
+    vq->avail_addr = avail;
+    vq->log_addr = log;
+    vq->log_used = flags & 1;  /* VHOST_VRING_F_LOG */
+    return vu_vq_remap(vq);
+}
+
+int vu_vq_set_base(struct vu_vq *vq, uint32_t num)
+{
+    if (vq->started)
+        return -VU_ERR_INVAL;
+    if (vq->dev->features & (1ULL << VIRTIO_F_RING_PACKED)) {
+        /* bit 15: wrap counter, low 15 bits: index (QEMU's encoding) */
+        vq->last_avail_idx = num & 0x7fff;
+        vq->avail_wrap = (num >> 15) & 1;
+        vq->used_idx = vq->last_avail_idx;
+        vq->used_wrap = vq->avail_wrap;
+    } else {
+        vq->last_avail_idx = (uint16_t)num;
+        vq->used_idx = (uint16_t)num;
+    }
+    return 0;
+}
+
+uint32_t vu_vq_get_base(struct vu_vq *vq)
+{
+    if (vq->packed)
+        return (uint32_t)(vq->last_avail_idx & 0x7fff) | ((uint32_t)vq->avail_wrap << 15);
+    return vq->last_avail_idx;
+}
+
+static int alloc_pool(struct vu_vq *vq)
+{
+    if (vq->elems)
+        return 0;
+    vq->elems = calloc(vq->size, sizeof(*vq->elems));
+    vq->free_slots = calloc(vq->size, sizeof(*vq->free_slots));
+    if (!vq->elems || !vq->free_slots) {
+        free_pool(vq);
+        return -VU_ERR_NOMEM;
+    }
+    for (uint32_t i = 0; i < vq->size; i++) {
+        vq->elems[i].slot = i;
+        vq->free_slots[i] = vq->size - 1 - i;
+    }
+    vq->nfree = vq->size;
+    vq->inflight = 0;
+    return 0;
+}
+
+int vu_vq_start(struct vu_vq *vq)
+{
+    struct vu_dev *dev = vq->dev;
+    if (vq->size == 0)
+        return -VU_ERR_QUEUE_NOT_READY;
+    vq->packed = dev->features & (1ULL << VIRTIO_F_RING_PACKED);
+    vq->event_idx = dev->features & (1ULL << VIRTIO_RING_F_EVENT_IDX);
+    vq->indirect = dev->features & (1ULL << VIRTIO_RING_F_INDIRECT_DESC);
+    int rc = vq->packed ? vu_packed_translate(vq) : vu_split_translate(vq);
+    if (rc)
+        return rc;
+    rc = alloc_pool(vq);
+    if (rc)
+        return rc;
+    vq->signalled_used_valid = false;
+    if (vq->packed)
+        vu_packed_sync(vq);
+    else
+        vu_split_sync(vq);
+    vq->pending_used = 0;
+    vq->unnotified = 0;
+    vq->broken = false;
+    vq->error = 0;
+    vq->started = true;
+    return 0;
+}
+
+int vu_vq_remap(struct vu_vq *vq)
+{
+    if (!vq->started)
+        return 0;
+    int rc = vq->packed ? vu_packed_translate(vq) : vu_split_translate(vq);
+    if (rc)
+        vu_vq_break(vq, -rc, vq->desc_addr);
+    return rc;
+}
+
+void vu_vq_stop(struct vu_vq *vq)
+{
+    vq->started = false;
+}
+
+void vu_vq_break(struct vu_vq *vq, int err, uint64_t detail)
+{
+    if (!vq->broken) {
+        vq->broken = true;
+        vq->error = err;
+        vq->error_detail = detail;
+        if (vq->err_fd >= 0) {
+            uint64_t one = 1;
+            ssize_t r = write(vq->err_fd, &one, sizeof(one));
+            (void)r;
+        }
+    }
+}
+
+/* Element pool ------------------------------------------------------------ */
+
+struct vu_elem *vu_elem_get(struct vu_vq *vq)
+{
+    if (vq->nfree == 0)
+        return NULL;
+    struct vu_elem *e = &vq->elems[vq->free_slots[--vq->nfree]];
+    e->out_num = e->in_num = 0;
+    e->out_len = e->in_len = 0;
+    e->ndescs = 0;
+    e->user = NULL;
+    e->in_flight = 0;
+    return e;
+}
+
+void vu_elem_put(struct vu_vq *vq, struct vu_elem *e)
+{
+    vq->free_slots[vq->nfree++] = e->slot;
+}
+
+/* Grows e->iov so it holds at least `need` entries, up to VU_MAX_IOV. */
+int vu_elem_reserve(struct vu_elem *e, uint32_t need)
+{
+    if (need <= e->iov_cap)
+        return 0;
+    if (need > VU_MAX_IOV)
+        return -VU_ERR_TOO_MANY_SEGMENTS;
+    uint32_t cap = e->iov_cap ? e->iov_cap : VU_ELEM_INLINE_IOV;
+    while (cap < need)
+        cap *= 2;
+    if (cap > VU_MAX_IOV)
+        cap = VU_MAX_IOV;
+    struct iovec *iov = realloc(e->iov, cap * sizeof(*iov));
+    if (!iov)
+        return -VU_ERR_NOMEM;
+    e->iov = iov;
+    e->iov_cap = cap;
+    return 0;
+}
+
+/* Appends the translation of one descriptor to e. */
+int vu_elem_add_buf(struct vu_vq *vq, struct vu_elem *e, uint64_t addr,
+                    uint32_t len, bool writable)
+{
+    if (!writable && e->in_num > 0)
+        return -VU_ERR_WRITE_BEFORE_READ;
+    if (len == 0)
+        return 0;
+    for (;;) {
+        uint32_t n = e->out_num + e->in_num;
+        int rc = vu_gpa_to_iov(vq->dev->mem, addr, len, e->iov, &n, e->iov_cap);
+        if (rc == 0) {
+            uint32_t added = n - (e->out_num + e->in_num);
+            if (writable) {
+                e->in_num += added;
+                e->in_len += len;
+            } else {
+                e->out_num += added;
+                e->out_len += len;
+            }
+            return 0;
+        }
+        if (rc != -VU_ERR_TOO_MANY_SEGMENTS || e->iov_cap >= VU_MAX_IOV)
+            return rc;
+        rc = vu_elem_reserve(e, e->iov_cap ? e->iov_cap * 2 : VU_ELEM_INLINE_IOV);
+        if (rc)
+            return rc;
+    }
+}
+
+/* Dispatch ------------------------------------------------------------------ */
+
+int vu_vq_pop(struct vu_vq *vq, struct vu_elem **out)
+{
+    *out = NULL;
+    if (VU_UNLIKELY(!vq->started))
+        return 0;
+    if (VU_UNLIKELY(vq->broken))
+        return -VU_ERR_QUEUE_BROKEN;
+    pthread_mutex_lock(&vq->lock);
+    int rc = vq->packed ? vu_packed_pop(vq, out) : vu_split_pop(vq, out);
+    if (rc == 1) {
+        (*out)->in_flight = 1;
+        vq->inflight++;
+        vq->stat_popped++;
+    }
+    pthread_mutex_unlock(&vq->lock);
+    return rc;
+}
+
+static int push_locked(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
+{
+    if (elem < vq->elems || elem >= vq->elems + vq->size || !elem->in_flight)
+        return -VU_ERR_BAD_USED_ID;
+    if (len > elem->in_len)
+        len = (uint32_t)elem->in_len;  /* never claim more than the driver gave */
+    if (vu_dev_logging(vq->dev))
+        vu_log_elem_write(vq, elem, len);
+    if (vq->packed)
+        vu_packed_push(vq, elem, len);
+    else
+        vu_split_push(vq, elem, len);
+    elem->in_flight = 0;
+    vq->inflight--;
+    vq->stat_pushed++;
+    vu_elem_put(vq, elem);
+    return 0;
+}
+
+int vu_vq_push(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
+{
+    pthread_mutex_lock(&vq->lock);
+    int rc = push_locked(vq, elem, len);
+    pthread_mutex_unlock(&vq->lock);
+    return rc;
+}
+
+void vu_vq_flush(struct vu_vq *vq)
+{
+    pthread_mutex_lock(&vq->lock);
+    if (vq->started && !vq->packed)
+        vu_split_flush(vq);
+    pthread_mutex_unlock(&vq->lock);
+}
+
+void vu_vq_notify(struct vu_vq *vq)
+{
+    pthread_mutex_lock(&vq->lock);
+    bool need = false;
+    if (vq->started && vq->unnotified) {
+        need = vq->packed ? vu_packed_need_notify(vq) : vu_split_need_notify(vq);
+        vq->unnotified = 0;
+    }
+    int fd = vq->call_fd;
+    pthread_mutex_unlock(&vq->lock);
+    if (need && fd >= 0) {
+        uint64_t one = 1;
+        ssize_t r = write(fd, &one, sizeof(one));
+        (void)r;
+        __atomic_add_fetch(&vq->stat_notifies, 1, __ATOMIC_RELAXED);
+    }
+}
+
+int vu_vq_complete(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
+{
+    pthread_mutex_lock(&vq->lock);
+    int rc = push_locked(vq, elem, len);
+    if (rc == 0 && !vq->packed)
+        vu_split_flush(vq);
+    pthread_mutex_unlock(&vq->lock);
+    if (rc == 0)
+        vu_vq_notify(vq);
+    return rc;
+}
+
+bool vu_vq_set_notification(struct vu_vq *vq, bool enable)
+{
+    if (!vq->started || vq->broken)
+        return false;
+    pthread_mutex_lock(&vq->lock);
+    bool more = vq->packed ? vu_packed_set_notification(vq, enable)
+                           : vu_split_set_notification(vq, enable);
+    pthread_mutex_unlock(&vq->lock);
+    return more;
+}
+
+bool vu_vq_has_avail(struct vu_vq *vq)
+{
+    if (!vq->started || vq->broken)
+        return false;
+    if (vq->resubmit_pos < vq->resubmit_num)
+        return true;
+    return vq->packed ? vu_packed_has_avail(vq) : vu_split_has_avail(vq);
+}
+
+uint32_t vu_vq_inflight(struct vu_vq *vq)
+{
+    return __atomic_load_n(&vq->inflight, __ATOMIC_ACQUIRE);
+}
+
+/* Dirty logging of what a completion wrote into guest memory. */
+void vu_log_elem_write(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
+{
+    struct iovec *iov = elem->iov + elem->out_num;
+    for (uint32_t i = 0; i < elem->in_num && len > 0; i++) {
+        uint32_t chunk = iov[i].iov_len < len ? (uint32_t)iov[i].iov_len : len;
+        uint64_t gpa = vu_hva_to_gpa(vq->dev->mem, iov[i].iov_base);
+        if (gpa != UINT64_MAX)
+            vu_log_write(vq->dev, gpa, chunk);
+        len -= chunk;
+    }
+}
+
+/* Used-ring writes are logged at log_addr + offset (VHOST_VRING_F_LOG). */
+void vu_log_used(struct vu_vq *vq, uint64_t offset, uint64_t len)
+{
+    if (vq->log_used && vu_dev_logging(vq->dev))
+        vu_log_write(vq->dev, vq->log_addr + offset, len);
+}
+
+int vu_vq_set_inflight(struct vu_vq *vq, void *region)
+{
+    if (vq->started)
+        return -VU_ERR_INVAL;
+    vq->inflight_region = region;
+    return 0;
+}

@@ -1,0 +1,144 @@
+/* Virtqueues (split and packed) from the device side. */
+#ifndef VU_QUEUE_H
+#define VU_QUEUE_H
+
+#include "vu_common.h"
+#include "vu_memory.h"
+#include <linux/virtio_ring.h>
+#include <pthread.h>
+
+struct vu_dev;
+struct vu_vq;
+
+/* A descriptor chain, walked and translated. iov[0, out_num) are
+ * device-readable, iov[out_num, out_num + in_num) device-writable. */
+struct vu_elem {
+    uint16_t id;         /* split: head index; packed: buffer id */
+    uint16_t ndescs;     /* ring entries consumed (packed: used-index step) */
+    uint32_t out_num, in_num;
+    uint64_t out_len, in_len;
+    struct iovec *iov;
+    uint32_t iov_cap;
+    uint32_t slot;       /* index in the queue's element pool */
+    uint8_t in_flight;
+    void *user;          /* back-end's per-request state */
+};
+
+/* Device-side handler of a queue, run in the queue's worker thread with the
+ * device lock held for reading. Returns one of these. */
+enum { VU_HANDLED_NONE = 0, VU_HANDLED_SOME = 1, VU_HANDLED_MORE = 2 };
+typedef int (*vu_handler_fn)(void *ctx, struct vu_vq *vq);
+
+struct vu_inflight_split_desc {   /* DescStateSplit in vhost-user.rst */
+    uint8_t inflight;
+    uint8_t padding[5];
+    uint16_t next;
+    uint64_t counter;
+};
+
+struct vu_inflight_split {        /* QueueRegionSplit */
+    uint64_t features;
+    uint16_t version;
+    uint16_t desc_num;
+    uint16_t last_batch_head;
+    uint16_t used_idx;
+    struct vu_inflight_split_desc desc[];
+};
+
+struct vu_vq {
+    struct vu_dev *dev;
+    uint32_t index;
+    pthread_mutex_t lock;    /* pop/push/pool: completions may come from other threads */
+
+    /* configuration from the control plane */
+    uint16_t size;
+    bool packed, event_idx, indirect, log_used;
+    uint64_t desc_addr, avail_addr, used_addr, log_addr;  /* as the front-end sent them */
+    int kick_fd, call_fd, err_fd;
+    bool kick_polled;        /* SET_VRING_KICK with the no-fd bit: poll the ring */
+    bool started, enabled, broken;
+    int error;               /* vu_err that broke the queue */
+    uint64_t error_detail;   /* offending value (index, address, ...) */
+
+    /* split ring */
+    struct vring_desc *desc;
+    struct vring_avail *avail;
+    struct vring_used *used;
+    uint16_t last_avail_idx;
+    uint16_t used_idx;          /* ours; published to used->idx on flush */
+    uint16_t signalled_used;
+    bool signalled_used_valid;
+    uint16_t pending_used;      /* pushed since the last flush */
+    uint16_t unnotified;        /* flushed since the last notify */
+
+    /* packed ring */
+    struct vring_packed_desc *pdesc;
+    struct vring_packed_desc_event *driver_event;  /* written by the driver */
+    struct vring_packed_desc_event *device_event;  /* written by us */
+    bool avail_wrap, used_wrap;
+    uint16_t packed_signalled_used;  /* used index (with wrap in bit 15) at last notify */
+
+    /* element pool: at most `size` chains are in flight */
+    struct vu_elem *elems;
+    uint32_t *free_slots;
+    uint32_t nfree;
+    uint32_t inflight;          /* popped, not yet pushed */
+
+    /* inflight tracking (INFLIGHT_SHMFD), split ring only */
+    struct vu_inflight_split *inflight_region;
+    uint64_t inflight_counter;
+    uint16_t *resubmit;         /* heads to hand out again after reconnect */
+    uint32_t resubmit_num, resubmit_pos;
+    uint16_t batch_num;
+
+    /* serving */
+    vu_handler_fn handler;
+    void *handler_ctx;
+    struct vu_worker *worker;
+    volatile uint32_t kicked;   /* in-band kick or eventfd fired */
+
+    /* statistics */
+    uint64_t stat_popped, stat_pushed, stat_notifies, stat_kicks;
+};
+
+struct vu_vq *vu_vq_new(struct vu_dev *dev, uint32_t index);
+void vu_vq_free(struct vu_vq *vq);
+/* Back to the freshly created state (rings unmapped, fds forgotten, not broken). */
+void vu_vq_reset(struct vu_vq *vq);
+int vu_vq_set_num(struct vu_vq *vq, uint32_t num);
+int vu_vq_set_addr(struct vu_vq *vq, uint32_t flags, uint64_t desc, uint64_t used,
+                   uint64_t avail, uint64_t log);
+int vu_vq_set_base(struct vu_vq *vq, uint32_t num);
+uint32_t vu_vq_get_base(struct vu_vq *vq);
+/* Translates the ring addresses and starts processing. */
+int vu_vq_start(struct vu_vq *vq);
+void vu_vq_stop(struct vu_vq *vq);
+/* Re-translates the ring addresses of a running ring after a memory table
+ * change; breaks the ring if they no longer translate. */
+int vu_vq_remap(struct vu_vq *vq);
+
+/* Pops the next available chain. 1: *out filled; 0: ring empty;
+ * <0: -vu_err, and the queue is now broken. */
+int vu_vq_pop(struct vu_vq *vq, struct vu_elem **out);
+/* Returns elem to the driver with `len` bytes written. Not visible to the
+ * driver until vu_vq_flush. */
+int vu_vq_push(struct vu_vq *vq, struct vu_elem *elem, uint32_t len);
+void vu_vq_flush(struct vu_vq *vq);
+/* Signals the call eventfd if the driver wants it (event suppression). */
+void vu_vq_notify(struct vu_vq *vq);
+/* push + flush + notify, for completions outside the worker's batch. */
+int vu_vq_complete(struct vu_vq *vq, struct vu_elem *elem, uint32_t len);
+/* Driver notifications on (after a batch) or off (while draining). Enabling
+ * returns true when more buffers arrived meanwhile. */
+bool vu_vq_set_notification(struct vu_vq *vq, bool enable);
+bool vu_vq_has_avail(struct vu_vq *vq);
+/* Marks the queue broken with err and fires the error eventfd. */
+void vu_vq_break(struct vu_vq *vq, int err, uint64_t detail);
+
+/* Inflight region (split). Resubmission list is rebuilt from it. */
+int vu_vq_set_inflight(struct vu_vq *vq, void *region);
+
+/* For tests: copy of the used element count etc. */
+uint32_t vu_vq_inflight(struct vu_vq *vq);
+
+#endif

@@ -1,0 +1,38 @@
+/* Internal interface between vu_queue.c and the two ring layouts. */
+#ifndef VU_RING_IMPL_H
+#define VU_RING_IMPL_H
+
+#include "vu_queue.h"
+
+struct vu_elem *vu_elem_get(struct vu_vq *vq);
+void vu_elem_put(struct vu_vq *vq, struct vu_elem *e);
+int vu_elem_reserve(struct vu_elem *e, uint32_t need);
+int vu_elem_add_buf(struct vu_vq *vq, struct vu_elem *e, uint64_t addr,
+                    uint32_t len, bool writable);
+void vu_log_elem_write(struct vu_vq *vq, struct vu_elem *elem, uint32_t len);
+void vu_log_used(struct vu_vq *vq, uint64_t offset, uint64_t len);
+
+int vu_split_translate(struct vu_vq *vq);
+void vu_split_sync(struct vu_vq *vq);
+int vu_split_pop(struct vu_vq *vq, struct vu_elem **out);
+void vu_split_push(struct vu_vq *vq, struct vu_elem *elem, uint32_t len);
+void vu_split_flush(struct vu_vq *vq);
+bool vu_split_need_notify(struct vu_vq *vq);
+bool vu_split_set_notification(struct vu_vq *vq, bool enable);
+bool vu_split_has_avail(struct vu_vq *vq);
+
+int vu_packed_translate(struct vu_vq *vq);
+void vu_packed_sync(struct vu_vq *vq);
+int vu_packed_pop(struct vu_vq *vq, struct vu_elem **out);
+void vu_packed_push(struct vu_vq *vq, struct vu_elem *elem, uint32_t len);
+bool vu_packed_need_notify(struct vu_vq *vq);
+bool vu_packed_set_notification(struct vu_vq *vq, bool enable);
+bool vu_packed_has_avail(struct vu_vq *vq);
+
+/* vring_need_event from the virtio spec: did new_idx pass event_idx since old? */
+static inline bool vu_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old)
+{
+    return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old);
+}
+
+#endif

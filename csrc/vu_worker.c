@@ -1,0 +1,270 @@
+/* Queue worker threads. */
+#include "vu_worker.h"
+#include "vu_dev.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+/* How many rounds a handler may run before other queues get a turn. */
+#define VU_HANDLER_ROUNDS 16
+#define VU_PY_BATCH 64
+
+struct vu_worker *vu_worker_new(uint32_t poll_us)
+{
+    struct vu_worker *w = calloc(1, sizeof(*w));
+    if (!w)
+        return NULL;
+    w->epfd = epoll_create1(EPOLL_CLOEXEC);
+    w->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (w->epfd < 0 || w->wake_fd < 0)
+        goto fail;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->wake_fd, &ev) < 0)
+        goto fail;
+    pthread_mutex_init(&w->lock, NULL);
+    w->poll_us = poll_us;
+    return w;
+fail:
+    if (w->epfd >= 0)
+        close(w->epfd);
+    if (w->wake_fd >= 0)
+        close(w->wake_fd);
+    free(w);
+    return NULL;
+}
+
+static void wake(struct vu_worker *w)
+{
+    uint64_t one = 1;
+    ssize_t r = write(w->wake_fd, &one, sizeof(one));
+    (void)r;
+}
+
+static uint64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+/* Runs vq's handler if it may run. Returns true when it did work or wants
+ * another turn. */
+/* vq->kicked bits: the kick eventfd is readable / someone asked for a look. */
+#define KICK_FD 1u
+#define KICK_SOFT 2u
+
+/* Runs vq's handler if it may run. Returns the handler's VU_HANDLED_*
+ * (VU_HANDLED_NONE when it did not run). */
+static int serve_queue(struct vu_vq *vq, bool polling)
+{
+    uint32_t kicked = __atomic_exchange_n(&vq->kicked, 0, __ATOMIC_ACQ_REL);
+    if (!kicked && !polling && !vq->kick_polled)
+        return VU_HANDLED_NONE;
+    struct vu_dev *dev = vq->dev;
+    vu_dev_rdlock(dev);
+    int result = VU_HANDLED_NONE;
+    if ((kicked & KICK_FD) && vq->kick_fd >= 0) {
+        /* epoll said readable and only we read it: this does not block.
+         * The fd may have been replaced since; reading the new one is a
+         * kick for the same ring anyway. */
+        uint64_t v;
+        ssize_t r = read(vq->kick_fd, &v, sizeof(v));
+        (void)r;
+        vq->stat_kicks++;
+    }
+    if (vq->started && vq->enabled && !vq->broken && vq->handler) {
+        if (kicked || vu_vq_has_avail(vq)) {
+            result = vq->handler(vq->handler_ctx, vq);
+            if (result == VU_HANDLED_MORE)
+                __atomic_or_fetch(&vq->kicked, KICK_SOFT, __ATOMIC_RELEASE);
+        }
+    }
+    vu_dev_unlock(dev);
+    return result < 0 ? VU_HANDLED_NONE : result;
+}
+
+static int serve_all(struct vu_worker *w, bool polling)
+{
+    struct vu_vq *qs[VU_WORKER_MAX_QUEUES];
+    pthread_mutex_lock(&w->lock);
+    uint32_t n = w->nqueues;
+    memcpy(qs, w->queues, n * sizeof(qs[0]));
+    pthread_mutex_unlock(&w->lock);
+    int best = VU_HANDLED_NONE;
+    for (uint32_t i = 0; i < n; i++) {
+        int r = serve_queue(qs[i], polling);
+        if (r > best)
+            best = r;
+    }
+    return best;
+}
+
+static bool any_polled(struct vu_worker *w)
+{
+    bool polled = false;
+    pthread_mutex_lock(&w->lock);
+    for (uint32_t i = 0; i < w->nqueues; i++)
+        polled |= w->queues[i]->kick_polled;
+    pthread_mutex_unlock(&w->lock);
+    return polled;
+}
+
+static void *worker_main(void *arg)
+{
+    struct vu_worker *w = arg;
+    struct epoll_event evs[32];
+    while (!w->stop) {
+        if (w->poll_us) {
+            /* Busy-poll: spin while work keeps coming, for up to poll_us
+             * after the last piece of work, then sleep on the eventfds. */
+            uint64_t idle_since = now_us();
+            while (!w->stop && now_us() - idle_since < w->poll_us) {
+                if (serve_all(w, true) != VU_HANDLED_NONE)
+                    idle_since = now_us();
+            }
+        }
+        /* A ring whose front-end asked for polling (no kick fd) is looked
+         * at every millisecond. */
+        int timeout = any_polled(w) ? 1 : -1;
+        int n = epoll_wait(w->epfd, evs, 32, timeout);
+        if (n < 0 && errno != EINTR)
+            break;
+        w->wakeups++;
+        for (int i = 0; i < n; i++) {
+            struct vu_vq *vq = evs[i].data.ptr;
+            if (!vq) {
+                uint64_t v;
+                ssize_t r = read(w->wake_fd, &v, sizeof(v));
+                (void)r;
+            } else {
+                __atomic_or_fetch(&vq->kicked, KICK_FD, __ATOMIC_RELEASE);
+            }
+        }
+        if (w->stop)
+            break;
+        /* Handlers that ran out of their round budget set kicked again. */
+        for (int rounds = 0; rounds < 1000 && serve_all(w, false) == VU_HANDLED_MORE; rounds++) {
+            if (w->stop)
+                break;
+        }
+    }
+    return NULL;
+}
+
+int vu_worker_start(struct vu_worker *w)
+{
+    if (w->running)
+        return 0;
+    w->stop = false;
+    if (pthread_create(&w->thread, NULL, worker_main, w) != 0)
+        return -VU_ERR_SYS;
+    w->running = true;
+    return 0;
+}
+
+void vu_worker_free(struct vu_worker *w)
+{
+    if (!w)
+        return;
+    if (w->running) {
+        w->stop = true;
+        wake(w);
+        pthread_join(w->thread, NULL);
+    }
+    pthread_mutex_lock(&w->lock);
+    for (uint32_t i = 0; i < w->nqueues; i++)
+        w->queues[i]->worker = NULL;
+    pthread_mutex_unlock(&w->lock);
+    close(w->epfd);
+    close(w->wake_fd);
+    pthread_mutex_destroy(&w->lock);
+    free(w);
+}
+
+int vu_worker_add_queue(struct vu_worker *w, struct vu_vq *vq,
+                        vu_handler_fn handler, void *ctx)
+{
+    pthread_mutex_lock(&w->lock);
+    if (w->nqueues >= VU_WORKER_MAX_QUEUES) {
+        pthread_mutex_unlock(&w->lock);
+        return -VU_ERR_INVAL;
+    }
+    vq->handler = handler;
+    vq->handler_ctx = ctx;
+    vq->worker = w;
+    w->queues[w->nqueues++] = vq;
+    pthread_mutex_unlock(&w->lock);
+    return 0;
+}
+
+void vu_worker_remove_queue(struct vu_worker *w, struct vu_vq *vq)
+{
+    pthread_mutex_lock(&w->lock);
+    for (uint32_t i = 0; i < w->nqueues; i++) {
+        if (w->queues[i] == vq) {
+            w->queues[i] = w->queues[--w->nqueues];
+            break;
+        }
+    }
+    if (vq->kick_fd >= 0)
+        epoll_ctl(w->epfd, EPOLL_CTL_DEL, vq->kick_fd, NULL);
+    vq->worker = NULL;
+    pthread_mutex_unlock(&w->lock);
+}
+
+int vu_worker_set_kick(struct vu_worker *w, struct vu_vq *vq, int fd, bool polled)
+{
+    if (vq->kick_fd >= 0)
+        epoll_ctl(w->epfd, EPOLL_CTL_DEL, vq->kick_fd, NULL);
+    vq->kick_fd = fd;
+    vq->kick_polled = polled;
+    if (fd >= 0) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = vq};
+        if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+            vq->kick_fd = -1;
+            return -VU_ERR_SYS;
+        }
+    }
+    wake(w);  /* recompute the polling timeout */
+    return 0;
+}
+
+void vu_worker_kick(struct vu_worker *w, struct vu_vq *vq)
+{
+    __atomic_or_fetch(&vq->kicked, KICK_SOFT, __ATOMIC_RELEASE);
+    wake(w);
+}
+
+/* Python-side handlers ------------------------------------------------------ */
+
+/* Defined by cffi (extern "Python"): handles n popped chains. */
+int vu_py_batch(void *ctx, struct vu_vq *vq, struct vu_elem **elems, int n);
+
+int vu_py_handler(void *ctx, struct vu_vq *vq)
+{
+    struct vu_elem *elems[VU_PY_BATCH];
+    for (int round = 0; round < VU_HANDLER_ROUNDS; round++) {
+        vu_vq_set_notification(vq, false);
+        int n = 0;
+        int rc = 0;
+        while (n < VU_PY_BATCH && (rc = vu_vq_pop(vq, &elems[n])) == 1)
+            n++;
+        if (n) {
+            vu_py_batch(ctx, vq, elems, n);
+            vu_vq_flush(vq);
+            vu_vq_notify(vq);
+        }
+        if (rc < 0)
+            return VU_HANDLED_SOME;  /* queue broken: nothing more until reset */
+        if (n == VU_PY_BATCH)
+            continue;
+        if (!vu_vq_set_notification(vq, true))
+            return round || n ? VU_HANDLED_SOME : VU_HANDLED_NONE;
+    }
+    return VU_HANDLED_MORE;
+}

@@ -1,0 +1,272 @@
+"""The virtio-blk device: features, config space, and who does the I/O."""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+
+
+from ..dataplane import NativeHandler
+from ..device import Device
+from ..errors import ProtocolError
+from ..native import check, ffi, lib
+from ..protocol import bits
+from ..queue import Queue
+from .backends import BlockBackend, FileBackend, RamBackend
+from .spec import (CONFIG_WRITEBACK_OFFSET, ID_BYTES, LIFETIME, SECTOR, BlkConfig, BlkFeature,
+                   BlkStatus, BlkType)
+
+log = logging.getLogger(__name__)
+
+F = BlkFeature
+
+
+class BlkDevice(Device):
+    """A virtio-blk disk served from a file, RAM, or a Python back-end."""
+
+    device_id = 2
+
+    def __init__(self, backend: FileBackend | RamBackend | BlockBackend, *, num_queues: int = 1,
+                 serial: str = "", read_only: bool | None = None, poll_us: int = 0):
+        super().__init__(num_queues, poll_us=poll_us)
+        self.backend = backend
+        self.read_only = backend.read_only if read_only is None else read_only
+        if isinstance(backend, FileBackend):
+            kind = lib.VU_BLK_BACKEND_FILE
+            if backend.fd < 0:
+                backend.open()
+        elif isinstance(backend, RamBackend):
+            kind = lib.VU_BLK_BACKEND_RAM
+        elif isinstance(backend, BlockBackend):
+            kind = lib.VU_BLK_BACKEND_PYTHON
+        else:
+            raise TypeError(f"not a block back-end: {backend!r}")
+        self._blk = lib.vu_blk_new(kind)
+        if self._blk == ffi.NULL:
+            raise MemoryError("vu_blk_new")
+        self._handle = ffi.new_handle(self)
+        if kind == lib.VU_BLK_BACKEND_FILE:
+            lib.vu_blk_set_file(self._blk, backend.fd, backend.direct)
+        elif kind == lib.VU_BLK_BACKEND_RAM:
+            check(lib.vu_blk_set_ram(self._blk, backend.size()), "RAM disk")
+        else:
+            self._blk.py_ctx = self._handle
+        self._kind = kind
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.config = BlkConfig(capacity=0, num_queues=num_queues)
+        self._refresh_capacity()
+        lim = self._blk.lim
+        serial_bytes = serial.encode()[:ID_BYTES].ljust(ID_BYTES, b"\0")
+        ffi.memmove(lim.serial, serial_bytes, ID_BYTES)
+        for name in ("max_discard_sectors", "max_discard_seg", "max_write_zeroes_sectors",
+                     "max_write_zeroes_seg", "max_secure_erase_sectors", "max_secure_erase_seg"):
+            setattr(lim, name, getattr(self.config, name))
+        lim.read_only = self.read_only
+        lim.write_zeroes_unmap = kind != lib.VU_BLK_BACKEND_RAM
+        self.config.write_zeroes_may_unmap = int(lim.write_zeroes_unmap)
+        lim.writeback = True
+
+    # -- what is offered ---------------------------------------------------------
+    def _offers(self, feature: BlkFeature) -> bool:
+        if feature in (F.DISCARD, F.WRITE_ZEROES, F.SECURE_ERASE, F.CONFIG_WCE):
+            if self.read_only:
+                return False
+        if self._kind == lib.VU_BLK_BACKEND_PYTHON:
+            if feature == F.DISCARD:
+                return self.backend.supports("discard")
+            if feature == F.SECURE_ERASE:
+                return False
+            if feature == F.LIFETIME:
+                return self.backend.lifetime() is not None
+        return feature != F.LIFETIME
+
+    def device_features(self) -> int:
+        wanted = [F.SIZE_MAX, F.SEG_MAX, F.BLK_SIZE, F.TOPOLOGY, F.FLUSH, F.CONFIG_WCE, F.MQ,
+                  F.DISCARD, F.WRITE_ZEROES, F.SECURE_ERASE, F.LIFETIME]
+        if self.read_only:
+            wanted.append(F.RO)
+        return bits(*(f for f in wanted if f == F.RO or self._offers(f)))
+
+    def config_space(self) -> bytes:
+        self.config.writeback = int(self._blk.lim.writeback)
+        return self.config.pack()
+
+    def write_config(self, offset: int, data: bytes, flags: int) -> None:
+        # Only `writeback` is writable, and only with CONFIG_WCE.
+        if offset != CONFIG_WRITEBACK_OFFSET or len(data) != 1:
+            raise ProtocolError("SET_CONFIG", f"offset {offset} size {len(data)} is read-only")
+        if not self.session or not self.session.features & (1 << F.CONFIG_WCE):
+            raise ProtocolError("SET_CONFIG", "CONFIG_WCE not negotiated")
+        if data[0] > 1:
+            raise ProtocolError("SET_CONFIG", f"writeback value {data[0]}")
+        self._blk.lim.writeback = bool(data[0])
+        log.info("write cache %s", "write-back" if data[0] else "write-through")
+
+    def on_features(self, features: int) -> None:
+        lim = self._blk.lim
+        lim.discard = bool(features & (1 << F.DISCARD))
+        lim.write_zeroes = bool(features & (1 << F.WRITE_ZEROES))
+        lim.secure_erase = bool(features & (1 << F.SECURE_ERASE))
+        # FLUSH without CONFIG_WCE: write-back; neither: writes must be stable
+        # when completed (virtio 1.4, 5.2.6.5).
+        lim.writeback = bool(features & (1 << F.FLUSH))
+
+    def on_reset(self) -> None:
+        self.on_features(0)
+
+    def on_connect(self, session) -> None:
+        super().on_connect(session)
+        self._loop = asyncio.get_running_loop()
+
+    # -- serving -----------------------------------------------------------------
+    def queue_handler(self, queue: Queue):
+        return NativeHandler(lib.vu_blk_handler, self._blk, keepalive=self)
+
+    def _refresh_capacity(self) -> None:
+        size = self.backend.size()
+        self._blk.lim.capacity = size // SECTOR
+        self.config.capacity = size // SECTOR
+
+    @property
+    def capacity(self) -> int:
+        """Disk size in 512-byte sectors."""
+        return self._blk.lim.capacity
+
+    def resize(self, size_bytes: int | None = None) -> bool:
+        """Grows or shrinks the disk (None: re-read the back-end's size) and
+        tells the guest. Returns whether the guest was told."""
+        if size_bytes is not None:
+            if size_bytes <= 0 or size_bytes % SECTOR:
+                raise ValueError(f"size {size_bytes} is not a positive multiple of {SECTOR}")
+            if isinstance(self.backend, FileBackend):
+                import os
+                os.ftruncate(self.backend.fd, size_bytes)
+            elif isinstance(self.backend, RamBackend):
+                check(lib.vu_blk_set_ram(self._blk, size_bytes), "RAM disk resize")
+                self.backend.size_bytes = size_bytes
+            else:
+                raise ValueError("a Python back-end resizes itself, then calls resize()")
+        session = self.session
+        if session is not None:
+            with session.dataplane.locked():
+                self._refresh_capacity()
+        else:
+            self._refresh_capacity()
+        return self.notify_config_change()
+
+    def stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for q in range(self.num_queues):
+            s = self._blk.stats[q]
+            for name in ("reads", "writes", "flushes", "discards", "write_zeroes", "errors",
+                         "unsupported", "bytes_read", "bytes_written"):
+                total[name] = total.get(name, 0) + getattr(s, name)
+        return total
+
+    def close(self) -> None:
+        if self._blk != ffi.NULL:
+            lib.vu_blk_free(self._blk)
+            self._blk = ffi.NULL
+        self.backend.close()
+
+    # -- Python back-ends ------------------------------------------------------
+    def _run_request(self, r) -> int | object:
+        """Executes one parsed request; returns a status, or an awaitable."""
+        t = r.type
+        be: BlockBackend = self.backend
+        offset = r.sector * SECTOR
+        if t == BlkType.IN:
+            return be.read(offset, _views(r))
+        if t == BlkType.OUT:
+            return be.write(offset, _views(r))
+        if t == BlkType.FLUSH:
+            return be.flush()
+        if t == BlkType.GET_ID:
+            serial = bytes(ffi.buffer(self._blk.lim.serial, ID_BYTES))
+            _fill(r, serial)
+            return None
+        if t == BlkType.GET_LIFETIME:
+            life = be.lifetime()
+            if life is None:
+                return BlkStatus.UNSUPP
+            _fill(r, LIFETIME.pack(*life))
+            return None
+        if t in (BlkType.DISCARD, BlkType.WRITE_ZEROES):
+            return self._segments(r)
+        return BlkStatus.UNSUPP
+
+    def _segments(self, r):
+        be: BlockBackend = self.backend
+        calls = []
+        for i in range(r.nsegs):
+            seg = r.segs[i]
+            off, length = seg.sector * SECTOR, seg.num_sectors * SECTOR
+            if r.type == BlkType.DISCARD:
+                calls.append(be.discard(off, length))
+            else:
+                calls.append(be.write_zeroes(off, length, bool(seg.flags & 1)))
+        pending = [c for c in calls if inspect.isawaitable(c)]
+        if pending:
+            async def wait_all():
+                for c in pending:
+                    await c
+            return wait_all()
+        return None
+
+    def _python_batch(self, vq, reqs, n: int) -> None:
+        for i in range(n):
+            r = reqs[i]
+            try:
+                outcome = self._run_request(r)
+            except Exception:
+                log.exception("block back-end failed on request type %d sector %d",
+                              r.type, r.sector)
+                r.result = BlkStatus.IOERR
+                continue
+            if inspect.isawaitable(outcome):
+                self._complete_later(vq, r, outcome)   # r.result stays PENDING
+            elif isinstance(outcome, int) and outcome in (BlkStatus.UNSUPP, BlkStatus.IOERR):
+                r.result = outcome
+            else:
+                r.result = BlkStatus.OK
+
+    def _complete_later(self, vq, r, awaitable) -> None:
+        async def run():
+            try:
+                await awaitable
+                status = BlkStatus.OK
+            except Exception:
+                log.exception("block back-end failed on request type %d sector %d",
+                              r.type, r.sector)
+                status = BlkStatus.IOERR
+            lib.vu_blk_finish(vq, r, status, True)
+        if self._loop is None:
+            raise RuntimeError("async back-end needs the device's event loop")
+        asyncio.run_coroutine_threadsafe(run(), self._loop)
+
+
+def _views(r) -> list[memoryview]:
+    return [memoryview(ffi.buffer(r.iov[i].iov_base, r.iov[i].iov_len)) for i in range(r.niov)]
+
+
+def _fill(r, data: bytes) -> None:
+    pos = 0
+    for view in _views(r):
+        n = min(len(view), len(data) - pos)
+        view[:n] = data[pos:pos + n]
+        pos += n
+
+
+@ffi.def_extern()
+def vu_blk_py_batch(ctx, vq, reqs, n):
+    device: BlkDevice = ffi.from_handle(ctx)
+    try:
+        device._python_batch(vq, reqs, n)
+    except Exception:
+        log.exception("Python block batch failed")
+        for i in range(n):
+            if reqs[i].result == lib.VU_BLK_S_PENDING:
+                reqs[i].result = BlkStatus.IOERR
+    return 0
+
+

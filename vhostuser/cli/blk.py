@@ -1,0 +1,88 @@
+"""vhostuser-blk: serve a virtio-blk disk to QEMU over vhost-user."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..blk import BackendError, BlkDevice, BlockBackend, FileBackend, RamBackend
+from . import common
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vhostuser-blk", description=__doc__)
+    common.add_socket_options(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--blk-file", metavar="PATH", help="raw image file or block device")
+    src.add_argument("--ramdisk", metavar="SIZE", help="a RAM disk of SIZE (e.g. 64M)")
+    src.add_argument("--backend", metavar="MODULE:CLASS", help="a Python BlockBackend class")
+    p.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for the --backend class (repeatable)")
+    p.add_argument("--read-only", action="store_true", help="refuse every write")
+    p.add_argument("--direct", action="store_true", help="open --blk-file with O_DIRECT")
+    p.add_argument("--num-queues", type=int, default=1, metavar="N")
+    p.add_argument("--serial", default="vhostuser", metavar="S", help="GET_ID serial (20 bytes)")
+    return p
+
+
+def load_backend_class(spec: str) -> type[BlockBackend]:
+    module_name, sep, class_name = spec.partition(":")
+    if not sep or not module_name or not class_name:
+        raise common.UsageError(f"--backend wants MODULE:CLASS, not {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+        cls = getattr(module, class_name)
+    except (ImportError, AttributeError) as exc:
+        raise common.UsageError(f"--backend {spec}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, BlockBackend)):
+        raise common.UsageError(f"--backend {spec}: not a vhostuser.blk.BlockBackend subclass")
+    return cls
+
+
+def make_backend(args):
+    if args.blk_file:
+        return FileBackend(args.blk_file, read_only=args.read_only, direct=args.direct)
+    if args.ramdisk:
+        return RamBackend(common.parse_size(args.ramdisk), read_only=args.read_only)
+    if args.backend:
+        cls = load_backend_class(args.backend)
+        opts = {}
+        for kv in args.backend_opt:
+            key, sep, value = kv.partition("=")
+            if not sep:
+                raise common.UsageError(f"--backend-opt wants KEY=VALUE, not {kv!r}")
+            opts[key.replace("-", "_")] = value
+        try:
+            return cls(**opts)
+        except Exception as exc:
+            raise common.UsageError(f"--backend {args.backend}: {exc}") from None
+    raise common.UsageError("one of --blk-file, --ramdisk or --backend is required")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.print_capabilities:
+        common.print_capabilities("block", ["read-only", "blk-file"])
+        return 0
+    common.setup_logging(args.verbose)
+
+    def start() -> int:
+        if not 1 <= args.num_queues <= 64:
+            raise common.UsageError(f"--num-queues must be 1..64, not {args.num_queues}")
+        backend = make_backend(args)
+        try:
+            device = BlkDevice(backend, num_queues=args.num_queues, serial=args.serial,
+                               read_only=args.read_only or None, poll_us=args.poll)
+        except (BackendError, OSError) as exc:
+            raise common.UsageError(str(exc)) from None
+        server = common.make_server(args, device)
+        try:
+            return common.run([server])
+        finally:
+            device.close()
+
+    return common.main_wrapper(start, "vhostuser-blk")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

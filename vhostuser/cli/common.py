@@ -1,0 +1,115 @@
+"""What every back-end program shares: the socket options of QEMU's
+back-end program conventions (vhost-user.rst), logging, SIGTERM handling."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+from ..device import Device
+from ..errors import VhostUserError
+from ..server import Server, new_event_loop
+
+log = logging.getLogger("vhostuser")
+
+
+class UsageError(Exception):
+    """A bad option or an unusable resource: one line on stderr, exit 1."""
+
+
+def add_socket_options(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", metavar="PATH",
+                       help="listen on this unix socket (QEMU connects to it)")
+    where.add_argument("--fd", type=int, metavar="N",
+                       help="serve the listening unix socket inherited as fd N")
+    where.add_argument("--connect", metavar="PATH",
+                       help="connect to QEMU's socket (chardev server=on) and reconnect")
+    parser.add_argument("--print-capabilities", action="store_true",
+                        help="print the back-end capabilities as JSON and exit")
+    parser.add_argument("--poll", nargs="?", type=int, const=1000, default=0, metavar="US",
+                        help="busy-poll the rings for US microseconds before sleeping "
+                             "(default 1000 when given)")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
+def print_capabilities(kind: str, features: list[str]) -> None:
+    print(json.dumps({"type": kind, "features": features}))
+
+
+def make_server(args, device: Device) -> Server:
+    if args.socket_path is None and args.fd is None and args.connect is None:
+        raise UsageError("one of --socket-path, --fd or --connect is required")
+    server = Server(device, path=args.socket_path, fd=args.fd, connect=args.connect)
+    try:
+        server.open()
+    except (OSError, VhostUserError) as exc:
+        raise UsageError(str(exc)) from None
+    return server
+
+
+async def _serve_until_sigterm(servers: list[Server]) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        if task is not stopper and task.exception():
+            raise task.exception()
+    log.info("stopping: finishing requests in flight")
+    for s in servers:
+        if s.session is not None:
+            await s.session._drain("exit")
+        s.close()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    # Let closing sessions run their teardown.
+    await asyncio.sleep(0)
+
+
+def run(servers: list[Server]) -> int:
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(_serve_until_sigterm(servers))
+    finally:
+        loop.close()
+    return 0
+
+
+def main_wrapper(fn, prog: str) -> int:
+    """Turns UsageError into one line on stderr and exit status 1."""
+    try:
+        return fn()
+    except UsageError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '4096' -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    if t and t[-1] in units:
+        mult = units[t[-1]]
+        t = t[:-1]
+    try:
+        value = int(t) * mult
+    except ValueError:
+        raise UsageError(f"bad size {text!r}") from None
+    if value <= 0:
+        raise UsageError(f"size must be positive: {text!r}")
+    return value

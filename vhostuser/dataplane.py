@@ -1,0 +1,256 @@
+"""A connection's data plane: the C device state, its queues and workers.
+
+Owns every fd it was handed (kick, call, err, log eventfds) and closes them;
+changes to memory or ring configuration happen under the device write lock,
+so a worker never sees half a change.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from .memory import GuestMemory
+from .native import check, ffi, lib
+from .queue import Element, Queue
+
+log = logging.getLogger(__name__)
+
+#: A Python batch handler: gets the queue and the chains popped in one batch.
+BatchHandler = Callable[[Queue, list[Element]], None]
+
+
+@dataclass
+class NativeHandler:
+    """A queue handler written in C: ``fn(ctx, vq)`` runs in the worker.
+    ``keepalive`` holds whatever owns ctx for as long as the queue runs."""
+    fn: object
+    ctx: object
+    keepalive: object = None
+
+
+class _PyBinding:
+    """What the C batch callback finds behind its ctx handle."""
+
+    def __init__(self, queue: Queue, handler: BatchHandler):
+        self.queue = queue
+        self.handler = handler
+
+
+def _complete_leftovers(elements: list[Element]) -> None:
+    for element in elements:
+        if not element.done:
+            element.complete(0)
+
+
+@ffi.def_extern()
+def vu_py_batch(ctx, vq, elems, n):
+    binding: _PyBinding = ffi.from_handle(ctx)
+    queue = binding.queue
+    batch = [Element(queue, elems[i]) for i in range(n)]
+    queue._in_batch = True
+    try:
+        binding.handler(queue, batch)
+    except Exception:
+        # A back-end bug must not leave chains in flight forever: hand them
+        # back empty and keep serving.
+        log.exception("queue %d: Python handler failed; completing %d chains empty",
+                      queue.index, sum(not e.done for e in batch))
+        _complete_leftovers(batch)
+    finally:
+        queue._in_batch = False
+    return 0
+
+
+class DataPlane:
+    """C device (``struct vu_dev``), its queues and the worker threads."""
+
+    def __init__(self, num_queues: int, *, queues_per_worker: int = 1, poll_us: int = 0):
+        if num_queues < 1:
+            raise ValueError("a device needs at least one queue")
+        self._dev = lib.vu_dev_new(num_queues)
+        if self._dev == ffi.NULL:
+            raise MemoryError("vu_dev_new")
+        self.memory = GuestMemory(self._dev.mem)
+        self.queues = [Queue(self._dev.vqs[i]) for i in range(num_queues)]
+        self._kick = [None] * num_queues
+        self._call = [None] * num_queues
+        self._err = [None] * num_queues
+        self._log_fd: int | None = None
+        self._handles: list[object] = []   # keeps cffi handles alive
+        self._workers = []
+        groups = (num_queues + queues_per_worker - 1) // queues_per_worker
+        for _ in range(groups):
+            w = lib.vu_worker_new(poll_us)
+            if w == ffi.NULL:
+                self.close()
+                raise OSError("could not create a worker (epoll/eventfd)")
+            self._workers.append(w)
+        self._queues_per_worker = queues_per_worker
+        self._started = False
+        self._closed = False
+        self._lock_owner = threading.local()
+
+    # -- locking ---------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self):
+        """Holds the device write lock: no worker is inside a batch."""
+        lib.vu_dev_wrlock(self._dev)
+        try:
+            yield
+        finally:
+            lib.vu_dev_unlock(self._dev)
+
+    @property
+    def features(self) -> int:
+        return self._dev.features
+
+    def set_features(self, features: int) -> None:
+        with self.locked():
+            lib.vu_dev_set_features(self._dev, features)
+
+    # -- handlers and workers -------------------------------------------
+    def _worker_of(self, index: int):
+        return self._workers[index // self._queues_per_worker]
+
+    def attach(self, index: int, handler: BatchHandler | NativeHandler) -> None:
+        """Sets what serves queue ``index`` (before the rings start)."""
+        vq = self._dev.vqs[index]
+        if isinstance(handler, NativeHandler):
+            fn, ctx = handler.fn, handler.ctx
+            self._handles.append(handler)
+        else:
+            h = ffi.new_handle(_PyBinding(self.queues[index], handler))
+            self._handles.append(h)
+            fn, ctx = lib.vu_py_handler, h
+        check(lib.vu_worker_add_queue(self._worker_of(index), vq, fn, ctx), f"queue {index}")
+
+    def start_workers(self) -> None:
+        if not self._started:
+            for w in self._workers:
+                check(lib.vu_worker_start(w), "worker start")
+            self._started = True
+
+    # -- per-queue fds ----------------------------------------------------
+    @staticmethod
+    def _close(fd: int | None) -> None:
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def set_kick(self, index: int, fd: int | None) -> None:
+        """fd None: the front-end asked us to poll the ring (no kick fd)."""
+        vq = self._dev.vqs[index]
+        with self.locked():
+            rc = lib.vu_worker_set_kick(self._worker_of(index), vq,
+                                        -1 if fd is None else fd, fd is None)
+        old, self._kick[index] = self._kick[index], fd
+        if old != fd:
+            self._close(old)
+        check(rc, f"queue {index}: kick fd")
+
+    def set_call(self, index: int, fd: int | None) -> None:
+        with self.locked():
+            self._dev.vqs[index].call_fd = -1 if fd is None else fd
+        old, self._call[index] = self._call[index], fd
+        if old != fd:
+            self._close(old)
+
+    def set_err(self, index: int, fd: int | None) -> None:
+        with self.locked():
+            self._dev.vqs[index].err_fd = -1 if fd is None else fd
+        old, self._err[index] = self._err[index], fd
+        if old != fd:
+            self._close(old)
+
+    def kick(self, index: int) -> None:
+        """An in-band kick (VRING_KICK) or a nudge after enabling."""
+        lib.vu_worker_kick(self._worker_of(index), self._dev.vqs[index])
+
+    # -- ring state -------------------------------------------------------
+    def vq(self, index: int):
+        return self._dev.vqs[index]
+
+    def start_queue(self, index: int, *, enable: bool | None = None) -> None:
+        vq = self._dev.vqs[index]
+        with self.locked():
+            if not vq.started:
+                check(lib.vu_vq_start(vq), f"queue {index}: start")
+            if enable is not None:
+                vq.enabled = enable
+        self.kick(index)
+
+    def set_enabled(self, index: int, enabled: bool) -> None:
+        with self.locked():
+            self._dev.vqs[index].enabled = enabled
+        if enabled:
+            self.kick(index)
+
+    def stop_queue(self, index: int) -> int:
+        """Stops the ring and returns its base (GET_VRING_BASE). The ring's
+        fds are closed: a restart brings new ones."""
+        vq = self._dev.vqs[index]
+        with self.locked():
+            lib.vu_vq_stop(vq)
+            base = lib.vu_vq_get_base(vq)
+            lib.vu_worker_set_kick(self._worker_of(index), vq, -1, False)
+            vq.call_fd = -1
+            vq.err_fd = -1
+        for fds in (self._kick, self._call, self._err):
+            self._close(fds[index])
+            fds[index] = None
+        return base
+
+    def reset_queue(self, index: int) -> None:
+        self.stop_queue(index)
+        with self.locked():
+            lib.vu_vq_reset(self._dev.vqs[index])
+
+    def remap_started(self) -> list[int]:
+        """After a memory change: re-translates running rings; returns the
+        indices of rings that broke because their memory went away."""
+        broken = []
+        for q in self.queues:
+            if q.started and lib.vu_vq_remap(q._vq) < 0:
+                broken.append(q.index)
+        return broken
+
+    def inflight(self) -> int:
+        return sum(q.inflight for q in self.queues)
+
+    # -- dirty log ----------------------------------------------------------
+    def set_log(self, fd: int, size: int, offset: int) -> None:
+        try:
+            with self.locked():
+                check(lib.vu_dev_set_log(self._dev, fd, size, offset), "dirty log")
+        finally:
+            os.close(fd)
+
+    def set_log_call(self, fd: int | None) -> None:
+        with self.locked():
+            self._dev.log_call_fd = -1 if fd is None else fd
+        old, self._log_fd = self._log_fd, fd
+        if old != fd:
+            self._close(old)
+
+    # -- teardown -------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for w in self._workers:
+            lib.vu_worker_free(w)   # joins the thread
+        self._workers = []
+        for fds in (self._kick, self._call, self._err):
+            for i, fd in enumerate(fds):
+                self._close(fd)
+                fds[i] = None
+        self._close(self._log_fd)
+        lib.vu_dev_free(self._dev)
+        self._dev = ffi.NULL
+        self._handles.clear()

@@ -1,0 +1,435 @@
+"""The request table in action: one front-end connection to one device.
+
+Every message is checked against :data:`protocol.REQUEST_SPECS` (payload
+size, fd count, ring index, memory present) before its handler runs. A bad
+message gets a non-zero REPLY_ACK when the front-end asked for one; otherwise
+the reason is logged and the connection closed. Nothing a front-end sends can
+raise past :meth:`Session.run`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+
+from . import protocol
+from .connection import Connection, Message
+from .dataplane import DataPlane
+from .device import Device
+from .errors import ConnectionClosed, FramingError, NativeError, ProtocolError
+from .inflight import InflightArea
+from .native import check, lib
+from .protocol import Feature, ProtocolFeature, Request, bit
+
+log = logging.getLogger(__name__)
+
+#: How long a stop/remap waits for requests in flight to finish.
+DRAIN_TIMEOUT = 30.0
+
+
+class Session:
+    """State of one front-end connection (features, memory, rings)."""
+
+    def __init__(self, device: Device, conn: Connection):
+        self.device = device
+        self.conn = conn
+        self.name = conn.name
+        self.features = 0
+        self.protocol_features = 0
+        self.features_set = False
+        self.owner = False
+        self.status = 0
+        self.dataplane = DataPlane(device.num_queues, queues_per_worker=device.queues_per_worker,
+                                   poll_us=device.poll_us)
+        self.backend_channel: socket.socket | None = None
+        self.inflight: InflightArea | None = None
+        self._handlers = {r: getattr(self, "_on_" + r.name.lower(), None) for r in Request}
+
+    # -- main loop ------------------------------------------------------------
+    async def run(self) -> None:
+        """Serves messages until the front-end goes away or breaks framing."""
+        self.device.on_connect(self)
+        try:
+            for i, queue in enumerate(self.dataplane.queues):
+                self.dataplane.attach(i, self.device.queue_handler(queue))
+            self.dataplane.start_workers()
+            while True:
+                try:
+                    msg = await self.conn.recv()
+                except ConnectionClosed:
+                    log.info("%s: front-end disconnected", self.name)
+                    return
+                except FramingError as exc:
+                    log.error("%s: %s; closing the connection", self.name, exc)
+                    return
+                if not await self.dispatch(msg):
+                    return
+        finally:
+            self.close()
+
+    async def dispatch(self, msg: Message) -> bool:
+        """Handles one message; False when the connection must close."""
+        try:
+            reply_ack = (msg.need_reply
+                         and self.protocol_features & bit(ProtocolFeature.REPLY_ACK))
+            try:
+                spec = self._check(msg)
+                handler = self._handlers.get(protocol.Request(msg.request))
+                if handler is None:
+                    raise ProtocolError(msg.name(), "not supported by this back-end")
+                await handler(msg)
+            except (ProtocolError, NativeError, OSError, ValueError) as exc:
+                if reply_ack and not isinstance(exc, FramingError):
+                    log.warning("%s: %s refused: %s", self.name, msg.name(), exc)
+                    await self.conn.reply_u64(msg, 1)
+                    return True
+                log.error("%s: %s: %s; closing the connection", self.name, msg.name(), exc)
+                return False
+            if reply_ack and not spec.reply:
+                await self.conn.reply_u64(msg, 0)
+            return True
+        except ConnectionClosed:
+            return False
+        except Exception:
+            # A bug of ours: this connection can't be trusted any more, the
+            # process and the other connections go on.
+            log.exception("%s: internal error handling %s", self.name, msg.name())
+            return False
+        finally:
+            msg.close_fds()
+
+    def _check(self, msg: Message) -> protocol.RequestSpec:
+        try:
+            request = protocol.Request(msg.request)
+        except ValueError:
+            raise ProtocolError(msg.request, "unknown request") from None
+        spec = protocol.REQUEST_SPECS.get(request)
+        if spec is None:
+            raise ProtocolError(request.name, "not supported by this back-end")
+        lo, hi = spec.payload
+        if not lo <= len(msg.payload) <= hi:
+            raise ProtocolError(request.name, f"payload of {len(msg.payload)} bytes, expected "
+                                + (f"{lo}" if lo == hi else f"{lo}..{hi}"))
+        flo, fhi = spec.fds
+        if not flo <= len(msg.fds) <= fhi:
+            raise ProtocolError(request.name, f"{len(msg.fds)} fds, expected "
+                                + (f"{flo}" if flo == fhi else f"{flo}..{fhi}"))
+        if (msg.flags & protocol.FLAG_VERSION_MASK) != protocol.VERSION:
+            raise ProtocolError(request.name, f"version flags {msg.flags & 3}")
+        if spec.needs_memory and len(self.dataplane.memory) == 0:
+            raise ProtocolError(request.name, "no memory table yet")
+        return spec
+
+    # -- helpers -----------------------------------------------------------------
+    def _ring_index(self, msg: Message, value: int) -> int:
+        index = value & protocol.VRING_IDX_MASK if msg.request in _U64_RING_REQUESTS else value
+        if index >= self.device.num_queues:
+            raise ProtocolError(msg.name(), f"ring {index} out of range "
+                                f"(device has {self.device.num_queues})")
+        return index
+
+    def _u64(self, msg: Message) -> int:
+        return protocol.U64.unpack(msg.payload)[0]
+
+    def _state(self, msg: Message) -> tuple[int, int]:
+        index, num = protocol.VRING_STATE.unpack(msg.payload)
+        return self._ring_index(msg, index), num
+
+    def _has_protocol(self, feature: ProtocolFeature) -> bool:
+        return bool(self.protocol_features & bit(feature))
+
+    async def _drain(self, what: str) -> None:
+        """Waits until no chain is in flight (async back-ends finish first)."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while self.dataplane.inflight():
+            if time.monotonic() > deadline:
+                log.error("%s: %d requests still in flight after %.0fs before %s",
+                          self.name, self.dataplane.inflight(), DRAIN_TIMEOUT, what)
+                return
+            await asyncio.sleep(0.001)
+
+    def _rings_enabled_at_start(self) -> bool:
+        # Without PROTOCOL_FEATURES a ring starts enabled (vhost-user.rst, "Ring states").
+        return not self.features & bit(Feature.PROTOCOL_FEATURES)
+
+    # -- feature negotiation ---------------------------------------------------
+    async def _on_get_features(self, msg):
+        await self.conn.reply_u64(msg, self.device.features() | bit(Feature.PROTOCOL_FEATURES))
+
+    async def _on_set_features(self, msg):
+        features = self._u64(msg)
+        offered = self.device.features() | bit(Feature.PROTOCOL_FEATURES)
+        if features & ~offered:
+            raise ProtocolError(msg.name(), f"features {features & ~offered:#x} were not offered")
+        self.features = features
+        self.features_set = True
+        self.dataplane.set_features(features)
+        self.device.on_features(features)
+
+    async def _on_get_protocol_features(self, msg):
+        await self.conn.reply_u64(msg, self.device.protocol_features())
+
+    async def _on_set_protocol_features(self, msg):
+        features = self._u64(msg)
+        if features & ~self.device.protocol_features():
+            raise ProtocolError(msg.name(), f"protocol features "
+                                f"{features & ~self.device.protocol_features():#x} were not offered")
+        self.protocol_features = features
+
+    async def _on_set_owner(self, msg):
+        self.owner = True
+
+    async def _on_reset_owner(self, msg):
+        self.owner = False
+        await self._reset_device()
+
+    async def _on_reset_device(self, msg):
+        await self._reset_device()
+
+    async def _reset_device(self) -> None:
+        await self._drain("reset")
+        for i in range(self.device.num_queues):
+            self.dataplane.reset_queue(i)
+        self.features = 0
+        self.features_set = False
+        self.status = 0
+        self.dataplane.set_features(0)
+        self.device.on_reset()
+
+    async def _on_set_status(self, msg):
+        status = self._u64(msg)
+        if status > 0xFF:
+            raise ProtocolError(msg.name(), f"status {status:#x} does not fit a byte")
+        if (status & protocol.DeviceStatus.FEATURES_OK) and not self.features_set:
+            raise ProtocolError(msg.name(), "FEATURES_OK before SET_FEATURES")
+        self.status = status
+
+    async def _on_get_status(self, msg):
+        await self.conn.reply_u64(msg, self.status)
+
+    async def _on_get_queue_num(self, msg):
+        await self.conn.reply_u64(msg, self.device.num_queues)
+
+    # -- memory ----------------------------------------------------------------
+    async def _on_set_mem_table(self, msg):
+        try:
+            regions = protocol.unpack_memory_table(msg.payload)
+        except ValueError as exc:
+            raise ProtocolError(msg.name(), str(exc)) from None
+        if len(regions) != len(msg.fds):
+            raise ProtocolError(msg.name(), f"{len(regions)} regions but {len(msg.fds)} fds")
+        await self._drain("memory table change")
+        mem = self.dataplane.memory
+        fds, msg.fds = msg.fds, []
+        with self.dataplane.locked():
+            mem.clear()
+            try:
+                for region, fd in zip(regions, fds):
+                    fds = fds[1:]
+                    mem.add(region, fd)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            broken = self.dataplane.remap_started()
+        if broken:
+            log.error("%s: rings %s lost their memory with the new table", self.name, broken)
+        log.info("%s: memory table with %d regions", self.name, len(regions))
+
+    async def _on_get_max_mem_slots(self, msg):
+        await self.conn.reply_u64(msg, protocol.MAX_MEM_SLOTS)
+
+    async def _on_add_mem_reg(self, msg):
+        region = protocol.unpack_single_region(msg.payload)
+        fd = msg.take_fd()
+        with self.dataplane.locked():
+            self.dataplane.memory.add(region, fd)
+
+    async def _on_rem_mem_reg(self, msg):
+        region = protocol.unpack_single_region(msg.payload)
+        await self._drain("memory region removal")
+        with self.dataplane.locked():
+            self.dataplane.memory.remove(region)
+            broken = self.dataplane.remap_started()
+        if broken:
+            log.error("%s: rings %s lived in the removed region", self.name, broken)
+
+    async def _on_set_log_base(self, msg):
+        if not self._has_protocol(ProtocolFeature.LOG_SHMFD):
+            raise ProtocolError(msg.name(), "LOG_SHMFD not negotiated")
+        size, offset = protocol.LOG.unpack(msg.payload)
+        self.dataplane.set_log(msg.take_fd(), size, offset)
+        await self.conn.reply_u64(msg, 0)
+
+    async def _on_set_log_fd(self, msg):
+        self.dataplane.set_log_call(msg.take_fd())
+
+    # -- rings -------------------------------------------------------------------
+    async def _on_set_vring_num(self, msg):
+        index, num = self._state(msg)
+        if self.dataplane.queues[index].started:
+            raise ProtocolError(msg.name(), f"ring {index} is running")
+        check(lib.vu_vq_set_num(self.dataplane.vq(index), num), f"ring {index}: size {num}")
+
+    async def _on_set_vring_addr(self, msg):
+        a = protocol.VringAddr(*protocol.VRING_ADDR.unpack(msg.payload))
+        index = self._ring_index(msg, a.index)
+        with self.dataplane.locked():
+            rc = lib.vu_vq_set_addr(self.dataplane.vq(index), a.flags, a.desc, a.used,
+                                    a.avail, a.log)
+        check(rc, f"ring {index}: addresses")
+
+    async def _on_set_vring_base(self, msg):
+        index, num = self._state(msg)
+        if self.dataplane.queues[index].started:
+            raise ProtocolError(msg.name(), f"ring {index} is running")
+        # Packed rings need the negotiated layout to decode num; QEMU sends
+        # SET_FEATURES first.
+        check(lib.vu_vq_set_base(self.dataplane.vq(index), num), f"ring {index}: base")
+
+    async def _on_get_vring_base(self, msg):
+        index, _ = self._state(msg)
+        # Finish what is in flight so the index we return is exact.
+        await self._drain(f"stopping ring {index}")
+        base = self.dataplane.stop_queue(index)
+        log.info("%s: ring %d stopped at %d", self.name, index, base)
+        await self.conn.reply(msg, protocol.VRING_STATE.pack(index, base))
+
+    def _ring_fd(self, msg: Message) -> tuple[int, int | None]:
+        value = self._u64(msg)
+        index = self._ring_index(msg, value)
+        nofd = bool(value & protocol.VRING_NOFD_MASK)
+        if nofd and msg.fds:
+            raise ProtocolError(msg.name(), "fd sent with the no-fd flag")
+        if not nofd and not msg.fds:
+            raise ProtocolError(msg.name(), "no fd and no no-fd flag")
+        return index, None if nofd else msg.take_fd()
+
+    async def _on_set_vring_kick(self, msg):
+        index, fd = self._ring_fd(msg)
+        self.dataplane.set_kick(index, fd)
+        # The ring starts now (vhost-user.rst: "start ring upon receiving a kick").
+        enable = True if self._rings_enabled_at_start() else None
+        self.dataplane.start_queue(index, enable=enable)
+
+    async def _on_set_vring_call(self, msg):
+        index, fd = self._ring_fd(msg)
+        self.dataplane.set_call(index, fd)
+
+    async def _on_set_vring_err(self, msg):
+        index, fd = self._ring_fd(msg)
+        self.dataplane.set_err(index, fd)
+
+    async def _on_set_vring_enable(self, msg):
+        index, num = self._state(msg)
+        if num > 1:
+            raise ProtocolError(msg.name(), f"enable value {num}")
+        self.dataplane.set_enabled(index, bool(num))
+
+    async def _on_vring_kick(self, msg):
+        index, _ = self._state(msg)
+        self.dataplane.kick(index)
+
+    # -- config, device specific -------------------------------------------------
+    async def _on_get_config(self, msg):
+        offset, size, flags = protocol.CONFIG_HEADER.unpack_from(msg.payload)
+        space = self.device.config_space()
+        if size > protocol.CONFIG_MAX or offset + size > len(space):
+            # QEMU reads a reply without payload as a failure.
+            log.warning("%s: GET_CONFIG offset %d size %d beyond %d-byte config space",
+                        self.name, offset, size, len(space))
+            await self.conn.reply(msg, b"")
+            return
+        await self.conn.reply(msg, protocol.CONFIG_HEADER.pack(offset, size, flags)
+                              + space[offset:offset + size])
+
+    async def _on_set_config(self, msg):
+        offset, size, flags = protocol.CONFIG_HEADER.unpack_from(msg.payload)
+        data = msg.payload[protocol.CONFIG_HEADER.size:]
+        if size != len(data):
+            raise ProtocolError(msg.name(), f"size {size} but {len(data)} bytes of payload")
+        self.device.write_config(offset, data, flags)
+
+    async def _on_send_rarp(self, msg):
+        self.device.send_rarp(msg.payload[:6])
+
+    async def _on_net_set_mtu(self, msg):
+        self.device.set_mtu(self._u64(msg))
+
+    async def _on_set_slave_req_fd(self, msg):
+        fd = msg.take_fd()
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+        self.backend_channel = socket.socket(fileno=fd)
+        self.backend_channel.settimeout(5.0)
+
+    # -- inflight tracking --------------------------------------------------------
+    async def _on_get_inflight_fd(self, msg):
+        size, offset, num_queues, queue_size = protocol.INFLIGHT.unpack_from(msg.payload)
+        area = InflightArea.create(num_queues, queue_size,
+                                   packed=bool(self.features & bit(Feature.RING_PACKED)))
+        try:
+            await self.conn.reply(msg, protocol.INFLIGHT.pack(area.size, 0, num_queues, queue_size)
+                                  + b"\0" * (len(msg.payload) - protocol.INFLIGHT.size),
+                                  fds=[area.fd])
+        finally:
+            # The front-end hands it back with SET_INFLIGHT_FD.
+            area.close_mapping()
+
+    async def _on_set_inflight_fd(self, msg):
+        size, offset, num_queues, queue_size = protocol.INFLIGHT.unpack_from(msg.payload)
+        if num_queues > self.device.num_queues:
+            raise ProtocolError(msg.name(), f"{num_queues} queues, device has "
+                                f"{self.device.num_queues}")
+        area = InflightArea.map(msg.take_fd(), size, offset, num_queues, queue_size,
+                                packed=bool(self.features & bit(Feature.RING_PACKED)))
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = area
+        with self.dataplane.locked():
+            for i in range(num_queues):
+                ptr = area.queue_region(i)
+                if ptr is not None:
+                    check(lib.vu_vq_set_inflight(self.dataplane.vq(i), ptr), f"ring {i}: inflight")
+
+    # -- back-end channel -----------------------------------------------------------
+    def notify_config_change(self) -> bool:
+        """Sends CONFIG_CHANGE_MSG to the front-end; False if we can't."""
+        if self.backend_channel is None or not self._has_protocol(ProtocolFeature.CONFIG):
+            return False
+        need_reply = self._has_protocol(ProtocolFeature.REPLY_ACK)
+        flags = protocol.VERSION | (protocol.FLAG_NEED_REPLY if need_reply else 0)
+        try:
+            self.backend_channel.sendall(protocol.pack_header(
+                protocol.BackendRequest.CONFIG_CHANGE_MSG, flags, 0))
+            if need_reply:
+                self._read_backend_ack()
+        except OSError as exc:
+            log.error("%s: back-end channel: %s", self.name, exc)
+            return False
+        return True
+
+    def _read_backend_ack(self) -> None:
+        header = self.backend_channel.recv(protocol.HEADER_SIZE, socket.MSG_WAITALL)
+        _, _, size = protocol.HEADER.unpack(header)
+        payload = self.backend_channel.recv(size, socket.MSG_WAITALL) if size else b""
+        if size == 8 and protocol.U64.unpack(payload)[0] != 0:
+            raise OSError("front-end refused the config change")
+
+    # -- teardown ----------------------------------------------------------------------
+    def close(self) -> None:
+        self.dataplane.close()
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
+        if self.inflight is not None:
+            # Unmapped after the rings stopped; the front-end keeps its fd, so
+            # a reconnecting back-end gets the state back.
+            self.inflight.close_mapping()
+            self.inflight = None
+        self.conn.close()
+        self.device.on_disconnect(self)
+
+
+_U64_RING_REQUESTS = {Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR}

@@ -1,0 +1,91 @@
+"""The shared inflight-tracking area (GET/SET_INFLIGHT_FD).
+
+The back-end allocates it (a memfd), the front-end keeps the fd and hands it
+back after a reconnect, so requests that were in flight when the back-end
+died can be resubmitted. Layout per queue: ``QueueRegionSplit`` or
+``QueueRegionPacked`` from vhost-user.rst; the C rings read and write it.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+
+from .native import ffi
+
+SPLIT_HEADER = 16       # features u64, version, desc_num, last_batch_head, used_idx
+SPLIT_DESC = 16         # DescStateSplit
+PACKED_HEADER = 32      # QueueRegionPacked up to desc[], 8-byte aligned
+PACKED_DESC = 32        # DescStatePacked
+ALIGN = 64
+
+
+def queue_region_size(queue_size: int, packed: bool) -> int:
+    raw = (PACKED_HEADER + PACKED_DESC * queue_size) if packed \
+        else (SPLIT_HEADER + SPLIT_DESC * queue_size)
+    return (raw + ALIGN - 1) // ALIGN * ALIGN
+
+
+class InflightArea:
+    """The mapped area; ``fd`` is set only for a freshly created one."""
+
+    def __init__(self, mapping: mmap.mmap, fd: int | None, num_queues: int, queue_size: int,
+                 packed: bool):
+        self._map = mapping
+        self.fd = fd
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        self.packed = packed
+        self.size = len(mapping)
+        self._base = ffi.from_buffer(mapping)
+
+    @classmethod
+    def create(cls, num_queues: int, queue_size: int, *, packed: bool) -> "InflightArea":
+        if not 1 <= num_queues <= 256 or not 1 <= queue_size <= 32768:
+            raise ValueError(f"inflight area for {num_queues} queues of {queue_size}")
+        size = num_queues * queue_region_size(queue_size, packed)
+        fd = os.memfd_create("vhostuser-inflight", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED)
+        except OSError:
+            os.close(fd)
+            raise
+        # zero-filled: version 0 tells the rings "fresh region"
+        return cls(mapping, fd, num_queues, queue_size, packed)
+
+    @classmethod
+    def map(cls, fd: int, size: int, offset: int, num_queues: int, queue_size: int, *,
+            packed: bool) -> "InflightArea":
+        """Maps an area the front-end handed back (takes fd and closes it)."""
+        try:
+            need = num_queues * queue_region_size(queue_size, packed)
+            if size < need:
+                raise ValueError(f"inflight area of {size} bytes, {num_queues} queues "
+                                 f"of {queue_size} need {need}")
+            if offset % mmap.PAGESIZE:
+                raise ValueError(f"inflight offset {offset} not page aligned")
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, offset=offset)
+        finally:
+            os.close(fd)
+        return cls(mapping, None, num_queues, queue_size, packed)
+
+    def queue_region(self, index: int):
+        """C pointer to queue ``index``'s region, or None where the data plane
+        does not track this layout (packed rings)."""
+        if self.packed or index >= self.num_queues:
+            return None
+        return self._base + index * queue_region_size(self.queue_size, False)
+
+    def close(self) -> None:
+        """Drops our fd (after sending it); the mapping stays for the rings."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def close_mapping(self) -> None:
+        self.close()
+        self._base = None
+        try:
+            self._map.close()
+        except BufferError:
+            pass

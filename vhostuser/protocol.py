@@ -1,0 +1,263 @@
+"""vhost-user wire types: request ids, flags, feature bits, payload layouts.
+
+No I/O here. Numbers follow docs/interop/vhost-user.rst as QEMU 7.2 ships it
+and the kernel's linux/virtio_*.h; tests/unit/test_protocol.py checks them
+against the installed kernel headers so they are never retyped wrongly.
+"""
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+HEADER = struct.Struct("<III")          # request, flags, size
+HEADER_SIZE = HEADER.size
+MAX_PAYLOAD = 4096                      # far above the largest legal payload
+MAX_FDS = 8                             # VHOST_MEMORY_BASELINE_NREGIONS
+
+VERSION = 0x1
+FLAG_VERSION_MASK = 0x3
+FLAG_REPLY = 1 << 2
+FLAG_NEED_REPLY = 1 << 3
+
+VRING_IDX_MASK = 0xFF
+VRING_NOFD_MASK = 1 << 8
+VHOST_VRING_F_LOG = 0
+
+LOG_PAGE = 0x1000
+MAX_MEM_SLOTS = 509
+
+
+class Request(enum.IntEnum):
+    """Front-end to back-end requests."""
+    NONE = 0
+    GET_FEATURES = 1
+    SET_FEATURES = 2
+    SET_OWNER = 3
+    RESET_OWNER = 4
+    SET_MEM_TABLE = 5
+    SET_LOG_BASE = 6
+    SET_LOG_FD = 7
+    SET_VRING_NUM = 8
+    SET_VRING_ADDR = 9
+    SET_VRING_BASE = 10
+    GET_VRING_BASE = 11
+    SET_VRING_KICK = 12
+    SET_VRING_CALL = 13
+    SET_VRING_ERR = 14
+    GET_PROTOCOL_FEATURES = 15
+    SET_PROTOCOL_FEATURES = 16
+    GET_QUEUE_NUM = 17
+    SET_VRING_ENABLE = 18
+    SEND_RARP = 19
+    NET_SET_MTU = 20
+    SET_SLAVE_REQ_FD = 21
+    IOTLB_MSG = 22
+    SET_VRING_ENDIAN = 23
+    GET_CONFIG = 24
+    SET_CONFIG = 25
+    CREATE_CRYPTO_SESSION = 26
+    CLOSE_CRYPTO_SESSION = 27
+    POSTCOPY_ADVISE = 28
+    POSTCOPY_LISTEN = 29
+    POSTCOPY_END = 30
+    GET_INFLIGHT_FD = 31
+    SET_INFLIGHT_FD = 32
+    GPU_SET_SOCKET = 33
+    RESET_DEVICE = 34
+    VRING_KICK = 35
+    GET_MAX_MEM_SLOTS = 36
+    ADD_MEM_REG = 37
+    REM_MEM_REG = 38
+    SET_STATUS = 39
+    GET_STATUS = 40
+
+
+class BackendRequest(enum.IntEnum):
+    """Back-end to front-end requests (on the SET_SLAVE_REQ_FD channel)."""
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
+    VRING_CALL = 4
+    VRING_ERR = 5
+
+
+class ProtocolFeature(enum.IntEnum):
+    MQ = 0
+    LOG_SHMFD = 1
+    RARP = 2
+    REPLY_ACK = 3
+    MTU = 4
+    SLAVE_REQ = 5
+    CROSS_ENDIAN = 6
+    CRYPTO_SESSION = 7
+    PAGEFAULT = 8
+    CONFIG = 9
+    SLAVE_SEND_FD = 10
+    HOST_NOTIFIER = 11
+    INFLIGHT_SHMFD = 12
+    RESET_DEVICE = 13
+    INBAND_NOTIFICATIONS = 14
+    CONFIGURE_MEM_SLOTS = 15
+    STATUS = 16
+
+
+class Feature(enum.IntEnum):
+    """Device-independent virtio feature bits (and vhost's own)."""
+    NOTIFY_ON_EMPTY = 24
+    ANY_LAYOUT = 27
+    RING_INDIRECT_DESC = 28
+    RING_EVENT_IDX = 29
+    PROTOCOL_FEATURES = 30      # VHOST_USER_F_PROTOCOL_FEATURES
+    LOG_ALL = 26                # VHOST_F_LOG_ALL
+    VERSION_1 = 32
+    ACCESS_PLATFORM = 33
+    RING_PACKED = 34
+    IN_ORDER = 35
+    ORDER_PLATFORM = 36
+    SR_IOV = 37
+    RING_RESET = 40
+
+
+class DeviceStatus(enum.IntFlag):
+    ACKNOWLEDGE = 1
+    DRIVER = 2
+    DRIVER_OK = 4
+    FEATURES_OK = 8
+    DEVICE_NEEDS_RESET = 64
+    FAILED = 128
+
+
+def bit(n: int) -> int:
+    return 1 << n
+
+
+def bits(*ns: int) -> int:
+    mask = 0
+    for n in ns:
+        mask |= 1 << n
+    return mask
+
+
+# ---- payload layouts -------------------------------------------------------
+
+U64 = struct.Struct("<Q")
+VRING_STATE = struct.Struct("<II")               # index, num
+VRING_ADDR = struct.Struct("<IIQQQQ")            # index, flags, desc, used, avail, log
+MEM_REGION = struct.Struct("<QQQQ")              # gpa, size, uva, mmap_offset
+MEMORY_HEADER = struct.Struct("<II")             # nregions, padding
+SINGLE_MEM_REGION = struct.Struct("<QQQQQ")      # padding, gpa, size, uva, mmap_offset
+LOG = struct.Struct("<QQ")                       # size, offset
+CONFIG_HEADER = struct.Struct("<III")            # offset, size, flags
+VRING_AREA = struct.Struct("<QQQ")               # u64 (index|flags), size, offset
+INFLIGHT = struct.Struct("<QQHH")                # mmap size, mmap offset, num queues, queue size
+IOTLB = struct.Struct("<QQQBB")                  # iova, size, uaddr, perm, type (+padding)
+CONFIG_MAX = 256                                  # VHOST_USER_MAX_CONFIG_SIZE
+INFLIGHT_SIZE = 8 + 8 + 2 + 2 + 4                 # QEMU sends it padded to 24
+
+
+@dataclass(frozen=True)
+class MemRegion:
+    gpa: int
+    size: int
+    uva: int
+    mmap_offset: int
+
+
+@dataclass(frozen=True)
+class VringAddr:
+    index: int
+    flags: int
+    desc: int
+    used: int
+    avail: int
+    log: int
+
+
+def pack_header(request: int, flags: int, size: int) -> bytes:
+    return HEADER.pack(request, flags, size)
+
+
+def pack_memory_table(regions: list[MemRegion]) -> bytes:
+    body = MEMORY_HEADER.pack(len(regions), 0)
+    for r in regions:
+        body += MEM_REGION.pack(r.gpa, r.size, r.uva, r.mmap_offset)
+    return body
+
+
+def unpack_memory_table(payload: bytes) -> list[MemRegion]:
+    """Parses SET_MEM_TABLE; raises ValueError when the count disagrees with the size."""
+    nregions, _ = MEMORY_HEADER.unpack_from(payload)
+    if nregions > MAX_FDS:
+        raise ValueError(f"{nregions} regions, at most {MAX_FDS}")
+    need = MEMORY_HEADER.size + nregions * MEM_REGION.size
+    if len(payload) < need:
+        raise ValueError(f"memory table of {nregions} regions needs {need} bytes, got {len(payload)}")
+    return [MemRegion(*MEM_REGION.unpack_from(payload, MEMORY_HEADER.size + i * MEM_REGION.size))
+            for i in range(nregions)]
+
+
+def pack_single_region(r: MemRegion) -> bytes:
+    return SINGLE_MEM_REGION.pack(0, r.gpa, r.size, r.uva, r.mmap_offset)
+
+
+def unpack_single_region(payload: bytes) -> MemRegion:
+    _, gpa, size, uva, off = SINGLE_MEM_REGION.unpack_from(payload)
+    return MemRegion(gpa, size, uva, off)
+
+
+# ---- the request table ------------------------------------------------------
+# What each request may carry, checked before any handler runs. payload:
+# exact size, or (min, max). fds: (min, max). reply: the back-end always
+# answers (REPLY_ACK then adds nothing).
+
+@dataclass(frozen=True)
+class RequestSpec:
+    payload: tuple[int, int]
+    fds: tuple[int, int] = (0, 0)
+    reply: bool = False
+    needs_memory: bool = False      # illegal before a memory table
+    vring: bool = False             # payload starts with a ring index
+
+
+def _exact(n: int) -> tuple[int, int]:
+    return (n, n)
+
+
+R = Request
+REQUEST_SPECS: dict[Request, RequestSpec] = {
+    R.GET_FEATURES: RequestSpec(_exact(0), reply=True),
+    R.SET_FEATURES: RequestSpec(_exact(8)),
+    R.SET_OWNER: RequestSpec(_exact(0)),
+    R.RESET_OWNER: RequestSpec((0, 8)),
+    R.SET_MEM_TABLE: RequestSpec((MEMORY_HEADER.size, MEMORY_HEADER.size + MAX_FDS * MEM_REGION.size),
+                                 fds=(0, MAX_FDS)),
+    R.SET_LOG_BASE: RequestSpec(_exact(LOG.size), fds=(1, 1), reply=True),
+    R.SET_LOG_FD: RequestSpec(_exact(8), fds=(1, 1)),
+    R.SET_VRING_NUM: RequestSpec(_exact(8), vring=True),
+    R.SET_VRING_ADDR: RequestSpec(_exact(VRING_ADDR.size), vring=True, needs_memory=True),
+    R.SET_VRING_BASE: RequestSpec(_exact(8), vring=True),
+    R.GET_VRING_BASE: RequestSpec(_exact(8), reply=True, vring=True),
+    R.SET_VRING_KICK: RequestSpec(_exact(8), fds=(0, 1), vring=True),
+    R.SET_VRING_CALL: RequestSpec(_exact(8), fds=(0, 1), vring=True),
+    R.SET_VRING_ERR: RequestSpec(_exact(8), fds=(0, 1), vring=True),
+    R.GET_PROTOCOL_FEATURES: RequestSpec(_exact(0), reply=True),
+    R.SET_PROTOCOL_FEATURES: RequestSpec(_exact(8)),
+    R.GET_QUEUE_NUM: RequestSpec(_exact(0), reply=True),
+    R.SET_VRING_ENABLE: RequestSpec(_exact(8), vring=True),
+    R.SEND_RARP: RequestSpec(_exact(8)),
+    R.NET_SET_MTU: RequestSpec(_exact(8)),
+    R.SET_SLAVE_REQ_FD: RequestSpec(_exact(0), fds=(1, 1)),
+    R.SET_VRING_ENDIAN: RequestSpec(_exact(8), vring=True),
+    R.GET_CONFIG: RequestSpec((CONFIG_HEADER.size, CONFIG_HEADER.size + CONFIG_MAX), reply=True),
+    R.SET_CONFIG: RequestSpec((CONFIG_HEADER.size, CONFIG_HEADER.size + CONFIG_MAX)),
+    R.GET_INFLIGHT_FD: RequestSpec((INFLIGHT.size, INFLIGHT_SIZE), reply=True),
+    R.SET_INFLIGHT_FD: RequestSpec((INFLIGHT.size, INFLIGHT_SIZE), fds=(1, 1)),
+    R.RESET_DEVICE: RequestSpec(_exact(0)),
+    R.VRING_KICK: RequestSpec(_exact(8), vring=True),
+    R.GET_MAX_MEM_SLOTS: RequestSpec(_exact(0), reply=True),
+    R.ADD_MEM_REG: RequestSpec(_exact(SINGLE_MEM_REGION.size), fds=(1, 1)),
+    R.REM_MEM_REG: RequestSpec(_exact(SINGLE_MEM_REGION.size), fds=(0, 1)),
+    R.SET_STATUS: RequestSpec(_exact(8)),
+    R.GET_STATUS: RequestSpec(_exact(0), reply=True),
+}

@@ -1,0 +1,152 @@
+"""Python faces of virtqueues and popped descriptor chains.
+
+Python back-ends get :class:`Element` batches whose buffers are memoryviews
+straight over guest memory: no copy between the guest and the handler.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .native import check, error_name, ffi, lib, strerror
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    popped: int
+    pushed: int
+    notifies: int
+    kicks: int
+    inflight: int
+
+
+class Element:
+    """One descriptor chain. ``readable``: buffers the driver filled;
+    ``writable``: buffers the device fills. Valid until completed."""
+
+    __slots__ = ("queue", "_elem", "_done")
+
+    def __init__(self, queue: "Queue", elem_ptr):
+        self.queue = queue
+        self._elem = elem_ptr
+        self._done = False
+
+    @property
+    def id(self) -> int:
+        return self._elem.id
+
+    @property
+    def readable(self) -> list[memoryview]:
+        e = self._elem
+        return [memoryview(ffi.buffer(e.iov[i].iov_base, e.iov[i].iov_len))
+                for i in range(e.out_num)]
+
+    @property
+    def writable(self) -> list[memoryview]:
+        e = self._elem
+        return [memoryview(ffi.buffer(e.iov[i].iov_base, e.iov[i].iov_len))
+                for i in range(e.out_num, e.out_num + e.in_num)]
+
+    @property
+    def readable_len(self) -> int:
+        return self._elem.out_len
+
+    @property
+    def writable_len(self) -> int:
+        return self._elem.in_len
+
+    def read_all(self) -> bytes:
+        """Copy of the readable part (convenience; the views avoid the copy)."""
+        return b"".join(bytes(v) for v in self.readable)
+
+    def write(self, data: bytes, offset: int = 0) -> int:
+        """Copies data into the writable buffers from offset; returns bytes written."""
+        written = 0
+        pos = 0
+        for view in self.writable:
+            end = pos + len(view)
+            if end > offset and written < len(data):
+                start = max(offset - pos, 0)
+                n = min(len(view) - start, len(data) - written)
+                view[start:start + n] = data[written:written + n]
+                written += n
+            pos = end
+        return written
+
+    def complete(self, written: int = 0, *, notify: bool | None = None) -> None:
+        """Returns the chain to the driver, ``written`` bytes filled in.
+
+        Inside a batch handler the push is flushed and notified once for the
+        whole batch; from anywhere else (async back-ends) it is published and
+        the guest notified at once.
+        """
+        if self._done:
+            raise ValueError(f"element {self.id} on queue {self.queue.index} completed twice")
+        self._done = True
+        if notify is None:
+            notify = not self.queue._in_batch
+        if notify:
+            rc = lib.vu_vq_complete(self.queue._vq, self._elem, written)
+        else:
+            rc = lib.vu_vq_push(self.queue._vq, self._elem, written)
+        check(rc, f"queue {self.queue.index}: complete element {self.id}")
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+
+class Queue:
+    """A virtqueue of a device (``struct vu_vq``)."""
+
+    def __init__(self, vq_ptr):
+        self._vq = vq_ptr
+        self._in_batch = False
+
+    @property
+    def index(self) -> int:
+        return self._vq.index
+
+    @property
+    def size(self) -> int:
+        return self._vq.size
+
+    @property
+    def started(self) -> bool:
+        return bool(self._vq.started)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._vq.enabled)
+
+    @property
+    def packed(self) -> bool:
+        return bool(self._vq.packed)
+
+    @property
+    def broken(self) -> bool:
+        return bool(self._vq.broken)
+
+    @property
+    def error(self) -> str | None:
+        """Why the ring broke (C error name and message), or None."""
+        if not self._vq.broken:
+            return None
+        code = self._vq.error
+        return f"{error_name(code)} ({strerror(code)}; value {self._vq.error_detail:#x})"
+
+    @property
+    def inflight(self) -> int:
+        return lib.vu_vq_inflight(self._vq)
+
+    def stats(self) -> QueueStats:
+        vq = self._vq
+        return QueueStats(vq.stat_popped, vq.stat_pushed, vq.stat_notifies, vq.stat_kicks,
+                          lib.vu_vq_inflight(vq))
+
+    def pop(self) -> Element | None:
+        """Pops one chain (for handlers that pull themselves). Raises
+        QueueError when the ring is malformed; the queue is then broken."""
+        out = ffi.new("struct vu_elem **")
+        rc = lib.vu_vq_pop(self._vq, out)
+        check(rc, f"queue {self.index}")
+        return Element(self, out[0]) if rc == 1 else None

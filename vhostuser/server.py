@@ -1,0 +1,166 @@
+"""Socket modes for serving a device: listen on a path, connect to a path
+(QEMU ``server=on``), or an inherited listening fd (systemd, libvirt).
+
+One front-end at a time per device, as vhost-user defines it; a second
+connection while one is active is closed at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+
+from .connection import Connection
+from .device import Device
+from .errors import VhostUserError
+from .handler import Session
+
+log = logging.getLogger(__name__)
+
+
+class SocketInUse(VhostUserError):
+    """A live process is already listening on the socket path."""
+
+
+def bind_unix(path: str) -> socket.socket:
+    """Listening socket at ``path``, mode 0600. A stale socket file (nobody
+    accepts on it) is replaced; a live one raises SocketInUse."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketInUse(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise
+            os.unlink(path)   # stale: its process is gone
+        else:
+            raise SocketInUse(f"{path}: another process is serving this socket")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)   # created 0600, no window where it is wider
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    sock.listen(4)
+    return sock
+
+
+class Server:
+    """Serves one device on one socket until :meth:`close`."""
+
+    def __init__(self, device: Device, *, path: str | None = None, fd: int | None = None,
+                 connect: str | None = None, reconnect_delay: float = 0.5):
+        if sum(x is not None for x in (path, fd, connect)) != 1:
+            raise ValueError("give exactly one of path, fd, connect")
+        self.device = device
+        self.path = path
+        self.fd = fd
+        self.connect_path = connect
+        self.reconnect_delay = reconnect_delay
+        self.session: Session | None = None
+        self._listener: socket.socket | None = None
+        self._closing = False
+        self._tasks: set[asyncio.Task] = set()
+        self.connections = 0
+
+    @property
+    def name(self) -> str:
+        return self.path or self.connect_path or f"fd {self.fd}"
+
+    def open(self) -> None:
+        """Creates the listening socket now, so errors surface before serving."""
+        if self.path is not None:
+            self._listener = bind_unix(self.path)
+        elif self.fd is not None:
+            self._listener = socket.socket(fileno=self.fd)
+            if self._listener.family != socket.AF_UNIX:
+                raise VhostUserError(f"fd {self.fd} is not a unix socket")
+
+    async def serve(self) -> None:
+        """Runs until closed."""
+        if self.connect_path is not None:
+            await self._serve_connect()
+            return
+        if self._listener is None:
+            self.open()
+        self._listener.setblocking(False)
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            try:
+                sock, _ = await loop.sock_accept(self._listener)
+            except (OSError, asyncio.CancelledError):
+                if self._closing:
+                    return
+                raise
+            if self.session is not None:
+                log.warning("%s: refusing a second front-end while one is connected", self.name)
+                sock.close()
+                continue
+            # Keep accepting meanwhile, so a second front-end is refused at once.
+            task = asyncio.create_task(self._serve_connection(sock))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve_connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, self.connect_path)
+            except OSError as exc:
+                sock.close()
+                log.debug("%s: connect failed (%s); retrying", self.name, exc)
+                await asyncio.sleep(self.reconnect_delay)
+                continue
+            await self._serve_connection(sock)
+            if not self._closing:
+                await asyncio.sleep(self.reconnect_delay)
+
+    async def _serve_connection(self, sock: socket.socket) -> None:
+        self.connections += 1
+        conn = Connection(sock, name=f"{self.name}#{self.connections}")
+        log.info("%s: front-end connected", conn.name)
+        try:
+            self.session = Session(self.device, conn)
+        except Exception:
+            log.exception("%s: could not set up a session", conn.name)
+            conn.close()
+            return
+        try:
+            await self.session.run()
+        finally:
+            self.session = None
+
+    def close(self) -> None:
+        self._closing = True
+        if self.session is not None:
+            self.session.conn.close()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.close()
+            if self.path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+            self._listener = None
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop where installed, asyncio's otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
