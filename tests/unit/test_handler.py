@@ -1,0 +1,247 @@
+"""Control plane against hostile front-end messages (vhost-user.rst
+"Communication", "REPLY_ACK"): each bad message gets a non-zero REPLY_ACK
+where negotiated, otherwise the connection is closed; the process and other
+connections keep serving, and every fd we sent but the back-end did not keep
+is closed."""
+import array
+import os
+import socket
+import struct
+import time
+
+import pytest
+
+from vhostuser import protocol
+from vhostuser.device import EchoDevice
+from vhostuser.protocol import Feature, ProtocolFeature, Request, bit
+from vhostuser.testing.server import BackgroundServer
+
+R = Request
+
+
+class RawClient:
+    """Writes arbitrary bytes and fds to a back-end socket."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        self.sock.connect(path)
+
+    def send(self, request, payload=b"", flags=protocol.VERSION, fds=(), size=None):
+        header = protocol.pack_header(request, flags, len(payload) if size is None else size)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        self.sock.sendmsg([header + payload], anc)
+
+    def recv(self):
+        header = self.sock.recv(protocol.HEADER_SIZE, socket.MSG_WAITALL)
+        if len(header) < protocol.HEADER_SIZE:
+            raise ConnectionError("closed")
+        request, flags, size = protocol.HEADER.unpack(header)
+        payload = self.sock.recv(size, socket.MSG_WAITALL) if size else b""
+        assert flags & protocol.FLAG_REPLY
+        return request, payload
+
+    def call_u64(self, request, payload=b"", **kw):
+        self.send(request, payload, **kw)
+        got, reply = self.recv()
+        assert got == request
+        return struct.unpack("<Q", reply)[0]
+
+    def closed_by_peer(self, timeout=5.0) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+
+    def enable_reply_ack(self):
+        features = self.call_u64(R.GET_FEATURES)
+        assert features & bit(Feature.PROTOCOL_FEATURES)
+        self.send(R.SET_FEATURES, struct.pack("<Q", bit(Feature.PROTOCOL_FEATURES)))
+        self.send(R.SET_PROTOCOL_FEATURES, struct.pack("<Q", bit(ProtocolFeature.REPLY_ACK)))
+
+    def acked(self, request, payload=b"", **kw) -> int:
+        """Sends with NEED_REPLY and returns the REPLY_ACK value."""
+        return self.call_u64(request, payload, flags=protocol.VERSION | protocol.FLAG_NEED_REPLY, **kw)
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def served(tmp_path):
+    path = str(tmp_path / "echo.sock")
+    with BackgroundServer(EchoDevice(num_queues=2), path) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(served):
+    c = RawClient(served.path)
+    yield c
+    c.close()
+
+
+def open_fds():
+    """Open fds of this process (the back-end runs in it too). listdir's own
+    directory fd is gone by the time we check each one."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            os.fstat(int(name))
+        except OSError:
+            continue
+        fds.add(int(name))
+    return fds
+
+
+def test_get_features_offers_protocol_features_and_ring_layouts(client):
+    features = client.call_u64(R.GET_FEATURES)
+    for f in (Feature.PROTOCOL_FEATURES, Feature.VERSION_1, Feature.RING_PACKED,
+              Feature.RING_INDIRECT_DESC, Feature.RING_EVENT_IDX, Feature.LOG_ALL):
+        assert features & bit(f), f.name
+
+
+def test_protocol_features_include_the_required_set(client):
+    pf = client.call_u64(R.GET_PROTOCOL_FEATURES)
+    for f in (ProtocolFeature.MQ, ProtocolFeature.LOG_SHMFD, ProtocolFeature.REPLY_ACK,
+              ProtocolFeature.SLAVE_REQ, ProtocolFeature.CONFIG, ProtocolFeature.INFLIGHT_SHMFD,
+              ProtocolFeature.RESET_DEVICE, ProtocolFeature.CONFIGURE_MEM_SLOTS,
+              ProtocolFeature.STATUS):
+        assert pf & bit(f), f.name
+
+
+def test_queue_num_and_mem_slots(client):
+    assert client.call_u64(R.GET_QUEUE_NUM) == 2
+    assert client.call_u64(R.GET_MAX_MEM_SLOTS) == 509
+
+
+def test_wrong_payload_size_is_nacked_and_connection_survives(client):
+    client.enable_reply_ack()
+    assert client.acked(R.SET_VRING_NUM, b"\0" * 4) != 0
+    assert client.acked(R.SET_VRING_NUM, struct.pack("<II", 0, 256)) == 0
+    assert client.call_u64(R.GET_QUEUE_NUM) == 2
+
+
+def test_wrong_payload_size_without_reply_ack_disconnects(client):
+    client.send(R.SET_VRING_NUM, b"\0" * 3)
+    assert client.closed_by_peer()
+
+
+@pytest.mark.parametrize("request_id", [0, 99, 1000, int(R.IOTLB_MSG), int(R.POSTCOPY_ADVISE)])
+def test_unknown_or_unsupported_request_is_refused(client, request_id):
+    client.enable_reply_ack()
+    assert client.acked(request_id) != 0
+    assert client.call_u64(R.GET_QUEUE_NUM) == 2
+
+
+def test_out_of_range_ring_index_is_refused(client):
+    client.enable_reply_ack()
+    assert client.acked(R.SET_VRING_NUM, struct.pack("<II", 2, 256)) != 0
+    assert client.acked(R.SET_VRING_ENABLE, struct.pack("<II", 200, 1)) != 0
+    assert client.acked(R.SET_VRING_NUM, struct.pack("<II", 1, 256)) == 0
+
+
+def test_bad_queue_sizes_are_refused(client):
+    client.enable_reply_ack()
+    for size in (0, 3, 100, 65536):
+        assert client.acked(R.SET_VRING_NUM, struct.pack("<II", 0, size)) != 0, size
+
+
+def test_ring_address_before_memory_table_is_refused(client):
+    client.enable_reply_ack()
+    addr = protocol.VRING_ADDR.pack(0, 0, 0x1000, 0x2000, 0x3000, 0)
+    assert client.acked(R.SET_VRING_ADDR, addr) != 0
+
+
+def test_kick_with_unmapped_ring_is_refused(client):
+    client.enable_reply_ack()
+    fd = os.eventfd(0)
+    try:
+        assert client.acked(R.SET_VRING_NUM, struct.pack("<II", 0, 8)) == 0
+        assert client.acked(R.SET_VRING_KICK, struct.pack("<Q", 0), fds=[fd]) != 0
+    finally:
+        os.close(fd)
+
+
+def test_fds_on_a_message_that_takes_none_are_closed(served, client):
+    client.enable_reply_ack()
+    r, w = os.pipe()
+    try:
+        before = open_fds()
+        assert client.acked(R.GET_QUEUE_NUM, fds=[r]) != 0
+        time.sleep(0.1)
+        assert open_fds() == before   # the copy the back-end received is closed
+        os.close(r)
+        # with every reader closed, a write fails: proves the back-end closed its copy
+        with pytest.raises(BrokenPipeError):
+            os.write(w, b"x")
+    finally:
+        os.close(w)
+
+
+def test_too_many_fds_for_call_are_closed(served, client):
+    client.enable_reply_ack()
+    fds = [os.eventfd(0) for _ in range(3)]
+    before = open_fds()
+    assert client.acked(R.SET_VRING_CALL, struct.pack("<Q", 0), fds=fds) != 0
+    time.sleep(0.1)
+    assert open_fds() == before
+    for fd in fds:
+        os.close(fd)
+
+
+def test_truncated_message_closes_only_that_connection(served):
+    victim = RawClient(served.path)
+    victim.send(R.SET_FEATURES, b"\0\0", size=8)   # promises 8 bytes, sends 2
+    victim.close()
+    time.sleep(0.2)
+    other = RawClient(served.path)
+    try:
+        assert other.call_u64(R.GET_QUEUE_NUM) == 2
+    finally:
+        other.close()
+
+
+def test_huge_size_in_header_closes_the_connection(client):
+    client.send(R.SET_FEATURES, b"", size=1 << 30)
+    assert client.closed_by_peer()
+
+
+def test_features_not_offered_are_refused(client):
+    client.enable_reply_ack()
+    assert client.acked(R.SET_FEATURES, struct.pack("<Q", bit(Feature.PROTOCOL_FEATURES) | bit(63))) != 0
+
+
+def test_second_front_end_is_refused_while_one_is_connected(served, client):
+    assert client.call_u64(R.GET_QUEUE_NUM) == 2
+    second = RawClient(served.path)
+    try:
+        assert second.closed_by_peer()
+    finally:
+        second.close()
+    assert client.call_u64(R.GET_QUEUE_NUM) == 2
+
+
+def test_status_round_trip(client):
+    client.enable_reply_ack()
+    assert client.acked(R.SET_STATUS, struct.pack("<Q", 0x0B)) == 0   # ACK|DRIVER|FEATURES_OK
+    assert client.call_u64(R.GET_STATUS) == 0x0B
+    assert client.acked(R.SET_STATUS, struct.pack("<Q", 0x1FF)) != 0
+
+
+def test_inflight_fd_round_trip(client):
+    client.enable_reply_ack()
+    client.send(R.GET_INFLIGHT_FD, protocol.INFLIGHT.pack(0, 0, 2, 128),
+                flags=protocol.VERSION)
+    msg, anc, _, _ = client.sock.recvmsg(64, socket.CMSG_SPACE(4))
+    _, _, size = protocol.HEADER.unpack_from(msg)
+    mmap_size, offset, nq, qs = protocol.INFLIGHT.unpack_from(msg, protocol.HEADER_SIZE)
+    assert (nq, qs, offset) == (2, 128, 0) and mmap_size >= 2 * (16 + 16 * 128)
+    fd = array.array("i", anc[0][2])[0]
+    assert os.fstat(fd).st_size == mmap_size
+    assert client.acked(R.SET_INFLIGHT_FD, protocol.INFLIGHT.pack(mmap_size, 0, 2, 128),
+                        fds=[fd]) == 0
+    os.close(fd)
