@@ -21,6 +21,7 @@ struct vu_vq *vu_vq_new(struct vu_dev *dev, uint32_t index)
     vq->index = index;
     pthread_mutex_init(&vq->lock, NULL);
     vq->kick_fd = vq->call_fd = vq->err_fd = -1;
+    vq->avail_wrap = vq->used_wrap = true;  /* packed rings start in lap 1 */
     return vq;
 }
 
@@ -67,6 +68,7 @@ void vu_vq_reset(struct vu_vq *vq)
     vq->handler_ctx = ctx;
     vq->worker = worker;
     vq->kick_fd = vq->call_fd = vq->err_fd = -1;
+    vq->avail_wrap = vq->used_wrap = true;
 }
 
 int vu_vq_set_num(struct vu_vq *vq, uint32_t num)
