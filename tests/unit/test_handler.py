@@ -245,3 +245,28 @@ def test_inflight_fd_round_trip(client):
     assert client.acked(R.SET_INFLIGHT_FD, protocol.INFLIGHT.pack(mmap_size, 0, 2, 128),
                         fds=[fd]) == 0
     os.close(fd)
+
+
+def test_config_change_goes_over_the_backend_channel(served, client):
+    client.enable_reply_ack()
+    pf = bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.SLAVE_REQ) | bit(ProtocolFeature.CONFIG)
+    client.send(R.SET_PROTOCOL_FEATURES, struct.pack("<Q", pf))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        assert client.acked(R.SET_SLAVE_REQ_FD, fds=[theirs.fileno()]) == 0
+        theirs.close()
+        ours.settimeout(5)
+        import threading
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault(
+            "told", served.call(served.device.notify_config_change)))
+        t.start()
+        request, flags, size = protocol.HEADER.unpack(ours.recv(12, socket.MSG_WAITALL))
+        assert request == protocol.BackendRequest.CONFIG_CHANGE_MSG
+        assert flags & protocol.FLAG_NEED_REPLY and size == 0
+        ours.sendall(protocol.pack_header(request, protocol.VERSION | protocol.FLAG_REPLY, 8)
+                     + struct.pack("<Q", 0))
+        t.join(5)
+        assert result["told"] is True
+    finally:
+        ours.close()
