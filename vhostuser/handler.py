@@ -43,7 +43,9 @@ class Session:
         self.status = 0
         self.dataplane = DataPlane(device.num_queues, queues_per_worker=device.queues_per_worker,
                                    poll_us=device.poll_us)
-        self.backend_channel: socket.socket | None = None
+        self.backend_channel: Connection | None = None
+        self._backend_lock = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()
         self.inflight: InflightArea | None = None
         self._handlers = {r: getattr(self, "_on_" + r.name.lower(), None) for r in Request}
 
@@ -358,11 +360,13 @@ class Session:
         self.device.set_mtu(self._u64(msg))
 
     async def _on_set_slave_req_fd(self, msg):
-        fd = msg.take_fd()
+        sock = socket.socket(fileno=msg.take_fd())
+        if sock.family != socket.AF_UNIX:
+            sock.close()
+            raise ProtocolError(msg.name(), "back-end channel is not a unix socket")
         if self.backend_channel is not None:
             self.backend_channel.close()
-        self.backend_channel = socket.socket(fileno=fd)
-        self.backend_channel.settimeout(5.0)
+        self.backend_channel = Connection(sock, name=f"{self.name} back-end channel")
 
     # -- inflight tracking --------------------------------------------------------
     async def _on_get_inflight_fd(self, msg):
@@ -395,27 +399,37 @@ class Session:
 
     # -- back-end channel -----------------------------------------------------------
     def notify_config_change(self) -> bool:
-        """Sends CONFIG_CHANGE_MSG to the front-end; False if we can't."""
+        """Queues CONFIG_CHANGE_MSG to the front-end; False if there is no
+        channel to send it on. Callable from any thread."""
         if self.backend_channel is None or not self._has_protocol(ProtocolFeature.CONFIG):
             return False
+        coro = self._send_config_change()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._loop.create_task(coro)
+        else:
+            asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return True
+
+    async def _send_config_change(self) -> None:
+        # Not awaited by the caller: the front-end typically answers with a
+        # GET_CONFIG on the main socket before it acks, which needs our loop.
+        channel = self.backend_channel
         need_reply = self._has_protocol(ProtocolFeature.REPLY_ACK)
         flags = protocol.VERSION | (protocol.FLAG_NEED_REPLY if need_reply else 0)
         try:
-            self.backend_channel.sendall(protocol.pack_header(
-                protocol.BackendRequest.CONFIG_CHANGE_MSG, flags, 0))
-            if need_reply:
-                self._read_backend_ack()
-        except OSError as exc:
-            log.error("%s: back-end channel: %s", self.name, exc)
-            return False
-        return True
-
-    def _read_backend_ack(self) -> None:
-        header = self.backend_channel.recv(protocol.HEADER_SIZE, socket.MSG_WAITALL)
-        _, _, size = protocol.HEADER.unpack(header)
-        payload = self.backend_channel.recv(size, socket.MSG_WAITALL) if size else b""
-        if size == 8 and protocol.U64.unpack(payload)[0] != 0:
-            raise OSError("front-end refused the config change")
+            async with self._backend_lock:
+                await channel.send(protocol.BackendRequest.CONFIG_CHANGE_MSG, b"", flags=flags)
+                if need_reply:
+                    reply = await asyncio.wait_for(channel.recv(), 10)
+                    reply.close_fds()
+                    if len(reply.payload) == 8 and protocol.U64.unpack(reply.payload)[0]:
+                        log.warning("%s: front-end refused the config change", self.name)
+        except (ConnectionClosed, FramingError, asyncio.TimeoutError, OSError) as exc:
+            log.error("%s: back-end channel: %s", self.name, exc or type(exc).__name__)
 
     # -- teardown ----------------------------------------------------------------------
     def close(self) -> None:
