@@ -8,6 +8,7 @@
  * there is no way to answer it. */
 #include "vu_blk.h"
 #include "vu_dev.h"
+#include "vu_worker.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -52,8 +53,14 @@ void vu_blk_free(struct vu_blk_dev *b)
 {
     if (!b)
         return;
-    for (uint32_t q = 0; q < VU_BLK_MAX_QUEUES; q++)
+    vu_blk_quiesce(b);
+    for (uint32_t q = 0; q < VU_BLK_MAX_QUEUES; q++) {
         free_reqs(b, q);
+        if (b->rings[q]) {
+            vu_uring_exit(b->rings[q]);
+            free(b->rings[q]);
+        }
+    }
     if (b->ram)
         munmap(b->ram, b->ram_size);
     free(b);
@@ -63,6 +70,20 @@ void vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct)
 {
     b->fd = fd;
     b->direct = direct;
+}
+
+int vu_blk_set_uring(struct vu_blk_dev *b, bool on)
+{
+    if (on) {
+        /* Probe once so the caller can fall back at start-up, not mid-I/O. */
+        struct vu_uring probe;
+        int rc = vu_uring_init(&probe, 4);
+        if (rc)
+            return rc;
+        vu_uring_exit(&probe);
+    }
+    b->use_uring = on;
+    return 0;
 }
 
 int vu_blk_set_ram(struct vu_blk_dev *b, uint64_t size)
@@ -499,6 +520,144 @@ int vu_blk_finish(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool n
     return notify ? vu_vq_complete(vq, r->elem, len) : vu_vq_push(vq, r->elem, len);
 }
 
+/* Asynchronous file I/O ---------------------------------------------------------- */
+
+/* user_data tags: a write followed by a linked fdatasync (write-through)
+ * completes twice; only the sync's completion finishes the request. */
+#define TAG_NO_FINISH 1u
+
+static struct vu_uring *queue_ring(struct vu_blk_dev *b, struct vu_vq *vq)
+{
+    uint32_t q = vq->index;
+    if (!b->use_uring || q >= VU_BLK_MAX_QUEUES)
+        return NULL;
+    if (!b->rings[q]) {
+        struct vu_uring *u = calloc(1, sizeof(*u));
+        if (!u || vu_uring_init(u, vq->size) < 0) {
+            free(u);
+            return NULL;   /* fall back to synchronous I/O for this queue */
+        }
+        b->rings[q] = u;
+    }
+    if (b->ring_worker[q] != vq->worker && vq->worker) {
+        if (vu_worker_add_event_fd(vq->worker, vq, b->rings[q]->efd) == 0)
+            b->ring_worker[q] = vq->worker;
+    }
+    return b->rings[q];
+}
+
+static bool async_type(uint32_t type)
+{
+    return type == VU_BLK_T_IN || type == VU_BLK_T_OUT || type == VU_BLK_T_FLUSH;
+}
+
+/* Queues r on u; false when the ring is full (the caller runs it itself). */
+static bool submit_async(struct vu_blk_dev *b, struct vu_uring *u, struct vu_blk_req *r)
+{
+    bool sync_after = r->type == VU_BLK_T_OUT && !b->lim.writeback;
+    if (u->pending + u->queued + (sync_after ? 2 : 1) > u->entries)
+        return false;
+    struct io_uring_sqe *sqe = vu_uring_sqe(u);
+    uint64_t off = r->sector * VU_BLK_SECTOR;
+    r->linked_sync = sync_after;
+    r->reason = VU_BLK_R_NONE;
+    sqe->fd = b->fd;
+    sqe->user_data = (uint64_t)(uintptr_t)r | (sync_after ? TAG_NO_FINISH : 0);
+    if (r->type == VU_BLK_T_FLUSH) {
+        sqe->opcode = IORING_OP_FSYNC;
+        sqe->fsync_flags = IORING_FSYNC_DATASYNC;
+        return true;
+    }
+    sqe->opcode = r->type == VU_BLK_T_IN ? IORING_OP_READV : IORING_OP_WRITEV;
+    sqe->addr = (uint64_t)(uintptr_t)r->iov;
+    sqe->len = r->niov;
+    sqe->off = off;
+    if (sync_after) {
+        sqe->flags |= IOSQE_IO_LINK;
+        struct io_uring_sqe *s2 = vu_uring_sqe(u);
+        s2->opcode = IORING_OP_FSYNC;
+        s2->fsync_flags = IORING_FSYNC_DATASYNC;
+        s2->fd = b->fd;
+        s2->user_data = (uint64_t)(uintptr_t)r;
+    }
+    r->reason = VU_BLK_R_NONE;
+    return true;
+}
+
+/* Applies one completion to its request; true when the request is done. */
+static bool apply_cqe(struct vu_blk_dev *b, struct io_uring_cqe *cqe, struct vu_blk_req **out)
+{
+    bool tagged = cqe->user_data & TAG_NO_FINISH;
+    struct vu_blk_req *r = (struct vu_blk_req *)(uintptr_t)(cqe->user_data & ~(uint64_t)TAG_NO_FINISH);
+    struct vu_blk_stats *st = &b->stats[r->queue % VU_BLK_MAX_QUEUES];
+    *out = r;
+    /* The completion that carries the transfer: the write before a linked
+     * sync (tagged), or the only completion of a read or plain write. */
+    bool transfer = r->type != VU_BLK_T_FLUSH && (tagged || !r->linked_sync);
+    if (cqe->res < 0) {
+        r->reason = VU_BLK_R_IO_FAILED;
+    } else if (transfer && (uint64_t)cqe->res < r->data_len) {
+        /* A short transfer: do the rest here, synchronously. */
+        uint64_t done = (uint64_t)cqe->res;
+        if (slice_iov(r, r->iov, r->niov, done, r->data_len - done) ||
+            file_rw(b->fd, r->iov, r->niov, r->sector * VU_BLK_SECTOR + done,
+                    r->type == VU_BLK_T_OUT) ||
+            (r->linked_sync && fdatasync(b->fd) < 0))
+            r->reason = VU_BLK_R_IO_FAILED;
+    }
+    if (tagged)
+        return false;
+    r->result = r->reason == VU_BLK_R_IO_FAILED ? VU_BLK_S_IOERR : VU_BLK_S_OK;
+    if (r->type == VU_BLK_T_IN) {
+        st->reads++;
+        st->bytes_read += r->data_len;
+    } else if (r->type == VU_BLK_T_OUT) {
+        st->writes++;
+        st->bytes_written += r->data_len;
+    } else {
+        st->flushes++;
+    }
+    return true;
+}
+
+/* Completes what io_uring finished; returns how many requests. */
+static int reap(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_uring *u)
+{
+    uint64_t v;
+    ssize_t rd = read(u->efd, &v, sizeof(v));   /* EFD_NONBLOCK */
+    (void)rd;
+    int done = 0;
+    struct io_uring_cqe *cqe;
+    while ((cqe = vu_uring_peek(u))) {
+        struct vu_blk_req *r;
+        bool finished = apply_cqe(b, cqe, &r);
+        vu_uring_seen(u);
+        if (finished) {
+            if (r->result != VU_BLK_S_OK)
+                b->stats[r->queue % VU_BLK_MAX_QUEUES].errors++;
+            vu_blk_finish(vq, r, r->result, false);
+            done++;
+        }
+    }
+    return done;
+}
+
+static void drop_cqe(void *arg, struct io_uring_cqe *cqe)
+{
+    (void)arg;
+    (void)cqe;
+}
+
+void vu_blk_quiesce(struct vu_blk_dev *b)
+{
+    for (uint32_t q = 0; q < VU_BLK_MAX_QUEUES; q++) {
+        if (b->rings[q]) {
+            vu_uring_drain(b->rings[q], drop_cqe, NULL);
+            b->ring_worker[q] = NULL;   /* that worker and its epoll go away */
+        }
+    }
+}
+
 static struct vu_blk_req *queue_reqs(struct vu_blk_dev *b, struct vu_vq *vq)
 {
     uint32_t q = vq->index;
@@ -533,11 +692,22 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         vu_vq_break(vq, VU_ERR_NOMEM, vq->index);
         return VU_HANDLED_NONE;
     }
-    struct vu_blk_req *batch[BLK_BATCH];
+    struct vu_uring *u = b->backend == VU_BLK_BACKEND_FILE ? queue_ring(b, vq) : NULL;
     bool did = false;
+    if (u && reap(b, vq, u))
+        did = true;
+    /* A disabled or broken ring only finishes what it already started. */
+    if (!vq->enabled || vq->broken) {
+        if (did) {
+            vu_vq_flush(vq);
+            vu_vq_notify(vq);
+        }
+        return did ? VU_HANDLED_SOME : VU_HANDLED_NONE;
+    }
+    struct vu_blk_req *batch[BLK_BATCH];
     for (int round = 0; round < BLK_ROUNDS; round++) {
         vu_vq_set_notification(vq, false);
-        int n = 0, nbatch = 0, rc = 0;
+        int n = 0, nbatch = 0, rc = 0, completed = 0;
         struct vu_elem *e;
         while (n < BLK_BATCH && (rc = vu_vq_pop(vq, &e)) == 1) {
             struct vu_blk_req *r = &reqs[e->slot];
@@ -553,11 +723,16 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
                     batch[nbatch++] = r;
                     continue;
                 }
+                if (u && async_type(r->type) && submit_async(b, u, r))
+                    continue;
                 vu_blk_execute(b, r);
             }
             account_error(b, r);
             vu_blk_finish(vq, r, r->result, false);
+            completed++;
         }
+        if (u)
+            vu_uring_submit(u);
         if (nbatch) {
             vu_blk_py_batch(b->py_ctx, vq, batch, nbatch);
             /* What Python left PENDING it completes later itself, with
@@ -567,11 +742,13 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
                 if (batch[i]->result != VU_BLK_S_PENDING) {
                     account_error(b, batch[i]);
                     vu_blk_finish(vq, batch[i], batch[i]->result, false);
+                    completed++;
                 }
             }
         }
-        if (n) {
+        if (n)
             did = true;
+        if (completed || did) {
             vu_vq_flush(vq);
             vu_vq_notify(vq);
         }

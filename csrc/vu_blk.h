@@ -3,6 +3,9 @@
 #define VU_BLK_H
 
 #include "vu_queue.h"
+#include "vu_uring.h"
+
+struct vu_worker;
 
 #define VU_BLK_MAX_QUEUES 64
 #define VU_BLK_SECTOR 512
@@ -44,6 +47,7 @@ struct vu_blk_req {
     uint8_t result;           /* VU_BLK_S_*; PENDING until executed */
     uint8_t reason;           /* enum vu_blk_reason */
     uint16_t queue;
+    bool linked_sync;         /* io_uring: a write with an fdatasync linked after it */
 };
 
 /* What the device enforces; the control plane updates it under the device lock. */
@@ -73,6 +77,9 @@ struct vu_blk_dev {
     uint8_t *ram;           /* RAM */
     uint64_t ram_size;
     void *py_ctx;           /* PYTHON: cffi handle */
+    bool use_uring;         /* FILE: reads, writes, flushes go through io_uring */
+    struct vu_uring *rings[VU_BLK_MAX_QUEUES];
+    struct vu_worker *ring_worker[VU_BLK_MAX_QUEUES];  /* whose epoll has its eventfd */
     struct vu_blk_req *reqs[VU_BLK_MAX_QUEUES];
     uint32_t reqs_num[VU_BLK_MAX_QUEUES];
     struct vu_blk_stats stats[VU_BLK_MAX_QUEUES];
@@ -82,6 +89,13 @@ struct vu_blk_dev *vu_blk_new(int backend);
 void vu_blk_free(struct vu_blk_dev *b);
 /* FILE back-end: fd is borrowed (the caller keeps it open). */
 void vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct);
+/* FILE back-end: asynchronous I/O through io_uring (false: in the worker).
+ * Returns 0, or -errno when io_uring is not available here. */
+int vu_blk_set_uring(struct vu_blk_dev *b, bool on);
+/* Waits for every request in flight in io_uring (at disconnect, before guest
+ * memory goes away). They are not completed to the driver: with inflight
+ * tracking the front-end resubmits them. */
+void vu_blk_quiesce(struct vu_blk_dev *b);
 /* RAM back-end: anonymous mapping of size bytes (resizes keep the data). */
 int vu_blk_set_ram(struct vu_blk_dev *b, uint64_t size);
 

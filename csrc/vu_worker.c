@@ -56,6 +56,9 @@ static uint64_t now_us(void)
  * another turn. */
 /* vq->kicked bits: the kick eventfd is readable / someone asked for a look. */
 #define KICK_FD 1u
+/* epoll data for handler-owned fds: the vq pointer with its low bit set
+ * (vq is at least 8-byte aligned), so the worker does not read the fd. */
+#define EVENT_FD_TAG 1u
 #define KICK_SOFT 2u
 
 /* Runs vq's handler if it may run. Returns the handler's VU_HANDLED_*
@@ -77,7 +80,10 @@ static int serve_queue(struct vu_vq *vq, bool polling)
         (void)r;
         vq->stat_kicks++;
     }
-    if (vq->started && vq->enabled && !vq->broken && vq->handler) {
+    /* Disabled or broken rings still get their handler when kicked: it may
+     * have requests in flight to finish (the handler decides what it may do). */
+    bool may_pop = vq->enabled && !vq->broken;
+    if (vq->started && vq->handler && (may_pop || kicked)) {
         if (kicked || vu_vq_has_avail(vq)) {
             result = vq->handler(vq->handler_ctx, vq);
             if (result == VU_HANDLED_MORE)
@@ -136,8 +142,11 @@ static void *worker_main(void *arg)
             break;
         w->wakeups++;
         for (int i = 0; i < n; i++) {
-            struct vu_vq *vq = evs[i].data.ptr;
-            if (!vq) {
+            uint64_t data = evs[i].data.u64;
+            struct vu_vq *vq = (struct vu_vq *)(uintptr_t)(data & ~(uint64_t)EVENT_FD_TAG);
+            if (data & EVENT_FD_TAG) {
+                __atomic_or_fetch(&vq->kicked, KICK_SOFT, __ATOMIC_RELEASE);
+            } else if (!vq) {
                 uint64_t v;
                 ssize_t r = read(w->wake_fd, &v, sizeof(v));
                 (void)r;
@@ -234,6 +243,14 @@ int vu_worker_set_kick(struct vu_worker *w, struct vu_vq *vq, int fd, bool polle
     return 0;
 }
 
+int vu_worker_add_event_fd(struct vu_worker *w, struct vu_vq *vq, int fd)
+{
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)(uintptr_t)vq | EVENT_FD_TAG};
+    if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, fd, &ev) < 0 && errno != EEXIST)
+        return -VU_ERR_SYS;
+    return 0;
+}
+
 void vu_worker_kick(struct vu_worker *w, struct vu_vq *vq)
 {
     __atomic_or_fetch(&vq->kicked, KICK_SOFT, __ATOMIC_RELEASE);
@@ -248,6 +265,8 @@ int vu_py_batch(void *ctx, struct vu_vq *vq, struct vu_elem **elems, int n);
 int vu_py_handler(void *ctx, struct vu_vq *vq)
 {
     struct vu_elem *elems[VU_PY_BATCH];
+    if (!vq->enabled || vq->broken)
+        return VU_HANDLED_NONE;
     for (int round = 0; round < VU_HANDLER_ROUNDS; round++) {
         vu_vq_set_notification(vq, false);
         int n = 0;

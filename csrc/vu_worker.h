@@ -29,6 +29,9 @@ int vu_worker_add_queue(struct vu_worker *w, struct vu_vq *vq,
 void vu_worker_remove_queue(struct vu_worker *w, struct vu_vq *vq);
 /* Call after vq->kick_fd changed (old fd still open): re-registers it. */
 int vu_worker_set_kick(struct vu_worker *w, struct vu_vq *vq, int fd, bool polled);
+/* Also wakes vq's handler when fd (an eventfd the handler drains itself,
+ * e.g. io_uring completions) becomes readable. */
+int vu_worker_add_event_fd(struct vu_worker *w, struct vu_vq *vq, int fd);
 /* Makes the worker look at vq soon (in-band VRING_KICK, ring start). */
 void vu_worker_kick(struct vu_worker *w, struct vu_vq *vq);
 

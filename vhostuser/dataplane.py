@@ -239,13 +239,17 @@ class DataPlane:
             self._close(old)
 
     # -- teardown -------------------------------------------------------------
+    def stop_workers(self) -> None:
+        """Joins the worker threads; no handler runs after this."""
+        for w in self._workers:
+            lib.vu_worker_free(w)
+        self._workers = []
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for w in self._workers:
-            lib.vu_worker_free(w)   # joins the thread
-        self._workers = []
+        self.stop_workers()
         for fds in (self._kick, self._call, self._err):
             for i, fd in enumerate(fds):
                 self._close(fd)

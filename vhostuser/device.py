@@ -94,6 +94,10 @@ class Device:
     def on_reset(self) -> None:
         """RESET_DEVICE / RESET_OWNER / status 0."""
 
+    def quiesce(self) -> None:
+        """The workers are stopped and guest memory is about to go away:
+        wait for any I/O still in flight that points into it."""
+
     def send_rarp(self, mac: bytes) -> None:
         raise ProtocolError("SEND_RARP", "not a network device")
 

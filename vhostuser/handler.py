@@ -433,6 +433,8 @@ class Session:
 
     # -- teardown ----------------------------------------------------------------------
     def close(self) -> None:
+        self.dataplane.stop_workers()
+        self.device.quiesce()      # before guest memory is unmapped
         self.dataplane.close()
         if self.backend_channel is not None:
             self.backend_channel.close()

@@ -261,3 +261,51 @@ REQUEST_SPECS: dict[Request, RequestSpec] = {
     R.SET_STATUS: RequestSpec(_exact(8)),
     R.GET_STATUS: RequestSpec(_exact(0), reply=True),
 }
+
+
+# ---- virtqueue memory layouts (virtio 1.4, 2.7 split and 2.8 packed) --------
+# The data plane reads these in C; vhostuser.frontend writes them as a driver.
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+PACKED_DESC_F_AVAIL = 1 << 7
+PACKED_DESC_F_USED = 1 << 15
+AVAIL_F_NO_INTERRUPT = 1                  # split: driver asks for no used notifications
+USED_F_NO_NOTIFY = 1                      # split: device asks for no kicks
+RING_EVENT_FLAGS_ENABLE = 0               # packed event suppression flags
+RING_EVENT_FLAGS_DISABLE = 1
+RING_EVENT_FLAGS_DESC = 2                 # only with RING_EVENT_IDX
+PACKED_EVENT_WRAP = 1 << 15               # wrap counter bit in an off_wrap field
+
+SPLIT_DESC = struct.Struct("<QIHH")       # addr, len, flags, next
+PACKED_DESC = struct.Struct("<QIHH")      # addr, len, id, flags
+USED_ELEM = struct.Struct("<II")          # id, len
+RING_U16 = struct.Struct("<H")            # avail/used flags, idx, ring entries, events
+EVENT_SUPPRESS = struct.Struct("<HH")     # packed: off_wrap, flags
+SPLIT_DESC_ALIGN, SPLIT_AVAIL_ALIGN, SPLIT_USED_ALIGN = 16, 2, 4
+PACKED_DESC_ALIGN, PACKED_EVENT_ALIGN = 16, 4
+
+
+def split_avail_size(num: int) -> int:
+    """flags, idx, ring[num], used_event."""
+    return 2 + 2 + 2 * num + 2
+
+
+def split_used_size(num: int) -> int:
+    """flags, idx, ring[num] of (id, len), avail_event."""
+    return 2 + 2 + USED_ELEM.size * num + 2
+
+
+def need_event(event: int, new: int, old: int) -> bool:
+    """virtio's vring_need_event: did [old, new) move past event? (u16 arithmetic)"""
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+def pack_packed_vring_base(index: int, wrap: bool) -> int:
+    """SET/GET_VRING_BASE num for a packed ring, QEMU's encoding: index | wrap << 15."""
+    return (index & 0x7FFF) | (int(wrap) << 15)
+
+
+def unpack_packed_vring_base(num: int) -> tuple[int, bool]:
+    return num & 0x7FFF, bool(num & (1 << 15))

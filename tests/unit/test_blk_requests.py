@@ -219,3 +219,48 @@ def test_handler_breaks_only_on_missing_status_and_serves_after_reset(lab, blk):
     assert lab.read(status_gpas[1], 1)[0] == S.UNSUPP
     assert vq.broken and vq.error == lib.VU_ERR_ZERO_CHAIN
     assert [h for h, _ in lab.used_split(0)] == heads[:2]
+
+
+@pytest.mark.parametrize("writeback", [True, False])
+def test_file_backend_through_io_uring_keeps_many_requests_in_flight(lab, tmp_path, writeback):
+    import os
+    import time
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * CAPACITY * 512)
+    fd = os.open(image, os.O_RDWR)
+    b = lib.vu_blk_new(lib.VU_BLK_BACKEND_FILE)
+    try:
+        lib.vu_blk_set_file(b, fd, False)
+        if lib.vu_blk_set_uring(b, True) < 0:
+            pytest.skip("io_uring not available on this kernel")
+        b.lim.capacity = CAPACITY
+        b.lim.writeback = writeback
+        vq = lab.vq(0)
+        vq.enabled = True
+        heads, status_gpas = [], []
+        for i in range(16):   # 16 writes of distinct sectors in one batch
+            h = lab.alloc(16)
+            lab.write(h, hdr(T.OUT, i * 8))
+            d = lab.alloc(4096)
+            lab.write(d, bytes([i + 1]) * 4096)
+            s = lab.alloc(1)
+            heads.append(lab.add_split_chain(0, [(h, 16, False), (d, 4096, False), (s, 1, True)]))
+            status_gpas.append(s)
+        lab.publish_split(0, heads)
+        lib.vu_blk_handler(b, vq)
+        assert lib.vu_vq_inflight(vq) == 16       # all submitted, none waited for
+        completed = []
+        deadline = time.monotonic() + 10
+        while len(completed) < 16 and time.monotonic() < deadline:
+            time.sleep(0.01)
+            lib.vu_blk_handler(b, vq)
+            completed += lab.used_split(0)
+        assert sorted(h for h, _ in completed) == sorted(heads)
+        assert all(lab.read(s, 1)[0] == S.OK for s in status_gpas)
+        data = image.read_bytes()
+        for i in range(16):
+            assert data[i * 4096:(i + 1) * 4096] == bytes([i + 1]) * 4096
+        assert b.stats[0].writes == 16
+    finally:
+        lib.vu_blk_free(b)
+        os.close(fd)

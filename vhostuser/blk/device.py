@@ -27,7 +27,8 @@ class BlkDevice(Device):
     device_id = 2
 
     def __init__(self, backend: FileBackend | RamBackend | BlockBackend, *, num_queues: int = 1,
-                 serial: str = "", read_only: bool | None = None, poll_us: int = 0):
+                 serial: str = "", read_only: bool | None = None, poll_us: int = 0,
+                 aio: str = "io_uring"):
         super().__init__(num_queues, poll_us=poll_us)
         self.backend = backend
         self.read_only = backend.read_only if read_only is None else read_only
@@ -45,8 +46,20 @@ class BlkDevice(Device):
         if self._blk == ffi.NULL:
             raise MemoryError("vu_blk_new")
         self._handle = ffi.new_handle(self)
+        if aio not in ("io_uring", "sync"):
+            raise ValueError(f"aio must be io_uring or sync, not {aio!r}")
+        self.aio = "sync"
         if kind == lib.VU_BLK_BACKEND_FILE:
             lib.vu_blk_set_file(self._blk, backend.fd, backend.direct)
+            if aio == "io_uring":
+                # Many requests in flight per queue; without io_uring (old
+                # kernel, seccomp) the workers do the I/O themselves.
+                rc = lib.vu_blk_set_uring(self._blk, True)
+                if rc < 0:
+                    log.warning("io_uring unavailable (%s); using synchronous I/O",
+                                __import__("os").strerror(-rc))
+                else:
+                    self.aio = "io_uring"
         elif kind == lib.VU_BLK_BACKEND_RAM:
             check(lib.vu_blk_set_ram(self._blk, backend.size()), "RAM disk")
         else:
@@ -113,6 +126,9 @@ class BlkDevice(Device):
 
     def on_reset(self) -> None:
         self.on_features(0)
+
+    def quiesce(self) -> None:
+        lib.vu_blk_quiesce(self._blk)
 
     def on_connect(self, session) -> None:
         super().on_connect(session)

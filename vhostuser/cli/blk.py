@@ -20,6 +20,9 @@ def parser() -> argparse.ArgumentParser:
                    help="keyword argument for the --backend class (repeatable)")
     p.add_argument("--read-only", action="store_true", help="refuse every write")
     p.add_argument("--direct", action="store_true", help="open --blk-file with O_DIRECT")
+    p.add_argument("--aio", choices=["io_uring", "sync"], default="io_uring",
+                   help="--blk-file I/O: io_uring (many requests in flight) or sync "
+                        "(in the queue worker)")
     p.add_argument("--num-queues", type=int, default=1, metavar="N")
     p.add_argument("--serial", default="vhostuser", metavar="S", help="GET_ID serial (20 bytes)")
     return p
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         backend = make_backend(args)
         try:
             device = BlkDevice(backend, num_queues=args.num_queues, serial=args.serial,
-                               read_only=args.read_only or None, poll_us=args.poll)
+                               read_only=args.read_only or None, poll_us=args.poll,
+                               aio=args.aio)
         except (BackendError, OSError) as exc:
             raise common.UsageError(str(exc)) from None
         server = common.make_server(args, device)

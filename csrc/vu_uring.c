@@ -1,0 +1,150 @@
+/* io_uring through raw system calls. */
+#include "vu_uring.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static int sys_setup(unsigned entries, struct io_uring_params *p)
+{
+    return (int)syscall(__NR_io_uring_setup, entries, p);
+}
+
+static int sys_enter(int fd, unsigned submit, unsigned complete, unsigned flags)
+{
+    return (int)syscall(__NR_io_uring_enter, fd, submit, complete, flags, NULL, 0);
+}
+
+static int sys_register(int fd, unsigned op, void *arg, unsigned n)
+{
+    return (int)syscall(__NR_io_uring_register, fd, op, arg, n);
+}
+
+int vu_uring_init(struct vu_uring *u, unsigned entries)
+{
+    memset(u, 0, sizeof(*u));
+    u->fd = u->efd = -1;
+    struct io_uring_params p;
+    memset(&p, 0, sizeof(p));
+    int fd = sys_setup(entries, &p);
+    if (fd < 0)
+        return -errno;
+    u->fd = fd;
+    u->entries = p.sq_entries;
+    u->sq_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    u->cq_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    u->sqes_len = p.sq_entries * sizeof(struct io_uring_sqe);
+    u->sq_ptr = mmap(NULL, u->sq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                     fd, IORING_OFF_SQ_RING);
+    u->cq_ptr = mmap(NULL, u->cq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                     fd, IORING_OFF_CQ_RING);
+    u->sqes = mmap(NULL, u->sqes_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                   fd, IORING_OFF_SQES);
+    if (u->sq_ptr == MAP_FAILED || u->cq_ptr == MAP_FAILED || u->sqes == MAP_FAILED)
+        goto fail;
+    uint8_t *sq = u->sq_ptr, *cq = u->cq_ptr;
+    u->sq_head = (unsigned *)(sq + p.sq_off.head);
+    u->sq_tail = (unsigned *)(sq + p.sq_off.tail);
+    u->sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
+    u->sq_array = (unsigned *)(sq + p.sq_off.array);
+    u->cq_head = (unsigned *)(cq + p.cq_off.head);
+    u->cq_tail = (unsigned *)(cq + p.cq_off.tail);
+    u->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
+    u->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+    u->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (u->efd < 0 || sys_register(fd, IORING_REGISTER_EVENTFD, &u->efd, 1) < 0)
+        goto fail;
+    return 0;
+fail:;
+    int err = errno ? errno : ENOMEM;
+    if (u->sq_ptr == MAP_FAILED)
+        u->sq_ptr = NULL;
+    if (u->cq_ptr == MAP_FAILED)
+        u->cq_ptr = NULL;
+    if ((void *)u->sqes == MAP_FAILED)
+        u->sqes = NULL;
+    vu_uring_exit(u);
+    return -err;
+}
+
+void vu_uring_exit(struct vu_uring *u)
+{
+    if (u->sq_ptr)
+        munmap(u->sq_ptr, u->sq_len);
+    if (u->cq_ptr)
+        munmap(u->cq_ptr, u->cq_len);
+    if (u->sqes)
+        munmap(u->sqes, u->sqes_len);
+    if (u->fd >= 0)
+        close(u->fd);
+    if (u->efd >= 0)
+        close(u->efd);
+    memset(u, 0, sizeof(*u));
+    u->fd = u->efd = -1;
+}
+
+struct io_uring_sqe *vu_uring_sqe(struct vu_uring *u)
+{
+    unsigned head = __atomic_load_n(u->sq_head, __ATOMIC_ACQUIRE);
+    unsigned tail = *u->sq_tail + u->queued;
+    if (tail - head >= u->entries || u->pending + u->queued >= u->entries)
+        return NULL;
+    unsigned idx = tail & *u->sq_mask;
+    struct io_uring_sqe *sqe = &u->sqes[idx];
+    memset(sqe, 0, sizeof(*sqe));
+    u->sq_array[idx] = idx;
+    u->queued++;
+    return sqe;
+}
+
+int vu_uring_submit(struct vu_uring *u)
+{
+    if (!u->queued)
+        return 0;
+    unsigned n = u->queued;
+    __atomic_store_n(u->sq_tail, *u->sq_tail + n, __ATOMIC_RELEASE);
+    u->queued = 0;
+    u->pending += n;
+    unsigned left = n;
+    while (left) {
+        int rc = sys_enter(u->fd, left, 0, 0);
+        if (rc < 0) {
+            if (errno == EINTR || errno == EAGAIN || errno == EBUSY)
+                continue;
+            return -errno;
+        }
+        left -= (unsigned)rc;
+    }
+    return 0;
+}
+
+struct io_uring_cqe *vu_uring_peek(struct vu_uring *u)
+{
+    unsigned head = *u->cq_head;
+    if (head == __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE))
+        return NULL;
+    return &u->cqes[head & *u->cq_mask];
+}
+
+void vu_uring_seen(struct vu_uring *u)
+{
+    __atomic_store_n(u->cq_head, *u->cq_head + 1, __ATOMIC_RELEASE);
+    u->pending--;
+}
+
+void vu_uring_drain(struct vu_uring *u, void (*fn)(void *arg, struct io_uring_cqe *), void *arg)
+{
+    vu_uring_submit(u);
+    while (u->pending) {
+        struct io_uring_cqe *cqe = vu_uring_peek(u);
+        if (!cqe) {
+            sys_enter(u->fd, 0, 1, IORING_ENTER_GETEVENTS);
+            continue;
+        }
+        fn(arg, cqe);
+        vu_uring_seen(u);
+    }
+}

@@ -1,0 +1,36 @@
+/* A minimal io_uring (raw system calls, no liburing): enough for the block
+ * back-end to keep many reads and writes in flight from one worker. */
+#ifndef VU_URING_H
+#define VU_URING_H
+
+#include "vu_common.h"
+#include <linux/io_uring.h>
+
+struct vu_uring {
+    int fd;
+    int efd;                 /* completions are signalled here (EFD_NONBLOCK) */
+    unsigned entries;
+    unsigned *sq_head, *sq_tail, *sq_mask, *sq_array;
+    unsigned *cq_head, *cq_tail, *cq_mask;
+    struct io_uring_sqe *sqes;
+    struct io_uring_cqe *cqes;
+    void *sq_ptr, *cq_ptr;
+    size_t sq_len, cq_len, sqes_len;
+    unsigned queued;         /* prepared, not yet submitted */
+    unsigned pending;        /* submitted, completion not reaped */
+};
+
+/* 0, or -errno (io_uring not available: the caller falls back to sync I/O). */
+int vu_uring_init(struct vu_uring *u, unsigned entries);
+void vu_uring_exit(struct vu_uring *u);
+/* Next free submission entry, zeroed; NULL when the ring is full. */
+struct io_uring_sqe *vu_uring_sqe(struct vu_uring *u);
+/* Submits everything prepared. */
+int vu_uring_submit(struct vu_uring *u);
+/* Next completion or NULL; call vu_uring_seen after using it. */
+struct io_uring_cqe *vu_uring_peek(struct vu_uring *u);
+void vu_uring_seen(struct vu_uring *u);
+/* Blocks until every submitted request completed, handing each to fn. */
+void vu_uring_drain(struct vu_uring *u, void (*fn)(void *arg, struct io_uring_cqe *), void *arg);
+
+#endif
