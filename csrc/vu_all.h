@@ -5,3 +5,4 @@
 #include "vu_dev.h"
 #include "vu_worker.h"
 #include "vu_blk.h"
+#include "vu_net.h"

@@ -288,6 +288,34 @@ int vu_vq_pop(struct vu_vq *vq, struct vu_elem **out)
     return rc;
 }
 
+int vu_vq_unpop(struct vu_vq *vq, struct vu_elem *elem)
+{
+    pthread_mutex_lock(&vq->lock);
+    if (elem < vq->elems || elem >= vq->elems + vq->size || !elem->in_flight) {
+        pthread_mutex_unlock(&vq->lock);
+        return -VU_ERR_BAD_USED_ID;
+    }
+    if (vq->packed) {
+        /* step back over the descriptors this buffer used */
+        if (vq->last_avail_idx < elem->ndescs) {
+            vq->last_avail_idx = (uint16_t)(vq->last_avail_idx + vq->size - elem->ndescs);
+            vq->avail_wrap = !vq->avail_wrap;
+        } else {
+            vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - elem->ndescs);
+        }
+    } else {
+        vq->last_avail_idx--;
+        if (vq->inflight_region)
+            vq->inflight_region->desc[elem->id].inflight = 0;
+    }
+    elem->in_flight = 0;
+    vq->inflight--;
+    vq->stat_popped--;
+    vu_elem_put(vq, elem);
+    pthread_mutex_unlock(&vq->lock);
+    return 0;
+}
+
 static int push_locked(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
 {
     if (elem < vq->elems || elem >= vq->elems + vq->size || !elem->in_flight)

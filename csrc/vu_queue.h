@@ -120,6 +120,9 @@ int vu_vq_remap(struct vu_vq *vq);
 /* Pops the next available chain. 1: *out filled; 0: ring empty;
  * <0: -vu_err, and the queue is now broken. */
 int vu_vq_pop(struct vu_vq *vq, struct vu_elem **out);
+/* Puts back the most recently popped elements, newest first (a receive
+ * path that popped buffers for a frame that then did not fit). */
+int vu_vq_unpop(struct vu_vq *vq, struct vu_elem *elem);
 /* Returns elem to the driver with `len` bytes written. Not visible to the
  * driver until vu_vq_flush. */
 int vu_vq_push(struct vu_vq *vq, struct vu_elem *elem, uint32_t len);

@@ -87,3 +87,14 @@ def test_request_ids_match_spec_text():
         assert protocol.Request[name] == int(ident), name
     for name, ident in backs:
         assert protocol.BackendRequest[name] == int(ident), name
+
+
+def test_net_constants_match_kernel():
+    from vhostuser.net.spec import GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP, HDR, NetFeature
+    d = header_defines("virtio_net.h")
+    for f in NetFeature:
+        assert f == d[f"VIRTIO_NET_F_{f.name}"], f.name
+    assert (GSO_NONE, GSO_TCPV4, GSO_UDP, GSO_TCPV6, GSO_ECN) == (
+        d["VIRTIO_NET_HDR_GSO_NONE"], d["VIRTIO_NET_HDR_GSO_TCPV4"], d["VIRTIO_NET_HDR_GSO_UDP"],
+        d["VIRTIO_NET_HDR_GSO_TCPV6"], d["VIRTIO_NET_HDR_GSO_ECN"])
+    assert HDR.size == 12   # struct virtio_net_hdr_v1

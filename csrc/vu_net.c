@@ -1,0 +1,426 @@
+/* virtio-net device data path.
+ *
+ * Transmit: every chain's virtio-net header is checked (size, GSO type
+ * against what was negotiated, checksum offsets inside the frame, length
+ * against the MTU) before the frame goes anywhere; a bad frame is dropped
+ * and counted, the queue goes on. Receive: frames are staged in a bounce
+ * buffer and copied into as many guest buffers as they need (mergeable
+ * receive buffers); no buffers means drop and count, never a stall of the
+ * transmit side. */
+#include "vu_net.h"
+#include "vu_dev.h"
+#include "vu_worker.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <linux/if_tun.h>
+#include <linux/virtio_config.h>
+#include <linux/virtio_net.h>
+
+#define NET_BATCH 64
+#define NET_ROUNDS 16
+#define ETH_HLEN 14
+#define VLAN_HLEN 4
+#define MAX_RX_BUFS 64          /* mergeable buffers one frame may take */
+
+/* Defined by cffi (extern "Python+C"): n validated frames from queue pair qp. */
+int vu_net_py_tx(void *ctx, uint32_t qp, struct vu_net_frame **frames, int n);
+
+struct vu_net_dev *vu_net_new(int backend)
+{
+    struct vu_net_dev *n = calloc(1, sizeof(*n));
+    if (!n)
+        return NULL;
+    n->backend = backend;
+    n->hdr_len = sizeof(struct vu_net_hdr);
+    n->mtu = 1500;
+    for (int i = 0; i < VU_NET_MAX_QP; i++) {
+        n->tap_fds[i] = -1;
+        pthread_mutex_init(&n->rx_lock[i], NULL);
+    }
+    return n;
+}
+
+void vu_net_free(struct vu_net_dev *n)
+{
+    if (!n)
+        return;
+    for (int i = 0; i < VU_NET_MAX_QP; i++) {
+        free(n->bounce[i]);
+        for (uint32_t j = 0; j < n->frames_num[i]; j++)
+            free(n->frames[i][j].iov);
+        free(n->frames[i]);
+        pthread_mutex_destroy(&n->rx_lock[i]);
+    }
+    free(n);
+}
+
+void vu_net_set_features(struct vu_net_dev *n, uint64_t f)
+{
+#define HAS(bit) (!!(f & (1ULL << (bit))))
+    n->mrg_rxbuf = HAS(VIRTIO_NET_F_MRG_RXBUF);
+    n->hdr_len = (HAS(VIRTIO_F_VERSION_1) || n->mrg_rxbuf) ? 12 : 10;
+    n->host_csum = HAS(VIRTIO_NET_F_CSUM);
+    n->host_tso4 = HAS(VIRTIO_NET_F_HOST_TSO4);
+    n->host_tso6 = HAS(VIRTIO_NET_F_HOST_TSO6);
+    n->host_ecn = HAS(VIRTIO_NET_F_HOST_ECN);
+    n->host_ufo = HAS(VIRTIO_NET_F_HOST_UFO);
+    if (n->backend == VU_NET_BACKEND_TAP) {
+        /* The TAP hands us offloaded frames only as far as the guest takes them. */
+        unsigned offload = 0;
+        if (HAS(VIRTIO_NET_F_GUEST_CSUM)) {
+            offload |= TUN_F_CSUM;
+            if (HAS(VIRTIO_NET_F_GUEST_TSO4))
+                offload |= TUN_F_TSO4;
+            if (HAS(VIRTIO_NET_F_GUEST_TSO6))
+                offload |= TUN_F_TSO6;
+            if (HAS(VIRTIO_NET_F_GUEST_ECN))
+                offload |= TUN_F_TSO_ECN;
+        }
+        int hdr = (int)n->hdr_len;
+        for (int i = 0; i < VU_NET_MAX_QP; i++) {
+            if (n->tap_fds[i] >= 0) {
+                ioctl(n->tap_fds[i], TUNSETVNETHDRSZ, &hdr);
+                ioctl(n->tap_fds[i], TUNSETOFFLOAD, offload);
+            }
+        }
+    }
+#undef HAS
+}
+
+/* Copies len bytes from byte `skip` of iov[0..cnt) to dst; false if short. */
+static bool gather(const struct iovec *iov, uint32_t cnt, uint64_t skip, void *dst, size_t len)
+{
+    uint8_t *out = dst;
+    for (uint32_t i = 0; i < cnt && len; i++) {
+        if (skip >= iov[i].iov_len) {
+            skip -= iov[i].iov_len;
+            continue;
+        }
+        size_t c = iov[i].iov_len - skip;
+        if (c > len)
+            c = len;
+        memcpy(out, (uint8_t *)iov[i].iov_base + skip, c);
+        out += c;
+        len -= c;
+        skip = 0;
+    }
+    return len == 0;
+}
+
+int vu_net_check_tx(struct vu_net_dev *n, struct vu_elem *e, struct vu_net_hdr *hdr)
+{
+    memset(hdr, 0, sizeof(*hdr));
+    if (e->out_len < n->hdr_len || !gather(e->iov, e->out_num, 0, hdr, n->hdr_len))
+        return VU_NET_D_SHORT;
+    uint64_t frame = e->out_len - n->hdr_len;
+    if (frame < ETH_HLEN)
+        return VU_NET_D_SHORT;
+    uint8_t gso = hdr->gso_type & ~VIRTIO_NET_HDR_GSO_ECN;
+    if ((hdr->gso_type & VIRTIO_NET_HDR_GSO_ECN) && !n->host_ecn)
+        return VU_NET_D_BAD_GSO;
+    switch (gso) {
+    case VIRTIO_NET_HDR_GSO_NONE:
+        if (frame > (uint64_t)n->mtu + ETH_HLEN + VLAN_HLEN)
+            return VU_NET_D_TOO_LONG;
+        break;
+    case VIRTIO_NET_HDR_GSO_TCPV4:
+        if (!n->host_tso4)
+            return VU_NET_D_BAD_GSO;
+        break;
+    case VIRTIO_NET_HDR_GSO_TCPV6:
+        if (!n->host_tso6)
+            return VU_NET_D_BAD_GSO;
+        break;
+    case VIRTIO_NET_HDR_GSO_UDP:
+        if (!n->host_ufo)
+            return VU_NET_D_BAD_GSO;
+        break;
+    default:
+        return VU_NET_D_BAD_GSO;
+    }
+    if (gso != VIRTIO_NET_HDR_GSO_NONE) {
+        /* a GSO frame needs the checksum offload and a segment size */
+        if (frame > VU_NET_MAX_FRAME || hdr->gso_size == 0 ||
+            !(hdr->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM))
+            return VU_NET_D_BAD_GSO;
+    }
+    if (hdr->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
+        if (!n->host_csum)
+            return VU_NET_D_BAD_CSUM;
+        if ((uint32_t)hdr->csum_start + hdr->csum_offset + 2 > frame)
+            return VU_NET_D_BAD_CSUM;
+    }
+    return 0;
+}
+
+/* Receive ----------------------------------------------------------------- */
+
+/* Copies src into e's writable buffers from byte `at`; returns bytes copied. */
+static uint32_t scatter(struct vu_elem *e, uint32_t at, const uint8_t *src, uint32_t len)
+{
+    struct iovec *iov = e->iov + e->out_num;
+    uint32_t done = 0;
+    for (uint32_t i = 0; i < e->in_num && done < len; i++) {
+        if (at >= iov[i].iov_len) {
+            at -= (uint32_t)iov[i].iov_len;
+            continue;
+        }
+        uint32_t c = (uint32_t)iov[i].iov_len - at;
+        if (c > len - done)
+            c = len - done;
+        memcpy((uint8_t *)iov[i].iov_base + at, src + done, c);
+        done += c;
+        at = 0;
+    }
+    return done;
+}
+
+static int rx_drop(struct vu_net_dev *n, uint32_t qp, int why)
+{
+    n->stats[qp].rx_dropped[why]++;
+    return why;
+}
+
+int vu_net_rx_deliver(struct vu_net_dev *n, uint32_t qp, const struct vu_net_hdr *in_hdr,
+                      const uint8_t *data, uint32_t len)
+{
+    if (qp >= VU_NET_MAX_QP)
+        return VU_NET_D_IO;
+    struct vu_vq *vq = n->rxq[qp];
+    if (!vq || !vq->started || !vq->enabled || vq->broken)
+        return rx_drop(n, qp, VU_NET_D_DISABLED);
+    if (len > VU_NET_MAX_FRAME)
+        return rx_drop(n, qp, VU_NET_D_TOO_LONG);
+    struct vu_net_hdr hdr;
+    if (in_hdr)
+        hdr = *in_hdr;
+    else
+        memset(&hdr, 0, sizeof(hdr));
+    uint32_t need = n->hdr_len + len;
+
+    pthread_mutex_lock(&n->rx_lock[qp]);
+    struct vu_elem *bufs[MAX_RX_BUFS];
+    uint32_t nbufs = 0, room = 0;
+    int why = 0;
+    while (room < need) {
+        if (nbufs == (n->mrg_rxbuf ? MAX_RX_BUFS : 1)) {
+            why = VU_NET_D_TOO_LONG;
+            break;
+        }
+        struct vu_elem *e;
+        if (vu_vq_pop(vq, &e) != 1) {
+            why = VU_NET_D_NO_BUFFERS;
+            break;
+        }
+        bufs[nbufs++] = e;
+        room += (uint32_t)e->in_len;
+        if (!n->mrg_rxbuf && room < need) {
+            why = VU_NET_D_TOO_LONG;   /* one buffer per frame and it is too small */
+            break;
+        }
+    }
+    if (why) {
+        /* Give the buffers back, newest first, for a frame that fits. */
+        while (nbufs)
+            vu_vq_unpop(vq, bufs[--nbufs]);
+        pthread_mutex_unlock(&n->rx_lock[qp]);
+        return rx_drop(n, qp, why);
+    }
+    hdr.num_buffers = (uint16_t)nbufs;
+    /* header into the first buffer, then the frame across all of them */
+    uint32_t first = scatter(bufs[0], 0, (const uint8_t *)&hdr, n->hdr_len);
+    uint32_t used0 = first;
+    uint32_t off = 0;
+    for (uint32_t i = 0; i < nbufs; i++) {
+        uint32_t at = i == 0 ? used0 : 0;
+        uint32_t c = scatter(bufs[i], at, data + off, len - off);
+        off += c;
+        vu_vq_push(vq, bufs[i], at + c);
+    }
+    pthread_mutex_unlock(&n->rx_lock[qp]);
+    n->stats[qp].rx_packets++;
+    n->stats[qp].rx_bytes += len;
+    return 0;
+}
+
+int vu_net_inject(struct vu_net_dev *n, uint32_t qp, const uint8_t *data, uint32_t len)
+{
+    if (qp >= VU_NET_MAX_QP || !n->rxq[qp])
+        return rx_drop(n, qp < VU_NET_MAX_QP ? qp : 0, VU_NET_D_DISABLED);
+    struct vu_vq *vq = n->rxq[qp];
+    vu_dev_rdlock(vq->dev);
+    int rc = vu_net_rx_deliver(n, qp, NULL, data, len);
+    if (rc == 0) {
+        vu_vq_flush(vq);
+        vu_vq_notify(vq);
+    }
+    vu_dev_unlock(vq->dev);
+    return rc;
+}
+
+/* Reads frames from the TAP into receive queue qp until it is empty. */
+static int tap_receive(struct vu_net_dev *n, uint32_t qp, struct vu_vq *vq)
+{
+    int fd = n->tap_fds[qp];
+    if (fd < 0)
+        return VU_HANDLED_NONE;
+    if (!n->bounce[qp]) {
+        n->bounce[qp] = malloc(VU_NET_MAX_FRAME + sizeof(struct vu_net_hdr));
+        if (!n->bounce[qp])
+            return VU_HANDLED_NONE;
+    }
+    uint8_t *buf = n->bounce[qp];
+    int got = 0;
+    for (int i = 0; i < NET_BATCH * 4; i++) {
+        ssize_t r = read(fd, buf, VU_NET_MAX_FRAME + n->hdr_len);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            break;     /* EAGAIN: drained */
+        }
+        if ((size_t)r < n->hdr_len + ETH_HLEN) {
+            rx_drop(n, qp, VU_NET_D_SHORT);
+            continue;
+        }
+        struct vu_net_hdr hdr;
+        memset(&hdr, 0, sizeof(hdr));
+        memcpy(&hdr, buf, n->hdr_len);
+        vu_net_rx_deliver(n, qp, &hdr, buf + n->hdr_len, (uint32_t)(r - n->hdr_len));
+        got++;
+    }
+    if (got) {
+        vu_vq_flush(vq);
+        vu_vq_notify(vq);
+    }
+    return got ? VU_HANDLED_SOME : VU_HANDLED_NONE;
+}
+
+/* Transmit ---------------------------------------------------------------------- */
+
+static struct vu_net_frame *qp_frames(struct vu_net_dev *n, uint32_t qp, uint32_t size)
+{
+    if (n->frames_num[qp] < size) {
+        for (uint32_t j = 0; j < n->frames_num[qp]; j++)
+            free(n->frames[qp][j].iov);
+        free(n->frames[qp]);
+        n->frames[qp] = calloc(size, sizeof(struct vu_net_frame));
+        n->frames_num[qp] = n->frames[qp] ? size : 0;
+    }
+    return n->frames[qp];
+}
+
+/* frame->iov = e's readable bytes after the header. */
+static int frame_iov(struct vu_net_frame *f, struct vu_elem *e, uint32_t skip)
+{
+    if (f->iov_cap < e->out_num) {
+        struct iovec *p = realloc(f->iov, e->out_num * sizeof(*p));
+        if (!p)
+            return -1;
+        f->iov = p;
+        f->iov_cap = e->out_num;
+    }
+    f->niov = 0;
+    for (uint32_t i = 0; i < e->out_num; i++) {
+        if (skip >= e->iov[i].iov_len) {
+            skip -= (uint32_t)e->iov[i].iov_len;
+            continue;
+        }
+        f->iov[f->niov].iov_base = (uint8_t *)e->iov[i].iov_base + skip;
+        f->iov[f->niov].iov_len = e->iov[i].iov_len - skip;
+        f->niov++;
+        skip = 0;
+    }
+    return 0;
+}
+
+static int transmit(struct vu_net_dev *n, struct vu_vq *vq, uint32_t qp)
+{
+    struct vu_net_stats *st = &n->stats[qp];
+    struct vu_net_frame *frames = n->backend == VU_NET_BACKEND_PYTHON ? qp_frames(n, qp, vq->size) : NULL;
+    struct vu_net_frame *batch[NET_BATCH];
+    bool did = false;
+    for (int round = 0; round < NET_ROUNDS; round++) {
+        vu_vq_set_notification(vq, false);
+        int cnt = 0, nbatch = 0, rc = 0;
+        struct vu_elem *e;
+        while (cnt < NET_BATCH && (rc = vu_vq_pop(vq, &e)) == 1) {
+            cnt++;
+            struct vu_net_hdr hdr;
+            int why = vq->enabled ? vu_net_check_tx(n, e, &hdr) : VU_NET_D_DISABLED;
+            if (!why) {
+                uint32_t len = (uint32_t)(e->out_len - n->hdr_len);
+                if (n->backend == VU_NET_BACKEND_TAP) {
+                    /* header and frame as the guest laid them out: the TAP
+                     * takes the same virtio-net header (IFF_VNET_HDR) */
+                    if (n->tap_fds[qp] < 0 || writev(n->tap_fds[qp], e->iov, (int)e->out_num) < 0)
+                        why = VU_NET_D_IO;
+                } else if (frames && frame_iov(&frames[e->slot], e, n->hdr_len) == 0) {
+                    struct vu_net_frame *f = &frames[e->slot];
+                    f->elem = e;
+                    f->hdr = hdr;
+                    f->len = len;
+                    batch[nbatch++] = f;
+                    continue;       /* pushed after the Python batch */
+                } else {
+                    why = VU_NET_D_IO;
+                }
+                if (!why) {
+                    st->tx_packets++;
+                    st->tx_bytes += len;
+                }
+            }
+            if (why)
+                st->tx_dropped[why]++;
+            vu_vq_push(vq, e, 0);
+        }
+        if (nbatch) {
+            vu_net_py_tx(n->py_ctx, qp, batch, nbatch);
+            for (int i = 0; i < nbatch; i++) {
+                st->tx_packets++;
+                st->tx_bytes += batch[i]->len;
+                vu_vq_push(vq, batch[i]->elem, 0);
+            }
+        }
+        if (cnt) {
+            did = true;
+            vu_vq_flush(vq);
+            vu_vq_notify(vq);
+        }
+        if (rc < 0)
+            return VU_HANDLED_SOME;
+        if (cnt == NET_BATCH)
+            continue;
+        if (!vu_vq_set_notification(vq, true))
+            return did ? VU_HANDLED_SOME : VU_HANDLED_NONE;
+    }
+    return VU_HANDLED_MORE;
+}
+
+int vu_net_handler(void *ctx, struct vu_vq *vq)
+{
+    struct vu_net_dev *n = ctx;
+    uint32_t qp = vq->index / 2;
+    if (qp >= VU_NET_MAX_QP)
+        return VU_HANDLED_NONE;
+    if (vq->index % 2 == 0) {
+        /* Receive queue: remember it for deliveries; pull from the TAP. */
+        n->rxq[qp] = vq;
+        if (n->backend == VU_NET_BACKEND_TAP && n->tap_fds[qp] >= 0 &&
+            n->tap_worker[qp] != vq->worker && vq->worker) {
+            if (vu_worker_add_event_fd(vq->worker, vq, n->tap_fds[qp]) == 0)
+                n->tap_worker[qp] = vq->worker;
+        }
+        if (n->backend == VU_NET_BACKEND_TAP)
+            return tap_receive(n, qp, vq);
+        return VU_HANDLED_NONE;
+    }
+    /* Transmit queue: a disabled one still drains and drops what it is given. */
+    if (vq->broken)
+        return VU_HANDLED_NONE;
+    return transmit(n, vq, qp);
+}

@@ -1,0 +1,79 @@
+/* virtio-net: header validation, transmit and receive paths, TAP I/O. */
+#ifndef VU_NET_H
+#define VU_NET_H
+
+#include "vu_queue.h"
+
+#define VU_NET_MAX_QP 16
+#define VU_NET_MAX_FRAME 65550        /* 64 KiB GSO frame + Ethernet header */
+
+enum { VU_NET_BACKEND_TAP = 0, VU_NET_BACKEND_PYTHON = 1 };
+
+/* Why a frame was dropped. */
+enum vu_net_drop {
+    VU_NET_D_NONE = 0, VU_NET_D_SHORT, VU_NET_D_TOO_LONG, VU_NET_D_BAD_GSO,
+    VU_NET_D_BAD_CSUM, VU_NET_D_DISABLED, VU_NET_D_NO_BUFFERS, VU_NET_D_IO,
+    VU_NET_D__COUNT
+};
+
+struct vu_net_hdr {             /* struct virtio_net_hdr_v1 */
+    uint8_t flags;
+    uint8_t gso_type;
+    uint16_t hdr_len;
+    uint16_t gso_size;
+    uint16_t csum_start;
+    uint16_t csum_offset;
+    uint16_t num_buffers;
+};
+
+struct vu_net_stats {
+    uint64_t tx_packets, tx_bytes, rx_packets, rx_bytes;
+    uint64_t tx_dropped[VU_NET_D__COUNT];
+    uint64_t rx_dropped[VU_NET_D__COUNT];
+};
+
+/* A validated transmitted frame handed to a Python back-end. */
+struct vu_net_frame {
+    struct vu_elem *elem;
+    struct vu_net_hdr hdr;
+    struct iovec *iov;          /* the frame without the virtio-net header */
+    uint32_t niov, iov_cap;
+    uint32_t len;
+};
+
+struct vu_net_dev {
+    int backend;
+    uint32_t hdr_len;           /* 12 (VERSION_1 or MRG_RXBUF), else 10 */
+    uint32_t mtu;               /* largest L3 payload of a non-GSO frame */
+    bool mrg_rxbuf;
+    bool host_csum, host_tso4, host_tso6, host_ecn, host_ufo;   /* negotiated */
+    int tap_fds[VU_NET_MAX_QP];
+    void *py_ctx;
+    struct vu_vq *rxq[VU_NET_MAX_QP];   /* the current session's receive queues */
+    pthread_mutex_t rx_lock[VU_NET_MAX_QP];  /* one frame at a time per receive queue */
+    uint8_t *bounce[VU_NET_MAX_QP];     /* receive staging, one per queue pair */
+    struct vu_worker *tap_worker[VU_NET_MAX_QP];
+    struct vu_net_frame *frames[VU_NET_MAX_QP];
+    uint32_t frames_num[VU_NET_MAX_QP];
+    struct vu_net_stats stats[VU_NET_MAX_QP];
+};
+
+struct vu_net_dev *vu_net_new(int backend);
+void vu_net_free(struct vu_net_dev *n);
+/* After SET_FEATURES: header size and what the guest may send. */
+void vu_net_set_features(struct vu_net_dev *n, uint64_t features);
+
+/* Validates a transmitted chain: 0 and *hdr filled, or a vu_net_drop. */
+int vu_net_check_tx(struct vu_net_dev *n, struct vu_elem *e, struct vu_net_hdr *hdr);
+/* Puts one frame (header + data) into receive queue qp's buffers. The
+ * caller flushes and notifies. Returns 0 or a vu_net_drop (counted). */
+int vu_net_rx_deliver(struct vu_net_dev *n, uint32_t qp, const struct vu_net_hdr *hdr,
+                      const uint8_t *data, uint32_t len);
+/* Same, from any thread: takes the device lock, flushes and notifies. */
+int vu_net_inject(struct vu_net_dev *n, uint32_t qp, const uint8_t *data, uint32_t len);
+
+/* Queue handler for the worker (ctx = struct vu_net_dev *): even queues
+ * receive, odd queues transmit. */
+int vu_net_handler(void *ctx, struct vu_vq *vq);
+
+#endif

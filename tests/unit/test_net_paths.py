@@ -1,0 +1,140 @@
+"""virtio-net data path in C (csrc/vu_net.c), virtio 1.4 5.1.6: transmitted
+headers are validated and bad frames dropped and counted; received frames
+fill guest buffers with a correct header (num_buffers with mergeable
+buffers); no room means drop and count, with the buffers left for later."""
+import struct
+
+import pytest
+
+from vhostuser.native import ffi, lib
+from vhostuser.net.backends import NetBackend
+from vhostuser.net.device import NetDevice
+from vhostuser.net.spec import GSO_TCPV4, HDR, HDR_F_NEEDS_CSUM, NetFeature
+from vhostuser.protocol import Feature, bit, bits
+from vhostuser.testing.ringlab import Lab
+
+D = {name: getattr(lib, f"VU_NET_D_{name}") for name in
+     ("SHORT", "TOO_LONG", "BAD_GSO", "BAD_CSUM", "DISABLED", "NO_BUFFERS")}
+
+
+class Recorder(NetBackend):
+    def __init__(self):
+        super().__init__()
+        self.frames = []
+
+    def transmit(self, queue_pair, frames):
+        self.frames += [(queue_pair, f.header, f.tobytes()) for f in frames]
+
+
+@pytest.fixture
+def lab():
+    lab = Lab(nqueues=2, size=64)
+    for q in range(2):
+        lab.vq(q).enabled = True
+    yield lab
+    lab.close()
+
+
+@pytest.fixture
+def dev(lab):
+    backend = Recorder()
+    d = NetDevice(backend, mtu=1500)
+    features = bits(Feature.VERSION_1, NetFeature.MRG_RXBUF, NetFeature.CSUM)
+    d.on_features(features)
+    d._net.rxq[0] = lab.vq(0)
+    yield d
+    d._net.rxq[0] = ffi.NULL
+    d.close()
+
+
+def frame(n=60):
+    return bytes(range(256)) * (n // 256) + bytes(range(n % 256))
+
+
+def tx(lab, dev, header: bytes, payload: bytes):
+    gpa = lab.alloc(len(header) + len(payload))
+    lab.write(gpa, header + payload)
+    head = lab.add_split_chain(1, [(gpa, len(header) + len(payload), False)])
+    lab.publish_split(1, [head])
+    lib.vu_net_handler(dev._net, lab.vq(1))
+    return lab.used_split(1)
+
+
+def test_valid_frame_reaches_python_backend_without_header(lab, dev):
+    hdr = HDR.pack(0, 0, 0, 0, 0, 0, 0)
+    used = tx(lab, dev, hdr, frame(100))
+    assert len(used) == 1 and used[0][1] == 0
+    assert dev.backend.frames == [(0, hdr, frame(100))]
+    assert dev.stats()["tx_packets"] == 1
+
+
+@pytest.mark.parametrize("header,payload,reason", [
+    (b"\0" * 8, b"", "SHORT"),                                        # shorter than the header
+    (HDR.pack(0, 0, 0, 0, 0, 0, 0), b"\0" * 10, "SHORT"),             # not even an Ethernet header
+    (HDR.pack(0, 0, 0, 0, 0, 0, 0), b"\0" * 1600, "TOO_LONG"),        # over MTU without GSO
+    (HDR.pack(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16, 0), b"\0" * 3000, "BAD_GSO"),  # TSO not negotiated
+    (HDR.pack(0, 7, 0, 0, 0, 0, 0), b"\0" * 60, "BAD_GSO"),           # unknown GSO type
+    (HDR.pack(HDR_F_NEEDS_CSUM, 0, 0, 0, 50, 16, 0), b"\0" * 60, "BAD_CSUM"),  # csum beyond frame
+])
+def test_bad_frames_are_dropped_counted_and_the_queue_goes_on(lab, dev, header, payload, reason):
+    used = tx(lab, dev, header, payload)
+    assert len(used) == 1                      # the chain is returned
+    assert dev.backend.frames == []
+    assert dev.stats()[f"tx_dropped_{reason.lower()}"] == 1
+    assert not lab.vq(1).broken
+    tx(lab, dev, HDR.pack(0, 0, 0, 0, 0, 0, 0), frame())
+    assert len(dev.backend.frames) == 1
+
+
+def test_disabled_tx_ring_drops_what_it_is_given(lab, dev):
+    lab.vq(1).enabled = False
+    used = tx(lab, dev, HDR.pack(0, 0, 0, 0, 0, 0, 0), frame())
+    assert len(used) == 1 and dev.backend.frames == []
+    assert dev.stats()["tx_dropped_disabled"] == 1
+
+
+def post_rx(lab, sizes):
+    gpas = []
+    heads = []
+    for n in sizes:
+        g = lab.alloc(n)
+        gpas.append(g)
+        heads.append(lab.add_split_chain(0, [(g, n, True)]))
+    lab.publish_split(0, heads)
+    return gpas
+
+
+def test_mergeable_receive_spreads_a_frame_over_buffers(lab, dev):
+    gpas = post_rx(lab, [512, 512, 512, 512])
+    data = frame(1400)
+    assert dev.inject(data)
+    used = lab.used_split(0)
+    assert [u[1] for u in used] == [512, 512, 1400 + 12 - 1024]   # header in the first buffer
+    hdr = HDR.unpack(lab.read(gpas[0], 12))
+    assert hdr[6] == 3                                      # num_buffers
+    got = lab.read(gpas[0] + 12, 500) + lab.read(gpas[1], 512) + lab.read(gpas[2], 388)
+    assert got == data
+    assert dev.stats()["rx_packets"] == 1
+
+
+def test_no_buffers_drops_and_counts(lab, dev):
+    assert not dev.inject(frame())
+    assert dev.stats()["rx_dropped_no_buffers"] == 1
+
+
+def test_frame_that_does_not_fit_leaves_buffers_for_the_next(lab, dev):
+    dev.on_features(bit(Feature.VERSION_1))                 # no mergeable buffers
+    post_rx(lab, [256, 2048])
+    assert not dev.inject(frame(1000))                      # first buffer too small
+    assert dev.stats()["rx_dropped_too_long"] == 1
+    assert lab.used_split(0) == []                          # nothing consumed
+    assert dev.inject(frame(200))                           # fits the same first buffer
+    assert [u[1] for u in lab.used_split(0)] == [212]
+
+
+def test_disabled_rx_ring_receives_nothing(lab, dev):
+    post_rx(lab, [2048])
+    lab.vq(0).enabled = False
+    assert not dev.inject(frame())
+    assert dev.stats()["rx_dropped_disabled"] == 1
+    assert lab.used_split(0) == []

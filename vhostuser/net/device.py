@@ -1,0 +1,167 @@
+"""The virtio-net device: features, config space, and who moves the frames."""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+
+from ..dataplane import NativeHandler
+from ..device import Device
+from ..errors import ProtocolError
+from ..native import ffi, lib
+from ..protocol import ProtocolFeature, bit, bits
+from ..queue import Queue
+from .backends import Frame, NetBackend, TapBackend
+from .spec import STATUS_LINK_UP, NetFeature, pack_config
+
+log = logging.getLogger(__name__)
+
+F = NetFeature
+#: what a TAP with IFF_VNET_HDR carries end to end
+TAP_OFFLOADS = (F.CSUM, F.GUEST_CSUM, F.HOST_TSO4, F.HOST_TSO6, F.HOST_ECN,
+                F.GUEST_TSO4, F.GUEST_TSO6, F.GUEST_ECN)
+DROP_REASONS = ["none", "short", "too_long", "bad_gso", "bad_csum", "disabled", "no_buffers", "io"]
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """A RARP request announcing mac (what QEMU sends after migration)."""
+    eth = b"\xff" * 6 + mac + struct.pack("!H", 0x8035)
+    body = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 3) + mac + bytes(4) + mac + bytes(4)
+    return (eth + body).ljust(60, b"\0")
+
+
+class NetDevice(Device):
+    """A virtio-net interface served from a TAP or a Python back-end."""
+
+    device_id = 1
+
+    def __init__(self, backend: TapBackend | NetBackend, *, queue_pairs: int = 1,
+                 mac: bytes = b"\x52\x54\x00\x12\x34\x56", mtu: int = 1500, poll_us: int = 0):
+        if not 1 <= queue_pairs <= 16:
+            raise ValueError(f"queue pairs must be 1..16, not {queue_pairs}")
+        if not 68 <= mtu <= 65535:
+            raise ValueError(f"MTU must be 68..65535, not {mtu}")
+        super().__init__(2 * queue_pairs, poll_us=poll_us)
+        self.backend = backend
+        self.queue_pairs = queue_pairs
+        self.mac = mac
+        if isinstance(backend, TapBackend):
+            kind = lib.VU_NET_BACKEND_TAP
+            if not backend.fds:
+                backend.open()
+        elif isinstance(backend, NetBackend):
+            kind = lib.VU_NET_BACKEND_PYTHON
+            backend.device = self
+        else:
+            raise TypeError(f"not a network back-end: {backend!r}")
+        self._kind = kind
+        self._net = lib.vu_net_new(kind)
+        if self._net == ffi.NULL:
+            raise MemoryError("vu_net_new")
+        self._handle = ffi.new_handle(self)
+        self._net.py_ctx = self._handle
+        self._net.mtu = mtu
+        if kind == lib.VU_NET_BACKEND_TAP:
+            for i, fd in enumerate(backend.fds):
+                self._net.tap_fds[i] = fd
+        self._attach_lock = threading.Lock()   # inject vs. session teardown
+
+    @property
+    def mtu(self) -> int:
+        return self._net.mtu
+
+    # -- negotiation -----------------------------------------------------------
+    def device_features(self) -> int:
+        wanted = [F.MAC, F.MTU, F.STATUS, F.MRG_RXBUF, F.GUEST_ANNOUNCE]
+        if self.queue_pairs > 1:
+            wanted.append(F.MQ)
+        # Offloads only where the back-end honours them: a Python back-end
+        # gets plain, fully checksummed frames.
+        if self._kind == lib.VU_NET_BACKEND_TAP:
+            wanted += TAP_OFFLOADS
+        return bits(*wanted)
+
+    def protocol_features(self) -> int:
+        return super().protocol_features() | bits(ProtocolFeature.MTU, ProtocolFeature.RARP)
+
+    def config_space(self) -> bytes:
+        return pack_config(self.mac, STATUS_LINK_UP, self.queue_pairs, self._net.mtu)
+
+    def on_features(self, features: int) -> None:
+        lib.vu_net_set_features(self._net, features)
+
+    def on_reset(self) -> None:
+        lib.vu_net_set_features(self._net, 0)
+
+    def set_mtu(self, mtu: int) -> None:
+        if not 68 <= mtu <= 65535:
+            raise ProtocolError("NET_SET_MTU", f"MTU {mtu} out of range")
+        self._net.mtu = mtu
+
+    def send_rarp(self, mac: bytes) -> None:
+        frame = rarp_frame(bytes(mac[:6]))
+        if self._kind == lib.VU_NET_BACKEND_TAP:
+            hdr = bytes(self._net.hdr_len)
+            os.write(self.backend.fds[0], hdr + frame)
+        else:
+            self.backend.transmit(0, [Frame([memoryview(frame)], bytes(12), len(frame))])
+
+    # -- serving -------------------------------------------------------------------
+    def queue_handler(self, queue: Queue):
+        if queue.index % 2 == 0:
+            with self._attach_lock:
+                self._net.rxq[queue.index // 2] = queue._vq
+        return NativeHandler(lib.vu_net_handler, self._net, keepalive=self)
+
+    def on_disconnect(self, session) -> None:
+        with self._attach_lock:
+            for i in range(self.queue_pairs):
+                self._net.rxq[i] = ffi.NULL
+        super().on_disconnect(session)
+
+    def inject(self, frame: bytes, queue_pair: int = 0) -> bool:
+        """Hands a frame to the guest on receive queue ``queue_pair``."""
+        if not 0 <= queue_pair < self.queue_pairs:
+            raise ValueError(f"queue pair {queue_pair} out of range")
+        with self._attach_lock:
+            if self._net.rxq[queue_pair] == ffi.NULL:
+                return False
+            return lib.vu_net_inject(self._net, queue_pair, frame, len(frame)) == 0
+
+    def stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for qp in range(self.queue_pairs):
+            s = self._net.stats[qp]
+            for name in ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes"):
+                total[name] = total.get(name, 0) + getattr(s, name)
+            for i, reason in enumerate(DROP_REASONS[1:], start=1):
+                total[f"tx_dropped_{reason}"] = total.get(f"tx_dropped_{reason}", 0) + s.tx_dropped[i]
+                total[f"rx_dropped_{reason}"] = total.get(f"rx_dropped_{reason}", 0) + s.rx_dropped[i]
+        return total
+
+    def close(self) -> None:
+        if self._net != ffi.NULL:
+            lib.vu_net_free(self._net)
+            self._net = ffi.NULL
+        self.backend.close()
+
+    def _python_transmit(self, qp: int, frames, n: int) -> None:
+        batch = []
+        for i in range(n):
+            f = frames[i]
+            views = [memoryview(ffi.buffer(f.iov[j].iov_base, f.iov[j].iov_len))
+                     for j in range(f.niov)]
+            header = bytes(ffi.buffer(ffi.addressof(f.hdr), 12))
+            batch.append(Frame(views, header, f.len))
+        self.backend.transmit(qp, batch)
+
+
+@ffi.def_extern()
+def vu_net_py_tx(ctx, qp, frames, n):
+    device: NetDevice = ffi.from_handle(ctx)
+    try:
+        device._python_transmit(qp, frames, n)
+    except Exception:
+        log.exception("Python network back-end failed on %d frames", n)
+    return 0
