@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..blk import BackendError, BlkDevice, BlockBackend, FileBackend, RamBackend
@@ -28,17 +29,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_backend_class(spec: str) -> type[BlockBackend]:
+def load_class(spec: str, base: type) -> type:
+    """MODULE:CLASS -> the class, which must subclass base."""
     module_name, sep, class_name = spec.partition(":")
     if not sep or not module_name or not class_name:
         raise common.UsageError(f"--backend wants MODULE:CLASS, not {spec!r}")
+    # Like `python -m`: the user's own modules in the current directory import.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
         cls = getattr(module, class_name)
     except (ImportError, AttributeError) as exc:
         raise common.UsageError(f"--backend {spec}: {exc}") from None
-    if not (isinstance(cls, type) and issubclass(cls, BlockBackend)):
-        raise common.UsageError(f"--backend {spec}: not a vhostuser.blk.BlockBackend subclass")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise common.UsageError(f"--backend {spec}: not a {base.__module__}.{base.__name__} "
+                                "subclass")
     return cls
 
 
@@ -48,17 +54,8 @@ def make_backend(args):
     if args.ramdisk:
         return RamBackend(common.parse_size(args.ramdisk), read_only=args.read_only)
     if args.backend:
-        cls = load_backend_class(args.backend)
-        opts = {}
-        for kv in args.backend_opt:
-            key, sep, value = kv.partition("=")
-            if not sep:
-                raise common.UsageError(f"--backend-opt wants KEY=VALUE, not {kv!r}")
-            opts[key.replace("-", "_")] = value
-        try:
-            return cls(**opts)
-        except Exception as exc:
-            raise common.UsageError(f"--backend {args.backend}: {exc}") from None
+        return common.instantiate(load_class(args.backend, BlockBackend), args.backend,
+                                  args.backend_opt)
     raise common.UsageError("one of --blk-file, --ramdisk or --backend is required")
 
 

@@ -113,3 +113,17 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise UsageError(f"size must be positive: {text!r}")
     return value
+
+
+def instantiate(cls: type, spec: str, options: list[str]):
+    """cls(**{KEY: VALUE}) from --backend-opt KEY=VALUE options."""
+    kwargs = {}
+    for kv in options:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise UsageError(f"--backend-opt wants KEY=VALUE, not {kv!r}")
+        kwargs[key.replace("-", "_")] = value
+    try:
+        return cls(**kwargs)
+    except Exception as exc:
+        raise UsageError(f"--backend {spec}: {exc}") from None
