@@ -60,6 +60,9 @@ class RamBackend:
     def size(self) -> int:
         return self.size_bytes
 
+    def close(self) -> None:
+        """The memory belongs to the device's C side; nothing to release here."""
+
 
 class BlockBackend:
     """Base class of storage back-ends written in Python.

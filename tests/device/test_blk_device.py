@@ -1,0 +1,206 @@
+"""The virtio-blk device end to end over a real vhost-user socket, driven by
+the library's front-end: C file back-end (io_uring and sync), RAM disk, the
+Python back-end API with the examples, read-only disks, resize."""
+import hashlib
+import os
+
+import pytest
+
+from examples.cow_overlay import CowOverlay
+from examples.sparse_dict import SparseDictDisk
+from examples.trace_disk import TracingDisk
+from vhostuser.blk import BlkDevice, BlkFeature, BlockBackend, FileBackend, RamBackend
+from vhostuser.frontend import BlkRequest, BlkStatus
+
+MIB = 1 << 20
+
+
+def pattern(seed: int, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        out += hashlib.sha256(f"{seed}:{len(out)}".encode()).digest()
+    return out[:n]
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(16 * MIB)
+    return path
+
+
+@pytest.mark.parametrize("aio", ["io_uring", "sync"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_file_backend_queue_depth_writes_land_in_the_image(blk_client, image, aio, packed):
+    dev = BlkDevice(FileBackend(str(image)), num_queues=2, aio=aio)
+    with blk_client(dev, queues=2, packed=packed) as (srv, blk):
+        assert blk.capacity == 16 * MIB // 512
+        writes = [BlkRequest.write(i * 16, pattern(i, 4096)) for i in range(32)]
+        assert all(r.ok for r in blk.execute(writes, depth=32))
+        blk.flush(queue=1)
+        reads = blk.execute([BlkRequest.read(i * 16, 4096) for i in range(32)], queue=1, depth=16)
+        assert [r.data for r in reads] == [pattern(i, 4096) for i in range(32)]
+        # GET_VRING_BASE stops the ring where the driver's index stands
+        # (packed: bit 15 carries the wrap counter, still 1 in the first lap)
+        assert blk.fe.get_vring_base(0) == 32 | (0x8000 if packed else 0)
+    data = image.read_bytes()
+    for i in range(32):
+        assert data[i * 8192:i * 8192 + 4096] == pattern(i, 4096)
+
+
+def test_out_of_range_and_unknown_requests_keep_the_device_serving(blk_client):
+    with blk_client(BlkDevice(RamBackend(MIB))) as (srv, blk):
+        bad = blk.execute([BlkRequest.read(2048, 512), BlkRequest(type=99),
+                           BlkRequest.read(2**63, 512), BlkRequest.write(2047, b"x" * 1024)])
+        assert [r.status for r in bad] == [BlkStatus.IOERR, BlkStatus.UNSUPP,
+                                           BlkStatus.IOERR, BlkStatus.IOERR]
+        blk.write(0, b"a" * 512)
+        assert blk.read(0, 512) == b"a" * 512
+
+
+def test_discard_and_write_zeroes_read_back_zeroes(blk_client, image):
+    with blk_client(BlkDevice(FileBackend(str(image)))) as (srv, blk):
+        blk.write(0, b"\xff" * 65536)
+        blk.discard([(0, 16)])
+        blk.write_zeroes([(32, 8)], unmap=True)
+        blk.write_zeroes([(64, 8)])
+        got = blk.read(0, 65536)
+        assert got[:8192] == bytes(8192) and got[8192:16384] == b"\xff" * 8192
+        assert got[16384:20480] == bytes(4096) and got[32768:36864] == bytes(4096)
+    assert image.read_bytes()[:8192] == bytes(8192)
+
+
+def test_read_only_disk_refuses_writes_and_offers_no_write_features(blk_client, image):
+    image.write_bytes(b"\x11" * MIB)
+    dev = BlkDevice(FileBackend(str(image), read_only=True))
+    features = dev.features()
+    assert features & (1 << BlkFeature.RO)
+    for f in (BlkFeature.DISCARD, BlkFeature.WRITE_ZEROES, BlkFeature.CONFIG_WCE):
+        assert not features & (1 << f)
+    with blk_client(dev) as (srv, blk):
+        (w,) = blk.execute([BlkRequest.write(0, b"x" * 512)])
+        assert w.status == BlkStatus.IOERR
+        assert blk.read(0, 512) == b"\x11" * 512
+    assert image.read_bytes() == b"\x11" * MIB
+
+
+def test_resize_changes_capacity(blk_client):
+    dev = BlkDevice(RamBackend(MIB))
+    with blk_client(dev) as (srv, blk):
+        srv.call(dev.resize, 2 * MIB)
+        assert blk.read_config().capacity == 2 * MIB // 512
+        blk.write(4000, b"z" * 512)          # beyond the old end
+        assert blk.read(4000, 512) == b"z" * 512
+
+
+def test_serial_and_write_cache_toggle(blk_client, image):
+    dev = BlkDevice(FileBackend(str(image)), serial="disk-0042")
+    with blk_client(dev) as (srv, blk):
+        assert blk.get_id() == b"disk-0042"
+        assert blk.read_config().writeback == 1
+        blk.fe.set_config(32, b"\x00")         # guest switches to write-through
+        assert blk.read_config().writeback == 0
+        blk.write(0, b"w" * 512)               # completed = stable now
+        assert image.read_bytes()[:512] == b"w" * 512
+
+
+# ---- Python back-ends --------------------------------------------------------
+
+def test_sparse_dict_example(blk_client):
+    backend = SparseDictDisk(size=4 * MIB)
+    with blk_client(BlkDevice(backend)) as (srv, blk):
+        blk.write(8, pattern(1, 8192))
+        assert blk.read(8, 8192) == pattern(1, 8192)
+        assert blk.read(4096, 512) == bytes(512)
+        blk.discard([(8, 16)])
+        assert blk.read(8, 8192) == bytes(8192)
+    assert backend.blocks == {}              # the whole 8 KiB was forgotten
+
+
+def test_cow_overlay_example_never_touches_the_base(blk_client, tmp_path):
+    base = tmp_path / "base.img"
+    base.write_bytes(pattern(7, MIB))
+    overlay = tmp_path / "overlay.img"
+    backend = CowOverlay(base=str(base), overlay=str(overlay))
+    with blk_client(BlkDevice(backend)) as (srv, blk):
+        assert blk.read(0, 4096) == pattern(7, MIB)[:4096]
+        blk.write(1, b"N" * 1024)            # sectors 1 and 2 only
+        got = blk.read(0, 4096)
+        assert got[:512] == pattern(7, MIB)[:512]
+        assert got[512:1536] == b"N" * 1024
+        assert got[1536:] == pattern(7, MIB)[1536:4096]
+        blk.flush()
+    assert base.read_bytes() == pattern(7, MIB)
+    assert (tmp_path / "overlay.img.map").exists()
+
+
+def test_trace_example_records_requests(blk_client, image, tmp_path):
+    trace = tmp_path / "trace.log"
+    backend = TracingDisk(image=str(image), trace=str(trace))
+    with blk_client(BlkDevice(backend)) as (srv, blk):
+        blk.write(4, b"t" * 1024)
+        blk.read(4, 1024)
+        blk.flush()
+    ops = [line.split()[1:4] for line in trace.read_text().splitlines()]
+    assert ops == [["write", "2048", "1024"], ["read", "2048", "1024"], ["flush", "0", "0"]]
+
+
+class AsyncDisk(BlockBackend):
+    """An async back-end: requests stay in flight while coroutines run."""
+
+    def __init__(self):
+        self.data = bytearray(MIB)
+        self.max_concurrent = 0
+        self._running = 0
+
+    def size(self):
+        return len(self.data)
+
+    async def read(self, offset, bufs):
+        import asyncio
+        self._running += 1
+        self.max_concurrent = max(self.max_concurrent, self._running)
+        await asyncio.sleep(0.01)
+        for b in bufs:
+            b[:] = self.data[offset:offset + len(b)]
+            offset += len(b)
+        self._running -= 1
+
+    async def write(self, offset, bufs):
+        for b in bufs:
+            self.data[offset:offset + len(b)] = b
+            offset += len(b)
+
+
+class FailingDisk(BlockBackend):
+    def size(self):
+        return MIB
+
+    def read(self, offset, bufs):
+        raise OSError("medium error")
+
+    def write(self, offset, bufs):
+        pass
+
+
+def test_async_python_backend_runs_requests_concurrently(blk_client):
+    backend = AsyncDisk()
+    with blk_client(BlkDevice(backend)) as (srv, blk):
+        blk.write(0, pattern(3, 8192))
+        reads = blk.execute([BlkRequest.read(i * 2, 1024) for i in range(8)], depth=8)
+        assert [r.data for r in reads] == [pattern(3, 8192)[i * 1024:(i + 1) * 1024] for i in range(8)]
+    assert backend.max_concurrent > 1
+
+
+def test_python_backend_exception_is_an_io_error(blk_client):
+    with blk_client(BlkDevice(FailingDisk())) as (srv, blk):
+        (r,) = blk.execute([BlkRequest.read(0, 512)])
+        assert r.status == BlkStatus.IOERR
+        blk.write(0, b"still serving".ljust(512))
+
+
+def test_python_backend_without_discard_does_not_offer_it():
+    dev = BlkDevice(FailingDisk())
+    assert not dev.features() & (1 << BlkFeature.DISCARD)
+    assert BlkDevice(SparseDictDisk()).features() & (1 << BlkFeature.DISCARD)
