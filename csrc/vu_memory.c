@@ -57,7 +57,11 @@ int vu_mem_add_region(struct vu_mem *mem, uint64_t gpa, uint64_t size,
     if (mem->nregions >= VU_MAX_REGIONS)
         return -VU_ERR_TOO_MANY_REGIONS;
     for (uint32_t i = 0; i < mem->nregions; i++) {
-        const struct vu_region *r = &mem->regions[i];
+        struct vu_region *r = &mem->regions[i];
+        if (r->gpa == gpa && r->size == size && r->uva == uva && r->mmap_offset == mmap_offset) {
+            r->refs++;
+            return 0;
+        }
         if (ranges_overlap(gpa, size, r->gpa, r->size) ||
             ranges_overlap(uva, size, r->uva, r->size))
             return -VU_ERR_REGION_OVERLAP;
@@ -83,6 +87,7 @@ int vu_mem_add_region(struct vu_mem *mem, uint64_t gpa, uint64_t size,
     mem->regions[pos] = (struct vu_region){
         .gpa = gpa, .size = size, .uva = uva, .mmap_offset = mmap_offset,
         .host = (uint8_t *)base + slack, .map_base = base, .map_len = map_len,
+        .refs = 1,
     };
     mem->nregions++;
     mem->last_hit = 0;
@@ -94,6 +99,8 @@ int vu_mem_remove_region(struct vu_mem *mem, uint64_t gpa, uint64_t size)
     for (uint32_t i = 0; i < mem->nregions; i++) {
         struct vu_region *r = &mem->regions[i];
         if (r->gpa == gpa && r->size == size) {
+            if (--r->refs > 0)
+                return 0;
             unmap_region(r);
             memmove(&mem->regions[i], &mem->regions[i + 1],
                     (mem->nregions - i - 1) * sizeof(struct vu_region));

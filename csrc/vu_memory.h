@@ -13,6 +13,7 @@ struct vu_region {
     uint8_t *host;         /* our mapping of gpa */
     void *map_base;        /* what mmap returned (mapping starts at offset 0 of the page) */
     size_t map_len;
+    uint32_t refs;         /* identical ADD_MEM_REGs seen (QEMU sends one per vhost_dev) */
 };
 
 struct vu_mem {
@@ -28,9 +29,12 @@ struct vu_mem *vu_mem_new(void);
 void vu_mem_free(struct vu_mem *mem);
 /* Unmaps everything. */
 void vu_mem_clear(struct vu_mem *mem);
-/* Maps [mmap_offset, mmap_offset+size) of fd. Does not take ownership of fd. */
+/* Maps [mmap_offset, mmap_offset+size) of fd. Does not take ownership of fd.
+ * Adding a region identical to a mapped one only counts a reference: QEMU's
+ * multiqueue net sends each region once per queue pair on one connection. */
 int vu_mem_add_region(struct vu_mem *mem, uint64_t gpa, uint64_t size,
                       uint64_t uva, uint64_t mmap_offset, int fd);
+/* Drops a reference; unmaps with the last one. */
 int vu_mem_remove_region(struct vu_mem *mem, uint64_t gpa, uint64_t size);
 
 /* Host pointer for [gpa, gpa+len) if it lies wholly inside one region, else NULL. */

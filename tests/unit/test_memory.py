@@ -134,3 +134,17 @@ def test_bad_fd_and_zero_size_are_refused(mem):
     fd = os.open("/dev/null", os.O_RDONLY)
     assert lib.vu_mem_add_region(mem._mem, 0, PAGE, 0, 0, fd) == -lib.VU_ERR_MMAP
     os.close(fd)
+
+
+def test_identical_region_added_twice_is_counted_not_refused(mem):
+    # QEMU's multiqueue vhost-user-net sends every region once per queue pair
+    # over the same connection (one vhost_dev each).
+    region = MemRegion(0, PAGE, 0x10_0000, 0)
+    mem.add(region, memfd(PAGE, 0x5A))
+    mem.add(region, memfd(PAGE, 0x5A))
+    assert len(mem) == 1
+    mem.remove(region)
+    assert bytes(mem.view(0, 1)) == b"\x5a"     # still mapped: one reference left
+    mem.remove(region)
+    with pytest.raises(AddressError):
+        mem.view(0, 1)
