@@ -2,7 +2,6 @@
 the library's front-end: C file back-end (io_uring and sync), RAM disk, the
 Python back-end API with the examples, read-only disks, resize."""
 import hashlib
-import os
 
 import pytest
 

@@ -8,7 +8,6 @@ QEMU 7.2 segfaults under TCG with vhost-user net and MSI-X, hence
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess

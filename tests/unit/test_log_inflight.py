@@ -5,7 +5,7 @@ import os
 import struct
 
 from vhostuser.inflight import InflightArea, queue_region_size
-from vhostuser.native import ffi, lib
+from vhostuser.native import lib
 from vhostuser.protocol import Feature, bit
 from vhostuser.testing.ringlab import GPA_BASE, Lab
 

@@ -2,7 +2,6 @@
 headers are validated and bad frames dropped and counted; received frames
 fill guest buffers with a correct header (num_buffers with mergeable
 buffers); no room means drop and count, with the buffers left for later."""
-import struct
 
 import pytest
 

@@ -10,7 +10,7 @@ from ..dataplane import NativeHandler
 from ..device import Device
 from ..errors import ProtocolError
 from ..native import ffi, lib
-from ..protocol import ProtocolFeature, bit, bits
+from ..protocol import ProtocolFeature, bits
 from ..queue import Queue
 from .backends import Frame, NetBackend, TapBackend
 from .spec import STATUS_LINK_UP, NetFeature, pack_config
