@@ -41,7 +41,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import stat
 import struct
 import subprocess
@@ -54,6 +53,7 @@ from typing import Iterable, Sequence
 
 __all__ = [
     "BLK_WORKLOAD_BASIC",
+    "BLK_WORKLOAD_VERIFY",
     "BOOT_MARKER",
     "BlkDevice",
     "EXIT_MARKER",
@@ -70,13 +70,12 @@ __all__ = [
     "blk_workload_basic",
     "blk_workload_verify",
     "build_guest",
+    "default_cache_dir",
+    "main",
     "qemu_command",
     "run_guest",
     "sector_pattern",
 ]
-
-# Bump when the layout or content of a built kit changes, to invalidate caches.
-BUILD_FORMAT = 1
 
 #: Line printed by ``/init`` once the modules are loaded, followed by the
 #: guest's uptime in seconds.
@@ -224,25 +223,17 @@ export PATH=/sbin:/usr/sbin:/bin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mkdir -p /dev/pts /dev/shm
 mount -t tmpfs tmpfs /run
+# insmod binds the drivers to the devices, so /dev/vd* exist afterwards.
 while read -r ko; do
     insmod "$ko" || echo "init: insmod $ko failed"
 done < /etc/vhostuser-guest/modules
 ip link set lo up 2>/dev/null
-# Devices are probed asynchronously after insmod; give virtio a moment.
-for _ in 1 2 3 4 5 6 7 8 9 10; do
-    [ -n "$(ls /sys/bus/virtio/devices 2>/dev/null)" ] || break
-    ready=1
-    for d in /sys/bus/virtio/devices/*; do
-        [ -e "$d/driver" ] || ready=0
-    done
-    [ "$ready" = 1 ] && break
-    sleep 0.1
-done
 echo "{BOOT_MARKER} uptime=$(cut -d' ' -f1 /proc/uptime)"
 cd /root
-sh /workload.sh
+# Debian's busybox sh prefers its applets over $PATH (FEATURE_SH_STANDALONE);
+# tools.sh defines functions so the copied e2fsprogs/util-linux tools win.
+sh -c '. /etc/vhostuser-guest/tools.sh; . /workload.sh'
 rc=$?
 cd /
 sync
@@ -343,6 +334,7 @@ def build_guest(cache_dir: Path | str | None = None) -> GuestKit:
         kit_dir = cache / _kit_name(name, version)
         if not (kit_dir / "kit.json").exists():
             _build_kit(kit_dir, name, version)
+            _prune_other_kits(cache, kit_dir)
         return GuestKit.load(kit_dir)
 
 
@@ -358,9 +350,17 @@ def _locked(path: Path):
 
 
 def _kit_name(package: str, version: str) -> str:
-    recipe = json.dumps([BUILD_FORMAT, GUEST_MODULES, GUEST_TOOLS, _INIT_SCRIPT], sort_keys=True)
-    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    """Cache key: the kernel package plus this module's source, so any change
+    to the recipe (modules, tools, /init, build code) rebuilds the kit."""
+    digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
     return f"{package}_{version}_{digest}"
+
+
+def _prune_other_kits(cache: Path, keep: Path) -> None:
+    """Remove stale kits (~80 MB each) once a new one is in place."""
+    for meta in cache.glob("*/kit.json"):
+        if meta.parent != keep:
+            shutil.rmtree(meta.parent, ignore_errors=True)
 
 
 def _newest_cached_kit(cache: Path) -> GuestKit:
@@ -441,7 +441,6 @@ def _build_kit(kit_dir: Path, package: str, version: str) -> None:
             "vmlinux": has_vmlinux,
             "modules": [_module_name(path) for path in load_order],
             "builtin_modules": sorted(m for m in GUEST_MODULES if m in builtin),
-            "build_format": BUILD_FORMAT,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         (out / "kit.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -619,6 +618,12 @@ def _add_tools(cpio: _CpioWriter) -> None:
     for lib in sorted(libs):
         # Store at the path ldd printed (ld.so searches it), content from the real file.
         cpio.file(lib, Path(os.path.realpath(lib)).read_bytes(), 0o755)
+    # Names like mkfs.ext4 are no applets (and no valid function names).
+    functions = "".join(
+        f'{name}() {{ /sbin/{os.path.basename(binary)} "$@"; }}\n'
+        for binary, names in GUEST_TOOLS.items() for name in names if name.isidentifier()
+    )
+    cpio.file("etc/vhostuser-guest/tools.sh", functions.encode())
     for config in GUEST_CONFIG_FILES:
         if os.path.exists(config):
             cpio.file(config, Path(config).read_bytes())
@@ -670,7 +675,8 @@ class NetDevice:
     """A virtio-net-pci device on a vhost-user netdev.
 
     ``vectors=0`` (no MSI-X) is the default because QEMU 7.2 crashes under
-    TCG with vhost-user-net and MSI-X.
+    TCG with vhost-user-net and MSI-X; ``romfile=`` skips the iPXE option ROM,
+    which the guest never uses and which slows the firmware down.
     """
 
     socket: str
@@ -678,7 +684,7 @@ class NetDevice:
     mac: str | None = None
     reconnect: int | None = None
     server: bool = False
-    properties: dict = dataclasses.field(default_factory=lambda: {"vectors": 0})
+    properties: dict = dataclasses.field(default_factory=lambda: {"vectors": 0, "romfile": ""})
 
 
 def _chardev(chardev_id: str, socket: str, reconnect: int | None, server: bool) -> str:
@@ -862,12 +868,16 @@ class GuestProcess:
         self.qemu_log_path = self.run_dir / "qemu.log"
         self.qmp_path = self.run_dir / "qmp.sock"
         self.keep_files = keep_files
-        initrd = kit.initramfs_with(workload, self.run_dir / "initramfs.cpio")
-        self.command = qemu_command(
-            kit, initrd, serial_path=self.serial_path, qmp_path=self.qmp_path,
-            blk=blk, net=net, memory_mb=memory_mb, smp=smp, machine=machine,
-            cmdline_extra=cmdline_extra, extra_args=extra_args, pvh=pvh,
-        )
+        try:
+            initrd = kit.initramfs_with(workload, self.run_dir / "initramfs.cpio")
+            self.command = qemu_command(
+                kit, initrd, serial_path=self.serial_path, qmp_path=self.qmp_path,
+                blk=blk, net=net, memory_mb=memory_mb, smp=smp, machine=machine,
+                cmdline_extra=cmdline_extra, extra_args=extra_args, pvh=pvh,
+            )
+        except BaseException:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
         self.process: subprocess.Popen | None = None
         self._started_at = 0.0
 
@@ -925,7 +935,9 @@ class GuestProcess:
     def wait(self, timeout: float = DEFAULT_TIMEOUT) -> GuestResult:
         """Wait for the guest to power off and return its :class:`GuestResult`.
 
-        On timeout QEMU is killed and :class:`GuestTimeout` raised.
+        ``timeout`` counts from ``start()``.  On timeout QEMU is killed and
+        :class:`GuestTimeout` raised; if QEMU ends without the exit marker,
+        :class:`GuestBootFailed` or :class:`GuestCrashed` is raised.
         """
         if self.process is None:
             raise RuntimeError("GuestProcess.wait() before start()")
@@ -971,7 +983,7 @@ class GuestProcess:
     def kill(self) -> None:
         """Kill QEMU (SIGKILL) and reap it; harmless if it already ended."""
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
+            self.process.kill()
             self.process.wait()
 
     def close(self) -> None:
@@ -1132,10 +1144,10 @@ dwrite {discard_offset_mb} /tmp/fill.bin || fail "fill before discard"
 dwrite {zero_offset_mb} /tmp/fill.bin || fail "fill before write zeroes"
 [ "$(dread {discard_offset_mb} {region_mb} | sha)" = "$(sha < /tmp/fill.bin)" ] || fail "fill read-back"
 rm -f /tmp/fill.bin
-blkdiscard -o $(({discard_offset_mb} << 20)) -l $(({region_mb} << 20)) "$DEV" || fail blkdiscard
+blkdiscard -f -o $(({discard_offset_mb} << 20)) -l $(({region_mb} << 20)) "$DEV" || fail blkdiscard
 zero=0; [ "$(dread {discard_offset_mb} {region_mb} | sha)" = "$(zeros_sha {region_mb})" ] && zero=1
 echo "RESULT discard_zero=$zero"
-blkdiscard -z -o $(({zero_offset_mb} << 20)) -l $(({region_mb} << 20)) "$DEV" || fail "blkdiscard -z"
+blkdiscard -f -z -o $(({zero_offset_mb} << 20)) -l $(({region_mb} << 20)) "$DEV" || fail "blkdiscard -z"
 zero=0; [ "$(dread {zero_offset_mb} {region_mb} | sha)" = "$(zeros_sha {region_mb})" ] && zero=1
 echo "RESULT write_zeroes_zero=$zero"
 
@@ -1209,7 +1221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     kit = build_guest(args.cache_dir)
     if args.action == "build":
-        print(json.dumps({k: str(v) for k, v in dataclasses.asdict(kit).items()}, indent=2))
+        print(json.dumps(dataclasses.asdict(kit), indent=2, default=str))
         return 0
     workload = _NAMED_WORKLOADS.get(args.workload)
     if workload is None:

@@ -1,0 +1,161 @@
+"""The guest harness against a real vhost-user-blk back-end: qemu-storage-daemon.
+
+This proves the harness (kit, QEMU command line, workloads, result parsing)
+before the project's own back-end is run through the same workloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import time
+
+import pytest
+
+from vhostuser.testing import guest
+from vhostuser.testing.guest import BOOT_MARKER, MIB
+
+TAG = "qsd1"
+DIRECT_OFFSET_MB, DISCARD_OFFSET_MB, ZERO_OFFSET_MB, REGION_MB = 40, 48, 56, 4
+FILE_SECTORS = 4096
+ZEROS_SHA = hashlib.sha256(bytes(MIB)).hexdigest()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_image(path, offset_mb: int, size_mb: int) -> bytes:
+    with open(path, "rb") as image:
+        image.seek(offset_mb * MIB)
+        return image.read(size_mb * MIB)
+
+
+def debugfs_cat(image, name: str) -> bytes:
+    """Read a file out of the ext4 image without mounting it."""
+    done = subprocess.run(["debugfs", "-R", f"cat /{name}", str(image)], capture_output=True, check=True)
+    return done.stdout
+
+
+def test_boot_reports_exit_status(guest_kit):
+    """A device-less boot runs the workload and reports its exit code and RESULT lines."""
+    result = guest.run_guest(guest_kit, "echo RESULT answer=42 kernel=$(uname -r)\nexit 3\n", timeout=60)
+    assert result.exit_code == 3
+    assert result.results() == {"answer": "42", "kernel": guest_kit.kernel_version}
+    assert result.qemu_returncode == 0
+    assert result.boot_uptime is not None and result.boot_uptime < 30
+    with pytest.raises(guest.GuestWorkloadFailed, match="exited with 3"):
+        result.check()
+
+
+def test_pvh_boot(guest_kit):
+    """The decompressed kernel boots through PVH and loads the same modules."""
+    assert guest_kit.vmlinux is not None
+    result = guest.run_guest(guest_kit, "echo RESULT mods=$(lsmod | grep -c virtio)\n", pvh=True, timeout=60)
+    result.check()
+    assert int(result.results()["mods"]) >= 5
+
+
+def test_timeout_kills_qemu(guest_kit):
+    with guest.GuestProcess(guest_kit, "echo READY\nsleep 600\n", pvh=True) as vm:
+        vm.wait_for(r"^READY$", timeout=60)
+        with pytest.raises(guest.GuestTimeout) as info:
+            vm.wait(timeout=0.1)
+        assert not vm.running()
+    assert "READY" in info.value.serial_tail
+
+
+def test_missing_backend_is_boot_failure(guest_kit, sock_dir):
+    """QEMU refuses to start without its vhost-user server: a clear GuestBootFailed."""
+    with pytest.raises(guest.GuestBootFailed, match="Failed to connect") as info:
+        guest.run_guest(guest_kit, "true\n", blk_sockets=[sock_dir / "nobody.sock"], timeout=30)
+    assert "nobody.sock" in str(info.value)
+
+
+def test_qsd_started_after_qemu_with_reconnect(guest_kit, qsd, raw_image, sock_dir):
+    """With reconnect=1 QEMU waits for a late back-end instead of failing."""
+    sock = sock_dir / "late.sock"
+    workload = "echo RESULT first=$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | sha256sum | cut -c1-16)\n"
+    with guest.GuestProcess(guest_kit, workload, blk=[guest.BlkDevice(str(sock), reconnect=1)], pvh=True) as vm:
+        time.sleep(3)  # longer than a PVH boot: the guest would be up by now
+        assert vm.running() and BOOT_MARKER not in vm.serial
+        qsd(raw_image, sock=sock)
+        result = vm.wait(timeout=60)
+    result.check()
+    assert result.results()["first"] == sha(bytes(512))[:16]
+
+
+def test_qsd_blk_workload(guest_kit, qsd, raw_image):
+    """Full block workload on qsd, then check the image from the host and from a second boot.
+
+    smp=2 because virtio-blk uses at most one queue per guest CPU.
+    """
+    daemon = qsd(raw_image, num_queues=2)
+    workload = guest.blk_workload_basic(
+        TAG, direct_offset_mb=DIRECT_OFFSET_MB, discard_offset_mb=DISCARD_OFFSET_MB,
+        zero_offset_mb=ZERO_OFFSET_MB, region_mb=REGION_MB, file_sectors=FILE_SECTORS,
+    )
+    result = guest.run_guest(guest_kit, workload, blk_sockets=[daemon.sock], num_queues=2, smp=2, timeout=90)
+    result.check()
+    got = result.results()
+
+    file_sha = sha(guest.sector_pattern(f"{TAG}-file", FILE_SECTORS))
+    direct = guest.sector_pattern(f"{TAG}-direct", 2048)
+    assert got["done"] == "1"
+    assert int(got["size"]) == 64 * MIB
+    assert got["queues"] == "2"
+    assert got["fs_sha"] == file_sha
+    assert got["hello"] == f"hello_from_{TAG}"
+    assert got["direct_sha"] == got["direct_expected"] == sha(direct)
+    assert int(got["discard_max"]) > 0
+    assert got["discard_zero"] == "1"
+    assert got["write_zeroes_zero"] == "1"
+    assert got["cache_write_through"] == "write_through"
+    assert got["cache_write_back"] == "write_back"
+
+    daemon.stop()  # quiesce the image before looking at it from the host
+    assert read_image(raw_image, DIRECT_OFFSET_MB, 1) == direct
+    assert read_image(raw_image, DISCARD_OFFSET_MB, REGION_MB) == bytes(REGION_MB * MIB)
+    assert read_image(raw_image, ZERO_OFFSET_MB, REGION_MB) == bytes(REGION_MB * MIB)
+    assert sha(debugfs_cat(raw_image, "data.bin")) == file_sha
+    assert debugfs_cat(raw_image, "hello.txt") == f"hello from {TAG}\n".encode()
+    fsck = subprocess.run(["e2fsck", "-fn", str(raw_image)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+    second = qsd(raw_image, num_queues=1)
+    verify = guest.run_guest(
+        guest_kit, guest.blk_workload_verify(TAG, direct_offset_mb=DIRECT_OFFSET_MB),
+        blk_sockets=[second.sock], timeout=60, pvh=True,
+    )
+    verify.check()
+    again = verify.results()
+    assert again["fsck_rc"] == "0"
+    assert again["fs_sha"] == file_sha
+    assert again["hello"] == f"hello_from_{TAG}"
+    assert again["sha_write_back"] == got["sha_write_back"]
+    assert again["sha_write_through"] == got["sha_write_through"]
+    assert again["direct_sha"] == sha(direct)
+
+
+def test_qemu_command_devices(tmp_path):
+    """Device options on the QEMU command line (net is not booted here: no back-end yet)."""
+    kit = guest.GuestKit(
+        directory=tmp_path, kernel=tmp_path / "vmlinuz", vmlinux=None, initramfs=tmp_path / "base.cpio",
+        kernel_version="6.1.0-0-amd64", package="linux-image-6.1.0-0-amd64", package_version="0",
+        modules=(), builtin_modules=(),
+    )
+    with pytest.raises(ValueError, match="PVH"):
+        guest.qemu_command(kit, tmp_path / "initrd", serial_path=tmp_path / "serial", pvh=True)
+    cmd = guest.qemu_command(
+        kit, tmp_path / "initrd", serial_path=tmp_path / "serial", qmp_path=tmp_path / "qmp",
+        blk=[guest.BlkDevice("/s/blk", num_queues=2, reconnect=1, properties={"queue-size": 256})],
+        net=[guest.NetDevice("/s/net", queues=2), guest.NetDevice("/s/net1", server=True)],
+    )
+    line = " ".join(cmd)
+    assert "socket,id=vublkc0,path=/s/blk,reconnect=1" in line
+    assert "vhost-user-blk-pci,id=vublk0,chardev=vublkc0,num-queues=2,queue-size=256" in line
+    assert "vhost-user,id=vunet0,chardev=vunetc0,queues=2" in line
+    assert "virtio-net-pci,id=vunetdev0,netdev=vunet0,mac=52:54:00:12:34:56,mq=on,vectors=0,romfile=" in line
+    assert "socket,id=vunetc1,path=/s/net1,server=on,wait=on" in line
+    assert "memory-backend-memfd,id=mem,size=512M,share=on" in line
+    assert f"unix:{tmp_path / 'qmp'},server=on,wait=off" in line
