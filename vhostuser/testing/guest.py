@@ -368,7 +368,7 @@ def _newest_cached_kit(cache: Path) -> GuestKit:
     if not kits:
         raise GuestBuildError(
             "no linux-image-6.1.0-*-amd64 package known to apt and no cached guest "
-            f"in {cache}; run 'apt-get update' (see .ci/install-guest-deps.sh)"
+            f"in {cache}; run 'apt-get update' (./dev.sh setup installs it)"
         )
     return GuestKit.load(kits[-1].parent)
 
