@@ -222,3 +222,32 @@ def test_python_backend_example_serves_a_file_system(guest_kit, vhostuser_blk, t
     got = result.results()
     assert got["written"] == got["read"]
     assert server.stop() == 0
+
+
+RESIZE_WORKLOAD = """
+old=$(cat /sys/block/vda/size)
+echo "READY size=$old"
+i=0
+while [ "$(cat /sys/block/vda/size)" = "$old" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+echo "RESULT before=$old after=$(cat /sys/block/vda/size)"
+dd if=/dev/zero of=/dev/vda bs=512 seek=$(( $(cat /sys/block/vda/size) - 1 )) count=1 oflag=direct 2>/dev/null
+echo "RESULT last_sector_write=$?"
+"""
+
+
+def test_resize_of_a_running_disk_reaches_the_guest(guest_kit, vhostuser_blk, tmp_path):
+    """SIGHUP after growing the image: CONFIG_CHANGE_MSG over the back-end
+    channel, QEMU re-reads the config, the guest sees the new capacity."""
+    image = fresh_image(tmp_path, "grow.raw")
+    server = vhostuser_blk("--blk-file", str(image))
+    with guest.GuestProcess(guest_kit, RESIZE_WORKLOAD, blk=[guest.BlkDevice(str(server.sock))],
+                            pvh=True) as vm:
+        vm.wait_for(r"^READY size=", timeout=60)
+        with open(image, "r+b") as f:
+            f.truncate(96 * MIB)
+        server.process.send_signal(signal.SIGHUP)
+        result = vm.wait(timeout=60)
+    got = result.results()
+    assert got["before"] == str(64 * MIB // 512)
+    assert got["after"] == str(96 * MIB // 512)
+    assert got["last_sector_write"] == "0"

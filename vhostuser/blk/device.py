@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 
 
 from ..dataplane import NativeHandler
@@ -57,7 +58,7 @@ class BlkDevice(Device):
                 rc = lib.vu_blk_set_uring(self._blk, True)
                 if rc < 0:
                     log.warning("io_uring unavailable (%s); using synchronous I/O",
-                                __import__("os").strerror(-rc))
+                                os.strerror(-rc))
                 else:
                     self.aio = "io_uring"
         elif kind == lib.VU_BLK_BACKEND_RAM:
@@ -154,20 +155,24 @@ class BlkDevice(Device):
         if size_bytes is not None:
             if size_bytes <= 0 or size_bytes % SECTOR:
                 raise ValueError(f"size {size_bytes} is not a positive multiple of {SECTOR}")
-            if isinstance(self.backend, FileBackend):
-                import os
+            if not isinstance(self.backend, (FileBackend, RamBackend)):
+                raise ValueError("a Python back-end resizes itself, then calls resize()")
+
+        def apply() -> None:
+            if isinstance(self.backend, FileBackend) and size_bytes is not None:
                 os.ftruncate(self.backend.fd, size_bytes)
-            elif isinstance(self.backend, RamBackend):
+            elif isinstance(self.backend, RamBackend) and size_bytes is not None:
+                # mremap may move the disk: no worker may be inside it meanwhile
                 check(lib.vu_blk_set_ram(self._blk, size_bytes), "RAM disk resize")
                 self.backend.size_bytes = size_bytes
-            else:
-                raise ValueError("a Python back-end resizes itself, then calls resize()")
+            self._refresh_capacity()
+
         session = self.session
         if session is not None:
             with session.dataplane.locked():
-                self._refresh_capacity()
+                apply()
         else:
-            self._refresh_capacity()
+            apply()
         return self.notify_config_change()
 
     def stats(self) -> dict[str, int]:

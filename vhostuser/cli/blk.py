@@ -26,6 +26,8 @@ def parser() -> argparse.ArgumentParser:
                         "(in the queue worker)")
     p.add_argument("--num-queues", type=int, default=1, metavar="N")
     p.add_argument("--serial", default="vhostuser", metavar="S", help="GET_ID serial (20 bytes)")
+    p.epilog = ("SIGHUP re-reads the size of --blk-file and tells the guest (resize the "
+                "image first, e.g. with truncate); SIGTERM finishes requests in flight and exits.")
     return p
 
 
@@ -77,8 +79,19 @@ def main(argv: list[str] | None = None) -> int:
         except (BackendError, OSError) as exc:
             raise common.UsageError(str(exc)) from None
         server = common.make_server(args, device)
+
+        def resize() -> None:
+            # The image was grown or shrunk outside: tell the guest.
+            try:
+                told = device.resize()
+            except (OSError, ValueError) as exc:
+                common.log.error("resize failed: %s", exc)
+                return
+            common.log.warning("capacity now %d sectors%s", device.capacity,
+                               "" if told else " (no front-end channel to tell the guest)")
+
         try:
-            return common.run([server])
+            return common.run([server], on_sighup=resize)
         finally:
             device.close()
 

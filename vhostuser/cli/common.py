@@ -57,11 +57,13 @@ def make_server(args, device: Device) -> Server:
     return server
 
 
-async def _serve_until_sigterm(servers: list[Server]) -> None:
+async def _serve_until_sigterm(servers: list[Server], on_sighup=None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_sighup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
     tasks = [asyncio.create_task(s.serve()) for s in servers]
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -80,10 +82,11 @@ async def _serve_until_sigterm(servers: list[Server]) -> None:
     await asyncio.sleep(0)
 
 
-def run(servers: list[Server]) -> int:
+def run(servers: list[Server], *, on_sighup=None) -> int:
+    """Serves until SIGTERM/SIGINT; ``on_sighup`` runs on the loop for SIGHUP."""
     loop = new_event_loop()
     try:
-        loop.run_until_complete(_serve_until_sigterm(servers))
+        loop.run_until_complete(_serve_until_sigterm(servers, on_sighup))
     finally:
         loop.close()
     return 0
