@@ -6,3 +6,4 @@
 #include "vu_worker.h"
 #include "vu_blk.h"
 #include "vu_net.h"
+#include "vu_switch.h"

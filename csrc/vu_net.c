@@ -9,6 +9,7 @@
  * transmit side. */
 #include "vu_net.h"
 #include "vu_dev.h"
+#include "vu_switch.h"
 #include "vu_worker.h"
 
 #include <errno.h>
@@ -38,6 +39,7 @@ struct vu_net_dev *vu_net_new(int backend)
     n->backend = backend;
     n->hdr_len = sizeof(struct vu_net_hdr);
     n->mtu = 1500;
+    n->sw_port = -1;    /* not a switch port yet */
     for (int i = 0; i < VU_NET_MAX_QP; i++) {
         n->tap_fds[i] = -1;
         pthread_mutex_init(&n->rx_lock[i], NULL);
@@ -359,6 +361,9 @@ static int transmit(struct vu_net_dev *n, struct vu_vq *vq, uint32_t qp)
                      * takes the same virtio-net header (IFF_VNET_HDR) */
                     if (n->tap_fds[qp] < 0 || writev(n->tap_fds[qp], e->iov, (int)e->out_num) < 0)
                         why = VU_NET_D_IO;
+                } else if (n->backend == VU_NET_BACKEND_SWITCH) {
+                    /* the switch learns, forwards or floods it */
+                    why = vu_switch_tx(n, e->iov, e->out_num, n->hdr_len, len);
                 } else if (frames && frame_iov(&frames[e->slot], e, n->hdr_len) == 0) {
                     struct vu_net_frame *f = &frames[e->slot];
                     f->elem = e;

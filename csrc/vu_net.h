@@ -7,7 +7,8 @@
 #define VU_NET_MAX_QP 16
 #define VU_NET_MAX_FRAME 65550        /* 64 KiB GSO frame + Ethernet header */
 
-enum { VU_NET_BACKEND_TAP = 0, VU_NET_BACKEND_PYTHON = 1 };
+enum { VU_NET_BACKEND_TAP = 0, VU_NET_BACKEND_PYTHON = 1,
+       VU_NET_BACKEND_SWITCH = 2 /* a port of a struct vu_switch (vu_switch.h) */ };
 
 /* Why a frame was dropped. */
 enum vu_net_drop {
@@ -41,6 +42,8 @@ struct vu_net_frame {
     uint32_t len;
 };
 
+struct vu_switch;
+
 struct vu_net_dev {
     int backend;
     uint32_t hdr_len;           /* 12 (VERSION_1 or MRG_RXBUF), else 10 */
@@ -56,6 +59,9 @@ struct vu_net_dev {
     struct vu_net_frame *frames[VU_NET_MAX_QP];
     uint32_t frames_num[VU_NET_MAX_QP];
     struct vu_net_stats stats[VU_NET_MAX_QP];
+    /* VU_NET_BACKEND_SWITCH: set by vu_switch_add_port */
+    struct vu_switch *sw;
+    int sw_port;
 };
 
 struct vu_net_dev *vu_net_new(int backend);

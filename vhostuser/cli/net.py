@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
 
 from ..net import NetBackend, NetBackendError, NetDevice, TapBackend
 from ..net.spec import parse_mac
+from ..net.switch import MAX_PORTS, Switch, TapUplink, VxlanUplink
 from . import common
 from .blk import load_class
 
@@ -14,8 +16,15 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhostuser-net", description=__doc__)
     common.add_socket_options(p)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--tap", metavar="IFNAME", help="TAP interface (created if missing)")
+    src.add_argument("--tap", metavar="IFNAME",
+                     help="TAP interface (created if missing); with --switch, its uplink")
     src.add_argument("--backend", metavar="MODULE:CLASS", help="a Python NetBackend class")
+    src.add_argument("--vxlan", metavar="REMOTE:PORT[,vni=N][,local=ADDR:PORT]",
+                     help="VXLAN tunnel (RFC 7348, VNI 1 unless given) to another host; "
+                          "with --switch, its uplink")
+    p.add_argument("--switch", action="store_true",
+                   help="a built-in learning switch: one port per --socket-path (repeat it), "
+                        "MACs counting up from --mac")
     p.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="keyword argument for the --backend class (repeatable)")
     p.add_argument("--queues", type=int, default=1, metavar="N", help="queue pairs")
@@ -24,8 +33,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """With --switch, --socket-path may be repeated (one port each)."""
+    pre = argparse.ArgumentParser(prog="vhostuser-net", add_help=False, allow_abbrev=False)
+    pre.add_argument("--switch", action="store_true")
+    pre.add_argument("--socket-path", action="append", default=[])
+    known, rest = pre.parse_known_args(argv)
+    if not known.switch:
+        return parser().parse_args(argv)
+    args = parser().parse_args(rest + ["--switch"])
+    args.socket_path = known.socket_path + ([args.socket_path] if args.socket_path else [])
+    return args
+
+
+def port_mac(base: bytes, i: int) -> bytes:
+    """base + i in the low three bytes (the vendor prefix stays)."""
+    low = (int.from_bytes(base[3:], "big") + i) % (1 << 24)
+    return base[:3] + low.to_bytes(3, "big")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
     if args.print_capabilities:
         common.print_capabilities("net", [])
         return 0
@@ -38,7 +66,14 @@ def main(argv: list[str] | None = None) -> int:
             mac = parse_mac(args.mac)
         except ValueError as exc:
             raise common.UsageError(str(exc)) from None
-        if args.tap:
+        if args.switch:
+            return serve_switch(args, mac)
+        switch = None
+        if args.vxlan:
+            # one device with a tunnel: a switch with one port
+            switch = open_switch(None, args.vxlan)
+            backend = switch.port()
+        elif args.tap:
             backend = TapBackend(args.tap, queue_pairs=args.queues)
         elif args.backend:
             backend = common.instantiate(load_class(args.backend, NetBackend), args.backend,
@@ -49,14 +84,54 @@ def main(argv: list[str] | None = None) -> int:
             device = NetDevice(backend, queue_pairs=args.queues, mac=mac, mtu=args.mtu,
                                poll_us=args.poll)
         except (NetBackendError, ValueError, OSError) as exc:
+            if switch is not None:
+                switch.close()
             raise common.UsageError(str(exc)) from None
-        server = common.make_server(args, device)
         try:
+            server = common.make_server(args, device)
             return common.run([server])
         finally:
             device.close()
+            if switch is not None:
+                switch.close()
 
     return common.main_wrapper(start, "vhostuser-net")
+
+
+def open_switch(tap: str | None, vxlan: str | None) -> Switch:
+    try:
+        uplink = TapUplink(tap) if tap else VxlanUplink.parse(vxlan) if vxlan else None
+        return Switch(uplink)
+    except (NetBackendError, ValueError, OSError) as exc:
+        raise common.UsageError(str(exc)) from None
+
+
+def serve_switch(args, mac: bytes) -> int:
+    """--switch: one NetDevice per --socket-path, all ports of one switch."""
+    if args.fd is not None or args.connect is not None:
+        raise common.UsageError("--switch serves --socket-path sockets only")
+    if args.backend:
+        raise common.UsageError("--switch and --backend don't go together")
+    if not 1 <= len(args.socket_path) <= MAX_PORTS:
+        raise common.UsageError(f"--switch needs 1..{MAX_PORTS} --socket-path options")
+    switch = open_switch(args.tap, args.vxlan)
+    devices = []
+    try:
+        for i in range(len(args.socket_path)):
+            try:
+                devices.append(NetDevice(switch.port(), queue_pairs=args.queues,
+                                         mac=port_mac(mac, i), mtu=args.mtu, poll_us=args.poll))
+            except (NetBackendError, ValueError, OSError) as exc:
+                raise common.UsageError(str(exc)) from None
+        servers = []
+        for path, device in zip(args.socket_path, devices):
+            where = types.SimpleNamespace(socket_path=path, fd=None, connect=None)
+            servers.append(common.make_server(where, device))
+        return common.run(servers)
+    finally:
+        for device in devices:
+            device.close()
+        switch.close()
 
 
 if __name__ == "__main__":

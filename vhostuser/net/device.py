@@ -14,6 +14,7 @@ from ..protocol import ProtocolFeature, bits
 from ..queue import Queue
 from .backends import Frame, NetBackend, TapBackend
 from .spec import STATUS_LINK_UP, NetFeature, pack_config
+from .switch import SwitchPort
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,12 @@ def rarp_frame(mac: bytes) -> bytes:
 
 
 class NetDevice(Device):
-    """A virtio-net interface served from a TAP or a Python back-end."""
+    """A virtio-net interface served from a TAP, a Python back-end or a
+    port of a :class:`~vhostuser.net.switch.Switch`."""
 
     device_id = 1
 
-    def __init__(self, backend: TapBackend | NetBackend, *, queue_pairs: int = 1,
+    def __init__(self, backend: TapBackend | NetBackend | SwitchPort, *, queue_pairs: int = 1,
                  mac: bytes = b"\x52\x54\x00\x12\x34\x56", mtu: int = 1500, poll_us: int = 0):
         if not 1 <= queue_pairs <= 16:
             raise ValueError(f"queue pairs must be 1..16, not {queue_pairs}")
@@ -53,6 +55,8 @@ class NetDevice(Device):
         elif isinstance(backend, NetBackend):
             kind = lib.VU_NET_BACKEND_PYTHON
             backend.device = self
+        elif isinstance(backend, SwitchPort):      # a port of the built-in switch
+            kind = lib.VU_NET_BACKEND_SWITCH
         else:
             raise TypeError(f"not a network back-end: {backend!r}")
         self._kind = kind
@@ -65,6 +69,13 @@ class NetDevice(Device):
         if kind == lib.VU_NET_BACKEND_TAP:
             for i, fd in enumerate(backend.fds):
                 self._net.tap_fds[i] = fd
+        if kind == lib.VU_NET_BACKEND_SWITCH:
+            try:
+                backend.bind(self._net, queue_pairs)
+            except BaseException:
+                lib.vu_net_free(self._net)
+                self._net = ffi.NULL
+                raise
         self._attach_lock = threading.Lock()   # inject vs. session teardown
 
     @property
@@ -77,7 +88,7 @@ class NetDevice(Device):
         if self.queue_pairs > 1:
             wanted.append(F.MQ)
         # Offloads only where the back-end honours them: a Python back-end
-        # gets plain, fully checksummed frames.
+        # and a switch port get plain, fully checksummed frames.
         if self._kind == lib.VU_NET_BACKEND_TAP:
             wanted += TAP_OFFLOADS
         return bits(*wanted)
@@ -104,6 +115,8 @@ class NetDevice(Device):
         if self._kind == lib.VU_NET_BACKEND_TAP:
             hdr = bytes(self._net.hdr_len)
             os.write(self.backend.fds[0], hdr + frame)
+        elif self._kind == lib.VU_NET_BACKEND_SWITCH:
+            self.backend.send(frame)
         else:
             self.backend.transmit(0, [Frame([memoryview(frame)], bytes(12), len(frame))])
 
@@ -112,9 +125,20 @@ class NetDevice(Device):
         if queue.index % 2 == 0:
             with self._attach_lock:
                 self._net.rxq[queue.index // 2] = queue._vq
+            if self._kind == lib.VU_NET_BACKEND_SWITCH:
+                self.backend.attach()       # deliveries may use rxq[] from now on
         return NativeHandler(lib.vu_net_handler, self._net, keepalive=self)
 
+    def quiesce(self) -> None:
+        # The session frees its queues next: the switch must stop delivering
+        # into them first (vu_switch_detach waits for a delivery under way).
+        if self._kind == lib.VU_NET_BACKEND_SWITCH:
+            self.backend.detach()
+        super().quiesce()
+
     def on_disconnect(self, session) -> None:
+        if self._kind == lib.VU_NET_BACKEND_SWITCH:
+            self.backend.detach()
         with self._attach_lock:
             for i in range(self.queue_pairs):
                 self._net.rxq[i] = ffi.NULL
@@ -138,9 +162,13 @@ class NetDevice(Device):
             for i, reason in enumerate(DROP_REASONS[1:], start=1):
                 total[f"tx_dropped_{reason}"] = total.get(f"tx_dropped_{reason}", 0) + s.tx_dropped[i]
                 total[f"rx_dropped_{reason}"] = total.get(f"rx_dropped_{reason}", 0) + s.rx_dropped[i]
+        if self._kind == lib.VU_NET_BACKEND_SWITCH and self.backend.index is not None:
+            total.update({f"switch_{k}": v for k, v in self.backend.stats().items()})
         return total
 
     def close(self) -> None:
+        if self._kind == lib.VU_NET_BACKEND_SWITCH:
+            self.backend.close()        # the switch forgets the port before it is freed
         if self._net != ffi.NULL:
             lib.vu_net_free(self._net)
             self._net = ffi.NULL
