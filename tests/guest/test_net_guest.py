@@ -108,3 +108,103 @@ def test_guest_pings_tap_peer_and_sends_1mib_over_tcp(guest_kit, netns, sock_dir
             log.close()
             if backend.poll() is None:
                 backend.kill()
+
+
+def peer_workload(me: str, peer: str) -> str:
+    """Brings eth0 up as `me` and pings `peer` until it answers (the other
+    guest may still be booting), then a 1400-byte ping."""
+    return f"""
+ip link set eth0 up || exit 10
+ip addr add {me}/24 dev eth0 || exit 11
+i=0; ok=1
+while [ $i -lt 60 ]; do ping -c 1 -W 1 {peer} > /dev/null 2>&1 && {{ ok=0; break; }}; i=$((i+1)); done
+echo "RESULT reach=$ok tries=$i"
+ping -c 3 -W 3 -s 1400 {peer} > /dev/null 2>&1; echo "RESULT ping_1400=$?"
+# stay up a little so the peer can finish its own pings
+sleep 4
+"""
+
+
+def run_two_guests(kit, sock_a, sock_b, ip_a, ip_b):
+    a = guest.GuestProcess(kit, peer_workload(ip_a, ip_b), pvh=True,
+                           net=[guest.NetDevice(socket=sock_a, mac="52:54:00:aa:00:01")])
+    b = guest.GuestProcess(kit, peer_workload(ip_b, ip_a), pvh=True,
+                           net=[guest.NetDevice(socket=sock_b, mac="52:54:00:bb:00:02")])
+    with a, b:
+        a.start()
+        b.start()
+        ra = a.wait(timeout=180)
+        rb = b.wait(timeout=180)
+    return ra.results(), rb.results()
+
+
+def start_net(ns, log_path, *args):
+    log = open(log_path, "wb")
+    cmd = [sys.executable, "-m", "vhostuser.cli.net", "-v", *args]
+    if ns:
+        cmd = ["ip", "netns", "exec", ns, *cmd]
+    return subprocess.Popen(cmd, stdout=log, stderr=log), log
+
+
+def stop_net(proc, log):
+    proc.terminate()
+    try:
+        status = proc.wait(10)
+    finally:
+        log.close()
+        if proc.poll() is None:
+            proc.kill()
+    return status
+
+
+def test_two_guests_on_the_builtin_switch_ping_each_other(guest_kit, sock_dir):
+    sock_a, sock_b = str(sock_dir / "a.sock"), str(sock_dir / "b.sock")
+    proc, log = start_net(None, sock_dir / "switch.log", "--switch",
+                          "--socket-path", sock_a, "--socket-path", sock_b)
+    try:
+        wait_for(sock_a)
+        wait_for(sock_b)
+        ra, rb = run_two_guests(guest_kit, sock_a, sock_b, "10.77.1.1", "10.77.1.2")
+    finally:
+        assert stop_net(proc, log) == 0
+    assert ra["reach"] == "0" and rb["reach"] == "0", (ra, rb)
+    assert ra["ping_1400"] == "0" and rb["ping_1400"] == "0"
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair: hosts 10.99.0.1 and .2."""
+    a, b = f"vhu-a-{os.getpid()}", f"vhu-b-{os.getpid()}"
+    for ns in (a, b):
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "link", "add", "vhu-va", "netns", a, "type", "veth",
+                        "peer", "name", "vhu-vb", "netns", b], check=True)
+        for ns, dev, ip in ((a, "vhu-va", "10.99.0.1"), (b, "vhu-vb", "10.99.0.2")):
+            in_ns(ns, "ip", "addr", "add", f"{ip}/24", "dev", dev)
+            in_ns(ns, "ip", "link", "set", dev, "up")
+            in_ns(ns, "ip", "link", "set", "lo", "up")
+        yield a, b
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_vxlan_tunnel_between_two_namespaces(guest_kit, sock_dir, two_hosts):
+    """Each 'host' runs vhostuser-net with a VXLAN uplink to the other; a guest
+    on each side reaches the other guest through the tunnel."""
+    ns_a, ns_b = two_hosts
+    sock_a, sock_b = str(sock_dir / "a.sock"), str(sock_dir / "b.sock")
+    pa, la = start_net(ns_a, sock_dir / "a.log", "--socket-path", sock_a,
+                       "--vxlan", "10.99.0.2:4789,vni=42,local=10.99.0.1:4789")
+    pb, lb = start_net(ns_b, sock_dir / "b.log", "--socket-path", sock_b,
+                       "--vxlan", "10.99.0.1:4789,vni=42,local=10.99.0.2:4789")
+    try:
+        wait_for(sock_a)
+        wait_for(sock_b)
+        ra, rb = run_two_guests(guest_kit, sock_a, sock_b, "10.77.2.1", "10.77.2.2")
+    finally:
+        status_a, status_b = stop_net(pa, la), stop_net(pb, lb)
+    assert ra["reach"] == "0" and rb["reach"] == "0", (ra, rb)
+    assert ra["ping_1400"] == "0" and rb["ping_1400"] == "0"
+    assert status_a == status_b == 0
