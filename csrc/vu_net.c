@@ -246,6 +246,8 @@ int vu_net_rx_deliver(struct vu_net_dev *n, uint32_t qp, const struct vu_net_hdr
     }
     pthread_mutex_unlock(&n->rx_lock[qp]);
     n->stats[qp].rx_packets++;
+    n->stats[qp].rx_gso += hdr.gso_type != VIRTIO_NET_HDR_GSO_NONE;
+    n->stats[qp].rx_csum_partial += !!(hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM);
     n->stats[qp].rx_bytes += len;
     return 0;
 }
@@ -377,6 +379,8 @@ static int transmit(struct vu_net_dev *n, struct vu_vq *vq, uint32_t qp)
                 if (!why) {
                     st->tx_packets++;
                     st->tx_bytes += len;
+                    st->tx_gso += hdr.gso_type != VIRTIO_NET_HDR_GSO_NONE;
+                    st->tx_csum_partial += !!(hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM);
                 }
             }
             if (why)

@@ -29,6 +29,8 @@ struct vu_net_hdr {             /* struct virtio_net_hdr_v1 */
 
 struct vu_net_stats {
     uint64_t tx_packets, tx_bytes, rx_packets, rx_bytes;
+    /* offloads actually carried: segmentation and partial checksums */
+    uint64_t tx_gso, tx_csum_partial, rx_gso, rx_csum_partial;
     uint64_t tx_dropped[VU_NET_D__COUNT];
     uint64_t rx_dropped[VU_NET_D__COUNT];
 };

@@ -20,6 +20,7 @@ from vhostuser.testing import guest
 
 HOST_IP, GUEST_IP = "10.77.0.1", "10.77.0.2"
 SINK_PORT = 5001
+SOURCE_PORT = 5002
 
 pytestmark = pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 not installed")
 
@@ -38,6 +39,15 @@ def in_ns(ns, *cmd, **kw):
     return subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True, **kw)
 
 
+def backend_stats(log_path) -> dict:
+    """The counters vhostuser-net logs when it exits (-v)."""
+    import ast
+    for line in open(log_path, encoding="utf-8", errors="replace"):
+        if " stats: {" in line:
+            return ast.literal_eval(line.split(" stats: ", 1)[1].strip())
+    raise AssertionError(f"no stats line in {log_path}")
+
+
 def wait_for(path, timeout=15.0):
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
@@ -45,6 +55,15 @@ def wait_for(path, timeout=15.0):
             raise TimeoutError(f"{path} did not appear")
         time.sleep(0.05)
 
+
+SOURCE = """
+import hashlib, os, socket, sys
+data = os.urandom(1 << 20)
+print(hashlib.sha256(data).hexdigest(), flush=True)
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(120)
+c, _ = s.accept(); c.sendall(data); c.close()
+"""
 
 SINK = """
 import hashlib, socket, sys
@@ -68,6 +87,8 @@ ping -c 3 -W 3 -s 1400 {HOST_IP} > /tmp/ping2 2>&1; echo "RESULT ping_1400=$?"
 dd if=/dev/urandom of=/tmp/blob bs=1024 count=1024 2>/dev/null
 echo "RESULT blob_sha=$(sha256sum /tmp/blob | cut -d' ' -f1)"
 nc {HOST_IP} {SINK_PORT} < /tmp/blob; echo "RESULT nc=$?"
+nc {HOST_IP} {SOURCE_PORT} > /tmp/down; echo "RESULT nc_down=$?"
+echo "RESULT down_sha=$(sha256sum /tmp/down | cut -d' ' -f1) down_len=$(wc -c < /tmp/down)"
 """
 
 
@@ -79,13 +100,16 @@ def test_guest_pings_tap_peer_and_sends_1mib_over_tcp(guest_kit, netns, sock_dir
         ["ip", "netns", "exec", netns, sys.executable, "-m", "vhostuser.cli.net",
          "--socket-path", sock, "--tap", "vhu0", "--queues", str(queue_pairs), "-v"],
         stdout=log, stderr=log)
-    sink = None
+    sink = source = None
     try:
         wait_for(sock)
         in_ns(netns, "ip", "addr", "add", f"{HOST_IP}/24", "dev", "vhu0")
         in_ns(netns, "ip", "link", "set", "vhu0", "up")
         sink = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", SINK,
                                  HOST_IP, str(SINK_PORT)], stdout=subprocess.PIPE, text=True)
+        source = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", SOURCE,
+                                   HOST_IP, str(SOURCE_PORT)], stdout=subprocess.PIPE, text=True)
+        source_sha = source.stdout.readline().strip()
         result = guest.run_guest(
             guest_kit, WORKLOAD, smp=queue_pairs, timeout=180,
             net_sockets=[guest.NetDevice(socket=sock, queues=queue_pairs)])
@@ -98,9 +122,12 @@ def test_guest_pings_tap_peer_and_sends_1mib_over_tcp(guest_kit, netns, sock_dir
         nbytes, digest = out.split()
         assert int(nbytes) == 1 << 20
         assert digest == res["blob_sha"]
+        assert res["nc_down"] == "0" and res["down_len"] == str(1 << 20)
+        assert res["down_sha"] == source_sha
     finally:
-        if sink and sink.poll() is None:
-            sink.kill()
+        for helper in (sink, source):
+            if helper and helper.poll() is None:
+                helper.kill()
         backend.terminate()
         try:
             assert backend.wait(10) == 0      # SIGTERM: clean exit
@@ -108,6 +135,11 @@ def test_guest_pings_tap_peer_and_sends_1mib_over_tcp(guest_kit, netns, sock_dir
             log.close()
             if backend.poll() is None:
                 backend.kill()
+    # TSO and checksum offload were carried both ways, not just negotiated
+    stats = backend_stats(sock_dir / "vhostuser-net.log")
+    print(f"\nvhostuser-net counters ({queue_pairs} queue pairs): {stats}")
+    assert stats["tx_gso"] > 0 and stats["tx_csum_partial"] > 0, stats
+    assert stats["rx_gso"] > 0 and stats["rx_csum_partial"] > 0, stats
 
 
 def peer_workload(me: str, peer: str) -> str:

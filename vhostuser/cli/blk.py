@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return common.run([server], on_sighup=resize)
         finally:
+            common.log.info("stats: %s", device.stats())
             device.close()
 
     return common.main_wrapper(start, "vhostuser-blk")

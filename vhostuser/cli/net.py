@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             server = common.make_server(args, device)
             return common.run([server])
         finally:
+            common.log.info("stats: %s", device.stats())
             device.close()
             if switch is not None:
                 switch.close()

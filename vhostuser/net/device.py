@@ -157,7 +157,8 @@ class NetDevice(Device):
         total: dict[str, int] = {}
         for qp in range(self.queue_pairs):
             s = self._net.stats[qp]
-            for name in ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes"):
+            for name in ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "tx_gso",
+                         "tx_csum_partial", "rx_gso", "rx_csum_partial"):
                 total[name] = total.get(name, 0) + getattr(s, name)
             for i, reason in enumerate(DROP_REASONS[1:], start=1):
                 total[f"tx_dropped_{reason}"] = total.get(f"tx_dropped_{reason}", 0) + s.tx_dropped[i]
