@@ -240,3 +240,81 @@ def test_vxlan_tunnel_between_two_namespaces(guest_kit, sock_dir, two_hosts):
     assert ra["reach"] == "0" and rb["reach"] == "0", (ra, rb)
     assert ra["ping_1400"] == "0" and rb["ping_1400"] == "0"
     assert status_a == status_b == 0
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PING_AND_TCP = f"""
+ip link set eth0 up; ip addr add {GUEST_IP}/24 dev eth0
+i=0; while [ $i -lt 20 ] && ! arping -c 1 -w 1 -I eth0 {HOST_IP} > /dev/null 2>&1; do i=$((i+1)); done
+ping -c 3 -W 2 {HOST_IP} > /dev/null 2>&1; echo "RESULT ping=$?"
+dd if=/dev/urandom of=/tmp/blob bs=1024 count=256 2>/dev/null
+echo "RESULT blob_sha=$(sha256sum /tmp/blob | cut -d' ' -f1)"
+nc {HOST_IP} {SINK_PORT} < /tmp/blob; echo "RESULT nc=$?"
+"""
+
+
+def run_python_backend(guest_kit, netns, sock_dir, backend, *opts):
+    sock = str(sock_dir / "py.sock")
+    args = []
+    for opt in opts:
+        args += ["--backend-opt", opt]
+    log = open(sock_dir / "py.log", "wb")
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m",
+                             "vhostuser.cli.net", "--socket-path", sock, "--backend", backend,
+                             *args, "-v"], stdout=log, stderr=log, cwd=REPO)
+    sink = None
+    try:
+        wait_for(sock)
+        deadline = time.monotonic() + 10
+        while subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "show", "vhu0"],
+                             capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, "the back-end's TAP did not appear"
+            time.sleep(0.05)
+        in_ns(netns, "ip", "addr", "add", f"{HOST_IP}/24", "dev", "vhu0")
+        in_ns(netns, "ip", "link", "set", "vhu0", "up")
+        sink = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", SINK,
+                                 HOST_IP, str(SINK_PORT)], stdout=subprocess.PIPE, text=True)
+        result = guest.run_guest(guest_kit, PING_AND_TCP, pvh=True, timeout=180,
+                                 net_sockets=[guest.NetDevice(socket=sock)])
+        out, _ = sink.communicate(timeout=60)
+        return result.results(), out.split()
+    finally:
+        if sink and sink.poll() is None:
+            sink.kill()
+        proc.terminate()
+        try:
+            assert proc.wait(10) == 0
+        finally:
+            log.close()
+
+
+def test_firewall_example_drops_icmp_and_passes_tcp(guest_kit, netns, sock_dir):
+    res, (nbytes, digest) = run_python_backend(guest_kit, netns, sock_dir,
+                                               "examples.firewall:Firewall", "tap=vhu0",
+                                               "rules=icmp")
+    assert res["ping"] != "0"                 # ICMP dropped by rule
+    assert res["nc"] == "0" and int(nbytes) == 256 * 1024 and digest == res["blob_sha"]
+
+
+def test_pcap_example_captures_both_directions(guest_kit, netns, sock_dir):
+    import struct
+    pcap = sock_dir / "guest.pcap"
+    res, (nbytes, digest) = run_python_backend(guest_kit, netns, sock_dir,
+                                               "examples.pcap_capture:PcapCapture", "tap=vhu0",
+                                               f"pcap={pcap}")
+    assert res["ping"] == "0" and digest == res["blob_sha"]
+    data = pcap.read_bytes()
+    magic, major, minor, _, _, snaplen, linktype = struct.unpack_from("<IHHiIII", data)
+    assert (magic, major, minor, linktype) == (0xA1B2C3D4, 2, 4, 1)
+    pos, frames = 24, []
+    while pos < len(data):
+        _, _, caplen, length = struct.unpack_from("<IIII", data, pos)
+        frames.append(data[pos + 16:pos + 16 + caplen])
+        pos += 16 + caplen
+    icmp = [f for f in frames if f[12:14] == b"\x08\x00" and f[23] == 1]
+    echo_requests = [f for f in icmp if f[34] == 8]
+    echo_replies = [f for f in icmp if f[34] == 0]
+    assert len(echo_requests) >= 3 and len(echo_replies) >= 3
+    tcp_bytes = sum(len(f) for f in frames if f[12:14] == b"\x08\x00" and f[23] == 6)
+    assert tcp_bytes > 256 * 1024                # the upload is in the capture too
