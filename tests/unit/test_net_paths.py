@@ -137,3 +137,23 @@ def test_disabled_rx_ring_receives_nothing(lab, dev):
     assert not dev.inject(frame())
     assert dev.stats()["rx_dropped_disabled"] == 1
     assert lab.used_split(0) == []
+
+
+def test_send_rarp_broadcasts_a_rarp_for_the_mac(dev):
+    # vhost-user.rst SEND_RARP: after migration, announce the guest's MAC.
+    mac = bytes.fromhex("525400abcdef")
+    dev.send_rarp(mac + b"\0\0")
+    (qp, _, frame), = dev.backend.frames
+    assert frame[:6] == b"\xff" * 6 and frame[6:12] == mac
+    assert frame[12:14] == b"\x80\x35"          # ETH_P_RARP
+    assert frame[20:22] == b"\x00\x03"          # RARP request
+    assert frame[22:28] == mac and frame[32:38] == mac
+
+
+def test_net_set_mtu_bounds(dev):
+    from vhostuser.errors import ProtocolError
+    dev.set_mtu(9000)
+    assert dev.mtu == 9000
+    for bad in (0, 67, 65536):
+        with pytest.raises(ProtocolError):
+            dev.set_mtu(bad)
