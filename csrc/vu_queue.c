@@ -55,15 +55,17 @@ void vu_vq_reset(struct vu_vq *vq)
     /* The owner of the fds (the Python control plane) closes them. */
     struct vu_dev *dev = vq->dev;
     uint32_t index = vq->index;
-    pthread_mutex_t lock = vq->lock;
     vu_handler_fn handler = vq->handler;
     void *ctx = vq->handler_ctx;
     struct vu_worker *worker = vq->worker;
     free_pool(vq);
+    /* Called with the device locked for writing and nothing in flight, so
+     * nobody holds the queue lock: re-create it rather than copy it. */
+    pthread_mutex_destroy(&vq->lock);
     memset(vq, 0, sizeof(*vq));
+    pthread_mutex_init(&vq->lock, NULL);
     vq->dev = dev;
     vq->index = index;
-    vq->lock = lock;
     vq->handler = handler;
     vq->handler_ctx = ctx;
     vq->worker = worker;

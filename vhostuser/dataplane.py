@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -92,7 +91,6 @@ class DataPlane:
         self._queues_per_worker = queues_per_worker
         self._started = False
         self._closed = False
-        self._lock_owner = threading.local()
 
     # -- locking ---------------------------------------------------------
     @contextlib.contextmanager
@@ -175,6 +173,29 @@ class DataPlane:
     # -- ring state -------------------------------------------------------
     def vq(self, index: int):
         return self._dev.vqs[index]
+
+    def set_num(self, index: int, num: int) -> None:
+        check(lib.vu_vq_set_num(self._dev.vqs[index], num), f"ring {index}: size {num}")
+
+    def set_addr(self, index: int, addr) -> None:
+        """SET_VRING_ADDR; on a running ring (migration toggling the log
+        flag) the ring is re-translated under the lock."""
+        with self.locked():
+            rc = lib.vu_vq_set_addr(self._dev.vqs[index], addr.flags, addr.desc, addr.used,
+                                    addr.avail, addr.log)
+        check(rc, f"ring {index}: addresses")
+
+    def set_base(self, index: int, num: int) -> None:
+        check(lib.vu_vq_set_base(self._dev.vqs[index], num), f"ring {index}: base")
+
+    def set_inflight(self, area) -> None:
+        """Points each ring at its region of the inflight area (stopped rings
+        only: a started one keeps what it has)."""
+        with self.locked():
+            for i in range(min(area.num_queues, len(self.queues))):
+                ptr = area.queue_region(i)
+                if ptr is not None:
+                    check(lib.vu_vq_set_inflight(self._dev.vqs[i], ptr), f"ring {i}: inflight")
 
     def start_queue(self, index: int, *, enable: bool | None = None) -> None:
         vq = self._dev.vqs[index]

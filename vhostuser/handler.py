@@ -20,7 +20,6 @@ from .dataplane import DataPlane
 from .device import Device
 from .errors import ConnectionClosed, FramingError, NativeError, ProtocolError
 from .inflight import InflightArea
-from .native import check, lib
 from .protocol import Feature, ProtocolFeature, Request, bit
 
 log = logging.getLogger(__name__)
@@ -272,15 +271,12 @@ class Session:
         index, num = self._state(msg)
         if self.dataplane.queues[index].started:
             raise ProtocolError(msg.name(), f"ring {index} is running")
-        check(lib.vu_vq_set_num(self.dataplane.vq(index), num), f"ring {index}: size {num}")
+        self.dataplane.set_num(index, num)
 
     async def _on_set_vring_addr(self, msg):
         a = protocol.VringAddr(*protocol.VRING_ADDR.unpack(msg.payload))
         index = self._ring_index(msg, a.index)
-        with self.dataplane.locked():
-            rc = lib.vu_vq_set_addr(self.dataplane.vq(index), a.flags, a.desc, a.used,
-                                    a.avail, a.log)
-        check(rc, f"ring {index}: addresses")
+        self.dataplane.set_addr(index, a)
 
     async def _on_set_vring_base(self, msg):
         index, num = self._state(msg)
@@ -288,7 +284,7 @@ class Session:
             raise ProtocolError(msg.name(), f"ring {index} is running")
         # Packed rings need the negotiated layout to decode num; QEMU sends
         # SET_FEATURES first.
-        check(lib.vu_vq_set_base(self.dataplane.vq(index), num), f"ring {index}: base")
+        self.dataplane.set_base(index, num)
 
     async def _on_get_vring_base(self, msg):
         index, _ = self._state(msg)
@@ -314,6 +310,10 @@ class Session:
         # The ring starts now (vhost-user.rst: "start ring upon receiving a kick").
         enable = True if self._rings_enabled_at_start() else None
         self.dataplane.start_queue(index, enable=enable)
+        vq = self.dataplane.vq(index)
+        if vq.resubmit_num:
+            log.info("%s: ring %d resubmits %d requests that were in flight",
+                     self.name, index, vq.resubmit_num)
 
     async def _on_set_vring_call(self, msg):
         index, fd = self._ring_fd(msg)
@@ -391,11 +391,9 @@ class Session:
         if self.inflight is not None:
             self.inflight.close()
         self.inflight = area
-        with self.dataplane.locked():
-            for i in range(num_queues):
-                ptr = area.queue_region(i)
-                if ptr is not None:
-                    check(lib.vu_vq_set_inflight(self.dataplane.vq(i), ptr), f"ring {i}: inflight")
+        log.info("%s: inflight area of %d bytes for %d queues of %d", self.name, size,
+                 num_queues, queue_size)
+        self.dataplane.set_inflight(area)
 
     # -- back-end channel -----------------------------------------------------------
     def notify_config_change(self) -> bool:
