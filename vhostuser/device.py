@@ -40,7 +40,7 @@ class Device:
 
     #: virtio device id (2 block, 1 net); informational for the control plane
     device_id = 0
-    #: queues per worker thread
+    #: queues served by one worker thread (set before a front-end connects)
     queues_per_worker = 1
 
     def __init__(self, num_queues: int = 1, *, poll_us: int = 0):

@@ -97,3 +97,13 @@ def test_malformed_ring_breaks_only_its_queue_until_reset(serve, packed):
         fe.reset()
         mem2, vqs2 = setup(fe, packed=packed)
         echo(mem2, vqs2[0], [b"back again"])
+
+
+def test_several_queues_share_one_worker_thread(serve):
+    device = EchoDevice(num_queues=4)
+    device.queues_per_worker = 4
+    with serve(device) as (srv, fe):
+        mem, vqs = setup(fe, packed=False, queues=4)
+        assert len(srv.device.session.dataplane._workers) == 1
+        for vq in vqs:
+            echo(mem, vq, [b"shared thread"])

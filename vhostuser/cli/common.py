@@ -33,6 +33,8 @@ def add_socket_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll", nargs="?", type=int, const=1000, default=0, metavar="US",
                         help="busy-poll the rings for US microseconds before sleeping "
                              "(default 1000 when given)")
+    parser.add_argument("--queues-per-thread", type=int, default=1, metavar="N",
+                        help="queues served by one worker thread (default 1: a thread each)")
     parser.add_argument("-v", "--verbose", action="count", default=0)
 
 
@@ -49,6 +51,9 @@ def print_capabilities(kind: str, features: list[str]) -> None:
 def make_server(args, device: Device) -> Server:
     if args.socket_path is None and args.fd is None and args.connect is None:
         raise UsageError("one of --socket-path, --fd or --connect is required")
+    if not 1 <= args.queues_per_thread <= 64:
+        raise UsageError(f"--queues-per-thread must be 1..64, not {args.queues_per_thread}")
+    device.queues_per_worker = args.queues_per_thread
     server = Server(device, path=args.socket_path, fd=args.fd, connect=args.connect)
     try:
         server.open()

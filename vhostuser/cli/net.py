@@ -126,7 +126,8 @@ def serve_switch(args, mac: bytes) -> int:
                 raise common.UsageError(str(exc)) from None
         servers = []
         for path, device in zip(args.socket_path, devices):
-            where = types.SimpleNamespace(socket_path=path, fd=None, connect=None)
+            where = types.SimpleNamespace(socket_path=path, fd=None, connect=None,
+                                          queues_per_thread=args.queues_per_thread)
             servers.append(common.make_server(where, device))
         return common.run(servers)
     finally:
