@@ -186,6 +186,10 @@ void vu_vq_stop(struct vu_vq *vq)
     vq->started = false;
 }
 
+/* Defined by cffi (extern "Python+C"): writes the one log line a broken
+ * queue gets. Rare, so crossing into Python here costs nothing that matters. */
+void vu_on_queue_broken(struct vu_dev *dev, uint32_t index, int err, uint64_t detail);
+
 void vu_vq_break(struct vu_vq *vq, int err, uint64_t detail)
 {
     if (!vq->broken) {
@@ -197,6 +201,7 @@ void vu_vq_break(struct vu_vq *vq, int err, uint64_t detail)
             ssize_t r = write(vq->err_fd, &one, sizeof(one));
             (void)r;
         }
+        vu_on_queue_broken(vq->dev, vq->index, err, detail);
     }
 }
 

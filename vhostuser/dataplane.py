@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .memory import GuestMemory
+from . import native
 from .native import check, ffi, lib
 from .queue import Element, Queue
 
@@ -67,12 +68,15 @@ def vu_py_batch(ctx, vq, elems, n):
 class DataPlane:
     """C device (``struct vu_dev``), its queues and the worker threads."""
 
-    def __init__(self, num_queues: int, *, queues_per_worker: int = 1, poll_us: int = 0):
+    def __init__(self, num_queues: int, *, queues_per_worker: int = 1, poll_us: int = 0,
+                 name: str = "device"):
         if num_queues < 1:
             raise ValueError("a device needs at least one queue")
         self._dev = lib.vu_dev_new(num_queues)
         if self._dev == ffi.NULL:
             raise MemoryError("vu_dev_new")
+        self._key = int(ffi.cast("uintptr_t", self._dev))
+        native.device_names[self._key] = name
         self.memory = GuestMemory(self._dev.mem)
         self.queues = [Queue(self._dev.vqs[i]) for i in range(num_queues)]
         self._kick = [None] * num_queues
@@ -277,5 +281,6 @@ class DataPlane:
                 fds[i] = None
         self._close(self._log_fd)
         lib.vu_dev_free(self._dev)
+        native.device_names.pop(self._key, None)
         self._dev = ffi.NULL
         self._handles.clear()

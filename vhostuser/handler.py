@@ -41,7 +41,7 @@ class Session:
         self.owner = False
         self.status = 0
         self.dataplane = DataPlane(device.num_queues, queues_per_worker=device.queues_per_worker,
-                                   poll_us=device.poll_us)
+                                   poll_us=device.poll_us, name=conn.name)
         self.backend_channel: Connection | None = None
         self._backend_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()

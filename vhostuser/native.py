@@ -1,6 +1,8 @@
 """The compiled data plane (``vhostuser._native``) and its error mapping."""
 from __future__ import annotations
 
+import logging
+
 from . import errors
 
 try:
@@ -44,3 +46,15 @@ def check(rc: int, context: str = "") -> int:
     if rc < 0:
         raise error_for(rc, context)
     return rc
+
+
+# Names for log lines about C devices, keyed by their vu_dev address.
+device_names: dict[int, str] = {}
+_log = logging.getLogger("vhostuser.queue")
+
+
+@ffi.def_extern()
+def vu_on_queue_broken(dev, index, err, detail):
+    name = device_names.get(int(ffi.cast("uintptr_t", dev)), "device")
+    _log.error("%s: queue %d broken: %s (%s, value %#x); it stays stopped until the device "
+               "is reset", name, index, error_name(err), strerror(err), detail)

@@ -68,7 +68,7 @@ def test_buffer_across_two_memory_regions(serve):
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_malformed_ring_breaks_only_its_queue_until_reset(serve, packed):
+def test_malformed_ring_breaks_only_its_queue_until_reset(serve, packed, caplog):
     with serve(EchoDevice(num_queues=2)) as (srv, fe):
         mem, vqs = setup(fe, packed=packed, err=True)
         ring = vqs[0].ring
@@ -91,6 +91,9 @@ def test_malformed_ring_breaks_only_its_queue_until_reset(serve, packed):
         queue = srv.device.session.dataplane.queues[0]
         expected = "ADDR_UNMAPPED" if packed else "CHAIN_LOOP"
         assert queue.broken and expected in queue.error
+        # one log line says which queue and why
+        lines = [r.getMessage() for r in caplog.records if "broken" in r.getMessage()]
+        assert len(lines) == 1 and "queue 0" in lines[0] and expected in lines[0]
         # the other queue keeps serving
         echo(mem, vqs[1], [b"still here"])
         # a device reset restores the broken queue
