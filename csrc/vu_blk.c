@@ -8,6 +8,7 @@
  * there is no way to answer it. */
 #include "vu_blk.h"
 #include "vu_dev.h"
+#include "vu_iov.h"
 #include "vu_worker.h"
 
 #include <errno.h>
@@ -103,26 +104,6 @@ int vu_blk_set_ram(struct vu_blk_dev *b, uint64_t size)
 
 /* Request parsing ---------------------------------------------------------- */
 
-/* Copies len bytes starting at byte `skip` of iov[0..n) into dst. */
-static bool gather(const struct iovec *iov, uint32_t n, uint64_t skip, void *dst, size_t len)
-{
-    uint8_t *out = dst;
-    for (uint32_t i = 0; i < n && len > 0; i++) {
-        if (skip >= iov[i].iov_len) {
-            skip -= iov[i].iov_len;
-            continue;
-        }
-        size_t chunk = iov[i].iov_len - skip;
-        if (chunk > len)
-            chunk = len;
-        memcpy(out, (uint8_t *)iov[i].iov_base + skip, chunk);
-        out += chunk;
-        len -= chunk;
-        skip = 0;
-    }
-    return len == 0;
-}
-
 /* r->iov = the bytes [skip, skip+len) of iov[0..n). */
 static int slice_iov(struct vu_blk_req *r, const struct iovec *iov, uint32_t n,
                      uint64_t skip, uint64_t len)
@@ -134,21 +115,7 @@ static int slice_iov(struct vu_blk_req *r, const struct iovec *iov, uint32_t n,
         r->iov = p;
         r->iov_cap = n;
     }
-    r->niov = 0;
-    for (uint32_t i = 0; i < n && len > 0; i++) {
-        if (skip >= iov[i].iov_len) {
-            skip -= iov[i].iov_len;
-            continue;
-        }
-        size_t chunk = iov[i].iov_len - skip;
-        if (chunk > len)
-            chunk = len;
-        r->iov[r->niov].iov_base = (uint8_t *)iov[i].iov_base + skip;
-        r->iov[r->niov].iov_len = chunk;
-        r->niov++;
-        len -= chunk;
-        skip = 0;
-    }
+    r->niov = vu_iov_slice(r->iov, iov, n, skip, len);
     return 0;
 }
 
@@ -211,7 +178,7 @@ static int parse_segments(struct vu_blk_dev *b, struct vu_elem *e, struct vu_blk
     r->nsegs = (uint32_t)nsegs;
     for (uint32_t i = 0; i < nsegs; i++) {
         struct vu_blk_seg *s = &r->segs[i];
-        gather(e->iov, e->out_num, HDR_LEN + (uint64_t)i * SEG_LEN, s, SEG_LEN);
+        vu_iov_gather(e->iov, e->out_num, HDR_LEN + (uint64_t)i * SEG_LEN, s, SEG_LEN);
         if (s->flags & ~allowed_flags)
             return fail(r, VU_BLK_S_UNSUPP, VU_BLK_R_BAD_FLAGS);
         if (s->num_sectors > max_sectors)
@@ -241,7 +208,7 @@ int vu_blk_parse(struct vu_blk_dev *b, struct vu_elem *e, struct vu_blk_req *r)
     r->status = (uint8_t *)last->iov_base + last->iov_len - 1;
 
     uint8_t hdr[HDR_LEN];
-    if (e->out_len < HDR_LEN || !gather(e->iov, e->out_num, 0, hdr, HDR_LEN))
+    if (e->out_len < HDR_LEN || !vu_iov_gather(e->iov, e->out_num, 0, hdr, HDR_LEN))
         return fail(r, VU_BLK_S_IOERR, VU_BLK_R_SHORT_HEADER);
     memcpy(&r->type, hdr, 4);
     memcpy(&r->sector, hdr + 8, 8);

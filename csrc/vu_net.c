@@ -9,6 +9,7 @@
  * transmit side. */
 #include "vu_net.h"
 #include "vu_dev.h"
+#include "vu_iov.h"
 #include "vu_switch.h"
 #include "vu_worker.h"
 
@@ -94,30 +95,10 @@ void vu_net_set_features(struct vu_net_dev *n, uint64_t f)
 #undef HAS
 }
 
-/* Copies len bytes from byte `skip` of iov[0..cnt) to dst; false if short. */
-static bool gather(const struct iovec *iov, uint32_t cnt, uint64_t skip, void *dst, size_t len)
-{
-    uint8_t *out = dst;
-    for (uint32_t i = 0; i < cnt && len; i++) {
-        if (skip >= iov[i].iov_len) {
-            skip -= iov[i].iov_len;
-            continue;
-        }
-        size_t c = iov[i].iov_len - skip;
-        if (c > len)
-            c = len;
-        memcpy(out, (uint8_t *)iov[i].iov_base + skip, c);
-        out += c;
-        len -= c;
-        skip = 0;
-    }
-    return len == 0;
-}
-
 int vu_net_check_tx(struct vu_net_dev *n, struct vu_elem *e, struct vu_net_hdr *hdr)
 {
     memset(hdr, 0, sizeof(*hdr));
-    if (e->out_len < n->hdr_len || !gather(e->iov, e->out_num, 0, hdr, n->hdr_len))
+    if (e->out_len < n->hdr_len || !vu_iov_gather(e->iov, e->out_num, 0, hdr, n->hdr_len))
         return VU_NET_D_SHORT;
     uint64_t frame = e->out_len - n->hdr_len;
     if (frame < ETH_HLEN)
@@ -328,17 +309,7 @@ static int frame_iov(struct vu_net_frame *f, struct vu_elem *e, uint32_t skip)
         f->iov = p;
         f->iov_cap = e->out_num;
     }
-    f->niov = 0;
-    for (uint32_t i = 0; i < e->out_num; i++) {
-        if (skip >= e->iov[i].iov_len) {
-            skip -= (uint32_t)e->iov[i].iov_len;
-            continue;
-        }
-        f->iov[f->niov].iov_base = (uint8_t *)e->iov[i].iov_base + skip;
-        f->iov[f->niov].iov_len = e->iov[i].iov_len - skip;
-        f->niov++;
-        skip = 0;
-    }
+    f->niov = vu_iov_slice(f->iov, e->iov, e->out_num, skip, e->out_len - skip);
     return 0;
 }
 

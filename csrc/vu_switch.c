@@ -20,6 +20,7 @@
  * with it, the uplink serves all ports for the switch's lifetime, and a
  * busy tunnel should not take turns away from a guest's queues. */
 #include "vu_switch.h"
+#include "vu_iov.h"
 #include "vu_dev.h"
 
 #include <arpa/inet.h>
@@ -340,22 +341,8 @@ int vu_switch_tx(struct vu_net_dev *n, const struct iovec *iov, uint32_t niov, u
     if (len > VU_NET_MAX_FRAME)
         return VU_NET_D_TOO_LONG;
     pthread_mutex_lock(&sw->lock);
-    uint8_t *out = sw->stage;
-    uint32_t left = len;
-    for (uint32_t i = 0; i < niov && left; i++) {
-        if (skip >= iov[i].iov_len) {
-            skip -= (uint32_t)iov[i].iov_len;
-            continue;
-        }
-        uint32_t c = (uint32_t)iov[i].iov_len - skip;
-        if (c > left)
-            c = left;
-        memcpy(out, (const uint8_t *)iov[i].iov_base + skip, c);
-        out += c;
-        left -= c;
-        skip = 0;
-    }
-    int why = left ? VU_NET_D_SHORT : 0;
+    bool whole = vu_iov_gather(iov, niov, skip, sw->stage, len);
+    int why = whole ? 0 : VU_NET_D_SHORT;
     if (!why && valid_port(sw, n->sw_port) && sw->ports[n->sw_port].net == n)
         forward(sw, n->sw_port, sw->stage, len);
     else if (!why)
