@@ -207,7 +207,7 @@ int vu_net_rx_deliver(struct vu_net_dev *n, uint32_t qp, const struct vu_net_hdr
             break;
         }
     }
-    if (why) {
+    if (why || nbufs == 0) {
         /* Give the buffers back, newest first, for a frame that fits. */
         while (nbufs)
             vu_vq_unpop(vq, bufs[--nbufs]);
