@@ -9,7 +9,6 @@ is checked from the host and by a second boot.
 """
 from __future__ import annotations
 
-import hashlib
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from imagecheck import debugfs_cat, read_image, sha
 from vhostuser.testing import guest
 from vhostuser.testing.guest import MIB
 
@@ -29,19 +29,10 @@ ALLOWED_DIFFERENCES = {"cache_initial", "discard_max"}
 REPO = Path(__file__).resolve().parents[2]
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
-def read_image(path, offset_mb: int, size_mb: int) -> bytes:
-    with open(path, "rb") as image:
-        image.seek(offset_mb * MIB)
-        return image.read(size_mb * MIB)
 
 
-def debugfs_cat(image, name: str) -> bytes:
-    return subprocess.run(["debugfs", "-R", f"cat /{name}", str(image)],
-                          capture_output=True, check=True).stdout
 
 
 class VhostUserBlk:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from imagecheck import debugfs_cat, read_image, sha
 from vhostuser.testing import guest
 from vhostuser.testing.guest import BOOT_MARKER, MIB
 
@@ -21,20 +22,10 @@ FILE_SECTORS = 4096
 ZEROS_SHA = hashlib.sha256(bytes(MIB)).hexdigest()
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
-def read_image(path, offset_mb: int, size_mb: int) -> bytes:
-    with open(path, "rb") as image:
-        image.seek(offset_mb * MIB)
-        return image.read(size_mb * MIB)
 
 
-def debugfs_cat(image, name: str) -> bytes:
-    """Read a file out of the ext4 image without mounting it."""
-    done = subprocess.run(["debugfs", "-R", f"cat /{name}", str(image)], capture_output=True, check=True)
-    return done.stdout
 
 
 def test_boot_reports_exit_status(guest_kit):
