@@ -680,8 +680,10 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
             struct vu_blk_req *r = &reqs[e->slot];
             n++;
             if (vu_blk_parse(b, e, r) < 0) {
-                /* No status byte: nothing can answer this chain. */
+                /* No status byte: nothing can answer this chain, and it must
+                 * not stay in flight for GET_VRING_BASE to wait on. */
                 vu_vq_break(vq, VU_ERR_ZERO_CHAIN, e->id);
+                vu_vq_discard(vq, e);
                 rc = -VU_ERR_ZERO_CHAIN;
                 break;
             }

@@ -36,7 +36,9 @@ enum vu_err {
     VU_ERR_LOG_RANGE = 23,       /* dirty-log write beyond the log size */
     VU_ERR_BAD_HEAD = 24,        /* avail ring head beyond the table */
     VU_ERR_INFLIGHT = 25,        /* inflight region malformed */
-    VU_ERR_ZERO_CHAIN = 26,      /* packed: buffer id / chain empty */
+    VU_ERR_ZERO_CHAIN = 26,      /* chain without the byte the device must answer in */
+    VU_ERR_BAD_BASE = 27,        /* ring index (SET_VRING_BASE) outside the ring */
+    VU_ERR_REGION_BEYOND_FD = 28, /* region extends past the end of its fd */
     VU_ERR__COUNT
 };
 

@@ -46,6 +46,13 @@ void vu_dev_free(struct vu_dev *dev)
     free(dev);
 }
 
+struct vu_mem *vu_dev_swap_mem(struct vu_dev *dev, struct vu_mem *mem)
+{
+    struct vu_mem *old = dev->mem;
+    dev->mem = mem;
+    return old;
+}
+
 void vu_dev_wrlock(struct vu_dev *dev) { pthread_rwlock_wrlock(&dev->lock); }
 void vu_dev_rdlock(struct vu_dev *dev) { pthread_rwlock_rdlock(&dev->lock); }
 void vu_dev_unlock(struct vu_dev *dev) { pthread_rwlock_unlock(&dev->lock); }
@@ -136,7 +143,9 @@ static const char *const err_names[VU_ERR__COUNT] = {
     [VU_ERR_LOG_RANGE] = "dirty log write out of range",
     [VU_ERR_BAD_HEAD] = "avail ring head out of range",
     [VU_ERR_INFLIGHT] = "malformed inflight region",
-    [VU_ERR_ZERO_CHAIN] = "empty descriptor chain",
+    [VU_ERR_ZERO_CHAIN] = "chain has no byte to answer in",
+    [VU_ERR_BAD_BASE] = "ring index outside the ring",
+    [VU_ERR_REGION_BEYOND_FD] = "memory region extends past the end of its file",
 };
 
 const char *vu_strerror(int err)

@@ -30,6 +30,9 @@ void vu_dev_wrlock(struct vu_dev *dev);
 void vu_dev_unlock(struct vu_dev *dev);
 void vu_dev_rdlock(struct vu_dev *dev);
 void vu_dev_set_features(struct vu_dev *dev, uint64_t features);
+/* Installs a new region table and returns the old one (call with the device
+ * locked for writing, then re-translate running rings). */
+struct vu_mem *vu_dev_swap_mem(struct vu_dev *dev, struct vu_mem *mem);
 /* Maps the dirty log; replaces the previous one. */
 int vu_dev_set_log(struct vu_dev *dev, int fd, uint64_t size, uint64_t offset);
 void vu_dev_clear_log(struct vu_dev *dev);

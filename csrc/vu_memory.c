@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 struct vu_mem *vu_mem_new(void)
@@ -66,6 +67,13 @@ int vu_mem_add_region(struct vu_mem *mem, uint64_t gpa, uint64_t size,
             ranges_overlap(uva, size, r->uva, r->size))
             return -VU_ERR_REGION_OVERLAP;
     }
+
+    /* A mapping past the end of a file is SIGBUS on first touch, not an
+     * error we could return: refuse it now. */
+    struct stat st;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+        mmap_offset + size > (uint64_t)st.st_size)
+        return -VU_ERR_REGION_BEYOND_FD;
 
     /* mmap needs a page-aligned offset: map from the page holding
      * mmap_offset and remember the slack. */

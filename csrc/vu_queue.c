@@ -152,6 +152,10 @@ int vu_vq_start(struct vu_vq *vq)
     vq->packed = dev->features & (1ULL << VIRTIO_F_RING_PACKED);
     vq->event_idx = dev->features & (1ULL << VIRTIO_RING_F_EVENT_IDX);
     vq->indirect = dev->features & (1ULL << VIRTIO_RING_F_INDIRECT_DESC);
+    /* Packed indices address descriptors directly: SET_VRING_BASE may have
+     * named one beyond the ring (split indices are free-running). */
+    if (vq->packed && (vq->last_avail_idx >= vq->size || vq->used_idx >= vq->size))
+        return -VU_ERR_BAD_BASE;
     int rc = vq->packed ? vu_packed_translate(vq) : vu_split_translate(vq);
     if (rc)
         return rc;
@@ -290,6 +294,20 @@ int vu_vq_pop(struct vu_vq *vq, struct vu_elem **out)
         (*out)->in_flight = 1;
         vq->inflight++;
         vq->stat_popped++;
+    }
+    pthread_mutex_unlock(&vq->lock);
+    return rc;
+}
+
+int vu_vq_discard(struct vu_vq *vq, struct vu_elem *elem)
+{
+    pthread_mutex_lock(&vq->lock);
+    int rc = -VU_ERR_BAD_USED_ID;
+    if (elem >= vq->elems && elem < vq->elems + vq->size && elem->in_flight) {
+        elem->in_flight = 0;
+        vq->inflight--;
+        vu_elem_put(vq, elem);
+        rc = 0;
     }
     pthread_mutex_unlock(&vq->lock);
     return rc;

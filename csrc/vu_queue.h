@@ -120,6 +120,9 @@ int vu_vq_remap(struct vu_vq *vq);
 /* Pops the next available chain. 1: *out filled; 0: ring empty;
  * <0: -vu_err, and the queue is now broken. */
 int vu_vq_pop(struct vu_vq *vq, struct vu_elem **out);
+/* Forgets a popped element of a broken queue without publishing it (there
+ * is no valid answer to give), so nothing waits for it to complete. */
+int vu_vq_discard(struct vu_vq *vq, struct vu_elem *elem);
 /* Puts back the most recently popped elements, newest first (a receive
  * path that popped buffers for a frame that then did not fit). */
 int vu_vq_unpop(struct vu_vq *vq, struct vu_elem *elem);

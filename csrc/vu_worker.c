@@ -120,6 +120,23 @@ static bool any_polled(struct vu_worker *w)
     return polled;
 }
 
+static void dispatch_events(struct vu_worker *w, struct epoll_event *evs, int n)
+{
+    for (int i = 0; i < n; i++) {
+        uint64_t data = evs[i].data.u64;
+        struct vu_vq *vq = (struct vu_vq *)(uintptr_t)(data & ~(uint64_t)EVENT_FD_TAG);
+        if (data & EVENT_FD_TAG) {
+            __atomic_or_fetch(&vq->kicked, KICK_SOFT, __ATOMIC_RELEASE);
+        } else if (!vq) {
+            uint64_t v;
+            ssize_t r = read(w->wake_fd, &v, sizeof(v));
+            (void)r;
+        } else {
+            __atomic_or_fetch(&vq->kicked, KICK_FD, __ATOMIC_RELEASE);
+        }
+    }
+}
+
 static void *worker_main(void *arg)
 {
     struct vu_worker *w = arg;
@@ -130,9 +147,15 @@ static void *worker_main(void *arg)
              * after the last piece of work, then sleep on the eventfds. */
             uint64_t idle_since = now_us();
             while (!w->stop && now_us() - idle_since < w->poll_us) {
+                /* Handler-owned fds (io_uring completions, TAP) are not in
+                 * the rings: look at them too, without sleeping. */
+                dispatch_events(w, evs, epoll_wait(w->epfd, evs, 32, 0));
                 if (serve_all(w, true) != VU_HANDLED_NONE)
                     idle_since = now_us();
             }
+            /* The poll may have consumed vu_worker_free's wake-up. */
+            if (w->stop)
+                break;
         }
         /* A ring whose front-end asked for polling (no kick fd) is looked
          * at every millisecond. */
@@ -141,19 +164,7 @@ static void *worker_main(void *arg)
         if (n < 0 && errno != EINTR)
             break;
         w->wakeups++;
-        for (int i = 0; i < n; i++) {
-            uint64_t data = evs[i].data.u64;
-            struct vu_vq *vq = (struct vu_vq *)(uintptr_t)(data & ~(uint64_t)EVENT_FD_TAG);
-            if (data & EVENT_FD_TAG) {
-                __atomic_or_fetch(&vq->kicked, KICK_SOFT, __ATOMIC_RELEASE);
-            } else if (!vq) {
-                uint64_t v;
-                ssize_t r = read(w->wake_fd, &v, sizeof(v));
-                (void)r;
-            } else {
-                __atomic_or_fetch(&vq->kicked, KICK_FD, __ATOMIC_RELEASE);
-            }
-        }
+        dispatch_events(w, evs, n);
         if (w->stop)
             break;
         /* Handlers that ran out of their round budget set kicked again. */

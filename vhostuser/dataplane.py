@@ -77,7 +77,6 @@ class DataPlane:
             raise MemoryError("vu_dev_new")
         self._key = int(ffi.cast("uintptr_t", self._dev))
         native.device_names[self._key] = name
-        self.memory = GuestMemory(self._dev.mem)
         self.queues = [Queue(self._dev.vqs[i]) for i in range(num_queues)]
         self._kick = [None] * num_queues
         self._call = [None] * num_queues
@@ -95,6 +94,21 @@ class DataPlane:
         self._queues_per_worker = queues_per_worker
         self._started = False
         self._closed = False
+
+    @property
+    def memory(self) -> GuestMemory:
+        """The installed region table (SET_MEM_TABLE replaces it whole)."""
+        return GuestMemory(self._dev.mem)
+
+    def replace_memory(self, table: GuestMemory) -> list[int]:
+        """Installs ``table`` (built with GuestMemory.create), re-translates
+        running rings, frees the old table. Returns rings that broke."""
+        with self.locked():
+            old = lib.vu_dev_swap_mem(self._dev, table._mem)
+            table._mem = ffi.NULL        # the device owns it now
+            broken = self.remap_started()
+        GuestMemory(old).free()
+        return broken
 
     # -- locking ---------------------------------------------------------
     @contextlib.contextmanager

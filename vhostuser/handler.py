@@ -20,6 +20,7 @@ from .dataplane import DataPlane
 from .device import Device
 from .errors import ConnectionClosed, FramingError, NativeError, ProtocolError
 from .inflight import InflightArea
+from .memory import GuestMemory
 from .protocol import Feature, ProtocolFeature, Request, bit
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,19 @@ class Session:
                 if not await self.dispatch(msg):
                     return
         finally:
-            self.close()
+            try:
+                # Requests an async back-end still works on complete into
+                # guest memory and the rings, which close() frees: wait first.
+                if self.dataplane.inflight():
+                    await self.stop("disconnect")
+            finally:
+                self.close()
 
     async def dispatch(self, msg: Message) -> bool:
         """Handles one message; False when the connection must close."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: %s (%d bytes, %d fds)", self.name, msg.name(), len(msg.payload),
+                      len(msg.fds))
         try:
             reply_ack = (msg.need_reply
                          and self.protocol_features & bit(ProtocolFeature.REPLY_ACK))
@@ -141,8 +151,21 @@ class Session:
     def _has_protocol(self, feature: ProtocolFeature) -> bool:
         return bool(self.protocol_features & bit(feature))
 
+    async def stop(self, what: str = "exit") -> None:
+        """Takes no new requests from any ring and waits for those in flight
+        (a graceful exit, or the front-end went away)."""
+        for i in range(self.device.num_queues):
+            self.dataplane.set_enabled(i, False)
+        await self._drain(what)
+
     async def _drain(self, what: str) -> None:
         """Waits until no chain is in flight (async back-ends finish first)."""
+        if what == "exit":
+            # cli/common.py's SIGTERM path: without stopping the rings, a
+            # guest that keeps writing leaves no moment with nothing in
+            # flight, and what is popped after the drain is never finished.
+            for i in range(self.device.num_queues):
+                self.dataplane.set_enabled(i, False)
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while self.dataplane.inflight():
             if time.monotonic() > deadline:
@@ -221,19 +244,23 @@ class Session:
             raise ProtocolError(msg.name(), str(exc)) from None
         if len(regions) != len(msg.fds):
             raise ProtocolError(msg.name(), f"{len(regions)} regions but {len(msg.fds)} fds")
-        await self._drain("memory table change")
-        mem = self.dataplane.memory
+        # Build the new table aside: a region that fails leaves the old one,
+        # and the rings in it, untouched.
+        table = GuestMemory.create()
         fds, msg.fds = msg.fds, []
-        with self.dataplane.locked():
-            mem.clear()
-            try:
-                for region, fd in zip(regions, fds):
-                    fds = fds[1:]
-                    mem.add(region, fd)
-            finally:
-                for fd in fds:
+        try:
+            for i, region in enumerate(regions):
+                fd, fds[i] = fds[i], None
+                table.add(region, fd)         # closes fd, whatever happens
+        except BaseException:
+            table.free()
+            raise
+        finally:
+            for fd in fds:
+                if fd is not None:
                     os.close(fd)
-            broken = self.dataplane.remap_started()
+        await self._drain("memory table change")
+        broken = self.dataplane.replace_memory(table)
         if broken:
             log.error("%s: rings %s lost their memory with the new table", self.name, broken)
         log.info("%s: memory table with %d regions", self.name, len(regions))
@@ -288,7 +315,9 @@ class Session:
 
     async def _on_get_vring_base(self, msg):
         index, _ = self._state(msg)
-        # Finish what is in flight so the index we return is exact.
+        # Take nothing more from the ring and finish what is in flight, so
+        # the index we return is exact.
+        self.dataplane.set_enabled(index, False)
         await self._drain(f"stopping ring {index}")
         base = self.dataplane.stop_queue(index)
         log.info("%s: ring %d stopped at %d", self.name, index, base)

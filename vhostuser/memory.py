@@ -18,6 +18,20 @@ class GuestMemory:
     def __init__(self, mem_ptr):
         self._mem = mem_ptr
 
+    @classmethod
+    def create(cls) -> "GuestMemory":
+        """An empty table of our own (built aside, then installed whole)."""
+        ptr = lib.vu_mem_new()
+        if ptr == ffi.NULL:
+            raise MemoryError("vu_mem_new")
+        return cls(ptr)
+
+    def free(self) -> None:
+        """Unmaps everything and frees a table made with :meth:`create`."""
+        if self._mem != ffi.NULL:
+            lib.vu_mem_free(self._mem)
+            self._mem = ffi.NULL
+
     @property
     def regions(self) -> list[MemRegion]:
         return [MemRegion(r.gpa, r.size, r.uva, r.mmap_offset)

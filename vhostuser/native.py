@@ -13,7 +13,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "`pip install .` (or `pip install -e .`)") from exc
 
 _MEMORY_CODES = {lib.VU_ERR_MMAP, lib.VU_ERR_REGION_OVERLAP, lib.VU_ERR_TOO_MANY_REGIONS,
-                 lib.VU_ERR_REGION_NOT_FOUND}
+                 lib.VU_ERR_REGION_NOT_FOUND, lib.VU_ERR_REGION_BEYOND_FD}
 _ADDRESS_CODES = {lib.VU_ERR_ADDR_UNMAPPED, lib.VU_ERR_RING_UNMAPPED}
 
 

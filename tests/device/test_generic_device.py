@@ -110,3 +110,29 @@ def test_several_queues_share_one_worker_thread(serve):
         assert len(srv.device.session.dataplane._workers) == 1
         for vq in vqs:
             echo(mem, vq, [b"shared thread"])
+
+
+def test_refused_memory_table_leaves_running_rings_intact(serve):
+    # Found by vhostuser-fuzz: the old table used to be unmapped before the
+    # new one was known to be good, leaving rings pointing at nothing.
+    import os
+    import struct
+    from vhostuser import protocol
+    from vhostuser.frontend import ReplyError
+    with serve(EchoDevice(num_queues=1)) as (srv, fe):
+        mem, (vq,) = setup(fe, packed=False, queues=1)
+        echo(mem, vq, [b"before"])
+        fds = [os.memfd_create("a"), os.memfd_create("b")]
+        for fd in fds:
+            os.ftruncate(fd, MIB)
+        overlapping = protocol.pack_memory_table([
+            protocol.MemRegion(0, MIB, 0x7000_0000_0000, 0),
+            protocol.MemRegion(MIB // 2, MIB, 0x7100_0000_0000, 0)])
+        with pytest.raises(ReplyError):
+            fe.request(protocol.Request.SET_MEM_TABLE, overlapping, fds)
+        beyond_fd = protocol.pack_memory_table([protocol.MemRegion(0, 4 * MIB, 0x7200_0000_0000, 0)])
+        with pytest.raises(ReplyError):
+            fe.request(protocol.Request.SET_MEM_TABLE, beyond_fd, fds[:1])
+        for fd in fds:
+            os.close(fd)
+        echo(mem, vq, [b"after"])              # the old table still serves

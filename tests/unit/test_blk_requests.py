@@ -264,3 +264,14 @@ def test_file_backend_through_io_uring_keeps_many_requests_in_flight(lab, tmp_pa
     finally:
         lib.vu_blk_free(b)
         os.close(fd)
+
+
+def test_unanswerable_chain_does_not_stay_in_flight(lab, blk):
+    # Found by vhostuser-fuzz: GET_VRING_BASE used to wait 30 s for it.
+    vq = lab.vq(0)
+    vq.enabled = True
+    h = lab.alloc(16)
+    lab.write(h, hdr(T.IN))
+    lab.publish_split(0, [lab.add_split_chain(0, [(h, 16, False)])])
+    lib.vu_blk_handler(blk, vq)
+    assert vq.broken and lib.vu_vq_inflight(vq) == 0

@@ -100,3 +100,17 @@ def test_inflight_region_size_covers_spec_layout():
     assert queue_region_size(256, True) >= 32 + 32 * 256
     hdr = struct.calcsize("<QHHHH")
     assert hdr == 16
+
+
+def test_packed_base_outside_the_ring_is_refused():
+    # Found by the ring_blk fuzz target: an index past the ring was used as is.
+    lab = Lab(nqueues=1, packed=True, size=16)
+    try:
+        vq = lab.vq(0)
+        lib.vu_vq_stop(vq)
+        assert lib.vu_vq_set_base(vq, 0x3500) == 0       # taken, checked at start
+        assert lib.vu_vq_start(vq) == -lib.VU_ERR_BAD_BASE
+        assert lib.vu_vq_set_base(vq, 0x8000 | 15) == 0  # last slot, wrap set: fine
+        assert lib.vu_vq_start(vq) == 0
+    finally:
+        lab.close()
