@@ -1,0 +1,131 @@
+"""Writes the seed corpus of the libFuzzer targets (fuzz/corpus/<target>/).
+
+Seeds are well-formed inputs, so the fuzzer starts from paths that reach
+deep (a parsed blk request, a multi-region translation) instead of having
+to discover ring layouts byte by byte. Run from anywhere:
+    python fuzz/make_corpus.py
+"""
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import struct
+
+HERE = pathlib.Path(__file__).resolve().parent
+DESC = struct.Struct("<QIHH")      # split: addr, len, flags, next
+PDESC = struct.Struct("<QIHH")     # packed: addr, len, id, flags
+OUTHDR = struct.Struct("<IIQ")     # type, ioprio, sector
+SEG = struct.Struct("<QII")        # discard / write-zeroes segment
+NEXT, WRITE, INDIRECT = 1, 2, 4
+P_AVAIL, P_USED = 1 << 7, 1 << 15
+
+# ring_blk layout (see targets/ring_blk.c and targets/guest.h)
+DESC_OFF, DRIVER_OFF, DATA_OFF = 0x000, 0x800, 0x1000
+PACKED, IND, EVENT_IDX, READ_ONLY, SEGMENTS = 1, 2, 4, 8, 16
+IMAGE = 0x4000 + 0x1000            # region 0 and the start of region 1
+
+
+def blk_requests():
+    """(name, [(bytes or length, writable)]) chains of typical requests."""
+    return [
+        ("read", [(OUTHDR.pack(0, 0, 3), False), (1024, True), (1, True)]),
+        ("write", [(OUTHDR.pack(1, 0, 5), False), (b"w" * 512, False), (1, True)]),
+        ("flush", [(OUTHDR.pack(4, 0, 0), False), (1, True)]),
+        ("get_id", [(OUTHDR.pack(8, 0, 0), False), (20, True), (1, True)]),
+        ("discard", [(OUTHDR.pack(11, 0, 0), False), (SEG.pack(8, 4, 0), False), (1, True)]),
+        ("write_zeroes", [(OUTHDR.pack(13, 0, 0), False), (SEG.pack(2, 2, 1), False), (1, True)]),
+    ]
+
+
+def place(image: bytearray, chain, cursor: int):
+    """Writes the chain's buffers at cursor; returns [(gpa, len, writable)], cursor."""
+    bufs = []
+    for content, writable in chain:
+        data = bytes(content) if isinstance(content, bytes) else bytes(content)
+        length = len(content) if isinstance(content, bytes) else content
+        if isinstance(content, bytes):
+            image[cursor:cursor + length] = data
+        bufs.append((cursor, length, writable))
+        cursor += (length + 15) & ~15
+    return bufs, cursor
+
+
+def split_seed(chains, *, indirect: bool, cfg: int) -> bytes:
+    image = bytearray(IMAGE)
+    cursor, slot = DATA_OFF, 0
+    heads = []
+    for chain in chains:
+        bufs, cursor = place(image, chain, cursor)
+        heads.append(slot)
+        if indirect:
+            table = cursor
+            for i, (gpa, length, w) in enumerate(bufs):
+                last = i + 1 == len(bufs)
+                image[table + 16 * i:table + 16 * i + 16] = DESC.pack(
+                    gpa, length, (WRITE if w else 0) | (0 if last else NEXT), 0 if last else i + 1)
+            cursor += 16 * len(bufs)
+            image[16 * slot:16 * slot + 16] = DESC.pack(table, 16 * len(bufs), INDIRECT, 0)
+            slot += 1
+        else:
+            for i, (gpa, length, w) in enumerate(bufs):
+                last = i + 1 == len(bufs)
+                image[16 * slot:16 * slot + 16] = DESC.pack(
+                    gpa, length, (WRITE if w else 0) | (0 if last else NEXT), 0 if last else slot + 1)
+                slot += 1
+    struct.pack_into("<HH", image, DRIVER_OFF, 0, len(heads))
+    for i, head in enumerate(heads):
+        struct.pack_into("<H", image, DRIVER_OFF + 4 + 2 * i, head)
+    return bytes([cfg, 5, 0, 0]) + bytes(image).rstrip(b"\0")
+
+
+def packed_seed(chains, cfg: int) -> bytes:
+    image = bytearray(IMAGE)
+    cursor, slot = DATA_OFF, 0
+    for ident, chain in enumerate(chains):
+        bufs, cursor = place(image, chain, cursor)
+        for i, (gpa, length, w) in enumerate(bufs):
+            last = i + 1 == len(bufs)
+            flags = P_AVAIL | (WRITE if w else 0) | (0 if last else NEXT)
+            image[16 * slot:16 * slot + 16] = PDESC.pack(gpa, length, ident, flags)
+            slot += 1
+    return bytes([cfg | PACKED, 5, 0, 0x80]) + bytes(image).rstrip(b"\0")
+
+
+def ring_blk_seeds():
+    reqs = blk_requests()
+    chains = [c for _, c in reqs]
+    yield split_seed(chains, indirect=False, cfg=SEGMENTS)
+    yield split_seed(chains, indirect=True, cfg=SEGMENTS | IND | EVENT_IDX)
+    yield packed_seed(chains, cfg=SEGMENTS)
+    for name, chain in reqs:
+        yield split_seed([chain], indirect=False, cfg=SEGMENTS | READ_ONLY)
+        yield packed_seed([chain], cfg=SEGMENTS | IND)
+
+
+def mem_translate_seeds():
+    def region(gpa_quarter_pages, pages, uva_pages, off_pages, sub=0):
+        return struct.pack("<HBHBB", gpa_quarter_pages, pages, uva_pages, off_pages, sub)
+
+    def query(op, addr16, length):
+        return struct.pack("<BI", op, addr16) + length.to_bytes(3, "little")
+
+    adjacent = bytes([2]) + region(0, 4, 0, 0) + region(16, 4, 100, 4)
+    yield adjacent + query(0, 0, 0x5000) + query(1, 0x100, 64) + query(2, 0, 16) + query(3, 0, 0)
+    holes = bytes([3]) + region(0, 1, 0, 0) + region(8, 2, 10, 2, 1) + region(40, 1, 20, 8)
+    yield holes + query(0, 0x80, 0x3000) + query(0x40, 0, 1) + query(0x80, 0, 1)
+    yield bytes([1]) + region(0, 16, 0, 0) + query(0, 0xff, 0x100) + query(2, 0, 0x10000)
+
+
+def write(target: str, seeds) -> int:
+    out = HERE / "corpus" / target
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for seed in seeds:
+        (out / hashlib.sha1(seed).hexdigest()).write_bytes(seed)
+        n += 1
+    return n
+
+
+if __name__ == "__main__":
+    for target, seeds in (("ring_blk", ring_blk_seeds()), ("mem_translate", mem_translate_seeds())):
+        print(target, write(target, seeds), "seeds")

@@ -1,0 +1,35 @@
+/* Stand-ins for the callbacks cffi defines in the Python module
+ * (extern "Python+C"): the harnesses only use the C back-ends, so these
+ * must never run. Reaching one is a harness bug, hence abort(). */
+#include <stdlib.h>
+
+struct vu_vq;
+struct vu_elem;
+struct vu_blk_req;
+struct vu_net_frame;
+
+int vu_py_batch(void *ctx, struct vu_vq *vq, struct vu_elem **elems, int n)
+{
+    (void)ctx; (void)vq; (void)elems; (void)n;
+    abort();
+}
+
+int vu_blk_py_batch(void *ctx, struct vu_vq *vq, struct vu_blk_req **reqs, int n)
+{
+    (void)ctx; (void)vq; (void)reqs; (void)n;
+    abort();
+}
+
+int vu_net_py_tx(void *ctx, unsigned qp, struct vu_net_frame **frames, int n)
+{
+    (void)ctx; (void)qp; (void)frames; (void)n;
+    abort();
+}
+
+struct vu_dev;
+
+/* Breaking a queue is an expected outcome of fuzzing: nothing to report. */
+void vu_on_queue_broken(struct vu_dev *dev, unsigned index, int err, unsigned long long detail)
+{
+    (void)dev; (void)index; (void)err; (void)detail;
+}

@@ -1,0 +1,40 @@
+"""The libFuzzer targets build with clang and run clean for a few seconds.
+
+CI runs fuzz/smoke.sh for a minute per target; this is the quick version
+(FUZZ_SMOKE_SECONDS, default 4).
+"""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FUZZ = os.path.join(REPO, "fuzz")
+TARGETS = ("ring_blk", "mem_translate")
+
+pytestmark = pytest.mark.skipif(shutil.which("clang") is None, reason="clang not installed")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Builds into a scratch directory (a long run may be using fuzz/build)."""
+    out = tmp_path_factory.mktemp("fuzz-build")
+    subprocess.run([os.path.join(FUZZ, "build.sh"), *TARGETS], check=True, capture_output=True,
+                   timeout=300, env={**os.environ, "FUZZ_BUILD_DIR": str(out)})
+    return out
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_target_runs_clean(built, target, tmp_path):
+    seconds = os.environ.get("FUZZ_SMOKE_SECONDS", "4")
+    # A scratch corpus so the test never grows the checked-in seeds.
+    proc = subprocess.run([str(built / target), f"-max_total_time={seconds}",
+                           "-print_final_stats=1", f"-artifact_prefix={tmp_path}/",
+                           str(tmp_path), os.path.join(FUZZ, "corpus", target)],
+                          capture_output=True, text=True, timeout=int(seconds) + 120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = int(re.search(r"stat::number_of_executed_units:\s+(\d+)", proc.stderr).group(1))
+    assert runs > 1000

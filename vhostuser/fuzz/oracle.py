@@ -1,0 +1,200 @@
+"""The liveness oracle: after a malformed case, does the device still serve?
+
+Steps, each taken only if the one before did not settle the verdict:
+
+1. Same connection, no recovery: a well-formed request on a neighbour queue
+   the case never touched, and on the fuzzed queue (directly when the case
+   kept the ring well-formed, else after a queue restart: GET_VRING_BASE
+   and a fresh ring at the returned base, as a driver recovers a queue).
+2. Device reset (RESET_DEVICE on the same connection), full bring-up, probes.
+3. Reconnect, full bring-up, probes.
+
+PASS: the input was answered and step 1 succeeded. REJECT: the device
+refused (stayed silent, broke the queue, signalled its error eventfd,
+NACKed, or closed the connection) and steps 1-3 brought it back, a reset
+being acceptable only when the case changed device configuration or the
+device signalled the refusal. WEDGED: it stopped serving: a neighbour queue
+stopped, or only a reset helped although the device never said anything
+(``reset_clears`` True), or nothing helped (False). CRASHED: the process
+died or its socket stopped accepting connections.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..frontend import FeatureError, FrontendError
+from .case import Case, Outcome, Setup, Verdict
+from .execute import Connection, Executor, Observation, SetupFailed
+from .profiles import Profile
+
+# Kinds whose actions change device configuration: a reset is their cure.
+CONFIG_KINDS = ("messages", "memory")
+# Kinds whose chains go through the driver's bookkeeping: the ring stays usable.
+WELL_FORMED_RING_KINDS = ("request", "frame")
+
+
+class Unsupported(Exception):
+    """The back-end does not offer what the case needs (e.g. packed rings)."""
+
+
+@dataclass
+class Target:
+    """A back-end under test."""
+    path: str
+    profile: Profile
+    timeout: float = 2.0          # per request / probe
+    settle: float = 0.05          # how long a case's input may take to be answered
+    alive: Callable[[], bool] = lambda: True   # the process, when we know it
+    sibling: str | None = None    # another device of the same process
+
+
+def _probe(conn: Connection, q: int) -> None:
+    vq = conn.fe.queues[q]
+    conn.profile.probe(vq, conn.mem, conn.timeout)
+
+
+def _probe_all(conn: Connection) -> None:
+    for q in range(conn.profile.queues):
+        if q == conn.profile.fuzz_queue or q == conn.profile.neighbour:
+            _probe(conn, q)
+
+
+def _connection_lost(target: Target) -> bool:
+    """True when nothing accepts on the socket any more, or the process died."""
+    if not target.alive():
+        return True
+    import socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(target.timeout)
+        s.connect(target.path)
+        return False
+    except (FileNotFoundError, ConnectionRefusedError):
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _same_connection(conn: Connection, case: Case, obs: Observation) -> tuple[bool, str, str]:
+    """Step 1: (ok, recovery, what failed)."""
+    p = conn.profile
+    if p.neighbour is not None:
+        try:
+            _probe(conn, p.neighbour)
+        except (FrontendError, OSError) as exc:
+            return False, "none", f"neighbour queue {p.neighbour}: {exc}"
+    recovery = "none"
+    try:
+        if case.kind in WELL_FORMED_RING_KINDS and not obs.error_signalled:
+            try:
+                _probe(conn, p.fuzz_queue)
+                return True, recovery, ""
+            except (FrontendError, OSError):
+                pass
+        recovery = "restart"
+        conn.restart_queue(p.fuzz_queue, case.setup)
+        _probe(conn, p.fuzz_queue)
+        return True, recovery, ""
+    except (FrontendError, OSError) as exc:
+        return False, recovery, f"fuzzed queue {p.fuzz_queue} after restart: {exc}"
+
+
+def _reset(conn: Connection, setup: Setup) -> None:
+    conn.fe.reset()
+    conn.bring_up(setup, "queues")
+    _probe_all(conn)
+
+
+def _reconnect(conn: Connection, setup: Setup) -> None:
+    conn.open(setup, "queues")
+    _probe_all(conn)
+
+
+def _sibling_ok(target: Target) -> str:
+    """'' if the sibling device serves, else why not."""
+    conn = Connection(target.sibling, target.profile, timeout=target.timeout)
+    try:
+        conn.open(Setup(), "queues")
+        _probe_all(conn)
+        return ""
+    except (FrontendError, OSError) as exc:
+        return f"sibling device {target.sibling}: {exc}"
+    finally:
+        conn.close()
+
+
+def run_case(target: Target, case: Case) -> Outcome:
+    """Runs one case on a fresh connection and judges it."""
+    conn = Connection(target.path, target.profile, timeout=target.timeout)
+    try:
+        return _judge(target, conn, case)
+    finally:
+        conn.close()
+
+
+def _judge(target: Target, conn: Connection, case: Case) -> Outcome:
+    try:
+        conn.open(case.setup)
+    except FeatureError as exc:
+        raise Unsupported(str(exc)) from None
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        return Outcome(Verdict.CRASHED, f"socket does not accept before the case: {exc}")
+    except SetupFailed as exc:
+        if _connection_lost(target):
+            return Outcome(Verdict.CRASHED, f"died during bring-up: {exc}")
+        return Outcome(Verdict.WEDGED, f"well-formed bring-up fails before the case: {exc}",
+                       recovery="failed", reset_clears=False)
+
+    obs = Executor(conn, settle=target.settle).run(case)
+    base = dict(answered=obs.answered, closed=obs.closed, error_signalled=obs.error_signalled)
+    notes = "; ".join(obs.notes)
+    if not target.alive():
+        return Outcome(Verdict.CRASHED, "process died during the case " + notes, **base)
+
+    failure = "connection closed by the back-end" if obs.closed else ""
+    if not obs.closed and case.setup.stage == "queues" and case.kind not in CONFIG_KINDS:
+        ok, recovery, failure = _same_connection(conn, case, obs)
+        if ok:
+            verdict = Verdict.PASS if obs.answered else Verdict.REJECT
+            return _with_sibling(target, Outcome(verdict, notes, recovery=recovery, **base))
+        if not target.alive() or _connection_lost(target):
+            return Outcome(Verdict.CRASHED, f"died while probing: {failure}", **base)
+
+    # Steps 2 and 3.
+    recovery = ""
+    if not obs.closed and conn.fe is not None:
+        try:
+            _reset(conn, case.setup)
+            recovery = "reset"
+        except (FrontendError, OSError):
+            pass
+    if not recovery:
+        try:
+            _reconnect(conn, case.setup)
+            recovery = "reconnect"
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            return Outcome(Verdict.CRASHED, f"socket stopped accepting: {exc}", **base)
+        except (FrontendError, OSError) as exc:
+            if _connection_lost(target):
+                return Outcome(Verdict.CRASHED, f"died while recovering: {exc}", **base)
+            return Outcome(Verdict.WEDGED, f"{failure}; reset and reconnect do not help: {exc}",
+                           recovery="failed", reset_clears=False, **base)
+
+    signalled = obs.closed or obs.error_signalled
+    if case.kind in CONFIG_KINDS or signalled or case.setup.stage != "queues":
+        return _with_sibling(target, Outcome(Verdict.REJECT, "; ".join(filter(None, [failure, notes])),
+                                             recovery=recovery, **base))
+    return Outcome(Verdict.WEDGED, f"{failure} (silently; {recovery} cleared it)",
+                   recovery=recovery, reset_clears=True, **base)
+
+
+def _with_sibling(target: Target, outcome: Outcome) -> Outcome:
+    if target.sibling:
+        why = _sibling_ok(target)
+        if why:
+            return Outcome(Verdict.WEDGED, why, outcome.answered, outcome.closed,
+                           outcome.error_signalled, outcome.recovery, reset_clears=None)
+    return outcome
