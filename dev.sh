@@ -3,13 +3,16 @@
 #   ./dev.sh demo   set everything up, serve a fresh image with vhostuser-blk
 #                   and boot a small Linux guest on it, printing what it did
 #   ./dev.sh test   set everything up and run the whole test suite, then the
-#                   C data plane's tests again under AddressSanitizer + UBSan
+#                   C data plane's tests again under AddressSanitizer + UBSan,
+#                   then each libFuzzer target for a minute
 #   ./dev.sh setup  only install what the above need
 set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils qemu-system-common busybox-static cpio
-              e2fsprogs util-linux kmod gcc python3-dev)
+              e2fsprogs util-linux kmod gcc python3-dev
+              dpdk-dev librte-net-vhost23 librte-net-virtio23
+              iproute2 clang libclang-rt-14-dev)
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -26,8 +29,10 @@ setup() {
 }
 
 run_tests() {
-    python3 -m pytest -q -p no:cacheprovider tests "$@"
+    FUZZ_CLI_CASES=${FUZZ_CLI_CASES:-200} python3 -m pytest -q -p no:cacheprovider tests "$@"
     sanitizer_tests
+    echo "== coverage-guided fuzz smoke (libFuzzer, ASan+UBSan) =="
+    SMOKE_SECONDS=${SMOKE_SECONDS:-60} fuzz/smoke.sh
 }
 
 # The C data plane once more, built with -fsanitize=address,undefined and
