@@ -1,0 +1,83 @@
+"""The back-end process's CPU time and memory, from /proc."""
+from __future__ import annotations
+
+import os
+import time
+
+
+def find_backend_pid(socket_path: str, exclude: int | None = None) -> int | None:
+    """The process holding the listening unix socket bound to ``socket_path``
+    (its inode from /proc/net/unix, then /proc/*/fd)."""
+    target = os.path.abspath(socket_path)
+    inodes = set()
+    try:
+        with open("/proc/net/unix") as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 8 and parts[7] in (socket_path, target):
+                    inodes.add(parts[6])
+    except OSError:
+        return None
+    if not inodes:
+        return None
+    links = {f"socket:[{i}]" for i in inodes}
+    me = os.getpid() if exclude is None else exclude
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        fd_dir = f"/proc/{entry}/fd"
+        try:
+            for fd in os.listdir(fd_dir):
+                try:
+                    if os.readlink(f"{fd_dir}/{fd}") in links:
+                        return int(entry)
+                except OSError:
+                    pass
+        except OSError:
+            pass
+    return None
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread, living or exited (clock-tick resolution)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def memory_kb(pid: int) -> dict:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+class BackendProbe:
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def sample(self) -> tuple[float, float]:
+        return time.monotonic(), cpu_seconds(self.pid)
+
+    def report(self, before, after, ios: int) -> dict:
+        wall = after[0] - before[0]
+        cpu = after[1] - before[1]
+        mem = memory_kb(self.pid)
+        return {"pid": self.pid, "cpu_s": round(cpu, 3),
+                "cpu_pct": round(100 * cpu / wall, 1) if wall > 0 else 0.0,
+                "cpu_us_per_io": round(cpu * 1e6 / ios, 2) if ios else None,
+                "peak_rss_kb": mem.get("VmHWM"), "rss_kb": mem.get("VmRSS")}
+
+
+def idle_cpu(pid: int, seconds: float) -> float:
+    """CPU seconds the process used over ``seconds`` of doing nothing."""
+    c0 = cpu_seconds(pid)
+    time.sleep(seconds)
+    return cpu_seconds(pid) - c0

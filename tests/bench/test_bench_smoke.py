@@ -1,0 +1,49 @@
+"""Smoke test of the benchmarks: they run and print numbers (no thresholds).
+
+`python bench/run.py --quick` starts vhostuser's back-ends and (if
+installed) qemu-storage-daemon, runs every blk workload for a fraction of a
+second each, and writes RESULTS.md into a temp dir.
+"""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_blkload_against_ramdisk(tmp_path):
+    sock = tmp_path / "ram.sock"
+    be = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.blk", "--socket-path",
+                           str(sock), "--ramdisk", "16M"], cwd=ROOT)
+    try:
+        out = subprocess.run([sys.executable, "-m", "bench.blkload", "--socket", str(sock),
+                              "--rw", "randrw", "--bs", "4k", "--qd", "8", "--seconds", "0.3",
+                              "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        r = json.loads(out.stdout)
+        assert r["ios"] > 0 and r["errors"] == 0
+        assert r["reads"] > 0 and r["writes"] > 0
+        assert r["lat_us"]["p50"] > 0 and r["iops"] > 0
+        assert r["backend"]["pid"] == be.pid and r["backend"]["peak_rss_kb"] > 0
+    finally:
+        be.terminate()
+        be.wait(10)
+
+
+@pytest.mark.skipif(not shutil.which("qemu-storage-daemon"), reason="needs qemu-storage-daemon")
+def test_run_quick(tmp_path):
+    out = subprocess.run([sys.executable, "bench/run.py", "--quick", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = (tmp_path / "RESULTS.md").read_text()
+    for name in ("randread-4k-qd32", "randread-4k-qd1", "read-128k-qd32", "vhu-file",
+                 "qsd-threads", "qsd-io_uring"):
+        assert name in text
+    assert re.search(r"\| vhu-file \| [\d,]+\.\d", text)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["workloads"]["randread-4k-qd32"]["vhu-file"][0]["iops"] > 0
