@@ -84,6 +84,7 @@ int vu_blk_set_uring(struct vu_blk_dev *b, bool on)
         vu_uring_exit(&probe);
     }
     b->use_uring = on;
+    b->nowait = on;
     return 0;
 }
 
@@ -518,6 +519,33 @@ static bool async_type(uint32_t type)
     return type == VU_BLK_T_IN || type == VU_BLK_T_OUT || type == VU_BLK_T_FLUSH;
 }
 
+/* A read or write that can finish at once (page cache hit, no block) is
+ * done here: true with r->result set. Anything else, including a short
+ * transfer, goes to io_uring untouched (RWF_NOWAIT transfers nothing or
+ * what it could; a partial one is simply redone there). */
+static bool try_nowait(struct vu_blk_dev *b, struct vu_blk_req *r)
+{
+    if (!b->nowait || b->direct || r->niov == 0 ||
+        (r->type != VU_BLK_T_IN && !(r->type == VU_BLK_T_OUT && b->lim.writeback)))
+        return false;
+    uint64_t off = r->sector * VU_BLK_SECTOR;
+    ssize_t n = r->type == VU_BLK_T_IN
+        ? preadv2(b->fd, r->iov, (int)r->niov, (off_t)off, RWF_NOWAIT)
+        : pwritev2(b->fd, r->iov, (int)r->niov, (off_t)off, RWF_NOWAIT);
+    if (n < 0 || (uint64_t)n != r->data_len)
+        return false;
+    struct vu_blk_stats *st = &b->stats[r->queue % VU_BLK_MAX_QUEUES];
+    if (r->type == VU_BLK_T_IN) {
+        st->reads++;
+        st->bytes_read += r->data_len;
+    } else {
+        st->writes++;
+        st->bytes_written += r->data_len;
+    }
+    r->result = VU_BLK_S_OK;
+    return true;
+}
+
 /* Queues r on u; false when the ring is full (the caller runs it itself). */
 static bool submit_async(struct vu_blk_dev *b, struct vu_uring *u, struct vu_blk_req *r)
 {
@@ -692,9 +720,16 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
                     batch[nbatch++] = r;
                     continue;
                 }
-                if (u && async_type(r->type) && submit_async(b, u, r))
-                    continue;
-                vu_blk_execute(b, r);
+                if (u && async_type(r->type)) {
+                    /* Data already in the page cache needs no trip through
+                     * io_uring's worker threads: try it without blocking. */
+                    if (!try_nowait(b, r) && submit_async(b, u, r))
+                        continue;
+                    if (r->result == VU_BLK_S_PENDING)
+                        vu_blk_execute(b, r);
+                } else {
+                    vu_blk_execute(b, r);
+                }
             }
             account_error(b, r);
             vu_blk_finish(vq, r, r->result, false);

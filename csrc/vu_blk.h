@@ -78,6 +78,7 @@ struct vu_blk_dev {
     uint64_t ram_size;
     void *py_ctx;           /* PYTHON: cffi handle */
     bool use_uring;         /* FILE: reads, writes, flushes go through io_uring */
+    bool nowait;            /* FILE with io_uring: try page-cache hits inline first */
     struct vu_uring *rings[VU_BLK_MAX_QUEUES];
     struct vu_worker *ring_worker[VU_BLK_MAX_QUEUES];  /* whose epoll has its eventfd */
     struct vu_blk_req *reqs[VU_BLK_MAX_QUEUES];
