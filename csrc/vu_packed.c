@@ -148,17 +148,39 @@ void vu_packed_push(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
         flags |= VRING_DESC_F_WRITE;
     VU_WRITE_ONCE(d->id, elem->id);
     VU_WRITE_ONCE(d->len, len);
-    /* id and len before the flags that hand the descriptor back */
-    vu_smp_wmb();
-    VU_WRITE_ONCE(d->flags, flags);
-    vu_log_used(vq, 16 * (uint64_t)vq->used_idx, 16);
+    if (!vq->pending_used) {
+        /* The first descriptor of a batch is handed back last, in
+         * vu_packed_flush: a driver reads used descriptors in ring order,
+         * so it sees none of the batch (e.g. a frame's mergeable buffers)
+         * before all of it is written. */
+        vq->pending_head = vq->used_idx;
+        vq->pending_head_flags = flags;
+    } else {
+        /* id and len before the flags that hand the descriptor back */
+        vu_smp_wmb();
+        VU_WRITE_ONCE(d->flags, flags);
+        vu_log_used(vq, 16 * (uint64_t)vq->used_idx, 16);
+    }
+    vq->pending_used++;
     uint32_t next = (uint32_t)vq->used_idx + elem->ndescs;
     if (next >= vq->size) {
         next -= vq->size;
         vq->used_wrap = !vq->used_wrap;
     }
     vq->used_idx = (uint16_t)next;
-    vq->unnotified++;
+}
+
+void vu_packed_flush(struct vu_vq *vq)
+{
+    if (!vq->pending_used)
+        return;
+    struct vring_packed_desc *d = &vq->pdesc[vq->pending_head];
+    /* every id, len and later flag of the batch before the first flag */
+    vu_smp_wmb();
+    VU_WRITE_ONCE(d->flags, vq->pending_head_flags);
+    vu_log_used(vq, 16 * (uint64_t)vq->pending_head, 16);
+    vq->unnotified += vq->pending_used;
+    vq->pending_used = 0;
 }
 
 bool vu_packed_need_notify(struct vu_vq *vq)

@@ -58,6 +58,7 @@ void vu_vq_reset(struct vu_vq *vq)
     vu_handler_fn handler = vq->handler;
     void *ctx = vq->handler_ctx;
     struct vu_worker *worker = vq->worker;
+    bool ignore_write = vq->ignore_write;
     free_pool(vq);
     /* Called with the device locked for writing and nothing in flight, so
      * nobody holds the queue lock: re-create it rather than copy it. */
@@ -69,6 +70,7 @@ void vu_vq_reset(struct vu_vq *vq)
     vq->handler = handler;
     vq->handler_ctx = ctx;
     vq->worker = worker;
+    vq->ignore_write = ignore_write;
     vq->kick_fd = vq->call_fd = vq->err_fd = -1;
     vq->avail_wrap = vq->used_wrap = true;
 }
@@ -253,6 +255,7 @@ int vu_elem_reserve(struct vu_elem *e, uint32_t need)
 int vu_elem_add_buf(struct vu_vq *vq, struct vu_elem *e, uint64_t addr,
                     uint32_t len, bool writable)
 {
+    writable = writable && !vq->ignore_write;
     if (!writable && e->in_num > 0)
         return -VU_ERR_WRITE_BEFORE_READ;
     if (len == 0)
@@ -371,8 +374,12 @@ int vu_vq_push(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
 void vu_vq_flush(struct vu_vq *vq)
 {
     pthread_mutex_lock(&vq->lock);
-    if (vq->started && !vq->packed)
-        vu_split_flush(vq);
+    if (vq->started) {
+        if (vq->packed)
+            vu_packed_flush(vq);
+        else
+            vu_split_flush(vq);
+    }
     pthread_mutex_unlock(&vq->lock);
 }
 
@@ -398,8 +405,12 @@ int vu_vq_complete(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
 {
     pthread_mutex_lock(&vq->lock);
     int rc = push_locked(vq, elem, len);
-    if (rc == 0 && !vq->packed)
-        vu_split_flush(vq);
+    if (rc == 0) {
+        if (vq->packed)
+            vu_packed_flush(vq);
+        else
+            vu_split_flush(vq);
+    }
     pthread_mutex_unlock(&vq->lock);
     if (rc == 0)
         vu_vq_notify(vq);

@@ -77,6 +77,10 @@ struct vu_vq {
     struct vring_packed_desc_event *device_event;  /* written by us */
     bool avail_wrap, used_wrap;
     uint16_t packed_signalled_used;  /* used index (with wrap in bit 15) at last notify */
+    uint16_t pending_head;           /* first descriptor pushed since the last flush */
+    uint16_t pending_head_flags;     /* ... and the flags it gets at flush */
+    bool ignore_write;          /* a queue the device only reads (net TX): the WRITE flag
+                                 * is ignored, as DPDK's vhost does for its drivers */
 
     /* element pool: at most `size` chains are in flight */
     struct vu_elem *elems;

@@ -122,6 +122,11 @@ class NetDevice(Device):
 
     # -- serving -------------------------------------------------------------------
     def queue_handler(self, queue: Queue):
+        if queue.index % 2 == 1:
+            # The device only reads transmit queues; DPDK's virtio PMD leaves
+            # WRITE set on some packed indirect entries there, and DPDK's own
+            # vhost ignores it too.
+            queue._vq.ignore_write = True
         if queue.index % 2 == 0:
             with self._attach_lock:
                 self._net.rxq[queue.index // 2] = queue._vq
