@@ -41,6 +41,7 @@ class Session:
         self.features_set = False
         self.owner = False
         self.status = 0
+        self.closed = False
         self.dataplane = DataPlane(device.num_queues, queues_per_worker=device.queues_per_worker,
                                    poll_us=device.poll_us, name=conn.name)
         self.backend_channel: Connection | None = None
@@ -153,19 +154,15 @@ class Session:
 
     async def stop(self, what: str = "exit") -> None:
         """Takes no new requests from any ring and waits for those in flight
-        (a graceful exit, or the front-end went away)."""
+        (a graceful exit, or the front-end went away). Without taking the
+        rings out of service first, a guest that keeps writing leaves no
+        moment with nothing in flight."""
         for i in range(self.device.num_queues):
             self.dataplane.set_enabled(i, False)
         await self._drain(what)
 
     async def _drain(self, what: str) -> None:
         """Waits until no chain is in flight (async back-ends finish first)."""
-        if what == "exit":
-            # cli/common.py's SIGTERM path: without stopping the rings, a
-            # guest that keeps writing leaves no moment with nothing in
-            # flight, and what is popped after the drain is never finished.
-            for i in range(self.device.num_queues):
-                self.dataplane.set_enabled(i, False)
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while self.dataplane.inflight():
             if time.monotonic() > deadline:
@@ -460,6 +457,7 @@ class Session:
 
     # -- teardown ----------------------------------------------------------------------
     def close(self) -> None:
+        self.closed = True
         self.dataplane.stop_workers()
         self.device.quiesce()      # before guest memory is unmapped
         self.dataplane.close()

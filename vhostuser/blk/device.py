@@ -252,6 +252,8 @@ class BlkDevice(Device):
                 r.result = BlkStatus.OK
 
     def _complete_later(self, vq, r, awaitable) -> None:
+        session = self.session
+
         async def run():
             try:
                 await awaitable
@@ -260,6 +262,12 @@ class BlkDevice(Device):
                 log.exception("block back-end failed on request type %d sector %d",
                               r.type, r.sector)
                 status = BlkStatus.IOERR
+            # The session waits for requests in flight before it frees its
+            # rings, but not forever: past that, the ring is gone and the
+            # answer has nowhere to go (the front-end resubmits it).
+            if self.session is not session or session is None or session.closed:
+                log.warning("request finished after its session closed; dropped")
+                return
             lib.vu_blk_finish(vq, r, status, True)
         if self._loop is None:
             raise RuntimeError("async back-end needs the device's event loop")

@@ -69,6 +69,8 @@ async def _serve_until_sigterm(servers: list[Server], on_sighup=None) -> None:
         loop.add_signal_handler(sig, stop.set)
     if on_sighup is not None:
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    # Handlers are in place: signals held since start-up may arrive now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     tasks = [asyncio.create_task(s.serve()) for s in servers]
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -78,7 +80,7 @@ async def _serve_until_sigterm(servers: list[Server], on_sighup=None) -> None:
     log.info("stopping: finishing requests in flight")
     for s in servers:
         if s.session is not None:
-            await s.session._drain("exit")
+            await s.session.stop("exit")
         s.close()
     for task in tasks:
         task.cancel()
@@ -97,8 +99,14 @@ def run(servers: list[Server], *, on_sighup=None) -> int:
     return 0
 
 
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 def main_wrapper(fn, prog: str) -> int:
-    """Turns UsageError into one line on stderr and exit status 1."""
+    """Turns UsageError into one line on stderr and exit status 1. Holds
+    SIGTERM/SIGINT/SIGHUP until the event loop handles them, so a SIGTERM
+    right after the socket appears still means a clean exit."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     try:
         return fn()
     except UsageError as exc:
