@@ -22,6 +22,10 @@ from .handler import Session
 log = logging.getLogger(__name__)
 
 
+#: How long a new front-end waits for the previous connection to end.
+RECONNECT_GRACE = 2.0
+
+
 class SocketInUse(VhostUserError):
     """A live process is already listening on the socket path."""
 
@@ -73,6 +77,7 @@ class Server:
         self._listener: socket.socket | None = None
         self._closing = False
         self._tasks: set[asyncio.Task] = set()
+        self._slot = asyncio.Lock()     # held by the one session being served
         self.connections = 0
 
     @property
@@ -104,14 +109,25 @@ class Server:
                 if self._closing:
                     return
                 raise
-            if self.session is not None:
-                log.warning("%s: refusing a second front-end while one is connected", self.name)
-                sock.close()
-                continue
-            # Keep accepting meanwhile, so a second front-end is refused at once.
-            task = asyncio.create_task(self._serve_connection(sock))
+            # Keep accepting meanwhile; each connection waits its turn.
+            task = asyncio.create_task(self._serve_in_turn(sock))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _serve_in_turn(self, sock: socket.socket) -> None:
+        """One front-end at a time. A front-end that reconnects (QEMU after a
+        hiccup) can be faster than our noticing its old connection ended, so
+        a newcomer waits briefly for the slot before it is refused."""
+        try:
+            await asyncio.wait_for(self._slot.acquire(), RECONNECT_GRACE)
+        except asyncio.TimeoutError:
+            log.warning("%s: refusing a second front-end while one is connected", self.name)
+            sock.close()
+            return
+        try:
+            await self._serve_connection(sock)
+        finally:
+            self._slot.release()
 
     async def _serve_connect(self) -> None:
         loop = asyncio.get_running_loop()

@@ -270,3 +270,33 @@ def test_config_change_goes_over_the_backend_channel(served, client):
         assert result["told"] is True
     finally:
         ours.close()
+
+
+def test_front_end_reconnecting_at_once_is_served(served):
+    # QEMU reconnects as soon as it closed: the newcomer must not be refused
+    # just because we have not yet noticed the old connection end.
+    for _ in range(5):
+        first = RawClient(served.path)
+        assert first.call_u64(R.GET_QUEUE_NUM) == 2
+        first.close()
+        second = RawClient(served.path)
+        try:
+            assert second.call_u64(R.GET_QUEUE_NUM) == 2
+        finally:
+            second.close()
+
+
+def test_one_session_at_a_time_even_when_two_connect_together(served):
+    a, b = RawClient(served.path), RawClient(served.path)
+    try:
+        assert a.call_u64(R.GET_QUEUE_NUM) == 2
+        b.send(R.GET_QUEUE_NUM)
+        b.sock.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            b.sock.recv(1)             # b waits its turn while a is served
+        a.close()
+        b.sock.settimeout(5)
+        request, payload = b.recv()
+        assert request == R.GET_QUEUE_NUM and struct.unpack("<Q", payload)[0] == 2
+    finally:
+        b.close()
