@@ -6,6 +6,7 @@
 #include "vu_ring_impl.h"
 #include "vu_dev.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #define F_AVAIL (1 << VRING_PACKED_DESC_F_AVAIL)
@@ -26,9 +27,161 @@ int vu_packed_translate(struct vu_vq *vq)
     return 0;
 }
 
+static void rebuild_inflight(struct vu_vq *vq);
+
 void vu_packed_sync(struct vu_vq *vq)
 {
+    if (vq->inflight_packed)
+        rebuild_inflight(vq);
     vq->packed_signalled_used = (uint16_t)(vq->used_idx | (vq->used_wrap << 15));
+}
+
+/* Inflight tracking (vhost-user.rst, "Inflight I/O tracking", packed) ------ *
+ * The region is front-end memory: every index read from it is checked, and
+ * a region that does not hold together stops being tracked (with a log line
+ * through vu_vq_break's hook) rather than steering us out of bounds. */
+
+static void advance(uint16_t *idx, bool *wrap, uint32_t n, uint16_t size)
+{
+    uint32_t next = (uint32_t)*idx + n;
+    while (next >= size) {
+        next -= size;
+        *wrap = !*wrap;
+    }
+    *idx = (uint16_t)next;
+}
+
+static void drop_inflight(struct vu_vq *vq)
+{
+    vq->inflight_packed = NULL;
+    vq->batch_heads_num = 0;
+    vq->resubmit_num = vq->resubmit_pos = 0;
+}
+
+static int cmp_packed_counter(const void *a, const void *b, void *arg)
+{
+    const struct vu_inflight_packed *r = arg;
+    uint64_t ca = r->desc[*(const uint16_t *)a].counter;
+    uint64_t cb = r->desc[*(const uint16_t *)b].counter;
+    return ca < cb ? -1 : ca > cb;
+}
+
+static void rebuild_inflight(struct vu_vq *vq)
+{
+    struct vu_inflight_packed *r = vq->inflight_packed;
+    uint16_t size = vq->size;
+    vq->resubmit_num = vq->resubmit_pos = 0;
+    vq->batch_heads_num = 0;
+    if (!vq->batch_heads)
+        vq->batch_heads = calloc(size, sizeof(uint16_t));
+    if (!vq->resubmit)
+        vq->resubmit = calloc(size, sizeof(uint16_t));
+    if (!vq->batch_heads || !vq->resubmit) {
+        drop_inflight(vq);
+        return;
+    }
+    if (r->version == 0 || r->desc_num != size) {
+        /* a fresh region: every entry free, in a list */
+        memset(r->desc, 0, sizeof(r->desc[0]) * size);
+        for (uint16_t i = 0; i < size; i++)
+            r->desc[i].next = (uint16_t)(i + 1);
+        r->free_head = r->old_free_head = 0;
+        r->used_idx = r->old_used_idx = vq->used_idx;
+        r->used_wrap_counter = r->old_used_wrap_counter = vq->used_wrap;
+        r->version = 1;
+        r->desc_num = size;
+        vq->inflight_counter = 1;
+        return;
+    }
+    if (r->free_head >= size || r->old_free_head >= size || r->used_idx >= size ||
+        r->old_used_idx >= size) {
+        drop_inflight(vq);
+        return;
+    }
+    if (r->used_idx != r->old_used_idx) {
+        /* Did the crash come after the batch's descriptor went to the
+         * driver? Then commit it, else roll it back. */
+        uint16_t flags = VU_READ_ONCE(vq->pdesc[r->old_used_idx].flags) & (F_AVAIL | F_USED);
+        uint16_t still_avail = r->old_used_wrap_counter ? F_AVAIL : F_USED;
+        if (flags != still_avail) {
+            r->old_free_head = r->free_head;
+            r->old_used_idx = r->used_idx;
+            r->old_used_wrap_counter = r->used_wrap_counter;
+        }
+    }
+    r->free_head = r->old_free_head;
+    r->used_idx = r->old_used_idx;
+    r->used_wrap_counter = r->old_used_wrap_counter;
+    /* whatever is on the free list is not in flight */
+    uint16_t h = r->free_head;
+    for (uint32_t n = 0; n < size && h < size; n++) {
+        r->desc[h].inflight = 0;
+        h = r->desc[h].next;
+    }
+    uint64_t max_counter = 0;
+    uint32_t entries = 0;
+    for (uint16_t i = 0; i < size; i++) {
+        if (r->desc[i].inflight != 1)
+            continue;
+        if (r->desc[i].num == 0 || r->desc[i].num > size) {
+            drop_inflight(vq);
+            return;
+        }
+        vq->resubmit[vq->resubmit_num++] = i;
+        entries += r->desc[i].num;
+        if (r->desc[i].counter > max_counter)
+            max_counter = r->desc[i].counter;
+    }
+    if (entries > size) {
+        drop_inflight(vq);
+        return;
+    }
+    qsort_r(vq->resubmit, vq->resubmit_num, sizeof(uint16_t), cmp_packed_counter, r);
+    vq->inflight_counter = max_counter + 1;
+    /* The device side restarts where the region says completions stand;
+     * what is resubmitted was taken from the ring beyond that. */
+    vq->used_idx = r->used_idx;
+    vq->used_wrap = r->used_wrap_counter;
+    vq->last_avail_idx = r->used_idx;
+    vq->avail_wrap = r->used_wrap_counter;
+    advance(&vq->last_avail_idx, &vq->avail_wrap, entries, size);
+}
+
+/* Records one ring descriptor of the chain being popped. */
+static bool record_desc(struct vu_vq *vq, const struct vring_packed_desc *d, bool first,
+                        bool last)
+{
+    struct vu_inflight_packed *r = vq->inflight_packed;
+    uint16_t head = r->old_free_head, slot = r->free_head;
+    if (head >= vq->size || slot >= vq->size)
+        return false;
+    if (first) {
+        r->desc[head].num = 0;
+        r->desc[head].counter = vq->inflight_counter++;
+        r->desc[head].inflight = 1;
+    }
+    if (last)
+        r->desc[head].last = slot;
+    r->desc[head].num++;
+    r->desc[slot].addr = d->addr;
+    r->desc[slot].len = d->len;
+    r->desc[slot].flags = d->flags;
+    r->desc[slot].id = d->id;
+    r->free_head = r->desc[slot].next;
+    if (last)
+        r->old_free_head = r->free_head;
+    return true;
+}
+
+void vu_packed_inflight_unpop(struct vu_vq *vq, struct vu_elem *elem)
+{
+    /* Undo the most recent pop: its entries go back to the head of the free
+     * list, which still links through them. */
+    struct vu_inflight_packed *r = vq->inflight_packed;
+    if (elem->inflight_head >= vq->size)
+        return;
+    r->desc[elem->inflight_head].inflight = 0;
+    r->free_head = r->old_free_head = elem->inflight_head;
 }
 
 static bool desc_is_avail(uint16_t flags, bool wrap)
@@ -78,8 +231,67 @@ static int walk_indirect(struct vu_vq *vq, struct vu_elem *e,
     return 0;
 }
 
+/* Adds one descriptor (from the ring, or saved in the inflight region) to
+ * e; `first` says whether it heads the chain (an indirect one must). */
+static int add_desc(struct vu_vq *vq, struct vu_elem *e, const struct vring_packed_desc *d,
+                    bool first, uint64_t *detail)
+{
+    if (d->flags & VRING_DESC_F_INDIRECT) {
+        if (!first || (d->flags & VRING_DESC_F_NEXT)) {
+            /* an indirect descriptor must stand alone */
+            *detail = d->addr;
+            return -VU_ERR_INDIRECT_NEXT;
+        }
+        return walk_indirect(vq, e, d, detail);
+    }
+    int rc = vu_elem_add_buf(vq, e, d->addr, d->len, d->flags & VRING_DESC_F_WRITE);
+    if (rc)
+        *detail = d->addr;
+    return rc;
+}
+
+/* A request that was in flight when the previous back-end died, rebuilt
+ * from the copies the inflight region kept of its descriptors. */
+static int pop_resubmit(struct vu_vq *vq, struct vu_elem **out)
+{
+    struct vu_inflight_packed *r = vq->inflight_packed;
+    uint16_t head = vq->resubmit[vq->resubmit_pos++];
+    struct vu_elem *e = vu_elem_get(vq);
+    if (!e)
+        return 0;
+    uint64_t detail = 0;
+    int rc = vu_elem_reserve(e, 4);
+    uint16_t j = head, id = 0, num = r->desc[head].num;
+    for (uint16_t k = 0; rc == 0 && k < num; k++) {
+        if (j >= vq->size) {
+            rc = -VU_ERR_INFLIGHT;
+            detail = j;
+            break;
+        }
+        struct vring_packed_desc d = {
+            .addr = r->desc[j].addr, .len = r->desc[j].len,
+            .id = r->desc[j].id, .flags = r->desc[j].flags,
+        };
+        id = d.id;
+        rc = add_desc(vq, e, &d, k == 0, &detail);
+        j = r->desc[j].next;
+    }
+    if (rc) {
+        vu_elem_put(vq, e);
+        vu_vq_break(vq, -rc, detail);
+        return rc;
+    }
+    e->id = id;
+    e->ndescs = num;
+    e->inflight_head = head;
+    *out = e;
+    return 1;
+}
+
 int vu_packed_pop(struct vu_vq *vq, struct vu_elem **out)
 {
+    if (vq->inflight_packed && vq->resubmit_pos < vq->resubmit_num)
+        return pop_resubmit(vq, out);
     uint16_t idx = vq->last_avail_idx;
     bool wrap = vq->avail_wrap;
     uint16_t flags = VU_READ_ONCE(vq->pdesc[idx].flags);
@@ -109,22 +321,15 @@ int vu_packed_pop(struct vu_vq *vq, struct vu_elem **out)
             wrap = !wrap;
         }
         id = d.id;
-        if (d.flags & VRING_DESC_F_INDIRECT) {
-            if (count > 1 || (d.flags & VRING_DESC_F_NEXT)) {
-                /* an indirect descriptor must stand alone */
-                rc = -VU_ERR_INDIRECT_NEXT;
-                detail = d.addr;
-                break;
-            }
-            rc = walk_indirect(vq, e, &d, &detail);
-            break;
+        bool last = (d.flags & VRING_DESC_F_INDIRECT) || !(d.flags & VRING_DESC_F_NEXT);
+        if (vq->inflight_packed) {
+            if (count == 1)
+                e->inflight_head = vq->inflight_packed->old_free_head;
+            if (!record_desc(vq, &d, count == 1, last))
+                drop_inflight(vq);
         }
-        rc = vu_elem_add_buf(vq, e, d.addr, d.len, d.flags & VRING_DESC_F_WRITE);
-        if (rc) {
-            detail = d.addr;
-            break;
-        }
-        if (!(d.flags & VRING_DESC_F_NEXT))
+        rc = add_desc(vq, e, &d, count == 1, &detail);
+        if (rc || last)
             break;
     }
     if (rc) {
@@ -148,6 +353,18 @@ void vu_packed_push(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
         flags |= VRING_DESC_F_WRITE;
     VU_WRITE_ONCE(d->id, elem->id);
     VU_WRITE_ONCE(d->len, len);
+    struct vu_inflight_packed *r = vq->inflight_packed;
+    if (r) {
+        uint16_t e = elem->inflight_head;
+        uint16_t last = e < vq->size ? r->desc[e].last : vq->size;
+        if (last < vq->size && vq->batch_heads_num < vq->size) {
+            r->desc[last].next = r->free_head;
+            r->free_head = e;
+            vq->batch_heads[vq->batch_heads_num++] = e;
+        } else {
+            drop_inflight(vq);
+        }
+    }
     if (!vq->pending_used) {
         /* The first descriptor of a batch is handed back last, in
          * vu_packed_flush: a driver reads used descriptors in ring order,
@@ -175,10 +392,24 @@ void vu_packed_flush(struct vu_vq *vq)
     if (!vq->pending_used)
         return;
     struct vring_packed_desc *d = &vq->pdesc[vq->pending_head];
+    struct vu_inflight_packed *r = vq->inflight_packed;
+    if (r) {
+        r->used_idx = vq->used_idx;
+        r->used_wrap_counter = vq->used_wrap;
+    }
     /* every id, len and later flag of the batch before the first flag */
     vu_smp_wmb();
     VU_WRITE_ONCE(d->flags, vq->pending_head_flags);
     vu_log_used(vq, 16 * (uint64_t)vq->pending_head, 16);
+    if (r) {
+        vu_smp_wmb();
+        for (uint32_t i = 0; i < vq->batch_heads_num; i++)
+            r->desc[vq->batch_heads[i]].inflight = 0;
+        vq->batch_heads_num = 0;
+        r->old_free_head = r->free_head;
+        r->old_used_idx = r->used_idx;
+        r->old_used_wrap_counter = r->used_wrap_counter;
+    }
     vq->unnotified += vq->pending_used;
     vq->pending_used = 0;
 }

@@ -34,6 +34,9 @@ static void free_pool(struct vu_vq *vq)
     free(vq->elems);
     free(vq->free_slots);
     free(vq->resubmit);
+    free(vq->batch_heads);
+    vq->batch_heads = NULL;
+    vq->batch_heads_num = 0;
     vq->elems = NULL;
     vq->free_slots = NULL;
     vq->resubmit = NULL;
@@ -161,6 +164,8 @@ int vu_vq_start(struct vu_vq *vq)
     int rc = vq->packed ? vu_packed_translate(vq) : vu_split_translate(vq);
     if (rc)
         return rc;
+    vq->inflight_region = vq->packed ? NULL : vq->inflight_area;
+    vq->inflight_packed = vq->packed ? vq->inflight_area : NULL;
     rc = alloc_pool(vq);
     if (rc)
         return rc;
@@ -324,6 +329,8 @@ int vu_vq_unpop(struct vu_vq *vq, struct vu_elem *elem)
         return -VU_ERR_BAD_USED_ID;
     }
     if (vq->packed) {
+        if (vq->inflight_packed)
+            vu_packed_inflight_unpop(vq, elem);
         /* step back over the descriptors this buffer used */
         if (vq->last_avail_idx < elem->ndescs) {
             vq->last_avail_idx = (uint16_t)(vq->last_avail_idx + vq->size - elem->ndescs);
@@ -466,6 +473,6 @@ int vu_vq_set_inflight(struct vu_vq *vq, void *region)
 {
     if (vq->started)
         return -VU_ERR_INVAL;
-    vq->inflight_region = region;
+    vq->inflight_area = region;
     return 0;
 }

@@ -20,6 +20,7 @@ struct vu_elem {
     struct iovec *iov;
     uint32_t iov_cap;
     uint32_t slot;       /* index in the queue's element pool */
+    uint16_t inflight_head;  /* packed inflight tracking: its DescStatePacked entry */
     uint8_t in_flight;
     void *user;          /* back-end's per-request state */
 };
@@ -43,6 +44,33 @@ struct vu_inflight_split {        /* QueueRegionSplit */
     uint16_t last_batch_head;
     uint16_t used_idx;
     struct vu_inflight_split_desc desc[];
+};
+
+struct vu_inflight_packed_desc {  /* DescStatePacked in vhost-user.rst */
+    uint8_t inflight;
+    uint8_t padding;
+    uint16_t next;
+    uint16_t last;
+    uint16_t num;
+    uint64_t counter;
+    uint16_t id;
+    uint16_t flags;
+    uint32_t len;
+    uint64_t addr;
+};
+
+struct vu_inflight_packed {       /* QueueRegionPacked */
+    uint64_t features;
+    uint16_t version;
+    uint16_t desc_num;
+    uint16_t free_head;
+    uint16_t old_free_head;
+    uint16_t used_idx;
+    uint16_t old_used_idx;
+    uint8_t used_wrap_counter;
+    uint8_t old_used_wrap_counter;
+    uint8_t padding[7];
+    struct vu_inflight_packed_desc desc[];
 };
 
 struct vu_vq {
@@ -88,8 +116,13 @@ struct vu_vq {
     uint32_t nfree;
     uint32_t inflight;          /* popped, not yet pushed */
 
-    /* inflight tracking (INFLIGHT_SHMFD), split ring only */
+    /* inflight tracking (INFLIGHT_SHMFD): the area from SET_INFLIGHT_FD, read
+     * as one of the two layouts once the ring starts and its layout is known */
+    void *inflight_area;
     struct vu_inflight_split *inflight_region;
+    struct vu_inflight_packed *inflight_packed;
+    uint16_t *batch_heads;      /* packed: state entries pushed since the last flush */
+    uint32_t batch_heads_num;
     uint64_t inflight_counter;
     uint16_t *resubmit;         /* heads to hand out again after reconnect */
     uint32_t resubmit_num, resubmit_pos;
@@ -145,7 +178,8 @@ bool vu_vq_has_avail(struct vu_vq *vq);
 /* Marks the queue broken with err and fires the error eventfd. */
 void vu_vq_break(struct vu_vq *vq, int err, uint64_t detail);
 
-/* Inflight region (split). Resubmission list is rebuilt from it. */
+/* Inflight region. QEMU sends it before the features, so the split or packed
+ * layout is chosen when the ring starts; requests to resubmit are found then. */
 int vu_vq_set_inflight(struct vu_vq *vq, void *region);
 
 /* For tests: copy of the used element count etc. */

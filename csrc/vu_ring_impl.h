@@ -26,6 +26,7 @@ void vu_packed_sync(struct vu_vq *vq);
 int vu_packed_pop(struct vu_vq *vq, struct vu_elem **out);
 void vu_packed_push(struct vu_vq *vq, struct vu_elem *elem, uint32_t len);
 void vu_packed_flush(struct vu_vq *vq);
+void vu_packed_inflight_unpop(struct vu_vq *vq, struct vu_elem *elem);
 bool vu_packed_need_notify(struct vu_vq *vq);
 bool vu_packed_set_notification(struct vu_vq *vq, bool enable);
 bool vu_packed_has_avail(struct vu_vq *vq);

@@ -397,8 +397,7 @@ class Session:
     # -- inflight tracking --------------------------------------------------------
     async def _on_get_inflight_fd(self, msg):
         size, offset, num_queues, queue_size = protocol.INFLIGHT.unpack_from(msg.payload)
-        area = InflightArea.create(num_queues, queue_size,
-                                   packed=bool(self.features & bit(Feature.RING_PACKED)))
+        area = InflightArea.create(num_queues, queue_size)
         try:
             await self.conn.reply(msg, protocol.INFLIGHT.pack(area.size, 0, num_queues, queue_size)
                                   + b"\0" * (len(msg.payload) - protocol.INFLIGHT.size),
@@ -412,8 +411,14 @@ class Session:
         if num_queues > self.device.num_queues:
             raise ProtocolError(msg.name(), f"{num_queues} queues, device has "
                                 f"{self.device.num_queues}")
-        area = InflightArea.map(msg.take_fd(), size, offset, num_queues, queue_size,
-                                packed=bool(self.features & bit(Feature.RING_PACKED)))
+        try:
+            area = InflightArea.map(msg.take_fd(), size, offset, num_queues, queue_size)
+        except (ValueError, OSError) as exc:
+            # An area we cannot use (another version's layout, a short fd)
+            # must not stop the device: it only loses crash recovery.
+            log.warning("%s: inflight area not used: %s; requests in flight at a crash "
+                        "will not be resubmitted", self.name, exc)
+            return
         if self.inflight is not None:
             self.inflight.close()
         self.inflight = area

@@ -19,30 +19,30 @@ PACKED_DESC = 32        # DescStatePacked
 ALIGN = 64
 
 
-def queue_region_size(queue_size: int, packed: bool) -> int:
-    raw = (PACKED_HEADER + PACKED_DESC * queue_size) if packed \
-        else (SPLIT_HEADER + SPLIT_DESC * queue_size)
+def queue_region_size(queue_size: int) -> int:
+    """Bytes per queue. Room for either layout: QEMU asks for the area
+    before it sets the features that decide between them, and a restarted
+    back-end must find each queue's region at the same offset."""
+    raw = max(PACKED_HEADER + PACKED_DESC * queue_size, SPLIT_HEADER + SPLIT_DESC * queue_size)
     return (raw + ALIGN - 1) // ALIGN * ALIGN
 
 
 class InflightArea:
     """The mapped area; ``fd`` is set only for a freshly created one."""
 
-    def __init__(self, mapping: mmap.mmap, fd: int | None, num_queues: int, queue_size: int,
-                 packed: bool):
+    def __init__(self, mapping: mmap.mmap, fd: int | None, num_queues: int, queue_size: int):
         self._map = mapping
         self.fd = fd
         self.num_queues = num_queues
         self.queue_size = queue_size
-        self.packed = packed
         self.size = len(mapping)
         self._base = ffi.from_buffer(mapping)
 
     @classmethod
-    def create(cls, num_queues: int, queue_size: int, *, packed: bool) -> "InflightArea":
+    def create(cls, num_queues: int, queue_size: int) -> "InflightArea":
         if not 1 <= num_queues <= 256 or not 1 <= queue_size <= 32768:
             raise ValueError(f"inflight area for {num_queues} queues of {queue_size}")
-        size = num_queues * queue_region_size(queue_size, packed)
+        size = num_queues * queue_region_size(queue_size)
         fd = os.memfd_create("vhostuser-inflight", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
@@ -51,14 +51,14 @@ class InflightArea:
             os.close(fd)
             raise
         # zero-filled: version 0 tells the rings "fresh region"
-        return cls(mapping, fd, num_queues, queue_size, packed)
+        return cls(mapping, fd, num_queues, queue_size)
 
     @classmethod
-    def map(cls, fd: int, size: int, offset: int, num_queues: int, queue_size: int, *,
-            packed: bool) -> "InflightArea":
+    def map(cls, fd: int, size: int, offset: int, num_queues: int,
+            queue_size: int) -> "InflightArea":
         """Maps an area the front-end handed back (takes fd and closes it)."""
         try:
-            need = num_queues * queue_region_size(queue_size, packed)
+            need = num_queues * queue_region_size(queue_size)
             if size < need:
                 raise ValueError(f"inflight area of {size} bytes, {num_queues} queues "
                                  f"of {queue_size} need {need}")
@@ -67,14 +67,13 @@ class InflightArea:
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, offset=offset)
         finally:
             os.close(fd)
-        return cls(mapping, None, num_queues, queue_size, packed)
+        return cls(mapping, None, num_queues, queue_size)
 
     def queue_region(self, index: int):
-        """C pointer to queue ``index``'s region, or None where the data plane
-        does not track this layout (packed rings)."""
-        if self.packed or index >= self.num_queues:
+        """C pointer to queue ``index``'s region (None past the last queue)."""
+        if index >= self.num_queues:
             return None
-        return self._base + index * queue_region_size(self.queue_size, False)
+        return self._base + index * queue_region_size(self.queue_size)
 
     def close(self) -> None:
         """Drops our fd (after sending it); the mapping stays for the rings."""

@@ -108,9 +108,14 @@ BACKENDS = {
     # a Python back-end: many requests in flight at any time
     "slow": lambda image: ["--backend", "tests.guest.test_reconnect:SlowDisk",
                            "--backend-opt", f"image={image}"],
+    # the same over packed rings (QueueRegionPacked inflight tracking)
+    "slow-packed": lambda image: ["--backend", "tests.guest.test_reconnect:SlowDisk",
+                                  "--backend-opt", f"image={image}"],
 }
-#: queues per kind: two for the slow one, so two inflight regions are in use
-QUEUES = {"file": 1, "slow": 2}
+#: queues per kind: two for the slow ones, so two inflight regions are in use
+QUEUES = {"file": 1, "slow": 2, "slow-packed": 2}
+#: extra vhost-user-blk-pci properties per kind
+DEVICE_PROPERTIES = {"slow-packed": {"packed": "on"}}
 
 
 # --------------------------------------------------------------------------
@@ -315,8 +320,9 @@ def guest_outcome(result: guest.GuestResult) -> None:
 # The tests
 # --------------------------------------------------------------------------
 
-RECORDS = 60          # per writer
-KILLS = 3
+# The soak is the same test, longer: VHOSTUSER_SOAK_KILLS=20 VHOSTUSER_SOAK_RECORDS=400
+RECORDS = int(os.environ.get("VHOSTUSER_SOAK_RECORDS", "60"))   # per writer
+KILLS = int(os.environ.get("VHOSTUSER_SOAK_KILLS", "3"))
 
 
 def inflight_report(backend: Backend) -> tuple[list[int], list[int]]:
@@ -339,7 +345,8 @@ def test_blk_survives_kill_9_under_write_load(guest_kit, sock_dir, tmp_path, cap
     try:
         with guest.GuestProcess(guest_kit, writer_script(tag, RECORDS),
                                 blk=[guest.BlkDevice(str(backend.sock), num_queues=queues,
-                                                     reconnect=1)],
+                                                     reconnect=1,
+                                                     properties=DEVICE_PROPERTIES.get(kind, {}))],
                                 smp=2, pvh=True) as vm:
             vm.wait_for(r"^WRITERS-START", timeout=60)
             for k in range(KILLS):
@@ -371,7 +378,7 @@ def test_blk_survives_kill_9_under_write_load(guest_kit, sock_dir, tmp_path, cap
     assert len(sets) == KILLS + 1
     # every restarted back-end got the inflight area back
     assert all(n >= 1 for n in sets[1:]), sets
-    if kind == "slow":
+    if kind.startswith("slow"):
         # requests were in flight at some kill, and were resubmitted
         assert sum(resubmitted) > 0, resubmitted
     assert "Traceback" not in backend.log_text(), backend.log_text()[-3000:]

@@ -300,3 +300,15 @@ def test_one_session_at_a_time_even_when_two_connect_together(served):
         assert request == R.GET_QUEUE_NUM and struct.unpack("<Q", payload)[0] == 2
     finally:
         b.close()
+
+
+def test_unusable_inflight_area_is_ignored_not_fatal(client):
+    # e.g. an area another version of the back-end sized differently
+    client.enable_reply_ack()
+    fd = os.memfd_create("small")
+    os.ftruncate(fd, 64)
+    try:
+        assert client.acked(R.SET_INFLIGHT_FD, protocol.INFLIGHT.pack(64, 0, 2, 128), fds=[fd]) == 0
+    finally:
+        os.close(fd)
+    assert client.call_u64(R.GET_QUEUE_NUM) == 2
