@@ -69,6 +69,10 @@ class NetDevice(Device):
         if kind == lib.VU_NET_BACKEND_TAP:
             for i, fd in enumerate(backend.fds):
                 self._net.tap_fds[i] = fd
+            # Header size and offloads of the TAP follow the negotiated
+            # features; until then (QEMU sends SEND_RARP before SET_FEATURES
+            # after a migration) agree on VERSION_1's 12-byte header.
+            lib.vu_net_set_features(self._net, 1 << 32)
         if kind == lib.VU_NET_BACKEND_SWITCH:
             try:
                 backend.bind(self._net, queue_pairs)
