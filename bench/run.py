@@ -12,7 +12,8 @@ and the rounds rotate their order, so each ratio compares runs taken next to
 each other. Reported: the median of the rounds, min and max, and ratios of
 medians against the best qemu-storage-daemon setting for that workload.
 
-net (DPDK testpmd) is not here yet: see RESULTS.md.
+    python bench/run.py --net [--quick] [net options]   # the net comparison instead
+                                     # (bench/net.py: DPDK testpmd, "## Network" section)
 """
 from __future__ import annotations
 
@@ -212,6 +213,10 @@ def machine_info() -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--net" in argv:
+        from bench import net
+        return net.main([a for a in argv if a != "--net"])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="short smoke: tiny image, 1 round, "
                    "0.5 s runs, results in a temp dir")
@@ -230,6 +235,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="directory for RESULTS.md, results.json and the chart "
                    "(default bench/, or a temp dir with --quick)")
     p.add_argument("--idle-seconds", type=float, default=3.0)
+    p.add_argument("--net", action="store_true", help="run the net comparison instead "
+                   "(bench/net.py; its own options follow)")
     p.add_argument("--max-load", type=float, default=0.0,
                    help="wait up to 5 min before each round for loadavg below this (0: don't)")
     args = p.parse_args(argv)

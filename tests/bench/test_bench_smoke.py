@@ -47,3 +47,28 @@ def test_run_quick(tmp_path):
     assert re.search(r"\| vhu-file \| [\d,]+\.\d", text)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["workloads"]["randread-4k-qd32"]["vhu-file"][0]["iops"] > 0
+
+
+@pytest.mark.skipif(not shutil.which("dpdk-testpmd"), reason="needs dpdk-testpmd")
+def test_net_quick(tmp_path):
+    """`bench/run.py --net --quick`: testpmd (virtio-user) against the Python
+    sink and echo back-ends and DPDK's vhost PMD, 64 B only, 0.3 s windows;
+    RESULTS.md's other sections stay, an old Network section is replaced."""
+    (tmp_path / "RESULTS.md").write_text("# results\n\n## blk\n\nkept\n\n## Network\n\n"
+                                         "old\n\n### old sub\n\n## Notes\n\nkept too\n")
+    out = subprocess.run([sys.executable, "bench/run.py", "--net", "--quick", "--out",
+                          str(tmp_path), "--only", "tx-64,both-64", "--backends",
+                          "vhu-sink,vhu-echo,dpdk-vhost"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert text.startswith("# results\n\n## blk\n\nkept\n")
+    assert len(re.findall(r"^## Network$", text, re.M)) == 1
+    assert "old" not in text and text.endswith("\n## Notes\n\nkept too\n")
+    for name in ("tx-64", "both-64", "vhu-sink", "vhu-echo", "dpdk-vhost"):
+        assert name in text
+    assert re.search(r"\| vhu-echo \| [\d,]+ \|", text)
+    results = json.loads((tmp_path / "net_results.json").read_text())
+    for w, n in (("tx-64", "vhu-sink"), ("tx-64", "dpdk-vhost"), ("both-64", "vhu-echo"),
+                 ("both-64", "dpdk-vhost")):
+        assert results["workloads"][w][n][0]["pps"] > 0, (w, n)
