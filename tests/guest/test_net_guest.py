@@ -162,9 +162,7 @@ def run_two_guests(kit, sock_a, sock_b, ip_a, ip_b):
                            net=[guest.NetDevice(socket=sock_a, mac="52:54:00:aa:00:01")])
     b = guest.GuestProcess(kit, peer_workload(ip_b, ip_a), pvh=True,
                            net=[guest.NetDevice(socket=sock_b, mac="52:54:00:bb:00:02")])
-    with a, b:
-        a.start()
-        b.start()
+    with a, b:                      # entering starts both QEMUs
         ra = a.wait(timeout=180)
         rb = b.wait(timeout=180)
     return ra.results(), rb.results()
