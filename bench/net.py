@@ -39,8 +39,6 @@ can't, so there is no such row.
 from __future__ import annotations
 
 import argparse
-import codecs
-import itertools
 import json
 import os
 import re
@@ -51,9 +49,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from vhostuser.testing.testpmd import TESTPMD, TestPmd
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -62,8 +61,6 @@ sys.path.insert(0, str(ROOT))
 from bench.blkload.procstat import cpu_seconds, find_backend_pid, memory_kb  # noqa: E402
 
 PY = sys.executable
-TESTPMD = shutil.which("dpdk-testpmd")
-STDBUF = shutil.which("stdbuf")
 PMD_MAC = "02:00:00:00:00:aa"
 DEVARGS = "queues=1,packed_vq=0,mrg_rxbuf=0"
 REFERENCE = "dpdk-vhost"
@@ -124,119 +121,10 @@ def lcores(cpu: str | None) -> str:
     return f"0@{c},1@{c}"
 
 
-_prefixes = itertools.count()
-
-
-class TestPmd:
-    """dpdk-testpmd in interactive mode, one port, driven over stdin."""
-
-    __test__ = False
-    PROMPT = "testpmd> "
-
-    def __init__(self, vdev: str, cpu, nice: int, log_path: Path, timeout: float = 60.0):
-        self.prefix = f"vhu-bench-{os.getpid()}-{next(_prefixes)}"
-        self.command = pinned(None, nice, [
-            TESTPMD, "--no-huge", "--no-pci", "--single-file-segments", "--no-shconf",
-            "--no-telemetry", f"--file-prefix={self.prefix}", "-m", "256",
-            "--vdev", vdev, "--lcores", lcores(cpu),
-            "--", "-i", "--no-mlockall", "--total-num-mbufs=16384", "--nb-cores=1",
-            "--port-topology=loop"])
-        argv = [STDBUF, "-oL", "-eL", *self.command] if STDBUF else list(self.command)
-        self._log = open(log_path, "w", errors="replace")
-        self._out = ""
-        self._cond = threading.Condition()
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.pid = self.proc.pid
-        self._timeout = timeout
-        self._started = False
-
-    def wait_ready(self) -> None:
-        if self._started:
-            return
-        self._wait_prompt(0, self._timeout)
-        out = self.output()
-        if "Port 0: " not in out or "Start ports failed" in out or "Fail to" in out:
-            raise RuntimeError(f"testpmd could not start its port:\n{out[-3000:]}")
-        self._started = True
-
-    def _read(self) -> None:
-        fd = self.proc.stdout.fileno()
-        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                chunk = b""
-            text = dec.decode(chunk, final=not chunk)
-            with self._cond:
-                self._out += text
-                self._cond.notify_all()
-            if not chunk:
-                return
-            self._log.write(text)
-            self._log.flush()
-
-    def output(self) -> str:
-        with self._cond:
-            return self._out
-
-    def _wait_prompt(self, start: int, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                at = self._out.find(self.PROMPT, start)
-                if at >= 0:
-                    return at + len(self.PROMPT)
-                if self.proc.poll() is not None and not self._reader.is_alive():
-                    raise RuntimeError(f"testpmd exited with {self.proc.returncode}:\n"
-                                       f"{self._out[-3000:]}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RuntimeError(f"testpmd gave no prompt in {timeout:.0f}s:\n"
-                                       f"{self._out[-3000:]}")
-                self._cond.wait(min(left, 0.5))
-
-    def cmd(self, line: str, timeout: float = 30.0) -> str:
-        with self._cond:
-            start = len(self._out)
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-        end = self._wait_prompt(start, timeout)
-        return self.output()[start:end - len(self.PROMPT)]
-
-    def stats(self) -> dict[str, int]:
-        text = self.cmd("show port stats 0")
-        stats = {k: int(v) for k, v in re.findall(r"([RT]X-[a-z]+):\s+(\d+)", text)}
-        if "TX-packets" not in stats or "RX-packets" not in stats:
-            raise RuntimeError(f"no port counters in:\n{text}")
-        return stats
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(b"quit\n")
-                self.proc.stdin.flush()
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(5)
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-        self._log.close()
-        base = "/var/run/dpdk" if os.geteuid() == 0 else os.path.join(
-            os.environ.get("XDG_RUNTIME_DIR", "/tmp"), "dpdk")
-        shutil.rmtree(os.path.join(base, self.prefix), ignore_errors=True)
+def start_testpmd(vdev: str, cpu, nice: int, log_path: Path) -> TestPmd:
+    """testpmd on ``cpu`` (both lcores there), at ``nice``; wait_ready() before use."""
+    return TestPmd(vdev, lcores(cpu), log_path, tag="vhu-bench",
+                   wrap=lambda argv: pinned(None, nice, argv))
 
 
 class Backend:
@@ -254,8 +142,8 @@ class Backend:
         self.proc = None
         self.engine = None
         if builder is None:
-            self.pmd = TestPmd(f"net_vhost0,iface={self.sock},queues=1", args.backend_cpu,
-                               args.nice, workdir / f"{name}.log")
+            self.pmd = start_testpmd(f"net_vhost0,iface={self.sock},queues=1", args.backend_cpu,
+                                     args.nice, workdir / f"{name}.log")
             self.cmd = self.pmd.command
             self.pid = self.pmd.pid
         else:
@@ -287,8 +175,8 @@ class Backend:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self.name}: no socket after {timeout}s")
                 time.sleep(0.05)
-        self.front = TestPmd(f"net_virtio_user0,path={self.sock},mac={PMD_MAC},{DEVARGS}",
-                             self.args.client_cpu, self.args.nice,
+        self.front = start_testpmd(f"net_virtio_user0,path={self.sock},mac={PMD_MAC},{DEVARGS}",
+                                   self.args.client_cpu, self.args.nice,
                              self.workdir / f"{self.name}.front.log")
 
     def set_engine(self, engine: str) -> None:

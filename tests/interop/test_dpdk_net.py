@@ -28,15 +28,11 @@ to one CPU so that its busy polling leaves the other to us.
 """
 from __future__ import annotations
 
-import codecs
 import ipaddress
-import itertools
 import logging
 import os
-import re
 import shutil
 import struct
-import subprocess
 import tempfile
 import threading
 import time
@@ -45,9 +41,8 @@ import pytest
 
 from vhostuser.net import NetBackend, NetDevice
 from vhostuser.testing.server import BackgroundServer
+from vhostuser.testing.testpmd import TESTPMD, TestPmd
 
-TESTPMD = shutil.which("dpdk-testpmd")
-STDBUF = shutil.which("stdbuf")
 
 pytestmark = [
     pytest.mark.interop,
@@ -62,7 +57,6 @@ ETH_P_IP = 0x0800
 ETH_P_LOCAL = 0x88B5                        # IEEE 802 local experimental
 
 STARTUP_TIMEOUT = 60.0
-COMMAND_TIMEOUT = 30.0
 TRAFFIC_TIMEOUT = 20.0
 
 SPLIT = dict(devargs="queues=1,packed_vq=0,mrg_rxbuf=0")
@@ -95,136 +89,17 @@ def _testpmd_cpu() -> int:
         return 0
 
 
-def _runtime_dirs(prefix: str) -> list[str]:
-    base = ["/var/run/dpdk"] if os.geteuid() == 0 else [
-        os.path.join(os.environ.get("XDG_RUNTIME_DIR", "/tmp"), "dpdk")]
-    return [os.path.join(b, prefix) for b in base]
-
-
-_prefixes = itertools.count()
-
-
-class TestPmd:
-    """dpdk-testpmd in interactive mode, one virtio-user port on ``sock``."""
-
-    __test__ = False
-    PROMPT = "testpmd> "
-
-    def __init__(self, sock: str, devargs: str, log_path: str, app_args: list[str] = ()):
-        self.prefix = f"vhu-test-{os.getpid()}-{next(_prefixes)}"
-        cpu = _testpmd_cpu()
-        self.command = [
-            TESTPMD,
-            "--no-huge", "--no-pci", "--single-file-segments", "--no-shconf", "--no-telemetry",
-            f"--file-prefix={self.prefix}", "-m", "256",
-            "--vdev", f"net_virtio_user0,path={sock},mac={fmt_mac(PMD_MAC)},{devargs}",
-            "--lcores", f"0@{cpu},1@{cpu}",
-            "--", "-i", "--no-mlockall", "--total-num-mbufs=16384", "--nb-cores=1",
-            "--port-topology=loop", *app_args,
-        ]
-        # testpmd's printf output is block-buffered into a pipe; its prompt
-        # is not. Line-buffered, a command's output comes before the prompt.
-        argv = [STDBUF, "-oL", "-eL", *self.command] if STDBUF else list(self.command)
-        self.log_path = log_path
-        self._log = open(log_path, "w", errors="replace")
-        self._out = ""
-        self._cond = threading.Condition()
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
-        self._reader = threading.Thread(target=self._read, name="testpmd-output", daemon=True)
-        self._reader.start()
-        try:
-            self._wait_prompt(0, STARTUP_TIMEOUT)
-            startup = self.output()
-            assert ("Port 0: " in startup and "Start ports failed" not in startup
-                    and "Fail to" not in startup), \
-                f"testpmd could not start its port:\n{startup[-4000:]}"
-        except BaseException:
-            self.close()
-            raise
-
-    def _read(self) -> None:
-        fd = self.proc.stdout.fileno()
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                chunk = b""
-            text = decoder.decode(chunk, final=not chunk)
-            with self._cond:
-                self._out += text
-                self._cond.notify_all()
-            if not chunk:
-                return
-            self._log.write(text)
-            self._log.flush()
-
-    def output(self) -> str:
-        with self._cond:
-            return self._out
-
-    def _wait_prompt(self, start: int, timeout: float) -> int:
-        """Waits for a prompt at or after ``start``; returns where it ends."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                at = self._out.find(self.PROMPT, start)
-                if at >= 0:
-                    return at + len(self.PROMPT)
-                if self.proc.poll() is not None and not self._reader.is_alive():
-                    raise AssertionError(f"testpmd exited with {self.proc.returncode}:\n"
-                                         f"{self._out[-4000:]}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"testpmd gave no prompt in {timeout:.0f}s:\n"
-                                         f"{self._out[-4000:]}")
-                self._cond.wait(min(left, 0.5))
-
-    def cmd(self, line: str, timeout: float = COMMAND_TIMEOUT) -> str:
-        """Runs one command; returns what testpmd printed for it."""
-        with self._cond:
-            start = len(self._out)
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-        end = self._wait_prompt(start, timeout)
-        return self.output()[start:end - len(self.PROMPT)]
-
-    def stats(self) -> dict[str, int]:
-        """Port 0's counters (RX-packets, RX-bytes, TX-packets, ...)."""
-        text = self.cmd("show port stats 0")
-        stats = {k: int(v) for k, v in re.findall(r"([RT]X-[a-z]+):\s+(\d+)", text)}
-        for key in ("RX-packets", "RX-bytes", "TX-packets", "TX-bytes"):
-            assert key in stats, f"no {key} in:\n{text}"
-        return stats
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def close(self) -> int | None:
-        """Quits (kills if it must) and cleans up; returns the exit status."""
-        if self.alive():
-            try:
-                self.proc.stdin.write(b"quit\n")
-                self.proc.stdin.flush()
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(5)
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-        self._log.close()
-        for path in _runtime_dirs(self.prefix):
-            shutil.rmtree(path, ignore_errors=True)
-        return self.proc.returncode
+def start_testpmd(sock: str, devargs: str, log_path: str, app_args=()) -> TestPmd:
+    """testpmd with one virtio-user port on ``sock``, its port up."""
+    cpu = _testpmd_cpu()
+    pmd = TestPmd(f"net_virtio_user0,path={sock},mac={fmt_mac(PMD_MAC)},{devargs}",
+                  f"0@{cpu},1@{cpu}", log_path, app_args=app_args, tag="vhu-test")
+    try:
+        pmd.wait_ready(STARTUP_TIMEOUT)
+    except BaseException:
+        pmd.close()
+        raise
+    return pmd
 
 
 # -- our side ---------------------------------------------------------------------------
@@ -338,8 +213,8 @@ def rig(request, tmp_path, caplog):
     pmd = None
     try:
         with BackgroundServer(device, sock):
-            pmd = TestPmd(sock, variant["devargs"], str(tmp_path / "testpmd.log"),
-                          variant.get("app_args", []))
+            pmd = start_testpmd(sock, variant["devargs"], str(tmp_path / "testpmd.log"),
+                                variant.get("app_args", []))
             print("testpmd command:", " ".join(pmd.command))
             yield Rig(device, backend, pmd, variant, caplog)
             status = pmd.close()
