@@ -13,6 +13,7 @@ from ..errors import ProtocolError
 from ..native import check, ffi, lib
 from ..protocol import bits
 from ..queue import Queue
+from ..qos import QosLimits
 from .backends import BlockBackend, FileBackend, RamBackend
 from .spec import (CONFIG_WRITEBACK_OFFSET, ID_BYTES, LIFETIME, SECTOR, BlkConfig, BlkFeature,
                    BlkStatus, BlkType)
@@ -20,6 +21,10 @@ from .spec import (CONFIG_WRITEBACK_OFFSET, ID_BYTES, LIFETIME, SECTOR, BlkConfi
 log = logging.getLogger(__name__)
 
 F = BlkFeature
+
+#: Upper bounds (microseconds) of the latency histogram's buckets; the last
+#: bucket counts everything slower.
+LATENCY_BOUNDS_US = tuple(1 << i for i in range(25)) + (float("inf"),)
 
 
 class BlkDevice(Device):
@@ -79,6 +84,7 @@ class BlkDevice(Device):
         lim.write_zeroes_unmap = kind != lib.VU_BLK_BACKEND_RAM
         self.config.write_zeroes_may_unmap = int(lim.write_zeroes_unmap)
         lim.writeback = True
+        self._qos = QosLimits()
 
     # -- what is offered ---------------------------------------------------------
     def _offers(self, feature: BlkFeature) -> bool:
@@ -183,6 +189,44 @@ class BlkDevice(Device):
                          "unsupported", "bytes_read", "bytes_written"):
                 total[name] = total.get(name, 0) + getattr(s, name)
         return total
+
+    # -- management (any thread) ---------------------------------------------
+    def set_read_only(self, read_only: bool) -> None:
+        """Refuses (or allows again) writes from now on. A connected guest
+        keeps the features it negotiated, so its writes fail with IOERR; the
+        next connection is offered VIRTIO_BLK_F_RO."""
+        if not read_only and self.backend.read_only:
+            raise ValueError("the back-end was opened read-only")
+        self.read_only = bool(read_only)
+        self._blk.lim.read_only = self.read_only
+
+    @property
+    def qos(self) -> QosLimits:
+        return self._qos
+
+    def set_qos(self, limits: QosLimits) -> None:
+        """Applies new limits at once, also to a running guest."""
+        if not isinstance(limits, QosLimits):
+            raise TypeError("set_qos wants a QosLimits")
+        self._qos = limits   # the C token buckets land with the metrics work
+
+    def metrics(self) -> list[dict]:
+        """Per-queue counters: requests by type, bytes, errors, requests in
+        flight, and a latency histogram (counts per LATENCY_BOUNDS_US bucket)."""
+        out = []
+        for q in range(self.num_queues):
+            s = self._blk.stats[q]
+            m = {name: getattr(s, name) for name in (
+                "reads", "writes", "flushes", "discards", "write_zeroes", "errors",
+                "unsupported", "bytes_read", "bytes_written")}
+            m["queue"] = q
+            m["requests"] = sum(m[k] for k in ("reads", "writes", "flushes", "discards",
+                                               "write_zeroes"))
+            m["inflight"] = 0
+            m["throttled"] = 0
+            m["latency_us"] = [0] * len(LATENCY_BOUNDS_US)
+            out.append(m)
+        return out
 
     def close(self) -> None:
         if self._blk != ffi.NULL:

@@ -176,6 +176,21 @@ class NetDevice(Device):
             total.update({f"switch_{k}": v for k, v in self.backend.stats().items()})
         return total
 
+    def metrics(self) -> list[dict]:
+        """Per queue pair: packets and bytes each way, offloads, and drops
+        by reason (transmit is guest to back-end)."""
+        out = []
+        for qp in range(self.queue_pairs):
+            s = self._net.stats[qp]
+            m = {"queue_pair": qp}
+            for name in ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "tx_gso",
+                         "tx_csum_partial", "rx_gso", "rx_csum_partial"):
+                m[name] = getattr(s, name)
+            m["tx_dropped"] = {r: s.tx_dropped[i] for i, r in enumerate(DROP_REASONS) if i}
+            m["rx_dropped"] = {r: s.rx_dropped[i] for i, r in enumerate(DROP_REASONS) if i}
+            out.append(m)
+        return out
+
     def close(self) -> None:
         if self._kind == lib.VU_NET_BACKEND_SWITCH:
             self.backend.close()        # the switch forgets the port before it is freed
