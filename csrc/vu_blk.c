@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #define BLK_BATCH 64
@@ -36,6 +37,10 @@ struct vu_blk_dev *vu_blk_new(int backend)
     b->backend = backend;
     b->fd = -1;
     b->punch_hole = true;
+    pthread_mutex_init(&b->async_lock, NULL);
+    vu_qos_init(&b->qos);
+    for (uint32_t q = 0; q < VU_BLK_MAX_QUEUES; q++)
+        b->qos_timer[q] = -1;
     return b;
 }
 
@@ -61,9 +66,13 @@ void vu_blk_free(struct vu_blk_dev *b)
             vu_uring_exit(b->rings[q]);
             free(b->rings[q]);
         }
+        if (b->qos_timer[q] >= 0)
+            close(b->qos_timer[q]);
     }
     if (b->ram)
         munmap(b->ram, b->ram_size);
+    vu_qos_destroy(&b->qos);
+    pthread_mutex_destroy(&b->async_lock);
     free(b);
 }
 
@@ -193,6 +202,8 @@ static int parse_segments(struct vu_blk_dev *b, struct vu_elem *e, struct vu_blk
 int vu_blk_parse(struct vu_blk_dev *b, struct vu_elem *e, struct vu_blk_req *r)
 {
     const struct vu_blk_limits *lim = &b->lim;
+    r->dev = b;
+    r->start_ns = 0;
     r->elem = e;
     r->result = VU_BLK_S_PENDING;
     r->reason = VU_BLK_R_NONE;
@@ -415,7 +426,6 @@ static int do_segments(struct vu_blk_dev *b, struct vu_blk_req *r)
 
 void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r)
 {
-    struct vu_blk_stats *st = &b->stats[r->queue % VU_BLK_MAX_QUEUES];
     uint64_t off = r->sector * VU_BLK_SECTOR;
     bool ram = b->backend == VU_BLK_BACKEND_RAM;
     int rc = 0;
@@ -427,8 +437,6 @@ void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r)
             rc = file_rw_bounce(b->fd, r, off, false);
         else
             rc = file_rw(b->fd, r->iov, r->niov, off, false);
-        st->reads++;
-        st->bytes_read += r->data_len;
         break;
     case VU_BLK_T_OUT:
         if (ram)
@@ -440,13 +448,10 @@ void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r)
         /* Write-through (writeback 0): the write is stable when we complete it. */
         if (rc == 0 && !ram && !b->lim.writeback && fdatasync(b->fd) < 0)
             rc = -errno;
-        st->writes++;
-        st->bytes_written += r->data_len;
         break;
     case VU_BLK_T_FLUSH:
         if (!ram && fdatasync(b->fd) < 0)
             rc = -errno;
-        st->flushes++;
         break;
     case VU_BLK_T_GET_ID: {
         char id[VU_BLK_ID_BYTES];
@@ -463,10 +468,6 @@ void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r)
     case VU_BLK_T_WRITE_ZEROES:
     case VU_BLK_T_SECURE_ERASE:
         rc = do_segments(b, r);
-        if (r->type == VU_BLK_T_DISCARD)
-            st->discards++;
-        else
-            st->write_zeroes++;
         break;
     default:
         r->result = VU_BLK_S_UNSUPP;
@@ -477,10 +478,58 @@ void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r)
         r->reason = VU_BLK_R_IO_FAILED;
 }
 
+static unsigned latency_bucket(uint64_t us)
+{
+    unsigned i = us ? 64u - (unsigned)__builtin_clzll(us) : 0;
+    return i < VU_BLK_LAT_BUCKETS ? i : VU_BLK_LAT_BUCKETS - 1;
+}
+
+static void account(struct vu_blk_stats *st, const struct vu_blk_req *r, uint8_t status)
+{
+    bool ok = status == VU_BLK_S_OK;
+    switch (r->type) {
+    case VU_BLK_T_IN:
+        st->reads++;
+        st->bytes_read += ok ? r->data_len : 0;
+        break;
+    case VU_BLK_T_OUT:
+        st->writes++;
+        st->bytes_written += ok ? r->data_len : 0;
+        break;
+    case VU_BLK_T_FLUSH: st->flushes++; break;
+    case VU_BLK_T_DISCARD: st->discards++; break;
+    case VU_BLK_T_WRITE_ZEROES:
+    case VU_BLK_T_SECURE_ERASE: st->write_zeroes++; break;
+    default: st->others++; break;
+    }
+    if (status == VU_BLK_S_IOERR)
+        st->errors++;
+    else if (status == VU_BLK_S_UNSUPP)
+        st->unsupported++;
+    st->completed++;
+    if (r->start_ns) {
+        uint64_t now = vu_now_ns();
+        uint64_t ns = now > r->start_ns ? now - r->start_ns : 0;
+        st->latency_ns_sum += ns;
+        st->latency_us[latency_bucket(ns / 1000)]++;
+    }
+}
+
 int vu_blk_finish(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool notify)
 {
     if (status == VU_BLK_S_PENDING)
         status = VU_BLK_S_IOERR;
+    struct vu_blk_dev *b = r->dev;
+    if (b) {
+        uint32_t q = r->queue % VU_BLK_MAX_QUEUES;
+        if (notify) {   /* not q's worker: the other set, under its lock */
+            pthread_mutex_lock(&b->async_lock);
+            account(&b->async_stats[q], r, status);
+            pthread_mutex_unlock(&b->async_lock);
+        } else {
+            account(&b->stats[q], r, status);
+        }
+    }
     VU_WRITE_ONCE(*r->status, status);
     /* Like QEMU we report the whole writable length as used: the driver
      * ignores it and dirty logging then covers the status byte too. */
@@ -534,14 +583,6 @@ static bool try_nowait(struct vu_blk_dev *b, struct vu_blk_req *r)
         : pwritev2(b->fd, r->iov, (int)r->niov, (off_t)off, RWF_NOWAIT);
     if (n < 0 || (uint64_t)n != r->data_len)
         return false;
-    struct vu_blk_stats *st = &b->stats[r->queue % VU_BLK_MAX_QUEUES];
-    if (r->type == VU_BLK_T_IN) {
-        st->reads++;
-        st->bytes_read += r->data_len;
-    } else {
-        st->writes++;
-        st->bytes_written += r->data_len;
-    }
     r->result = VU_BLK_S_OK;
     return true;
 }
@@ -584,7 +625,6 @@ static bool apply_cqe(struct vu_blk_dev *b, struct io_uring_cqe *cqe, struct vu_
 {
     bool tagged = cqe->user_data & TAG_NO_FINISH;
     struct vu_blk_req *r = (struct vu_blk_req *)(uintptr_t)(cqe->user_data & ~(uint64_t)TAG_NO_FINISH);
-    struct vu_blk_stats *st = &b->stats[r->queue % VU_BLK_MAX_QUEUES];
     *out = r;
     /* The completion that carries the transfer: the write before a linked
      * sync (tagged), or the only completion of a read or plain write. */
@@ -603,15 +643,6 @@ static bool apply_cqe(struct vu_blk_dev *b, struct io_uring_cqe *cqe, struct vu_
     if (tagged)
         return false;
     r->result = r->reason == VU_BLK_R_IO_FAILED ? VU_BLK_S_IOERR : VU_BLK_S_OK;
-    if (r->type == VU_BLK_T_IN) {
-        st->reads++;
-        st->bytes_read += r->data_len;
-    } else if (r->type == VU_BLK_T_OUT) {
-        st->writes++;
-        st->bytes_written += r->data_len;
-    } else {
-        st->flushes++;
-    }
     return true;
 }
 
@@ -628,8 +659,6 @@ static int reap(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_uring *u)
         bool finished = apply_cqe(b, cqe, &r);
         vu_uring_seen(u);
         if (finished) {
-            if (r->result != VU_BLK_S_OK)
-                b->stats[r->queue % VU_BLK_MAX_QUEUES].errors++;
             vu_blk_finish(vq, r, r->result, false);
             done++;
         }
@@ -670,13 +699,41 @@ static struct vu_blk_req *queue_reqs(struct vu_blk_dev *b, struct vu_vq *vq)
     return b->reqs[q];
 }
 
-static void account_error(struct vu_blk_dev *b, struct vu_blk_req *r)
+/* QoS ------------------------------------------------------------------------------ */
+
+void vu_blk_set_qos(struct vu_blk_dev *b, uint64_t iops, uint64_t bps, uint64_t iops_burst,
+                    uint64_t bps_burst)
 {
-    struct vu_blk_stats *st = &b->stats[r->queue % VU_BLK_MAX_QUEUES];
-    if (r->result == VU_BLK_S_IOERR)
-        st->errors++;
-    else if (r->result == VU_BLK_S_UNSUPP)
-        st->unsupported++;
+    vu_qos_set(&b->qos, iops, bps, iops_burst, bps_burst);
+    /* Queues asleep on the old limits look again now. */
+    struct itimerspec soon = {.it_value = {.tv_nsec = 1}};
+    for (uint32_t q = 0; q < VU_BLK_MAX_QUEUES; q++)
+        if (b->qos_timer[q] >= 0)
+            timerfd_settime(b->qos_timer[q], 0, &soon, NULL);
+}
+
+/* Puts the queue to sleep for wait_ns: its timerfd, in the worker's epoll,
+ * runs the handler again. false when no timer can be had (the caller then
+ * serves on rather than stall the queue forever). */
+static bool sleep_queue(struct vu_blk_dev *b, struct vu_vq *vq, uint64_t wait_ns)
+{
+    uint32_t q = vq->index;
+    if (q >= VU_BLK_MAX_QUEUES || !vq->worker)
+        return false;
+    if (b->qos_timer[q] < 0) {
+        b->qos_timer[q] = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        if (b->qos_timer[q] < 0)
+            return false;
+    }
+    if (b->timer_worker[q] != vq->worker) {
+        if (vu_worker_add_event_fd(vq->worker, vq, b->qos_timer[q]) < 0)
+            return false;
+        b->timer_worker[q] = vq->worker;
+    }
+    struct itimerspec when = {.it_value = {.tv_sec = (time_t)(wait_ns / 1000000000ull),
+                                           .tv_nsec = (long)(wait_ns % 1000000000ull)}};
+    b->throttled[q]++;
+    return timerfd_settime(b->qos_timer[q], 0, &when, NULL) == 0;
 }
 
 int vu_blk_handler(void *ctx, struct vu_vq *vq)
@@ -688,6 +745,12 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         return VU_HANDLED_NONE;
     }
     struct vu_uring *u = b->backend == VU_BLK_BACKEND_FILE ? queue_ring(b, vq) : NULL;
+    uint32_t q = vq->index % VU_BLK_MAX_QUEUES;
+    if (b->qos_timer[q] >= 0) {
+        uint64_t expirations;
+        ssize_t rd = read(b->qos_timer[q], &expirations, sizeof(expirations));  /* TFD_NONBLOCK */
+        (void)rd;
+    }
     bool did = false;
     if (u && reap(b, vq, u))
         did = true;
@@ -703,18 +766,35 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
     for (int round = 0; round < BLK_ROUNDS; round++) {
         vu_vq_set_notification(vq, false);
         int n = 0, nbatch = 0, rc = 0, completed = 0;
+        bool throttled = false;
+        /* One clock read per round: what is popped in it arrived by then. */
+        uint64_t now = vu_now_ns();
         struct vu_elem *e;
-        while (n < BLK_BATCH && (rc = vu_vq_pop(vq, &e)) == 1) {
+        while (n < BLK_BATCH) {
+            uint64_t wait = vu_qos_admit(&b->qos, now);
+            if (wait && sleep_queue(b, vq, wait)) {
+                throttled = true;
+                break;
+            }
+            if ((rc = vu_vq_pop(vq, &e)) != 1) {
+                if (!wait)
+                    vu_qos_refund(&b->qos);
+                break;
+            }
             struct vu_blk_req *r = &reqs[e->slot];
             n++;
+            b->started[q]++;
             if (vu_blk_parse(b, e, r) < 0) {
                 /* No status byte: nothing can answer this chain, and it must
                  * not stay in flight for GET_VRING_BASE to wait on. */
                 vu_vq_break(vq, VU_ERR_ZERO_CHAIN, e->id);
                 vu_vq_discard(vq, e);
+                b->started[q]--;
                 rc = -VU_ERR_ZERO_CHAIN;
                 break;
             }
+            r->start_ns = now;
+            vu_qos_charge_bytes(&b->qos, r->data_len);
             if (r->result == VU_BLK_S_PENDING) {
                 if (b->backend == VU_BLK_BACKEND_PYTHON) {
                     batch[nbatch++] = r;
@@ -731,7 +811,6 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
                     vu_blk_execute(b, r);
                 }
             }
-            account_error(b, r);
             vu_blk_finish(vq, r, r->result, false);
             completed++;
         }
@@ -744,7 +823,6 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
              * two never both complete a request. */
             for (int i = 0; i < nbatch; i++) {
                 if (batch[i]->result != VU_BLK_S_PENDING) {
-                    account_error(b, batch[i]);
                     vu_blk_finish(vq, batch[i], batch[i]->result, false);
                     completed++;
                 }
@@ -758,6 +836,9 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         }
         if (rc < 0)
             return VU_HANDLED_SOME;
+        /* Throttled: notifications stay off, the timer wakes the queue. */
+        if (throttled)
+            return did ? VU_HANDLED_SOME : VU_HANDLED_NONE;
         if (n == BLK_BATCH)
             continue;
         if (!vu_vq_set_notification(vq, true))

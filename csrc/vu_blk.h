@@ -2,6 +2,7 @@
 #ifndef VU_BLK_H
 #define VU_BLK_H
 
+#include "vu_qos.h"
 #include "vu_queue.h"
 #include "vu_uring.h"
 
@@ -10,6 +11,9 @@ struct vu_worker;
 #define VU_BLK_MAX_QUEUES 64
 #define VU_BLK_SECTOR 512
 #define VU_BLK_ID_BYTES 20
+/* Latency histogram: bucket i counts requests under 2^i us, the last one
+ * everything slower (vhostuser.blk.device.LATENCY_BOUNDS_US). */
+#define VU_BLK_LAT_BUCKETS 26
 
 /* Request types and status values (virtio 1.4, 5.2.6). */
 enum {
@@ -34,7 +38,11 @@ struct vu_blk_seg {        /* virtio_blk_discard_write_zeroes */
     uint32_t flags;
 };
 
+struct vu_blk_dev;
+
 struct vu_blk_req {
+    struct vu_blk_dev *dev;   /* whose statistics count it (set by vu_blk_parse) */
+    uint64_t start_ns;        /* when it was popped; 0: not timed */
     struct vu_elem *elem;
     uint32_t type;
     uint64_t sector;
@@ -63,9 +71,14 @@ struct vu_blk_limits {
     char serial[VU_BLK_ID_BYTES];
 };
 
+/* Counted when a request completes, by type whatever its outcome; bytes
+ * only for requests that succeeded. */
 struct vu_blk_stats {
-    uint64_t reads, writes, flushes, discards, write_zeroes, errors, unsupported;
+    uint64_t reads, writes, flushes, discards, write_zeroes, others, errors, unsupported;
     uint64_t bytes_read, bytes_written;
+    uint64_t completed;
+    uint64_t latency_ns_sum;
+    uint64_t latency_us[VU_BLK_LAT_BUCKETS];
 };
 
 struct vu_blk_dev {
@@ -83,7 +96,17 @@ struct vu_blk_dev {
     struct vu_worker *ring_worker[VU_BLK_MAX_QUEUES];  /* whose epoll has its eventfd */
     struct vu_blk_req *reqs[VU_BLK_MAX_QUEUES];
     uint32_t reqs_num[VU_BLK_MAX_QUEUES];
+    /* Statistics: stats[q] is written only by q's worker; completions from
+     * other threads (Python back-ends' coroutines) go to async_stats under
+     * async_lock, so no counter has two writers. */
     struct vu_blk_stats stats[VU_BLK_MAX_QUEUES];
+    struct vu_blk_stats async_stats[VU_BLK_MAX_QUEUES];
+    pthread_mutex_t async_lock;
+    uint64_t started[VU_BLK_MAX_QUEUES];     /* popped; minus completed = in flight */
+    uint64_t throttled[VU_BLK_MAX_QUEUES];   /* times the queue waited for QoS tokens */
+    struct vu_qos qos;
+    int qos_timer[VU_BLK_MAX_QUEUES];        /* timerfd that wakes a throttled queue */
+    struct vu_worker *timer_worker[VU_BLK_MAX_QUEUES];
 };
 
 struct vu_blk_dev *vu_blk_new(int backend);
@@ -97,6 +120,9 @@ int vu_blk_set_uring(struct vu_blk_dev *b, bool on);
  * memory goes away). They are not completed to the driver: with inflight
  * tracking the front-end resubmits them. */
 void vu_blk_quiesce(struct vu_blk_dev *b);
+/* QoS limits for the whole device (0 = unlimited), in force at once. */
+void vu_blk_set_qos(struct vu_blk_dev *b, uint64_t iops, uint64_t bps, uint64_t iops_burst,
+                    uint64_t bps_burst);
 /* RAM back-end: anonymous mapping of size bytes (resizes keep the data). */
 int vu_blk_set_ram(struct vu_blk_dev *b, uint64_t size);
 

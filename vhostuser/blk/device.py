@@ -24,7 +24,9 @@ F = BlkFeature
 
 #: Upper bounds (microseconds) of the latency histogram's buckets; the last
 #: bucket counts everything slower.
-LATENCY_BOUNDS_US = tuple(1 << i for i in range(25)) + (float("inf"),)
+LATENCY_BOUNDS_US = tuple(1 << i for i in range(lib.VU_BLK_LAT_BUCKETS - 1)) + (float("inf"),)
+_COUNTERS = ("reads", "writes", "flushes", "discards", "write_zeroes", "others", "errors",
+             "unsupported", "bytes_read", "bytes_written", "completed", "latency_ns_sum")
 
 
 class BlkDevice(Device):
@@ -182,12 +184,12 @@ class BlkDevice(Device):
         return self.notify_config_change()
 
     def stats(self) -> dict[str, int]:
+        """The counters of :meth:`metrics` summed over the queues."""
         total: dict[str, int] = {}
-        for q in range(self.num_queues):
-            s = self._blk.stats[q]
-            for name in ("reads", "writes", "flushes", "discards", "write_zeroes", "errors",
-                         "unsupported", "bytes_read", "bytes_written"):
-                total[name] = total.get(name, 0) + getattr(s, name)
+        for m in self.metrics():
+            for name, value in m.items():
+                if isinstance(value, int) and name != "queue":
+                    total[name] = total.get(name, 0) + value
         return total
 
     # -- management (any thread) ---------------------------------------------
@@ -208,23 +210,30 @@ class BlkDevice(Device):
         """Applies new limits at once, also to a running guest."""
         if not isinstance(limits, QosLimits):
             raise TypeError("set_qos wants a QosLimits")
-        self._qos = limits   # the C token buckets land with the metrics work
+        lib.vu_blk_set_qos(self._blk, limits.iops, limits.bps, limits.iops_burst,
+                           limits.bps_burst)
+        self._qos = limits
 
     def metrics(self) -> list[dict]:
-        """Per-queue counters: requests by type, bytes, errors, requests in
-        flight, and a latency histogram (counts per LATENCY_BOUNDS_US bucket)."""
+        """Per-queue counters: requests completed by type, bytes moved by
+        those that succeeded, errors, requests in flight, times the queue
+        waited for QoS tokens, and a latency histogram (from the request
+        being taken off the ring to its completion; counts per
+        LATENCY_BOUNDS_US bucket)."""
         out = []
         for q in range(self.num_queues):
-            s = self._blk.stats[q]
-            m = {name: getattr(s, name) for name in (
-                "reads", "writes", "flushes", "discards", "write_zeroes", "errors",
-                "unsupported", "bytes_read", "bytes_written")}
-            m["queue"] = q
-            m["requests"] = sum(m[k] for k in ("reads", "writes", "flushes", "discards",
-                                               "write_zeroes"))
-            m["inflight"] = 0
-            m["throttled"] = 0
-            m["latency_us"] = [0] * len(LATENCY_BOUNDS_US)
+            m = {"queue": q}
+            for s in (self._blk.stats[q], self._blk.async_stats[q]):
+                for name in _COUNTERS:
+                    m[name] = m.get(name, 0) + getattr(s, name)
+                hist = m.setdefault("latency_us", [0] * len(LATENCY_BOUNDS_US))
+                for i in range(len(hist)):
+                    hist[i] += s.latency_us[i]
+            m["requests"] = m.pop("completed")
+            # Read after the completions, so a request finishing meanwhile
+            # can't make the difference negative.
+            m["inflight"] = max(0, self._blk.started[q] - m["requests"])
+            m["throttled"] = self._blk.throttled[q]
             out.append(m)
         return out
 
