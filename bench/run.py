@@ -105,7 +105,8 @@ def pinned(cpu: str | None, nice: int, argv: list[str]) -> list[str]:
 
 
 class Backend:
-    def __init__(self, name: str, workdir: Path, img: str, size: int, cpu, nice: int):
+    def __init__(self, name: str, workdir: Path, img: str, size: int, cpu, nice: int,
+                 root: Path = ROOT):
         self.name = name
         self.sock = str(workdir / f"{name}.sock")
         builder, self.description = BACKENDS[name]
@@ -113,7 +114,7 @@ class Backend:
         self.cmd = pinned(cpu, nice, self.argv)
         self.log = open(workdir / f"{name}.log", "wb")
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                     cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
         self.pid = None
 
     def wait_ready(self, timeout: float = 20.0) -> None:

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""What a change to the data path costs: the same vhostuser back-end built
+from two revisions, driven alternately by the same client.
+
+    python bench/overhead.py --base REV [--head WORKTREE] [--reps 5] [--seconds 3]
+
+The base revision is exported with `git archive` and its C data plane built
+in a temp dir; head is this checkout. Each round runs every workload on both,
+in alternating order, so each ratio compares runs taken next to each other
+(the machine's speed drifts by several times over minutes). Prints the median
+head/base ratio per workload with min and max; no thresholds.
+
+Used for issue 8's "metrics without slowing the data path measurably":
+`python bench/overhead.py --base <commit before the metrics>`.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.blkload import stamp_file  # noqa: E402
+from bench.run import PY, Backend, blkload, metric_of, parse_size  # noqa: E402
+
+WORKLOADS = [  # name, blkload arguments, metric, higher is better
+    ("randread-4k-qd32", dict(rw="randread", bs="4k", qd=32), "iops", True),
+    ("randread-4k-qd1", dict(rw="randread", bs="4k", qd=1), "p50", False),
+    ("randwrite-4k-qd32", dict(rw="randwrite", bs="4k", qd=32), "iops", True),
+]
+BACKENDS = {
+    "ram": lambda img, size: ["--ramdisk", str(size)],
+    "file": lambda img, size: ["--blk-file", img],
+}
+
+
+def build_tree(rev: str, dest: Path) -> Path:
+    """rev's sources with their C data plane built in place."""
+    archive = subprocess.run(["git", "archive", rev, "csrc", "vhostuser"], cwd=ROOT,
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    subprocess.run([PY, "csrc/build_native.py"], cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def tree_backend(label, tree: Path, extra, workdir, img, size, cpu, nice) -> Backend:
+    """A vhostuser-blk back-end run from the source tree ``tree``."""
+    import bench.run as run
+    run.BACKENDS[label] = (lambda i, s, z: [PY, "-m", "vhostuser.cli.blk", "--socket-path", s,
+                                            *extra(i, z)], f"vhostuser from {tree}")
+    return Backend(label, workdir, img, size, cpu, nice, root=tree)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--base", required=True, help="git revision to compare against")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--image-size", default="256M")
+    p.add_argument("--backends", default="ram,file")
+    p.add_argument("--backend-cpu", default="0")
+    p.add_argument("--client-cpu", default="1")
+    p.add_argument("--nice", type=int, default=0)
+    args = p.parse_args(argv)
+    args.warmup, args.verify = None, False
+    size = parse_size(args.image_size)
+    scratch = Path(tempfile.mkdtemp(prefix="vhu-overhead-", dir="/dev/shm"))
+    img = str(scratch / "disk.img")
+    stamp_file(img, size)
+    base_tree = build_tree(args.base, Path(tempfile.mkdtemp(prefix="vhu-base-")))
+    backends = {}
+    try:
+        for kind in args.backends.split(","):
+            for side, tree in (("head", ROOT), ("base", base_tree)):
+                b = tree_backend(f"{kind}@{side}", tree, BACKENDS[kind], scratch, img, size,
+                                args.backend_cpu, args.nice)
+                backends[(kind, side)] = b
+        for b in backends.values():
+            b.wait_ready()
+        ratios: dict[tuple[str, str], list[float]] = {}
+        for rep in range(args.reps):
+            for wname, kw, metric, higher in WORKLOADS:
+                for kind in args.backends.split(","):
+                    sides = ("head", "base") if rep % 2 == 0 else ("base", "head")
+                    got = {s: metric_of(blkload(args, backends[(kind, s)], args.seconds, **kw),
+                                        metric) for s in sides}
+                    ratio = got["head"] / got["base"] if higher else got["base"] / got["head"]
+                    ratios.setdefault((wname, kind), []).append(ratio)
+                    print(f"[{rep + 1}/{args.reps}] {wname:18} {kind:5} head {got['head']:>9.1f} "
+                          f"base {got['base']:>9.1f} {metric}  head/base speed {ratio:.3f}",
+                          flush=True)
+    finally:
+        for b in backends.values():
+            b.stop()
+    print(f"\nhead ({ROOT}) against base {args.base}: speed ratio (>1: head faster), "
+          f"median of {args.reps} alternating rounds [min, max]")
+    for (wname, kind), values in ratios.items():
+        print(f"  {wname:18} {kind:5} {statistics.median(values):.3f} "
+              f"[{min(values):.3f}, {max(values):.3f}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
