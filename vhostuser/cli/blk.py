@@ -7,6 +7,7 @@ import os
 import sys
 
 from ..blk import BackendError, BlkDevice, BlockBackend, FileBackend, RamBackend
+from ..qos import QosError, QosLimits
 from . import common
 
 
@@ -26,6 +27,13 @@ def parser() -> argparse.ArgumentParser:
                         "(in the queue worker)")
     p.add_argument("--num-queues", type=int, default=1, metavar="N")
     p.add_argument("--serial", default="vhostuser", metavar="S", help="GET_ID serial (20 bytes)")
+    qos = p.add_argument_group("QoS limits (token buckets; 0 = unlimited)")
+    qos.add_argument("--iops-limit", type=int, default=0, metavar="N", help="requests per second")
+    qos.add_argument("--bps-limit", type=common.size_arg, default=0, metavar="SIZE",
+                     help="bytes per second, e.g. 50M")
+    qos.add_argument("--iops-burst", type=int, default=0, metavar="N",
+                     help="requests allowed at once after idling (default: one second's worth)")
+    qos.add_argument("--bps-burst", type=common.size_arg, default=0, metavar="SIZE")
     p.epilog = ("SIGHUP re-reads the size of --blk-file and tells the guest (resize the "
                 "image first, e.g. with truncate); SIGTERM finishes requests in flight and exits.")
     return p
@@ -77,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                                read_only=args.read_only or None, poll_us=args.poll,
                                aio=args.aio)
         except (BackendError, OSError) as exc:
+            raise common.UsageError(str(exc)) from None
+        try:
+            device.set_qos(QosLimits(iops=args.iops_limit, bps=args.bps_limit,
+                                     iops_burst=args.iops_burst, bps_burst=args.bps_burst))
+        except QosError as exc:
             raise common.UsageError(str(exc)) from None
         server = common.make_server(args, device)
 

@@ -131,6 +131,16 @@ def parse_size(text: str) -> int:
     return value
 
 
+def size_arg(text: str) -> int:
+    """argparse type for a size that may be 0 ('0', '64M')."""
+    if text.strip() == "0":
+        return 0
+    try:
+        return parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def instantiate(cls: type, spec: str, options: list[str]):
     """cls(**{KEY: VALUE}) from --backend-opt KEY=VALUE options."""
     kwargs = {}
