@@ -484,7 +484,15 @@ static unsigned latency_bucket(uint64_t us)
     return i < VU_BLK_LAT_BUCKETS ? i : VU_BLK_LAT_BUCKETS - 1;
 }
 
-static void account(struct vu_blk_stats *st, const struct vu_blk_req *r, uint8_t status)
+static void record_latency(struct vu_blk_stats *st, uint64_t ns, uint64_t count)
+{
+    st->latency_ns_sum += ns * count;
+    st->latency_us[latency_bucket(ns / 1000)] += count;
+}
+
+/* now 0: the caller records the latency (for a whole batch at once). */
+static void account(struct vu_blk_stats *st, const struct vu_blk_req *r, uint8_t status,
+                    uint64_t now)
 {
     bool ok = status == VU_BLK_S_OK;
     switch (r->type) {
@@ -507,15 +515,12 @@ static void account(struct vu_blk_stats *st, const struct vu_blk_req *r, uint8_t
     else if (status == VU_BLK_S_UNSUPP)
         st->unsupported++;
     st->completed++;
-    if (r->start_ns) {
-        uint64_t now = vu_now_ns();
-        uint64_t ns = now > r->start_ns ? now - r->start_ns : 0;
-        st->latency_ns_sum += ns;
-        st->latency_us[latency_bucket(ns / 1000)]++;
-    }
+    if (now && r->start_ns)
+        record_latency(st, now > r->start_ns ? now - r->start_ns : 0, 1);
 }
 
-int vu_blk_finish(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool notify)
+static int finish_at(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool notify,
+                     uint64_t now)
 {
     if (status == VU_BLK_S_PENDING)
         status = VU_BLK_S_IOERR;
@@ -524,10 +529,10 @@ int vu_blk_finish(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool n
         uint32_t q = r->queue % VU_BLK_MAX_QUEUES;
         if (notify) {   /* not q's worker: the other set, under its lock */
             pthread_mutex_lock(&b->async_lock);
-            account(&b->async_stats[q], r, status);
+            account(&b->async_stats[q], r, status, now);
             pthread_mutex_unlock(&b->async_lock);
         } else {
-            account(&b->stats[q], r, status);
+            account(&b->stats[q], r, status, now);
         }
     }
     VU_WRITE_ONCE(*r->status, status);
@@ -535,6 +540,11 @@ int vu_blk_finish(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool n
      * ignores it and dirty logging then covers the status byte too. */
     uint32_t len = (uint32_t)r->elem->in_len;
     return notify ? vu_vq_complete(vq, r->elem, len) : vu_vq_push(vq, r->elem, len);
+}
+
+int vu_blk_finish(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool notify)
+{
+    return finish_at(vq, r, status, notify, r->start_ns ? vu_now_ns() : 0);
 }
 
 /* Asynchronous file I/O ---------------------------------------------------------- */
@@ -653,13 +663,16 @@ static int reap(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_uring *u)
     ssize_t rd = read(u->efd, &v, sizeof(v));   /* EFD_NONBLOCK */
     (void)rd;
     int done = 0;
+    uint64_t now = 0;   /* one clock read for what this call completes: it is flushed together */
     struct io_uring_cqe *cqe;
     while ((cqe = vu_uring_peek(u))) {
         struct vu_blk_req *r;
         bool finished = apply_cqe(b, cqe, &r);
         vu_uring_seen(u);
         if (finished) {
-            vu_blk_finish(vq, r, r->result, false);
+            if (!now)
+                now = vu_now_ns();
+            finish_at(vq, r, r->result, false, now);
             done++;
         }
     }
@@ -771,13 +784,13 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         uint64_t now = vu_now_ns();
         struct vu_elem *e;
         while (n < BLK_BATCH) {
-            uint64_t wait = vu_qos_admit(&b->qos, now);
+            uint64_t wait = vu_qos_active(&b->qos) ? vu_qos_admit(&b->qos, now) : 0;
             if (wait && sleep_queue(b, vq, wait)) {
                 throttled = true;
                 break;
             }
             if ((rc = vu_vq_pop(vq, &e)) != 1) {
-                if (!wait)
+                if (!wait && vu_qos_active(&b->qos))
                     vu_qos_refund(&b->qos);
                 break;
             }
@@ -794,7 +807,8 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
                 break;
             }
             r->start_ns = now;
-            vu_qos_charge_bytes(&b->qos, r->data_len);
+            if (vu_qos_active(&b->qos))
+                vu_qos_charge_bytes(&b->qos, r->data_len);
             if (r->result == VU_BLK_S_PENDING) {
                 if (b->backend == VU_BLK_BACKEND_PYTHON) {
                     batch[nbatch++] = r;
@@ -811,7 +825,7 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
                     vu_blk_execute(b, r);
                 }
             }
-            vu_blk_finish(vq, r, r->result, false);
+            finish_at(vq, r, r->result, false, 0);
             completed++;
         }
         if (u)
@@ -823,13 +837,17 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
              * two never both complete a request. */
             for (int i = 0; i < nbatch; i++) {
                 if (batch[i]->result != VU_BLK_S_PENDING) {
-                    vu_blk_finish(vq, batch[i], batch[i]->result, false);
+                    finish_at(vq, batch[i], batch[i]->result, false, 0);
                     completed++;
                 }
             }
         }
         if (n)
             did = true;
+        /* Everything completed in this round started at `now` and becomes
+         * visible to the driver at this flush: one latency for all. */
+        if (completed)
+            record_latency(&b->stats[q], vu_now_ns() - now, (uint64_t)completed);
         if (completed || did) {
             vu_vq_flush(vq);
             vu_vq_notify(vq);

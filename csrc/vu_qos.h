@@ -20,6 +20,12 @@ struct vu_qos {
     uint64_t last_ns;
 };
 
+/* The hot path's check: a device without limits pays one load. */
+static inline bool vu_qos_active(struct vu_qos *q)
+{
+    return __atomic_load_n(&q->enabled, __ATOMIC_RELAXED);
+}
+
 void vu_qos_init(struct vu_qos *q);
 void vu_qos_destroy(struct vu_qos *q);
 /* New limits, in force at once; both buckets start full. A burst of 0 means
