@@ -127,6 +127,16 @@ class Queue:
         return bool(self._vq.broken)
 
     @property
+    def last_avail_idx(self) -> int:
+        """Next avail entry the device will take (packed: without the wrap bit)."""
+        return self._vq.last_avail_idx
+
+    @property
+    def used_idx(self) -> int:
+        """Next used entry the device will write."""
+        return self._vq.used_idx
+
+    @property
     def error(self) -> str | None:
         """Why the ring broke (C error name and message), or None."""
         if not self._vq.broken:

@@ -125,6 +125,9 @@ class Server:
             sock.close()
             return
         try:
+            if self._closing:       # closed while this one waited its turn
+                sock.close()
+                return
             await self._serve_connection(sock)
         finally:
             self._slot.release()
@@ -171,6 +174,12 @@ class Server:
                 with contextlib.suppress(OSError):
                     os.unlink(self.path)
             self._listener = None
+
+    async def wait_closed(self) -> None:
+        """After :meth:`close`: waits until every connection's session has
+        torn down (workers joined, rings freed), so the device may be closed."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -1,0 +1,154 @@
+"""vhostuser-daemon: serve many disks and network interfaces from one
+process, each on its own vhost-user socket, managed while it runs over a
+control socket (JSON lines; see docs/control-socket.md and vhostuser-ctl)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+
+from ..blk import BlkDevice, FileBackend
+from ..errors import VhostUserError
+from ..manage.control import ControlServer
+from ..manage.daemon import Daemon
+from ..manage.errors import ManageError
+from ..server import new_event_loop
+from . import common
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vhostuser-daemon", description=__doc__)
+    p.add_argument("--control", required=True, metavar="PATH",
+                   help="control socket to create (mode 0600)")
+    p.add_argument("--config", metavar="FILE",
+                   help="exports to add at start: a JSON list of specs, or JSON lines, each a "
+                        "spec or an add request ({\"cmd\": \"add\", \"args\": SPEC})")
+    p.add_argument("--prometheus", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics over HTTP there (e.g. 127.0.0.1:9100; "
+                        "port 0 picks one, see the version command)")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.epilog = ("SIGHUP re-reads the size of every file-backed disk and tells its guest of a "
+                "change; SIGTERM finishes every export's requests in flight and exits 0.")
+    return p
+
+
+def load_config(path: str) -> list[tuple[str, dict]]:
+    """(where, spec) for each export of the config file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise common.UsageError(f"--config {path}: {exc}") from None
+    if text.lstrip().startswith("["):
+        try:
+            specs = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise common.UsageError(f"{path}: not JSON: {exc}") from None
+        entries = [(f"{path}: entry {i + 1}", s) for i, s in enumerate(specs)]
+    else:
+        entries = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise common.UsageError(f"{where}: not JSON: {exc}") from None
+            if isinstance(obj, dict) and "cmd" in obj:
+                if obj["cmd"] != "add":
+                    raise common.UsageError(f"{where}: only add requests belong in a config, "
+                                            f"not {obj['cmd']!r}")
+                obj = obj.get("args")
+            entries.append((where, obj))
+    for where, spec in entries:
+        if not isinstance(spec, dict):
+            raise common.UsageError(f"{where}: an export spec must be a JSON object")
+    return entries
+
+
+def reread_sizes(daemon: Daemon) -> None:
+    """SIGHUP: images grown or shrunk outside (truncate, lvextend) reach
+    their guests."""
+    for export in daemon.exports.values():
+        device = export.device
+        if isinstance(device, BlkDevice) and isinstance(device.backend, FileBackend):
+            try:
+                if device.backend.size() != device.capacity * 512:
+                    told = device.resize()
+                    common.log.warning("%s: capacity now %d sectors%s", export.name,
+                                       device.capacity, "" if told else " (guest not told)")
+            except (OSError, ValueError) as exc:
+                common.log.error("%s: resize failed: %s", export.name, exc)
+
+
+async def serve(args, entries: list[tuple[str, dict]]) -> None:
+    loop = asyncio.get_running_loop()
+    daemon = Daemon()
+    daemon.loop = loop
+    control = ControlServer(daemon, args.control)
+    try:
+        # Bound first: a second daemon on the same path fails before it
+        # opens anything; requests wait until the configured exports exist.
+        control.open()
+    except (OSError, VhostUserError) as exc:
+        raise common.UsageError(f"--control {args.control}: {exc}") from None
+    endpoint = None
+    try:
+        if args.prometheus:
+            endpoint = start_prometheus(daemon, args.prometheus)
+        for where, spec in entries:
+            try:
+                await daemon.add(spec)
+            except ManageError as exc:
+                raise common.UsageError(f"{where}: {exc.code}: {exc}") from None
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reread_sizes, daemon)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, common.HANDLED_SIGNALS)
+        await control.start()
+        common.log.info("serving %d exports; control socket %s", len(daemon.exports),
+                        args.control)
+        await stop.wait()
+        common.log.info("stopping: finishing requests in flight")
+    finally:
+        await control.close()
+        if endpoint is not None:
+            # shutdown() waits for the HTTP thread's poll: not on the loop
+            await loop.run_in_executor(None, endpoint.close)
+        await daemon.close()
+
+
+def start_prometheus(daemon: Daemon, spec: str):
+    try:
+        from ..manage.prometheus import PrometheusEndpoint, parse_address
+    except ImportError as exc:
+        raise common.UsageError(f"--prometheus needs prometheus-client: {exc}") from None
+    try:
+        addr, port = parse_address(spec)
+        return PrometheusEndpoint(daemon, addr, port)
+    except (ValueError, OSError) as exc:
+        raise common.UsageError(f"--prometheus {spec}: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    common.setup_logging(args.verbose)
+
+    def start() -> int:
+        entries = load_config(args.config) if args.config else []
+        loop = new_event_loop()
+        try:
+            loop.run_until_complete(serve(args, entries))
+        finally:
+            loop.close()
+        return 0
+
+    return common.main_wrapper(start, "vhostuser-daemon")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The management API in Python: named exports (virtio-blk and virtio-net
+devices, each on its own vhost-user socket) in one asyncio event loop,
+added, changed and removed while the others keep serving.
+
+Every method runs on the daemon's event loop; lifecycle changes (add,
+remove, stop, start, close) are coroutines, the rest are plain calls. Each
+checks all of its arguments before it changes anything, and refuses with a
+:class:`~vhostuser.manage.errors.ManageError` subclass::
+
+    daemon = Daemon()
+    await daemon.add({"type": "blk", "name": "disk0", "socket": "/run/vm1/disk0.sock",
+                      "file": "/var/lib/images/vm1.img", "num_queues": 2})
+    daemon.resize("disk0", 20 << 30)
+    await daemon.remove("disk0")
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from .. import __version__
+from ..blk import BlkDevice
+from ..qos import QosLimits
+from . import checks, describe
+from .errors import (BackendFailed, BadState, ExportExists, NoSuchExport, NotSupported,
+                     SocketInUse)
+from .export import FAILED, RUNNING, STOPPED, Export
+from .specs import build_device, check_name, parse_spec, qos_limits
+
+log = logging.getLogger(__name__)
+
+#: Version of the control protocol (bumped on incompatible changes).
+PROTOCOL_VERSION = 1
+
+
+def _path_key(path: str) -> str:
+    """Two spellings of one socket path compare equal (symlinked dirs)."""
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+class Daemon:
+    """Named exports served from one event loop."""
+
+    def __init__(self, *, reserved_paths: tuple[str, ...] = ()):
+        self.exports: dict[str, Export] = {}
+        # Socket paths no export may take (the control socket).
+        self.reserved_paths = {_path_key(p) for p in reserved_paths}
+        self.prometheus_address: str | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # Lifecycle changes one at a time: a remove that is draining must
+        # not race an add of the same name or socket.
+        self._lifecycle = asyncio.Lock()
+
+    def reserve_path(self, path: str) -> None:
+        self.reserved_paths.add(_path_key(path))
+
+    # -- lookup ------------------------------------------------------------------------
+    def get(self, name: Any) -> Export:
+        name = checks.as_str(name, "name", max_len=64)
+        export = self.exports.get(name)
+        if export is None:
+            raise NoSuchExport(f"no export named {name!r}")
+        return export
+
+    def _blk(self, name: Any, what: str) -> tuple[Export, BlkDevice]:
+        export = self.get(name)
+        if not isinstance(export.device, BlkDevice):
+            raise NotSupported(f"{what}: {export.name} is a {export.spec.type} export, "
+                               "not a disk")
+        return export, export.device
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def add(self, spec: Any) -> dict:
+        """Adds an export and starts serving it; returns its description."""
+        self.loop = asyncio.get_running_loop()
+        parsed = parse_spec(spec)
+        async with self._lifecycle:
+            if parsed.name in self.exports:
+                raise ExportExists(f"an export named {parsed.name!r} exists")
+            key = _path_key(parsed.socket)
+            if key in self.reserved_paths:
+                raise SocketInUse(f"{parsed.socket} is the daemon's control socket")
+            for other in self.exports.values():
+                if _path_key(other.spec.socket) == key:
+                    raise SocketInUse(f"{parsed.socket} is the socket of export {other.name}")
+            device = build_device(parsed)
+            export = Export(parsed, device)
+            try:
+                export.start()
+            except BaseException:
+                device.close()
+                raise
+            self.exports[parsed.name] = export
+        log.info("export %s added (%s on %s)", parsed.name, parsed.type, parsed.socket)
+        return self.describe(parsed.name)
+
+    async def add_blk(self, name: str, socket: str, **settings) -> dict:
+        """add() of a disk: ``file=PATH`` or ``ramdisk=SIZE``, and the other
+        spec keys as keyword arguments."""
+        return await self.add({"type": "blk", "name": name, "socket": socket, **settings})
+
+    async def add_net(self, name: str, socket: str, **settings) -> dict:
+        """add() of an interface: ``tap=IFNAME`` or ``backend="null"``, ..."""
+        return await self.add({"type": "net", "name": name, "socket": socket, **settings})
+
+    async def remove(self, name: Any) -> dict:
+        """Finishes the export's requests in flight, disconnects its
+        front-end, removes its socket and closes its device."""
+        async with self._lifecycle:
+            export = self.get(name)
+            await export.stop("removed")
+            del self.exports[export.name]
+            export.close()
+        log.info("export %s removed", export.name)
+        return {"name": export.name, "removed": True}
+
+    async def stop(self, name: Any) -> dict:
+        """Stops serving (as remove, but the device and its settings stay)."""
+        async with self._lifecycle:
+            export = self.get(name)
+            if export.state == STOPPED:
+                raise BadState(f"{export.name} is already stopped")
+            await export.stop("stopped")
+        return self.describe(export.name)
+
+    async def start(self, name: Any) -> dict:
+        """Serves a stopped (or failed) export again on its socket."""
+        async with self._lifecycle:
+            export = self.get(name)
+            if export.state == RUNNING:
+                raise BadState(f"{export.name} is already running")
+            if export.state == FAILED:
+                await export.stop("restart")
+            export.start()
+        return self.describe(export.name)
+
+    async def close(self) -> None:
+        """Stops every export (each finishing its requests in flight) and
+        closes their devices."""
+        async with self._lifecycle:
+            exports = list(self.exports.values())
+            # Concurrently: a slow drain of one must not delay the others.
+            results = await asyncio.gather(*(e.stop("exit") for e in exports),
+                                           return_exceptions=True)
+            for export, result in zip(exports, results):
+                if isinstance(result, BaseException):
+                    log.error("export %s: stop failed: %s", export.name, result)
+                export.close()
+            self.exports.clear()
+
+    # -- changes to a running export ------------------------------------------------------
+    def resize(self, name: Any, size: Any) -> dict:
+        """New disk size in bytes (or "20G"); the connected guest is told
+        over the back-end channel."""
+        export, device = self._blk(name, "resize")
+        size_bytes = checks.as_size(size, "size", multiple=512)
+        try:
+            told = device.resize(size_bytes)
+        except ValueError as exc:
+            raise NotSupported(f"resize {export.name}: {exc}") from None
+        except OSError as exc:
+            raise BackendFailed(f"resize {export.name}: {exc.strerror or exc}") from None
+        return {"name": export.name, "size": device.capacity * 512,
+                "capacity_sectors": device.capacity, "guest_notified": told}
+
+    def set_read_only(self, name: Any, read_only: Any) -> dict:
+        """Refuses (or allows again) the guest's writes, at once."""
+        export, device = self._blk(name, "set-read-only")
+        read_only = checks.as_bool(read_only, "read_only")
+        try:
+            device.set_read_only(read_only)
+        except ValueError as exc:
+            raise BackendFailed(f"set-read-only {export.name}: {exc}") from None
+        return {"name": export.name, "read_only": device.read_only}
+
+    def set_qos(self, name: Any, limits: QosLimits | dict) -> dict:
+        """New QoS limits, in force at once (0 = unlimited)."""
+        export, device = self._blk(name, "set-qos")
+        if not isinstance(limits, QosLimits):
+            limits = qos_limits(limits)
+        device.set_qos(limits)
+        return {"name": export.name, "qos": device.qos.as_dict()}
+
+    # -- views ----------------------------------------------------------------------------
+    def summary(self, export: Export) -> dict:
+        return {"name": export.name, "type": export.spec.type, "socket": export.spec.socket,
+                "state": export.state, "connected": export.connected}
+
+    def list(self) -> list[dict]:
+        return [self.summary(e) for e in sorted(self.exports.values(), key=lambda e: e.name)]
+
+    def describe(self, name: Any) -> dict:
+        export = self.get(name)
+        return {**self.summary(export),
+                "failure": export.failure,
+                "connections": export.total_connections,
+                "spec": export.spec.as_dict(),
+                "device": describe.device_settings(export.device),
+                **describe.features(export.device),
+                "queues": describe.queue_states(export.device)}
+
+    def stats(self, name: Any = None) -> dict:
+        """Counters of one export, or of all (by name) when name is None."""
+        if name is None:
+            return {n: self.stats(n) for n in sorted(self.exports)}
+        export = self.get(name)
+        return {"name": export.name, "type": export.spec.type, "state": export.state,
+                "connected": export.connected, **describe.counters(export.device)}
+
+    def metrics(self) -> dict:
+        """Everything the counters say, for every export."""
+        return {"latency_bounds_us": describe.latency_bounds_us(), "exports": self.stats()}
+
+    def version(self) -> dict:
+        return {"version": __version__, "protocol": PROTOCOL_VERSION,
+                "prometheus": self.prometheus_address}
+
+    # -- from other threads ----------------------------------------------------------------
+    def call_threadsafe(self, fn, *args, timeout: float = 5.0):
+        """Runs ``fn(*args)`` on the daemon's loop from another thread (the
+        Prometheus server's) and returns its result: on the loop, no export
+        is torn down while ``fn`` looks at it."""
+        if self.loop is None:
+            raise RuntimeError("the daemon has no running loop yet")
+
+        async def run():
+            return fn(*args)
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
+
+
+__all__ = ["Daemon", "PROTOCOL_VERSION", "check_name"]

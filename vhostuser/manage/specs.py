@@ -1,0 +1,294 @@
+"""Export specs: checking a spec (a JSON object) and building its device.
+
+A spec is checked whole before anything is opened, so a bad one changes
+nothing. Where a device's back-end comes from is chosen by one key of the
+spec (``"file"``, ``"ramdisk"``, ``"tap"``, ``"backend"``); each such key is
+a *source* in a registry, and other back-end kinds plug in the same way::
+
+    from vhostuser.manage.specs import BlkSource, register_blk_source
+    register_blk_source(BlkSource("nbd", check=check_nbd_url, open=open_nbd,
+                                  options={"nbd_tls": ...}))
+
+after which ``{"type": "blk", "name": ..., "socket": ..., "nbd": "nbd://..."}``
+is a valid spec.
+"""
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..blk import BackendError, BlkDevice, FileBackend, RamBackend
+from ..device import Device
+from ..net import NetBackend, NetBackendError, NetDevice, TapBackend
+from ..net.spec import format_mac, parse_mac
+from ..qos import QosError, QosLimits
+from . import checks
+from .errors import BackendFailed, BadArgument
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+MAX_RAMDISK = 1 << 40
+SECTOR = 512
+
+#: An option check: (value, the whole spec) -> the checked value. Raises
+#: BadArgument; must not open or change anything.
+Check = Callable[[Any, dict], Any]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One kind of back-end, chosen by the spec key ``key``.
+
+    ``check(value, spec)`` validates that key's value, ``open(value,
+    settings)`` returns the back-end object (raising BackendError,
+    NetBackendError or OSError when it can't). ``options`` are further spec
+    keys only this source takes, each with its check and default.
+    """
+    key: str
+    check: Check
+    open: Callable[[Any, dict], object]
+    options: dict[str, tuple[Check, Any]] = field(default_factory=dict)
+
+
+#: Block back-end kinds by spec key. Add more with register_blk_source.
+BLK_SOURCES: dict[str, Source] = {}
+#: Network back-end kinds by spec key.
+NET_SOURCES: dict[str, Source] = {}
+
+
+def register_blk_source(source: Source) -> None:
+    _register(BLK_SOURCES, BLK_OPTIONS, source)
+
+
+def register_net_source(source: Source) -> None:
+    _register(NET_SOURCES, NET_OPTIONS, source)
+
+
+def _register(registry: dict, common: dict, source: Source) -> None:
+    if source.key in registry or source.key in common or source.key in BASE_KEYS:
+        raise ValueError(f"spec key {source.key!r} is already taken")
+    registry[source.key] = source
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """A checked spec: every key known and typed, defaults filled in."""
+    type: str               # "blk" or "net"
+    name: str
+    socket: str
+    source: str             # the key that chose the back-end
+    settings: dict          # every setting, the source's value under its key
+
+    def as_dict(self) -> dict:
+        return {"type": self.type, "name": self.name, "socket": self.socket, **self.settings}
+
+
+# -- option checks -------------------------------------------------------------
+
+def _ranged(key: str, lo: int, hi: int) -> Check:
+    return lambda v, spec: checks.as_int(v, key, lo, hi)
+
+
+def _boolean(key: str) -> Check:
+    return lambda v, spec: checks.as_bool(v, key)
+
+
+def _serial(v: Any, spec: dict) -> str:
+    serial = checks.as_str(v, "serial", max_len=20)
+    if len(serial.encode()) > 20:
+        raise BadArgument("'serial' must fit in 20 bytes")
+    return serial
+
+
+def _mac(v: Any, spec: dict) -> str:
+    try:
+        return format_mac(parse_mac(checks.as_str(v, "mac", max_len=17)))
+    except ValueError as exc:
+        raise BadArgument(f"'mac': {exc}") from None
+
+
+def _aio(v: Any, spec: dict) -> str:
+    if v not in ("io_uring", "sync"):
+        raise BadArgument(f"'aio' must be \"io_uring\" or \"sync\", not {v!r}")
+    return v
+
+
+def qos_limits(v: Any) -> QosLimits:
+    """QosLimits from {"iops": N, "bps": N, "iops_burst": N, "bps_burst": N}."""
+    args = checks.as_dict(v, "qos")
+    checks.no_unknown_keys(args, set(QosLimits.__dataclass_fields__), "qos")
+    try:
+        return QosLimits(**args)
+    except QosError as exc:
+        raise BadArgument(f"qos: {exc}") from None
+
+
+def _qos(v: Any, spec: dict) -> dict | None:
+    return None if v is None else qos_limits(v).as_dict()
+
+
+#: keys every spec has
+BASE_KEYS = {"type", "name", "socket"}
+#: blk keys whatever the source: (check, default)
+BLK_OPTIONS: dict[str, tuple[Check, Any]] = {
+    "read_only": (_boolean("read_only"), False),
+    "num_queues": (_ranged("num_queues", 1, 64), 1),
+    "serial": (_serial, None),          # default: the export's name
+    "poll_us": (_ranged("poll_us", 0, 1_000_000), 0),
+    "queues_per_thread": (_ranged("queues_per_thread", 1, 64), 1),
+    "qos": (_qos, None),
+}
+NET_OPTIONS: dict[str, tuple[Check, Any]] = {
+    "queue_pairs": (_ranged("queue_pairs", 1, 16), 1),
+    "mac": (_mac, "52:54:00:12:34:56"),
+    "mtu": (_ranged("mtu", 68, 65535), 1500),
+    "poll_us": (_ranged("poll_us", 0, 1_000_000), 0),
+    "queues_per_thread": (_ranged("queues_per_thread", 1, 64), 1),
+}
+
+
+# -- the built-in sources ---------------------------------------------------------
+
+def _check_file(v: Any, spec: dict) -> str:
+    path = checks.as_abs_path(v, "file")
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise BadArgument(f"'file': {path}: {exc.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise BadArgument(f"'file': {path} is not a regular file or block device")
+    if stat.S_ISREG(st.st_mode) and st.st_size < SECTOR:
+        raise BadArgument(f"'file': {path} is smaller than one {SECTOR}-byte sector")
+    return path
+
+
+def _open_file(path: str, settings: dict) -> FileBackend:
+    backend = FileBackend(path, read_only=settings["read_only"], direct=settings["direct"])
+    backend.open()
+    return backend
+
+
+def _check_ramdisk(v: Any, spec: dict) -> int:
+    size = checks.as_size(v, "ramdisk", multiple=SECTOR)
+    if size > MAX_RAMDISK:
+        raise BadArgument(f"'ramdisk' must be at most {MAX_RAMDISK} bytes")
+    return size
+
+
+def _open_ramdisk(size: int, settings: dict) -> RamBackend:
+    # Never read-only at the back-end: set-read-only may lift the device's flag.
+    return RamBackend(size)
+
+
+def _check_tap(v: Any, spec: dict) -> str:
+    name = checks.as_str(v, "tap", max_len=15)     # IFNAMSIZ - 1
+    if "/" in name or name in (".", "..") or any(c.isspace() for c in name):
+        raise BadArgument(f"'tap': {name!r} is not an interface name")
+    return name
+
+
+def _open_tap(ifname: str, settings: dict) -> TapBackend:
+    return TapBackend(ifname, queue_pairs=settings["queue_pairs"])
+
+
+class NullNetBackend(NetBackend):
+    """Drops every frame the guest sends and sends it nothing: a link to
+    nowhere, for tests and for guests that only need an interface."""
+
+    def transmit(self, queue_pair, frames) -> None:
+        pass
+
+
+#: Python network back-ends by the name a spec's "backend" key gives.
+NET_BACKEND_CLASSES: dict[str, type[NetBackend]] = {"null": NullNetBackend}
+
+
+def _check_net_backend(v: Any, spec: dict) -> str:
+    if v not in NET_BACKEND_CLASSES:
+        raise BadArgument(f"'backend' must be one of {sorted(NET_BACKEND_CLASSES)}, not {v!r}")
+    return v
+
+
+def _open_net_backend(name: str, settings: dict) -> NetBackend:
+    return NET_BACKEND_CLASSES[name]()
+
+
+register_blk_source(Source("file", _check_file, _open_file, options={
+    "direct": (_boolean("direct"), False),
+    "aio": (_aio, "io_uring"),
+}))
+register_blk_source(Source("ramdisk", _check_ramdisk, _open_ramdisk))
+register_net_source(Source("tap", _check_tap, _open_tap))
+register_net_source(Source("backend", _check_net_backend, _open_net_backend))
+
+_TYPES = {"blk": (BLK_SOURCES, BLK_OPTIONS), "net": (NET_SOURCES, NET_OPTIONS)}
+
+
+# -- checking ----------------------------------------------------------------------
+
+def check_name(v: Any) -> str:
+    name = checks.as_str(v, "name", max_len=64)
+    if not NAME_RE.fullmatch(name):
+        raise BadArgument(f"'name' {name!r}: letters, digits and _ . : - only, "
+                          "starting with a letter or digit, at most 64")
+    return name
+
+
+def parse_spec(spec: Any) -> ExportSpec:
+    """Checks a spec completely; opens nothing."""
+    spec = checks.as_dict(spec, "spec")
+    kind = checks.require(spec, "type", "spec")
+    if kind not in _TYPES:
+        raise BadArgument(f"'type' must be \"blk\" or \"net\", not {kind!r}")
+    sources, options = _TYPES[kind]
+    name = check_name(checks.require(spec, "name", "spec"))
+    socket_path = checks.as_abs_path(checks.require(spec, "socket", "spec"), "socket")
+    chosen = [key for key in sources if key in spec]
+    if len(chosen) != 1:
+        raise BadArgument(f"a {kind} export needs exactly one of "
+                          f"{', '.join(map(repr, sources))}"
+                          + (f", not {len(chosen)}" if chosen else ""))
+    source = sources[chosen[0]]
+    allowed = {**options, **source.options}
+    checks.no_unknown_keys(spec, BASE_KEYS | set(allowed) | {source.key}, f"{kind} export")
+    settings = {key: (check(spec[key], spec) if key in spec else default)
+                for key, (check, default) in allowed.items()}
+    settings[source.key] = source.check(spec[source.key], spec)
+    if kind == "blk" and settings["serial"] is None:
+        settings["serial"] = name.encode()[:20].decode(errors="ignore")
+    parent = os.path.dirname(socket_path)
+    if not os.path.isdir(parent):
+        raise BadArgument(f"'socket': directory {parent} does not exist")
+    return ExportSpec(kind, name, socket_path, source.key, settings)
+
+
+# -- building ----------------------------------------------------------------------
+
+def build_device(spec: ExportSpec) -> Device:
+    """Opens the back-end and makes the device; BackendFailed if it can't,
+    with whatever was opened closed again."""
+    sources = BLK_SOURCES if spec.type == "blk" else NET_SOURCES
+    source = sources[spec.source]
+    s = spec.settings
+    backend = None
+    try:
+        backend = source.open(s[source.key], s)
+        if spec.type == "blk":
+            device = BlkDevice(backend, num_queues=s["num_queues"], serial=s["serial"],
+                               read_only=s["read_only"], poll_us=s["poll_us"],
+                               aio=s.get("aio", "io_uring"))
+            if s["qos"] is not None:
+                device.set_qos(QosLimits(**s["qos"]))
+        else:
+            device = NetDevice(backend, queue_pairs=s["queue_pairs"], mac=parse_mac(s["mac"]),
+                               mtu=s["mtu"], poll_us=s["poll_us"])
+    except (BackendError, NetBackendError, OSError, ValueError, MemoryError) as exc:
+        if backend is not None:
+            close = getattr(backend, "close", None)
+            if close is not None:
+                close()
+        raise BackendFailed(f"{spec.name}: {exc}") from None
+    device.queues_per_worker = s["queues_per_thread"]
+    return device
