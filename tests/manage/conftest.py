@@ -1,0 +1,146 @@
+"""A real vhostuser-daemon process per test, managed over its control
+socket with vhostuser-ctl (a process too) and the Python client."""
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from vhostuser import protocol
+from vhostuser.frontend import BlkClient, Frontend
+from vhostuser.frontend.device import DEFAULT_PROTOCOL_FEATURES
+from vhostuser.manage import ControlClient
+from vhostuser.protocol import ProtocolFeature, Request, bit
+
+MIB = 1 << 20
+
+
+class DaemonProcess:
+    def __init__(self, workdir: str, *extra: str):
+        self.dir = workdir
+        self.control = os.path.join(workdir, "ctl.sock")
+        self.log = open(os.path.join(workdir, "daemon.log"), "w+b")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vhostuser.cli.daemon", "--control", self.control,
+             "--prometheus", "127.0.0.1:0", "-v", *extra],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.output()}")
+            try:
+                with ControlClient(self.control, timeout=10) as c:
+                    c.version()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"daemon not ready: {self.output()}")
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def client(self) -> ControlClient:
+        return ControlClient(self.control, timeout=30)
+
+    def call(self, cmd: str, **args):
+        with self.client() as c:
+            return c.call(cmd, args or None)
+
+    def ctl(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+        """vhostuser-ctl as a separate process."""
+        r = subprocess.run([sys.executable, "-m", "vhostuser.cli.ctl", "--control", self.control,
+                            *argv], capture_output=True, text=True, timeout=60, cwd=self.dir)
+        if check and r.returncode != 0:
+            raise AssertionError(f"vhostuser-ctl {argv}: {r.returncode} {r.stderr}")
+        return r
+
+    def ctl_json(self, *argv: str):
+        return json.loads(self.ctl(*argv).stdout)
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def workdir():
+    # Short: unix socket paths must fit in 108 bytes.
+    d = tempfile.mkdtemp(prefix="vhm", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(workdir):
+    d = DaemonProcess(workdir)
+    yield d
+    rc = d.terminate()
+    assert rc == 0, d.output()
+    assert "Traceback" not in d.output(), d.output()
+
+
+@pytest.fixture
+def image(workdir):
+    path = os.path.join(workdir, "disk.img")
+    with open(path, "wb") as f:
+        f.truncate(8 * MIB)
+    return path
+
+
+def pattern(seed: int, n: int) -> bytes:
+    return (f"{seed:08d}".encode() * (n // 8 + 1))[:n]
+
+
+@contextlib.contextmanager
+def blk_frontend(path: str, *, backend_channel: bool = False, **setup):
+    """A connected BlkClient; with backend_channel, also the front-end's end
+    of the back-end channel (SET_SLAVE_REQ_FD), as QEMU sets it up."""
+    fe = Frontend.connect(path, wait=5)
+    channel = None
+    try:
+        if backend_channel:
+            setup["protocol_features"] = DEFAULT_PROTOCOL_FEATURES | bit(ProtocolFeature.SLAVE_REQ)
+        blk = BlkClient.setup(fe, **setup)
+        if backend_channel:
+            channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            fe.request(Request.SET_SLAVE_REQ_FD, fds=[theirs.fileno()])
+            theirs.close()
+            channel.settimeout(10)
+        yield (blk, channel) if backend_channel else blk
+    finally:
+        if channel is not None:
+            channel.close()
+        fe.close()
+
+
+def answer_config_change(channel: socket.socket) -> None:
+    """Reads the back-end's CONFIG_CHANGE_MSG and acks it as QEMU does."""
+    request, flags, size = protocol.HEADER.unpack(channel.recv(protocol.HEADER_SIZE,
+                                                               socket.MSG_WAITALL))
+    assert request == protocol.BackendRequest.CONFIG_CHANGE_MSG
+    if size:
+        channel.recv(size, socket.MSG_WAITALL)
+    if flags & protocol.FLAG_NEED_REPLY:
+        channel.sendall(protocol.pack_header(request, protocol.VERSION | protocol.FLAG_REPLY, 8)
+                        + protocol.U64.pack(0))

@@ -1,0 +1,114 @@
+"""The Python API (Daemon) in-process, and the back-end registry hook that
+new block back-end kinds (nbd, rbd) plug into."""
+import asyncio
+import os
+
+import pytest
+
+from vhostuser.blk import BlockBackend
+from vhostuser.manage import Daemon
+from vhostuser.manage import errors, specs
+from vhostuser.manage.checks import as_str
+from vhostuser.qos import QosLimits
+
+from .conftest import MIB, blk_frontend
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_python_api_lifecycle(workdir):
+    async def main():
+        d = Daemon()
+        sock = os.path.join(workdir, "d0.sock")
+        await d.add_blk("d0", sock, ramdisk=4 * MIB, num_queues=2)
+        assert os.path.exists(sock)
+        with pytest.raises(errors.ExportExists):
+            await d.add_blk("d0", os.path.join(workdir, "other.sock"), ramdisk="1M")
+        with pytest.raises(errors.SocketInUse):
+            await d.add_blk("d1", sock, ramdisk="1M")
+        assert d.resize("d0", "8M")["capacity_sectors"] == 8 * MIB // 512
+        assert d.set_qos("d0", QosLimits(iops=500))["qos"]["iops"] == 500
+        assert d.set_read_only("d0", True)["read_only"] is True
+        assert d.describe("d0")["device"]["read_only"] is True
+        assert [e["name"] for e in d.list()] == ["d0"]
+        await d.stop("d0")
+        assert not os.path.exists(sock) and d.describe("d0")["state"] == "stopped"
+        await d.start("d0")
+        assert os.path.exists(sock)
+        await d.remove("d0")
+        assert d.list() == [] and not os.path.exists(sock)
+        with pytest.raises(errors.NoSuchExport):
+            d.stats("d0")
+        await d.close()
+    run(main())
+
+
+def test_device_that_cannot_be_built_leaves_nothing(workdir, tmp_path):
+    unreadable = tmp_path / "dir.img"
+    unreadable.mkdir()
+
+    async def main():
+        d = Daemon()
+        with pytest.raises(errors.BadArgument, match="not a regular file"):
+            await d.add_blk("d0", os.path.join(workdir, "d0.sock"), file=str(unreadable))
+        with pytest.raises(errors.BadArgument, match="not an interface name"):
+            await d.add_net("n0", os.path.join(workdir, "n0.sock"), tap="bad/name")
+        assert d.list() == []
+        assert os.listdir(workdir) == []
+        await d.close()
+    run(main())
+
+
+class ZeroDisk(BlockBackend):
+    def __init__(self, size):
+        self._size = size
+
+    def size(self):
+        return self._size
+
+    def read(self, offset, bufs):
+        for b in bufs:
+            b[:] = bytes(len(b))
+
+    def write(self, offset, bufs):
+        raise OSError("read-only zeroes")
+
+
+@pytest.fixture
+def zero_source():
+    """A block back-end kind registered the way nbd/rbd will be."""
+    def check(value, spec):
+        return as_str(value, "zero")
+
+    source = specs.Source("zero", check, lambda v, settings: ZeroDisk(4 * MIB))
+    specs.register_blk_source(source)
+    yield source
+    del specs.BLK_SOURCES["zero"]
+
+
+def test_registered_blk_source_is_a_spec_key(workdir, zero_source):
+    with pytest.raises(ValueError):
+        specs.register_blk_source(zero_source)          # taken
+    parsed = specs.parse_spec({"type": "blk", "name": "z", "socket": f"{workdir}/z.sock",
+                               "zero": "anything"})
+    assert parsed.source == "zero" and parsed.settings["zero"] == "anything"
+    with pytest.raises(errors.BadArgument, match="exactly one of"):
+        specs.parse_spec({"type": "blk", "name": "z", "socket": f"{workdir}/z.sock",
+                          "zero": "x", "ramdisk": "1M"})
+
+    async def main():
+        d = Daemon()
+        await d.add({"type": "blk", "name": "z", "socket": f"{workdir}/z.sock", "zero": "x"})
+
+        def io():
+            with blk_frontend(f"{workdir}/z.sock") as blk:
+                return blk.read(0, 4096), blk.capacity
+        data, capacity = await asyncio.get_running_loop().run_in_executor(None, io)
+        assert data == bytes(4096) and capacity == 4 * MIB // 512
+        assert d.describe("z")["device"]["backend"] == "ZeroDisk"
+        with pytest.raises(errors.NotSupported):
+            d.resize("z", "8M")                         # a Python back-end resizes itself
+        await d.close()
+    run(main())

@@ -1,0 +1,81 @@
+"""The Prometheus endpoint: scraped over HTTP on loopback after some I/O."""
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from vhostuser.frontend import BlkRequest
+from vhostuser.manage.prometheus import cumulative_buckets, parse_address
+
+from .conftest import blk_frontend, pattern
+
+
+def scrape(daemon) -> dict:
+    address = daemon.call("version")["prometheus"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        assert r.status == 200
+        text = r.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def test_scrape_counts_io_per_queue(daemon):
+    with daemon.client() as c:
+        c.add_blk("d0", daemon.path("d0.sock"), ramdisk="8M", num_queues=2)
+        c.add_net("n0", daemon.path("n0.sock"), backend="null", queue_pairs=2)
+    with blk_frontend(daemon.path("d0.sock"), queues=2) as blk:
+        blk.execute([BlkRequest.write(i * 8, pattern(i, 4096)) for i in range(12)], queue=1)
+        blk.execute([BlkRequest.read(0, 512) for _ in range(3)], queue=0)
+        blk.flush(queue=0)
+        s = scrape(daemon)
+    assert value(s, "vhostuser_export_up", export="d0", type="blk") == 1
+    assert value(s, "vhostuser_export_connected", export="d0", type="blk") == 1
+    assert value(s, "vhostuser_export_connected", export="n0", type="net") == 0
+    assert value(s, "vhostuser_blk_capacity_bytes", export="d0") == 8 << 20
+    req = "vhostuser_blk_requests_total"
+    assert value(s, req, export="d0", queue="1", op="write") == 12
+    assert value(s, req, export="d0", queue="0", op="write") == 0
+    assert value(s, req, export="d0", queue="0", op="read") == 3
+    assert value(s, req, export="d0", queue="0", op="flush") == 1
+    assert value(s, "vhostuser_blk_bytes_total", export="d0", queue="1", direction="write") == 12 * 4096
+    assert value(s, "vhostuser_blk_bytes_total", export="d0", queue="0", direction="read") == 3 * 512
+    assert value(s, "vhostuser_blk_errors_total", export="d0", queue="0") == 0
+    assert value(s, "vhostuser_blk_inflight_requests", export="d0", queue="1") == 0
+    # The histogram agrees with the control socket's numbers, made cumulative.
+    queues = daemon.call("stats", name="d0")["queues"]
+    lat = "vhostuser_blk_request_latency_seconds_bucket"
+    for q in queues:
+        for le, n in cumulative_buckets(q["latency_us"]):
+            assert value(s, lat, export="d0", queue=str(q["queue"]), le=le) == n
+    assert value(s, lat, export="d0", queue="1", le="+Inf") == 12      # every write timed
+    assert value(s, "vhostuser_blk_request_latency_seconds_count", export="d0", queue="1") == 12
+    assert value(s, "vhostuser_blk_request_latency_seconds_sum", export="d0", queue="1") > 0
+    for d in ("tx", "rx"):
+        assert value(s, "vhostuser_net_packets_total", export="n0", queue_pair="1",
+                     direction=d) == 0
+    assert value(s, "vhostuser_net_dropped_total", export="n0", queue_pair="0", direction="tx",
+                 reason="short") == 0
+
+
+def test_removed_export_leaves_the_scrape(daemon):
+    daemon.call("add", type="blk", name="d0", socket=daemon.path("d0.sock"), ramdisk="1M")
+    assert ("vhostuser_export_up", (("export", "d0"), ("type", "blk"))) in scrape(daemon)
+    daemon.call("remove", name="d0")
+    assert not any(dict(labels).get("export") == "d0" for _, labels in scrape(daemon))
+
+
+def test_cumulative_buckets_and_addresses():
+    counts = [0] * 26
+    counts[0], counts[3], counts[25] = 2, 5, 1
+    buckets = cumulative_buckets(counts)
+    assert buckets[0] == ("1e-06", 2) and buckets[3] == ("8e-06", 7)
+    assert buckets[-1] == ("+Inf", 8) and buckets[-2][1] == 7
+    assert parse_address(":9100") == ("127.0.0.1", 9100)
+    assert parse_address("[::1]:0") == ("::1", 0)
+    assert parse_address("0.0.0.0:80") == ("0.0.0.0", 80)
