@@ -172,3 +172,33 @@ def test_stop_then_start_keeps_the_disk(disks):
     with blk_frontend(disks.path("d0.sock")) as blk:
         assert blk.read(0, 512) == b"s" * 512
     assert disks.call("describe", name="d0")["connections"] == 2
+
+
+def test_net_export_shows_its_front_end_and_counts_frames(disks):
+    from vhostuser.frontend import Buffer, Frontend, GuestMemory
+    from vhostuser.net import NetFeature
+    from vhostuser.protocol import Feature, bits
+
+    with Frontend.connect(disks.path("n0.sock"), wait=5) as fe:
+        fe.negotiate(bits(Feature.VERSION_1, NetFeature.MAC, NetFeature.MQ))
+        mem = fe.own(GuestMemory([(0, 1 << 20)], name="net"))
+        fe.set_mem_table(mem)
+        queues = [fe.setup_queue(i, 64, mem=mem) for i in range(4)]
+        frame = b"\xff" * 6 + b"\x52\x54\x00\x00\x00\x01" + b"\x08\x00" + bytes(50)
+        for _ in range(3):
+            gpa = mem.alloc(12 + len(frame))
+            mem.write(gpa, bytes(12) + frame)        # virtio_net_hdr_v1, no offloads
+            queues[3].add([Buffer(gpa, 12 + len(frame), False)])
+        queues[3].notify()
+        assert len(queues[3].wait(3)) == 3           # transmit queue of pair 1
+
+        n0 = disks.call("describe", name="n0")
+        assert n0["connected"] is True
+        assert n0["features"]["negotiated"]["names"] == [
+            "MAC", "MQ", "PROTOCOL_FEATURES", "VERSION_1"]
+        assert [q["started"] for q in n0["queues"]] == [True] * 4
+        stats = disks.ctl_json("stats", "n0")
+        assert stats["totals"]["tx_packets"] == 3
+        pairs = stats["queues"]
+        assert [p["tx_packets"] for p in pairs] == [0, 3]
+        assert pairs[1]["tx_bytes"] == 3 * len(frame)
