@@ -85,7 +85,7 @@ tx_dropped: {reason: n}, rx_dropped: {reason: n}}`` (tx: guest to back-end).
 
 ``metrics`` {} -> ``{"latency_bounds_us": [1, 2, 4, ..., null], "exports":
 {name: stats, ...}}``: a bucket counts requests that took less than its
-bound in microseconds and more than the previous one (null: no bound).
+bound in microseconds and at least the previous one (null: no bound).
 
 Error codes
 -----------
