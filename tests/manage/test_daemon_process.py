@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 from vhostuser.frontend import BackendClosed
+from vhostuser.testing.daemon import DaemonProcess
 
-from .conftest import DaemonProcess, blk_frontend
+from .conftest import blk_frontend
 
 
 def test_config_file_exports_and_sigterm_exit(workdir, image):
