@@ -18,6 +18,9 @@ Back-ends pinned to --backend-cpu:
 * vhu-switch-sink-poll: `--switch` with one port and no uplink: frames to an
   unknown MAC are flooded to no other port, so dropped in C (vhostuser's C
   data path, no Python per frame);
+* vhu-csink[-poll]: `--sink`, the C sink back-end (counts and drops);
+* vhu-loop[-poll]: `--loopback`, the C loopback back-end (each frame copied
+  back into the same queue pair's receive ring, in the transmit worker);
 * dpdk-vhost: a second testpmd with `--vdev net_vhost0,iface=SOCK` (DPDK's
   vhost PMD, a vhost-user server), `rxonly` for the one-way workloads and
   `io` (sends every frame back, like Echo) for the two-way ones. It busy-polls
@@ -85,25 +88,37 @@ BACKENDS = {
                  "vhostuser + Python Echo (inject per frame), eventfd waits"),
     "vhu-echo-poll": (vhu("--backend", "bench.netbackends:Echo", "--poll", "1000"),
                       "vhostuser + Python Echo, --poll 1000 (busy-poll)"),
+    "vhu-csink": (vhu("--sink"), "vhostuser C sink back-end, eventfd waits"),
+    "vhu-csink-poll": (vhu("--sink", "--poll", "1000"),
+                       "vhostuser C sink back-end, --poll 1000 (busy-poll)"),
+    "vhu-loop": (vhu("--loopback"), "vhostuser C loopback back-end, eventfd waits"),
+    # One worker for both rings: a second busy-polling thread on the same
+    # CPU would only take turns with the first.
+    "vhu-loop-poll": (vhu("--loopback", "--poll", "1000", "--queues-per-thread", "2"),
+                      "vhostuser C loopback back-end, --poll 1000 (busy-poll), "
+                      "one worker for both rings"),
     REFERENCE: (None, "DPDK 22.11 testpmd, vhost PMD (net_vhost0), busy-poll; "
                       "rxonly one-way, io two-way"),
 }
 
+SINKS = ["vhu-sink", "vhu-sink-poll", "vhu-switch-sink-poll", "vhu-csink", "vhu-csink-poll"]
+ECHOES = ["vhu-echo", "vhu-echo-poll", "vhu-loop", "vhu-loop-poll"]
 # name -> (front-end engine, frame size, back-ends, reference's engine)
 WORKLOADS = [
-    ("tx-64", "txonly", 64, ["vhu-sink", "vhu-sink-poll", "vhu-switch-sink-poll", REFERENCE],
-     "rxonly"),
-    ("tx-1500", "txonly", 1500, ["vhu-sink", "vhu-sink-poll", "vhu-switch-sink-poll",
-                                 REFERENCE], "rxonly"),
-    ("both-64", "flowgen", 64, ["vhu-echo", "vhu-echo-poll", REFERENCE], "io"),
-    ("both-1500", "flowgen", 1500, ["vhu-echo", "vhu-echo-poll", REFERENCE], "io"),
+    ("tx-64", "txonly", 64, [*SINKS, REFERENCE], "rxonly"),
+    ("tx-1500", "txonly", 1500, [*SINKS, REFERENCE], "rxonly"),
+    ("both-64", "flowgen", 64, [*ECHOES, REFERENCE], "io"),
+    ("both-1500", "flowgen", 1500, [*ECHOES, REFERENCE], "io"),
 ]
 
 TARGETS = [
     # (workload, back-ends (best counts), threshold vs reference, description)
-    ("both-64", ["vhu-echo", "vhu-echo-poll"], 1.0,
+    ("both-64", ECHOES, 1.0,
      "net 64 B both directions: pps >= 1x DPDK vhost PMD (busy-poll allowed: "
-     "best of vhu-echo, vhu-echo-poll)"),
+     "best of the echoing back-ends)"),
+    ("tx-64", SINKS, 1.0,
+     "net 64 B one way (front-end to back-end): pps >= 1x DPDK vhost PMD (busy-poll allowed: "
+     "best of the sinks)"),
 ]
 
 

@@ -313,6 +313,30 @@ static int frame_iov(struct vu_net_frame *f, struct vu_elem *e, uint32_t skip)
     return 0;
 }
 
+/* LOOPBACK: the frame back into receive queue qp (pushed, not yet flushed).
+ * A frame in one buffer goes straight from guest memory; others are gathered
+ * in the queue pair's staging buffer first. */
+static void loop_back(struct vu_net_dev *n, uint32_t qp, struct vu_elem *e, uint32_t len)
+{
+    const uint8_t *data;
+    if (e->out_num == 1) {
+        data = (const uint8_t *)e->iov[0].iov_base + n->hdr_len;
+    } else {
+        if (!n->bounce[qp] && !(n->bounce[qp] = malloc(VU_NET_MAX_FRAME + sizeof(struct vu_net_hdr)))) {
+            rx_drop(n, qp, VU_NET_D_IO);
+            return;
+        }
+        if (!vu_iov_gather(e->iov, e->out_num, n->hdr_len, n->bounce[qp], len)) {
+            rx_drop(n, qp, VU_NET_D_SHORT);
+            return;
+        }
+        data = n->bounce[qp];
+    }
+    /* A drop on the way back (no receive buffers) is the receive side's and
+     * counted there; the transmit itself succeeded. */
+    vu_net_rx_deliver(n, qp, NULL, data, len);
+}
+
 static int transmit(struct vu_net_dev *n, struct vu_vq *vq, uint32_t qp)
 {
     struct vu_net_stats *st = &n->stats[qp];
@@ -321,7 +345,7 @@ static int transmit(struct vu_net_dev *n, struct vu_vq *vq, uint32_t qp)
     bool did = false;
     for (int round = 0; round < NET_ROUNDS; round++) {
         vu_vq_set_notification(vq, false);
-        int cnt = 0, nbatch = 0, rc = 0;
+        int cnt = 0, nbatch = 0, rc = 0, looped = 0;
         struct vu_elem *e;
         while (cnt < NET_BATCH && (rc = vu_vq_pop(vq, &e)) == 1) {
             cnt++;
@@ -334,6 +358,11 @@ static int transmit(struct vu_net_dev *n, struct vu_vq *vq, uint32_t qp)
                      * takes the same virtio-net header (IFF_VNET_HDR) */
                     if (n->tap_fds[qp] < 0 || writev(n->tap_fds[qp], e->iov, (int)e->out_num) < 0)
                         why = VU_NET_D_IO;
+                } else if (n->backend == VU_NET_BACKEND_SINK) {
+                    /* counted below, and that is all */
+                } else if (n->backend == VU_NET_BACKEND_LOOPBACK) {
+                    loop_back(n, qp, e, len);
+                    looped++;
                 } else if (n->backend == VU_NET_BACKEND_SWITCH) {
                     /* the switch learns, forwards or floods it */
                     why = vu_switch_tx(n, e->iov, e->out_num, n->hdr_len, len);
@@ -370,6 +399,11 @@ static int transmit(struct vu_net_dev *n, struct vu_vq *vq, uint32_t qp)
             did = true;
             vu_vq_flush(vq);
             vu_vq_notify(vq);
+        }
+        /* The looped-back frames reach the driver once per batch too. */
+        if (looped && n->rxq[qp]) {
+            vu_vq_flush(n->rxq[qp]);
+            vu_vq_notify(n->rxq[qp]);
         }
         if (rc < 0)
             return VU_HANDLED_SOME;

@@ -8,7 +8,9 @@
 #define VU_NET_MAX_FRAME 65550        /* 64 KiB GSO frame + Ethernet header */
 
 enum { VU_NET_BACKEND_TAP = 0, VU_NET_BACKEND_PYTHON = 1,
-       VU_NET_BACKEND_SWITCH = 2 /* a port of a struct vu_switch (vu_switch.h) */ };
+       VU_NET_BACKEND_SWITCH = 2, /* a port of a struct vu_switch (vu_switch.h) */
+       VU_NET_BACKEND_SINK = 3,   /* transmitted frames are counted and dropped */
+       VU_NET_BACKEND_LOOPBACK = 4 /* transmitted frames come back on the same queue pair */ };
 
 /* Why a frame was dropped. */
 enum vu_net_drop {

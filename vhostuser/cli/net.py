@@ -5,7 +5,8 @@ import argparse
 import sys
 import types
 
-from ..net import NetBackend, NetBackendError, NetDevice, TapBackend
+from ..net import (LoopbackBackend, NetBackend, NetBackendError, NetDevice, SinkBackend,
+                   TapBackend)
 from ..net.spec import parse_mac
 from ..net.switch import MAX_PORTS, Switch, TapUplink, VxlanUplink
 from . import common
@@ -22,6 +23,10 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--vxlan", metavar="REMOTE:PORT[,vni=N][,local=ADDR:PORT]",
                      help="VXLAN tunnel (RFC 7348, VNI 1 unless given) to another host; "
                           "with --switch, its uplink")
+    src.add_argument("--sink", action="store_true",
+                     help="count and drop every transmitted frame (in C; for benchmarks)")
+    src.add_argument("--loopback", action="store_true",
+                     help="send every transmitted frame back to the guest (in C)")
     p.add_argument("--switch", action="store_true",
                    help="a built-in learning switch: one port per --socket-path (repeat it), "
                         "MACs counting up from --mac")
@@ -78,8 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.backend:
             backend = common.instantiate(load_class(args.backend, NetBackend), args.backend,
                                          args.backend_opt)
+        elif args.sink:
+            backend = SinkBackend()
+        elif args.loopback:
+            backend = LoopbackBackend()
         else:
-            raise common.UsageError("one of --tap or --backend is required")
+            raise common.UsageError("one of --tap, --vxlan, --backend, --sink or --loopback "
+                                    "is required")
         try:
             device = NetDevice(backend, queue_pairs=args.queues, mac=mac, mtu=args.mtu,
                                poll_us=args.poll)

@@ -1,8 +1,10 @@
 """virtio-net over vhost-user."""
-from .backends import Frame, NetBackend, NetBackendError, TapBackend
+from .backends import (Frame, LoopbackBackend, NetBackend, NetBackendError, SinkBackend,
+                       TapBackend)
 from .device import NetDevice
 from .spec import NetFeature
 from .switch import Switch, SwitchPort, TapUplink, VxlanUplink
 
-__all__ = ["Frame", "NetBackend", "NetBackendError", "NetDevice", "NetFeature", "Switch",
-           "SwitchPort", "TapBackend", "TapUplink", "VxlanUplink"]
+__all__ = ["Frame", "LoopbackBackend", "NetBackend", "NetBackendError", "NetDevice",
+           "NetFeature", "SinkBackend", "Switch", "SwitchPort", "TapBackend", "TapUplink",
+           "VxlanUplink"]

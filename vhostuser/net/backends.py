@@ -54,6 +54,22 @@ class TapBackend:
         self.fds.clear()
 
 
+class SinkBackend:
+    """Frames the guest transmits are counted and dropped, in C: a
+    benchmark's or a test's far end that costs nothing."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class LoopbackBackend:
+    """Every frame the guest transmits comes back to it on the same queue
+    pair's receive queue, copied in C (dropped when it has no buffers)."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
 class NetBackend:
     """Base class of network back-ends written in Python.
 

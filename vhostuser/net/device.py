@@ -12,7 +12,7 @@ from ..errors import ProtocolError
 from ..native import ffi, lib
 from ..protocol import ProtocolFeature, bits
 from ..queue import Queue
-from .backends import Frame, NetBackend, TapBackend
+from .backends import Frame, LoopbackBackend, NetBackend, SinkBackend, TapBackend
 from .spec import STATUS_LINK_UP, NetFeature, pack_config
 from .switch import SwitchPort
 
@@ -38,7 +38,8 @@ class NetDevice(Device):
 
     device_id = 1
 
-    def __init__(self, backend: TapBackend | NetBackend | SwitchPort, *, queue_pairs: int = 1,
+    def __init__(self, backend: TapBackend | NetBackend | SwitchPort | SinkBackend |
+                 LoopbackBackend, *, queue_pairs: int = 1,
                  mac: bytes = b"\x52\x54\x00\x12\x34\x56", mtu: int = 1500, poll_us: int = 0):
         if not 1 <= queue_pairs <= 16:
             raise ValueError(f"queue pairs must be 1..16, not {queue_pairs}")
@@ -57,6 +58,10 @@ class NetDevice(Device):
             backend.device = self
         elif isinstance(backend, SwitchPort):      # a port of the built-in switch
             kind = lib.VU_NET_BACKEND_SWITCH
+        elif isinstance(backend, SinkBackend):
+            kind = lib.VU_NET_BACKEND_SINK
+        elif isinstance(backend, LoopbackBackend):
+            kind = lib.VU_NET_BACKEND_LOOPBACK
         else:
             raise TypeError(f"not a network back-end: {backend!r}")
         self._kind = kind
