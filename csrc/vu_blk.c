@@ -16,7 +16,9 @@
 #include <linux/falloc.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/magic.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
 #include <sys/timerfd.h>
 #include <unistd.h>
 
@@ -82,8 +84,25 @@ void vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct)
     b->direct = direct;
 }
 
+/* tmpfs and ramfs: the data is in memory, a read or write never waits for
+ * a device. */
+static bool memory_backed(int fd)
+{
+    struct statfs fs;
+    return fstatfs(fd, &fs) == 0 &&
+           ((unsigned long)fs.f_type == TMPFS_MAGIC || (unsigned long)fs.f_type == RAMFS_MAGIC);
+}
+
 int vu_blk_set_uring(struct vu_blk_dev *b, bool on)
 {
+    if (on && b->fd >= 0 && memory_backed(b->fd)) {
+        /* io_uring can't try these without blocking (no RWF_NOWAIT there),
+         * so it hands every request to a worker thread: two context
+         * switches for a copy the queue worker does faster itself. */
+        b->use_uring = false;
+        b->nowait = false;
+        return 1;
+    }
     if (on) {
         /* Probe once so the caller can fall back at start-up, not mid-I/O. */
         struct vu_uring probe;
@@ -591,6 +610,8 @@ static bool try_nowait(struct vu_blk_dev *b, struct vu_blk_req *r)
     ssize_t n = r->type == VU_BLK_T_IN
         ? preadv2(b->fd, r->iov, (int)r->niov, (off_t)off, RWF_NOWAIT)
         : pwritev2(b->fd, r->iov, (int)r->niov, (off_t)off, RWF_NOWAIT);
+    if (n < 0 && errno == EOPNOTSUPP)
+        b->nowait = false;     /* the file system can't: stop asking */
     if (n < 0 || (uint64_t)n != r->data_len)
         return false;
     r->result = VU_BLK_S_OK;

@@ -114,7 +114,8 @@ void vu_blk_free(struct vu_blk_dev *b);
 /* FILE back-end: fd is borrowed (the caller keeps it open). */
 void vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct);
 /* FILE back-end: asynchronous I/O through io_uring (false: in the worker).
- * Returns 0, or -errno when io_uring is not available here. */
+ * Returns 0; 1 when the file is in memory (tmpfs, ramfs), where the worker
+ * does the I/O itself anyway; or -errno when io_uring is not available. */
 int vu_blk_set_uring(struct vu_blk_dev *b, bool on);
 /* Waits for every request in flight in io_uring (at disconnect, before guest
  * memory goes away). They are not completed to the driver: with inflight

@@ -2,6 +2,8 @@
 the library's front-end: C file back-end (io_uring and sync), RAM disk, the
 Python back-end API with the examples, read-only disks, resize."""
 import hashlib
+import os
+import tempfile
 
 import pytest
 
@@ -46,6 +48,25 @@ def test_file_backend_queue_depth_writes_land_in_the_image(blk_client, image, ai
     data = image.read_bytes()
     for i in range(32):
         assert data[i * 8192:i * 8192 + 4096] == pattern(i, 4096)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs a tmpfs at /dev/shm")
+def test_image_in_memory_is_served_by_the_workers_without_io_uring(blk_client):
+    """tmpfs can't do non-blocking I/O, so io_uring would give each request
+    to a kernel thread: the device does the copies in its workers instead."""
+    fd, path = tempfile.mkstemp(dir="/dev/shm", prefix="vhu-test-")
+    try:
+        os.ftruncate(fd, 4 * MIB)
+        dev = BlkDevice(FileBackend(path))
+        assert dev.aio == "sync"
+        with blk_client(dev) as (srv, blk):
+            blk.execute([BlkRequest.write(i * 8, pattern(i, 4096)) for i in range(16)], depth=16)
+            reads = blk.execute([BlkRequest.read(i * 8, 4096) for i in range(16)], depth=16)
+            assert [r.data for r in reads] == [pattern(i, 4096) for i in range(16)]
+        assert os.pread(fd, 4096, 5 * 4096) == pattern(5, 4096)
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
 
 def test_out_of_range_and_unknown_requests_keep_the_device_serving(blk_client):

@@ -66,6 +66,9 @@ class BlkDevice(Device):
                 if rc < 0:
                     log.warning("io_uring unavailable (%s); using synchronous I/O",
                                 os.strerror(-rc))
+                elif rc == 1:
+                    log.info("%s is in memory (tmpfs): I/O done in the queue workers",
+                             backend.path)
                 else:
                     self.aio = "io_uring"
         elif kind == lib.VU_BLK_BACKEND_RAM:
