@@ -141,6 +141,7 @@ static void *worker_main(void *arg)
 {
     struct vu_worker *w = arg;
     struct epoll_event evs[32];
+    bool more = false;   /* a handler returned VU_HANDLED_MORE: serve again soon */
     while (!w->stop) {
         if (w->poll_us) {
             /* Busy-poll: spin while work keeps coming, for up to poll_us
@@ -158,8 +159,10 @@ static void *worker_main(void *arg)
                 break;
         }
         /* A ring whose front-end asked for polling (no kick fd) is looked
-         * at every millisecond. */
-        int timeout = any_polled(w) ? 1 : -1;
+         * at every millisecond. Handlers still in the middle of their work
+         * (below) have notifications off: nothing would wake us for them,
+         * so only glance at the fds then. */
+        int timeout = more ? 0 : any_polled(w) ? 1 : -1;
         int n = epoll_wait(w->epfd, evs, 32, timeout);
         if (n < 0 && errno != EINTR)
             break;
@@ -167,9 +170,12 @@ static void *worker_main(void *arg)
         dispatch_events(w, evs, n);
         if (w->stop)
             break;
-        /* Handlers that ran out of their round budget set kicked again. */
-        for (int rounds = 0; rounds < 1000 && serve_all(w, false) == VU_HANDLED_MORE; rounds++) {
-            if (w->stop)
+        /* Handlers that ran out of their round budget set kicked again;
+         * after a while the fds get a look in between. */
+        more = false;
+        for (int rounds = 0; rounds < 1000; rounds++) {
+            more = serve_all(w, false) == VU_HANDLED_MORE;
+            if (!more || w->stop)
                 break;
         }
     }
