@@ -71,25 +71,31 @@ static int serve_queue(struct vu_vq *vq, bool polling)
     struct vu_dev *dev = vq->dev;
     vu_dev_rdlock(dev);
     int result = VU_HANDLED_NONE;
-    if ((kicked & KICK_FD) && vq->kick_fd >= 0) {
-        /* epoll said readable and only we read it: this does not block.
-         * The fd may have been replaced since; reading the new one is a
-         * kick for the same ring anyway. */
-        uint64_t v;
-        ssize_t r = read(vq->kick_fd, &v, sizeof(v));
-        (void)r;
-        vq->stat_kicks++;
-    }
     /* Disabled or broken rings still get their handler when kicked: it may
      * have requests in flight to finish (the handler decides what it may do). */
     bool may_pop = vq->enabled && !vq->broken;
     if (vq->started && vq->handler && (may_pop || kicked)) {
         if (kicked || vu_vq_has_avail(vq)) {
             result = vq->handler(vq->handler_ctx, vq);
-            if (result == VU_HANDLED_MORE)
-                __atomic_or_fetch(&vq->kicked, KICK_SOFT, __ATOMIC_RELEASE);
         }
     }
+    if ((kicked & KICK_FD) && vq->kick_fd >= 0) {
+        /* Read the kick only now: the driver is waiting for the answer, not
+         * for this syscall. epoll said readable and only we read it, so it
+         * does not block (a replaced fd: a kick for the same ring anyway).
+         * A kick sent meanwhile is consumed too, so look at the ring once
+         * more: its request was published before it was sent. */
+        uint64_t v;
+        ssize_t r = read(vq->kick_fd, &v, sizeof(v));
+        (void)r;
+        vq->stat_kicks++;
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (result != VU_HANDLED_MORE && vq->started && vq->handler && vq->enabled &&
+            !vq->broken && vu_vq_has_avail(vq))
+            result = VU_HANDLED_MORE;
+    }
+    if (result == VU_HANDLED_MORE)
+        __atomic_or_fetch(&vq->kicked, KICK_SOFT, __ATOMIC_RELEASE);
     vu_dev_unlock(dev);
     return result < 0 ? VU_HANDLED_NONE : result;
 }
