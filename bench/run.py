@@ -62,11 +62,12 @@ def qsd(aio):
 # has no O_DIRECT (so aio=native, which needs it, is out).
 BACKENDS = {
     "vhu-file": (vhu(lambda img, size: ["--blk-file", img]),
-                 "vhostuser C file back-end, io_uring (default)"),
+                 "vhostuser C file back-end, default settings (an image on tmpfs is "
+                 "read by the workers: tmpfs has no RWF_NOWAIT, io_uring would punt)"),
     "vhu-file-sync": (vhu(lambda img, size: ["--blk-file", img, "--aio", "sync"]),
                       "vhostuser C file back-end, preadv in the worker"),
     "vhu-file-poll": (vhu(lambda img, size: ["--blk-file", img, "--poll", "1000"]),
-                      "vhostuser C file back-end, io_uring, --poll 1000"),
+                      "vhostuser C file back-end, --poll 1000"),
     "vhu-ram": (vhu(lambda img, size: ["--ramdisk", str(size)]),
                 "vhostuser C RAM disk (prefilled)"),
     "vhu-py": (vhu(lambda img, size: ["--backend", "bench.backends:PreadDisk",
