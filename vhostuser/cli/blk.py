@@ -18,8 +18,17 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--blk-file", metavar="PATH", help="raw image file or block device")
     src.add_argument("--ramdisk", metavar="SIZE", help="a RAM disk of SIZE (e.g. 64M)")
     src.add_argument("--backend", metavar="MODULE:CLASS", help="a Python BlockBackend class")
+    src.add_argument("--rbd", metavar="POOL/IMAGE", help="a Ceph RBD image (through librbd)")
     p.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="keyword argument for the --backend class (repeatable)")
+    rbd = p.add_argument_group("Ceph RBD (--rbd)")
+    rbd.add_argument("--rbd-conf", metavar="PATH",
+                     help="ceph.conf (default: $CEPH_CONF, /etc/ceph/ceph.conf, ...)")
+    rbd.add_argument("--rbd-id", default="admin", metavar="NAME",
+                     help="cephx user, without 'client.' (default: admin)")
+    p.add_argument("--remote-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request to a remote store (--rbd) not answered within SECONDS "
+                        "fails with an I/O error for the guest (default 30; 0: wait forever)")
     p.add_argument("--read-only", action="store_true", help="refuse every write")
     p.add_argument("--direct", action="store_true", help="open --blk-file with O_DIRECT")
     p.add_argument("--aio", choices=["io_uring", "sync"], default="io_uring",
@@ -66,7 +75,20 @@ def make_backend(args):
     if args.backend:
         return common.instantiate(load_class(args.backend, BlockBackend), args.backend,
                                   args.backend_opt)
-    raise common.UsageError("one of --blk-file, --ramdisk or --backend is required")
+    if args.rbd:
+        return make_rbd_backend(args)
+    raise common.UsageError("one of --blk-file, --ramdisk, --backend or --rbd is required")
+
+
+def make_rbd_backend(args):
+    # Imported here: the other sources don't need cffi's librbd bindings.
+    from ..blk.rbd import RbdBackend
+    try:
+        return RbdBackend.from_spec(args.rbd, conf=args.rbd_conf, client_id=args.rbd_id,
+                                    read_only=args.read_only,
+                                    timeout=args.remote_timeout or None)
+    except (BackendError, ValueError) as exc:
+        raise common.UsageError(f"--rbd {args.rbd}: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
