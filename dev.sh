@@ -36,7 +36,8 @@ run_tests() {
 }
 
 # The C data plane once more, built with -fsanitize=address,undefined and
-# exercised by the unit and property tests (which drive it hardest).
+# exercised by the unit and property tests (which drive it hardest) and the
+# device tests that run real worker threads (QoS timers, io_uring, metrics).
 sanitizer_tests() {
     local build
     build=$(mktemp -d)
@@ -52,7 +53,9 @@ sanitizer_tests() {
         python3 -c 'import vhostuser._native as n, sys; sys.exit(0 if n.__file__.startswith(sys.argv[1]) else 1)' "$build" &&
      LD_PRELOAD="$asan" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
         UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-        python3 -m pytest -q -p no:cacheprovider tests/unit tests/property)
+        python3 -m pytest -q -p no:cacheprovider tests/unit tests/property \
+            tests/device/test_blk_metrics_qos.py tests/device/test_blk_device.py \
+            -k "not never_runs_dry")
     local rc=$?
     rm -rf "$build"
     return $rc
