@@ -19,6 +19,8 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--ramdisk", metavar="SIZE", help="a RAM disk of SIZE (e.g. 64M)")
     src.add_argument("--backend", metavar="MODULE:CLASS", help="a Python BlockBackend class")
     src.add_argument("--rbd", metavar="POOL/IMAGE", help="a Ceph RBD image (through librbd)")
+    src.add_argument("--nbd", metavar="URI", help="an NBD export (through libnbd), e.g. "
+                     "nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH")
     p.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="keyword argument for the --backend class (repeatable)")
     rbd = p.add_argument_group("Ceph RBD (--rbd)")
@@ -27,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
     rbd.add_argument("--rbd-id", default="admin", metavar="NAME",
                      help="cephx user, without 'client.' (default: admin)")
     p.add_argument("--remote-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="a request to a remote store (--rbd) not answered within SECONDS "
+                   help="a request to a remote store (--rbd, --nbd) not answered within SECONDS "
                         "fails with an I/O error for the guest (default 30; 0: wait forever)")
     p.add_argument("--read-only", action="store_true", help="refuse every write")
     p.add_argument("--direct", action="store_true", help="open --blk-file with O_DIRECT")
@@ -77,7 +79,9 @@ def make_backend(args):
                                   args.backend_opt)
     if args.rbd:
         return make_rbd_backend(args)
-    raise common.UsageError("one of --blk-file, --ramdisk, --backend or --rbd is required")
+    if args.nbd:
+        return make_nbd_backend(args)
+    raise common.UsageError("one of --blk-file, --ramdisk, --backend, --rbd or --nbd is required")
 
 
 def make_rbd_backend(args):
@@ -89,6 +93,15 @@ def make_rbd_backend(args):
                                     timeout=args.remote_timeout or None)
     except (BackendError, ValueError) as exc:
         raise common.UsageError(f"--rbd {args.rbd}: {exc}") from None
+
+
+def make_nbd_backend(args):
+    from ..blk.nbd import NbdBackend
+    try:
+        return NbdBackend(args.nbd, read_only=args.read_only,
+                          timeout=args.remote_timeout or None)
+    except (BackendError, ValueError) as exc:
+        raise common.UsageError(f"--nbd {args.nbd}: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

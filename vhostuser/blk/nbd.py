@@ -1,0 +1,654 @@
+"""NBD exports as virtio-blk disks: a Python back-end on libnbd's AIO API.
+
+Every libnbd handle is non-blocking and driven by the device's event loop
+(its fd is watched with add_reader/add_writer), so a dead or hung server
+never blocks the loop, a worker thread, or the daemon's other devices.
+Guest buffers go to libnbd as they are (zero-copy): a command's buffer is
+referenced until its reply arrived or its handle was closed, and a request
+is answered only then.
+
+When a connection breaks, the handle is closed, a new one connects in the
+background, and the commands that had no reply yet are sent again (reads,
+writes, trims and zeroes are idempotent). A request that isn't done
+``timeout`` seconds after it arrived fails with an I/O error; if it was on
+the wire then, that server is taken as hung and its connection is replaced.
+A write is answered OK only after the server replied OK to it.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import select
+import threading
+import time
+from dataclasses import dataclass
+
+from . import libnbd
+from .backends import BackendError, BlockBackend
+from .libnbd import NbdError, NbdUnavailable, ffi
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NbdBackend", "NbdError", "NbdTimeout", "NbdUnavailable", "Capabilities"]
+
+DEFAULT_TIMEOUT = 30.0
+#: Largest read or write per command: libnbd refuses more than 64M and
+#: servers commonly stop at 32M (a smaller advertised maximum wins).
+MAX_DATA = 32 << 20
+#: Largest trim or zero per command, well within the protocol's 32-bit count.
+MAX_RANGE = 1 << 30
+#: Longest pause between reconnection attempts.
+MAX_BACKOFF = 1.0
+
+_READ, _WRITE, _FLUSH, _TRIM, _ZERO = range(5)
+_OP_NAMES = ("read", "write", "flush", "trim", "zero")
+# What write_zeroes writes to a server without NBD_CMD_WRITE_ZEROES.
+_ZEROS = bytes(1 << 20)
+_ZEROS_C = ffi.from_buffer(_ZEROS)
+
+
+class NbdTimeout(NbdError):
+    """A request wasn't done within the back-end's timeout."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the server said at the first handshake."""
+    size: int
+    read_only: bool
+    flush: bool
+    fua: bool
+    trim: bool
+    zero: bool
+    multi_conn: bool
+    max_data: int
+
+    @classmethod
+    def of(cls, h) -> "Capabilities":
+        lb = libnbd.lib()
+        size = lb.nbd_get_size(h)
+        if size < 0:
+            raise libnbd.last_error("size")
+        advertised = lb.nbd_get_block_size(h, libnbd.SIZE_MAXIMUM)
+        return cls(size=size, read_only=lb.nbd_is_read_only(h) == 1,
+                   flush=lb.nbd_can_flush(h) == 1, fua=lb.nbd_can_fua(h) == 1,
+                   trim=lb.nbd_can_trim(h) == 1, zero=lb.nbd_can_zero(h) == 1,
+                   multi_conn=lb.nbd_can_multi_conn(h) == 1,
+                   max_data=min(MAX_DATA, advertised) if advertised > 0 else MAX_DATA)
+
+
+class _Request:
+    """One call of the back-end: its commands, who waits, and until when."""
+    __slots__ = ("commands", "remaining", "error", "future", "timer")
+
+    def __init__(self):
+        self.commands: list[_Command] = []
+        self.remaining = 0
+        self.error: BaseException | None = None
+        self.future: asyncio.Future | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _Command:
+    """One NBD command; ``buf`` keeps the guest buffer's cdata referenced."""
+    __slots__ = ("request", "op", "offset", "length", "buf", "at", "flags", "conn", "cookie",
+                 "done", "expired")
+
+    def __init__(self, request, op, offset, length, buf=None, at=0, flags=0):
+        self.request, self.op, self.offset, self.length = request, op, offset, length
+        self.buf, self.at, self.flags = buf, at, flags
+        self.conn: _Connection | None = None    # the handle it is in flight on
+        self.cookie = 0
+        self.done = False
+        self.expired = False
+
+
+class _Connection:
+    """One libnbd handle and the commands in flight on it."""
+
+    def __init__(self, slot: int):
+        lb = libnbd.lib()
+        self.slot = slot
+        self.h = lb.nbd_create()
+        if self.h == ffi.NULL:
+            raise libnbd.last_error("nbd_create")
+        # Simple replies put read data straight into the guest buffer with
+        # recv(); libnbd writes no guest memory itself (structured replies
+        # would have it memset holes) and needn't pre-zero the buffer.
+        lb.nbd_set_request_structured_replies(self.h, False)
+        lb.nbd_set_pread_initialize(self.h, False)
+        self.inflight: dict[int, _Command] = {}
+        self.ready = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.fd = -1
+        self.reading = self.writing = False
+        self.connect_timer: asyncio.TimerHandle | None = None
+
+    def start_connect(self, uri: str) -> None:
+        if libnbd.lib().nbd_aio_connect_uri(self.h, uri.encode()) < 0:
+            raise libnbd.last_error(f"connect {uri}")
+
+    def connect_blocking(self, uri: str, timeout: float) -> None:
+        """Connects and negotiates, polling the handle's fd ourselves: used
+        before there is an event loop (the disk's size is needed first)."""
+        lb = libnbd.lib()
+        self.start_connect(uri)
+        deadline = time.monotonic() + timeout
+        while not lb.nbd_aio_is_ready(self.h):
+            if self.dead():
+                raise libnbd.last_error(f"connect {uri}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NbdTimeout(f"connect {uri}: no answer within {timeout:g}s")
+            fd = lb.nbd_aio_get_fd(self.h)
+            d = lb.nbd_aio_get_direction(self.h)
+            r, w, _ = select.select([fd] if d & libnbd.DIRECTION_READ else [],
+                                    [fd] if d & libnbd.DIRECTION_WRITE else [], [], left)
+            if r:
+                lb.nbd_aio_notify_read(self.h)
+            elif w:
+                lb.nbd_aio_notify_write(self.h)
+        self.ready = True
+
+    def dead(self) -> bool:
+        lb = libnbd.lib()
+        return bool(self.h == ffi.NULL or lb.nbd_aio_is_dead(self.h)
+                    or lb.nbd_aio_is_closed(self.h))
+
+    def watch(self, loop, on_event) -> None:
+        """Follows the direction libnbd wants to go in next."""
+        lb = libnbd.lib()
+        if self.loop is not loop:
+            self.unwatch()
+            self.loop = loop
+        fd = lb.nbd_aio_get_fd(self.h)
+        if fd != self.fd:
+            self.unwatch()
+            self.fd = fd
+        if fd < 0:
+            return
+        d = lb.nbd_aio_get_direction(self.h)
+        want_r, want_w = bool(d & libnbd.DIRECTION_READ), bool(d & libnbd.DIRECTION_WRITE)
+        if want_r != self.reading:
+            if want_r:
+                loop.add_reader(fd, on_event, self, True)
+            else:
+                loop.remove_reader(fd)
+            self.reading = want_r
+        if want_w != self.writing:
+            if want_w:
+                loop.add_writer(fd, on_event, self, False)
+            else:
+                loop.remove_writer(fd)
+            self.writing = want_w
+
+    def unwatch(self) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed() and self.fd >= 0:
+            if self.reading:
+                loop.remove_reader(self.fd)
+            if self.writing:
+                loop.remove_writer(self.fd)
+        self.reading = self.writing = False
+        self.fd = -1
+
+    def close(self) -> None:
+        """Frees the handle: libnbd references none of our buffers after."""
+        if self.connect_timer is not None:
+            self.connect_timer.cancel()
+            self.connect_timer = None
+        self.unwatch()
+        if self.h != ffi.NULL:
+            libnbd.lib().nbd_close(self.h)
+            self.h = ffi.NULL
+        self.ready = False
+
+
+def _as_bool(value) -> bool:
+    if isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"not a boolean: {value!r}")
+    return bool(value)
+
+
+class NbdBackend(BlockBackend):
+    """A disk on an NBD server: ``nbd://HOST[:PORT]/EXPORT`` or
+    ``nbd+unix:///EXPORT?socket=PATH`` (any URI libnbd takes).
+
+    ``timeout``: seconds a request may take, reconnections and resends
+    included, before the guest gets an I/O error (None or 0: no limit, a
+    request waits for the server as long as it takes). ``connections``: libnbd
+    handles used in parallel; more than one only if the server allows
+    multi-conn (a flush on one must cover writes on the others).
+    """
+
+    def __init__(self, uri: str, *, read_only=False, timeout=DEFAULT_TIMEOUT, connections=1):
+        self.uri = uri
+        self.timeout = float(timeout) if timeout not in (None, "", "none") else 0.0
+        if self.timeout < 0:
+            raise ValueError(f"timeout must not be negative, not {timeout!r}")
+        self.timeout = self.timeout or None
+        connections = int(connections)
+        if not 1 <= connections <= 16:
+            raise ValueError(f"connections must be 1..16, not {connections}")
+        # One attempt's limit: a server that accepts but never greets (hung)
+        # must not hold up the attempts after it.
+        self.connect_timeout = max(0.5, min(self.timeout or 10.0, 10.0))
+        libnbd.lib()
+        first = _Connection(0)
+        try:
+            first.connect_blocking(uri, self.connect_timeout)
+            self.caps = Capabilities.of(first.h)
+        except BaseException:
+            first.close()
+            raise
+        if self.caps.size < 512:
+            first.close()
+            raise BackendError(f"{uri}: export smaller than one 512-byte sector")
+        if connections > 1 and not self.caps.multi_conn:
+            log.warning("%s: the server doesn't allow multi-conn; using one connection", uri)
+            connections = 1
+        self.read_only = _as_bool(read_only) or self.caps.read_only
+        self._conns: list[_Connection | None] = [first] + [None] * (connections - 1)
+        self._waiting: collections.deque[_Command] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._backoff = 0.0
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._pump_soon = False
+        self._failures = 0          # connection attempts failed in a row
+        try:
+            for slot in range(1, connections):
+                conn = _Connection(slot)
+                self._conns[slot] = conn
+                conn.connect_blocking(uri, self.connect_timeout)
+        except BaseException:
+            self._close_all()
+            raise
+        log.info("%s: %d bytes, %d connection(s), %s", uri, self.caps.size, connections,
+                 ", ".join(n for n in ("read_only", "flush", "fua", "trim", "zero", "multi_conn")
+                           if getattr(self.caps, n)))
+
+    # -- BlockBackend -------------------------------------------------------------------
+    def size(self) -> int:
+        return self.caps.size
+
+    def supports(self, method: str) -> bool:
+        if method == "discard":
+            return self.caps.trim and not self.read_only
+        return super().supports(method)
+
+    async def read(self, offset: int, bufs: list[memoryview]) -> None:
+        await self._run(self._data_request(_READ, offset, bufs))
+
+    async def write(self, offset: int, bufs: list[memoryview]) -> None:
+        self._check_writable()
+        await self._run(self._data_request(_WRITE, offset, bufs))
+
+    async def flush(self) -> None:
+        # A server that offers no flush has nothing to make durable.
+        if self.caps.flush and not self.read_only:
+            req = _Request()
+            req.commands.append(_Command(req, _FLUSH, 0, 0))
+            await self._run(req)
+
+    async def discard(self, offset: int, length: int) -> None:
+        self._check_writable()
+        if not self.caps.trim:
+            raise NbdError(f"{self.uri}: the server doesn't support trim")
+        await self._run(self._range_request(_TRIM, offset, length, 0))
+
+    async def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        self._check_writable()
+        if self.caps.zero:
+            # Without the guest's unmap flag the server must keep the range allocated.
+            await self._run(self._range_request(_ZERO, offset, length,
+                                                0 if unmap else libnbd.CMD_FLAG_NO_HOLE))
+            return
+        req = _Request()
+        for at in range(0, length, len(_ZEROS)):
+            n = min(len(_ZEROS), length - at)
+            req.commands.append(_Command(req, _WRITE, offset + at, n, _ZEROS_C, 0))
+        await self._run(req)
+
+    def close(self) -> None:
+        """Fails what is still pending and frees every handle. Safe from any
+        thread; the device calls it once it is done with the back-end."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = self._loop
+        if loop is not None and loop.is_running() and not _on_loop(loop):
+            done = threading.Event()
+
+            def shutdown():
+                try:
+                    self._close_all()
+                finally:
+                    done.set()
+            loop.call_soon_threadsafe(shutdown)
+            if done.wait(10):
+                return
+            log.warning("%s: event loop didn't close the connections; closing here", self.uri)
+        self._close_all()
+
+    # -- building requests ---------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise NbdError(f"{self.uri}: read-only export")
+
+    def _data_request(self, op: int, offset: int, bufs) -> _Request:
+        req = _Request()
+        step = self.caps.max_data
+        pos = offset
+        for view in bufs:
+            n = len(view)
+            if not n:
+                continue
+            cbuf = ffi.from_buffer(view)
+            for at in range(0, n, step):
+                req.commands.append(_Command(req, op, pos + at, min(step, n - at), cbuf, at))
+            pos += n
+        return req
+
+    def _range_request(self, op: int, offset: int, length: int, flags: int) -> _Request:
+        req = _Request()
+        for at in range(0, length, MAX_RANGE):
+            req.commands.append(_Command(req, op, offset + at, min(MAX_RANGE, length - at),
+                                         flags=flags))
+        return req
+
+    # -- running requests (all on the device's event loop) ---------------------------------
+    async def _run(self, req: _Request) -> None:
+        if not req.commands:
+            return
+        if self._closed:
+            raise NbdError(f"{self.uri}: back-end closed")
+        loop = self._attach()
+        req.remaining = len(req.commands)
+        req.future = loop.create_future()
+        if self.timeout is not None:
+            req.timer = loop.call_later(self.timeout, self._expire, req)
+        self._waiting.extend(req.commands)
+        self._pump()
+        try:
+            await req.future
+        except asyncio.CancelledError:
+            # Nobody will look at the buffers any more, and they may soon
+            # be unmapped: libnbd must let go of them before we return.
+            self._abandon(req)
+            raise
+
+    def _attach(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop = loop
+            for conn in self._conns:
+                if conn is not None and conn.ready:
+                    conn.watch(loop, self._on_event)
+        return loop
+
+    def _pump(self) -> None:
+        """Sends waiting commands on ready connections."""
+        self._pump_soon = False
+        while self._waiting:
+            conn = self._pick()
+            if conn is None:
+                self._ensure_connections()
+                return
+            cmd = self._waiting.popleft()
+            broken = self._send(conn, cmd)
+            if broken is not None:
+                self._waiting.appendleft(cmd)
+                self._lost(conn, broken)
+            else:
+                conn.watch(self._loop, self._on_event)
+
+    def _schedule_pump(self) -> None:
+        if not self._pump_soon and self._loop is not None and not self._loop.is_closed():
+            self._pump_soon = True
+            self._loop.call_soon(self._pump)
+
+    def _pick(self) -> _Connection | None:
+        best = None
+        for conn in self._conns:
+            if conn is not None and conn.ready and (
+                    best is None or len(conn.inflight) < len(best.inflight)):
+                best = conn
+        return best
+
+    def _send(self, conn: _Connection, cmd: _Command) -> NbdError | None:
+        """Puts cmd on conn; the error if the connection turned out broken."""
+        lb, h, op = libnbd.lib(), conn.h, cmd.op
+        cb = libnbd.NO_CALLBACK
+        if op == _READ:
+            cookie = lb.nbd_aio_pread(h, cmd.buf + cmd.at, cmd.length, cmd.offset, cb, 0)
+        elif op == _WRITE:
+            cookie = lb.nbd_aio_pwrite(h, cmd.buf + cmd.at, cmd.length, cmd.offset, cb, 0)
+        elif op == _FLUSH:
+            cookie = lb.nbd_aio_flush(h, cb, 0)
+        elif op == _TRIM:
+            cookie = lb.nbd_aio_trim(h, cmd.length, cmd.offset, cb, cmd.flags)
+        else:
+            cookie = lb.nbd_aio_zero(h, cmd.length, cmd.offset, cb, cmd.flags)
+        if cookie < 0:
+            exc = libnbd.last_error(f"{_OP_NAMES[op]} at {cmd.offset}")
+            if conn.dead() or exc.errno in libnbd.TRANSPORT_ERRNOS:
+                return exc
+            self._finish(cmd, exc)        # refused as such (range, flags): no use resending
+            return None
+        cmd.conn, cmd.cookie = conn, cookie
+        conn.inflight[cookie] = cmd
+        return None
+
+    def _on_event(self, conn: _Connection, readable: bool) -> None:
+        if conn.h == ffi.NULL:
+            return
+        lb = libnbd.lib()
+        rc = lb.nbd_aio_notify_read(conn.h) if readable else lb.nbd_aio_notify_write(conn.h)
+        reason = libnbd.last_error("connection") if rc < 0 else None
+        if not conn.ready:
+            self._connect_progress(conn, reason)
+            return
+        self._harvest(conn)
+        if conn.dead():
+            self._lost(conn, reason or NbdError("connection closed"))
+        elif conn.h != ffi.NULL:
+            conn.watch(self._loop, self._on_event)
+
+    def _harvest(self, conn: _Connection) -> None:
+        """Retires the commands that have their reply."""
+        lb = libnbd.lib()
+        dead = conn.dead()
+        while True:
+            cookie = lb.nbd_aio_peek_command_completed(conn.h)
+            if cookie <= 0:
+                return
+            ok = lb.nbd_aio_command_completed(conn.h, cookie)
+            cmd = conn.inflight.pop(cookie, None)
+            if cmd is None:
+                continue
+            cmd.conn = None
+            if ok == 1:
+                self._finish(cmd, None)
+                continue
+            exc = libnbd.last_error(f"{_OP_NAMES[cmd.op]} at {cmd.offset}")
+            if dead or exc.errno in libnbd.TRANSPORT_ERRNOS:
+                self._requeue(cmd)         # aborted by the connection's end, not refused
+            else:
+                self._finish(cmd, exc)
+
+    def _finish(self, cmd: _Command, exc: BaseException | None) -> None:
+        if cmd.done:
+            return
+        cmd.done, cmd.conn, cmd.buf = True, None, None
+        req = cmd.request
+        if exc is not None and req.error is None:
+            req.error = exc
+        req.remaining -= 1
+        if req.remaining:
+            return
+        if req.timer is not None:
+            req.timer.cancel()
+            req.timer = None
+        fut = req.future
+        if fut is not None and not fut.done() and not fut.get_loop().is_closed():
+            if req.error is not None:
+                fut.set_exception(req.error)
+            else:
+                fut.set_result(None)
+
+    def _requeue(self, cmd: _Command) -> None:
+        cmd.conn = None
+        if cmd.expired:
+            self._finish(cmd, self._timeout_error())
+        elif not cmd.done:
+            self._waiting.appendleft(cmd)
+
+    def _timeout_error(self) -> NbdTimeout:
+        return NbdTimeout(f"{self.uri}: no reply within {self.timeout:g}s")
+
+    def _expire(self, req: _Request) -> None:
+        req.timer = None
+        pending = [c for c in req.commands if not c.done]
+        for cmd in pending:
+            cmd.expired = True
+        for cmd in pending:
+            if cmd.done:
+                continue
+            if cmd.conn is not None:
+                # On the wire all this time: the server is hung (or far too
+                # slow). Only closing the handle frees our buffer from it.
+                self._lost(cmd.conn, self._timeout_error())
+            else:
+                try:
+                    self._waiting.remove(cmd)
+                except ValueError:
+                    pass
+                self._finish(cmd, self._timeout_error())
+
+    def _abandon(self, req: _Request) -> None:
+        for cmd in req.commands:
+            cmd.expired = True
+        for cmd in req.commands:
+            if cmd.done:
+                continue
+            if cmd.conn is not None:
+                self._lost(cmd.conn, NbdError("request cancelled"))
+            else:
+                try:
+                    self._waiting.remove(cmd)
+                except ValueError:
+                    pass
+                self._finish(cmd, NbdError("request cancelled"))
+
+    def _lost(self, conn: _Connection, reason: BaseException) -> None:
+        """Drops a broken connection; its unanswered commands go again."""
+        if self._conns[conn.slot] is conn:
+            self._conns[conn.slot] = None
+        orphans = list(conn.inflight.values())
+        conn.inflight.clear()
+        conn.close()
+        log.warning("%s: connection %d lost (%s); %d command(s) to resend", self.uri, conn.slot,
+                    reason, sum(not c.expired for c in orphans))
+        for cmd in reversed(orphans):
+            self._requeue(cmd)
+        if self._waiting:
+            self._schedule_pump()
+
+    # -- (re)connecting -------------------------------------------------------------------
+    def _ensure_connections(self) -> None:
+        """Starts connecting the empty slots, unless waiting out a back-off."""
+        if self._closed or self._retry_timer is not None or self._loop is None:
+            return
+        for slot, conn in enumerate(self._conns):
+            if conn is None:
+                self._start_connect(slot)
+
+    def _start_connect(self, slot: int) -> None:
+        conn = _Connection(slot)
+        self._conns[slot] = conn
+        try:
+            conn.start_connect(self.uri)
+        except NbdError as exc:
+            self._connect_failed(conn, exc)
+            return
+        conn.connect_timer = self._loop.call_later(
+            self.connect_timeout, self._connect_failed, conn,
+            NbdTimeout(f"no handshake within {self.connect_timeout:g}s"))
+        self._connect_progress(conn, None)
+
+    def _connect_progress(self, conn: _Connection, reason) -> None:
+        lb = libnbd.lib()
+        if lb.nbd_aio_is_ready(conn.h):
+            if conn.connect_timer is not None:
+                conn.connect_timer.cancel()
+                conn.connect_timer = None
+            size = lb.nbd_get_size(conn.h)
+            if size != self.caps.size:
+                log.error("%s: export is %d bytes now, was %d", self.uri, size, self.caps.size)
+            conn.ready = True
+            conn.watch(self._loop, self._on_event)
+            log.log(logging.WARNING if self._failures else logging.INFO,
+                    "%s: connection %d up after %d failed attempt(s)", self.uri, conn.slot,
+                    self._failures)
+            self._failures = 0
+            self._backoff = 0.0
+            self._pump()
+        elif conn.dead():
+            self._connect_failed(conn, reason or libnbd.last_error("connect"))
+        else:
+            conn.watch(self._loop, self._on_event)
+
+    def _connect_failed(self, conn: _Connection, reason: BaseException) -> None:
+        conn.connect_timer = None
+        conn.close()
+        if self._conns[conn.slot] is conn:
+            self._conns[conn.slot] = None
+        self._failures += 1
+        (log.warning if self._failures == 1 else log.debug)(
+            "%s: connecting failed (%s); retrying while requests wait", self.uri, reason)
+        # Back off only while nothing is left to serve from: with another
+        # connection up, this slot is refilled on the next request.
+        self._backoff = min(MAX_BACKOFF, max(0.05, self._backoff * 2))
+        if self._waiting and self._retry_timer is None and not self._closed:
+            self._retry_timer = self._loop.call_later(self._backoff, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        if self._waiting:
+            self._ensure_connections()
+
+    # -- teardown ---------------------------------------------------------------------
+    def _close_all(self) -> None:
+        self._closed = True
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        lb = libnbd.lib()
+        orphans: list[_Command] = []
+        for slot, conn in enumerate(self._conns):
+            if conn is None:
+                continue
+            if conn.ready and not conn.inflight and not conn.dead():
+                lb.nbd_aio_disconnect(conn.h, 0)    # a polite goodbye, if it fits in the socket
+            orphans.extend(conn.inflight.values())
+            conn.inflight.clear()
+            conn.close()
+            self._conns[slot] = None
+        orphans.extend(self._waiting)
+        self._waiting.clear()
+        for cmd in orphans:
+            cmd.expired = True
+            self._finish(cmd, NbdError(f"{self.uri}: back-end closed"))
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
