@@ -1,0 +1,64 @@
+"""Every vhostuser-* command line in the user guide (docs/*.md, the example
+files' usage lines) is accepted by that
+program's own argument parser: a renamed or removed option fails here.
+(The systemd unit's ExecStart is run for real in test_systemd_units.py.)"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+
+import pytest
+
+from docblocks import DOCS, EXAMPLES, PROGRAMS, blocks, commands
+from vhostuser.cli import blk, ctl, daemon, fuzz, net
+
+#: docs/control-socket.md belongs to the management daemon and has its own tests
+GUIDE = sorted(p for p in DOCS.glob("*.md") if p.name != "control-socket.md")
+
+PARSE = {
+    "vhostuser-blk": lambda argv: blk.parser().parse_args(argv),
+    "vhostuser-net": net.parse_args,
+    "vhostuser-daemon": lambda argv: daemon.parser().parse_args(argv),
+    "vhostuser-ctl": lambda argv: ctl.parser().parse_args(argv),
+    "vhostuser-fuzz": lambda argv: fuzz.parser().parse_args(argv),
+}
+
+
+def documented_commands():
+    """(where, argv) of each of our programs' command lines in the guide."""
+    found = []
+    for path in GUIDE:
+        for b in blocks(path):
+            if b.lang not in ("sh", "console", "bash", ""):
+                continue
+            for argv in commands(b.text):
+                if argv[0] in PROGRAMS and "..." not in argv:
+                    found.append((b.where(), argv))
+        # inline `vhostuser-... ` code spans in the prose
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            for span in re.findall(r"`(vhostuser-(?:blk|net|daemon|ctl|fuzz) [^`]*)`", line):
+                if "..." not in span and "MODULE" not in span:
+                    found.append((f"{path.name}:{n}", commands(span)[0]))
+    # the usage lines in the examples' docstrings
+    for path in sorted(EXAMPLES.glob("*.py")):
+        text = path.read_text()
+        for m in re.finditer(r"^ {4}(vhostuser-\w+ (?:.*\\\n)*.*)$", text, re.M):
+            found.append((path.name, commands(m.group(1))[0]))
+    return found
+
+
+def test_the_guide_has_commands_to_check():
+    progs = {argv[0] for _, argv in documented_commands()}
+    assert {"vhostuser-blk", "vhostuser-net", "vhostuser-daemon", "vhostuser-ctl"} <= progs
+
+
+@pytest.mark.parametrize("where,argv", documented_commands(),
+                         ids=lambda v: v if isinstance(v, str) else " ".join(v)[:60])
+def test_documented_command_parses(where, argv):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            PARSE[argv[0]](argv[1:])
+        except SystemExit as exc:
+            pytest.fail(f"{where}: {' '.join(argv)}\n{err.getvalue()} (exit {exc.code})")
