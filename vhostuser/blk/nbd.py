@@ -13,6 +13,12 @@ writes, trims and zeroes are idempotent). A request that isn't done
 ``timeout`` seconds after it arrived fails with an I/O error; if it was on
 the wire then, that server is taken as hung and its connection is replaced.
 A write is answered OK only after the server replied OK to it.
+
+As QEMU's NBD client does with reconnect-delay: once no connection has been
+up for ``timeout`` seconds, the requests still waiting and every new one
+fail at once, so a guest doesn't wait ``timeout`` per request through a
+long outage; connecting goes on in the background (at most a second apart)
+and the first connection back ends that.
 """
 from __future__ import annotations
 
@@ -80,10 +86,11 @@ class Capabilities:
 
 class _Request:
     """One call of the back-end: its commands, who waits, and until when."""
-    __slots__ = ("commands", "remaining", "error", "future", "timer")
+    __slots__ = ("commands", "buffers", "remaining", "error", "future", "timer")
 
     def __init__(self):
         self.commands: list[_Command] = []
+        self.buffers: list = []     # ffi.from_buffer() of the guest's memoryviews
         self.remaining = 0
         self.error: BaseException | None = None
         self.future: asyncio.Future | None = None
@@ -261,6 +268,9 @@ class NbdBackend(BlockBackend):
         self._retry_timer: asyncio.TimerHandle | None = None
         self._pump_soon = False
         self._failures = 0          # connection attempts failed in a row
+        self._down_since: float | None = None     # since when no connection is up
+        self._offline_timer: asyncio.TimerHandle | None = None
+        self._offline = False       # down for `timeout`: requests fail at once
         try:
             for slot in range(1, connections):
                 conn = _Connection(slot)
@@ -350,6 +360,7 @@ class NbdBackend(BlockBackend):
             if not n:
                 continue
             cbuf = ffi.from_buffer(view)
+            req.buffers.append(cbuf)
             for at in range(0, n, step):
                 req.commands.append(_Command(req, op, pos + at, min(step, n - at), cbuf, at))
             pos += n
@@ -364,24 +375,36 @@ class NbdBackend(BlockBackend):
 
     # -- running requests (all on the device's event loop) ---------------------------------
     async def _run(self, req: _Request) -> None:
-        if not req.commands:
-            return
-        if self._closed:
-            raise NbdError(f"{self.uri}: back-end closed")
-        loop = self._attach()
-        req.remaining = len(req.commands)
-        req.future = loop.create_future()
-        if self.timeout is not None:
-            req.timer = loop.call_later(self.timeout, self._expire, req)
-        self._waiting.extend(req.commands)
-        self._pump()
         try:
-            await req.future
-        except asyncio.CancelledError:
-            # Nobody will look at the buffers any more, and they may soon
-            # be unmapped: libnbd must let go of them before we return.
-            self._abandon(req)
-            raise
+            if not req.commands:
+                return
+            if self._closed:
+                raise NbdError(f"{self.uri}: back-end closed")
+            loop = self._attach()
+            if self._offline:
+                raise self._offline_error()
+            req.remaining = len(req.commands)
+            req.future = loop.create_future()
+            if self.timeout is not None:
+                req.timer = loop.call_later(self.timeout, self._expire, req)
+            self._waiting.extend(req.commands)
+            self._pump()
+            try:
+                await req.future
+            except BaseException:
+                # Cancelled (or the coroutine closed): nobody looks at the
+                # buffers any more and they may soon be unmapped, so libnbd
+                # must let go of them before we return.
+                if req.remaining:
+                    self._abandon(req)
+                raise
+        finally:
+            # Released now, not by the garbage collector: a from_buffer()
+            # object collected in a cycle with its memoryview crashes cffi.
+            for cbuf in req.buffers:
+                ffi.release(cbuf)
+            req.buffers.clear()
+            req.commands.clear()
 
     def _attach(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
@@ -557,13 +580,16 @@ class NbdBackend(BlockBackend):
                     reason, sum(not c.expired for c in orphans))
         for cmd in reversed(orphans):
             self._requeue(cmd)
+        self._note_down()
         if self._waiting:
             self._schedule_pump()
+        self._ensure_connections()
 
     # -- (re)connecting -------------------------------------------------------------------
     def _ensure_connections(self) -> None:
         """Starts connecting the empty slots, unless waiting out a back-off."""
-        if self._closed or self._retry_timer is not None or self._loop is None:
+        if (self._closed or self._retry_timer is not None or self._loop is None
+                or self._loop.is_closed()):
             return
         for slot, conn in enumerate(self._conns):
             if conn is None:
@@ -598,6 +624,10 @@ class NbdBackend(BlockBackend):
                     self._failures)
             self._failures = 0
             self._backoff = 0.0
+            self._down_since, self._offline = None, False
+            if self._offline_timer is not None:
+                self._offline_timer.cancel()
+                self._offline_timer = None
             self._pump()
         elif conn.dead():
             self._connect_failed(conn, reason or libnbd.last_error("connect"))
@@ -611,24 +641,47 @@ class NbdBackend(BlockBackend):
             self._conns[conn.slot] = None
         self._failures += 1
         (log.warning if self._failures == 1 else log.debug)(
-            "%s: connecting failed (%s); retrying while requests wait", self.uri, reason)
-        # Back off only while nothing is left to serve from: with another
-        # connection up, this slot is refilled on the next request.
+            "%s: connecting failed (%s); trying again", self.uri, reason)
+        self._note_down()
         self._backoff = min(MAX_BACKOFF, max(0.05, self._backoff * 2))
-        if self._waiting and self._retry_timer is None and not self._closed:
+        if self._retry_timer is None and not self._closed:
             self._retry_timer = self._loop.call_later(self._backoff, self._retry)
 
     def _retry(self) -> None:
         self._retry_timer = None
-        if self._waiting:
-            self._ensure_connections()
+        self._ensure_connections()
+
+    def _note_down(self) -> None:
+        """Starts the outage clock when the last connection is gone."""
+        if (self._down_since is not None or self._closed or self._loop is None
+                or self._loop.is_closed()):
+            return
+        if any(c is not None and c.ready for c in self._conns):
+            return
+        self._down_since = self._loop.time()
+        if self.timeout is not None:
+            self._offline_timer = self._loop.call_later(self.timeout, self._go_offline)
+
+    def _go_offline(self) -> None:
+        self._offline_timer = None
+        self._offline = True
+        log.error("%s: unreachable for %gs; failing requests until a connection is back",
+                  self.uri, self.timeout)
+        waiting = list(self._waiting)
+        self._waiting.clear()
+        for cmd in waiting:
+            self._finish(cmd, self._offline_error())
+
+    def _offline_error(self) -> NbdError:
+        return NbdError(f"{self.uri}: unreachable for more than {self.timeout:g}s")
 
     # -- teardown ---------------------------------------------------------------------
     def _close_all(self) -> None:
         self._closed = True
-        if self._retry_timer is not None:
-            self._retry_timer.cancel()
-            self._retry_timer = None
+        for timer in (self._retry_timer, self._offline_timer):
+            if timer is not None:
+                timer.cancel()
+        self._retry_timer = self._offline_timer = None
         lb = libnbd.lib()
         orphans: list[_Command] = []
         for slot, conn in enumerate(self._conns):

@@ -127,13 +127,30 @@ class NbdServer:
         self.paused = False
 
     def pause(self) -> None:
-        """SIGSTOP: connections stay open and nothing answers (a hung server)."""
+        """SIGSTOP: connections stay open and nothing answers (a hung server).
+        Returns once the process is stopped (signals arrive asynchronously)."""
         self.proc.send_signal(signal.SIGSTOP)
         self.paused = True
+        self._wait_state(stopped=True)
 
     def resume(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
         self.paused = False
+        self._wait_state(stopped=False)
+
+    def _wait_state(self, stopped: bool) -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{self.proc.pid}/stat") as f:
+                    # the state follows the parenthesised command name
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return
+            if (state == "T") == stopped:
+                return
+            time.sleep(0.005)
+        raise NbdServerError(f"{self.argv[0]} didn't {'stop' if stopped else 'continue'}")
 
     def restart(self) -> "NbdServer":
         self.kill()

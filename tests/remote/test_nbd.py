@@ -1,0 +1,478 @@
+"""The NBD back-end against real servers the tests start on loopback and
+unix sockets (qemu-nbd, nbdkit), driven by our front-end: data round trips
+checked in the server's image file, server capabilities, read-only exports,
+errors from the server, and the server dying, hanging or coming back
+mid-I/O (the guest gets I/O errors in bounded time, the event loop keeps
+serving other disks, nothing acknowledged is lost).
+
+Needs Debian's libnbd0, qemu-utils and nbdkit; skipped without them unless
+VHOSTUSER_REQUIRE_NBD=1 makes that a failure.
+"""
+import asyncio
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from vhostuser.blk import BackendError, BlkDevice, BlkFeature
+from vhostuser.blk.libnbd import ffi
+from vhostuser.blk.nbd import NbdBackend, NbdError, NbdTimeout
+from vhostuser.frontend import BlkClient, BlkRequest, BlkStatus, Frontend
+from vhostuser.server import Server
+from vhostuser.testing.nbd import NbdServer, free_port, missing
+from vhostuser.testing.server import BackgroundServer
+
+MIB = 1 << 20
+DISK = 16 * MIB
+LOSS_TIMEOUT = 2.0      # the back-end's timeout in the connection-loss tests
+SLACK = 1.5             # what we allow on top of it
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nbd_tools():
+    absent = missing()
+    if absent:
+        reason = f"NBD tools missing: apt-get install {' '.join(absent)}"
+        if os.environ.get("VHOSTUSER_REQUIRE_NBD") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def sock_dir():
+    """Short paths: unix socket names are limited to 107 bytes."""
+    path = tempfile.mkdtemp(prefix="vhu-nbd-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(DISK)
+    return str(path)
+
+
+@pytest.fixture
+def servers(sock_dir):
+    """servers(kind, ...) -> a started NbdServer, killed at the end."""
+    started = []
+
+    def start(kind, *, image=None, tcp=False, read_only=False, filters=(), plugin_args=()):
+        n = len(started)
+        where = {"port": free_port()} if tcp else {"unix": os.path.join(sock_dir, f"s{n}.sock")}
+        log_path = os.path.join(sock_dir, f"s{n}.log")
+        if kind == "qemu-nbd":
+            srv = NbdServer.qemu_nbd(image, read_only=read_only, log_path=log_path, **where)
+        else:
+            plugin = ["file", image] if image else ["memory", str(DISK)]
+            srv = NbdServer.nbdkit(plugin + list(plugin_args), read_only=read_only,
+                                   filters=filters, log_path=log_path, **where)
+        started.append(srv)
+        return srv.start()
+    yield start
+    for srv in started:
+        srv.kill()
+
+
+@contextlib.contextmanager
+def served(sock_dir, device, name="dev.sock", **setup):
+    """(BackgroundServer, BlkClient) for a device; closes the device after."""
+    path = os.path.join(sock_dir, name)
+    try:
+        with BackgroundServer(device, path) as srv:
+            with Frontend.connect(path) as fe:
+                yield srv, BlkClient.setup(fe, **setup)
+    finally:
+        device.close()
+
+
+@contextlib.contextmanager
+def also_served(srv: BackgroundServer, device, path):
+    """A second device on srv's event loop, as in a daemon serving many disks."""
+    server = Server(device, path=path)
+    srv.call(server.open)
+    task = asyncio.run_coroutine_threadsafe(server.serve(), srv.loop)
+    try:
+        with Frontend.connect(path) as fe:
+            yield BlkClient.setup(fe)
+    finally:
+        srv.loop.call_soon_threadsafe(server.close)
+        with contextlib.suppress(Exception):
+            task.result(5)
+        device.close()
+
+
+def pattern(seed: int, n: int) -> bytes:
+    out = bytearray()
+    counter = 0
+    while len(out) < n:
+        out += hashlib.blake2b(f"{seed}/{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:n])
+
+
+def image_bytes(path: str, offset: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
+# -- data -------------------------------------------------------------------------------
+
+SHAPES = [  # (sector, bytes, descriptor size or None); none overlap
+    (0, 512, None), (1, 4096, None), (17, 64 * 1024 + 512, None), (300, MIB, None),
+    (3000, 16 * 1024, 512), (4096, 12 * 1024, 4096), (9000, 3 * 4096 + 1024, 1536),
+    (DISK // 512 - 8, 4096, 1024),
+]
+
+
+@pytest.mark.parametrize("kind,tcp,connections", [
+    ("qemu-nbd", False, 1), ("qemu-nbd", True, 2), ("nbdkit", True, 1), ("nbdkit", False, 4),
+])
+def test_writes_and_reads_of_many_shapes_land_in_the_image(servers, sock_dir, image, kind, tcp,
+                                                          connections):
+    srv = servers(kind, image=image, tcp=tcp)
+    backend = NbdBackend(srv.uri, connections=connections, timeout=10)
+    assert backend.size() == DISK
+    with served(sock_dir, BlkDevice(backend, num_queues=2), queues=2) as (_, blk):
+        assert blk.capacity == DISK // 512
+        writes = [BlkRequest.write(sector, pattern(i, n), segment=seg)
+                  for i, (sector, n, seg) in enumerate(SHAPES)]
+        assert all(r.ok for r in blk.execute(writes, queue=1))
+        reads = [BlkRequest.read(sector, n, segment=seg) for sector, n, seg in SHAPES]
+        done = blk.execute(reads)
+        for i, (r, (sector, n, _)) in enumerate(zip(done, SHAPES)):
+            assert r.ok and r.data == pattern(i, n), (sector, n)
+        # Many small requests at once, over both queues.
+        many = [BlkRequest.write(20000 + 8 * i, pattern(100 + i, 4096)) for i in range(200)]
+        assert all(r.ok for r in blk.execute(many[:100], depth=64))
+        assert all(r.ok for r in blk.execute(many[100:], depth=64, queue=1))
+        back = blk.execute([BlkRequest.read(20000 + 8 * i, 4096) for i in range(200)], depth=64)
+        assert [r.data for r in back] == [pattern(100 + i, 4096) for i in range(200)]
+        blk.flush()
+    for i, (sector, n, _) in enumerate(SHAPES):
+        assert image_bytes(image, sector * 512, n) == pattern(i, n), (sector, n)
+    assert image_bytes(image, 20000 * 512, 200 * 4096) == b"".join(
+        pattern(100 + i, 4096) for i in range(200))
+
+
+@pytest.mark.parametrize("kind", ["qemu-nbd", "nbdkit"])
+def test_write_zeroes_and_discard(servers, sock_dir, image, kind):
+    srv = servers(kind, image=image)
+    backend = NbdBackend(srv.uri)
+    assert backend.caps.trim and backend.caps.zero
+    with served(sock_dir, BlkDevice(backend)) as (_, blk):
+        assert blk.fe.has(BlkFeature.DISCARD) and blk.fe.has(BlkFeature.WRITE_ZEROES)
+        blk.write(0, pattern(1, 64 * 1024))
+        blk.write_zeroes([(8, 8), (64, 16)])
+        blk.write_zeroes([(100, 8)], unmap=True)
+        data = blk.read(0, 64 * 1024)
+        expect = bytearray(pattern(1, 64 * 1024))
+        for sector, count in ((8, 8), (64, 16), (100, 8)):
+            expect[sector * 512:(sector + count) * 512] = bytes(count * 512)
+        assert data == bytes(expect)
+        blk.discard([(1024, 2048)])          # a hint: only the status is defined
+        blk.flush()
+    assert image_bytes(image, 0, 64 * 1024) == bytes(expect)
+
+
+def test_write_zeroes_without_server_support_writes_zero_buffers(servers, sock_dir):
+    srv = servers("nbdkit", filters=("nozero",))
+    backend = NbdBackend(srv.uri)
+    assert not backend.caps.zero
+    with served(sock_dir, BlkDevice(backend)) as (_, blk):
+        blk.write(0, pattern(2, 3 * MIB))
+        blk.write_zeroes([(1, 2 * MIB // 512 + 3)])
+        data = blk.read(0, 3 * MIB)
+    end = 512 + 2 * MIB + 3 * 512
+    assert data == pattern(2, 512) + bytes(end - 512) + pattern(2, 3 * MIB)[end:]
+
+
+def test_read_only_export_refuses_writes(servers, sock_dir, image):
+    with open(image, "r+b") as f:
+        f.write(pattern(3, 4096))
+    srv = servers("qemu-nbd", image=image, read_only=True)
+    backend = NbdBackend(srv.uri)
+    assert backend.read_only
+    with served(sock_dir, BlkDevice(backend)) as (_, blk):
+        assert blk.fe.has(BlkFeature.RO)
+        assert not blk.fe.has(BlkFeature.DISCARD) and not blk.fe.has(BlkFeature.WRITE_ZEROES)
+        assert blk.read(0, 4096) == pattern(3, 4096)
+        [w] = blk.execute([BlkRequest.write(0, bytes(4096))])
+        assert w.status == BlkStatus.IOERR
+        blk.flush()
+    assert image_bytes(image, 0, 4096) == pattern(3, 4096)
+
+
+def test_read_only_option_on_a_writable_export(servers, sock_dir, image):
+    srv = servers("nbdkit", image=image)
+    backend = NbdBackend(srv.uri, read_only="true")      # as --backend-opt passes it
+    assert backend.read_only and not backend.supports("discard")
+    with served(sock_dir, BlkDevice(backend)) as (_, blk):
+        assert blk.fe.has(BlkFeature.RO)
+        [w] = blk.execute([BlkRequest.write(0, pattern(4, 512))])
+        assert w.status == BlkStatus.IOERR
+    assert image_bytes(image, 0, 512) == bytes(512)
+
+
+def test_server_errors_fail_the_request_at_once_and_keep_the_connection(servers, sock_dir):
+    srv = servers("nbdkit", filters=("error",),
+                  plugin_args=("error-pwrite=ENOSPC", "error-pwrite-rate=100%"))
+    backend = NbdBackend(srv.uri, timeout=20)
+    conn = backend._conns[0]
+    with served(sock_dir, BlkDevice(backend)) as (_, blk):
+        t0 = time.monotonic()
+        [w] = blk.execute([BlkRequest.write(0, pattern(5, 4096))])
+        assert w.status == BlkStatus.IOERR
+        assert time.monotonic() - t0 < 2, "a server's refusal is final, not retried"
+        assert blk.read(0, 4096) == bytes(4096)
+        assert backend._conns[0] is conn       # not reconnected
+
+
+def test_unreachable_or_bad_uri_is_a_backend_error():
+    t0 = time.monotonic()
+    with pytest.raises(BackendError, match="connect"):
+        NbdBackend(f"nbd://127.0.0.1:{free_port()}/", timeout=5)
+    with pytest.raises(BackendError):
+        NbdBackend("nbd+unix:///?socket=/nonexistent/nbd.sock")
+    with pytest.raises(BackendError):
+        NbdBackend("http://example.invalid/disk")
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(ValueError):
+        NbdBackend("nbd://127.0.0.1/", connections=0)
+
+
+# -- the server goes away ------------------------------------------------------------------
+
+def _in_thread(fn, *args, **kw):
+    """Runs fn in a thread; returns a function that joins it and gives the
+    result (or raises what it raised) and the time it finished."""
+    box = {}
+
+    def run():
+        try:
+            box["result"] = fn(*args, **kw)
+        except BaseException as exc:   # handed to the test
+            box["error"] = exc
+        box["at"] = time.monotonic()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+
+    def join(timeout=60):
+        t.join(timeout)
+        assert not t.is_alive(), "the front-end is still waiting"
+        if "error" in box:
+            raise box["error"]
+        return box["result"], box["at"]
+    return join
+
+
+def _check_responsive(blk, until: float) -> float:
+    """Reads from another disk on the same loop until ``until``; returns the
+    slowest read's time."""
+    worst = 0.0
+    while time.monotonic() < until:
+        t0 = time.monotonic()
+        assert blk.read(0, 4096) == pattern(99, 4096)
+        worst = max(worst, time.monotonic() - t0)
+        time.sleep(0.05)
+    return worst
+
+
+def _writes(base: int, count: int, seed: int, size: int = 64 * 1024):
+    return [BlkRequest.write(base + i * size // 512, pattern(seed + i, size)) for i in range(count)]
+
+
+@pytest.mark.parametrize("kind", ["qemu-nbd", "nbdkit"])
+def test_killed_server_gives_io_errors_within_the_timeout_and_the_loop_keeps_serving(
+        servers, sock_dir, image, kind):
+    if kind == "qemu-nbd":
+        srv = servers(kind, image=image, tcp=True)
+    else:   # writes take a while, so the kill lands mid-stream
+        srv = servers(kind, image=image, filters=("delay",), plugin_args=("delay-write=100ms",))
+    other = servers("nbdkit")
+    backend = NbdBackend(srv.uri, timeout=LOSS_TIMEOUT)
+    with served(sock_dir, BlkDevice(backend)) as (bg, blk), \
+            also_served(bg, BlkDevice(NbdBackend(other.uri, timeout=LOSS_TIMEOUT)),
+                        os.path.join(sock_dir, "other.sock")) as blk2:
+        blk2.write(0, pattern(99, 4096))
+        acked = _writes(0, 32, 1000)
+        assert all(r.ok for r in blk.execute(acked, depth=8))
+        if kind == "qemu-nbd":
+            srv.pause()     # what follows stays on the wire until the kill
+        join = _in_thread(blk.execute, _writes(8192, 64, 2000), depth=16, timeout=30)
+        time.sleep(0.25)
+        srv.kill()
+        killed = time.monotonic()
+        worst = _check_responsive(blk2, killed + LOSS_TIMEOUT + 0.5)
+        done, finished = join()
+        failed = [r for r in done if r.status == BlkStatus.IOERR]
+        assert failed and all(r.status in (BlkStatus.OK, BlkStatus.IOERR) for r in done)
+        assert finished - killed < LOSS_TIMEOUT + SLACK
+        assert worst < 0.5, f"the other disk waited {worst:.2f}s"
+        # Down for longer than the timeout: new requests fail at once
+        # rather than each waiting the timeout out.
+        t0 = time.monotonic()
+        [r] = blk.execute([BlkRequest.read(0, 4096)], timeout=30)
+        assert r.status == BlkStatus.IOERR
+        assert time.monotonic() - t0 < 0.5
+    # Nothing that was acknowledged is missing from the image.
+    for r in acked + [r for r in done if r.ok]:
+        assert image_bytes(image, r.sector * 512, len(r.out)) == r.out, r.sector
+
+
+@pytest.mark.parametrize("kind", ["qemu-nbd", "nbdkit"])
+def test_restarted_server_completes_requests_in_flight_and_keeps_acknowledged_writes(
+        servers, sock_dir, image, kind):
+    srv = servers(kind, image=image, tcp=kind == "nbdkit")
+    backend = NbdBackend(srv.uri, timeout=15, connections=2)
+    with served(sock_dir, BlkDevice(backend)) as (_, blk):
+        before = _writes(0, 32, 3000)
+        assert all(r.ok for r in blk.execute(before, depth=8))      # acknowledged, no flush
+        srv.pause()                        # in flight and unanswered when the kill comes
+        during = _writes(8192, 32, 4000) + [BlkRequest.read(0, 64 * 1024) for _ in range(8)]
+        join = _in_thread(blk.execute, during, depth=16, timeout=60)
+        time.sleep(0.3)
+        srv.kill()
+        time.sleep(1.0)                    # reconnection attempts fail meanwhile
+        srv.start()
+        restarted = time.monotonic()
+        done, finished = join()
+        assert all(r.ok for r in done), [r.status for r in done]
+        assert all(r.data == pattern(3000, 64 * 1024) for r in done if r.in_len)
+        assert finished - restarted < 3
+        back = blk.execute([BlkRequest.read(r.sector, len(r.out)) for r in before + during
+                            if r.out], depth=16)
+        assert [r.data for r in back] == [r.out for r in before + during if r.out]
+        blk.flush()
+    for r in before + during:
+        if r.out:
+            assert image_bytes(image, r.sector * 512, len(r.out)) == r.out
+
+
+def test_hung_server_gives_io_errors_after_the_timeout_then_recovers(servers, sock_dir):
+    srv = servers("nbdkit")
+    other = servers("nbdkit", tcp=True)
+    backend = NbdBackend(srv.uri, timeout=LOSS_TIMEOUT)
+    with served(sock_dir, BlkDevice(backend)) as (bg, blk), \
+            also_served(bg, BlkDevice(NbdBackend(other.uri)),
+                        os.path.join(sock_dir, "other.sock")) as blk2:
+        blk2.write(0, pattern(99, 4096))
+        blk.write(0, pattern(6, 64 * 1024))
+        srv.pause()
+        paused = time.monotonic()
+        join = _in_thread(blk.execute, _writes(4096, 8, 5000) +
+                          [BlkRequest.read(0, 4096) for _ in range(8)], depth=16, timeout=30)
+        worst = _check_responsive(blk2, paused + LOSS_TIMEOUT + 0.3)
+        done, finished = join()
+        assert all(r.status == BlkStatus.IOERR for r in done)
+        assert LOSS_TIMEOUT - 0.1 < finished - paused < LOSS_TIMEOUT + SLACK
+        assert worst < 0.5, f"the other disk waited {worst:.2f}s"
+        srv.resume()
+        # The hung connection was dropped; a new one serves what was written.
+        assert blk.read(0, 64 * 1024) == pattern(6, 64 * 1024)
+
+
+def test_no_timeout_waits_for_the_server(servers, sock_dir):
+    srv = servers("nbdkit")
+    backend = NbdBackend(srv.uri, timeout=0)
+    assert backend.timeout is None
+    with served(sock_dir, BlkDevice(backend)) as (_, blk):
+        blk.write(0, pattern(7, 4096))
+        srv.pause()
+        join = _in_thread(blk.execute, [BlkRequest.read(0, 4096)], timeout=30)
+        time.sleep(1.5)
+        srv.resume()
+        [r], _ = join()
+        assert r.ok and r.data == pattern(7, 4096)
+
+
+# -- the back-end on its own ------------------------------------------------------------------
+
+def test_close_fails_waiting_requests_and_cancelling_lets_go_of_buffers(servers):
+    srv = servers("nbdkit")
+    backend = NbdBackend(srv.uri, timeout=30)
+
+    async def scenario():
+        buf = bytearray(4096)
+        await backend.write(0, [memoryview(pattern(8, 4096))])
+        srv.pause()
+        task = asyncio.ensure_future(backend.read(0, [memoryview(buf)]))
+        await asyncio.sleep(0.2)
+        conn = backend._conns[0]
+        assert conn.inflight
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The handle holding the buffer is gone.
+        assert conn.h == ffi.NULL and backend._conns[0] is not conn
+        srv.resume()
+        await backend.read(0, [memoryview(buf)])
+        assert bytes(buf) == pattern(8, 4096)
+        srv.kill()
+        waiting = asyncio.ensure_future(backend.read(0, [memoryview(buf)]))
+        await asyncio.sleep(0.3)
+        backend.close()
+        with pytest.raises(NbdError, match="closed"):
+            await waiting
+        with pytest.raises(NbdError):
+            await backend.read(0, [memoryview(buf)])
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
+def test_deadline_error_is_a_timeout(servers):
+    srv = servers("nbdkit")
+    backend = NbdBackend(srv.uri, timeout=0.5)
+
+    async def scenario():
+        srv.pause()
+        with pytest.raises(NbdTimeout):
+            await backend.flush()
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 10))
+    finally:
+        backend.close()
+
+
+# -- the command ------------------------------------------------------------------------------
+
+def test_vhostuser_blk_nbd_command(servers, sock_dir, image):
+    srv = servers("qemu-nbd", image=image, tcp=True)
+    path = os.path.join(sock_dir, "cli.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.blk", "--socket-path", path,
+                             "--nbd", srv.uri, "--remote-timeout", "5"],
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with Frontend.connect(path) as fe:
+            blk = BlkClient.setup(fe)
+            assert blk.capacity == DISK // 512
+            blk.write(8, pattern(9, 8192))
+            blk.flush()
+            assert blk.read(8, 8192) == pattern(9, 8192)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert image_bytes(image, 8 * 512, 8192) == pattern(9, 8192)
+    bad = subprocess.run([sys.executable, "-m", "vhostuser.cli.blk", "--socket-path", path,
+                          "--nbd", f"nbd://127.0.0.1:{free_port()}/"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 1
+    assert "--nbd" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
