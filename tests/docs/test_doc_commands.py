@@ -4,6 +4,7 @@ program's own argument parser: a renamed or removed option fails here.
 (The systemd unit's ExecStart is run for real in test_systemd_units.py.)"""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import re
@@ -35,17 +36,49 @@ def documented_commands():
             for argv in commands(b.text):
                 if argv[0] in PROGRAMS and "..." not in argv:
                     found.append((b.where(), argv))
-        # inline `vhostuser-... ` code spans in the prose
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            for span in re.findall(r"`(vhostuser-(?:blk|net|daemon|ctl|fuzz) [^`]*)`", line):
-                if "..." not in span and "MODULE" not in span:
-                    found.append((f"{path.name}:{n}", commands(span)[0]))
     # the usage lines in the examples' docstrings
     for path in sorted(EXAMPLES.glob("*.py")):
         text = path.read_text()
         for m in re.finditer(r"^ {4}(vhostuser-\w+ (?:.*\\\n)*.*)$", text, re.M):
             found.append((path.name, commands(m.group(1))[0]))
     return found
+
+
+def inline_options():
+    """(where, program, option) for `vhostuser-xxx --option ...` code spans
+    in the prose, which name options rather than give whole commands."""
+    found = []
+    for path in GUIDE:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            for span in re.findall(r"`(vhostuser-(?:blk|net|daemon|ctl|fuzz) [^`]*)`", line):
+                program, *rest = span.split()
+                found += [(f"{path.name}:{n}", program, w.split("=")[0]) for w in rest
+                          if w.startswith("--")]
+            # a bare `--option ...` span: some program of ours must have it
+            for span in re.findall(r"`(--[a-z][a-z-]*)[ =`]", line):
+                found.append((f"{path.name}:{n}", "any", span))
+    return found
+
+
+def known_options(program: str) -> set[str]:
+    if program == "any":
+        return set().union(*(known_options(p) for p in PROGRAMS))
+    parser = {"vhostuser-blk": blk.parser, "vhostuser-net": net.parser,
+              "vhostuser-daemon": daemon.parser, "vhostuser-ctl": ctl.parser,
+              "vhostuser-fuzz": fuzz.parser}[program]()
+    options, todo = set(), [parser]
+    while todo:
+        p = todo.pop()
+        for action in p._actions:
+            options.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                todo += action.choices.values()
+    return options
+
+
+@pytest.mark.parametrize("where,program,option", inline_options())
+def test_option_named_in_the_prose_exists(where, program, option):
+    assert option in known_options(program), f"{where}: {program} has no {option}"
 
 
 def test_the_guide_has_commands_to_check():
