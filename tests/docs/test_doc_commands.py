@@ -95,3 +95,9 @@ def test_documented_command_parses(where, argv):
             PARSE[argv[0]](argv[1:])
         except SystemExit as exc:
             pytest.fail(f"{where}: {' '.join(argv)}\n{err.getvalue()} (exit {exc.code})")
+
+
+@pytest.mark.parametrize("page", GUIDE, ids=lambda p: p.name)
+def test_relative_links_point_at_files(page):
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+        assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
