@@ -67,8 +67,10 @@ async def _serve_until_sigterm(servers: list[Server], on_sighup=None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if on_sighup is not None:
-        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    # SIGHUP is unblocked below: without something to do it must still not
+    # kill the process (its default action), e.g. on a systemd reload.
+    loop.add_signal_handler(signal.SIGHUP, on_sighup or (
+        lambda: log.warning("SIGHUP: nothing to reload here; ignored")))
     # Handlers are in place: signals held since start-up may arrive now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     tasks = [asyncio.create_task(s.serve()) for s in servers]
