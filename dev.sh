@@ -12,7 +12,8 @@ cd "$(dirname "$0")"
 APT_PACKAGES=(qemu-system-x86 qemu-utils qemu-system-common busybox-static cpio
               e2fsprogs util-linux kmod gcc python3-dev
               dpdk-dev librte-net-vhost23 librte-net-virtio23
-              iproute2 clang libclang-rt-14-dev)
+              iproute2 clang libclang-rt-14-dev
+              systemd libvirt-clients libxml2-utils)
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
