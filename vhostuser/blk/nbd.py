@@ -385,16 +385,16 @@ class NbdBackend(BlockBackend):
                 raise self._offline_error()
             req.remaining = len(req.commands)
             req.future = loop.create_future()
-            if self.timeout is not None:
-                req.timer = loop.call_later(self.timeout, self._expire, req)
-            self._waiting.extend(req.commands)
-            self._pump()
             try:
+                if self.timeout is not None:
+                    req.timer = loop.call_later(self.timeout, self._expire, req)
+                self._waiting.extend(req.commands)
+                self._pump()
                 await req.future
             except BaseException:
-                # Cancelled (or the coroutine closed): nobody looks at the
-                # buffers any more and they may soon be unmapped, so libnbd
-                # must let go of them before we return.
+                # Cancelled, or failed with commands still out: nobody looks
+                # at the buffers any more and they may soon be unmapped, so
+                # libnbd must let go of them before we return.
                 if req.remaining:
                     self._abandon(req)
                 raise
