@@ -576,10 +576,10 @@ class NbdBackend(BlockBackend):
         orphans = list(conn.inflight.values())
         conn.inflight.clear()
         conn.close()
-        log.warning("%s: connection %d lost (%s); %d command(s) to resend", self.uri, conn.slot,
-                    reason, sum(not c.expired for c in orphans))
         for cmd in reversed(orphans):
             self._requeue(cmd)
+        log.warning("%s: connection %d lost (%s); %d command(s) waiting to be sent again",
+                    self.uri, conn.slot, reason, len(self._waiting))
         self._note_down()
         if self._waiting:
             self._schedule_pump()

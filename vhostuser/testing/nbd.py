@@ -119,9 +119,7 @@ class NbdServer:
     def kill(self) -> None:
         """SIGKILL: connections break with no goodbye."""
         if self.alive:
-            if self.paused:
-                self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
+            self.proc.kill()            # also ends a stopped process, which runs no more
         if self.proc is not None:
             self.proc.wait(10)
         self.paused = False
@@ -139,15 +137,15 @@ class NbdServer:
         self._wait_state(stopped=False)
 
     def _wait_state(self, stopped: bool) -> None:
+        # Every thread: qemu-nbd's workers can answer after the main one stopped.
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             try:
-                with open(f"/proc/{self.proc.pid}/stat") as f:
-                    # the state follows the parenthesised command name
-                    state = f.read().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                return
-            if (state == "T") == stopped:
+                states = [_task_state(self.proc.pid, tid)
+                          for tid in os.listdir(f"/proc/{self.proc.pid}/task")]
+            except OSError:
+                return                  # gone
+            if all((s == "T") == stopped for s in states if s):
                 return
             time.sleep(0.005)
         raise NbdServerError(f"{self.argv[0]} didn't {'stop' if stopped else 'continue'}")
@@ -161,3 +159,11 @@ class NbdServer:
 
     def __exit__(self, *exc) -> None:
         self.kill()
+
+
+def _task_state(pid: int, tid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]   # after the (command name)
+    except (OSError, IndexError):
+        return ""                       # the thread ended meanwhile
