@@ -239,6 +239,24 @@ def test_server_errors_fail_the_request_at_once_and_keep_the_connection(servers,
         assert backend._conns[0] is conn       # not reconnected
 
 
+def test_server_going_away_on_each_write_is_retried_with_back_off_then_an_io_error(
+        servers, sock_dir, caplog):
+    # ESHUTDOWN means "this connection is ending": the write goes again on a
+    # new one, however often, until the timeout; reconnecting backs off.
+    srv = servers("nbdkit", filters=("error",),
+                  plugin_args=("error-pwrite=ESHUTDOWN", "error-pwrite-rate=100%"))
+    backend = NbdBackend(srv.uri, timeout=LOSS_TIMEOUT)
+    with served(sock_dir, BlkDevice(backend)) as (_, blk):
+        t0 = time.monotonic()
+        [w] = blk.execute([BlkRequest.write(0, pattern(5, 4096))], timeout=30)
+        took = time.monotonic() - t0
+        assert w.status == BlkStatus.IOERR
+        assert LOSS_TIMEOUT - 0.1 < took < LOSS_TIMEOUT + SLACK
+        assert blk.read(0, 4096) == bytes(4096)
+    losses = [r for r in caplog.records if "lost" in r.getMessage()]
+    assert 2 <= len(losses) <= 10, len(losses)
+
+
 def test_unreachable_or_bad_uri_is_a_backend_error():
     t0 = time.monotonic()
     with pytest.raises(BackendError, match="connect"):

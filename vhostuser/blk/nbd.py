@@ -46,6 +46,10 @@ MAX_DATA = 32 << 20
 MAX_RANGE = 1 << 30
 #: Longest pause between reconnection attempts.
 MAX_BACKOFF = 1.0
+#: A connection lost sooner than this after it came up is replaced only
+#: after a back-off, so a server that takes connections and drops them (or
+#: answers ESHUTDOWN) isn't hammered.
+STABLE_AFTER = 1.0
 
 _READ, _WRITE, _FLUSH, _TRIM, _ZERO = range(5)
 _OP_NAMES = ("read", "write", "flush", "trim", "zero")
@@ -127,6 +131,7 @@ class _Connection:
         lb.nbd_set_pread_initialize(self.h, False)
         self.inflight: dict[int, _Command] = {}
         self.ready = False
+        self.up_at: float | None = None     # time.monotonic() when it became ready
         self.loop: asyncio.AbstractEventLoop | None = None
         self.fd = -1
         self.reading = self.writing = False
@@ -157,6 +162,7 @@ class _Connection:
             elif w:
                 lb.nbd_aio_notify_write(self.h)
         self.ready = True
+        self.up_at = time.monotonic()
 
     def dead(self) -> bool:
         lb = libnbd.lib()
@@ -477,20 +483,23 @@ class NbdBackend(BlockBackend):
         if not conn.ready:
             self._connect_progress(conn, reason)
             return
-        self._harvest(conn)
-        if conn.dead():
-            self._lost(conn, reason or NbdError("connection closed"))
-        elif conn.h != ffi.NULL:
+        going = self._harvest(conn)
+        if conn.dead() or going is not None:
+            self._lost(conn, reason or going or NbdError("connection closed"))
+        else:
             conn.watch(self._loop, self._on_event)
 
-    def _harvest(self, conn: _Connection) -> None:
-        """Retires the commands that have their reply."""
+    def _harvest(self, conn: _Connection) -> NbdError | None:
+        """Retires the commands that have their reply. Returns the error if
+        the server says it is going away (ESHUTDOWN): that connection is
+        done for, though libnbd still has it open."""
         lb = libnbd.lib()
         dead = conn.dead()
+        going = None
         while True:
             cookie = lb.nbd_aio_peek_command_completed(conn.h)
             if cookie <= 0:
-                return
+                return going
             ok = lb.nbd_aio_command_completed(conn.h, cookie)
             cmd = conn.inflight.pop(cookie, None)
             if cmd is None:
@@ -502,6 +511,7 @@ class NbdBackend(BlockBackend):
             exc = libnbd.last_error(f"{_OP_NAMES[cmd.op]} at {cmd.offset}")
             if dead or exc.errno in libnbd.TRANSPORT_ERRNOS:
                 self._requeue(cmd)         # aborted by the connection's end, not refused
+                going = going or exc
             else:
                 self._finish(cmd, exc)
 
@@ -583,7 +593,11 @@ class NbdBackend(BlockBackend):
         self._note_down()
         if self._waiting:
             self._schedule_pump()
-        self._ensure_connections()
+        if conn.up_at is not None and time.monotonic() - conn.up_at >= STABLE_AFTER:
+            self._backoff = 0.0
+            self._ensure_connections()
+        else:
+            self._schedule_retry()
 
     # -- (re)connecting -------------------------------------------------------------------
     def _ensure_connections(self) -> None:
@@ -617,13 +631,12 @@ class NbdBackend(BlockBackend):
             size = lb.nbd_get_size(conn.h)
             if size != self.caps.size:
                 log.error("%s: export is %d bytes now, was %d", self.uri, size, self.caps.size)
-            conn.ready = True
+            conn.ready, conn.up_at = True, time.monotonic()
             conn.watch(self._loop, self._on_event)
             log.log(logging.WARNING if self._failures else logging.INFO,
                     "%s: connection %d up after %d failed attempt(s)", self.uri, conn.slot,
                     self._failures)
             self._failures = 0
-            self._backoff = 0.0
             self._down_since, self._offline = None, False
             if self._offline_timer is not None:
                 self._offline_timer.cancel()
@@ -643,8 +656,11 @@ class NbdBackend(BlockBackend):
         (log.warning if self._failures == 1 else log.debug)(
             "%s: connecting failed (%s); trying again", self.uri, reason)
         self._note_down()
-        self._backoff = min(MAX_BACKOFF, max(0.05, self._backoff * 2))
-        if self._retry_timer is None and not self._closed:
+        self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        if self._retry_timer is None and not self._closed and not self._loop.is_closed():
+            self._backoff = min(MAX_BACKOFF, max(0.05, self._backoff * 2))
             self._retry_timer = self._loop.call_later(self._backoff, self._retry)
 
     def _retry(self) -> None:
