@@ -182,6 +182,10 @@ class RbdBackend(BlockBackend):
             # OSDs, so losing this process or the connection loses nothing
             # acknowledged.
             "rbd_cache": "false",
+            # Requests are queued to librbd's own threads, so an I/O call on
+            # the event loop never blocks on a full Objecter throttle (the
+            # default, stated because the loop depends on it).
+            "rbd_non_blocking_aio": "true",
         }
         if self.timeout is not None:
             t = str(max(1, round(self.timeout)))

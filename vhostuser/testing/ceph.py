@@ -13,6 +13,7 @@ Authentication is off (``auth_*_required = none``): the cluster listens on
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -218,16 +219,28 @@ class CephCluster:
 
     def start_osd(self) -> None:
         """Starts the OSD (again) and waits until the monitor has it up."""
+        before = self._osd_state()[1] if self.osd is not None else -1
         self.osd = self._daemon(f"osd.{self.osd_id}", [
             "ceph-osd", "-c", self.conf_path, "-i", str(self.osd_id), "-f"])
-        self.wait_osd_up()
+        self.wait_osd_up(after=before)
 
-    def wait_osd_up(self, timeout: float | None = None) -> None:
+    def _osd_state(self) -> tuple[bool, int]:
+        """(up, up_from epoch) of our OSD as the monitor sees it."""
+        dump = json.loads(self.ceph("osd", "dump", "--format", "json"))
+        for osd in dump["osds"]:
+            if osd["osd"] == self.osd_id:
+                return bool(osd["up"]), osd["up_from"]
+        return False, -1
+
+    def wait_osd_up(self, timeout: float | None = None, after: int = -1) -> None:
+        """Waits for the OSD to be up; ``after``: in a map later than that
+        epoch (a restarted OSD while the monitor still has the old one up)."""
         deadline = time.monotonic() + (timeout or self.timeout)
         while time.monotonic() < deadline:
             if self.osd.poll() is not None:
                 raise CephError(f"ceph-osd exited {self.osd.returncode}{self._log_excerpt()}")
-            if f"osd.{self.osd_id} up " in self.ceph("osd", "dump"):
+            up, up_from = self._osd_state()
+            if up and up_from > after:
                 return
             time.sleep(0.3)
         raise CephError(f"osd.{self.osd_id} not up within {timeout or self.timeout}s"
