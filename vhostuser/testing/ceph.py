@@ -57,7 +57,8 @@ class CephCluster:
     def __init__(self, workdir: str | None = None, *, objectstore: str = "auto",
                  block_size: int = 2 * GIB, timeout: float = 90.0, pool: str = "rbd"):
         if objectstore not in ("auto", "bluestore", "memstore"):
-            raise ValueError(f"objectstore must be auto, bluestore or memstore, not {objectstore!r}")
+            raise ValueError("objectstore must be auto, bluestore or memstore, "
+                             f"not {objectstore!r}")
         self._own_dir = workdir is None
         self.dir = workdir or tempfile.mkdtemp(prefix="vhu-ceph-")
         self.objectstore = "bluestore" if objectstore == "auto" else objectstore
