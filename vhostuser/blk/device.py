@@ -312,9 +312,8 @@ class BlkDevice(Device):
                     outcome = (read if t == _IN else write)(r.sector * SECTOR, bufs)
                 else:
                     outcome = self._run_request(r)
-            except Exception:
-                log.exception("block back-end failed on request type %d sector %d",
-                              r.type, r.sector)
+            except Exception as exc:
+                _log_failure(exc, r)
                 r.result = BlkStatus.IOERR
                 continue
             if outcome is None:
@@ -333,9 +332,8 @@ class BlkDevice(Device):
             try:
                 await awaitable
                 status = BlkStatus.OK
-            except Exception:
-                log.exception("block back-end failed on request type %d sector %d",
-                              r.type, r.sector)
+            except Exception as exc:
+                _log_failure(exc, r)
                 status = BlkStatus.IOERR
             # The session waits for requests in flight before it frees its
             # rings, but not forever: past that, the ring is gone and the
@@ -347,6 +345,18 @@ class BlkDevice(Device):
         if self._loop is None:
             raise RuntimeError("async back-end needs the device's event loop")
         asyncio.run_coroutine_threadsafe(run(), self._loop)
+
+
+def _log_failure(exc: Exception, r) -> None:
+    """An I/O error (a remote store gone, a disk failing) is one line: during
+    an outage every request fails. Anything else is a bug in the back-end:
+    its traceback."""
+    if isinstance(exc, OSError):
+        log.warning("block back-end: request type %d sector %d failed: %s", r.type, r.sector,
+                    exc)
+    else:
+        log.error("block back-end failed on request type %d sector %d", r.type, r.sector,
+                  exc_info=exc)
 
 
 def _views(r) -> list[memoryview]:
