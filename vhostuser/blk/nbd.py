@@ -19,6 +19,13 @@ up for ``timeout`` seconds, the requests still waiting and every new one
 fail at once, so a guest doesn't wait ``timeout`` per request through a
 long outage; connecting goes on in the background (at most a second apart)
 and the first connection back ends that.
+
+Limits: a command given up on (hung server, dropped connection) may still
+be carried out by the server later, as with any NBD client. The guest's
+write-through setting doesn't reach Python back-ends, so writes never carry
+FUA; the guest's flushes become NBD flushes. Without TLS libnbd touches
+guest buffers only with send()/recv(), so memory unmapped under a request
+(front-end gone) gives EFAULT, not a crash; with nbds:// GnuTLS copies.
 """
 from __future__ import annotations
 
