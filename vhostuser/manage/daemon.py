@@ -24,6 +24,7 @@ from .. import __version__
 from ..blk import BlkDevice
 from ..qos import QosLimits
 from . import checks, describe
+from . import remote_sources  # noqa: F401 (registers the "nbd" and "rbd" disk kinds)
 from .errors import (BackendFailed, BadState, ExportExists, NoSuchExport, NotSupported,
                      SocketInUse)
 from .export import FAILED, RUNNING, STOPPED, Export

@@ -1,0 +1,69 @@
+"""Network-storage disks as vhostuser-daemon exports: an NBD disk (nbdkit)
+next to a local one, added and removed over the control socket, and a bad
+remote spec refused without changing anything."""
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from vhostuser.frontend import BlkClient, Frontend
+from vhostuser.testing.daemon import DaemonProcess
+from vhostuser.testing.nbd import NbdServer, missing
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def workdir():
+    d = tempfile.mkdtemp(prefix="vhr", dir="/tmp")    # short: socket paths
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(workdir):
+    d = DaemonProcess(workdir)
+    yield d
+    assert d.terminate() == 0, d.output()
+
+
+def test_nbd_export_in_the_daemon(workdir, daemon):
+    if missing():
+        pytest.skip(f"NBD tools missing: {missing()}")
+    with NbdServer.nbdkit(["memory", "16M"], unix=os.path.join(workdir, "nbdkit.sock")) as srv:
+        got = daemon.call("add", type="blk", name="remote", socket=daemon.path("r.sock"),
+                          nbd=srv.uri, remote_timeout=5)
+        assert got["name"] == "remote"
+        ram = daemon.call("add", type="blk", name="local", socket=daemon.path("l.sock"),
+                          ramdisk="4M")
+        assert ram["name"] == "local"
+        with Frontend.connect(daemon.path("r.sock")) as fe:
+            blk = BlkClient.setup(fe)
+            assert blk.capacity == 16 * MIB // 512
+            data = os.urandom(64 * 1024)
+            blk.write(100, data)
+            blk.flush()
+            assert blk.read(100, len(data)) == data
+        stats = daemon.call("stats", name="remote")
+        assert stats["totals"]["writes"] >= 1 and stats["totals"]["bytes_read"] == len(data)
+        daemon.call("remove", name="remote")
+    names = [e["name"] for e in daemon.call("list")]
+    assert names == ["local"]
+
+
+@pytest.mark.parametrize("spec, code", [
+    ({"nbd": "http://example.com/disk"}, "bad-args"),
+    ({"nbd": "nbd://127.0.0.1:1/", "remote_timeout": -1}, "bad-args"),
+    ({"rbd": "just-an-image"}, "bad-args"),
+    ({"nbd": "nbd+unix:///?socket=/nonexistent/nbd.sock", "remote_timeout": 1}, None),
+])
+def test_bad_remote_specs_change_nothing(daemon, spec, code):
+    before = daemon.call("list")
+    with daemon.client() as c:
+        with pytest.raises(Exception) as err:
+            c.call("add", {"type": "blk", "name": "x", "socket": daemon.path("x.sock"), **spec})
+    if code:
+        assert getattr(err.value, "code", None) == code, err.value
+    assert daemon.call("list") == before
+    assert not os.path.exists(daemon.path("x.sock"))
