@@ -47,7 +47,7 @@ setup() {
 }
 
 run_tests() {
-    FUZZ_CLI_CASES=${FUZZ_CLI_CASES:-200} python3 -m pytest -q -p no:cacheprovider tests "$@"
+    FUZZ_CLI_CASES=${FUZZ_CLI_CASES:-200} python3 -m pytest -q -rs -p no:cacheprovider tests "$@"
     sanitizer_tests
     echo "== coverage-guided fuzz smoke (libFuzzer, ASan+UBSan) =="
     SMOKE_SECONDS=${SMOKE_SECONDS:-60} fuzz/smoke.sh
