@@ -168,15 +168,17 @@ class NetDevice(Device):
             return lib.vu_net_inject(self._net, queue_pair, frame, len(frame)) == 0
 
     def stats(self) -> dict[str, int]:
+        """The counters of :meth:`metrics` summed over the queue pairs (drops
+        as ``tx_dropped_REASON``), plus the switch's when it is a port."""
         total: dict[str, int] = {}
-        for qp in range(self.queue_pairs):
-            s = self._net.stats[qp]
-            for name in ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "tx_gso",
-                         "tx_csum_partial", "rx_gso", "rx_csum_partial"):
-                total[name] = total.get(name, 0) + getattr(s, name)
-            for i, reason in enumerate(DROP_REASONS[1:], start=1):
-                total[f"tx_dropped_{reason}"] = total.get(f"tx_dropped_{reason}", 0) + s.tx_dropped[i]
-                total[f"rx_dropped_{reason}"] = total.get(f"rx_dropped_{reason}", 0) + s.rx_dropped[i]
+        for m in self.metrics():
+            for name, value in m.items():
+                if name == "queue_pair":
+                    continue
+                parts = value.items() if isinstance(value, dict) else [(None, value)]
+                for reason, count in parts:
+                    key = name if reason is None else f"{name}_{reason}"
+                    total[key] = total.get(key, 0) + count
         if self._kind == lib.VU_NET_BACKEND_SWITCH and self.backend.index is not None:
             total.update({f"switch_{k}": v for k, v in self.backend.stats().items()})
         return total
