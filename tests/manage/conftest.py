@@ -2,36 +2,16 @@
 socket with vhostuser-ctl (a process too) and the Python client."""
 import contextlib
 import os
-import shutil
 import socket
-import tempfile
 
 import pytest
 
 from vhostuser import protocol
 from vhostuser.frontend import BlkClient, Frontend
 from vhostuser.frontend.device import DEFAULT_PROTOCOL_FEATURES
-from vhostuser.testing.daemon import DaemonProcess
 from vhostuser.protocol import ProtocolFeature, Request, bit
 
 MIB = 1 << 20
-
-
-@pytest.fixture
-def workdir():
-    # Short: unix socket paths must fit in 108 bytes.
-    d = tempfile.mkdtemp(prefix="vhm", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def daemon(workdir):
-    d = DaemonProcess(workdir)
-    yield d
-    rc = d.terminate()
-    assert rc == 0, d.output()
-    assert "Traceback" not in d.output(), d.output()
 
 
 @pytest.fixture

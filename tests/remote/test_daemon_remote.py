@@ -2,30 +2,13 @@
 next to a local one, added and removed over the control socket, and a bad
 remote spec refused without changing anything."""
 import os
-import shutil
-import tempfile
 
 import pytest
 
 from vhostuser.frontend import BlkClient, Frontend
-from vhostuser.testing.daemon import DaemonProcess
 from vhostuser.testing.nbd import NbdServer, missing
 
 MIB = 1 << 20
-
-
-@pytest.fixture
-def workdir():
-    d = tempfile.mkdtemp(prefix="vhr", dir="/tmp")    # short: socket paths
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def daemon(workdir):
-    d = DaemonProcess(workdir)
-    yield d
-    assert d.terminate() == 0, d.output()
 
 
 def test_nbd_export_in_the_daemon(workdir, daemon):

@@ -485,12 +485,7 @@ def test_vhostuser_blk_nbd_command(servers, sock_dir, image):
                              "--nbd", srv.uri, "--remote-timeout", "5"],
                             stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(path):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        with Frontend.connect(path) as fe:
+        with Frontend.connect(path, wait=10) as fe:
             blk = BlkClient.setup(fe)
             assert blk.capacity == DISK // 512
             blk.write(8, pattern(9, 8192))
