@@ -16,9 +16,7 @@
 #include <linux/falloc.h>
 #include <stdlib.h>
 #include <string.h>
-#include <linux/magic.h>
 #include <sys/mman.h>
-#include <sys/vfs.h>
 #include <sys/timerfd.h>
 #include <unistd.h>
 
@@ -73,29 +71,25 @@ void vu_blk_free(struct vu_blk_dev *b)
     }
     if (b->ram)
         munmap(b->ram, b->ram_size);
+    vu_filemap_close(&b->map);
     vu_qos_destroy(&b->qos);
     pthread_mutex_destroy(&b->async_lock);
     free(b);
 }
 
-void vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct)
+int vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct)
 {
     b->fd = fd;
     b->direct = direct;
-}
-
-/* tmpfs and ramfs: the data is in memory, a read or write never waits for
- * a device. */
-static bool memory_backed(int fd)
-{
-    struct statfs fs;
-    return fstatfs(fd, &fs) == 0 &&
-           ((unsigned long)fs.f_type == TMPFS_MAGIC || (unsigned long)fs.f_type == RAMFS_MAGIC);
+    vu_filemap_close(&b->map);
+    /* O_DIRECT asks to bypass the cache: don't read it through a mapping. */
+    int rc = direct ? 0 : vu_filemap_open(&b->map, fd);
+    return rc < 0 ? rc : b->map.base != NULL;
 }
 
 int vu_blk_set_uring(struct vu_blk_dev *b, bool on)
 {
-    if (on && b->fd >= 0 && memory_backed(b->fd)) {
+    if (on && b->fd >= 0 && vu_filemap_memory_backed(b->fd)) {
         /* io_uring can't try these without blocking (no RWF_NOWAIT there),
          * so it hands every request to a worker thread: two context
          * switches for a copy the queue worker does faster itself. */
@@ -392,6 +386,8 @@ static int file_write_zeroes_slow(int fd, uint64_t off, uint64_t len)
 
 static int file_zero(struct vu_blk_dev *b, uint64_t off, uint64_t len, bool unmap)
 {
+    vu_filemap_punching(&b->map, off, len);
+    vu_filemap_written(&b->map, off, len);
     if (unmap && b->punch_hole &&
         fallocate(b->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
         return 0;
@@ -405,6 +401,7 @@ static int file_discard(struct vu_blk_dev *b, uint64_t off, uint64_t len)
 {
     if (!b->punch_hole)
         return 0;
+    vu_filemap_punching(&b->map, off, len);
     if (fallocate(b->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) < 0) {
         if (errno == EOPNOTSUPP || errno == ENOSYS) {
             b->punch_hole = false;   /* discard is a hint: dropping it is allowed */
@@ -433,6 +430,7 @@ static int do_segments(struct vu_blk_dev *b, struct vu_blk_req *r)
             rc = file_zero(b, off, len, (r->segs[i].flags & 1) && b->lim.write_zeroes_unmap);
         } else {
             /* secure erase: overwrite, then make it stable */
+            vu_filemap_written(&b->map, off, len);
             rc = file_write_zeroes_slow(b->fd, off, len);
             if (rc == 0 && fdatasync(b->fd) < 0)
                 rc = -errno;
@@ -452,6 +450,8 @@ void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r)
     case VU_BLK_T_IN:
         if (ram)
             copy_iov(r, b->ram + off, true);
+        else if (vu_filemap_read(&b->map, r->iov, r->niov, off, r->data_len) == 0)
+            ;   /* copied from the page cache through the mapping */
         else if (b->direct && !iov_aligned(r))
             rc = file_rw_bounce(b->fd, r, off, false);
         else
@@ -464,6 +464,8 @@ void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r)
             rc = file_rw_bounce(b->fd, r, off, true);
         else
             rc = file_rw(b->fd, r->iov, r->niov, off, true);
+        if (rc == 0 && !ram)
+            vu_filemap_written(&b->map, off, r->data_len);
         /* Write-through (writeback 0): the write is stable when we complete it. */
         if (rc == 0 && !ram && !b->lim.writeback && fdatasync(b->fd) < 0)
             rc = -errno;

@@ -2,6 +2,7 @@
 #ifndef VU_BLK_H
 #define VU_BLK_H
 
+#include "vu_filemap.h"
 #include "vu_qos.h"
 #include "vu_queue.h"
 #include "vu_uring.h"
@@ -87,6 +88,7 @@ struct vu_blk_dev {
     int fd;                 /* FILE */
     bool direct;            /* FILE opened O_DIRECT: bounce unaligned buffers */
     bool punch_hole;        /* FILE: fallocate punch-hole works here */
+    struct vu_filemap map;  /* FILE on tmpfs/ramfs: reads copy from the page cache */
     uint8_t *ram;           /* RAM */
     uint64_t ram_size;
     void *py_ctx;           /* PYTHON: cffi handle */
@@ -111,8 +113,10 @@ struct vu_blk_dev {
 
 struct vu_blk_dev *vu_blk_new(int backend);
 void vu_blk_free(struct vu_blk_dev *b);
-/* FILE back-end: fd is borrowed (the caller keeps it open). */
-void vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct);
+/* FILE back-end: fd is borrowed (the caller keeps it open). Returns 1 when
+ * reads go through a mapping of the file (tmpfs, ramfs), 0 when not,
+ * -errno when mapping it failed (reads then use preadv). */
+int vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct);
 /* FILE back-end: asynchronous I/O through io_uring (false: in the worker).
  * Returns 0; 1 when the file is in memory (tmpfs, ramfs), where the worker
  * does the I/O itself anyway; or -errno when io_uring is not available. */

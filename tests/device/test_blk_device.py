@@ -1,7 +1,6 @@
 """The virtio-blk device end to end over a real vhost-user socket, driven by
 the library's front-end: C file back-end (io_uring and sync), RAM disk, the
 Python back-end API with the examples, read-only disks, resize."""
-import hashlib
 import os
 import tempfile
 
@@ -13,15 +12,9 @@ from examples.trace_disk import TracingDisk
 from vhostuser.blk import BlkDevice, BlkFeature, BlockBackend, FileBackend, RamBackend
 from vhostuser.frontend import BlkRequest, BlkStatus
 from vhostuser.testing.server import BackgroundServer
+from vhostuser.testing.patterns import pattern
 
 MIB = 1 << 20
-
-
-def pattern(seed: int, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        out += hashlib.sha256(f"{seed}:{len(out)}".encode()).digest()
-    return out[:n]
 
 
 @pytest.fixture

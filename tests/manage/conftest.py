@@ -22,10 +22,6 @@ def image(workdir):
     return path
 
 
-def pattern(seed: int, n: int) -> bytes:
-    return (f"{seed:08d}".encode() * (n // 8 + 1))[:n]
-
-
 @contextlib.contextmanager
 def blk_frontend(path: str, *, backend_channel: bool = False, **setup):
     """A connected BlkClient; with backend_channel, also the front-end's end

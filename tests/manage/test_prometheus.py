@@ -5,8 +5,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vhostuser.frontend import BlkRequest
 from vhostuser.manage.prometheus import cumulative_buckets, parse_address
+from vhostuser.testing.patterns import pattern
 
-from .conftest import blk_frontend, pattern
+from .conftest import blk_frontend
 
 
 def scrape(daemon) -> dict:

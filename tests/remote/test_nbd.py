@@ -10,7 +10,6 @@ VHOSTUSER_REQUIRE_NBD=1 makes that a failure.
 """
 import asyncio
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
@@ -29,6 +28,7 @@ from vhostuser.frontend import BlkClient, BlkRequest, BlkStatus, Frontend
 from vhostuser.server import Server
 from vhostuser.testing.nbd import NbdServer, free_port, missing
 from vhostuser.testing.server import BackgroundServer
+from vhostuser.testing.patterns import pattern
 
 MIB = 1 << 20
 DISK = 16 * MIB
@@ -110,15 +110,6 @@ def also_served(srv: BackgroundServer, device, path):
         with contextlib.suppress(Exception):
             task.result(5)
         device.close()
-
-
-def pattern(seed: int, n: int) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < n:
-        out += hashlib.blake2b(f"{seed}/{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:n])
 
 
 def image_bytes(path: str, offset: int, n: int) -> bytes:

@@ -10,7 +10,6 @@ VHOSTUSER_REQUIRE_CEPH=1 makes that a failure.
 """
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import os
 import signal
@@ -25,6 +24,7 @@ from vhostuser.frontend import BlkClient, BlkRequest, BlkStatus, Frontend
 from vhostuser.server import Server
 from vhostuser.testing.ceph import PACKAGES, CephCluster, CephError, missing_tools
 from vhostuser.testing.server import BackgroundServer
+from vhostuser.testing.patterns import pattern
 
 MIB = 1 << 20
 IMAGE_SIZE = 64 * MIB
@@ -72,13 +72,6 @@ def image(ceph):
 def rbd_backend(ceph, spec, **kw):
     from vhostuser.blk.rbd import RbdBackend
     return RbdBackend.from_spec(spec, conf=ceph.conf_path, **kw)
-
-
-def pattern(seed: int, n: int) -> bytes:
-    head = hashlib.sha256(f"{seed}".encode()).digest() * 128     # 4 KiB, per seed
-    blocks = [hashlib.sha256(f"{seed}:{i}".encode()).digest() + head[32:]
-              for i in range((n + 4095) // 4096)]                # each 4 KiB distinct
-    return b"".join(blocks)[:n]
 
 
 @contextlib.contextmanager

@@ -58,8 +58,13 @@ class BlkDevice(Device):
         if aio not in ("io_uring", "sync"):
             raise ValueError(f"aio must be io_uring or sync, not {aio!r}")
         self.aio = "sync"
+        self.mapped_reads = False
         if kind == lib.VU_BLK_BACKEND_FILE:
-            lib.vu_blk_set_file(self._blk, backend.fd, backend.direct)
+            mapped = lib.vu_blk_set_file(self._blk, backend.fd, backend.direct)
+            if mapped < 0:
+                log.warning("%s: can't map it for reading (%s); reads use preadv",
+                            backend.path, os.strerror(-mapped))
+            self.mapped_reads = mapped == 1   # an image on tmpfs: memcpy from its page cache
             if aio == "io_uring":
                 # Many requests in flight per queue; without io_uring (old
                 # kernel, seccomp) the workers do the I/O themselves.
@@ -240,6 +245,13 @@ class BlkDevice(Device):
             m["throttled"] = self._blk.throttled[q]
             out.append(m)
         return out
+
+    def map_stats(self) -> dict:
+        """How file reads were served: through the mapping of an in-memory
+        image, or by preadv (holes, chunks not yet seen resident, faults)."""
+        fm = self._blk.map
+        return {"mapped": self.mapped_reads,
+                "mapped_reads": fm.mapped_reads, "fallback_reads": fm.fallback_reads}
 
     def close(self) -> None:
         if self._blk != ffi.NULL:

@@ -1,0 +1,212 @@
+/* Reads from an in-memory image through a mapping; see vu_filemap.h. */
+#include "vu_filemap.h"
+
+#include <errno.h>
+#include <linux/magic.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
+#include <unistd.h>
+
+#define CHUNK ((uint64_t)1 << VU_FILEMAP_CHUNK_SHIFT)
+#define PAGE 4096u
+
+/* SIGBUS guard ------------------------------------------------------------ */
+
+/* Set while this thread copies from a mapping: the handler jumps back. */
+static __thread sigjmp_buf *volatile guard;
+static struct sigaction prev_sigbus;
+static pthread_once_t guard_once = PTHREAD_ONCE_INIT;
+static int guard_installed;
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+    sigjmp_buf *env = guard;
+    if (env) {
+        guard = NULL;
+        siglongjmp(*env, 1);
+    }
+    /* Not one of our copies: whoever handled SIGBUS before us decides. */
+    if ((prev_sigbus.sa_flags & SA_SIGINFO) && prev_sigbus.sa_sigaction) {
+        prev_sigbus.sa_sigaction(sig, si, uc);
+        return;
+    }
+    if (!(prev_sigbus.sa_flags & SA_SIGINFO) && prev_sigbus.sa_handler != SIG_DFL &&
+        prev_sigbus.sa_handler != SIG_IGN) {
+        prev_sigbus.sa_handler(sig);
+        return;
+    }
+    /* Default action: returning re-runs the faulting access, which now
+     * ends the process with SIGBUS as it would have without us. */
+    signal(SIGBUS, SIG_DFL);
+}
+
+static void install_guard(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = on_sigbus;
+    /* NODEFER: siglongjmp leaves the handler without sigreturn, and
+     * SIGBUS must not stay blocked in this thread afterwards. */
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    guard_installed = sigaction(SIGBUS, &sa, &prev_sigbus) == 0;
+}
+
+__attribute__((noinline)) static void copy_to_iov(const struct iovec *iov, uint32_t niov, const uint8_t *src, uint64_t len)
+{
+    for (uint32_t i = 0; i < niov && len > 0; i++) {
+        size_t n = iov[i].iov_len < len ? iov[i].iov_len : (size_t)len;
+        memcpy(iov[i].iov_base, src, n);
+        src += n;
+        len -= n;
+    }
+}
+
+/* Copies len bytes from src into iov; false if it faulted. Nothing here
+ * changes after sigsetjmp, so nothing is clobbered by the jump back. */
+static bool guarded_copy(const struct iovec *iov, uint32_t niov, const uint8_t *src, uint64_t len)
+{
+    sigjmp_buf env;
+    if (sigsetjmp(env, 0)) {
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        return false;
+    }
+    guard = &env;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);   /* armed before the first load */
+    copy_to_iov(iov, niov, src, len);
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);   /* disarmed after the last one */
+    guard = NULL;
+    return true;
+}
+
+/* Mapping --------------------------------------------------------------------- */
+
+bool vu_filemap_memory_backed(int fd)
+{
+    struct statfs fs;
+    return fstatfs(fd, &fs) == 0 &&
+           ((unsigned long)fs.f_type == TMPFS_MAGIC || (unsigned long)fs.f_type == RAMFS_MAGIC);
+}
+
+int vu_filemap_open(struct vu_filemap *m, int fd)
+{
+    memset(m, 0, sizeof(*m));
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return -errno;
+    if (!S_ISREG(st.st_mode) || st.st_size <= 0 || !vu_filemap_memory_backed(fd))
+        return 0;
+    pthread_once(&guard_once, install_guard);
+    if (!guard_installed)
+        return 0;   /* without the guard a shrinking file would kill us: don't map */
+    uint64_t len = ((uint64_t)st.st_size + PAGE - 1) & ~(uint64_t)(PAGE - 1);
+    uint64_t nchunks = (len + CHUNK - 1) >> VU_FILEMAP_CHUNK_SHIFT;
+    size_t words = (size_t)((nchunks + 63) / 64);
+    uint64_t *resident = calloc(words, sizeof(uint64_t));
+    uint64_t *sparse = calloc(words, sizeof(uint64_t));
+    /* No MAP_POPULATE: faulting in holes is exactly what must not happen. */
+    void *p = resident && sparse ? mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0) : MAP_FAILED;
+    if (p == MAP_FAILED) {
+        int err = resident && sparse ? errno : ENOMEM;
+        free(resident);
+        free(sparse);
+        return -err;
+    }
+    m->base = p;
+    m->len = len;
+    m->nchunks = nchunks;
+    m->resident = resident;
+    m->sparse = sparse;
+    return 0;
+}
+
+void vu_filemap_close(struct vu_filemap *m)
+{
+    if (m->base)
+        munmap((void *)m->base, m->len);
+    free(m->resident);
+    free(m->sparse);
+    memset(m, 0, sizeof(*m));
+}
+
+static bool test_bit(uint64_t *bits, uint64_t c)
+{
+    return __atomic_load_n(&bits[c >> 6], __ATOMIC_RELAXED) & (1ull << (c & 63));
+}
+
+static void set_bit(uint64_t *bits, uint64_t c)
+{
+    __atomic_fetch_or(&bits[c >> 6], 1ull << (c & 63), __ATOMIC_RELAXED);
+}
+
+static void clear_bit(uint64_t *bits, uint64_t c)
+{
+    if (test_bit(bits, c))   /* a plain load first: most writes find nothing to clear */
+        __atomic_fetch_and(&bits[c >> 6], ~(1ull << (c & 63)), __ATOMIC_RELAXED);
+}
+
+/* True when every page of chunk c is in memory; asks the kernel once, then
+ * remembers the answer until a write or a hole punch changes it. */
+static bool chunk_resident(struct vu_filemap *m, uint64_t c)
+{
+    if (test_bit(m->resident, c))
+        return true;
+    if (test_bit(m->sparse, c))
+        return false;
+    uint64_t start = c << VU_FILEMAP_CHUNK_SHIFT;
+    uint64_t n = m->len - start < CHUNK ? m->len - start : CHUNK;
+    unsigned char vec[CHUNK / PAGE];
+    bool all = mincore((void *)(m->base + start), (size_t)n, vec) == 0;
+    for (uint64_t i = 0; all && i < (n + PAGE - 1) / PAGE; i++)
+        all = vec[i] & 1;
+    set_bit(all ? m->resident : m->sparse, c);
+    return all;
+}
+
+int vu_filemap_read(struct vu_filemap *m, const struct iovec *iov, uint32_t niov, uint64_t off,
+                    uint64_t len)
+{
+    if (!m->base || len == 0 || off >= m->len || len > m->len - off)
+        return -1;
+    uint64_t last = (off + len - 1) >> VU_FILEMAP_CHUNK_SHIFT;
+    for (uint64_t c = off >> VU_FILEMAP_CHUNK_SHIFT; c <= last; c++) {
+        if (!chunk_resident(m, c)) {
+            __atomic_fetch_add(&m->fallback_reads, 1, __ATOMIC_RELAXED);
+            return -1;
+        }
+    }
+    if (!guarded_copy(iov, niov, m->base + off, len)) {
+        /* Shrunk or evicted under us: ask again next time. */
+        for (uint64_t c = off >> VU_FILEMAP_CHUNK_SHIFT; c <= last; c++)
+            clear_bit(m->resident, c);
+        __atomic_fetch_add(&m->fallback_reads, 1, __ATOMIC_RELAXED);
+        return -1;
+    }
+    __atomic_fetch_add(&m->mapped_reads, 1, __ATOMIC_RELAXED);
+    return 0;
+}
+
+static void clear_range(struct vu_filemap *m, uint64_t *bits, uint64_t off, uint64_t len)
+{
+    if (!m->base || len == 0 || off >= m->len)
+        return;
+    uint64_t end = len - 1 < m->len - 1 - off ? off + len - 1 : m->len - 1;   /* no overflow */
+    for (uint64_t c = off >> VU_FILEMAP_CHUNK_SHIFT; c <= end >> VU_FILEMAP_CHUNK_SHIFT; c++)
+        clear_bit(bits, c);
+}
+
+void vu_filemap_written(struct vu_filemap *m, uint64_t off, uint64_t len)
+{
+    clear_range(m, m->sparse, off, len);
+}
+
+void vu_filemap_punching(struct vu_filemap *m, uint64_t off, uint64_t len)
+{
+    clear_range(m, m->resident, off, len);
+}

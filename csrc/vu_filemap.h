@@ -1,0 +1,47 @@
+/* Reads from an image file on tmpfs/ramfs through a read-only mapping.
+ *
+ * A preadv into tmpfs costs a syscall and the kernel's page-by-page copy;
+ * a memcpy from a mapping of the same page cache is 2-3x faster here. Two
+ * things make a plain mapping unsafe, and this module handles both:
+ *  - a read fault on a hole allocates a tmpfs page, so reading a sparse
+ *    image would fill it. Chunks are used through the mapping only once
+ *    mincore() has seen every page of them resident; other reads go to
+ *    preadv, which returns zeroes for holes without allocating.
+ *  - a page past the end of a file that shrank, or one that can't be
+ *    brought back (tmpfs full, swap), raises SIGBUS. The copy runs under a
+ *    per-thread SIGBUS guard that turns the fault into "use preadv". */
+#ifndef VU_FILEMAP_H
+#define VU_FILEMAP_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#define VU_FILEMAP_CHUNK_SHIFT 21   /* 2 MiB: one mincore() call decides for 512 pages */
+
+struct vu_filemap {
+    const uint8_t *base;    /* NULL: not mapped, every read goes to preadv */
+    uint64_t len;           /* bytes mapped: the file's size when mapped, whole chunks */
+    uint64_t nchunks;
+    uint64_t *resident;     /* bit per chunk: every page seen in memory, use the mapping */
+    uint64_t *sparse;       /* bit per chunk: seen with a hole, don't ask again until written */
+    uint64_t mapped_reads, fallback_reads;   /* for tests and metrics (racy counts) */
+};
+
+/* tmpfs or ramfs: the data is in memory, a read or write never waits. */
+bool vu_filemap_memory_backed(int fd);
+/* Maps fd read-only if it is on tmpfs or ramfs; 0 with m->base NULL when
+ * it is not (nothing to gain), -errno on failure. */
+int vu_filemap_open(struct vu_filemap *m, int fd);
+void vu_filemap_close(struct vu_filemap *m);
+/* Copies len bytes at off into iov. 0 when done, -1 when the caller must
+ * read them itself (outside the mapping, not known resident, or SIGBUS);
+ * the iov contents are then undefined but the iov array is unchanged. */
+int vu_filemap_read(struct vu_filemap *m, const struct iovec *iov, uint32_t niov, uint64_t off,
+                    uint64_t len);
+/* Our write may have filled holes: let its chunks be checked again. */
+void vu_filemap_written(struct vu_filemap *m, uint64_t off, uint64_t len);
+/* Before punching a hole: its chunks are no longer known resident. */
+void vu_filemap_punching(struct vu_filemap *m, uint64_t off, uint64_t len);
+
+#endif
