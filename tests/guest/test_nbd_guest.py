@@ -4,10 +4,7 @@ back after dropping its caches, and the image is then checked from the host
 (e2fsck, the file's bytes)."""
 from __future__ import annotations
 
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ from imagecheck import debugfs_cat, sha
 from vhostuser.testing import guest
 from vhostuser.testing.guest import MIB
 from vhostuser.testing.nbd import NbdServer, missing
+from vhostuser.testing.program import BackendProgram
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,28 +49,15 @@ def nbd_export(tmp_path, sock_dir):
 def test_guest_file_system_on_an_nbd_export(guest_kit, nbd_export, sock_dir, tmp_path):
     image, server = nbd_export
     sock = sock_dir / "vu.sock"
-    log = tmp_path / "vhostuser-blk.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.blk", "--socket-path",
-                                 str(sock), "--nbd", server.uri, "--num-queues", "2", "-v"],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=REPO)
-    try:
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "vhostuser-blk did not listen"
-            time.sleep(0.05)
+    with BackendProgram("vhostuser.cli.blk", "--nbd", server.uri, "--num-queues", "2", "-v",
+                        socket=sock, log=tmp_path / "vhostuser-blk.log", cwd=REPO,
+                        timeout=15) as prog:
         result = guest.run_guest(guest_kit, WORKLOAD, blk_sockets=[str(sock)], num_queues=2,
                                  smp=2, timeout=180, pvh=True)
         result.check()
         got = result.results()
         assert got["written"] == got["read"]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert prog.terminate(15) == 0, prog.output()
     server.kill()       # the image is the server's until then
     fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr

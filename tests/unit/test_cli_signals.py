@@ -1,31 +1,52 @@
-"""The back-end programs' signal handling, as a service manager uses it."""
+"""The back-end programs as a service manager runs them: signals, and what
+a program serving only C back-ends loads."""
 import os
 import signal
-import subprocess
-import sys
 import time
+
+from vhostuser.frontend import BlkClient, Frontend
+from vhostuser.testing.program import BackendProgram
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def mapped_libraries(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as f:
+        return f.read()
 
 
 def test_sighup_does_not_end_vhostuser_net(tmp_path):
     """vhostuser-net has nothing to reload, but a SIGHUP (a service manager's
     reload) must not take the interface down: it is logged and ignored."""
     sock = tmp_path / "net.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.net", "--socket-path",
-                             str(sock), "--sink"], stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "no socket"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGHUP)
+    with BackendProgram("vhostuser.cli.net", "--sink", socket=sock,
+                        log=tmp_path / "net.log") as prog:
+        prog.signal(signal.SIGHUP)
         time.sleep(0.5)
-        assert proc.poll() is None, "SIGHUP ended vhostuser-net"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
-        assert "SIGHUP" in proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert prog.proc.poll() is None, "SIGHUP ended vhostuser-net"
+        assert prog.terminate() == 0
+        assert "SIGHUP" in prog.output()
     assert not os.path.exists(sock)
+
+
+def test_c_backends_serve_without_loading_tls(tmp_path):
+    """asyncio would map libssl and libcrypto (4 MB of RSS) that a C
+    back-end never uses; the program keeps ssl out and still serves."""
+    sock = tmp_path / "blk.sock"
+    with BackendProgram("vhostuser.cli.blk", "--ramdisk", "1M", socket=sock,
+                        log=tmp_path / "blk.log") as prog:
+        assert "libssl" not in mapped_libraries(prog.pid)
+        with Frontend.connect(str(sock)) as fe:
+            blk = BlkClient.setup(fe)
+            blk.write(8, b"\x42" * 4096)
+            assert blk.read(8, 4096) == b"\x42" * 4096
+        assert prog.terminate() == 0
+
+
+def test_a_python_backend_keeps_tls_available(tmp_path):
+    """A Python back-end may talk TLS to its store: nothing is kept out."""
+    sock = tmp_path / "blk.sock"
+    with BackendProgram("vhostuser.cli.blk", "--backend", "examples.sparse_dict:SparseDictDisk",
+                        socket=sock, log=tmp_path / "blk.log", cwd=REPO) as prog:
+        assert "libssl" in mapped_libraries(prog.pid)
+        assert prog.terminate() == 0

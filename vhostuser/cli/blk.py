@@ -6,9 +6,10 @@ import importlib
 import os
 import sys
 
-from ..blk import BackendError, BlkDevice, BlockBackend, FileBackend, RamBackend
-from ..qos import QosError, QosLimits
 from . import common
+
+# The device modules are imported in the functions that use them, after
+# common.lean_start() (they import asyncio).
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,6 +71,7 @@ def load_class(spec: str, base: type) -> type:
 
 
 def make_backend(args):
+    from ..blk import BlockBackend, FileBackend, RamBackend
     if args.blk_file:
         return FileBackend(args.blk_file, read_only=args.read_only, direct=args.direct)
     if args.ramdisk:
@@ -86,6 +88,7 @@ def make_backend(args):
 
 def make_rbd_backend(args):
     # Imported here: the other sources don't need cffi's librbd bindings.
+    from ..blk import BackendError
     from ..blk.rbd import RbdBackend
     try:
         return RbdBackend.from_spec(args.rbd, conf=args.rbd_conf, client_id=args.rbd_id,
@@ -96,6 +99,7 @@ def make_rbd_backend(args):
 
 
 def make_nbd_backend(args):
+    from ..blk import BackendError
     from ..blk.nbd import NbdBackend
     try:
         return NbdBackend(args.nbd, read_only=args.read_only,
@@ -110,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         common.print_capabilities("block", ["read-only", "blk-file"])
         return 0
     common.setup_logging(args.verbose)
+    common.lean_start(python_backend=bool(args.backend))
 
     def start() -> int:
+        from ..blk import BackendError, BlkDevice
+        from ..qos import QosError, QosLimits
         if not 1 <= args.num_queues <= 64:
             raise common.UsageError(f"--num-queues must be 1..64, not {args.num_queues}")
         backend = make_backend(args)

@@ -3,17 +3,35 @@ back-end program conventions (vhost-user.rst), logging, SIGTERM handling."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING
 
-from ..device import Device
-from ..errors import VhostUserError
-from ..server import Server, new_event_loop
+if TYPE_CHECKING:
+    from ..device import Device
+    from ..server import Server
+
+# asyncio, the server and the devices are imported where they are used, not
+# here: lean_start() must run before asyncio is first imported.
 
 log = logging.getLogger("vhostuser")
+
+
+def lean_start(*, python_backend: bool) -> None:
+    """Keeps ssl out of a program that serves only C back-ends.
+
+    asyncio imports ssl eagerly, and uvloop requires it; that maps libssl
+    and libcrypto, 4 MB of RSS, which nothing in vhostuser uses (sockets
+    are unix sockets, I/O is in C). A Python back-end may want TLS (or
+    uvloop's speed), so it gets both. Only a fresh process is changed:
+    once asyncio is imported (a test run, an embedding program) this does
+    nothing. Without ssl, uvloop doesn't import and asyncio's own loop
+    serves the control plane, which handles only vhost-user messages here.
+    """
+    if not python_backend and "asyncio" not in sys.modules and "ssl" not in sys.modules:
+        sys.modules["ssl"] = None   # `import ssl` now raises ImportError
 
 
 class UsageError(Exception):
@@ -49,6 +67,8 @@ def print_capabilities(kind: str, features: list[str]) -> None:
 
 
 def make_server(args, device: Device) -> Server:
+    from ..errors import VhostUserError
+    from ..server import Server
     if args.socket_path is None and args.fd is None and args.connect is None:
         raise UsageError("one of --socket-path, --fd or --connect is required")
     if not 1 <= args.queues_per_thread <= 64:
@@ -63,6 +83,7 @@ def make_server(args, device: Device) -> Server:
 
 
 async def _serve_until_sigterm(servers: list[Server], on_sighup=None) -> None:
+    import asyncio
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -93,6 +114,7 @@ async def _serve_until_sigterm(servers: list[Server], on_sighup=None) -> None:
 
 def run(servers: list[Server], *, on_sighup=None) -> int:
     """Serves until SIGTERM/SIGINT; ``on_sighup`` runs on the loop for SIGHUP."""
+    from ..server import new_event_loop
     loop = new_event_loop()
     try:
         loop.run_until_complete(_serve_until_sigterm(servers, on_sighup))

@@ -5,12 +5,16 @@ import argparse
 import sys
 import types
 
-from ..net import (LoopbackBackend, NetBackend, NetBackendError, NetDevice, SinkBackend,
-                   TapBackend)
-from ..net.spec import parse_mac
-from ..net.switch import MAX_PORTS, Switch, TapUplink, VxlanUplink
+from typing import TYPE_CHECKING
+
 from . import common
 from .blk import load_class
+
+if TYPE_CHECKING:
+    from ..net.switch import Switch
+
+# The device modules are imported in the functions that use them, after
+# common.lean_start() (they import asyncio).
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         common.print_capabilities("net", [])
         return 0
     common.setup_logging(args.verbose)
+    common.lean_start(python_backend=bool(args.backend))
 
     def start() -> int:
+        from ..net import (LoopbackBackend, NetBackend, NetBackendError, NetDevice,
+                           SinkBackend, TapBackend)
+        from ..net.spec import parse_mac
         if not 1 <= args.queues <= 16:
             raise common.UsageError(f"--queues must be 1..16, not {args.queues}")
         try:
@@ -110,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def open_switch(tap: str | None, vxlan: str | None) -> Switch:
+    from ..net import NetBackendError
+    from ..net.switch import Switch, TapUplink, VxlanUplink
     try:
         uplink = TapUplink(tap) if tap else VxlanUplink.parse(vxlan) if vxlan else None
         return Switch(uplink)
@@ -119,6 +129,8 @@ def open_switch(tap: str | None, vxlan: str | None) -> Switch:
 
 def serve_switch(args, mac: bytes) -> int:
     """--switch: one NetDevice per --socket-path, all ports of one switch."""
+    from ..net import NetBackendError, NetDevice
+    from ..net.switch import MAX_PORTS
     if args.fd is not None or args.connect is not None:
         raise common.UsageError("--switch serves --socket-path sockets only")
     if args.backend:
