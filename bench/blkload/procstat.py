@@ -49,14 +49,34 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def memory_kb(pid: int) -> dict:
+def memory_kb(pid: int, image: str | None = None) -> dict:
+    """VmHWM and VmRSS; with ``image``, also ``image_kb``: the resident pages
+    of the process's mappings of that file. A back-end reading a tmpfs image
+    through a mapping has the image's page cache in its RSS, though those
+    pages belong to the file (they are there, and counted once, whoever
+    reads it): ``VmRSS - image_kb`` is the memory the process itself uses."""
     out = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, value = line.partition(":")
             if key in ("VmHWM", "VmRSS"):
                 out[key] = int(value.split()[0])
+    if image is not None:
+        out["image_kb"] = _mapping_rss_kb(pid, os.path.realpath(image))
     return out
+
+
+def _mapping_rss_kb(pid: int, path: str) -> int:
+    total = 0
+    current = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(None, 5)
+            if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+                current = len(head) == 6 and head[5].strip() == path
+            elif current and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
 
 
 class BackendProbe:
