@@ -337,6 +337,43 @@ static void loop_back(struct vu_net_dev *n, uint32_t qp, struct vu_elem *e, uint
     vu_net_rx_deliver(n, qp, NULL, data, len);
 }
 
+/* LOOPBACK for a burst of transmitted frames: one lock for the receive
+ * buffers and one to publish them. Frames that fit one receive buffer go
+ * here; from the first that doesn't (mergeable buffers needed, too long,
+ * no buffers) the rest take loop_back, which handles and counts all that. */
+static void loop_back_burst(struct vu_net_dev *n, uint32_t qp, struct vu_elem **tx,
+                            const uint32_t *lens, int cnt)
+{
+    struct vu_vq *rx = n->rxq[qp];
+    int done = 0;
+    if (rx && rx->started && rx->enabled && !rx->broken) {
+        struct vu_elem *bufs[NET_BATCH];
+        uint32_t used[NET_BATCH];
+        uint64_t bytes = 0;
+        pthread_mutex_lock(&n->rx_lock[qp]);
+        int got = vu_vq_pop_burst(rx, bufs, cnt);
+        for (; done < got; done++) {
+            struct vu_elem *t = tx[done], *b = bufs[done];
+            uint32_t len = lens[done], need = n->hdr_len + len;
+            if (len > VU_NET_MAX_FRAME || b->in_len < need || t->out_num != 1)
+                break;
+            struct vu_net_hdr hdr = {.num_buffers = 1};
+            scatter(b, 0, (const uint8_t *)&hdr, n->hdr_len);
+            scatter(b, n->hdr_len, (const uint8_t *)t->iov[0].iov_base + n->hdr_len, len);
+            used[done] = need;
+            bytes += len;
+        }
+        for (int j = got - 1; j >= done; j--)   /* newest first */
+            vu_vq_unpop(rx, bufs[j]);
+        vu_vq_push_burst(rx, bufs, used, done);
+        pthread_mutex_unlock(&n->rx_lock[qp]);
+        n->stats[qp].rx_packets += (uint64_t)done;
+        n->stats[qp].rx_bytes += bytes;
+    }
+    for (int j = done; j < cnt; j++)
+        loop_back(n, qp, tx[j], lens[j]);
+}
+
 static int transmit(struct vu_net_dev *n, struct vu_vq *vq, uint32_t qp)
 {
     struct vu_net_stats *st = &n->stats[qp];
@@ -345,10 +382,14 @@ static int transmit(struct vu_net_dev *n, struct vu_vq *vq, uint32_t qp)
     bool did = false;
     for (int round = 0; round < NET_ROUNDS; round++) {
         vu_vq_set_notification(vq, false);
-        int cnt = 0, nbatch = 0, rc = 0, looped = 0;
-        struct vu_elem *e;
-        while (cnt < NET_BATCH && (rc = vu_vq_pop(vq, &e)) == 1) {
-            cnt++;
+        int nbatch = 0, looped = 0, ndone = 0;
+        /* One lock to take the burst and one to give it back. */
+        struct vu_elem *elems[NET_BATCH], *done[NET_BATCH], *loop[NET_BATCH];
+        uint32_t loop_len[NET_BATCH];
+        int rc = vu_vq_pop_burst(vq, elems, NET_BATCH);
+        int cnt = rc > 0 ? rc : 0;
+        for (int i = 0; i < cnt; i++) {
+            struct vu_elem *e = elems[i];
             struct vu_net_hdr hdr;
             int why = vq->enabled ? vu_net_check_tx(n, e, &hdr) : VU_NET_D_DISABLED;
             if (!why) {
@@ -361,8 +402,9 @@ static int transmit(struct vu_net_dev *n, struct vu_vq *vq, uint32_t qp)
                 } else if (n->backend == VU_NET_BACKEND_SINK) {
                     /* counted below, and that is all */
                 } else if (n->backend == VU_NET_BACKEND_LOOPBACK) {
-                    loop_back(n, qp, e, len);
-                    looped++;
+                    /* copied below, before the burst goes back to the driver */
+                    loop[looped] = e;
+                    loop_len[looped++] = len;
                 } else if (n->backend == VU_NET_BACKEND_SWITCH) {
                     /* the switch learns, forwards or floods it */
                     why = vu_switch_tx(n, e->iov, e->out_num, n->hdr_len, len);
@@ -385,16 +427,19 @@ static int transmit(struct vu_net_dev *n, struct vu_vq *vq, uint32_t qp)
             }
             if (why)
                 st->tx_dropped[why]++;
-            vu_vq_push(vq, e, 0);
+            done[ndone++] = e;
         }
+        if (looped)
+            loop_back_burst(n, qp, loop, loop_len, looped);
         if (nbatch) {
             vu_net_py_tx(n->py_ctx, qp, batch, nbatch);
             for (int i = 0; i < nbatch; i++) {
                 st->tx_packets++;
                 st->tx_bytes += batch[i]->len;
-                vu_vq_push(vq, batch[i]->elem, 0);
+                done[ndone++] = batch[i]->elem;
             }
         }
+        vu_vq_push_burst(vq, done, NULL, ndone);
         if (cnt) {
             did = true;
             vu_vq_flush(vq);

@@ -307,6 +307,27 @@ int vu_vq_pop(struct vu_vq *vq, struct vu_elem **out)
     return rc;
 }
 
+int vu_vq_pop_burst(struct vu_vq *vq, struct vu_elem **out, int max)
+{
+    if (VU_UNLIKELY(!vq->started))
+        return 0;
+    if (VU_UNLIKELY(vq->broken))
+        return -VU_ERR_QUEUE_BROKEN;
+    int n = 0, rc = 0;
+    pthread_mutex_lock(&vq->lock);
+    while (n < max) {
+        rc = vq->packed ? vu_packed_pop(vq, &out[n]) : vu_split_pop(vq, &out[n]);
+        if (rc != 1)
+            break;
+        out[n]->in_flight = 1;
+        vq->inflight++;
+        vq->stat_popped++;
+        n++;
+    }
+    pthread_mutex_unlock(&vq->lock);
+    return n ? n : rc;
+}
+
 int vu_vq_discard(struct vu_vq *vq, struct vu_elem *elem)
 {
     pthread_mutex_lock(&vq->lock);
@@ -374,6 +395,19 @@ int vu_vq_push(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
 {
     pthread_mutex_lock(&vq->lock);
     int rc = push_locked(vq, elem, len);
+    pthread_mutex_unlock(&vq->lock);
+    return rc;
+}
+
+int vu_vq_push_burst(struct vu_vq *vq, struct vu_elem *const *elems, const uint32_t *lens, int n)
+{
+    int rc = 0;
+    pthread_mutex_lock(&vq->lock);
+    for (int i = 0; i < n; i++) {
+        int r = push_locked(vq, elems[i], lens ? lens[i] : 0);
+        if (r && !rc)
+            rc = r;
+    }
     pthread_mutex_unlock(&vq->lock);
     return rc;
 }

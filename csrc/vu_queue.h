@@ -157,6 +157,10 @@ int vu_vq_remap(struct vu_vq *vq);
 /* Pops the next available chain. 1: *out filled; 0: ring empty;
  * <0: -vu_err, and the queue is now broken. */
 int vu_vq_pop(struct vu_vq *vq, struct vu_elem **out);
+/* Up to max chains under one lock (a burst): how many (>0), 0 when the
+ * ring is empty, or -vu_err as vu_vq_pop when it failed before the first
+ * (after one, the error comes on the next call). */
+int vu_vq_pop_burst(struct vu_vq *vq, struct vu_elem **out, int max);
 /* Forgets a popped element of a broken queue without publishing it (there
  * is no valid answer to give), so nothing waits for it to complete. */
 int vu_vq_discard(struct vu_vq *vq, struct vu_elem *elem);
@@ -166,6 +170,9 @@ int vu_vq_unpop(struct vu_vq *vq, struct vu_elem *elem);
 /* Returns elem to the driver with `len` bytes written. Not visible to the
  * driver until vu_vq_flush. */
 int vu_vq_push(struct vu_vq *vq, struct vu_elem *elem, uint32_t len);
+/* vu_vq_push for n elements under one lock (lens NULL: all 0). Returns 0 or
+ * the first error (the others are still pushed). */
+int vu_vq_push_burst(struct vu_vq *vq, struct vu_elem *const *elems, const uint32_t *lens, int n);
 void vu_vq_flush(struct vu_vq *vq);
 /* Signals the call eventfd if the driver wants it (event suppression). */
 void vu_vq_notify(struct vu_vq *vq);

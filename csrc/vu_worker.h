@@ -16,11 +16,24 @@ struct vu_worker {
     struct vu_vq *queues[VU_WORKER_MAX_QUEUES];
     uint32_t nqueues;
     uint32_t poll_us;            /* busy-poll this long before sleeping; 0: never */
+    /* Adaptive polling (without poll_us): after serving work, look at the
+     * rings for up to spin_us before sleeping. A catch keeps the window, a
+     * miss halves it; a sleep shorter than 4 x spin_max_us (the driver is
+     * busy) restores it. spin_max_us 0: sleep at once. */
+    uint32_t spin_max_us;
+    uint32_t spin_us;
+    uint64_t spin_catches;       /* work found while spinning (a wake-up saved) */
+    uint32_t event_fds;          /* handler-owned fds in epoll (io_uring, TAP, timers) */
     volatile bool stop;
     uint64_t wakeups;
 };
 
+/* Like QEMU's iothread poll-max-ns default (32768 ns). */
+#define VU_ADAPTIVE_POLL_US 32
+
 struct vu_worker *vu_worker_new(uint32_t poll_us);
+/* Adaptive polling window limit (0: off); before vu_worker_start. */
+void vu_worker_set_adaptive_poll(struct vu_worker *w, uint32_t max_us);
 int vu_worker_start(struct vu_worker *w);
 /* Stops the thread (waits for the running batch) and frees w. */
 void vu_worker_free(struct vu_worker *w);

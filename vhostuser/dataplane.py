@@ -69,7 +69,7 @@ class DataPlane:
     """C device (``struct vu_dev``), its queues and the worker threads."""
 
     def __init__(self, num_queues: int, *, queues_per_worker: int = 1, poll_us: int = 0,
-                 name: str = "device"):
+                 adaptive_poll_us: int | None = None, name: str = "device"):
         if num_queues < 1:
             raise ValueError("a device needs at least one queue")
         self._dev = lib.vu_dev_new(num_queues)
@@ -90,6 +90,8 @@ class DataPlane:
             if w == ffi.NULL:
                 self.close()
                 raise OSError("could not create a worker (epoll/eventfd)")
+            if adaptive_poll_us is not None:
+                lib.vu_worker_set_adaptive_poll(w, adaptive_poll_us)
             self._workers.append(w)
         self._queues_per_worker = queues_per_worker
         self._started = False
@@ -143,6 +145,13 @@ class DataPlane:
             self._handles.append(h)
             fn, ctx = lib.vu_py_handler, h
         check(lib.vu_worker_add_queue(self._worker_of(index), vq, fn, ctx), f"queue {index}")
+
+    def worker_stats(self) -> list[dict]:
+        """Per worker thread: times it woke from epoll, requests its
+        adaptive polling caught without sleeping, and its current window
+        (racy reads of counters the thread owns: for tests and describe)."""
+        return [{"wakeups": w.wakeups, "spin_catches": w.spin_catches,
+                 "adaptive_poll_us": w.spin_us} for w in self._workers]
 
     def start_workers(self) -> None:
         if not self._started:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from ._native import lib
 from .dataplane import BatchHandler, NativeHandler
 from .errors import ProtocolError
 from .protocol import Feature, ProtocolFeature, bits
@@ -42,6 +43,10 @@ class Device:
     device_id = 0
     #: queues served by one worker thread (set before a front-end connects)
     queues_per_worker = 1
+    #: after serving requests, a worker keeps looking at its rings for up to
+    #: this many microseconds before it sleeps, less while nothing comes in
+    #: that window (0: sleep at once). Set before a front-end connects.
+    adaptive_poll_us = lib.VU_ADAPTIVE_POLL_US
 
     def __init__(self, num_queues: int = 1, *, poll_us: int = 0):
         if not 1 <= num_queues <= 256:

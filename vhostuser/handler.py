@@ -43,7 +43,8 @@ class Session:
         self.status = 0
         self.closed = False
         self.dataplane = DataPlane(device.num_queues, queues_per_worker=device.queues_per_worker,
-                                   poll_us=device.poll_us, name=conn.name)
+                                   poll_us=device.poll_us,
+                                   adaptive_poll_us=device.adaptive_poll_us, name=conn.name)
         self.backend_channel: Connection | None = None
         self._backend_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()

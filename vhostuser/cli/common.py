@@ -51,6 +51,10 @@ def add_socket_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll", nargs="?", type=int, const=1000, default=0, metavar="US",
                         help="busy-poll the rings for US microseconds before sleeping "
                              "(default 1000 when given)")
+    parser.add_argument("--adaptive-poll", type=int, default=None, metavar="US",
+                        help="after serving requests, look at the rings for up to US "
+                             "microseconds before sleeping, less while nothing comes "
+                             "(default 32, like QEMU's iothread poll-max-ns; 0: sleep at once)")
     parser.add_argument("--queues-per-thread", type=int, default=1, metavar="N",
                         help="queues served by one worker thread (default 1: a thread each)")
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -74,6 +78,11 @@ def make_server(args, device: Device) -> Server:
     if not 1 <= args.queues_per_thread <= 64:
         raise UsageError(f"--queues-per-thread must be 1..64, not {args.queues_per_thread}")
     device.queues_per_worker = args.queues_per_thread
+    adaptive = getattr(args, "adaptive_poll", None)
+    if adaptive is not None:
+        if not 0 <= adaptive <= 1000:
+            raise UsageError(f"--adaptive-poll must be 0..1000, not {adaptive}")
+        device.adaptive_poll_us = adaptive
     server = Server(device, path=args.socket_path, fd=args.fd, connect=args.connect)
     try:
         server.open()

@@ -77,6 +77,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--num-queues", type=int)
     b.add_argument("--serial")
     b.add_argument("--poll-us", type=int)
+    b.add_argument("--adaptive-poll-us", type=int)
     b.add_argument("--queues-per-thread", type=int)
     b.add_argument("--aio", choices=["io_uring", "sync"])
     b.add_argument("--direct", action="store_true", help="O_DIRECT (with --file)")
@@ -92,6 +93,7 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--mac")
     n.add_argument("--mtu", type=int)
     n.add_argument("--poll-us", type=int)
+    n.add_argument("--adaptive-poll-us", type=int)
     n.add_argument("--queues-per-thread", type=int)
 
     a = sub.add_parser("add", help="add an export from a JSON spec")
@@ -136,8 +138,8 @@ def request_of(args) -> tuple[str, dict | None]:
             spec["file"] = os.path.abspath(args.file)
         else:
             spec["ramdisk"] = args.ramdisk
-        for key in ("read_only", "num_queues", "serial", "poll_us", "queues_per_thread", "aio",
-                    "direct"):
+        for key in ("read_only", "num_queues", "serial", "poll_us", "adaptive_poll_us",
+                    "queues_per_thread", "aio", "direct"):
             _set(spec, key, getattr(args, key))
         if _qos(args):
             spec["qos"] = _qos(args)
@@ -145,7 +147,7 @@ def request_of(args) -> tuple[str, dict | None]:
     if cmd == "add-net":
         spec = {"type": "net", "name": args.name, "socket": os.path.abspath(args.socket)}
         for key in ("tap", "backend", "queue_pairs", "mac", "mtu", "poll_us",
-                    "queues_per_thread"):
+                    "adaptive_poll_us", "queues_per_thread"):
             _set(spec, key, getattr(args, key))
         return "add", spec
     if cmd == "add":

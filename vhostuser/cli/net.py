@@ -149,7 +149,8 @@ def serve_switch(args, mac: bytes) -> int:
         servers = []
         for path, device in zip(args.socket_path, devices):
             where = types.SimpleNamespace(socket_path=path, fd=None, connect=None,
-                                          queues_per_thread=args.queues_per_thread)
+                                          queues_per_thread=args.queues_per_thread,
+                                          adaptive_poll=args.adaptive_poll)
             servers.append(common.make_server(where, device))
         return common.run(servers)
     finally:

@@ -137,6 +137,7 @@ BLK_OPTIONS: dict[str, tuple[Check, Any]] = {
     "num_queues": (_ranged("num_queues", 1, 64), 1),
     "serial": (_serial, None),          # default: the export's name
     "poll_us": (_ranged("poll_us", 0, 1_000_000), 0),
+    "adaptive_poll_us": (_ranged("adaptive_poll_us", 0, 1000), 32),
     "queues_per_thread": (_ranged("queues_per_thread", 1, 64), 1),
     "qos": (_qos, None),
 }
@@ -145,6 +146,7 @@ NET_OPTIONS: dict[str, tuple[Check, Any]] = {
     "mac": (_mac, "52:54:00:12:34:56"),
     "mtu": (_ranged("mtu", 68, 65535), 1500),
     "poll_us": (_ranged("poll_us", 0, 1_000_000), 0),
+    "adaptive_poll_us": (_ranged("adaptive_poll_us", 0, 1000), 32),
     "queues_per_thread": (_ranged("queues_per_thread", 1, 64), 1),
 }
 
@@ -291,4 +293,5 @@ def build_device(spec: ExportSpec) -> Device:
                 close()
         raise BackendFailed(f"{spec.name}: {exc}") from None
     device.queues_per_worker = s["queues_per_thread"]
+    device.adaptive_poll_us = s["adaptive_poll_us"]
     return device

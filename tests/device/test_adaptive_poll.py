@@ -1,0 +1,56 @@
+"""Adaptive polling in the queue workers: after serving requests a worker
+looks at its rings for a while before sleeping, so a driver that answers
+quickly is served without a wake-up; an idle device still uses no CPU."""
+import resource
+import time
+
+import pytest
+
+from vhostuser.blk import BlkDevice, RamBackend
+from vhostuser.frontend import BlkRequest
+
+MIB = 1 << 20
+REQUESTS = 200
+
+
+def run_qd1(blk) -> None:
+    for i in range(REQUESTS):
+        (r,) = blk.execute([BlkRequest.read(i * 8, 4096)])
+        assert r.ok
+
+
+def cpu_seconds() -> float:
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+
+@pytest.mark.parametrize("window_us", [0, 1000])
+def test_requests_arriving_within_the_window_need_no_wake_up(blk_client, window_us):
+    dev = BlkDevice(RamBackend(MIB))
+    # A window far longer than this Python driver takes to send its next
+    # request, so every catch is certain; 0 turns polling off.
+    dev.adaptive_poll_us = window_us
+    with blk_client(dev) as (srv, blk):
+        run_qd1(blk)
+        (stats,) = dev.session.dataplane.worker_stats()
+    if window_us:
+        assert stats["spin_catches"] >= REQUESTS // 2
+        assert stats["wakeups"] < REQUESTS // 2
+    else:
+        assert stats["spin_catches"] == 0
+        assert stats["wakeups"] >= REQUESTS // 2
+
+
+def test_a_window_that_catches_nothing_shrinks_and_idle_costs_no_cpu(blk_client):
+    dev = BlkDevice(RamBackend(MIB))
+    dev.adaptive_poll_us = 1000
+    with blk_client(dev) as (srv, blk):
+        # Requests 20 ms apart: each window of looking finds nothing.
+        for i in range(8):
+            blk.read(i * 8, 4096)
+            time.sleep(0.02)
+        (stats,) = dev.session.dataplane.worker_stats()
+        assert stats["adaptive_poll_us"] < 1000
+        before = cpu_seconds()
+        time.sleep(1.0)
+        assert cpu_seconds() - before < 0.1      # nobody spins while nothing happens
