@@ -476,6 +476,10 @@ int vu_net_handler(void *ctx, struct vu_vq *vq)
         }
         if (n->backend == VU_NET_BACKEND_TAP)
             return tap_receive(n, qp, vq);
+        /* Deliveries from other threads pop buffers when they have a
+         * frame; nothing waits for new ones, so the driver need not kick
+         * (each kick would wake this worker for nothing). */
+        vu_vq_set_notification(vq, false);
         return VU_HANDLED_NONE;
     }
     /* Transmit queue: a disabled one still drains and drops what it is given. */

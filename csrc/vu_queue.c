@@ -497,9 +497,9 @@ void vu_log_elem_write(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
 }
 
 /* Used-ring writes are logged at log_addr + offset (VHOST_VRING_F_LOG). */
-void vu_log_used(struct vu_vq *vq, uint64_t offset, uint64_t len)
+void vu_log_used_write(struct vu_vq *vq, uint64_t offset, uint64_t len)
 {
-    if (vq->log_used && vu_dev_logging(vq->dev))
+    if (vu_dev_logging(vq->dev))
         vu_log_write(vq->dev, vq->log_addr + offset, len);
 }
 

@@ -10,7 +10,14 @@ int vu_elem_reserve(struct vu_elem *e, uint32_t need);
 int vu_elem_add_buf(struct vu_vq *vq, struct vu_elem *e, uint64_t addr,
                     uint32_t len, bool writable);
 void vu_log_elem_write(struct vu_vq *vq, struct vu_elem *elem, uint32_t len);
-void vu_log_used(struct vu_vq *vq, uint64_t offset, uint64_t len);
+void vu_log_used_write(struct vu_vq *vq, uint64_t offset, uint64_t len);
+/* Dirty-logs bytes of the used ring; inline because it runs on every push
+ * and is nearly always off (only during live migration). */
+static inline void vu_log_used(struct vu_vq *vq, uint64_t offset, uint64_t len)
+{
+    if (VU_UNLIKELY(vq->log_used))
+        vu_log_used_write(vq, offset, len);
+}
 
 int vu_split_translate(struct vu_vq *vq);
 void vu_split_sync(struct vu_vq *vq);
