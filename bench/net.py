@@ -78,20 +78,24 @@ def vhu(*extra):
 # name -> (argv builder or None for testpmd, description)
 BACKENDS = {
     "vhu-sink": (vhu("--backend", "bench.netbackends:Sink"),
-                 "vhostuser + Python Sink (bench/netbackends.py), eventfd waits"),
+                 "vhostuser + Python Sink (bench/netbackends.py), default mode (eventfd "
+                 "waits, adaptive polling)"),
     "vhu-sink-poll": (vhu("--backend", "bench.netbackends:Sink", "--poll", "1000"),
                       "vhostuser + Python Sink, --poll 1000 (busy-poll)"),
     "vhu-switch-sink-poll": (vhu("--switch", "--poll", "1000"),
                              "vhostuser C switch, one port, no uplink (drops in C), "
                              "--poll 1000"),
     "vhu-echo": (vhu("--backend", "bench.netbackends:Echo"),
-                 "vhostuser + Python Echo (inject per frame), eventfd waits"),
+                 "vhostuser + Python Echo (inject per frame), default mode (eventfd waits, "
+                 "adaptive polling)"),
     "vhu-echo-poll": (vhu("--backend", "bench.netbackends:Echo", "--poll", "1000"),
                       "vhostuser + Python Echo, --poll 1000 (busy-poll)"),
-    "vhu-csink": (vhu("--sink"), "vhostuser C sink back-end, eventfd waits"),
+    "vhu-csink": (vhu("--sink"), "vhostuser C sink back-end, default mode (eventfd waits, "
+                  "adaptive polling)"),
     "vhu-csink-poll": (vhu("--sink", "--poll", "1000"),
                        "vhostuser C sink back-end, --poll 1000 (busy-poll)"),
-    "vhu-loop": (vhu("--loopback"), "vhostuser C loopback back-end, eventfd waits"),
+    "vhu-loop": (vhu("--loopback"), "vhostuser C loopback back-end, default mode (eventfd "
+                 "waits, adaptive polling)"),
     # One worker for both rings: a second busy-polling thread on the same
     # CPU would only take turns with the first.
     "vhu-loop-poll": (vhu("--loopback", "--poll", "1000", "--queues-per-thread", "2"),
