@@ -4,6 +4,7 @@
 installed) qemu-storage-daemon, runs every blk workload for a fraction of a
 second each, and writes RESULTS.md into a temp dir.
 """
+import importlib.util
 import json
 import re
 import shutil
@@ -72,3 +73,5 @@ def test_net_quick(tmp_path):
     for w, n in (("tx-64", "vhu-sink"), ("tx-64", "dpdk-vhost"), ("both-64", "vhu-echo"),
                  ("both-64", "dpdk-vhost")):
         assert results["workloads"][w][n][0]["pps"] > 0, (w, n)
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "net_pps_by_frame.png").stat().st_size > 0
