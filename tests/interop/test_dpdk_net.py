@@ -28,6 +28,7 @@ to one CPU so that its busy polling leaves the other to us.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -200,32 +201,41 @@ def wait_until(predicate, timeout: float, interval: float = 0.1):
         time.sleep(interval)
 
 
-@pytest.fixture
-def rig(request, tmp_path, caplog):
-    """Our device serving a socket, testpmd connected to it; both stopped
-    after the test, with testpmd's output printed (shown when it failed)."""
-    variant = request.param
-    caplog.set_level(logging.INFO, logger="vhostuser")
+@contextlib.contextmanager
+def served_to_testpmd(device: NetDevice, devargs: str, log_path: str, app_args=()):
+    """Serves ``device`` on a fresh socket with testpmd connected to it and
+    yields testpmd; afterwards both are stopped and testpmd's output is
+    printed (pytest shows it when the test failed)."""
     sockdir = tempfile.mkdtemp(prefix="vhu-dpdk-", dir="/tmp")
     sock = os.path.join(sockdir, "net.sock")
-    backend = Recorder()
-    device = NetDevice(backend, mac=OUR_MAC)
     pmd = None
     try:
         with BackgroundServer(device, sock):
-            pmd = start_testpmd(sock, variant["devargs"], str(tmp_path / "testpmd.log"),
-                                variant.get("app_args", []))
+            pmd = start_testpmd(sock, devargs, log_path, app_args)
             print("testpmd command:", " ".join(pmd.command))
-            yield Rig(device, backend, pmd, variant, caplog)
-            status = pmd.close()
-            assert status == 0, f"testpmd exited with {status}"
-            assert "Bye..." in pmd.output()
+            yield pmd
     finally:
         if pmd is not None:
             pmd.close()
             print(f"--- testpmd output ---\n{pmd.output()[-6000:]}")
         device.close()
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+@pytest.fixture
+def rig(request, tmp_path, caplog):
+    """Our device with a recording back-end, testpmd connected to it; testpmd
+    must exit cleanly after the test."""
+    variant = request.param
+    caplog.set_level(logging.INFO, logger="vhostuser")
+    backend = Recorder()
+    device = NetDevice(backend, mac=OUR_MAC)
+    with served_to_testpmd(device, variant["devargs"], str(tmp_path / "testpmd.log"),
+                    variant.get("app_args", [])) as pmd:
+        yield Rig(device, backend, pmd, variant, caplog)
+        status = pmd.close()
+        assert status == 0, f"testpmd exited with {status}"
+        assert "Bye..." in pmd.output()
 
 
 # -- frame helpers -------------------------------------------------------------------------
@@ -437,29 +447,18 @@ def test_c_loopback_under_flowgen_keeps_forwarding(tmp_path, devargs, poll):
     round budget with notifications off; a worker that then slept (a
     polling window ending on a time limit) got no kick ever again and the
     traffic stopped for good. Every half second must see frames back."""
-    sockdir = tempfile.mkdtemp(prefix="vhu-dpdk-", dir="/tmp")
-    sock = os.path.join(sockdir, "net.sock")
     device = NetDevice(LoopbackBackend(), mac=OUR_MAC, poll_us=poll)
     device.queues_per_worker = 2 if poll else 1
-    pmd = None
-    try:
-        with BackgroundServer(device, sock):
-            pmd = start_testpmd(sock, devargs, str(tmp_path / "testpmd.log"))
-            pmd.cmd("set fwd flowgen")
-            pmd.cmd("start")
-            last = pmd.stats()["RX-packets"]
-            for _ in range(8):
-                time.sleep(0.5)
-                now = pmd.stats()["RX-packets"]
-                assert now > last, f"no frames back for 0.5 s (device: {device.stats()})"
-                last = now
-            pmd.cmd("stop")
-            stats = device.stats()
-            assert stats["tx_packets"] > 0 and stats["rx_packets"] > 0
-            assert pmd.close() == 0
-    finally:
-        if pmd is not None:
-            pmd.close()
-            print(f"--- testpmd output ---\n{pmd.output()[-3000:]}")
-        device.close()
-        shutil.rmtree(sockdir, ignore_errors=True)
+    with served_to_testpmd(device, devargs, str(tmp_path / "testpmd.log")) as pmd:
+        pmd.cmd("set fwd flowgen")
+        pmd.cmd("start")
+        last = pmd.stats()["RX-packets"]
+        for _ in range(8):
+            time.sleep(0.5)
+            now = pmd.stats()["RX-packets"]
+            assert now > last, f"no frames back for 0.5 s (device: {device.stats()})"
+            last = now
+        pmd.cmd("stop")
+        stats = device.stats()
+        assert stats["tx_packets"] > 0 and stats["rx_packets"] > 0
+        assert pmd.close() == 0
