@@ -89,3 +89,19 @@ def test_regions_must_be_pages_and_disjoint():
         GuestMemory([(0, 1000)])
     with pytest.raises(ValueError):
         GuestMemory([(0, MiB), (MiB // 2, MiB)])
+
+
+def test_ring_index_stores_are_single_stores_that_touch_only_their_bytes():
+    """Ring indices go to shared memory with one store (struct.pack_into
+    zeroes its bytes first, and a device polling the ring read that 0 as an
+    avail index jump). Neighbouring bytes stay as they were."""
+    from vhostuser.frontend.memory import store16, store32
+    mm = mmap.mmap(-1, 64)
+    mm[:] = b"\xaa" * 64
+    store16(mm, 8, 0x1234)
+    store32(mm, 16, 0x89ABCDEF)
+    store16(mm, 2, 0x1_0005)                 # masked to 16 bits, like a free-running index
+    assert mm[8:10] == b"\x34\x12" and mm[16:20] == b"\xef\xcd\xab\x89" and mm[2:4] == b"\x05\x00"
+    untouched = bytes(mm[0:2] + mm[4:8] + mm[10:16] + mm[20:])
+    assert untouched == b"\xaa" * len(untouched)
+    mm.close()                               # no view of it left behind

@@ -21,6 +21,21 @@ class GuestMemoryError(FrontendError):
     """A guest address is not backed by any region, or memory ran out."""
 
 
+def store16(mm: mmap.mmap, offset: int, value: int) -> None:
+    """One 16-bit store into shared memory (offset 2-byte aligned).
+
+    struct.pack_into first zeroes the bytes it then fills: a device polling
+    the ring in between reads 0 (an avail index that jumped back, a
+    used_event that asks for no notification). A driver must publish ring
+    indices with one store."""
+    ctypes.c_uint16.from_buffer(mm, offset).value = value & 0xFFFF
+
+
+def store32(mm: mmap.mmap, offset: int, value: int) -> None:
+    """One 32-bit store into shared memory (offset 4-byte aligned)."""
+    ctypes.c_uint32.from_buffer(mm, offset).value = value & 0xFFFFFFFF
+
+
 def _address_of(mm: mmap.mmap) -> int:
     # The ctypes view pins the buffer only while it lives; drop it at once so
     # the mmap can still be closed.

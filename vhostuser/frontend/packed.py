@@ -13,7 +13,7 @@ from ..protocol import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, EVENT_SUPPRE
                         PACKED_EVENT_ALIGN, PACKED_EVENT_WRAP, RING_EVENT_FLAGS_DESC,
                         RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE, RING_U16, need_event,
                         pack_packed_vring_base, unpack_packed_vring_base)
-from .memory import GuestMemory
+from .memory import GuestMemory, store16, store32
 from .virtqueue import DriverRing, RingFull, RingProtocolError, Used, as_buffers
 
 FLAGS_OFF = 14          # flags is the last field of a packed descriptor
@@ -87,7 +87,7 @@ class PackedRing(DriverRing):
 
     def write_desc_flags(self, slot: int, flags: int) -> None:
         mm, base = self._desc
-        RING_U16.pack_into(mm, base + PACKED_DESC.size * slot + FLAGS_OFF, flags)
+        store16(mm, base + PACKED_DESC.size * slot + FLAGS_OFF, flags)
 
     def read_desc(self, slot: int) -> tuple[int, int, int, int]:
         """(addr, len, id, flags); flags read first, as a driver must."""
@@ -98,7 +98,8 @@ class PackedRing(DriverRing):
 
     def write_driver_event(self, off_wrap: int, flags: int) -> None:
         mm, base = self._driver
-        EVENT_SUPPRESS.pack_into(mm, base, off_wrap, flags)
+        # One store: the device may read it at any time (see store16).
+        store32(mm, base, (off_wrap & 0xFFFF) | (flags & 0xFFFF) << 16)
 
     def read_device_event(self) -> tuple[int, int]:
         """The device's (off_wrap, flags): when it wants kicks."""

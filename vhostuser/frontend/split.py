@@ -11,7 +11,7 @@ from ..protocol import (AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC
                         RING_U16, SPLIT_AVAIL_ALIGN, SPLIT_DESC, SPLIT_DESC_ALIGN,
                         SPLIT_USED_ALIGN, USED_ELEM, USED_F_NO_NOTIFY, need_event,
                         split_avail_size, split_used_size)
-from .memory import GuestMemory
+from .memory import GuestMemory, store16
 from .virtqueue import DriverRing, RingFull, RingProtocolError, Used, as_buffers
 
 # Byte offsets inside the avail and used rings.
@@ -91,7 +91,7 @@ class SplitRing(DriverRing):
     # -- raw access ----------------------------------------------------------------
     def _put16(self, area, off: int, value: int) -> None:
         mm, base = area
-        RING_U16.pack_into(mm, base + off, value & 0xFFFF)
+        store16(mm, base + off, value)
 
     def _get16(self, area, off: int) -> int:
         mm, base = area
