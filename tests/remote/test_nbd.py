@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from vhostuser.blk.nbd import NbdBackend, NbdError, NbdTimeout
 from vhostuser.frontend import BlkClient, BlkRequest, BlkStatus, Frontend
 from vhostuser.server import Server
 from vhostuser.testing.nbd import NbdServer, free_port, missing
+from vhostuser.testing.program import BackendProgram
 from vhostuser.testing.server import BackgroundServer
 from vhostuser.testing.patterns import pattern
 
@@ -472,22 +472,15 @@ def test_deadline_error_is_a_timeout(servers):
 def test_vhostuser_blk_nbd_command(servers, sock_dir, image):
     srv = servers("qemu-nbd", image=image, tcp=True)
     path = os.path.join(sock_dir, "cli.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.blk", "--socket-path", path,
-                             "--nbd", srv.uri, "--remote-timeout", "5"],
-                            stderr=subprocess.PIPE)
-    try:
+    with BackendProgram("vhostuser.cli.blk", "--nbd", srv.uri, "--remote-timeout", "5",
+                        socket=path, log=os.path.join(sock_dir, "cli.log"), timeout=10) as prog:
         with Frontend.connect(path, wait=10) as fe:
             blk = BlkClient.setup(fe)
             assert blk.capacity == DISK // 512
             blk.write(8, pattern(9, 8192))
             blk.flush()
             assert blk.read(8, 8192) == pattern(9, 8192)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert prog.terminate(10) == 0, prog.output()
     assert image_bytes(image, 8 * 512, 8192) == pattern(9, 8192)
     bad = subprocess.run([sys.executable, "-m", "vhostuser.cli.blk", "--socket-path", path,
                           "--nbd", f"nbd://127.0.0.1:{free_port()}/"],

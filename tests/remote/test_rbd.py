@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from vhostuser.server import Server
 from vhostuser.testing.ceph import PACKAGES, CephCluster, CephError, missing_tools
 from vhostuser.testing.server import BackgroundServer
 from vhostuser.testing.patterns import pattern
+from vhostuser.testing.program import BackendProgram
 
 MIB = 1 << 20
 IMAGE_SIZE = 64 * MIB
@@ -213,22 +213,16 @@ def test_open_errors_are_precise(ceph, image):
 
 def test_vhostuser_blk_rbd_command(ceph, image, tmp_path):
     sock = str(tmp_path / "cli.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.blk", "--socket-path", sock,
-                             "--rbd", image, "--rbd-conf", ceph.conf_path, "--rbd-id", "admin",
-                             "--remote-timeout", "5"], stderr=subprocess.PIPE)
-    try:
+    with BackendProgram("vhostuser.cli.blk", "--rbd", image, "--rbd-conf", ceph.conf_path,
+                        "--rbd-id", "admin", "--remote-timeout", "5", socket=sock,
+                        log=str(tmp_path / "cli.log"), timeout=20) as prog:
         with Frontend.connect(sock, wait=20) as fe:
             blk = BlkClient.setup(fe)
             assert blk.capacity == IMAGE_SIZE // 512
             blk.write(64, pattern(3, 8192))
             blk.flush()
             assert blk.read(64, 8192) == pattern(3, 8192)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert prog.terminate(30) == 0, prog.output()
     assert ceph.export(image)[64 * 512:64 * 512 + 8192] == pattern(3, 8192)
     bad = subprocess.run([sys.executable, "-m", "vhostuser.cli.blk", "--socket-path", sock,
                           "--rbd", "rbd/missing", "--rbd-conf", ceph.conf_path],
