@@ -27,7 +27,7 @@ from vhostuser.frontend import BlkClient, BlkRequest, BlkStatus, Frontend
 from vhostuser.server import Server
 from vhostuser.testing.nbd import NbdServer, free_port, missing
 from vhostuser.testing.program import BackendProgram
-from vhostuser.testing.server import BackgroundServer
+from vhostuser.testing.server import BackgroundServer, served_disk
 from vhostuser.testing.patterns import pattern
 
 MIB = 1 << 20
@@ -84,16 +84,9 @@ def servers(sock_dir):
         srv.kill()
 
 
-@contextlib.contextmanager
 def served(sock_dir, device, name="dev.sock", **setup):
     """(BackgroundServer, BlkClient) for a device; closes the device after."""
-    path = os.path.join(sock_dir, name)
-    try:
-        with BackgroundServer(device, path) as srv:
-            with Frontend.connect(path) as fe:
-                yield srv, BlkClient.setup(fe, **setup)
-    finally:
-        device.close()
+    return served_disk(device, os.path.join(sock_dir, name), **setup)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from vhostuser.blk import BlkDevice, BlkFeature, BlockBackend
 from vhostuser.frontend import BlkClient, BlkRequest, BlkStatus, Frontend
 from vhostuser.server import Server
 from vhostuser.testing.ceph import PACKAGES, CephCluster, CephError, missing_tools
-from vhostuser.testing.server import BackgroundServer
+from vhostuser.testing.server import BackgroundServer, served_disk
 from vhostuser.testing.patterns import pattern
 from vhostuser.testing.program import BackendProgram
 
@@ -74,16 +74,9 @@ def rbd_backend(ceph, spec, **kw):
     return RbdBackend.from_spec(spec, conf=ceph.conf_path, **kw)
 
 
-@contextlib.contextmanager
 def served(tmp_path, device, name="rbd.sock", **setup):
     """(BackgroundServer, BlkClient) for device; closes the device afterwards."""
-    path = str(tmp_path / name)
-    try:
-        with BackgroundServer(device, path) as srv:
-            with Frontend.connect(path) as fe:
-                yield srv, BlkClient.setup(fe, **setup)
-    finally:
-        device.close()
+    return served_disk(device, str(tmp_path / name), **setup)
 
 
 @contextlib.contextmanager

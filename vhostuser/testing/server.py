@@ -3,6 +3,7 @@ drive it from ordinary (blocking) code in the same process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 from ..device import Device
@@ -68,3 +69,17 @@ class BackgroundServer:
 
 async def _call(fn, *args):
     return fn(*args)
+
+
+@contextlib.contextmanager
+def served_disk(device, path: str, **setup):
+    """(BackgroundServer, BlkClient) for a disk served at ``path`` and set up
+    by the library's front-end (``setup`` as for BlkClient.setup); the
+    device is closed afterwards, whatever happened."""
+    from ..frontend import BlkClient, Frontend
+    try:
+        with BackgroundServer(device, path) as srv:
+            with Frontend.connect(path) as fe:
+                yield srv, BlkClient.setup(fe, **setup)
+    finally:
+        device.close()
