@@ -315,15 +315,21 @@ int vu_vq_pop_burst(struct vu_vq *vq, struct vu_elem **out, int max)
         return -VU_ERR_QUEUE_BROKEN;
     int n = 0, rc = 0;
     pthread_mutex_lock(&vq->lock);
-    while (n < max) {
-        rc = vq->packed ? vu_packed_pop(vq, &out[n]) : vu_split_pop(vq, &out[n]);
-        if (rc != 1)
-            break;
-        out[n]->in_flight = 1;
-        vq->inflight++;
-        vq->stat_popped++;
-        n++;
+    if (!vq->packed && vq->resubmit_pos >= vq->resubmit_num) {
+        rc = vu_split_pop_burst(vq, out, max);
+        n = rc > 0 ? rc : 0;
+    } else {
+        while (n < max) {
+            rc = vq->packed ? vu_packed_pop(vq, &out[n]) : vu_split_pop(vq, &out[n]);
+            if (rc != 1)
+                break;
+            n++;
+        }
     }
+    for (int i = 0; i < n; i++)
+        out[i]->in_flight = 1;
+    vq->inflight += (uint32_t)n;
+    vq->stat_popped += (uint64_t)n;
     pthread_mutex_unlock(&vq->lock);
     return n ? n : rc;
 }
@@ -458,13 +464,46 @@ int vu_vq_complete(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
     return rc;
 }
 
+static bool set_notification_locked(struct vu_vq *vq, bool enable)
+{
+    return vq->packed ? vu_packed_set_notification(vq, enable)
+                      : vu_split_set_notification(vq, enable);
+}
+
 bool vu_vq_set_notification(struct vu_vq *vq, bool enable)
 {
     if (!vq->started || vq->broken)
         return false;
     pthread_mutex_lock(&vq->lock);
-    bool more = vq->packed ? vu_packed_set_notification(vq, enable)
-                           : vu_split_set_notification(vq, enable);
+    bool more;
+    if (enable && vq->polling) {
+        vq->notify_deferred = true;
+        more = vu_vq_has_avail(vq);
+    } else {
+        vq->notify_deferred = false;
+        more = set_notification_locked(vq, enable);
+    }
+    pthread_mutex_unlock(&vq->lock);
+    return more;
+}
+
+void vu_vq_start_polling(struct vu_vq *vq)
+{
+    pthread_mutex_lock(&vq->lock);
+    vq->polling = true;
+    pthread_mutex_unlock(&vq->lock);
+}
+
+bool vu_vq_stop_polling(struct vu_vq *vq)
+{
+    pthread_mutex_lock(&vq->lock);
+    bool more = false;
+    vq->polling = false;
+    if (vq->notify_deferred) {
+        vq->notify_deferred = false;
+        if (vq->started && !vq->broken)
+            more = set_notification_locked(vq, true);
+    }
     pthread_mutex_unlock(&vq->lock);
     return more;
 }

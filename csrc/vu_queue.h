@@ -133,6 +133,13 @@ struct vu_vq {
     void *handler_ctx;
     struct vu_worker *worker;
     volatile uint32_t kicked;   /* in-band kick or eventfd fired */
+    /* The worker is polling this ring, so turning driver notifications on
+     * would only make the driver kick for nothing (a syscall per burst on
+     * its side): vu_vq_set_notification(true) only notes the wish, and the
+     * worker grants it before it sleeps (vu_vq_stop_polling). Both under
+     * `lock`. */
+    bool polling;
+    bool notify_deferred;
 
     /* statistics */
     uint64_t stat_popped, stat_pushed, stat_notifies, stat_kicks;
@@ -181,6 +188,11 @@ int vu_vq_complete(struct vu_vq *vq, struct vu_elem *elem, uint32_t len);
 /* Driver notifications on (after a batch) or off (while draining). Enabling
  * returns true when more buffers arrived meanwhile. */
 bool vu_vq_set_notification(struct vu_vq *vq, bool enable);
+/* The worker starts polling the ring: enabling notifications is deferred. */
+void vu_vq_start_polling(struct vu_vq *vq);
+/* The worker stops polling (about to sleep): a deferred enable is done now.
+ * Returns true when the ring has buffers the sleep would miss. */
+bool vu_vq_stop_polling(struct vu_vq *vq);
 bool vu_vq_has_avail(struct vu_vq *vq);
 /* Marks the queue broken with err and fires the error eventfd. */
 void vu_vq_break(struct vu_vq *vq, int err, uint64_t detail);

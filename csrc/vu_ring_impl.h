@@ -22,6 +22,10 @@ static inline void vu_log_used(struct vu_vq *vq, uint64_t offset, uint64_t len)
 int vu_split_translate(struct vu_vq *vq);
 void vu_split_sync(struct vu_vq *vq);
 int vu_split_pop(struct vu_vq *vq, struct vu_elem **out);
+/* Up to max (at most VU_SPLIT_BURST) chains: how many, 0 when none, or
+ * -vu_err when the first failed. Not for resubmissions. */
+#define VU_SPLIT_BURST 64
+int vu_split_pop_burst(struct vu_vq *vq, struct vu_elem **out, int max);
 void vu_split_push(struct vu_vq *vq, struct vu_elem *elem, uint32_t len);
 void vu_split_flush(struct vu_vq *vq);
 bool vu_split_need_notify(struct vu_vq *vq);

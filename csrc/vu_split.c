@@ -178,6 +178,57 @@ int vu_split_pop(struct vu_vq *vq, struct vu_elem **out)
     return 1;
 }
 
+int vu_split_pop_burst(struct vu_vq *vq, struct vu_elem **out, int max)
+{
+    /* One look at the driver's index for the burst: the line it is in is
+     * the one the driver writes most, and every read of it can miss. */
+    uint16_t avail_idx = VU_READ_ONCE(vq->avail->idx);
+    uint16_t pending = (uint16_t)(avail_idx - vq->last_avail_idx);
+    if (pending == 0)
+        return 0;
+    if (pending > vq->size) {
+        vu_vq_break(vq, VU_ERR_AVAIL_IDX_JUMP, avail_idx);
+        return -VU_ERR_AVAIL_IDX_JUMP;
+    }
+    uint16_t heads[VU_SPLIT_BURST];
+    uint32_t want = pending;
+    if (want > (uint32_t)max)
+        want = (uint32_t)max;
+    if (want > VU_SPLIT_BURST)
+        want = VU_SPLIT_BURST;
+    if (want > vq->nfree)
+        want = vq->nfree;
+    vu_smp_rmb();
+    uint16_t mask = (uint16_t)(vq->size - 1);
+    /* Heads first, and their descriptors fetched together: they were
+     * written on the driver's CPU, and the misses then overlap. */
+    for (uint32_t i = 0; i < want; i++) {
+        heads[i] = VU_READ_ONCE(vq->avail->ring[(uint16_t)(vq->last_avail_idx + i) & mask]);
+        __builtin_prefetch(&vq->desc[heads[i] & mask]);
+    }
+    vu_prefetch(&vq->used->ring[(uint16_t)(vq->used_idx + vq->pending_used) & mask],
+                1 + (want * 8u) / 64u, 1);
+    int n = 0;
+    for (uint32_t i = 0; i < want; i++) {
+        uint16_t head = heads[i];
+        if (head >= vq->size) {
+            vu_vq_break(vq, VU_ERR_BAD_HEAD, head);
+            return n ? n : -VU_ERR_BAD_HEAD;
+        }
+        int rc = pop_head(vq, head, &out[n]);
+        if (rc != 1)
+            return n ? n : rc;
+        vq->last_avail_idx++;
+        if (vq->inflight_region) {
+            struct vu_inflight_split_desc *d = &vq->inflight_region->desc[head];
+            d->counter = vq->inflight_counter++;
+            d->inflight = 1;
+        }
+        n++;
+    }
+    return n;
+}
+
 void vu_split_push(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
 {
     uint16_t slot = (uint16_t)((vq->used_idx + vq->pending_used) & (vq->size - 1));

@@ -84,6 +84,8 @@ static int serve_queue(struct vu_vq *vq, bool polling)
     bool may_pop = vq->enabled && !vq->broken;
     if (vq->started && vq->handler && (may_pop || kicked)) {
         if (kicked || vu_vq_has_avail(vq)) {
+            if (polling && !vq->polling)
+                vu_vq_start_polling(vq);
             result = vq->handler(vq->handler_ctx, vq);
         }
     }
@@ -122,6 +124,27 @@ static int serve_all(struct vu_worker *w, bool polling)
             best = r;
     }
     return best;
+}
+
+/* Before a sleep: rings polled so far get the driver notifications their
+ * handlers asked for meanwhile; one that has buffers already gets a look
+ * instead (its kick may have been skipped while notifications were off). */
+static void stop_polling(struct vu_worker *w)
+{
+    struct vu_vq *qs[VU_WORKER_MAX_QUEUES];
+    pthread_mutex_lock(&w->lock);
+    uint32_t n = w->nqueues;
+    memcpy(qs, w->queues, n * sizeof(qs[0]));
+    pthread_mutex_unlock(&w->lock);
+    for (uint32_t i = 0; i < n; i++) {
+        struct vu_vq *vq = qs[i];
+        if (!vq->polling)     /* only this thread sets it */
+            continue;
+        vu_dev_rdlock(vq->dev);
+        if (vu_vq_stop_polling(vq))
+            __atomic_or_fetch(&vq->kicked, KICK_SOFT, __ATOMIC_RELEASE);
+        vu_dev_unlock(vq->dev);
+    }
 }
 
 /* How long epoll may sleep: 0 when a queue still has a look pending (its
@@ -210,6 +233,8 @@ static void *worker_main(void *arg)
          * at every millisecond. Handlers still in the middle of their work
          * (below) have notifications off: nothing would wake us for them,
          * so only glance at the fds then. */
+        if (!more)
+            stop_polling(w);
         int timeout = more ? 0 : sleep_timeout(w);
         uint64_t slept_at = w->spin_max_us && timeout ? now_us() : 0;
         int n = epoll_wait(w->epfd, evs, 32, timeout);
