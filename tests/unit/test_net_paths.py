@@ -85,6 +85,33 @@ def test_bad_frames_are_dropped_counted_and_the_queue_goes_on(lab, dev, header, 
     assert len(dev.backend.frames) == 1
 
 
+def test_transmit_returns_chains_in_ring_order_with_drops_between(lab, dev):
+    """VIRTIO_F_IN_ORDER is offered: a burst mixing frames for the Python
+    back-end with dropped ones comes back in the order it was made
+    available (drops are not returned ahead of the back-end's frames)."""
+    ok, bad = HDR.pack(0, 0, 0, 0, 0, 0, 0), HDR.pack(0, 7, 0, 0, 0, 0, 0)
+    heads = []
+    for i, header in enumerate([ok, bad, ok, bad, bad, ok]):
+        data = header + frame(60 + i)
+        gpa = lab.alloc(len(data))
+        lab.write(gpa, data)
+        heads.append(lab.add_split_chain(1, [(gpa, len(data), False)]))
+    lab.publish_split(1, heads)
+    lib.vu_net_handler(dev._net, lab.vq(1))
+    assert [head for head, _len in lab.used_split(1)] == heads
+    assert [f for _qp, _h, f in dev.backend.frames] == [frame(60), frame(62), frame(65)]
+    assert dev.stats()["tx_dropped_bad_gso"] == 3
+
+
+def test_in_order_is_offered_by_default_and_can_be_withheld():
+    for in_order in (True, False):
+        d = NetDevice(Recorder(), in_order=in_order)
+        try:
+            assert bool(d.features() & bit(Feature.IN_ORDER)) is in_order
+        finally:
+            d.close()
+
+
 def test_disabled_tx_ring_drops_what_it_is_given(lab, dev):
     lab.vq(1).enabled = False
     used = tx(lab, dev, HDR.pack(0, 0, 0, 0, 0, 0, 0), frame())

@@ -39,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--queues", type=int, default=1, metavar="N", help="queue pairs")
     p.add_argument("--mac", default="52:54:00:12:34:56")
     p.add_argument("--mtu", type=int, default=1500)
+    p.add_argument("--no-in-order", dest="in_order", action="store_false",
+                   help="don't offer VIRTIO_F_IN_ORDER (offered by default)")
     return p
 
 
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "is required")
         try:
             device = NetDevice(backend, queue_pairs=args.queues, mac=mac, mtu=args.mtu,
-                               poll_us=args.poll)
+                               poll_us=args.poll, in_order=args.in_order)
         except (NetBackendError, ValueError, OSError) as exc:
             if switch is not None:
                 switch.close()
@@ -143,7 +145,8 @@ def serve_switch(args, mac: bytes) -> int:
         for i in range(len(args.socket_path)):
             try:
                 devices.append(NetDevice(switch.port(), queue_pairs=args.queues,
-                                         mac=port_mac(mac, i), mtu=args.mtu, poll_us=args.poll))
+                                         mac=port_mac(mac, i), mtu=args.mtu, poll_us=args.poll,
+                                         in_order=args.in_order))
             except (NetBackendError, ValueError, OSError) as exc:
                 raise common.UsageError(str(exc)) from None
         servers = []

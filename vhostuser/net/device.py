@@ -10,7 +10,7 @@ from ..dataplane import NativeHandler
 from ..device import Device
 from ..errors import ProtocolError
 from ..native import ffi, lib
-from ..protocol import ProtocolFeature, bits
+from ..protocol import Feature, ProtocolFeature, bits
 from ..queue import Queue
 from .backends import Frame, LoopbackBackend, NetBackend, SinkBackend, TapBackend
 from .spec import STATUS_LINK_UP, NetFeature, pack_config
@@ -40,7 +40,8 @@ class NetDevice(Device):
 
     def __init__(self, backend: TapBackend | NetBackend | SwitchPort | SinkBackend |
                  LoopbackBackend, *, queue_pairs: int = 1,
-                 mac: bytes = b"\x52\x54\x00\x12\x34\x56", mtu: int = 1500, poll_us: int = 0):
+                 mac: bytes = b"\x52\x54\x00\x12\x34\x56", mtu: int = 1500, poll_us: int = 0,
+                 in_order: bool = True):
         if not 1 <= queue_pairs <= 16:
             raise ValueError(f"queue pairs must be 1..16, not {queue_pairs}")
         if not 68 <= mtu <= 65535:
@@ -49,6 +50,7 @@ class NetDevice(Device):
         self.backend = backend
         self.queue_pairs = queue_pairs
         self.mac = mac
+        self.in_order = in_order
         if isinstance(backend, TapBackend):
             kind = lib.VU_NET_BACKEND_TAP
             if not backend.fds:
@@ -94,6 +96,12 @@ class NetDevice(Device):
     # -- negotiation -----------------------------------------------------------
     def device_features(self) -> int:
         wanted = [F.MAC, F.MTU, F.STATUS, F.MRG_RXBUF, F.GUEST_ANNOUNCE]
+        if self.in_order:
+            # Every back-end uses buffers in the order they were made
+            # available (a frame at a time, under the ring's lock), so
+            # drivers may take their cheaper in-order paths. (DPDK's then
+            # sends multi-segment frames without indirect descriptors.)
+            wanted.append(Feature.IN_ORDER)
         if self.queue_pairs > 1:
             wanted.append(F.MQ)
         # Offloads only where the back-end honours them: a Python back-end
