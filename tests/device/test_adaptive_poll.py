@@ -58,3 +58,32 @@ def test_a_window_that_catches_nothing_shrinks_and_idle_costs_no_cpu(blk_client)
         before = cpu_seconds()
         time.sleep(1.0)
         assert cpu_seconds() - before < 0.1      # nobody spins while nothing happens
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_a_polling_worker_tells_the_driver_not_to_kick_and_asks_again_before_sleeping(
+        blk_client, event_idx):
+    """While the worker polls a ring, kicks would only cost the driver a
+    syscall each: the device keeps them suppressed. When it stops polling
+    it asks for them again, and a request after that is served."""
+    poll_s = 0.3
+    dev = BlkDevice(RamBackend(MIB), poll_us=int(poll_s * 1e6))
+    dev.adaptive_poll_us = 0
+    with blk_client(dev, event_idx=event_idx) as (srv, blk):
+        vq = blk.queues[0]
+
+        def one_request() -> bool:
+            req = BlkRequest.read(0, 4096)
+            vq.add(blk.build_chain(req), req, indirect=blk.indirect)
+            kicked = vq.notify()
+            (done,) = blk.reap(1)
+            assert done.ok
+            return kicked
+
+        time.sleep(poll_s * 3)                # it polls from the start: let it sleep
+        assert one_request()                  # asleep: notifications were on
+        kicks = sum(one_request() for _ in range(50))
+        # The first request or two may race the worker's first poll.
+        assert kicks <= 2, f"{kicks} of 50 requests kicked a polling worker"
+        time.sleep(poll_s * 3)                # the worker gives up and sleeps
+        assert one_request()                  # ...having asked for kicks again
