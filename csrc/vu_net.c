@@ -98,7 +98,11 @@ void vu_net_set_features(struct vu_net_dev *n, uint64_t f)
 int vu_net_check_tx(struct vu_net_dev *n, struct vu_elem *e, struct vu_net_hdr *hdr)
 {
     memset(hdr, 0, sizeof(*hdr));
-    if (e->out_len < n->hdr_len || !vu_iov_gather(e->iov, e->out_num, 0, hdr, n->hdr_len))
+    if (e->out_len < n->hdr_len)
+        return VU_NET_D_SHORT;
+    if (VU_LIKELY(n->hdr_len == sizeof(*hdr) && e->iov[0].iov_len >= sizeof(*hdr)))
+        memcpy(hdr, e->iov[0].iov_base, sizeof(*hdr));    /* fixed size: inlined */
+    else if (!vu_iov_gather(e->iov, e->out_num, 0, hdr, n->hdr_len))
         return VU_NET_D_SHORT;
     uint64_t frame = e->out_len - n->hdr_len;
     if (frame < ETH_HLEN)
@@ -337,40 +341,73 @@ static void loop_back(struct vu_net_dev *n, uint32_t qp, struct vu_elem *e, uint
     vu_net_rx_deliver(n, qp, NULL, data, len);
 }
 
-/* LOOPBACK for a burst of transmitted frames: one lock for the receive
- * buffers and one to publish them. Frames that fit one receive buffer go
- * here; from the first that doesn't (mergeable buffers needed, too long,
- * no buffers) the rest take loop_back, which handles and counts all that. */
+/* LOOPBACK: receive buffers for a transmit burst, taken before the burst is
+ * looked at. The driver's CPU wrote their lines last, so fetching them for
+ * writing takes a while: started now, it overlaps the transmit checks
+ * instead of stalling the copies. Holds the receive lock when rx is usable;
+ * loop_back_burst gives it back. */
+struct loop_bufs {
+    struct vu_elem *bufs[NET_BATCH];
+    int got;
+    bool locked;
+};
+
+static void loop_take_bufs(struct vu_net_dev *n, uint32_t qp, struct loop_bufs *lb, int want)
+{
+    struct vu_vq *rx = n->rxq[qp];
+    lb->got = 0;
+    lb->locked = false;
+    if (!rx || !rx->started || !rx->enabled || rx->broken)
+        return;
+    pthread_mutex_lock(&n->rx_lock[qp]);
+    lb->locked = true;
+    int got = vu_vq_pop_burst(rx, lb->bufs, want);
+    lb->got = got > 0 ? got : 0;
+    for (int j = 0; j < lb->got; j++) {
+        struct vu_elem *b = lb->bufs[j];
+        if (b->in_num)   /* the header's line and the frame's first */
+            vu_prefetch(b->iov[b->out_num].iov_base, 2, 1);
+    }
+}
+
+/* LOOPBACK for a burst of transmitted frames into the buffers taken by
+ * loop_take_bufs: one lock for them and one to publish them. Frames that fit
+ * one receive buffer go here; from the first that doesn't (mergeable buffers
+ * needed, too long, no buffers) the rest take loop_back, which handles and
+ * counts all that. */
 static void loop_back_burst(struct vu_net_dev *n, uint32_t qp, struct vu_elem **tx,
-                            const uint32_t *lens, int cnt)
+                            const uint32_t *lens, int cnt, struct loop_bufs *lb)
 {
     struct vu_vq *rx = n->rxq[qp];
     int done = 0;
-    if (rx && rx->started && rx->enabled && !rx->broken) {
-        struct vu_elem *bufs[NET_BATCH];
+    if (lb->locked) {
+        struct vu_elem **bufs = lb->bufs;
         uint32_t used[NET_BATCH];
         uint64_t bytes = 0;
-        pthread_mutex_lock(&n->rx_lock[qp]);
-        int got = vu_vq_pop_burst(rx, bufs, cnt);
-        for (int j = 0; j < got; j++)
-            if (bufs[j]->in_num)
-                vu_prefetch(bufs[j]->iov[bufs[j]->out_num].iov_base,
-                            lens[j] + n->hdr_len > 64 ? 2 : 1, 1);
-        for (; done < got; done++) {
+        int usable = lb->got < cnt ? lb->got : cnt;
+        for (; done < usable; done++) {
             struct vu_elem *t = tx[done], *b = bufs[done];
             uint32_t len = lens[done], need = n->hdr_len + len;
             if (len > VU_NET_MAX_FRAME || b->in_len < need || t->out_num != 1)
                 break;
             struct vu_net_hdr hdr = {.num_buffers = 1};
-            scatter(b, 0, (const uint8_t *)&hdr, n->hdr_len);
-            scatter(b, n->hdr_len, (const uint8_t *)t->iov[0].iov_base + n->hdr_len, len);
+            const uint8_t *frame = (const uint8_t *)t->iov[0].iov_base + n->hdr_len;
+            struct iovec *dst = &b->iov[b->out_num];
+            if (VU_LIKELY(n->hdr_len == sizeof(hdr) && dst->iov_len >= need)) {
+                memcpy(dst->iov_base, &hdr, sizeof(hdr));      /* fixed size: inlined */
+                memcpy((uint8_t *)dst->iov_base + sizeof(hdr), frame, len);
+            } else {
+                scatter(b, 0, (const uint8_t *)&hdr, n->hdr_len);
+                scatter(b, n->hdr_len, frame, len);
+            }
             used[done] = need;
             bytes += len;
         }
-        for (int j = got - 1; j >= done; j--)   /* newest first */
+        for (int j = lb->got - 1; j >= done; j--)   /* newest first */
             vu_vq_unpop(rx, bufs[j]);
         vu_vq_push_burst(rx, bufs, used, done);
         pthread_mutex_unlock(&n->rx_lock[qp]);
+        lb->locked = false;
         n->stats[qp].rx_packets += (uint64_t)done;
         n->stats[qp].rx_bytes += bytes;
     }
@@ -392,6 +429,9 @@ static int transmit(struct vu_net_dev *n, struct vu_vq *vq, uint32_t qp)
         uint32_t loop_len[NET_BATCH];
         int rc = vu_vq_pop_burst(vq, elems, NET_BATCH);
         int cnt = rc > 0 ? rc : 0;
+        struct loop_bufs lb = {.got = 0, .locked = false};
+        if (cnt && n->backend == VU_NET_BACKEND_LOOPBACK)
+            loop_take_bufs(n, qp, &lb, cnt);
         /* header and the frame's start, for the checks and the copy */
         for (int i = 0; i < cnt; i++)
             if (elems[i]->out_num)
@@ -440,8 +480,8 @@ static int transmit(struct vu_net_dev *n, struct vu_vq *vq, uint32_t qp)
                 st->tx_dropped[why]++;
             done[ndone++] = e;
         }
-        if (looped)
-            loop_back_burst(n, qp, loop, loop_len, looped);
+        if (looped || lb.locked)
+            loop_back_burst(n, qp, loop, loop_len, looped, &lb);
         if (nbatch) {
             vu_net_py_tx(n->py_ctx, qp, batch, nbatch);
             for (int i = 0; i < nbatch; i++) {
