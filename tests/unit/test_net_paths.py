@@ -257,3 +257,27 @@ def test_loopback_without_receive_buffers_drops_on_the_way_back(lab):
     finally:
         dev._net.rxq[0] = ffi.NULL
         dev.close()
+
+
+def test_loopback_leaves_receive_buffers_of_dropped_frames_for_the_next_ones(lab):
+    """The loopback takes receive buffers for a whole transmit burst before it
+    checks the frames: those of frames dropped on the way out go back to the
+    ring, in order, for later frames."""
+    dev = c_device(lab, LoopbackBackend())
+    try:
+        gpas = post_rx(lab, [2048] * 4)
+        good = [bytes([0xA0 + i]) * 60 for i in range(3)]
+        used = transmit(lab, dev, [good[0], b"\0" * 5, good[1], b"\0" * 5, good[2]])
+        assert len(used) == 5
+        s = dev.stats()
+        assert (s["tx_packets"], s["tx_dropped_short"], s["rx_packets"]) == (3, 2, 3)
+        # the three frames in the first three buffers, in order
+        assert [u[1] for u in lab.used_split(0)] == [12 + 60] * 3
+        assert [lab.read(g + 12, 60) for g in gpas[:3]] == good
+        # the fourth buffer is still the driver's, and the next frame gets it
+        assert len(transmit(lab, dev, [b"z" * 60])) == 1
+        assert [u[1] for u in lab.used_split(0)] == [12 + 60]
+        assert lab.read(gpas[3] + 12, 60) == b"z" * 60
+    finally:
+        dev._net.rxq[0] = ffi.NULL
+        dev.close()
