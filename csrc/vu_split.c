@@ -148,34 +148,7 @@ int vu_split_pop(struct vu_vq *vq, struct vu_elem **out)
 {
     if (vq->resubmit_pos < vq->resubmit_num)
         return pop_head(vq, vq->resubmit[vq->resubmit_pos++], out);
-
-    uint16_t avail_idx = VU_READ_ONCE(vq->avail->idx);
-    uint16_t pending = (uint16_t)(avail_idx - vq->last_avail_idx);
-    if (pending == 0)
-        return 0;
-    if (pending > vq->size) {
-        vu_vq_break(vq, VU_ERR_AVAIL_IDX_JUMP, avail_idx);
-        return -VU_ERR_AVAIL_IDX_JUMP;
-    }
-    if (vq->nfree == 0)
-        return 0;
-    /* Read the ring entry only after seeing the index that covers it. */
-    vu_smp_rmb();
-    uint16_t head = VU_READ_ONCE(vq->avail->ring[vq->last_avail_idx & (vq->size - 1)]);
-    if (head >= vq->size) {
-        vu_vq_break(vq, VU_ERR_BAD_HEAD, head);
-        return -VU_ERR_BAD_HEAD;
-    }
-    int rc = pop_head(vq, head, out);
-    if (rc != 1)
-        return rc;
-    vq->last_avail_idx++;
-    if (vq->inflight_region) {
-        struct vu_inflight_split_desc *d = &vq->inflight_region->desc[head];
-        d->counter = vq->inflight_counter++;
-        d->inflight = 1;
-    }
-    return 1;
+    return vu_split_pop_burst(vq, out, 1);
 }
 
 int vu_split_pop_burst(struct vu_vq *vq, struct vu_elem **out, int max)
@@ -198,6 +171,7 @@ int vu_split_pop_burst(struct vu_vq *vq, struct vu_elem **out, int max)
         want = VU_SPLIT_BURST;
     if (want > vq->nfree)
         want = vq->nfree;
+    /* Read ring entries only after seeing the index that covers them. */
     vu_smp_rmb();
     uint16_t mask = (uint16_t)(vq->size - 1);
     /* Heads first, and their descriptors fetched together: they were
