@@ -57,10 +57,10 @@ enum vu_err {
 #define VU_READ_ONCE(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
 #define VU_WRITE_ONCE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
 
-/* Asks for the cache lines of [p, p+len) ahead of use, up to `lines` lines.
- * Ring entries and frames were written a moment ago by the driver on another
- * CPU: fetching a burst's lines together overlaps those misses instead of
- * taking them one after another. A hint only: never faults. */
+/* Asks for `lines` cache lines from p ahead of use. Ring entries and frames
+ * were written a moment ago by the driver on another CPU: fetching a burst's
+ * lines together overlaps those misses instead of taking them one after
+ * another. A hint only: never faults. */
 static inline void vu_prefetch(const void *p, unsigned lines, int for_write)
 {
     const char *c = p;

@@ -110,13 +110,20 @@ static int serve_queue(struct vu_vq *vq, bool polling)
     return result < 0 ? VU_HANDLED_NONE : result;
 }
 
-static int serve_all(struct vu_worker *w, bool polling)
+/* The worker's queues as they are now (others add and remove them). */
+static uint32_t queues_snapshot(struct vu_worker *w, struct vu_vq **qs)
 {
-    struct vu_vq *qs[VU_WORKER_MAX_QUEUES];
     pthread_mutex_lock(&w->lock);
     uint32_t n = w->nqueues;
     memcpy(qs, w->queues, n * sizeof(qs[0]));
     pthread_mutex_unlock(&w->lock);
+    return n;
+}
+
+static int serve_all(struct vu_worker *w, bool polling)
+{
+    struct vu_vq *qs[VU_WORKER_MAX_QUEUES];
+    uint32_t n = queues_snapshot(w, qs);
     int best = VU_HANDLED_NONE;
     for (uint32_t i = 0; i < n; i++) {
         int r = serve_queue(qs[i], polling);
@@ -132,10 +139,7 @@ static int serve_all(struct vu_worker *w, bool polling)
 static void stop_polling(struct vu_worker *w)
 {
     struct vu_vq *qs[VU_WORKER_MAX_QUEUES];
-    pthread_mutex_lock(&w->lock);
-    uint32_t n = w->nqueues;
-    memcpy(qs, w->queues, n * sizeof(qs[0]));
-    pthread_mutex_unlock(&w->lock);
+    uint32_t n = queues_snapshot(w, qs);
     for (uint32_t i = 0; i < n; i++) {
         struct vu_vq *vq = qs[i];
         if (!vq->polling)     /* only this thread sets it */
