@@ -63,6 +63,8 @@ def test_bad_commands_are_refused_and_change_nothing(populated, image, workdir):
                       "backend": "null", "mac": "01:00:00:00:00:01"}), "bad-args"),
             (("add", {"type": "net", "name": "n1", "socket": d.path("n1.sock"),
                       "backend": "null", "queue_pairs": 17}), "bad-args"),
+            (("add", {"type": "net", "name": "n1", "socket": d.path("n1.sock"),
+                      "backend": "null", "in_order": 1}), "bad-args"),
             (("resize", {"name": "n0", "size": "8M"}), "not-supported"),
             (("resize", {"name": "d0", "size": 1000}), "bad-args"),
             (("resize", {"name": "d0", "size": True}), "bad-args"),

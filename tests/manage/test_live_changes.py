@@ -38,6 +38,11 @@ def test_added_exports_are_listed_and_described(disks):
     assert n0["device"]["queue_pairs"] == 2
     assert "MQ" in n0["features"]["offered"]["names"]
     assert "MAC" in n0["features"]["offered"]["names"]
+    assert n0["device"]["in_order"] is True and "IN_ORDER" in n0["features"]["offered"]["names"]
+    disks.ctl("add-net", "n1", "--socket", "n1.sock", "--backend", "null", "--no-in-order")
+    n1 = disks.call("describe", name="n1")
+    assert n1["spec"]["in_order"] is False and n1["device"]["in_order"] is False
+    assert "IN_ORDER" not in n1["features"]["offered"]["names"]
 
 
 def test_io_is_counted_and_queue_state_is_shown(disks):

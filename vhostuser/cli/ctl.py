@@ -92,6 +92,8 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--queue-pairs", type=int)
     n.add_argument("--mac")
     n.add_argument("--mtu", type=int)
+    n.add_argument("--no-in-order", dest="in_order", action="store_const", const=False,
+                   help="don't offer VIRTIO_F_IN_ORDER")
     n.add_argument("--poll-us", type=int)
     n.add_argument("--adaptive-poll-us", type=int)
     n.add_argument("--queues-per-thread", type=int)
@@ -149,6 +151,8 @@ def request_of(args) -> tuple[str, dict | None]:
         for key in ("tap", "backend", "queue_pairs", "mac", "mtu", "poll_us",
                     "adaptive_poll_us", "queues_per_thread"):
             _set(spec, key, getattr(args, key))
+        if args.in_order is False:      # a flag whose meaning is the False
+            spec["in_order"] = False
         return "add", spec
     if cmd == "add":
         return "add", _json_arg(args.spec)

@@ -49,7 +49,7 @@ popped, pushed, notifies, kicks}`` (empty when nobody is connected).
   "file" also ``"direct": false, "aio": "io_uring" | "sync"``.
 * net: ``{"type": "net", "name", "socket", one of "tap": IFNAME |
   "backend": "null", "queue_pairs": 1 (1..16), "mac": "52:54:00:12:34:56",
-  "mtu": 1500, "poll_us": 0, "adaptive_poll_us": 32, "queues_per_thread": 1}``.
+  "mtu": 1500, "in_order": true, "poll_us": 0, "adaptive_poll_us": 32, "queues_per_thread": 1}``.
 
 Names are 1..64 of ``A-Z a-z 0-9 _ . : -``, starting with a letter or digit.
 Paths must be absolute. A SIZE is a byte count or a string like "64M" or

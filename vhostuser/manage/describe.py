@@ -102,7 +102,7 @@ def device_settings(device: Device) -> dict:
         }
     if isinstance(device, NetDevice):
         return {"mac": format_mac(device.mac), "mtu": device.mtu,
-                "queue_pairs": device.queue_pairs}
+                "queue_pairs": device.queue_pairs, "in_order": device.in_order}
     return {"num_queues": device.num_queues}
 
 

@@ -145,6 +145,7 @@ NET_OPTIONS: dict[str, tuple[Check, Any]] = {
     "queue_pairs": (_ranged("queue_pairs", 1, 16), 1),
     "mac": (_mac, "52:54:00:12:34:56"),
     "mtu": (_ranged("mtu", 68, 65535), 1500),
+    "in_order": (_boolean("in_order"), True),
     "poll_us": (_ranged("poll_us", 0, 1_000_000), 0),
     "adaptive_poll_us": (_ranged("adaptive_poll_us", 0, 1000), 32),
     "queues_per_thread": (_ranged("queues_per_thread", 1, 64), 1),
@@ -285,7 +286,7 @@ def build_device(spec: ExportSpec) -> Device:
                 device.set_qos(QosLimits(**s["qos"]))
         else:
             device = NetDevice(backend, queue_pairs=s["queue_pairs"], mac=parse_mac(s["mac"]),
-                               mtu=s["mtu"], poll_us=s["poll_us"])
+                               mtu=s["mtu"], poll_us=s["poll_us"], in_order=s["in_order"])
     except (BackendError, NetBackendError, OSError, ValueError, MemoryError) as exc:
         if backend is not None:
             close = getattr(backend, "close", None)
