@@ -167,6 +167,22 @@ static uint32_t scatter(struct vu_elem *e, uint32_t at, const uint8_t *src, uint
     return done;
 }
 
+/* The virtio-net header at the start of e's writable buffers; returns bytes
+ * written (hdr_len unless they are shorter). Where the first buffer holds
+ * it, only bytes that differ are stored: a driver that reuses its buffers
+ * finds the same header there, and a cache line nobody writes needn't move
+ * between the CPUs (DPDK's vhost and virtio PMD do the same). */
+static uint32_t put_header(struct vu_elem *e, const struct vu_net_hdr *hdr, uint32_t hdr_len)
+{
+    struct iovec *dst = &e->iov[e->out_num];
+    if (VU_LIKELY(e->in_num && hdr_len == sizeof(*hdr) && dst->iov_len >= sizeof(*hdr))) {
+        if (memcmp(dst->iov_base, hdr, sizeof(*hdr)) != 0)   /* fixed size: inlined */
+            memcpy(dst->iov_base, hdr, sizeof(*hdr));
+        return sizeof(*hdr);
+    }
+    return scatter(e, 0, (const uint8_t *)hdr, hdr_len);
+}
+
 static int rx_drop(struct vu_net_dev *n, uint32_t qp, int why)
 {
     n->stats[qp].rx_dropped[why]++;
@@ -220,7 +236,7 @@ int vu_net_rx_deliver(struct vu_net_dev *n, uint32_t qp, const struct vu_net_hdr
     }
     hdr.num_buffers = (uint16_t)nbufs;
     /* header into the first buffer, then the frame across all of them */
-    uint32_t first = scatter(bufs[0], 0, (const uint8_t *)&hdr, n->hdr_len);
+    uint32_t first = put_header(bufs[0], &hdr, n->hdr_len);
     uint32_t used0 = first;
     uint32_t off = 0;
     for (uint32_t i = 0; i < nbufs; i++) {
@@ -399,18 +415,11 @@ static void loop_back_burst(struct vu_net_dev *n, uint32_t qp, struct vu_elem **
             struct vu_net_hdr hdr = {.num_buffers = 1};
             const uint8_t *frame = (const uint8_t *)t->iov[0].iov_base + n->hdr_len;
             struct iovec *dst = &b->iov[b->out_num];
-            if (VU_LIKELY(n->hdr_len == sizeof(hdr) && dst->iov_len >= need)) {
-                /* The header only where it differs: a driver that reuses
-                 * its buffers finds the same bytes there, and a line
-                 * nobody writes needn't move between the CPUs (DPDK's
-                 * vhost and virtio PMD do the same). Fixed sizes: inlined. */
-                if (memcmp(dst->iov_base, &hdr, sizeof(hdr)) != 0)
-                    memcpy(dst->iov_base, &hdr, sizeof(hdr));
-                memcpy((uint8_t *)dst->iov_base + sizeof(hdr), frame, len);
-            } else {
-                scatter(b, 0, (const uint8_t *)&hdr, n->hdr_len);
+            put_header(b, &hdr, n->hdr_len);
+            if (VU_LIKELY(dst->iov_len >= need))     /* all in the first buffer */
+                memcpy((uint8_t *)dst->iov_base + n->hdr_len, frame, len);
+            else
                 scatter(b, n->hdr_len, frame, len);
-            }
             used[done] = need;
             bytes += len;
         }
