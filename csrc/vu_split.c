@@ -174,14 +174,19 @@ int vu_split_pop_burst(struct vu_vq *vq, struct vu_elem **out, int max)
     /* Read ring entries only after seeing the index that covers them. */
     vu_smp_rmb();
     uint16_t mask = (uint16_t)(vq->size - 1);
-    /* Heads first, and their descriptors fetched together: they were
-     * written on the driver's CPU, and the misses then overlap. */
+    /* Heads first, and for a burst their descriptors fetched together: they
+     * were written on the driver's CPU, and the misses then overlap. A single
+     * pop (vu_split_pop: disks, one frame) reads its descriptor at once, and
+     * may complete much later: prefetching would only take the used ring's
+     * line from the driver early. */
     for (uint32_t i = 0; i < want; i++) {
         heads[i] = VU_READ_ONCE(vq->avail->ring[(uint16_t)(vq->last_avail_idx + i) & mask]);
-        __builtin_prefetch(&vq->desc[heads[i] & mask]);
+        if (want > 1)
+            __builtin_prefetch(&vq->desc[heads[i] & mask]);
     }
-    vu_prefetch(&vq->used->ring[(uint16_t)(vq->used_idx + vq->pending_used) & mask],
-                1 + (want * 8u) / 64u, 1);
+    if (want > 1)
+        vu_prefetch(&vq->used->ring[(uint16_t)(vq->used_idx + vq->pending_used) & mask],
+                    1 + (want * 8u) / 64u, 1);
     int n = 0;
     for (uint32_t i = 0; i < want; i++) {
         uint16_t head = heads[i];
