@@ -96,6 +96,7 @@ class BlkDevice(Device):
         self.config.write_zeroes_may_unmap = int(lim.write_zeroes_unmap)
         lim.writeback = True
         self._qos = QosLimits()
+        self._close_flushed = False
 
     # -- what is offered ---------------------------------------------------------
     def _offers(self, feature: BlkFeature) -> bool:
@@ -254,10 +255,61 @@ class BlkDevice(Device):
                 "mapped_reads": fm.mapped_reads, "fallback_reads": fm.fallback_reads}
 
     def close(self) -> None:
+        """Frees the device, then closes the back-end. A Python back-end's
+        flush() runs before its close(), so nothing acknowledged stays in
+        its cache: an async flush() is awaited on the device's event loop
+        while that runs elsewhere, else on a loop of its own. Called on a
+        running event loop, close() can't wait; it leaves the flush and the
+        back-end's close() to a task there (await aclose() instead)."""
+        flush = self._take_close_flush()
         if self._blk != ffi.NULL:
             lib.vu_blk_free(self._blk)
             self._blk = ffi.NULL
-        self.backend.close()
+        if flush is None:
+            self.backend.close()
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None:
+            running.create_task(self._flush_then_close(flush))
+        elif self._loop is not None and self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._flush_then_close(flush), self._loop).result()
+        else:
+            loop = asyncio.new_event_loop()
+            try:
+                loop.run_until_complete(self._flush_then_close(flush))
+            finally:
+                loop.close()
+
+    async def aclose(self) -> None:
+        """close() from a coroutine on the event loop: awaits the back-end's
+        flush() there, then frees the device and closes the back-end."""
+        flush = self._take_close_flush()
+        if flush is not None:
+            await _settle(flush, "flush before close")
+        self.close()
+
+    def _take_close_flush(self):
+        """The back-end's flush() for close (a coroutine, or None once done
+        or when there is nothing to flush); runs a plain flush() at once."""
+        if (self._kind != lib.VU_BLK_BACKEND_PYTHON or self._close_flushed
+                or self.backend.read_only):
+            return None
+        self._close_flushed = True
+        try:
+            outcome = self.backend.flush()
+        except Exception as exc:
+            log.error("block back-end: flush before close failed: %s", exc)
+            return None
+        return outcome if inspect.isawaitable(outcome) else None
+
+    async def _flush_then_close(self, flush) -> None:
+        try:
+            await _settle(flush, "flush before close")
+        finally:
+            self.backend.close()
 
     # -- Python back-ends ------------------------------------------------------
     def _run_request(self, r) -> int | object:
@@ -268,7 +320,8 @@ class BlkDevice(Device):
         if t == BlkType.IN:
             return be.read(offset, _views(r))
         if t == BlkType.OUT:
-            return be.write(offset, _views(r))
+            write = be.write if self._blk.lim.writeback else be.write_fua
+            return write(offset, _views(r))
         if t == BlkType.FLUSH:
             return be.flush()
         if t == BlkType.GET_ID:
@@ -287,6 +340,9 @@ class BlkDevice(Device):
 
     def _segments(self, r):
         be: BlockBackend = self.backend
+        # Zeroes are a write: in write-through mode stable before completion.
+        # (Discarded ranges have no defined content to keep.)
+        stable = r.type == BlkType.WRITE_ZEROES and not self._blk.lim.writeback
         calls = []
         for i in range(r.nsegs):
             seg = r.segs[i]
@@ -300,18 +356,27 @@ class BlkDevice(Device):
             async def wait_all():
                 for c in pending:
                     await c
+                if stable:
+                    flushed = be.flush()
+                    if inspect.isawaitable(flushed):
+                        await flushed
             return wait_all()
-        return None
+        return be.flush() if stable else None
 
     def _python_batch(self, vq, reqs, n: int) -> None:
         # Per request in the guest's hot path: reads and writes go straight
         # to the back-end's methods with as few cffi look-ups as possible.
         be = self.backend
-        read, write = be.read, be.write
+        read = be.read
+        cached_write, stable_write = be.write, be.write_fua
+        lim = self._blk.lim
         buffer = ffi.buffer
         for i in range(n):
             r = reqs[i]
             t = r.type
+            # The cache mode when the request arrives decides; CONFIG_WCE
+            # may change it between two requests of one batch.
+            write = cached_write if lim.writeback else stable_write
             try:
                 if t == _IN or t == _OUT:
                     iov = r.iov
@@ -357,6 +422,14 @@ class BlkDevice(Device):
         if self._loop is None:
             raise RuntimeError("async back-end needs the device's event loop")
         asyncio.run_coroutine_threadsafe(run(), self._loop)
+
+
+async def _settle(awaitable, what: str) -> None:
+    """Awaits a back-end call whose failure is logged, not raised."""
+    try:
+        await awaitable
+    except Exception as exc:
+        log.error("block back-end: %s failed: %s", what, exc)
 
 
 def _log_failure(exc: Exception, r) -> None:
