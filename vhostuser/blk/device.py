@@ -97,6 +97,7 @@ class BlkDevice(Device):
         lim.writeback = True
         self._qos = QosLimits()
         self._close_flushed = False
+        self._closed = False
 
     # -- what is offered ---------------------------------------------------------
     def _offers(self, feature: BlkFeature) -> bool:
@@ -260,8 +261,12 @@ class BlkDevice(Device):
         its cache: an async flush() is awaited on the device's event loop
         while that runs elsewhere, else on a loop of its own. Called on a
         running event loop, close() can't wait; it leaves the flush and the
-        back-end's close() to a task there (await aclose() instead)."""
+        back-end's close() to a task there (await aclose() instead).
+        Closing again does nothing."""
+        if self._closed:
+            return
         flush = self._take_close_flush()
+        self._closed = True
         if self._blk != ffi.NULL:
             lib.vu_blk_free(self._blk)
             self._blk = ffi.NULL
@@ -286,6 +291,8 @@ class BlkDevice(Device):
     async def aclose(self) -> None:
         """close() from a coroutine on the event loop: awaits the back-end's
         flush() there, then frees the device and closes the back-end."""
+        if self._closed:
+            return
         flush = self._take_close_flush()
         if flush is not None:
             await _settle(flush, "flush before close")
