@@ -1,0 +1,284 @@
+"""Disk states a power cut may leave, rebuilt from a recorder log.
+
+The contract (virtio 1.4, 5.2.6): a write is stable once it completed and
+either it was a write-through write (FUA) or a FLUSH submitted after its
+completion completed too. A crash point ``p`` is a moment between two log
+records: the first ``p`` happened, the rest didn't. At ``p``:
+
+* required: every change that completed OK before the start of the last
+  FLUSH that completed OK before ``p``, and every FUA write that completed
+  OK before ``p``;
+* optional: every other change that started before ``p`` (completed but
+  not flushed, still in flight, or failed): any part of it may be there.
+
+A state applies the required changes and a chosen subset of the optional
+ones, in the order they completed (those still in flight last, in the
+order they started): completion order is an order the disk may have
+applied them in, since a request that started after another completed
+comes after it. A write's sectors may land independently of each other:
+the spec promises no atomicity, we assume only that of a 512-byte sector
+(below that no file system copes, and the storage under our back-ends —
+page cache, NBD, RBD — doesn't tear within one), so an optional change may
+be torn at sector boundaries. A discard's range has no defined content: it
+is optional always, and applied as zeroes when chosen.
+
+``trust_fua=False`` / ``trust_flush=False`` build the states of a back-end
+that ignored write-through or flushes: negative controls, showing that a
+check catches lost data.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+
+from .recordlog import OK, Entry, Kind, RecordLog
+
+SECTOR = 512
+#: Writes of up to this many sectors are torn sector by sector; longer ones
+#: in up to TEAR_RUNS runs (a random subset of 100k sectors is no more
+#: telling, and slow).
+TEAR_SECTORS = 64
+TEAR_RUNS = 8
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+@dataclass(slots=True)
+class Op:
+    """One logged call: where it started and ended in the log."""
+    entry: Entry            # its start record
+    start: int              # index of the start record
+    done: int | None = None  # index of its DONE record
+    ok: bool = False
+
+    @property
+    def kind(self) -> Kind:
+        return self.entry.kind
+
+
+@dataclass
+class Piece:
+    """Part of a change applied to a state: ``sectors`` (relative to the
+    change's offset) as (first, count) runs, or None for all of it."""
+    op: Op
+    sectors: list[tuple[int, int]] | None = None
+
+
+@dataclass
+class CrashState:
+    point: int
+    variant: str
+    pieces: list[Piece] = field(default_factory=list)
+    required: int = 0           # how many changes had to be there
+    optional: int = 0           # how many might have been
+    chosen: int = 0             # optional ones applied (maybe torn)
+
+    def describe(self) -> str:
+        return (f"point {self.point} ({self.variant}): {self.required} required, "
+                f"{self.chosen} of {self.optional} optional applied")
+
+
+class CrashModel:
+    """The ops of a :class:`RecordLog` and the crash states at its points."""
+
+    def __init__(self, log: RecordLog, *, trust_fua: bool = True, trust_flush: bool = True):
+        self.log = log
+        self.trust_fua = trust_fua
+        self.trust_flush = trust_flush
+        self.ops: list[Op] = []
+        by_id: dict[int, Op] = {}
+        for i, entry in enumerate(log.entries):
+            if entry.kind == Kind.DONE:
+                op = by_id.get(entry.id)
+                if op is None or op.done is not None:
+                    raise ValueError(f"{log.path}: DONE record {i} for unknown op {entry.id}")
+                op.done, op.ok = i, entry.status == OK
+            else:
+                op = Op(entry, i)
+                by_id[entry.id] = op
+                self.ops.append(op)
+
+    @property
+    def points(self) -> int:
+        """Crash points are 0..points (0: before anything was logged)."""
+        return len(self.log.entries)
+
+    def interesting_points(self) -> list[int]:
+        """Points where the contract changes what must be there: right after
+        each completion, and right before each flush starts; plus the end."""
+        entries = self.log.entries
+        found = {len(entries)}
+        for i, entry in enumerate(entries):
+            if entry.kind == Kind.DONE:
+                found.add(i + 1)
+            elif entry.kind == Kind.FLUSH:
+                found.add(i)
+        return sorted(found)
+
+    def choose_points(self, count: int) -> list[int]:
+        """``count`` points spread evenly over the interesting ones (all of
+        them if there are fewer), always including the end."""
+        points = self.interesting_points()
+        if count >= len(points):
+            return points
+        if count <= 1:
+            return points[-1:]
+        step = (len(points) - 1) / max(1, count - 1)
+        return sorted({points[round(i * step)] for i in range(count)})
+
+    def classify(self, point: int) -> tuple[list[Op], list[Op]]:
+        """(required, optional) changes at ``point``, each in apply order."""
+        if not 0 <= point <= self.points:
+            raise ValueError(f"crash point {point} not in 0..{self.points}")
+        barrier = -1        # start of the last flush that completed OK before point
+        if self.trust_flush:
+            for op in self.ops:
+                if (op.kind == Kind.FLUSH and op.ok and op.done is not None
+                        and op.done < point):
+                    barrier = max(barrier, op.start)
+        required, optional = [], []
+        for op in self.ops:
+            if op.start >= point or op.kind == Kind.FLUSH:
+                continue
+            completed = op.ok and op.done is not None and op.done < point
+            if op.kind == Kind.DISCARD:
+                must = False
+            elif op.kind == Kind.FUA and self.trust_fua:
+                must = completed
+            else:
+                must = completed and op.done < barrier
+            (required if must else optional).append(op)
+        order = self._apply_order(point)
+        required.sort(key=order)
+        optional.sort(key=order)
+        return required, optional
+
+    @staticmethod
+    def _apply_order(point: int):
+        def key(op: Op):
+            if op.done is not None and op.done < point:
+                return (0, op.done)
+            return (1, op.start)
+        return key
+
+    def state(self, point: int, variant: str = "random",
+              rng: random.Random | None = None) -> CrashState:
+        """One state at ``point``. ``variant``: ``required`` (no optional
+        change), ``all`` (every optional change whole) or ``random`` (a
+        random subset, each chosen change perhaps torn)."""
+        required, optional = self.classify(point)
+        st = CrashState(point, variant, required=len(required), optional=len(optional))
+        chosen: dict[int, Piece] = {}
+        for op in optional:
+            if variant == "all":
+                chosen[op.start] = Piece(op)
+            elif variant == "random":
+                if rng is None:
+                    raise ValueError("a random state needs rng")
+                if rng.random() < 0.5:
+                    chosen[op.start] = Piece(op, _tear(op, rng))
+            elif variant != "required":
+                raise ValueError(f"unknown variant {variant!r}")
+        st.chosen = len(chosen)
+        order = self._apply_order(point)
+        pieces = [Piece(op) for op in required] + list(chosen.values())
+        pieces.sort(key=lambda piece: order(piece.op))
+        st.pieces = pieces
+        return st
+
+    def states(self, point: int, count: int, rng: random.Random) -> list[CrashState]:
+        """``required`` and ``all`` first, then random ones, ``count`` in all
+        (fewer when nothing is optional: the state is then unique)."""
+        required, optional = self.classify(point)
+        if not optional:
+            return [self.state(point, "required")]
+        out = [self.state(point, "required")]
+        if count > 1:
+            out.append(self.state(point, "all"))
+        while len(out) < count:
+            out.append(self.state(point, "random", rng))
+        return out
+
+    # -- building the image ---------------------------------------------------------
+    def apply(self, state: CrashState, base: str, out: str) -> None:
+        """Writes ``out``: a copy of ``base`` (the disk when recording began)
+        with the state's changes applied."""
+        _copy(base, out)
+        fd = os.open(out, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            for piece in state.pieces:
+                self._apply_piece(fd, piece)
+        finally:
+            os.close(fd)
+
+    def _apply_piece(self, fd: int, piece: Piece) -> None:
+        entry = piece.op.entry
+        data = self.log.data(entry) if entry.kind.carries_data else None
+        runs = piece.sectors if piece.sectors is not None else [(0, -(-entry.length // SECTOR))]
+        for first, count in runs:
+            start = first * SECTOR
+            end = min(entry.length, (first + count) * SECTOR)
+            if data is not None:
+                _pwrite_all(fd, data[start:end], entry.offset + start)
+            else:
+                _write_zeroes(fd, entry.offset + start, end - start)
+
+
+def _tear(op: Op, rng: random.Random) -> list[tuple[int, int]] | None:
+    """Which sectors of an optional change land: all of it half the time,
+    else a random subset (None: all)."""
+    sectors = -(-op.entry.length // SECTOR)
+    if sectors <= 1 or rng.random() < 0.5:
+        return None
+    if sectors <= TEAR_SECTORS:
+        keep = [s for s in range(sectors) if rng.random() < 0.5]
+        return _runs(keep)
+    cuts = sorted(rng.sample(range(1, sectors), min(TEAR_RUNS - 1, sectors - 1)))
+    bounds = [0, *cuts, sectors]
+    return [(a, b - a) for a, b in zip(bounds, bounds[1:]) if rng.random() < 0.5]
+
+
+def _runs(sectors: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for s in sectors:
+        if runs and runs[-1][0] + runs[-1][1] == s:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((s, 1))
+    return runs
+
+
+def _copy(src: str, dst: str) -> None:
+    """A copy of ``src`` (in the kernel; sparse where the file system allows)."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        done = 0
+        try:
+            while done < size:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), size - done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:
+            done = 0
+        if done < size:
+            fin.seek(0)
+            fout.seek(0)
+            fout.truncate(0)
+            while chunk := fin.read(1 << 20):
+                fout.write(chunk)
+        fout.truncate(size)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _write_zeroes(fd: int, offset: int, length: int) -> None:
+    while length > 0:
+        n = min(length, len(_ZERO_CHUNK))
+        _pwrite_all(fd, _ZERO_CHUNK[:n], offset)
+        offset, length = offset + n, length - n
