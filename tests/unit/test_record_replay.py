@@ -204,13 +204,14 @@ def read_sectors(path):
 
 
 def test_rebuilt_images_hold_what_is_required_and_tear_only_at_sectors(tmp_path):
+    """With 512-byte atomicity (the strict model)."""
     path, _ = build(tmp_path, SCRIPT)
     base = tmp_path / "base.img"
     base.write_bytes(b"\x01" * DISK)
     out = str(tmp_path / "state.img")
     old = sector_data(1)
     with RecordLog(path) as log:
-        model = CrashModel(log)
+        model = CrashModel(log, atomic=SECTOR)
         model.apply(model.state(model.points, "required"), str(base), out)
         s = read_sectors(out)
         assert s[0] == s[1] == sector_data(ord("A")) and s[3] == sector_data(ord("C"))
@@ -232,6 +233,34 @@ def test_rebuilt_images_hold_what_is_required_and_tear_only_at_sectors(tmp_path)
         assert len(seen) == 8            # G torn every way over its three sectors
         assert len(model.states(model.points, 5, rng)) == 5
         assert [st.variant for st in model.states(0, 5, rng)] == ["required"]   # nothing optional
+
+
+def test_tearing_keeps_aligned_physical_blocks_whole(tmp_path):
+    """The default unit is 4 KiB, aligned on the disk: a 10-sector write at
+    sector 4 is torn into sectors 4-7, 8-15 and 16-17 at most."""
+    path, _ = build(tmp_path, [("start", "T", Kind.WRITE, 4, 14)])
+    base = tmp_path / "base.img"
+    base.write_bytes(b"\x01" * DISK)
+    out = str(tmp_path / "t.img")
+    units = [range(4, 8), range(8, 16), range(16, 18)]
+    seen = set()
+    with RecordLog(path) as log:
+        model = CrashModel(log)
+        assert model.atomic == 4096
+        rng = random.Random(3)
+        for _ in range(400):
+            model.apply(model.state(model.points, "random", rng), str(base), out)
+            s = read_sectors(out)
+            landed = []
+            for unit in units:
+                kinds = {s[i] == sector_data(ord("T")) for i in unit}
+                assert len(kinds) == 1, "a 4 KiB block was torn"
+                landed.append(kinds.pop())
+            assert all(s[i] == sector_data(1) for i in (*range(4), *range(18, 64)))
+            seen.add(tuple(landed))
+        assert len(seen) == 8
+        with pytest.raises(ValueError):
+            CrashModel(log, atomic=1000)
 
 
 def test_overlapping_writes_apply_in_completion_order(tmp_path):

@@ -15,12 +15,17 @@ A state applies the required changes and a chosen subset of the optional
 ones, in the order they completed (those still in flight last, in the
 order they started): completion order is an order the disk may have
 applied them in, since a request that started after another completed
-comes after it. A write's sectors may land independently of each other:
-the spec promises no atomicity, we assume only that of a 512-byte sector
-(below that no file system copes, and the storage under our back-ends —
-page cache, NBD, RBD — doesn't tear within one), so an optional change may
-be torn at sector boundaries. A discard's range has no defined content: it
-is optional always, and applied as zeroes when chosen.
+comes after it.
+
+Tearing: an optional change may land in part. The spec promises no
+atomicity at all; we take the unit to be ``atomic`` bytes, aligned: each
+such block of a change lands whole or not at all. The default is 4096, the
+physical block our devices advertise (``physical_block_exp`` 3), which is
+what file systems rely on for their own in-place writes (ext4's 1 KiB
+superblock, written in place, is unreadable if torn in half) and what the
+storage beneath gives (page-cache pages, RBD objects). ``atomic=512`` is
+the stricter sector-level model. A discard's range has no defined
+content: it is optional always, and applied as zeroes when chosen.
 
 ``trust_fua=False`` / ``trust_flush=False`` build the states of a back-end
 that ignored write-through or flushes: negative controls, showing that a
@@ -35,10 +40,12 @@ from dataclasses import dataclass, field
 from .recordlog import OK, Entry, Kind, RecordLog
 
 SECTOR = 512
-#: Writes of up to this many sectors are torn sector by sector; longer ones
-#: in up to TEAR_RUNS runs (a random subset of 100k sectors is no more
-#: telling, and slow).
-TEAR_SECTORS = 64
+#: Default unit of atomicity (bytes, aligned): the devices' physical block.
+ATOMIC = 4096
+#: Changes of up to this many units are torn unit by unit; longer ones in
+#: up to TEAR_RUNS runs (a random subset of 100k units is no more telling,
+#: and slow).
+TEAR_UNITS = 64
 TEAR_RUNS = 8
 _ZERO_CHUNK = bytes(1 << 20)
 
@@ -58,10 +65,10 @@ class Op:
 
 @dataclass
 class Piece:
-    """Part of a change applied to a state: ``sectors`` (relative to the
-    change's offset) as (first, count) runs, or None for all of it."""
+    """Part of a change applied to a state: byte ``ranges`` (start, length)
+    relative to the change's offset, or None for all of it."""
     op: Op
-    sectors: list[tuple[int, int]] | None = None
+    ranges: list[tuple[int, int]] | None = None
 
 
 @dataclass
@@ -81,8 +88,12 @@ class CrashState:
 class CrashModel:
     """The ops of a :class:`RecordLog` and the crash states at its points."""
 
-    def __init__(self, log: RecordLog, *, trust_fua: bool = True, trust_flush: bool = True):
+    def __init__(self, log: RecordLog, *, atomic: int = ATOMIC, trust_fua: bool = True,
+                 trust_flush: bool = True):
+        if atomic < SECTOR or atomic % SECTOR:
+            raise ValueError(f"atomic must be a multiple of {SECTOR}, not {atomic}")
         self.log = log
+        self.atomic = atomic
         self.trust_fua = trust_fua
         self.trust_flush = trust_flush
         self.ops: list[Op] = []
@@ -176,7 +187,7 @@ class CrashModel:
                 if rng is None:
                     raise ValueError("a random state needs rng")
                 if rng.random() < 0.5:
-                    chosen[op.start] = Piece(op, _tear(op, rng))
+                    chosen[op.start] = Piece(op, _tear(op, self.atomic, rng))
             elif variant != "required":
                 raise ValueError(f"unknown variant {variant!r}")
         st.chosen = len(chosen)
@@ -214,38 +225,46 @@ class CrashModel:
     def _apply_piece(self, fd: int, piece: Piece) -> None:
         entry = piece.op.entry
         data = self.log.data(entry) if entry.kind.carries_data else None
-        runs = piece.sectors if piece.sectors is not None else [(0, -(-entry.length // SECTOR))]
-        for first, count in runs:
-            start = first * SECTOR
-            end = min(entry.length, (first + count) * SECTOR)
+        for start, length in piece.ranges if piece.ranges is not None else [(0, entry.length)]:
             if data is not None:
-                _pwrite_all(fd, data[start:end], entry.offset + start)
+                _pwrite_all(fd, data[start:start + length], entry.offset + start)
             else:
-                _write_zeroes(fd, entry.offset + start, end - start)
+                _write_zeroes(fd, entry.offset + start, length)
 
 
-def _tear(op: Op, rng: random.Random) -> list[tuple[int, int]] | None:
-    """Which sectors of an optional change land: all of it half the time,
-    else a random subset (None: all)."""
-    sectors = -(-op.entry.length // SECTOR)
-    if sectors <= 1 or rng.random() < 0.5:
+def _units(offset: int, length: int, atomic: int) -> list[tuple[int, int]]:
+    """The change's bytes cut at ``atomic`` boundaries of the disk, as
+    (start, length) relative to ``offset``."""
+    out, pos, end = [], offset, offset + length
+    while pos < end:
+        stop = min(end, (pos // atomic + 1) * atomic)
+        out.append((pos - offset, stop - pos))
+        pos = stop
+    return out
+
+
+def _tear(op: Op, atomic: int, rng: random.Random) -> list[tuple[int, int]] | None:
+    """Which parts of an optional change land: all of it half the time,
+    else a random subset of its atomic units (None: all)."""
+    units = _units(op.entry.offset, op.entry.length, atomic)
+    if len(units) <= 1 or rng.random() < 0.5:
         return None
-    if sectors <= TEAR_SECTORS:
-        keep = [s for s in range(sectors) if rng.random() < 0.5]
-        return _runs(keep)
-    cuts = sorted(rng.sample(range(1, sectors), min(TEAR_RUNS - 1, sectors - 1)))
-    bounds = [0, *cuts, sectors]
-    return [(a, b - a) for a, b in zip(bounds, bounds[1:]) if rng.random() < 0.5]
+    if len(units) <= TEAR_UNITS:
+        return _merge([u for u in units if rng.random() < 0.5])
+    cuts = sorted(rng.sample(range(1, len(units)), min(TEAR_RUNS - 1, len(units) - 1)))
+    bounds = [0, *cuts, len(units)]
+    return _merge([u for a, b in zip(bounds, bounds[1:]) if rng.random() < 0.5
+                   for u in units[a:b]])
 
 
-def _runs(sectors: list[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for s in sectors:
-        if runs and runs[-1][0] + runs[-1][1] == s:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, length in ranges:
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + length)
         else:
-            runs.append((s, 1))
-    return runs
+            out.append((start, length))
+    return out
 
 
 def _copy(src: str, dst: str) -> None:

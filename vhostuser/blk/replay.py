@@ -9,7 +9,7 @@
 log's size, its ops and the crash points; ``--out`` writes one state;
 ``--check`` builds states at ``--points`` crash points spread over the log,
 ``--variants`` per point (nothing optional, everything, then random
-subsets with torn writes), runs the command on each (``{}`` is the image's
+subsets with writes torn at ``--atomic`` blocks), runs the command on each (``{}`` is the image's
 path) and exits 1 if any state fails it. ``--no-fua`` and ``--no-flush``
 replay as if the back-end had ignored write-through or flushes (negative
 controls). See ``vhostuser.blk.crash`` for the model.
@@ -26,7 +26,7 @@ import sys
 import tempfile
 from collections import Counter
 
-from .crash import CrashModel, CrashState
+from .crash import ATOMIC, CrashModel, CrashState
 from .recordlog import RecordLog, RecordLogError
 
 
@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=50, help="crash points for --check")
     p.add_argument("--variants", type=int, default=3, help="states per point for --check")
     p.add_argument("--seed", type=int, default=0, help="for random subsets (reproducible)")
+    p.add_argument("--atomic", type=int, default=ATOMIC, metavar="BYTES",
+                   help="unit a torn write keeps whole (aligned; default %(default)s, the "
+                        "physical block; 512 for sectors)")
     p.add_argument("--keep-failed", metavar="DIR", help="keep the images that fail --check here")
     p.add_argument("--no-fua", action="store_true", help="treat write-through writes as cached")
     p.add_argument("--no-flush", action="store_true", help="treat flushes as doing nothing")
@@ -92,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"replay: {args.base} is smaller than the recorded disk ({log.disk_size} "
                   "bytes)", file=sys.stderr)
             return 1
-        model = CrashModel(log, trust_fua=not args.no_fua, trust_flush=not args.no_flush)
+        try:
+            model = CrashModel(log, atomic=args.atomic, trust_fua=not args.no_fua,
+                               trust_flush=not args.no_flush)
+        except ValueError as exc:
+            print(f"replay: {exc}", file=sys.stderr)
+            return 1
         if args.info:
             kinds = Counter(op.kind.name for op in model.ops)
             failed = sum(1 for op in model.ops if op.done is not None and not op.ok)
