@@ -4,10 +4,9 @@ another Python back-end and logs what changes the disk.
 Every write (with its data), write-through write, write-zeroes, discard and
 flush is logged when it starts and again when it finishes, in the order
 seen (``vhostuser.blk.recordlog`` has the format). From that log and a copy
-of the disk as it was when recording began, ``python -m
-vhostuser.blk.replay`` rebuilds the states a power cut may leave behind
-under the virtio write-cache contract, to check each with the file system's
-own tools.
+of the disk as it was when recording began, ``vhostuser-replay`` rebuilds
+the states a power cut may leave behind under the virtio write-cache
+contract, to check each with the file system's own tools.
 
     base = copy of disk.img
     device = BlkDevice(RecordingBackend(MyBackend("disk.img"), "disk.rlog"))

@@ -1,8 +1,9 @@
-"""Rebuilds the disk states a power cut may leave, from a recorder log.
+"""``vhostuser-replay``: the disk states a power cut may leave, rebuilt
+from a recorder log (also ``python -m vhostuser.blk.replay``).
 
-    python -m vhostuser.blk.replay LOG --base BASE --info
-    python -m vhostuser.blk.replay LOG --base BASE --point N [--variant V] --out STATE.img
-    python -m vhostuser.blk.replay LOG --base BASE --check 'e2fsck -fn {}' [--points 50]
+    vhostuser-replay LOG --base BASE --info
+    vhostuser-replay LOG --base BASE --point N [--variant V] --out STATE.img
+    vhostuser-replay LOG --base BASE --check 'e2fsck -fn {}' [--points 50]
         [--variants 3] [--seed S] [--keep-failed DIR]
 
 ``BASE`` is the disk as it was when recording began. ``--info`` prints the
@@ -31,7 +32,7 @@ from .recordlog import RecordLog, RecordLogError
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vhostuser.blk.replay",
+    p = argparse.ArgumentParser(prog="vhostuser-replay",
                                 description="Disk states after a power cut, from a recorder log.")
     p.add_argument("log", help="the recorder's log")
     p.add_argument("--base", required=True, help="the disk as it was when recording began")
