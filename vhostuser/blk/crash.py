@@ -115,15 +115,16 @@ class CrashModel:
         return len(self.log.entries)
 
     def interesting_points(self) -> list[int]:
-        """Points where the contract changes what must be there: right after
-        each completion, and right before each flush starts; plus the end."""
+        """Points where what may be there changes: right after each
+        completion, right after each change started (it may be there in
+        part), right before each flush starts; plus the end."""
         entries = self.log.entries
         found = {len(entries)}
         for i, entry in enumerate(entries):
-            if entry.kind == Kind.DONE:
-                found.add(i + 1)
-            elif entry.kind == Kind.FLUSH:
+            if entry.kind == Kind.FLUSH:
                 found.add(i)
+            else:
+                found.add(i + 1)
         return sorted(found)
 
     def choose_points(self, count: int) -> list[int]:
