@@ -44,15 +44,16 @@ struct vu_blk_dev *vu_blk_new(int backend)
     return b;
 }
 
-static void free_reqs(struct vu_blk_dev *b, uint32_t q)
+static void req_fini(void *user)
 {
-    for (uint32_t i = 0; i < b->reqs_num[q]; i++) {
-        free(b->reqs[q][i].iov);
-        free(b->reqs[q][i].segs);
-    }
-    free(b->reqs[q]);
-    b->reqs[q] = NULL;
-    b->reqs_num[q] = 0;
+    struct vu_blk_req *r = user;
+    free(r->iov);
+    free(r->segs);
+}
+
+int vu_blk_prepare_queue(struct vu_vq *vq)
+{
+    return vu_vq_set_user(vq, sizeof(struct vu_blk_req), req_fini);
 }
 
 void vu_blk_free(struct vu_blk_dev *b)
@@ -61,7 +62,6 @@ void vu_blk_free(struct vu_blk_dev *b)
         return;
     vu_blk_quiesce(b);
     for (uint32_t q = 0; q < VU_BLK_MAX_QUEUES; q++) {
-        free_reqs(b, q);
         if (b->rings[q]) {
             vu_uring_exit(b->rings[q]);
             free(b->rings[q]);
@@ -705,7 +705,10 @@ static int reap(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_uring *u)
 static void drop_cqe(void *arg, struct io_uring_cqe *cqe)
 {
     (void)arg;
-    (void)cqe;
+    if (cqe->user_data & TAG_NO_FINISH)
+        return;     /* the linked sync's completion comes next */
+    struct vu_blk_req *r = (struct vu_blk_req *)(uintptr_t)cqe->user_data;
+    vu_vq_discard(r->elem->vq, r->elem);
 }
 
 void vu_blk_quiesce(struct vu_blk_dev *b)
@@ -716,23 +719,6 @@ void vu_blk_quiesce(struct vu_blk_dev *b)
             b->ring_worker[q] = NULL;   /* that worker and its epoll go away */
         }
     }
-}
-
-static struct vu_blk_req *queue_reqs(struct vu_blk_dev *b, struct vu_vq *vq)
-{
-    uint32_t q = vq->index;
-    if (q >= VU_BLK_MAX_QUEUES)
-        return NULL;
-    if (b->reqs_num[q] < vq->size) {
-        free_reqs(b, q);
-        b->reqs[q] = calloc(vq->size, sizeof(struct vu_blk_req));
-        if (!b->reqs[q])
-            return NULL;
-        b->reqs_num[q] = vq->size;
-        for (uint32_t i = 0; i < vq->size; i++)
-            b->reqs[q][i].queue = (uint16_t)q;
-    }
-    return b->reqs[q];
 }
 
 /* QoS ------------------------------------------------------------------------------ */
@@ -775,9 +761,8 @@ static bool sleep_queue(struct vu_blk_dev *b, struct vu_vq *vq, uint64_t wait_ns
 int vu_blk_handler(void *ctx, struct vu_vq *vq)
 {
     struct vu_blk_dev *b = ctx;
-    struct vu_blk_req *reqs = queue_reqs(b, vq);
-    if (!reqs) {
-        vu_vq_break(vq, VU_ERR_NOMEM, vq->index);
+    if (vq->user_size != sizeof(struct vu_blk_req)) {
+        vu_vq_break(vq, VU_ERR_INVAL, vq->index);   /* vu_blk_prepare_queue was not called */
         return VU_HANDLED_NONE;
     }
     struct vu_uring *u = b->backend == VU_BLK_BACKEND_FILE ? queue_ring(b, vq) : NULL;
@@ -817,7 +802,8 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
                     vu_qos_refund(&b->qos);
                 break;
             }
-            struct vu_blk_req *r = &reqs[e->slot];
+            struct vu_blk_req *r = e->user;
+            r->queue = (uint16_t)vq->index;
             n++;
             b->started[q]++;
             if (vu_blk_parse(b, e, r) < 0) {

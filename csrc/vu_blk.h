@@ -96,8 +96,6 @@ struct vu_blk_dev {
     bool nowait;            /* FILE with io_uring: try page-cache hits inline first */
     struct vu_uring *rings[VU_BLK_MAX_QUEUES];
     struct vu_worker *ring_worker[VU_BLK_MAX_QUEUES];  /* whose epoll has its eventfd */
-    struct vu_blk_req *reqs[VU_BLK_MAX_QUEUES];
-    uint32_t reqs_num[VU_BLK_MAX_QUEUES];
     /* Statistics: stats[q] is written only by q's worker; completions from
      * other threads (Python back-ends' coroutines) go to async_stats under
      * async_lock, so no counter has two writers. */
@@ -122,8 +120,8 @@ int vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct);
  * does the I/O itself anyway; or -errno when io_uring is not available. */
 int vu_blk_set_uring(struct vu_blk_dev *b, bool on);
 /* Waits for every request in flight in io_uring (at disconnect, before guest
- * memory goes away). They are not completed to the driver: with inflight
- * tracking the front-end resubmits them. */
+ * memory goes away). They are not completed to the driver (with inflight
+ * tracking the front-end resubmits them), only released. */
 void vu_blk_quiesce(struct vu_blk_dev *b);
 /* QoS limits for the whole device (0 = unlimited), in force at once. */
 void vu_blk_set_qos(struct vu_blk_dev *b, uint64_t iops, uint64_t bps, uint64_t iops_burst,
@@ -141,6 +139,10 @@ void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r);
  * flushes and signals (a completion outside the worker's batch). */
 int vu_blk_finish(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool notify);
 
+/* Gives vq's elements their request state (elem->user): before the ring
+ * first starts. A request then lives exactly as long as its element, even
+ * past a disconnect, so a late completion never finds it reused. */
+int vu_blk_prepare_queue(struct vu_vq *vq);
 /* The queue handler for the worker (ctx = struct vu_blk_dev *). */
 int vu_blk_handler(void *ctx, struct vu_vq *vq);
 
