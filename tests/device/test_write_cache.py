@@ -303,3 +303,19 @@ def test_a_failing_flush_at_close_still_closes(tmp_path, caplog):
     BlkDevice(disk).close()
     assert disk.events == ["close"]
     assert "flush before close failed: device gone" in caplog.text
+
+
+def test_a_hung_flush_at_close_is_given_up_after_the_drain_timeout(caplog):
+    """As with requests in flight: a store that never answers doesn't hold
+    up the exit or the removal of a disk forever."""
+    class Hung(CacheDisk):
+        async def flush(self):
+            await asyncio.sleep(3600)
+    disk = Hung()
+    device = BlkDevice(disk)
+    device.drain_timeout = 0.3
+    t0 = time.monotonic()
+    device.close()
+    assert 0.3 <= time.monotonic() - t0 < 5
+    assert disk.events == ["close"]
+    assert "flush before close not done after 0.3s" in caplog.text

@@ -12,6 +12,7 @@ from ..dataplane import NativeHandler
 from ..memory import GuestViews
 from ..device import Device
 from ..errors import ProtocolError
+from ..handler import drain_timeout
 from ..native import check, ffi, lib
 from ..protocol import bits
 from ..queue import Queue
@@ -275,7 +276,9 @@ class BlkDevice(Device):
         device's event loop while that runs elsewhere, else on a loop of its
         own. Called on a running event loop, close() can't wait; it leaves
         the flush and the back-end's close() to a task there (await aclose()
-        instead). Closing again does nothing."""
+        instead). An async flush() that doesn't finish within the drain
+        timeout (a hung store) is given up, as requests in flight are.
+        Closing again does nothing."""
         if self._closing:
             return
         flush = self._take_close_flush()
@@ -305,7 +308,7 @@ class BlkDevice(Device):
             return
         flush = self._take_close_flush()
         if flush is not None:
-            await _settle(flush, "flush before close")
+            await _settle(flush, "flush before close", drain_timeout(self))
         self.close()
 
     def _take_close_flush(self):
@@ -324,7 +327,7 @@ class BlkDevice(Device):
 
     async def _flush_then_close(self, flush) -> None:
         try:
-            await _settle(flush, "flush before close")
+            await _settle(flush, "flush before close", drain_timeout(self))
         finally:
             self._close_backend()
 
@@ -457,10 +460,14 @@ class BlkDevice(Device):
         asyncio.run_coroutine_threadsafe(run(), self._loop)
 
 
-async def _settle(awaitable, what: str) -> None:
-    """Awaits a back-end call whose failure is logged, not raised."""
+async def _settle(awaitable, what: str, timeout: float) -> None:
+    """Awaits a back-end call for at most ``timeout`` seconds; its failure
+    is logged, not raised."""
     try:
-        await awaitable
+        await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError:
+        log.error("block back-end: %s not done after %gs; going on without it (writes the "
+                  "store still caches may be lost)", what, timeout)
     except Exception as exc:
         log.error("block back-end: %s failed: %s", what, exc)
 
