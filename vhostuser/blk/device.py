@@ -30,7 +30,8 @@ F = BlkFeature
 LATENCY_BOUNDS_US = tuple(1 << i for i in range(lib.VU_BLK_LAT_BUCKETS - 1)) + (float("inf"),)
 _IN, _OUT, _OK = int(BlkType.IN), int(BlkType.OUT), int(BlkStatus.OK)
 _COUNTERS = ("reads", "writes", "flushes", "discards", "write_zeroes", "others", "errors",
-             "unsupported", "bytes_read", "bytes_written", "completed", "latency_ns_sum")
+             "unsupported", "bytes_read", "bytes_written", "completed", "latency_ns_sum",
+             "stable_writes", "stable_syncs")
 
 
 class BlkDevice(Device):
@@ -114,11 +115,14 @@ class BlkDevice(Device):
         if feature in (F.DISCARD, F.WRITE_ZEROES, F.SECURE_ERASE, F.CONFIG_WCE):
             if self.read_only:
                 return False
+        if feature == F.SECURE_ERASE:
+            # Only where it erases for real (RAM; a block device that takes
+            # BLKSECDISCARD): zeroes over a file on an SSD or a copy-on-write
+            # file system leave the old data on the medium.
+            return self._kind != lib.VU_BLK_BACKEND_PYTHON and lib.vu_blk_can_secure_erase(self._blk)
         if self._kind == lib.VU_BLK_BACKEND_PYTHON:
             if feature == F.DISCARD:
                 return self.backend.supports("discard")
-            if feature == F.SECURE_ERASE:
-                return False
             if feature == F.LIFETIME:
                 return self.backend.lifetime() is not None
         return feature != F.LIFETIME
