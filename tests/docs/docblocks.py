@@ -26,6 +26,7 @@ PROGRAMS = {
     "vhostuser-daemon": "vhostuser.cli.daemon",
     "vhostuser-ctl": "vhostuser.cli.ctl",
     "vhostuser-fuzz": "vhostuser.cli.fuzz",
+    "vhostuser-replay": "vhostuser.blk.replay",
 }
 
 

@@ -12,6 +12,7 @@ import re
 import pytest
 
 from docblocks import DOCS, EXAMPLES, PROGRAMS, blocks, commands
+from vhostuser.blk import replay
 from vhostuser.cli import blk, ctl, daemon, fuzz, net
 
 #: docs/control-socket.md belongs to the management daemon and has its own tests
@@ -23,6 +24,7 @@ PARSE = {
     "vhostuser-daemon": lambda argv: daemon.parser().parse_args(argv),
     "vhostuser-ctl": lambda argv: ctl.parser().parse_args(argv),
     "vhostuser-fuzz": lambda argv: fuzz.parser().parse_args(argv),
+    "vhostuser-replay": lambda argv: replay.parser().parse_args(argv),
 }
 
 
@@ -50,7 +52,8 @@ def inline_options():
     found = []
     for path in GUIDE:
         for n, line in enumerate(path.read_text().splitlines(), 1):
-            for span in re.findall(r"`(vhostuser-(?:blk|net|daemon|ctl|fuzz) [^`]*)`", line):
+            for span in re.findall(r"`(vhostuser-(?:blk|net|daemon|ctl|fuzz|replay) [^`]*)`",
+                                   line):
                 program, *rest = span.split()
                 found += [(f"{path.name}:{n}", program, w.split("=")[0]) for w in rest
                           if w.startswith("--")]
@@ -65,7 +68,7 @@ def known_options(program: str) -> set[str]:
         return set().union(*(known_options(p) for p in PROGRAMS))
     parser = {"vhostuser-blk": blk.parser, "vhostuser-net": net.parser,
               "vhostuser-daemon": daemon.parser, "vhostuser-ctl": ctl.parser,
-              "vhostuser-fuzz": fuzz.parser}[program]()
+              "vhostuser-fuzz": fuzz.parser, "vhostuser-replay": replay.parser}[program]()
     options, todo = set(), [parser]
     while todo:
         p = todo.pop()

@@ -245,6 +245,66 @@ def test_outage_shorter_than_the_timeout_is_ridden_out(ceph, image, tmp_path):
         assert blk.read(8, 4096) == pattern(51, 4096)
 
 
+# -- the write cache ---------------------------------------------------------------------
+
+def _recorded(rlog):
+    from vhostuser.blk.recordlog import Kind, RecordLog
+    with RecordLog(rlog) as log:
+        done = {e.id for e in log.entries if e.kind == Kind.DONE and e.status == 0}
+        return [e.kind.name for e in log.entries if e.kind != Kind.DONE and e.id in done]
+
+
+def test_librbd_cache_is_off_and_write_through_writes_are_on_the_osds(ceph, image, tmp_path):
+    """Our rbd_cache=false is what the open image runs with, so a write the
+    guest sees completed is on the OSDs: another client (the rbd tool)
+    reads it back with no flush in between."""
+    from vhostuser.blk.record import RecordingBackend
+    backend = rbd_backend(ceph, image)
+    config = backend.image_config()
+    assert config["rbd_cache"] == ("false", "config")
+    assert config["rbd_disable_zero_copy_writes"][0] == "true"
+    assert not backend.cache_enabled
+    rlog = str(tmp_path / "rbd.rlog")
+    with served(tmp_path, BlkDevice(RecordingBackend(backend, rlog))) as (srv, blk):
+        blk.set_writeback(False)
+        for i in range(2):
+            blk.write(8 * i, pattern(60 + i, 4096))
+            assert ceph.export(image)[4096 * i:4096 * (i + 1)] == pattern(60 + i, 4096)
+    assert _recorded(rlog) == ["FUA", "FUA", "FLUSH"]      # the flush: the one before close
+
+
+def counting_rbd_backend(ceph, spec):
+    """An RbdBackend that counts the flushes it sends to librbd."""
+    from vhostuser.blk.rbd import RbdBackend
+
+    class Counting(RbdBackend):
+        flushes = 0
+
+        async def flush(self):
+            self.flushes += 1
+            await super().flush()
+    return Counting.from_spec(spec, conf=ceph.conf_path)
+
+
+def test_image_settings_turning_the_cache_on_make_write_through_writes_flush(
+        ceph, image, tmp_path):
+    """Image settings override the client's: with rbd_cache=true set on the
+    image, each write-through write is followed by a flush, and is on the
+    OSDs when it completes."""
+    ceph.rbd("config", "image", "set", image, "rbd_cache", "true")
+    backend = counting_rbd_backend(ceph, image)
+    assert backend.image_config()["rbd_cache"] == ("true", "image")
+    assert backend.cache_enabled
+    with served(tmp_path, BlkDevice(backend)) as (srv, blk):
+        blk.write(0, pattern(70, 4096))          # write-back: no flush of its own
+        assert backend.flushes == 0
+        blk.set_writeback(False)
+        for i in range(1, 3):
+            blk.write(8 * i, pattern(70 + i, 4096))
+            assert backend.flushes == i
+            assert ceph.export(image)[4096 * i:4096 * (i + 1)] == pattern(70 + i, 4096)
+
+
 # -- losing the cluster ------------------------------------------------------------------
 # Last in the module: they stop and restart the OSD.
 

@@ -7,6 +7,7 @@ memory, and may be plain or ``async`` functions.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import stat
 from dataclasses import dataclass, field
@@ -64,18 +65,29 @@ class RamBackend:
         """The memory belongs to the device's C side; nothing to release here."""
 
 
+#: Largest zero buffer the default write_zeroes hands to write().
+ZERO_CHUNK = 1 << 20
+
+
 class BlockBackend:
     """Base class of storage back-ends written in Python.
 
     Override :meth:`size`, :meth:`read` and :meth:`write`; optionally
-    :meth:`flush`, :meth:`discard`, :meth:`write_zeroes`, :meth:`lifetime`.
-    A method may be ``async def``: it then runs on the device's event loop and
-    the guest's request stays in flight until it returns. Raising any
-    exception answers the request with VIRTIO_BLK_S_IOERR.
+    :meth:`flush`, :meth:`write_fua`, :meth:`discard`, :meth:`write_zeroes`,
+    :meth:`lifetime`. A method may be ``async def``: it then runs on the
+    device's event loop and the guest's request stays in flight until it
+    returns. Raising any exception answers the request with
+    VIRTIO_BLK_S_IOERR.
 
     ``bufs`` are memoryviews of guest memory: ``read`` fills them with the
     bytes at ``offset`` onwards, ``write`` stores them there. They are valid
     only until the method returns (or its coroutine finishes).
+
+    The write cache contract (virtio 1.4, 5.2.6): in write-back mode the
+    device calls :meth:`write`, whose data may sit in a cache until
+    :meth:`flush`; in write-through mode it calls :meth:`write_fua`, which
+    returns only once that write is stable. :meth:`flush` returns only once
+    every write that completed before it was called is stable.
     """
 
     #: refuse writes and don't offer write features
@@ -93,18 +105,43 @@ class BlockBackend:
     def flush(self) -> None:
         """Make every completed write durable."""
 
+    def write_fua(self, offset: int, bufs: list[memoryview]):
+        """Write, and make this write stable before returning.
+
+        The default is :meth:`write` then :meth:`flush`, so a back-end with
+        only those two is durable in write-through mode as it is; override
+        it when the storage can make one write stable for less (O_DSYNC,
+        NBD's FUA flag). Returns a coroutine when either call does.
+        """
+        written = self.write(offset, bufs)
+        if inspect.isawaitable(written):
+            return _then_flush(self, written)
+        return self.flush()
+
     def discard(self, offset: int, length: int) -> None:
         """Forget the range (a hint). Offered to the guest only if overridden."""
         raise NotImplementedError
 
-    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
-        """Zero the range. The default writes zero buffers with :meth:`write`."""
-        chunk = bytes(min(length, 1 << 20))
-        done = 0
-        while done < length:
+    def write_zeroes(self, offset: int, length: int, unmap: bool):
+        """Zero the range. The default writes zero buffers with :meth:`write`
+        (one after the other, awaited when write is async)."""
+        if length <= 0:
+            return None
+        chunk = memoryview(bytes(min(length, ZERO_CHUNK)))
+        for done in range(0, length, len(chunk)):
             n = min(len(chunk), length - done)
-            self.write(offset + done, [memoryview(chunk)[:n]])
-            done += n
+            written = self.write(offset + done, [chunk[:n]])
+            if inspect.isawaitable(written):
+                return self._zeroes_async(written, offset, length, done + n, chunk)
+        return None
+
+    async def _zeroes_async(self, pending, offset: int, length: int, start: int,
+                            chunk: memoryview) -> None:
+        await pending
+        for done in range(start, length, len(chunk)):
+            written = self.write(offset + done, [chunk[:min(len(chunk), length - done)]])
+            if inspect.isawaitable(written):
+                await written
 
     def lifetime(self) -> tuple[int, int, int] | None:
         """(pre_eol_info, est_typ_a, est_typ_b) if the storage has such metrics."""
@@ -116,3 +153,10 @@ class BlockBackend:
     # -- what the device offers --------------------------------------------
     def supports(self, method: str) -> bool:
         return getattr(type(self), method) is not getattr(BlockBackend, method)
+
+
+async def _then_flush(backend: BlockBackend, written) -> None:
+    await written
+    flushed = backend.flush()
+    if inspect.isawaitable(flushed):
+        await flushed

@@ -12,6 +12,7 @@ from ..dataplane import NativeHandler
 from ..memory import GuestViews
 from ..device import Device
 from ..errors import ProtocolError
+from ..handler import drain_timeout
 from ..native import check, ffi, lib
 from ..protocol import bits
 from ..queue import Queue
@@ -107,6 +108,7 @@ class BlkDevice(Device):
         self.config.write_zeroes_may_unmap = int(lim.write_zeroes_unmap)
         lim.writeback = True
         self._qos = QosLimits()
+        self._close_flushed = False
 
     # -- what is offered ---------------------------------------------------------
     def _offers(self, feature: BlkFeature) -> bool:
@@ -271,10 +273,69 @@ class BlkDevice(Device):
 
     def close(self) -> None:
         """Closes the back-end; the C device goes once no request of a
-        Python back-end is still running (their completion counts in it)."""
+        Python back-end is still running (their completion counts in it).
+
+        A Python back-end's flush() runs before its close(), so nothing
+        acknowledged stays in its cache: an async flush() is awaited on the
+        device's event loop while that runs elsewhere, else on a loop of its
+        own. Called on a running event loop, close() can't wait; it leaves
+        the flush and the back-end's close() to a task there (await aclose()
+        instead). An async flush() that doesn't finish within the drain
+        timeout (a hung store) is given up, as requests in flight are.
+        Closing again does nothing."""
         if self._closing:
             return
+        flush = self._take_close_flush()
         self._closing = True
+        if flush is None:
+            self._close_backend()
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None:
+            running.create_task(self._flush_then_close(flush))
+        elif self._loop is not None and self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._flush_then_close(flush), self._loop).result()
+        else:
+            loop = asyncio.new_event_loop()
+            try:
+                loop.run_until_complete(self._flush_then_close(flush))
+            finally:
+                loop.close()
+
+    async def aclose(self) -> None:
+        """close() from a coroutine on the event loop: awaits the back-end's
+        flush() there, then closes as close() does."""
+        if self._closing:
+            return
+        flush = self._take_close_flush()
+        if flush is not None:
+            await _settle(flush, "flush before close", drain_timeout(self))
+        self.close()
+
+    def _take_close_flush(self):
+        """The back-end's flush() for close (a coroutine, or None once done
+        or when there is nothing to flush); runs a plain flush() at once."""
+        if (self._kind != lib.VU_BLK_BACKEND_PYTHON or self._close_flushed
+                or self.backend.read_only):
+            return None
+        self._close_flushed = True
+        try:
+            outcome = self.backend.flush()
+        except Exception as exc:
+            log.error("block back-end: flush before close failed: %s", exc)
+            return None
+        return outcome if inspect.isawaitable(outcome) else None
+
+    async def _flush_then_close(self, flush) -> None:
+        try:
+            await _settle(flush, "flush before close", drain_timeout(self))
+        finally:
+            self._close_backend()
+
+    def _close_backend(self) -> None:
         self.backend.close()
         self._free_if_idle()
 
@@ -292,7 +353,8 @@ class BlkDevice(Device):
         if t == BlkType.IN:
             return be.read(offset, self._views.iov(r.elem.mem, r.iov, 0, r.niov))
         if t == BlkType.OUT:
-            return be.write(offset, self._views.iov(r.elem.mem, r.iov, 0, r.niov))
+            write = be.write if self._blk.lim.writeback else be.write_fua
+            return write(offset, self._views.iov(r.elem.mem, r.iov, 0, r.niov))
         if t == BlkType.FLUSH:
             return be.flush()
         if t == BlkType.GET_ID:
@@ -311,6 +373,9 @@ class BlkDevice(Device):
 
     def _segments(self, r):
         be: BlockBackend = self.backend
+        # Zeroes are a write: in write-through mode stable before completion.
+        # (Discarded ranges have no defined content to keep.)
+        stable = r.type == BlkType.WRITE_ZEROES and not self._blk.lim.writeback
         calls = []
         for i in range(r.nsegs):
             seg = r.segs[i]
@@ -324,18 +389,27 @@ class BlkDevice(Device):
             async def wait_all():
                 for c in pending:
                     await c
+                if stable:
+                    flushed = be.flush()
+                    if inspect.isawaitable(flushed):
+                        await flushed
             return wait_all()
-        return None
+        return be.flush() if stable else None
 
     def _python_batch(self, vq, reqs, n: int) -> None:
         # Per request in the guest's hot path: reads and writes go straight
         # to the back-end's methods with as few cffi look-ups as possible.
         be = self.backend
-        read, write = be.read, be.write
+        read = be.read
+        cached_write, stable_write = be.write, be.write_fua
+        lim = self._blk.lim
         iov_views = self._views.iov
         for i in range(n):
             r = reqs[i]
             t = r.type
+            # The cache mode when the request arrives decides; CONFIG_WCE
+            # may change it between two requests of one batch.
+            write = cached_write if lim.writeback else stable_write
             try:
                 if t == _IN or t == _OUT:
                     bufs = iov_views(r.elem.mem, r.iov, 0, r.niov)
@@ -388,6 +462,18 @@ class BlkDevice(Device):
         with self._late_lock:
             self._late += 1
         asyncio.run_coroutine_threadsafe(run(), self._loop)
+
+
+async def _settle(awaitable, what: str, timeout: float) -> None:
+    """Awaits a back-end call for at most ``timeout`` seconds; its failure
+    is logged, not raised."""
+    try:
+        await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError:
+        log.error("block back-end: %s not done after %gs; going on without it (writes the "
+                  "store still caches may be lost)", what, timeout)
+    except Exception as exc:
+        log.error("block back-end: %s failed: %s", what, exc)
 
 
 def _log_failure(exc: Exception, r) -> None:

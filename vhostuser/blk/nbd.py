@@ -20,12 +20,17 @@ fail at once, so a guest doesn't wait ``timeout`` per request through a
 long outage; connecting goes on in the background (at most a second apart)
 and the first connection back ends that.
 
+The write cache: the guest's flushes become NBD flushes. In write-through
+mode (``write_fua``) a write carries NBD_CMD_FLAG_FUA when the server offers
+FUA, and is otherwise followed by an NBD flush, the guest answered only
+after that; a server that offers neither is taken to write through (the
+protocol gives no way to ask it for more).
+
 Limits: a command given up on (hung server, dropped connection) may still
-be carried out by the server later, as with any NBD client. The guest's
-write-through setting doesn't reach Python back-ends, so writes never carry
-FUA; the guest's flushes become NBD flushes. Without TLS libnbd touches
-guest buffers only with send()/recv(), so memory unmapped under a request
-(front-end gone) gives EFAULT, not a crash; with nbds:// GnuTLS copies.
+be carried out by the server later, as with any NBD client. Without TLS
+libnbd touches guest buffers only with send()/recv(), so memory unmapped
+under a request (front-end gone) gives EFAULT, not a crash; with nbds://
+GnuTLS copies.
 """
 from __future__ import annotations
 
@@ -312,6 +317,16 @@ class NbdBackend(BlockBackend):
         self._check_writable()
         await self._run(self._data_request(_WRITE, offset, bufs))
 
+    async def write_fua(self, offset: int, bufs: list[memoryview]) -> None:
+        if not self.caps.fua:
+            await self.write(offset, bufs)      # then an NBD flush, if the server has it
+            await self.flush()
+            return
+        self._check_writable()
+        # Each command of the request is stable when its reply comes (a resent
+        # command keeps the flag).
+        await self._run(self._data_request(_WRITE, offset, bufs, libnbd.CMD_FLAG_FUA))
+
     async def flush(self) -> None:
         # A server that offers no flush has nothing to make durable.
         if self.caps.flush and not self.read_only:
@@ -364,7 +379,7 @@ class NbdBackend(BlockBackend):
         if self.read_only:
             raise NbdError(f"{self.uri}: read-only export")
 
-    def _data_request(self, op: int, offset: int, bufs) -> _Request:
+    def _data_request(self, op: int, offset: int, bufs, flags: int = 0) -> _Request:
         req = _Request()
         step = self.caps.max_data
         pos = offset
@@ -375,7 +390,8 @@ class NbdBackend(BlockBackend):
             cbuf = ffi.from_buffer(view)
             req.buffers.append(cbuf)
             for at in range(0, n, step):
-                req.commands.append(_Command(req, op, pos + at, min(step, n - at), cbuf, at))
+                req.commands.append(_Command(req, op, pos + at, min(step, n - at), cbuf, at,
+                                             flags))
             pos += n
         return req
 
@@ -464,7 +480,8 @@ class NbdBackend(BlockBackend):
         if op == _READ:
             cookie = lb.nbd_aio_pread(h, cmd.buf + cmd.at, cmd.length, cmd.offset, cb, 0)
         elif op == _WRITE:
-            cookie = lb.nbd_aio_pwrite(h, cmd.buf + cmd.at, cmd.length, cmd.offset, cb, 0)
+            cookie = lb.nbd_aio_pwrite(h, cmd.buf + cmd.at, cmd.length, cmd.offset, cb,
+                                       cmd.flags)
         elif op == _FLUSH:
             cookie = lb.nbd_aio_flush(h, cb, 0)
         elif op == _TRIM:

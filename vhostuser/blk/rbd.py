@@ -6,6 +6,12 @@ with librbd's AIO calls; librbd signals completions on an eventfd that the
 device's event loop watches, and the loop collects them with
 ``rbd_poll_io_events``, so no Python runs on librbd's threads.
 
+The write cache: librbd's own cache is off (``rbd_cache=false``), so a
+write completes once the OSDs have it; a write-through write needs nothing
+more, and the guest's flushes become ``rbd_aio_flush``. Pool or image
+settings override the client's: when they turn the cache on (see
+``image_config()``), each write-through write is followed by a flush.
+
 When the cluster stops answering, each request fails with an I/O error
 after ``timeout`` seconds (librados gives up on its own by then too), and
 the daemon's other devices and requests carry on.
@@ -63,8 +69,14 @@ int rbd_aio_flush(rbd_image_t image, rbd_completion_t c);
 int rbd_aio_discard(rbd_image_t image, uint64_t off, uint64_t len, rbd_completion_t c);
 int rbd_aio_write_zeroes(rbd_image_t image, uint64_t off, size_t len, rbd_completion_t c,
                          int zero_flags, int op_flags);
+
+typedef struct { char *name; char *value; int source; } rbd_config_option_t;
+int rbd_config_image_list(rbd_image_t image, rbd_config_option_t *options, int *max_options);
+void rbd_config_image_list_cleanup(rbd_config_option_t *options, int max_options);
 """
 _EVENT_TYPE_EVENTFD = 2
+#: rbd_config_source_t: where an image's setting comes from.
+CONFIG_SOURCES = {0: "config", 1: "pool", 2: "image"}
 _WRITE_ZEROES_FLAG_THICK_PROVISION = 1
 _POLL_BATCH = 32
 
@@ -146,6 +158,7 @@ class RbdBackend(BlockBackend):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._efd = -1
         self._events = ffi.new("rbd_completion_t[]", _POLL_BATCH)
+        self.cache_enabled = False      # librbd's write-back cache (see _open)
         self.timeouts = 0      # requests answered IOERR because of the deadline
         try:
             self._connect(conf, mon_host, client_id, keyring, options or {})
@@ -223,8 +236,33 @@ class RbdBackend(BlockBackend):
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         _check(lib.rbd_set_image_notification(self._image, self._efd, _EVENT_TYPE_EVENTFD),
                RbdError, "rbd_set_image_notification")
+        # A pool or image setting (rbd config image set ... rbd_cache true)
+        # overrides ours: then a write-through write needs its own flush.
+        value, source = self.image_config().get("rbd_cache", ("false", "config"))
+        self.cache_enabled = value == "true"
+        if self.cache_enabled:
+            log.warning("RBD image %s: the %s's settings turn rbd_cache on; write-through "
+                        "writes are flushed one by one", self.name, source)
         log.info("RBD image %s: %d bytes%s", self.name, self.size(),
                  " (read-only)" if self.read_only else "")
+
+    def image_config(self) -> dict[str, tuple[str, str]]:
+        """The open image's effective librbd settings: name -> (value,
+        source), source one of config, pool, image."""
+        lib = self.lib
+        count = ffi.new("int *", 256)
+        while True:
+            options = ffi.new("rbd_config_option_t[]", count[0])
+            rc = lib.rbd_config_image_list(self._image, options, count)
+            if rc != -errno.ERANGE:
+                break
+        _check(rc, RbdIOError, "rbd_config_image_list")
+        try:
+            return {ffi.string(o.name).decode(): (ffi.string(o.value).decode(),
+                                                  CONFIG_SOURCES.get(o.source, str(o.source)))
+                    for o in options[0:count[0]]}
+        finally:
+            lib.rbd_config_image_list_cleanup(options, count[0])
 
     # -- BlockBackend ----------------------------------------------------------------
     def size(self) -> int:
@@ -254,6 +292,12 @@ class RbdBackend(BlockBackend):
             iov[i].iov_len = len(b)
         await self._io("write", lambda c: self.lib.rbd_aio_writev(self._image, iov, len(bufs),
                                                                   offset, c), (iov, refs))
+
+    async def write_fua(self, offset: int, bufs: list[memoryview]) -> None:
+        # Without librbd's cache a write completes once the OSDs have it.
+        await self.write(offset, bufs)
+        if self.cache_enabled:
+            await self.flush()
 
     async def flush(self) -> None:
         await self._io("flush", lambda c: self.lib.rbd_aio_flush(self._image, c))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ..protocol import Feature, bit, bits
 from .connection import DEFAULT_TIMEOUT, FrontendError
-from .device import DEFAULT_PROTOCOL_FEATURES, Frontend
+from .device import DEFAULT_PROTOCOL_FEATURES, FeatureError, Frontend
 from .memory import GuestMemory
 from .virtqueue import Buffer, Virtqueue
 
@@ -172,6 +172,16 @@ class BlkClient:
     def capacity(self) -> int:
         """Size in 512-byte sectors, as the config space says."""
         return self.config.capacity
+
+    def set_writeback(self, writeback: bool) -> None:
+        """Switches the device's write cache as a driver does through
+        CONFIG_WCE: False is write-through (every write stable when it
+        completes), True write-back (stable after a FLUSH). Returns once the
+        device applied it (SET_CONFIG is acknowledged with REPLY_ACK)."""
+        if not self.fe.has(BlkFeature.CONFIG_WCE):
+            raise FeatureError("the write cache mode needs VIRTIO_BLK_F_CONFIG_WCE")
+        self.fe.set_config(_spec.CONFIG_WRITEBACK_OFFSET, bytes([int(bool(writeback))]))
+        self.read_config()
 
     # -- requests -------------------------------------------------------------------
     def build_chain(self, req: BlkRequest) -> list[Buffer]:

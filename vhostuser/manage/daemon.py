@@ -113,7 +113,7 @@ class Daemon:
             export = self.get(name)
             await export.stop("removed")
             del self.exports[export.name]
-            export.close()
+            await export.aclose()
         log.info("export %s removed", export.name)
         return {"name": export.name, "removed": True}
 
@@ -148,7 +148,7 @@ class Daemon:
             for export, result in zip(exports, results):
                 if isinstance(result, BaseException):
                     log.error("export %s: stop failed: %s", export.name, result)
-                export.close()
+                await export.aclose()
             self.exports.clear()
 
     # -- changes to a running export ------------------------------------------------------

@@ -99,3 +99,12 @@ class Export:
     def close(self) -> None:
         """Frees the device and its back-end; only after stop()."""
         self.device.close()
+
+    async def aclose(self) -> None:
+        """close() on the event loop: a disk's back-end is flushed (awaited
+        here) before it is closed."""
+        aclose = getattr(self.device, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        else:
+            self.device.close()

@@ -53,14 +53,15 @@ class NbdServer:
     # -- the two servers -------------------------------------------------------------------
     @classmethod
     def qemu_nbd(cls, image: str, *, unix: str | None = None, port: int | None = None,
-                 read_only: bool = False, log_path: str | None = None) -> "NbdServer":
+                 read_only: bool = False, log_path: str | None = None,
+                 extra_args: tuple[str, ...] = ()) -> "NbdServer":
         # --persistent: stay up across client disconnects; --shared: several
         # connections (ours, plus the readiness probe) at once.
         argv = ["qemu-nbd", "-f", "raw", "--persistent", "--shared=16", "--discard=unmap"]
         argv += ["-k", unix] if unix else ["--bind", "127.0.0.1", "-p", str(port)]
         if read_only:
             argv.append("--read-only")
-        return cls(argv + [image], unix=unix, port=port, log_path=log_path)
+        return cls(argv + list(extra_args) + [image], unix=unix, port=port, log_path=log_path)
 
     @classmethod
     def nbdkit(cls, plugin: list[str], *, unix: str | None = None, port: int | None = None,
