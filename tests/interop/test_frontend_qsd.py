@@ -36,7 +36,8 @@ VARIANTS = [
 
 @contextlib.contextmanager
 def blk_client(export, **setup):
-    with Frontend.connect(export.socket) as fe:
+    # The socket file appears at bind(), before listen(): retry a refusal.
+    with Frontend.connect(export.socket, wait=10) as fe:
         try:
             blk = BlkClient.setup(fe, **setup)
         except FeatureError:
@@ -61,7 +62,7 @@ def patterns(capacity: int, count: int, seed: int = 1) -> list[tuple[int, bytes]
 
 
 def test_the_short_example_works(qsd):
-    with Frontend.connect(qsd.socket) as fe:
+    with Frontend.connect(qsd.socket, wait=10) as fe:
         blk = BlkClient.setup(fe, queues=1, packed=False)
         blk.write(0, b"x" * 512)
         assert blk.read(0, 512) == b"x" * 512
@@ -75,7 +76,7 @@ def test_generic_setup_then_a_blk_client_on_its_queues(qsd):
 
 
 def test_offers_what_qemu_would_use(qsd):
-    with Frontend.connect(qsd.socket) as fe:
+    with Frontend.connect(qsd.socket, wait=10) as fe:
         features, protocol_features = fe.negotiate()
         assert fe.offered_features & bits(Feature.VERSION_1, Feature.PROTOCOL_FEATURES)
         assert features & bit(Feature.PROTOCOL_FEATURES)
@@ -243,7 +244,7 @@ def test_two_queues_in_flight_together(qsd):
 
 def test_memory_added_region_by_region(qsd):
     """CONFIGURE_MEM_SLOTS: ADD_MEM_REG per region instead of SET_MEM_TABLE."""
-    with Frontend.connect(qsd.socket) as fe, two_adjacent_regions() as mem:
+    with Frontend.connect(qsd.socket, wait=10) as fe, two_adjacent_regions() as mem:
         fe.negotiate(bit(Feature.VERSION_1) | BLK_FEATURES, DEFAULT_PROTOCOL_FEATURES,
                      required_protocol=bit(ProtocolFeature.CONFIGURE_MEM_SLOTS))
         for i in range(len(mem.regions)):
@@ -276,7 +277,7 @@ def test_data_survives_reconnecting(qsd):
 
 
 def test_raw_messages(qsd):
-    with Frontend.connect(qsd.socket) as fe:
+    with Frontend.connect(qsd.socket, wait=10) as fe:
         fe.send_raw(Request.GET_FEATURES, VERSION)
         reply = fe.recv_raw()
         assert reply.request == Request.GET_FEATURES
@@ -287,7 +288,7 @@ def test_raw_messages(qsd):
 
 
 def test_backend_going_away_is_backend_closed(qsd):
-    with Frontend.connect(qsd.socket) as fe:
+    with Frontend.connect(qsd.socket, wait=10) as fe:
         fe.negotiate()
         qsd.stop()
         with pytest.raises(BackendClosed):
