@@ -1,10 +1,11 @@
 """The request table in action: one front-end connection to one device.
 
-Every message is checked against :data:`protocol.REQUEST_SPECS` (payload
-size, fd count, ring index, memory present) before its handler runs. A bad
-message gets a non-zero REPLY_ACK when the front-end asked for one; otherwise
-the reason is logged and the connection closed. Nothing a front-end sends can
-raise past :meth:`Session.run`.
+Every message is checked against :data:`protocol.REQUEST_SPECS` (header
+flags, the protocol feature it belongs to, payload size, fd count, ring
+index, memory present) before its handler runs. A bad message gets a
+non-zero REPLY_ACK when the front-end asked for one; otherwise the reason is
+logged and the connection closed. Nothing a front-end sends can raise past
+:meth:`Session.run`.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class Session:
         self.name = conn.name
         self.features = 0
         self.protocol_features = 0
+        self.protocol_features_set = False     # SET_PROTOCOL_FEATURES received
         self.features_set = False
         self.owner = False
         self.status = 0
@@ -121,6 +123,16 @@ class Session:
         spec = protocol.REQUEST_SPECS.get(request)
         if spec is None:
             raise ProtocolError(request.name, "not supported by this back-end")
+        if (msg.flags & protocol.FLAG_VERSION_MASK) != protocol.VERSION:
+            raise ProtocolError(request.name, f"version flags {msg.flags & 3}")
+        if msg.flags & ~protocol.REQUEST_FLAGS:
+            raise ProtocolError(request.name, f"flags {msg.flags:#x}: reserved or reply bits set")
+        feature = spec.protocol_feature
+        if feature is not None and not self._has_protocol(feature):
+            raise ProtocolError(request.name, f"protocol feature {feature.name} not negotiated")
+        if spec.needs_protocol_features and not (self.protocol_features_set or
+                                                 self.features & bit(Feature.PROTOCOL_FEATURES)):
+            raise ProtocolError(request.name, "protocol features not negotiated")
         lo, hi = spec.payload
         if not lo <= len(msg.payload) <= hi:
             raise ProtocolError(request.name, f"payload of {len(msg.payload)} bytes, expected "
@@ -129,8 +141,6 @@ class Session:
         if not flo <= len(msg.fds) <= fhi:
             raise ProtocolError(request.name, f"{len(msg.fds)} fds, expected "
                                 + (f"{flo}" if flo == fhi else f"{flo}..{fhi}"))
-        if (msg.flags & protocol.FLAG_VERSION_MASK) != protocol.VERSION:
-            raise ProtocolError(request.name, f"version flags {msg.flags & 3}")
         if spec.needs_memory and len(self.dataplane.memory) == 0:
             raise ProtocolError(request.name, "no memory table yet")
         return spec
@@ -199,6 +209,7 @@ class Session:
             raise ProtocolError(msg.name(), f"protocol features "
                                 f"{features & ~self.device.protocol_features():#x} were not offered")
         self.protocol_features = features
+        self.protocol_features_set = True
 
     async def _on_set_owner(self, msg):
         self.owner = True
@@ -282,8 +293,6 @@ class Session:
             log.error("%s: rings %s lived in the removed region", self.name, broken)
 
     async def _on_set_log_base(self, msg):
-        if not self._has_protocol(ProtocolFeature.LOG_SHMFD):
-            raise ProtocolError(msg.name(), "LOG_SHMFD not negotiated")
         size, offset = protocol.LOG.unpack(msg.payload)
         self.dataplane.set_log(msg.take_fd(), size, offset)
         await self.conn.reply_u64(msg, 0)
