@@ -18,32 +18,73 @@
 
 /* SIGBUS guard ------------------------------------------------------------ */
 
-/* Set while this thread copies from a mapping: the handler jumps back. */
+/* Set while this thread copies from a mapping: a fault, which can only be
+ * the copy's own, jumps back. Any other SIGBUS (sent by kill, or raised
+ * outside a copy) belongs to whoever handled it before us. */
 static __thread sigjmp_buf *volatile guard;
-static struct sigaction prev_sigbus;
+static struct sigaction prev_sigbus;      /* written once, before ours is installed */
+static int prev_reset;                    /* its SA_RESETHAND was used up: now SIG_DFL */
 static pthread_once_t guard_once = PTHREAD_ONCE_INIT;
 static int guard_installed;
+
+/* A signal the kernel raised for an access (not kill/sigqueue/tgkill, and
+ * not an asynchronous machine-check report): returning re-runs the access. */
+static bool is_fault(const siginfo_t *si)
+{
+    return si && si->si_code > 0 && si->si_code != BUS_MCEERR_AO;
+}
+
+/* What the process would have done without us: the previous handler, with
+ * the flags and mask it was installed with, or the default or ignore. */
+static void chain(int sig, siginfo_t *si, void *uc)
+{
+    struct sigaction prev = prev_sigbus;
+    if (__atomic_load_n(&prev_reset, __ATOMIC_ACQUIRE)) {
+        prev.sa_handler = SIG_DFL;
+        prev.sa_flags = 0;
+    }
+    bool info = prev.sa_flags & SA_SIGINFO;
+    bool handler = info ? prev.sa_sigaction != NULL
+                        : prev.sa_handler != SIG_DFL && prev.sa_handler != SIG_IGN;
+    if (handler) {
+        if (prev.sa_flags & SA_RESETHAND)
+            __atomic_store_n(&prev_reset, 1, __ATOMIC_RELEASE);
+        /* The kernel would have blocked its sa_mask, and the signal itself
+         * unless SA_NODEFER, while it runs. */
+        sigset_t mask = prev.sa_mask, old;
+        if (!(prev.sa_flags & SA_NODEFER))
+            sigaddset(&mask, sig);
+        pthread_sigmask(SIG_BLOCK, &mask, &old);
+        if (info)
+            prev.sa_sigaction(sig, si, uc);
+        else
+            prev.sa_handler(sig);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        return;
+    }
+    /* Ignored: a sent signal is dropped. A fault can't be ignored: the
+     * kernel would have applied the default action. */
+    if (prev.sa_handler == SIG_IGN && !is_fault(si))
+        return;
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof(dfl));
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    sigaction(sig, &dfl, NULL);
+    /* A fault re-runs its access on return and ends the process with the
+     * default action; anything else must be delivered again. */
+    if (!is_fault(si))
+        raise(sig);
+}
 
 static void on_sigbus(int sig, siginfo_t *si, void *uc)
 {
     sigjmp_buf *env = guard;
-    if (env) {
+    if (env && is_fault(si)) {
         guard = NULL;
         siglongjmp(*env, 1);
     }
-    /* Not one of our copies: whoever handled SIGBUS before us decides. */
-    if ((prev_sigbus.sa_flags & SA_SIGINFO) && prev_sigbus.sa_sigaction) {
-        prev_sigbus.sa_sigaction(sig, si, uc);
-        return;
-    }
-    if (!(prev_sigbus.sa_flags & SA_SIGINFO) && prev_sigbus.sa_handler != SIG_DFL &&
-        prev_sigbus.sa_handler != SIG_IGN) {
-        prev_sigbus.sa_handler(sig);
-        return;
-    }
-    /* Default action: returning re-runs the faulting access, which now
-     * ends the process with SIGBUS as it would have without us. */
-    signal(SIGBUS, SIG_DFL);
+    chain(sig, si, uc);
 }
 
 static void install_guard(void)
@@ -52,10 +93,21 @@ static void install_guard(void)
     memset(&sa, 0, sizeof(sa));
     sa.sa_sigaction = on_sigbus;
     /* NODEFER: siglongjmp leaves the handler without sigreturn, and
-     * SIGBUS must not stay blocked in this thread afterwards. */
-    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+     * SIGBUS must not stay blocked in this thread afterwards. ONSTACK: a
+     * handler we chain to may rely on the alternate stack it asked for. */
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
     sigemptyset(&sa.sa_mask);
     guard_installed = sigaction(SIGBUS, &sa, &prev_sigbus) == 0;
+}
+
+/* Whether our handler still gets SIGBUS: a program may install its own
+ * after ours, and a fault in a copy would then go to a handler that can't
+ * jump back (a Python handler returns, and the access faults forever). */
+static bool guard_in_place(void)
+{
+    struct sigaction cur;
+    return guard_installed && sigaction(SIGBUS, NULL, &cur) == 0 &&
+           (cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_sigbus;
 }
 
 __attribute__((noinline)) static void copy_to_iov(const struct iovec *iov, uint32_t niov, const uint8_t *src, uint64_t len)
@@ -174,6 +226,10 @@ int vu_filemap_read(struct vu_filemap *m, const struct iovec *iov, uint32_t niov
 {
     if (!m->base || len == 0 || off >= m->len || len > m->len - off)
         return -1;
+    if (!guard_in_place()) {
+        __atomic_fetch_add(&m->fallback_reads, 1, __ATOMIC_RELAXED);
+        return -1;
+    }
     uint64_t last = (off + len - 1) >> VU_FILEMAP_CHUNK_SHIFT;
     for (uint64_t c = off >> VU_FILEMAP_CHUNK_SHIFT; c <= last; c++) {
         if (!chunk_resident(m, c)) {

@@ -9,7 +9,9 @@
  *    preadv, which returns zeroes for holes without allocating.
  *  - a page past the end of a file that shrank, or one that can't be
  *    brought back (tmpfs full, swap), raises SIGBUS. The copy runs under a
- *    per-thread SIGBUS guard that turns the fault into "use preadv". */
+ *    per-thread SIGBUS guard that turns the fault into "use preadv"; any
+ *    other SIGBUS goes to the handler the program had before, and while a
+ *    handler installed after ours is in place the mapping is not used. */
 #ifndef VU_FILEMAP_H
 #define VU_FILEMAP_H
 

@@ -256,11 +256,17 @@ static void *worker_main(void *arg)
         if (w->stop)
             break;
         /* Handlers that ran out of their round budget set kicked again;
-         * after a while the fds get a look in between. */
+         * after a while the fds get a look in between. A worker that polls
+         * after serving serves as a polling one already: a driver quick
+         * enough to add its next request before the handler looks again
+         * (one sharing our CPU runs right after our notification) would
+         * otherwise be asked to kick for each of them. stop_polling() asks
+         * for kicks again before any sleep. */
         more = false;
         int served = VU_HANDLED_NONE;
+        bool polls = w->poll_us || w->spin_us;
         for (int rounds = 0; rounds < 1000; rounds++) {
-            int r = serve_all(w, false);
+            int r = serve_all(w, polls);
             served = r > served ? r : served;
             more = r == VU_HANDLED_MORE;
             if (!more || w->stop)

@@ -13,6 +13,7 @@ Rules (``--backend-opt rules=...``, comma separated):
 from __future__ import annotations
 
 import struct
+import threading
 
 from examples.tap_bridge import TapBridge
 
@@ -39,6 +40,7 @@ class Firewall(TapBridge):
     def __init__(self, tap: str = "vhu0", rules: str = "icmp"):
         self.rules = parse_rules(rules)
         self.dropped = 0
+        self._count_lock = threading.Lock()   # the guest's workers and the TAP reader count
         super().__init__(tap)
 
     def matches(self, frame: bytes) -> bool:
@@ -61,7 +63,8 @@ class Firewall(TapBridge):
 
     def _filter(self, frame):
         if self.matches(frame):
-            self.dropped += 1
+            with self._count_lock:
+                self.dropped += 1
             return None
         return frame
 

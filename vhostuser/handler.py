@@ -1,10 +1,11 @@
 """The request table in action: one front-end connection to one device.
 
-Every message is checked against :data:`protocol.REQUEST_SPECS` (payload
-size, fd count, ring index, memory present) before its handler runs. A bad
-message gets a non-zero REPLY_ACK when the front-end asked for one; otherwise
-the reason is logged and the connection closed. Nothing a front-end sends can
-raise past :meth:`Session.run`.
+Every message is checked against :data:`protocol.REQUEST_SPECS` (header
+flags, the protocol feature it belongs to, payload size, fd count, ring
+index, memory present) before its handler runs. A bad message gets a
+non-zero REPLY_ACK when the front-end asked for one; otherwise the reason is
+logged and the connection closed. Nothing a front-end sends can raise past
+:meth:`Session.run`.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ class Session:
         self.name = conn.name
         self.features = 0
         self.protocol_features = 0
+        self.protocol_features_set = False     # SET_PROTOCOL_FEATURES received
         self.features_set = False
         self.owner = False
         self.status = 0
@@ -136,6 +138,16 @@ class Session:
         spec = protocol.REQUEST_SPECS.get(request)
         if spec is None:
             raise ProtocolError(request.name, "not supported by this back-end")
+        if (msg.flags & protocol.FLAG_VERSION_MASK) != protocol.VERSION:
+            raise ProtocolError(request.name, f"version flags {msg.flags & 3}")
+        if msg.flags & ~protocol.REQUEST_FLAGS:
+            raise ProtocolError(request.name, f"flags {msg.flags:#x}: reserved or reply bits set")
+        feature = spec.protocol_feature
+        if feature is not None and not self._has_protocol(feature):
+            raise ProtocolError(request.name, f"protocol feature {feature.name} not negotiated")
+        if spec.needs_protocol_features and not (self.protocol_features_set or
+                                                 self.features & bit(Feature.PROTOCOL_FEATURES)):
+            raise ProtocolError(request.name, "protocol features not negotiated")
         lo, hi = spec.payload
         if not lo <= len(msg.payload) <= hi:
             raise ProtocolError(request.name, f"payload of {len(msg.payload)} bytes, expected "
@@ -144,8 +156,6 @@ class Session:
         if not flo <= len(msg.fds) <= fhi:
             raise ProtocolError(request.name, f"{len(msg.fds)} fds, expected "
                                 + (f"{flo}" if flo == fhi else f"{flo}..{fhi}"))
-        if (msg.flags & protocol.FLAG_VERSION_MASK) != protocol.VERSION:
-            raise ProtocolError(request.name, f"version flags {msg.flags & 3}")
         if spec.needs_memory and len(self.dataplane.memory) == 0:
             raise ProtocolError(request.name, "no memory table yet")
         return spec
@@ -219,6 +229,7 @@ class Session:
             raise ProtocolError(msg.name(), f"protocol features "
                                 f"{features & ~self.device.protocol_features():#x} were not offered")
         self.protocol_features = features
+        self.protocol_features_set = True
 
     async def _on_set_owner(self, msg):
         self.owner = True
@@ -305,8 +316,6 @@ class Session:
             log.error("%s: rings %s lived in the removed region", self.name, broken)
 
     async def _on_set_log_base(self, msg):
-        if not self._has_protocol(ProtocolFeature.LOG_SHMFD):
-            raise ProtocolError(msg.name(), "LOG_SHMFD not negotiated")
         size, offset = protocol.LOG.unpack(msg.payload)
         self.dataplane.set_log(msg.take_fd(), size, offset)
         await self.conn.reply_u64(msg, 0)
@@ -486,23 +495,29 @@ class Session:
 
     # -- teardown ----------------------------------------------------------------------
     def close(self) -> None:
+        """Tears the session down; every step runs even if one before it
+        failed, so the device is always free for the next front-end."""
         self.closed = True
-        self.dataplane.stop_workers()
-        self.device.quiesce()      # before guest memory is unmapped
-        orphans = self.dataplane.close()
-        if orphans:
-            log.warning("%s: %d requests still running at disconnect: their guest memory is "
-                        "detached, their answers will be dropped", self.name, orphans)
-        if self.backend_channel is not None:
-            self.backend_channel.close()
-            self.backend_channel = None
-        if self.inflight is not None:
-            # Unmapped after the rings stopped; the front-end keeps its fd, so
-            # a reconnecting back-end gets the state back.
-            self.inflight.close_mapping()
-            self.inflight = None
-        self.conn.close()
-        self.device.on_disconnect(self)
+        try:
+            self.dataplane.stop_workers()
+            self.device.quiesce()      # before guest memory is unmapped
+            orphans = self.dataplane.close()
+            if orphans:
+                log.warning("%s: %d requests still running at disconnect: their guest memory "
+                            "is detached, their answers will be dropped", self.name, orphans)
+        finally:
+            try:
+                if self.backend_channel is not None:
+                    self.backend_channel.close()
+                    self.backend_channel = None
+                if self.inflight is not None:
+                    # Unmapped after the rings stopped; the front-end keeps its
+                    # fd, so a reconnecting back-end gets the state back.
+                    inflight, self.inflight = self.inflight, None
+                    inflight.close_mapping()
+            finally:
+                self.conn.close()
+                self.device.on_disconnect(self)
 
 
 _U64_RING_REQUESTS = {Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR}

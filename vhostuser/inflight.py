@@ -82,9 +82,13 @@ class InflightArea:
             self.fd = None
 
     def close_mapping(self) -> None:
+        """Drops our fd and unmaps the area (no ring may point into it any
+        more). Raises BufferError if something else still exports the
+        mapping: that is a bug, and hiding it would leak the mapping."""
         self.close()
-        self._base = None
-        try:
-            self._map.close()
-        except BufferError:
-            pass
+        base, self._base = self._base, None
+        if base is not None:
+            # Our export ends now, not whenever the last reference to the
+            # cdata goes away.
+            ffi.release(base)
+        self._map.close()

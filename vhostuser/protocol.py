@@ -19,6 +19,9 @@ VERSION = 0x1
 FLAG_VERSION_MASK = 0x3
 FLAG_REPLY = 1 << 2
 FLAG_NEED_REPLY = 1 << 3
+#: what a front-end request may set; the REPLY bit marks answers only, and
+#: every bit above NEED_REPLY is reserved
+REQUEST_FLAGS = FLAG_VERSION_MASK | FLAG_NEED_REPLY
 
 VRING_IDX_MASK = 0xFF
 VRING_NOFD_MASK = 1 << 8
@@ -209,7 +212,11 @@ def unpack_single_region(payload: bytes) -> MemRegion:
 # ---- the request table ------------------------------------------------------
 # What each request may carry, checked before any handler runs. payload:
 # exact size, or (min, max). fds: (min, max). reply: the back-end always
-# answers (REPLY_ACK then adds nothing).
+# answers (REPLY_ACK then adds nothing). protocol_feature: legal only once
+# the front-end acked that feature with SET_PROTOCOL_FEATURES. vhost-user.rst
+# ties each of these requests to its feature (a few rows say "offered", but
+# a feature the front-end did not ack is not in use); QEMU 7.2, rust-vmm and
+# DPDK send none of them without acking it.
 
 @dataclass(frozen=True)
 class RequestSpec:
@@ -218,6 +225,11 @@ class RequestSpec:
     reply: bool = False
     needs_memory: bool = False      # illegal before a memory table
     vring: bool = False             # payload starts with a ring index
+    protocol_feature: ProtocolFeature | None = None
+    # Legal only once VHOST_USER_F_PROTOCOL_FEATURES is negotiated: acked
+    # with SET_FEATURES, or protocol features set (QEMU's virtio-net enables
+    # rings when the guest picks its queue count, before SET_FEATURES).
+    needs_protocol_features: bool = False
 
 
 def _exact(n: int) -> tuple[int, int]:
@@ -225,6 +237,12 @@ def _exact(n: int) -> tuple[int, int]:
 
 
 R = Request
+P = ProtocolFeature
+_CONFIG_PAYLOAD = (CONFIG_HEADER.size, CONFIG_HEADER.size + CONFIG_MAX)
+_INFLIGHT_PAYLOAD = (INFLIGHT.size, INFLIGHT_SIZE)
+# GET_/SET_PROTOCOL_FEATURES need only VHOST_USER_F_PROTOCOL_FEATURES in
+# GET_FEATURES, which every device offers, and may come before SET_FEATURES.
+# RESET_OWNER needs nothing: it is what QEMU 7.2 sends without RESET_DEVICE.
 REQUEST_SPECS: dict[Request, RequestSpec] = {
     R.GET_FEATURES: RequestSpec(_exact(0), reply=True),
     R.SET_FEATURES: RequestSpec(_exact(8)),
@@ -232,8 +250,11 @@ REQUEST_SPECS: dict[Request, RequestSpec] = {
     R.RESET_OWNER: RequestSpec((0, 8)),
     R.SET_MEM_TABLE: RequestSpec((MEMORY_HEADER.size, MEMORY_HEADER.size + MAX_FDS * MEM_REGION.size),
                                  fds=(0, MAX_FDS)),
-    R.SET_LOG_BASE: RequestSpec(_exact(LOG.size), fds=(1, 1), reply=True),
-    R.SET_LOG_FD: RequestSpec(_exact(8), fds=(1, 1)),
+    R.SET_LOG_BASE: RequestSpec(_exact(LOG.size), fds=(1, 1), reply=True,
+                                protocol_feature=P.LOG_SHMFD),
+    # The spec names no feature; the log it reports on exists only with
+    # LOG_SHMFD (and QEMU never sends it).
+    R.SET_LOG_FD: RequestSpec(_exact(8), fds=(1, 1), protocol_feature=P.LOG_SHMFD),
     R.SET_VRING_NUM: RequestSpec(_exact(8), vring=True),
     R.SET_VRING_ADDR: RequestSpec(_exact(VRING_ADDR.size), vring=True, needs_memory=True),
     R.SET_VRING_BASE: RequestSpec(_exact(8), vring=True),
@@ -243,23 +264,30 @@ REQUEST_SPECS: dict[Request, RequestSpec] = {
     R.SET_VRING_ERR: RequestSpec(_exact(8), fds=(0, 1), vring=True),
     R.GET_PROTOCOL_FEATURES: RequestSpec(_exact(0), reply=True),
     R.SET_PROTOCOL_FEATURES: RequestSpec(_exact(8)),
+    # The spec asks only for MQ among the *queried* protocol features, and
+    # every device offers MQ: a front-end may ask without acking it.
     R.GET_QUEUE_NUM: RequestSpec(_exact(0), reply=True),
-    R.SET_VRING_ENABLE: RequestSpec(_exact(8), vring=True),
-    R.SEND_RARP: RequestSpec(_exact(8)),
-    R.NET_SET_MTU: RequestSpec(_exact(8)),
-    R.SET_SLAVE_REQ_FD: RequestSpec(_exact(0), fds=(1, 1)),
-    R.SET_VRING_ENDIAN: RequestSpec(_exact(8), vring=True),
-    R.GET_CONFIG: RequestSpec((CONFIG_HEADER.size, CONFIG_HEADER.size + CONFIG_MAX), reply=True),
-    R.SET_CONFIG: RequestSpec((CONFIG_HEADER.size, CONFIG_HEADER.size + CONFIG_MAX)),
-    R.GET_INFLIGHT_FD: RequestSpec((INFLIGHT.size, INFLIGHT_SIZE), reply=True),
-    R.SET_INFLIGHT_FD: RequestSpec((INFLIGHT.size, INFLIGHT_SIZE), fds=(1, 1)),
-    R.RESET_DEVICE: RequestSpec(_exact(0)),
-    R.VRING_KICK: RequestSpec(_exact(8), vring=True),
-    R.GET_MAX_MEM_SLOTS: RequestSpec(_exact(0), reply=True),
-    R.ADD_MEM_REG: RequestSpec(_exact(SINGLE_MEM_REGION.size), fds=(1, 1)),
-    R.REM_MEM_REG: RequestSpec(_exact(SINGLE_MEM_REGION.size), fds=(0, 1)),
-    R.SET_STATUS: RequestSpec(_exact(8)),
-    R.GET_STATUS: RequestSpec(_exact(0), reply=True),
+    R.SET_VRING_ENABLE: RequestSpec(_exact(8), vring=True, needs_protocol_features=True),
+    R.SEND_RARP: RequestSpec(_exact(8), protocol_feature=P.RARP),
+    R.NET_SET_MTU: RequestSpec(_exact(8), protocol_feature=P.MTU),
+    R.SET_SLAVE_REQ_FD: RequestSpec(_exact(0), fds=(1, 1), protocol_feature=P.SLAVE_REQ),
+    R.SET_VRING_ENDIAN: RequestSpec(_exact(8), vring=True, protocol_feature=P.CROSS_ENDIAN),
+    R.GET_CONFIG: RequestSpec(_CONFIG_PAYLOAD, reply=True, protocol_feature=P.CONFIG),
+    R.SET_CONFIG: RequestSpec(_CONFIG_PAYLOAD, protocol_feature=P.CONFIG),
+    R.GET_INFLIGHT_FD: RequestSpec(_INFLIGHT_PAYLOAD, reply=True,
+                                   protocol_feature=P.INFLIGHT_SHMFD),
+    R.SET_INFLIGHT_FD: RequestSpec(_INFLIGHT_PAYLOAD, fds=(1, 1),
+                                   protocol_feature=P.INFLIGHT_SHMFD),
+    R.RESET_DEVICE: RequestSpec(_exact(0), protocol_feature=P.RESET_DEVICE),
+    R.VRING_KICK: RequestSpec(_exact(8), vring=True, protocol_feature=P.INBAND_NOTIFICATIONS),
+    R.GET_MAX_MEM_SLOTS: RequestSpec(_exact(0), reply=True,
+                                     protocol_feature=P.CONFIGURE_MEM_SLOTS),
+    R.ADD_MEM_REG: RequestSpec(_exact(SINGLE_MEM_REGION.size), fds=(1, 1),
+                               protocol_feature=P.CONFIGURE_MEM_SLOTS),
+    R.REM_MEM_REG: RequestSpec(_exact(SINGLE_MEM_REGION.size), fds=(0, 1),
+                               protocol_feature=P.CONFIGURE_MEM_SLOTS),
+    R.SET_STATUS: RequestSpec(_exact(8), protocol_feature=P.STATUS),
+    R.GET_STATUS: RequestSpec(_exact(0), reply=True, protocol_feature=P.STATUS),
 }
 
 

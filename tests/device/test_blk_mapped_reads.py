@@ -1,6 +1,7 @@
 """Reads of an image on tmpfs through a mapping of its page cache
 (csrc/vu_filemap.c): the same bytes as preadv, no memory allocated for
 holes, and a file that shrinks under the device gives IOERR, not SIGBUS."""
+import json
 import os
 import signal
 import subprocess
@@ -162,3 +163,232 @@ def _tmpfs_has_o_direct() -> bool:
     os.close(fd)
     os.unlink(probe)
     return True
+
+
+# ---- the guard and a program's own SIGBUS handling --------------------------
+# The guard is process-wide, so each case runs in a process of its own: the
+# program sets up SIGBUS its way (before the library, or after it), then
+# faults outside a copy, sends itself SIGBUS, and has the device read a file
+# that shrank under its mapping.
+
+HELPER_C = r"""
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+
+static sigjmp_buf env;
+static volatile int armed, calls, code, usr1_blocked, bus_blocked;
+static volatile uintptr_t addr;
+
+static void record(siginfo_t *si)
+{
+    sigset_t cur;
+    pthread_sigmask(SIG_SETMASK, NULL, &cur);
+    usr1_blocked = sigismember(&cur, SIGUSR1);
+    bus_blocked = sigismember(&cur, SIGBUS);
+    code = si ? si->si_code : -1000;
+    addr = si ? (uintptr_t)si->si_addr : 0;
+    calls++;
+    if (armed) {
+        armed = 0;
+        siglongjmp(env, 1);
+    }
+}
+static void on_info(int sig, siginfo_t *si, void *uc) { (void)sig; (void)uc; record(si); }
+static void on_plain(int sig) { (void)sig; record(NULL); }
+
+/* The program's own handler, with SIGUSR1 in its sa_mask. */
+int install(int siginfo, int flags)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    if (siginfo)
+        sa.sa_sigaction = on_info;
+    else
+        sa.sa_handler = on_plain;
+    sa.sa_flags = flags | (siginfo ? SA_SIGINFO : 0);
+    sigemptyset(&sa.sa_mask);
+    sigaddset(&sa.sa_mask, SIGUSR1);
+    return sigaction(SIGBUS, &sa, NULL);
+}
+
+/* Reads *p; 1 when a SIGBUS handler jumped back instead. */
+int touch(volatile const char *p)
+{
+    if (sigsetjmp(env, 1))
+        return 1;
+    armed = 1;
+    (void)*p;
+    armed = 0;
+    return 0;
+}
+
+int calls_seen(void) { return calls; }
+int last_code(void) { return code; }
+uintptr_t last_addr(void) { return addr; }
+int usr1_was_blocked(void) { return usr1_blocked; }
+int bus_was_blocked(void) { return bus_blocked; }
+"""
+
+PROGRAM = r"""
+import ctypes, json, mmap, os, signal, sys, tempfile, threading
+from vhostuser.blk import BlkDevice, FileBackend
+from vhostuser.frontend import BlkClient, BlkRequest, Frontend
+from vhostuser.testing.server import BackgroundServer
+
+helper_path, image, mode = sys.argv[1:4]
+helper = ctypes.CDLL(helper_path)
+helper.last_addr.restype = ctypes.c_size_t
+SA_NODEFER, SA_RESETHAND = 0x40000000, 0x80000000
+python_handled = []
+
+def say(**kw):
+    print(json.dumps(kw), flush=True)
+
+def send_sigbus():
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGBUS)
+
+def fault_outside_a_copy():
+    fd = os.open(image + ".other", os.O_RDWR | os.O_CREAT)
+    os.ftruncate(fd, 8192)
+    m = mmap.mmap(fd, 8192)
+    os.ftruncate(fd, 0)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(m)) + 4100
+    return helper.touch(ctypes.c_void_p(address)), address
+
+# The program's own SIGBUS handling, before the library's.
+if mode == "siginfo":
+    helper.install(1, 0)
+elif mode == "nodefer":
+    helper.install(1, SA_NODEFER)
+elif mode == "plain":
+    helper.install(0, 0)
+elif mode == "resethand":
+    helper.install(1, SA_RESETHAND)
+elif mode == "ignore":
+    signal.signal(signal.SIGBUS, signal.SIG_IGN)
+elif mode == "default":
+    signal.signal(signal.SIGBUS, signal.SIG_DFL)
+
+dev = BlkDevice(FileBackend(image))
+assert dev.mapped_reads
+sock = tempfile.mktemp(prefix="vhu-sigbus-", suffix=".sock", dir="/tmp")
+with BackgroundServer(dev, sock), Frontend.connect(sock) as fe:
+    blk = BlkClient.setup(fe)
+    if mode == "after":
+        # Installed after the library's: Python's handler returns, so a
+        # fault in a copy would fault again forever if it got there.
+        signal.signal(signal.SIGBUS, lambda *a: python_handled.append(1))
+
+    def shrunk_read():
+        # Chunk 0 seen resident, then the file shrinks under the mapping.
+        assert blk.read(0, 4096) is not None
+        os.truncate(image, 4096)
+        (r,) = blk.execute([BlkRequest.read(8, 4096)])
+        return r.status
+
+    if mode in ("siginfo", "nodefer", "plain"):
+        jumped, address = fault_outside_a_copy()
+        say(step="fault", jumped=jumped, calls=helper.calls_seen(), code=helper.last_code(),
+            addr_ok=helper.last_addr() == address, usr1=helper.usr1_was_blocked(),
+            bus=helper.bus_was_blocked())
+        send_sigbus()
+        say(step="sent", calls=helper.calls_seen(), code=helper.last_code())
+        say(step="read", status=int(shrunk_read()), calls=helper.calls_seen(), **dev.map_stats())
+    elif mode == "resethand":
+        send_sigbus()
+        say(step="first", calls=helper.calls_seen())
+        send_sigbus()
+        say(step="second", calls=helper.calls_seen())
+    elif mode == "ignore":
+        send_sigbus()
+        say(step="ignored")
+        say(step="read", status=int(shrunk_read()), **dev.map_stats())
+        fault_outside_a_copy()
+        say(step="survived a fault")
+    elif mode == "default":
+        send_sigbus()
+        say(step="survived a sent SIGBUS")
+    elif mode == "after":
+        send_sigbus()
+        say(step="sent", python_handled=len(python_handled))
+        say(step="read", status=int(shrunk_read()), **dev.map_stats())
+dev.close()
+say(step="end")
+"""
+
+IOERR = int(BlkStatus.IOERR)
+
+
+@pytest.fixture(scope="module")
+def sigbus_helper(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sigbus")
+    src, lib_path = d / "helper.c", d / "helper.so"
+    src.write_text(HELPER_C)
+    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(lib_path), str(src)], check=True)
+    return str(lib_path)
+
+
+def run_program(helper: str, image: str, mode: str):
+    proc = subprocess.run([sys.executable, "-c", PROGRAM, helper, image, mode],
+                          capture_output=True, text=True, timeout=60)
+    steps = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            steps[record.pop("step")] = record
+    return proc, steps
+
+
+@pytest.mark.parametrize("mode,bus_blocked", [("siginfo", 1), ("nodefer", 0), ("plain", 1)])
+def test_a_sigbus_that_is_not_ours_goes_to_the_programs_handler_as_it_was_installed(
+        sigbus_helper, shm_image, mode, bus_blocked):
+    proc, steps = run_program(sigbus_helper, shm_image(4 * MIB), mode)
+    assert proc.returncode == 0 and "end" in steps, proc.stderr
+    fault = steps["fault"]
+    assert fault["jumped"] == 1 and fault["calls"] == 1
+    # Its sa_mask while it runs, and SIGBUS itself unless SA_NODEFER.
+    assert fault["usr1"] == 1 and fault["bus"] == bus_blocked
+    if mode == "plain":
+        assert fault["code"] == -1000                 # called as a plain handler
+    else:
+        assert fault["code"] == 2 and fault["addr_ok"]   # BUS_ADRERR at that address
+    assert steps["sent"]["calls"] == 2
+    if mode != "plain":
+        assert steps["sent"]["code"] == -6            # SI_TKILL: what was sent, passed on
+    # Our own copies still are ours: IOERR, and the program's handler never saw them.
+    read = steps["read"]
+    assert read["status"] == IOERR and read["calls"] == 2 and read["fallback_reads"] >= 1
+
+
+def test_a_reset_on_delivery_handler_runs_once_then_the_default_applies(sigbus_helper,
+                                                                        shm_image):
+    proc, steps = run_program(sigbus_helper, shm_image(4 * MIB), "resethand")
+    assert steps["first"]["calls"] == 1
+    assert "second" not in steps and proc.returncode == -signal.SIGBUS, proc.stderr
+
+
+def test_an_ignored_sigbus_stays_ignored_and_the_guard_stays(sigbus_helper, shm_image):
+    proc, steps = run_program(sigbus_helper, shm_image(4 * MIB), "ignore")
+    assert "ignored" in steps, proc.stderr
+    assert steps["read"]["status"] == IOERR and steps["read"]["fallback_reads"] >= 1
+    # A fault can't be ignored: the kernel's default action, as without us.
+    assert "survived a fault" not in steps and proc.returncode == -signal.SIGBUS, proc.stderr
+
+
+def test_a_sent_sigbus_with_the_default_action_ends_the_process(sigbus_helper, shm_image):
+    proc, steps = run_program(sigbus_helper, shm_image(4 * MIB), "default")
+    assert "survived a sent SIGBUS" not in steps and proc.returncode == -signal.SIGBUS, \
+        proc.stderr
+
+
+def test_a_handler_the_program_installs_after_ours_keeps_its_signals_and_reads_go_on(
+        sigbus_helper, shm_image):
+    proc, steps = run_program(sigbus_helper, shm_image(4 * MIB), "after")
+    assert proc.returncode == 0 and "end" in steps, proc.stderr
+    assert steps["sent"]["python_handled"] == 1
+    # Our guard no longer gets SIGBUS, so the mapping is not used: a file
+    # that shrank gives IOERR (through preadv) instead of faulting forever.
+    assert steps["read"]["status"] == IOERR and steps["read"]["fallback_reads"] >= 1

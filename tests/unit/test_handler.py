@@ -13,7 +13,7 @@ import pytest
 
 from vhostuser import protocol
 from vhostuser.device import EchoDevice
-from vhostuser.protocol import Feature, ProtocolFeature, Request, bit
+from vhostuser.protocol import Feature, ProtocolFeature, Request, bit, bits
 from vhostuser.testing.server import BackgroundServer
 
 R = Request
@@ -56,11 +56,13 @@ class RawClient:
         except socket.timeout:
             return False
 
-    def enable_reply_ack(self):
+    def enable_reply_ack(self, *protocol_features):
+        """Negotiates REPLY_ACK and ``protocol_features``."""
         features = self.call_u64(R.GET_FEATURES)
         assert features & bit(Feature.PROTOCOL_FEATURES)
         self.send(R.SET_FEATURES, struct.pack("<Q", bit(Feature.PROTOCOL_FEATURES)))
-        self.send(R.SET_PROTOCOL_FEATURES, struct.pack("<Q", bit(ProtocolFeature.REPLY_ACK)))
+        self.send(R.SET_PROTOCOL_FEATURES,
+                  struct.pack("<Q", bits(ProtocolFeature.REPLY_ACK, *protocol_features)))
 
     def acked(self, request, payload=b"", **kw) -> int:
         """Sends with NEED_REPLY and returns the REPLY_ACK value."""
@@ -114,6 +116,7 @@ def test_protocol_features_include_the_required_set(client):
 
 
 def test_queue_num_and_mem_slots(client):
+    client.enable_reply_ack(ProtocolFeature.CONFIGURE_MEM_SLOTS)
     assert client.call_u64(R.GET_QUEUE_NUM) == 2
     assert client.call_u64(R.GET_MAX_MEM_SLOTS) == 509
 
@@ -235,14 +238,14 @@ def test_second_front_end_is_refused_while_one_is_connected(served, client):
 
 
 def test_status_round_trip(client):
-    client.enable_reply_ack()
+    client.enable_reply_ack(ProtocolFeature.STATUS)
     assert client.acked(R.SET_STATUS, struct.pack("<Q", 0x0B)) == 0   # ACK|DRIVER|FEATURES_OK
     assert client.call_u64(R.GET_STATUS) == 0x0B
     assert client.acked(R.SET_STATUS, struct.pack("<Q", 0x1FF)) != 0
 
 
 def test_inflight_fd_round_trip(client):
-    client.enable_reply_ack()
+    client.enable_reply_ack(ProtocolFeature.INFLIGHT_SHMFD)
     client.send(R.GET_INFLIGHT_FD, protocol.INFLIGHT.pack(0, 0, 2, 128),
                 flags=protocol.VERSION)
     msg, anc, _, _ = client.sock.recvmsg(64, socket.CMSG_SPACE(4))
@@ -313,7 +316,7 @@ def test_one_session_at_a_time_even_when_two_connect_together(served):
 
 def test_unusable_inflight_area_is_ignored_not_fatal(client):
     # e.g. an area another version of the back-end sized differently
-    client.enable_reply_ack()
+    client.enable_reply_ack(ProtocolFeature.INFLIGHT_SHMFD)
     fd = os.memfd_create("small")
     os.ftruncate(fd, 64)
     try:

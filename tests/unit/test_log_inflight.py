@@ -4,6 +4,8 @@ import mmap
 import os
 import struct
 
+import pytest
+
 from vhostuser.inflight import InflightArea, queue_region_size
 from vhostuser.native import lib
 from vhostuser.protocol import Feature, bit
@@ -170,3 +172,28 @@ def test_packed_inflight_requests_are_resubmitted_in_order_after_reconnect():
         assert rc == 1 and e.id == 7 and lab.elem_bytes(e, False) == [b"new one!"]
     finally:
         lab.close()
+
+
+def inflight_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("vhostuser-inflight" in line for line in f)
+
+
+def test_closing_an_inflight_area_unmaps_it_even_if_its_pointer_is_still_referenced():
+    before = inflight_mappings()
+    area = InflightArea.create(2, 128)
+    assert inflight_mappings() == before + 1
+    kept = area._base                  # e.g. a caller that kept the C pointer object
+    area.close_mapping()
+    assert inflight_mappings() == before
+    del kept
+
+
+def test_an_inflight_mapping_someone_else_exports_is_reported_not_leaked_silently():
+    area = InflightArea.create(1, 64)
+    view = memoryview(area._map)
+    with pytest.raises(BufferError):
+        area.close_mapping()
+    view.release()
+    area.close_mapping()               # once the export is gone, it unmaps
+    assert area._map.closed

@@ -5,12 +5,14 @@ import os
 import socket
 import stat
 import struct
+import time
 
 import pytest
 
 from vhostuser import protocol
 from vhostuser.device import EchoDevice
 from vhostuser.server import Server, SocketInUse, bind_unix
+from vhostuser.testing.server import BackgroundServer
 
 
 def get_queue_num(sock: socket.socket) -> int:
@@ -112,3 +114,18 @@ def test_connect_mode_reaches_a_listening_front_end_and_reconnects(tmp_path):
         assert run_async(main()) == (2, 2)
     finally:
         front.close()
+
+
+def test_background_server_raises_when_it_cannot_listen(tmp_path):
+    # A socket another server is live on: start() must say so at once,
+    # not return after a wait as if it were serving.
+    path = str(tmp_path / "s.sock")
+    live = bind_unix(path)
+    try:
+        started = time.monotonic()
+        with pytest.raises(SocketInUse):
+            with BackgroundServer(EchoDevice(), path):
+                pass
+        assert time.monotonic() - started < 5
+    finally:
+        live.close()

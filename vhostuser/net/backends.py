@@ -77,6 +77,10 @@ class NetBackend:
     frame to the guest. Frames are Ethernet frames without the virtio-net
     header; ``header`` carries the guest's offload request (a 12-byte
     virtio_net_hdr as bytes) for back-ends that care.
+
+    Calls of :meth:`transmit` for one queue pair never overlap; they come
+    from its worker thread, or (a RARP announcement after a migration) from
+    a thread of their own. Calls for different queue pairs do overlap.
     """
 
     #: largest payload (MTU) the back-end takes

@@ -11,7 +11,7 @@ from ..memory import GuestViews
 from ..device import Device
 from ..errors import ProtocolError
 from ..native import ffi, lib
-from ..protocol import Feature, ProtocolFeature, bits
+from ..protocol import Feature, ProtocolFeature, bit, bits
 from ..queue import Queue
 from .backends import Frame, LoopbackBackend, NetBackend, SinkBackend, TapBackend
 from .spec import STATUS_LINK_UP, NetFeature, pack_config
@@ -92,6 +92,10 @@ class NetDevice(Device):
         # Views over guest buffers: the connected data plane's (on_connect);
         # this one serves a device driven without a session (the ring lab).
         self._views = GuestViews()
+        # A Python back-end's transmit() for one queue pair: the worker's
+        # calls and a RARP announcement never overlap.
+        self._tx_locks = [threading.Lock() for _ in range(queue_pairs)]
+        self._closed = False
 
     @property
     def mtu(self) -> int:
@@ -115,7 +119,16 @@ class NetDevice(Device):
         return bits(*wanted)
 
     def protocol_features(self) -> int:
-        return super().protocol_features() | bits(ProtocolFeature.MTU, ProtocolFeature.RARP)
+        features = super().protocol_features() | bit(ProtocolFeature.MTU)
+        if self._announces:
+            features |= bit(ProtocolFeature.RARP)
+        return features
+
+    @property
+    def _announces(self) -> bool:
+        """Whether a RARP has a network to go to: the sink drops everything
+        and the loopback's only peer is the guest itself."""
+        return self._kind not in (lib.VU_NET_BACKEND_SINK, lib.VU_NET_BACKEND_LOOPBACK)
 
     def config_space(self) -> bytes:
         return pack_config(self.mac, STATUS_LINK_UP, self.queue_pairs, self._net.mtu)
@@ -132,6 +145,8 @@ class NetDevice(Device):
         self._net.mtu = mtu
 
     def send_rarp(self, mac: bytes) -> None:
+        if not self._announces:
+            raise ProtocolError("SEND_RARP", "this back-end has no network to announce to")
         frame = rarp_frame(bytes(mac[:6]))
         if self._kind == lib.VU_NET_BACKEND_TAP:
             hdr = bytes(self._net.hdr_len)
@@ -139,7 +154,20 @@ class NetDevice(Device):
         elif self._kind == lib.VU_NET_BACKEND_SWITCH:
             self.backend.send(frame)
         else:
-            self.backend.transmit(0, [Frame([memoryview(frame)], bytes(12), len(frame))])
+            # Queue pair 0's worker may be inside transmit() right now, and
+            # the event loop must not wait for back-end code: a thread of
+            # its own takes its turn.
+            threading.Thread(target=self._python_announce, args=(frame,),
+                             name="vhostuser-rarp", daemon=True).start()
+
+    def _python_announce(self, frame: bytes) -> None:
+        with self._tx_locks[0]:
+            if self._closed:
+                return
+            try:
+                self.backend.transmit(0, [Frame([memoryview(frame)], bytes(12), len(frame))])
+            except Exception:
+                log.exception("Python network back-end failed on a RARP announcement")
 
     # -- serving -------------------------------------------------------------------
     def on_connect(self, session) -> None:
@@ -220,6 +248,9 @@ class NetDevice(Device):
         return out
 
     def close(self) -> None:
+        for lock in self._tx_locks:     # a RARP announcement under way ends first
+            with lock:
+                self._closed = True
         if self._kind == lib.VU_NET_BACKEND_SWITCH:
             self.backend.close()        # the switch forgets the port before it is freed
         if self._net != ffi.NULL:
@@ -234,7 +265,8 @@ class NetDevice(Device):
             views = self._views.iov(f.elem.mem, f.iov, 0, f.niov)
             header = bytes(ffi.buffer(ffi.addressof(f.hdr), 12))
             batch.append(Frame(views, header, f.len))
-        self.backend.transmit(qp, batch)
+        with self._tx_locks[qp]:
+            self.backend.transmit(qp, batch)
 
 
 @ffi.def_extern()

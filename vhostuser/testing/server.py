@@ -25,7 +25,13 @@ class BackgroundServer:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.server.open()
+        try:
+            self.server.open()
+        except BaseException as exc:   # start() raises it in the caller's thread
+            self.error = exc
+            self.loop.close()
+            self._ready.set()
+            return
         self._task = self.loop.create_task(self.server.serve())
         self._ready.set()
         try:
@@ -42,8 +48,14 @@ class BackgroundServer:
             self.loop.close()
 
     def start(self) -> "BackgroundServer":
+        """Starts serving; raises what stopped the server from listening
+        (SocketInUse, OSError, ...)."""
         self._thread.start()
-        self._ready.wait(10)
+        if not self._ready.wait(10):
+            raise TimeoutError(f"{self.path}: the server did not start within 10 s")
+        if self.error is not None:
+            self._thread.join()
+            raise self.error
         return self
 
     def call(self, fn, *args):
