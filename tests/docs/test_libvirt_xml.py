@@ -63,7 +63,7 @@ def test_vhostuser_disk(domain):
     # ... and so does the by-hand command, with enough queues
     args = backend_args("blk-by-hand", "vhostuser-blk")
     assert args.socket_path == path
-    assert int(driver.get("queues", "1")) <= args.num_queues
+    assert int(driver.get("queues", "1")) <= args.queues
 
 
 def test_vhostuser_interface(domain):

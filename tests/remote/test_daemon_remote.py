@@ -15,10 +15,10 @@ def test_nbd_export_in_the_daemon(workdir, daemon):
     if missing():
         pytest.skip(f"NBD tools missing: {missing()}")
     with NbdServer.nbdkit(["memory", "16M"], unix=os.path.join(workdir, "nbdkit.sock")) as srv:
-        got = daemon.call("add", type="blk", name="remote", socket=daemon.path("r.sock"),
+        got = daemon.call("add", type="blk", name="remote", socket_path=daemon.path("r.sock"),
                           nbd=srv.uri, remote_timeout=5)
         assert got["name"] == "remote"
-        ram = daemon.call("add", type="blk", name="local", socket=daemon.path("l.sock"),
+        ram = daemon.call("add", type="blk", name="local", socket_path=daemon.path("l.sock"),
                           ramdisk="4M")
         assert ram["name"] == "local"
         with Frontend.connect(daemon.path("r.sock")) as fe:
@@ -45,7 +45,7 @@ def test_bad_remote_specs_change_nothing(daemon, spec, code):
     before = daemon.call("list")
     with daemon.client() as c:
         with pytest.raises(Exception) as err:
-            c.call("add", {"type": "blk", "name": "x", "socket": daemon.path("x.sock"), **spec})
+            c.call("add", {"type": "blk", "name": "x", "socket_path": daemon.path("x.sock"), **spec})
     if code:
         assert getattr(err.value, "code", None) == code, err.value
     assert daemon.call("list") == before

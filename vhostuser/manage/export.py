@@ -44,8 +44,9 @@ class Export:
 
     def start(self) -> None:
         """Listens on the socket and serves in a task of the running loop."""
-        server = Server(self.device, path=self.spec.socket)
         try:
+            server = Server(self.device, path=self.spec.socket_path,
+                            socket_mode=self.spec.socket_mode, socket_gid=self.spec.socket_gid)
             server.open()
         except (OSError, VhostUserError) as exc:
             raise SocketInUse(f"{self.name}: {exc}") from None
