@@ -76,10 +76,17 @@ def state():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def libvirtd(state):
-    with Libvirtd(state.parent / "libvirt") as lv:
-        yield lv
+@pytest.fixture(scope="module")
+def libvirtd():
+    """One libvirtd for the module's tests (it takes a while to start)."""
+    if missing():
+        pytest.fail(f"libvirt missing: {missing()} (./dev.sh setup installs it)")
+    path = Path(tempfile.mkdtemp(prefix="vhu-libvirtd-", dir="/tmp"))
+    try:
+        with Libvirtd(path) as lv:
+            yield lv
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -293,6 +300,31 @@ def boot_files(kit: guest.GuestKit, state: Path, work: str) -> tuple[Path, Path]
     shutil.copy(kit.vmlinux or kit.kernel, kernel)
     initrd = kit.initramfs_with(work, state / "initramfs.cpio")
     return kernel, initrd
+
+
+@pytest.mark.parametrize("example", ["vhostuser-domain.xml", "vhostuser-domain-tcg.xml"])
+def test_example_domains_are_accepted_by_libvirt(libvirtd, example):
+    """docs/libvirt.md's examples: libvirtd defines them, the TCG one with
+    its <qemu:override> and -global kept."""
+    libvirtd.virsh("define", str(REPO / "examples" / "libvirt" / example))
+    try:
+        xml = ET.fromstring(libvirtd.virsh("dumpxml", "vm1", "--inactive").stdout)
+        assert [d.get("type") for d in xml.findall("devices/disk")] == ["vhostuser"]
+        assert [i.get("type") for i in xml.findall("devices/interface")] == ["vhostuser"]
+        qemu = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+        if example.endswith("-tcg.xml"):
+            assert xml.get("type") == "qemu" and xml.find("cpu").get("mode") == "maximum"
+            assert xml.find(f"{qemu}override/{qemu}device").get("alias") == "net0"
+            assert [a.get("value") for a in xml.findall(f"{qemu}commandline/{qemu}arg")] == \
+                ["-global", "virtio-net-pci.vectors=0"]
+            # a root port nothing sits on: room to attach a device
+            ports = {int(c.get("index")) for c in
+                     xml.findall("devices/controller[@model='pcie-root-port']")}
+            used = {int(a.get("bus"), 16) for a in xml.iter("address")
+                    if a.get("type") == "pci"}
+            assert ports - used, (ports, used)
+    finally:
+        libvirtd.virsh("undefine", "vm1")
 
 
 def test_private_socket_is_refused_to_libvirt_qemu(guest_kit, state, libvirtd, tmp_path):
