@@ -30,8 +30,19 @@ def load_class(spec: str, base: type) -> type:
         raise PluginError(f"{spec}: importing {module_name} failed: "
                           f"{type(exc).__name__}: {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise PluginError(f"{spec}: not a {base.__module__}.{base.__name__} subclass")
+        raise PluginError(f"{spec}: not a {public_name(base)} subclass")
     return cls
+
+
+def public_name(cls: type) -> str:
+    """``vhostuser.blk.BlockBackend``, not the module it is defined in."""
+    module = cls.__module__
+    while "." in module:
+        parent = module.rsplit(".", 1)[0]
+        if getattr(sys.modules.get(parent), cls.__name__, None) is not cls:
+            break
+        module = parent
+    return f"{module}.{cls.__name__}"
 
 
 def instantiate(cls: type, spec: str, options: dict[str, Any]) -> Any:

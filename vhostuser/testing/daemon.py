@@ -14,14 +14,14 @@ from ..manage import ControlClient
 
 
 class DaemonProcess:
-    def __init__(self, workdir: str, *extra: str):
+    def __init__(self, workdir: str, *extra: str, cwd: str | None = None):
         self.dir = workdir
         self.control = os.path.join(workdir, "ctl.sock")
         self.log = open(os.path.join(workdir, "daemon.log"), "w+b")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vhostuser.cli.daemon", "--control", self.control,
              "--prometheus", "127.0.0.1:0", "-v", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd)
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 20.0) -> None:
