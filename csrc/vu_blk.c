@@ -16,7 +16,10 @@
 #include <linux/falloc.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/timerfd.h>
 #include <unistd.h>
 
@@ -44,15 +47,16 @@ struct vu_blk_dev *vu_blk_new(int backend)
     return b;
 }
 
-static void free_reqs(struct vu_blk_dev *b, uint32_t q)
+static void req_fini(void *user)
 {
-    for (uint32_t i = 0; i < b->reqs_num[q]; i++) {
-        free(b->reqs[q][i].iov);
-        free(b->reqs[q][i].segs);
-    }
-    free(b->reqs[q]);
-    b->reqs[q] = NULL;
-    b->reqs_num[q] = 0;
+    struct vu_blk_req *r = user;
+    free(r->iov);
+    free(r->segs);
+}
+
+int vu_blk_prepare_queue(struct vu_vq *vq)
+{
+    return vu_vq_set_user(vq, sizeof(struct vu_blk_req), req_fini);
 }
 
 void vu_blk_free(struct vu_blk_dev *b)
@@ -61,7 +65,6 @@ void vu_blk_free(struct vu_blk_dev *b)
         return;
     vu_blk_quiesce(b);
     for (uint32_t q = 0; q < VU_BLK_MAX_QUEUES; q++) {
-        free_reqs(b, q);
         if (b->rings[q]) {
             vu_uring_exit(b->rings[q]);
             free(b->rings[q]);
@@ -77,10 +80,20 @@ void vu_blk_free(struct vu_blk_dev *b)
     free(b);
 }
 
+/* A block device that takes BLKSECDISCARD: the kernel refuses an empty
+ * range up front (EOPNOTSUPP) where the device can't erase securely. */
+static bool probe_secure_erase(int fd)
+{
+    struct stat st;
+    uint64_t range[2] = {0, 0};
+    return fstat(fd, &st) == 0 && S_ISBLK(st.st_mode) && ioctl(fd, BLKSECDISCARD, range) == 0;
+}
+
 int vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct)
 {
     b->fd = fd;
     b->direct = direct;
+    b->secure_erase = probe_secure_erase(fd);
     vu_filemap_close(&b->map);
     /* O_DIRECT asks to bypass the cache: don't read it through a mapping. */
     int rc = direct ? 0 : vu_filemap_open(&b->map, fd);
@@ -429,11 +442,10 @@ static int do_segments(struct vu_blk_dev *b, struct vu_blk_req *r)
         } else if (r->type == VU_BLK_T_WRITE_ZEROES) {
             rc = file_zero(b, off, len, (r->segs[i].flags & 1) && b->lim.write_zeroes_unmap);
         } else {
-            /* secure erase: overwrite, then make it stable */
+            /* Only offered for block devices that erase for real. */
+            uint64_t range[2] = {off, len};
             vu_filemap_written(&b->map, off, len);
-            rc = file_write_zeroes_slow(b->fd, off, len);
-            if (rc == 0 && fdatasync(b->fd) < 0)
-                rc = -errno;
+            rc = ioctl(b->fd, BLKSECDISCARD, range) < 0 ? -errno : 0;
         }
         if (rc)
             return rc;
@@ -441,7 +453,16 @@ static int do_segments(struct vu_blk_dev *b, struct vu_blk_req *r)
     return 0;
 }
 
-void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r)
+/* A request that changes data and, in write-through mode, must be stable
+ * before it completes (discard is a hint: dropping it is allowed). */
+static bool needs_stable(const struct vu_blk_dev *b, const struct vu_blk_req *r)
+{
+    return !b->lim.writeback && b->backend == VU_BLK_BACKEND_FILE &&
+           (r->type == VU_BLK_T_OUT || r->type == VU_BLK_T_WRITE_ZEROES);
+}
+
+/* The I/O of a request, without making it stable (the group commit does). */
+static void execute_io(struct vu_blk_dev *b, struct vu_blk_req *r)
 {
     uint64_t off = r->sector * VU_BLK_SECTOR;
     bool ram = b->backend == VU_BLK_BACKEND_RAM;
@@ -466,9 +487,6 @@ void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r)
             rc = file_rw(b->fd, r->iov, r->niov, off, true);
         if (rc == 0 && !ram)
             vu_filemap_written(&b->map, off, r->data_len);
-        /* Write-through (writeback 0): the write is stable when we complete it. */
-        if (rc == 0 && !ram && !b->lim.writeback && fdatasync(b->fd) < 0)
-            rc = -errno;
         break;
     case VU_BLK_T_FLUSH:
         if (!ram && fdatasync(b->fd) < 0)
@@ -497,6 +515,21 @@ void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r)
     r->result = rc ? VU_BLK_S_IOERR : VU_BLK_S_OK;
     if (rc)
         r->reason = VU_BLK_R_IO_FAILED;
+}
+
+void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r)
+{
+    execute_io(b, r);
+    if (r->result == VU_BLK_S_OK && needs_stable(b, r) && fdatasync(b->fd) < 0) {
+        r->result = VU_BLK_S_IOERR;
+        r->reason = VU_BLK_R_IO_FAILED;
+    }
+}
+
+bool vu_blk_can_secure_erase(struct vu_blk_dev *b)
+{
+    return b->backend == VU_BLK_BACKEND_RAM ||
+           (b->backend == VU_BLK_BACKEND_FILE && b->secure_erase);
 }
 
 static unsigned latency_bucket(uint64_t us)
@@ -570,9 +603,9 @@ int vu_blk_finish(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool n
 
 /* Asynchronous file I/O ---------------------------------------------------------- */
 
-/* user_data tags: a write followed by a linked fdatasync (write-through)
- * completes twice; only the sync's completion finishes the request. */
-#define TAG_NO_FINISH 1u
+/* user_data of a group's sync: the group's address with this bit (requests
+ * and groups are at least 8-byte aligned). */
+#define TAG_GROUP 1u
 
 static struct vu_uring *queue_ring(struct vu_blk_dev *b, struct vu_vq *vq)
 {
@@ -606,7 +639,7 @@ static bool async_type(uint32_t type)
 static bool try_nowait(struct vu_blk_dev *b, struct vu_blk_req *r)
 {
     if (!b->nowait || b->direct || r->niov == 0 ||
-        (r->type != VU_BLK_T_IN && !(r->type == VU_BLK_T_OUT && b->lim.writeback)))
+        (r->type != VU_BLK_T_IN && r->type != VU_BLK_T_OUT))
         return false;
     uint64_t off = r->sector * VU_BLK_SECTOR;
     ssize_t n = r->type == VU_BLK_T_IN
@@ -623,15 +656,12 @@ static bool try_nowait(struct vu_blk_dev *b, struct vu_blk_req *r)
 /* Queues r on u; false when the ring is full (the caller runs it itself). */
 static bool submit_async(struct vu_blk_dev *b, struct vu_uring *u, struct vu_blk_req *r)
 {
-    bool sync_after = r->type == VU_BLK_T_OUT && !b->lim.writeback;
-    if (u->pending + u->queued + (sync_after ? 2 : 1) > u->entries)
+    if (u->pending + u->queued + 1 > u->entries)
         return false;
     struct io_uring_sqe *sqe = vu_uring_sqe(u);
-    uint64_t off = r->sector * VU_BLK_SECTOR;
-    r->linked_sync = sync_after;
     r->reason = VU_BLK_R_NONE;
     sqe->fd = b->fd;
-    sqe->user_data = (uint64_t)(uintptr_t)r | (sync_after ? TAG_NO_FINISH : 0);
+    sqe->user_data = (uint64_t)(uintptr_t)r;
     if (r->type == VU_BLK_T_FLUSH) {
         sqe->opcode = IORING_OP_FSYNC;
         sqe->fsync_flags = IORING_FSYNC_DATASYNC;
@@ -640,43 +670,99 @@ static bool submit_async(struct vu_blk_dev *b, struct vu_uring *u, struct vu_blk
     sqe->opcode = r->type == VU_BLK_T_IN ? IORING_OP_READV : IORING_OP_WRITEV;
     sqe->addr = (uint64_t)(uintptr_t)r->iov;
     sqe->len = r->niov;
-    sqe->off = off;
-    if (sync_after) {
-        sqe->flags |= IOSQE_IO_LINK;
-        struct io_uring_sqe *s2 = vu_uring_sqe(u);
-        s2->opcode = IORING_OP_FSYNC;
-        s2->fsync_flags = IORING_FSYNC_DATASYNC;
-        s2->fd = b->fd;
-        s2->user_data = (uint64_t)(uintptr_t)r;
-    }
-    r->reason = VU_BLK_R_NONE;
+    sqe->off = r->sector * VU_BLK_SECTOR;
     return true;
 }
 
-/* Applies one completion to its request; true when the request is done. */
-static bool apply_cqe(struct vu_blk_dev *b, struct io_uring_cqe *cqe, struct vu_blk_req **out)
+/* Group commit ------------------------------------------------------------------ */
+
+static void group_add(struct vu_blk_group *g, struct vu_blk_req *r)
 {
-    bool tagged = cqe->user_data & TAG_NO_FINISH;
-    struct vu_blk_req *r = (struct vu_blk_req *)(uintptr_t)(cqe->user_data & ~(uint64_t)TAG_NO_FINISH);
-    *out = r;
-    /* The completion that carries the transfer: the write before a linked
-     * sync (tagged), or the only completion of a read or plain write. */
-    bool transfer = r->type != VU_BLK_T_FLUSH && (tagged || !r->linked_sync);
+    r->next = g->waiting;
+    g->waiting = r;
+}
+
+/* Completes every request of `list` with the outcome of the sync that
+ * covered them; returns how many. */
+static int group_finish(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *list,
+                        bool synced, uint64_t now)
+{
+    int n = 0;
+    while (list) {
+        struct vu_blk_req *r = list;
+        list = r->next;
+        r->next = NULL;
+        if (!synced) {
+            r->result = VU_BLK_S_IOERR;
+            r->reason = VU_BLK_R_IO_FAILED;
+        }
+        finish_at(vq, r, r->result, false, now);
+        n++;
+    }
+    b->stats[vq->index % VU_BLK_MAX_QUEUES].stable_writes += (uint64_t)n;
+    return n;
+}
+
+/* Starts the sync that covers what waits, unless one is in flight (what
+ * waits then gets the next one: data written after a sync started may not
+ * be covered by it). With no io_uring the worker syncs itself. Returns how
+ * many requests completed. */
+static int group_commit(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_uring *u)
+{
+    struct vu_blk_group *g = &b->group[vq->index % VU_BLK_MAX_QUEUES];
+    if (!g->waiting || g->sync_inflight)
+        return 0;
+    struct vu_blk_stats *st = &b->stats[vq->index % VU_BLK_MAX_QUEUES];
+    if (!u) {
+        struct vu_blk_req *list = g->waiting;
+        g->waiting = NULL;
+        bool synced = fdatasync(b->fd) == 0;
+        st->stable_syncs++;
+        return group_finish(b, vq, list, synced, vu_now_ns());
+    }
+    if (u->pending + u->queued + 1 > u->entries)
+        return 0;       /* ring full: the next completion makes room and comes back here */
+    struct io_uring_sqe *sqe = vu_uring_sqe(u);
+    sqe->opcode = IORING_OP_FSYNC;
+    sqe->fsync_flags = IORING_FSYNC_DATASYNC;
+    sqe->fd = b->fd;
+    sqe->user_data = (uint64_t)(uintptr_t)g | TAG_GROUP;
+    g->syncing = g->waiting;
+    g->waiting = NULL;
+    g->sync_inflight = true;
+    st->stable_syncs++;
+    vu_uring_submit(u);
+    return 0;
+}
+
+/* Finishes a request whose I/O is done: a write-through write joins the
+ * group, anything else completes. Returns how many completed (0 or 1). */
+static int io_done(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *r, uint64_t now)
+{
+    if (r->result == VU_BLK_S_OK && needs_stable(b, r)) {
+        group_add(&b->group[vq->index % VU_BLK_MAX_QUEUES], r);
+        return 0;
+    }
+    finish_at(vq, r, r->result, false, now);
+    return 1;
+}
+
+/* Applies one completion to its request (short transfers are finished
+ * here, synchronously). */
+static void apply_cqe(struct vu_blk_dev *b, struct io_uring_cqe *cqe, struct vu_blk_req *r)
+{
     if (cqe->res < 0) {
         r->reason = VU_BLK_R_IO_FAILED;
-    } else if (transfer && (uint64_t)cqe->res < r->data_len) {
-        /* A short transfer: do the rest here, synchronously. */
+    } else if (r->type != VU_BLK_T_FLUSH && (uint64_t)cqe->res < r->data_len) {
         uint64_t done = (uint64_t)cqe->res;
         if (slice_iov(r, r->iov, r->niov, done, r->data_len - done) ||
             file_rw(b->fd, r->iov, r->niov, r->sector * VU_BLK_SECTOR + done,
-                    r->type == VU_BLK_T_OUT) ||
-            (r->linked_sync && fdatasync(b->fd) < 0))
+                    r->type == VU_BLK_T_OUT))
             r->reason = VU_BLK_R_IO_FAILED;
     }
-    if (tagged)
-        return false;
     r->result = r->reason == VU_BLK_R_IO_FAILED ? VU_BLK_S_IOERR : VU_BLK_S_OK;
-    return true;
+    if (r->result == VU_BLK_S_OK && r->type == VU_BLK_T_OUT)
+        vu_filemap_written(&b->map, r->sector * VU_BLK_SECTOR, r->data_len);
 }
 
 /* Completes what io_uring finished; returns how many requests. */
@@ -689,23 +775,45 @@ static int reap(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_uring *u)
     uint64_t now = 0;   /* one clock read for what this call completes: it is flushed together */
     struct io_uring_cqe *cqe;
     while ((cqe = vu_uring_peek(u))) {
-        struct vu_blk_req *r;
-        bool finished = apply_cqe(b, cqe, &r);
-        vu_uring_seen(u);
-        if (finished) {
-            if (!now)
-                now = vu_now_ns();
-            finish_at(vq, r, r->result, false, now);
-            done++;
+        uint64_t tag = cqe->user_data;
+        int res = cqe->res;
+        if (!now)
+            now = vu_now_ns();
+        if (tag & TAG_GROUP) {
+            struct vu_blk_group *g = (struct vu_blk_group *)(uintptr_t)(tag & ~(uint64_t)TAG_GROUP);
+            vu_uring_seen(u);
+            struct vu_blk_req *list = g->syncing;
+            g->syncing = NULL;
+            g->sync_inflight = false;
+            done += group_finish(b, vq, list, res >= 0, now);
+            continue;
         }
+        struct vu_blk_req *r = (struct vu_blk_req *)(uintptr_t)tag;
+        apply_cqe(b, cqe, r);
+        vu_uring_seen(u);
+        done += io_done(b, vq, r, now);
     }
-    return done;
+    return done + group_commit(b, vq, u);
 }
 
 static void drop_cqe(void *arg, struct io_uring_cqe *cqe)
 {
     (void)arg;
-    (void)cqe;
+    if (cqe->user_data & TAG_GROUP) {
+        struct vu_blk_group *g =
+            (struct vu_blk_group *)(uintptr_t)(cqe->user_data & ~(uint64_t)TAG_GROUP);
+        struct vu_blk_req *list = g->syncing;
+        g->syncing = NULL;
+        g->sync_inflight = false;
+        while (list) {
+            struct vu_blk_req *r = list;
+            list = r->next;
+            vu_vq_discard(r->elem->vq, r->elem);
+        }
+        return;
+    }
+    struct vu_blk_req *r = (struct vu_blk_req *)(uintptr_t)cqe->user_data;
+    vu_vq_discard(r->elem->vq, r->elem);
 }
 
 void vu_blk_quiesce(struct vu_blk_dev *b)
@@ -715,24 +823,16 @@ void vu_blk_quiesce(struct vu_blk_dev *b)
             vu_uring_drain(b->rings[q], drop_cqe, NULL);
             b->ring_worker[q] = NULL;   /* that worker and its epoll go away */
         }
+        /* Written but never synced: not stable, so not answered (the
+         * front-end resubmits them if it tracks inflight requests). */
+        struct vu_blk_req *list = b->group[q].waiting;
+        b->group[q].waiting = NULL;
+        while (list) {
+            struct vu_blk_req *r = list;
+            list = r->next;
+            vu_vq_discard(r->elem->vq, r->elem);
+        }
     }
-}
-
-static struct vu_blk_req *queue_reqs(struct vu_blk_dev *b, struct vu_vq *vq)
-{
-    uint32_t q = vq->index;
-    if (q >= VU_BLK_MAX_QUEUES)
-        return NULL;
-    if (b->reqs_num[q] < vq->size) {
-        free_reqs(b, q);
-        b->reqs[q] = calloc(vq->size, sizeof(struct vu_blk_req));
-        if (!b->reqs[q])
-            return NULL;
-        b->reqs_num[q] = vq->size;
-        for (uint32_t i = 0; i < vq->size; i++)
-            b->reqs[q][i].queue = (uint16_t)q;
-    }
-    return b->reqs[q];
 }
 
 /* QoS ------------------------------------------------------------------------------ */
@@ -775,9 +875,8 @@ static bool sleep_queue(struct vu_blk_dev *b, struct vu_vq *vq, uint64_t wait_ns
 int vu_blk_handler(void *ctx, struct vu_vq *vq)
 {
     struct vu_blk_dev *b = ctx;
-    struct vu_blk_req *reqs = queue_reqs(b, vq);
-    if (!reqs) {
-        vu_vq_break(vq, VU_ERR_NOMEM, vq->index);
+    if (vq->user_size != sizeof(struct vu_blk_req)) {
+        vu_vq_break(vq, VU_ERR_INVAL, vq->index);   /* vu_blk_prepare_queue was not called */
         return VU_HANDLED_NONE;
     }
     struct vu_uring *u = b->backend == VU_BLK_BACKEND_FILE ? queue_ring(b, vq) : NULL;
@@ -817,7 +916,8 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
                     vu_qos_refund(&b->qos);
                 break;
             }
-            struct vu_blk_req *r = &reqs[e->slot];
+            struct vu_blk_req *r = e->user;
+            r->queue = (uint16_t)vq->index;
             n++;
             b->started[q]++;
             if (vu_blk_parse(b, e, r) < 0) {
@@ -843,9 +943,13 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
                     if (!try_nowait(b, r) && submit_async(b, u, r))
                         continue;
                     if (r->result == VU_BLK_S_PENDING)
-                        vu_blk_execute(b, r);
+                        execute_io(b, r);
                 } else {
-                    vu_blk_execute(b, r);
+                    execute_io(b, r);
+                }
+                if (r->result == VU_BLK_S_OK && needs_stable(b, r)) {
+                    group_add(&b->group[q], r);     /* completes after the group's sync */
+                    continue;
                 }
             }
             finish_at(vq, r, r->result, false, 0);
@@ -853,6 +957,10 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         }
         if (u)
             vu_uring_submit(u);
+        /* One sync for the write-through writes of this round (and those
+         * that waited for the previous sync): group commit. */
+        if (group_commit(b, vq, u))
+            did = true;
         if (nbatch) {
             vu_blk_py_batch(b->py_ctx, vq, batch, nbatch);
             /* What Python left PENDING it completes later itself, with

@@ -56,7 +56,16 @@ struct vu_blk_req {
     uint8_t result;           /* VU_BLK_S_*; PENDING until executed */
     uint8_t reason;           /* enum vu_blk_reason */
     uint16_t queue;
-    bool linked_sync;         /* io_uring: a write with an fdatasync linked after it */
+    struct vu_blk_req *next;  /* in a group waiting for its write-through sync */
+};
+
+/* Group commit: write-through writes whose data is written wait here for
+ * one fdatasync that covers them all, and complete only after it (virtio
+ * 1.4 5.2.6.5: stable on completion). Per queue, owned by its worker. */
+struct vu_blk_group {
+    struct vu_blk_req *waiting;   /* written, no sync started since */
+    struct vu_blk_req *syncing;   /* covered by the sync in flight (io_uring) */
+    bool sync_inflight;
 };
 
 /* What the device enforces; the control plane updates it under the device lock. */
@@ -80,6 +89,9 @@ struct vu_blk_stats {
     uint64_t completed;
     uint64_t latency_ns_sum;
     uint64_t latency_us[VU_BLK_LAT_BUCKETS];
+    /* write-through writes completed, and the syncs that made them stable
+     * (fewer: group commit) */
+    uint64_t stable_writes, stable_syncs;
 };
 
 struct vu_blk_dev {
@@ -88,6 +100,7 @@ struct vu_blk_dev {
     int fd;                 /* FILE */
     bool direct;            /* FILE opened O_DIRECT: bounce unaligned buffers */
     bool punch_hole;        /* FILE: fallocate punch-hole works here */
+    bool secure_erase;      /* FILE on a block device that does BLKSECDISCARD */
     struct vu_filemap map;  /* FILE on tmpfs/ramfs: reads copy from the page cache */
     uint8_t *ram;           /* RAM */
     uint64_t ram_size;
@@ -96,8 +109,7 @@ struct vu_blk_dev {
     bool nowait;            /* FILE with io_uring: try page-cache hits inline first */
     struct vu_uring *rings[VU_BLK_MAX_QUEUES];
     struct vu_worker *ring_worker[VU_BLK_MAX_QUEUES];  /* whose epoll has its eventfd */
-    struct vu_blk_req *reqs[VU_BLK_MAX_QUEUES];
-    uint32_t reqs_num[VU_BLK_MAX_QUEUES];
+    struct vu_blk_group group[VU_BLK_MAX_QUEUES];
     /* Statistics: stats[q] is written only by q's worker; completions from
      * other threads (Python back-ends' coroutines) go to async_stats under
      * async_lock, so no counter has two writers. */
@@ -117,13 +129,18 @@ void vu_blk_free(struct vu_blk_dev *b);
  * reads go through a mapping of the file (tmpfs, ramfs), 0 when not,
  * -errno when mapping it failed (reads then use preadv). */
 int vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct);
+/* Whether SECURE_ERASE can be offered: RAM (the bytes are overwritten in
+ * our own memory), or a block device that takes BLKSECDISCARD. Never a
+ * regular file: overwriting it erases nothing on an SSD or a copy-on-write
+ * file system. */
+bool vu_blk_can_secure_erase(struct vu_blk_dev *b);
 /* FILE back-end: asynchronous I/O through io_uring (false: in the worker).
  * Returns 0; 1 when the file is in memory (tmpfs, ramfs), where the worker
  * does the I/O itself anyway; or -errno when io_uring is not available. */
 int vu_blk_set_uring(struct vu_blk_dev *b, bool on);
 /* Waits for every request in flight in io_uring (at disconnect, before guest
- * memory goes away). They are not completed to the driver: with inflight
- * tracking the front-end resubmits them. */
+ * memory goes away). They are not completed to the driver (with inflight
+ * tracking the front-end resubmits them), only released. */
 void vu_blk_quiesce(struct vu_blk_dev *b);
 /* QoS limits for the whole device (0 = unlimited), in force at once. */
 void vu_blk_set_qos(struct vu_blk_dev *b, uint64_t iops, uint64_t bps, uint64_t iops_burst,
@@ -135,12 +152,17 @@ int vu_blk_set_ram(struct vu_blk_dev *b, uint64_t size);
  * execute) or final (IOERR/UNSUPP/OK already decided), or -VU_ERR_* when the
  * chain has no status byte: the queue must break. */
 int vu_blk_parse(struct vu_blk_dev *b, struct vu_elem *e, struct vu_blk_req *r);
-/* Executes a parsed request with the C back-end; sets r->result. */
+/* Executes a parsed request with the C back-end; sets r->result. A write
+ * in write-through mode is stable when this returns. */
 void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r);
 /* Writes status and returns the chain to the driver. With notify, also
  * flushes and signals (a completion outside the worker's batch). */
 int vu_blk_finish(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool notify);
 
+/* Gives vq's elements their request state (elem->user): before the ring
+ * first starts. A request then lives exactly as long as its element, even
+ * past a disconnect, so a late completion never finds it reused. */
+int vu_blk_prepare_queue(struct vu_vq *vq);
 /* The queue handler for the worker (ctx = struct vu_blk_dev *). */
 int vu_blk_handler(void *ctx, struct vu_vq *vq);
 

@@ -1,5 +1,6 @@
 /* Device data-plane state and the dirty log used for live migration. */
 #include "vu_dev.h"
+#include "vu_ring_impl.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -28,11 +29,11 @@ struct vu_dev *vu_dev_new(uint32_t nqueues)
     }
     return dev;
 fail:
-    vu_dev_free(dev);
+    vu_dev_destroy(dev);
     return NULL;
 }
 
-void vu_dev_free(struct vu_dev *dev)
+void vu_dev_destroy(struct vu_dev *dev)
 {
     if (!dev)
         return;
@@ -41,16 +42,128 @@ void vu_dev_free(struct vu_dev *dev)
             vu_vq_free(dev->vqs[i]);
     free(dev->vqs);
     vu_dev_clear_log(dev);
-    vu_mem_free(dev->mem);
+    vu_mem_unpin(dev->mem);
     pthread_rwlock_destroy(&dev->lock);
     free(dev);
 }
 
-struct vu_mem *vu_dev_swap_mem(struct vu_dev *dev, struct vu_mem *mem)
+/* Queue locks, all of them, in index order: completions take one at a time,
+ * so this can't deadlock, and while they are held no element changes hands. */
+static void lock_queues(struct vu_dev *dev)
 {
+    for (uint32_t i = 0; i < dev->nqueues; i++)
+        pthread_mutex_lock(&dev->vqs[i]->lock);
+}
+
+static void unlock_queues(struct vu_dev *dev)
+{
+    for (uint32_t i = dev->nqueues; i-- > 0;)
+        pthread_mutex_unlock(&dev->vqs[i]->lock);
+}
+
+/* In-flight elements translated with `mem` (queue locks held). */
+static uint32_t elems_using(struct vu_dev *dev, const struct vu_mem *mem)
+{
+    uint32_t n = 0;
+    for (uint32_t q = 0; q < dev->nqueues; q++) {
+        struct vu_vq *vq = dev->vqs[q];
+        for (uint32_t i = 0; vq->inflight && i < vq->pool_size; i++)
+            n += vq->elems[i].in_flight && vq->elems[i].mem == mem;
+    }
+    return n;
+}
+
+void vu_dev_install_mem(struct vu_dev *dev, struct vu_mem *mem)
+{
+    lock_queues(dev);
     struct vu_mem *old = dev->mem;
+    uint32_t users = old ? elems_using(dev, old) : 0;
+    if (users)
+        __atomic_add_fetch(&old->pins, users, __ATOMIC_RELAXED);
     dev->mem = mem;
-    return old;
+    unlock_queues(dev);
+    vu_mem_retire(old, mem);
+}
+
+uint32_t vu_dev_inflight(struct vu_dev *dev)
+{
+    uint32_t n = 0;
+    for (uint32_t q = 0; q < dev->nqueues; q++)
+        n += vu_vq_inflight(dev->vqs[q]);
+    return n;
+}
+
+int vu_dev_orphan_requests(struct vu_dev *dev)
+{
+    lock_queues(dev);
+    uint32_t exposed = 0;   /* orphans whose memory the guest still has */
+    for (uint32_t q = 0; q < dev->nqueues; q++) {
+        struct vu_vq *vq = dev->vqs[q];
+        for (uint32_t i = 0; vq->inflight && i < vq->pool_size; i++) {
+            struct vu_elem *e = &vq->elems[i];
+            if (!e->in_flight || e->held)
+                continue;
+            vu_vq_orphan(vq, e);
+            exposed += e->mem == dev->mem;
+        }
+    }
+    unlock_queues(dev);
+    if (exposed == 0 || !dev->mem || dev->mem->nregions == 0)
+        return (int)exposed;
+    /* What the orphans hold is detached; new requests get the same guest
+     * memory through new mappings. */
+    int err = 0;
+    struct vu_mem *fresh = vu_mem_reseat(dev->mem, &err);
+    if (!fresh)
+        return err;
+    vu_dev_install_mem(dev, fresh);
+    return (int)exposed;
+}
+
+uint32_t vu_dev_close(struct vu_dev *dev)
+{
+    lock_queues(dev);
+    uint32_t pending = 0;
+    for (uint32_t q = 0; q < dev->nqueues; q++) {
+        struct vu_vq *vq = dev->vqs[q];
+        vq->started = false;
+        for (uint32_t i = 0; vq->inflight && i < vq->pool_size; i++) {
+            struct vu_elem *e = &vq->elems[i];
+            if (!e->in_flight)
+                continue;
+            if (e->held) {
+                /* Its answer is in; with the ring gone it only frees the slot. */
+                e->held = 0;
+                vq->nheld--;
+                e->in_flight = 0;
+                vq->inflight--;
+                if (e->mem != dev->mem)
+                    vu_mem_unpin(e->mem);
+                e->mem = NULL;
+                vu_elem_put(vq, e);
+            } else {
+                vu_vq_orphan(vq, e);
+                pending++;
+            }
+        }
+    }
+    struct vu_mem *old = dev->mem;
+    uint32_t users = old ? elems_using(dev, old) : 0;
+    if (users)
+        __atomic_add_fetch(&old->pins, users, __ATOMIC_RELAXED);
+    dev->mem = NULL;
+    dev->closing = pending > 0;
+    __atomic_store_n(&dev->close_pending, pending, __ATOMIC_RELEASE);
+    unlock_queues(dev);
+    vu_mem_retire(old, NULL);
+    if (!pending)
+        vu_dev_destroy(dev);
+    return pending;
+}
+
+bool vu_dev_orphan_done(struct vu_dev *dev)
+{
+    return __atomic_sub_fetch(&dev->close_pending, 1, __ATOMIC_ACQ_REL) == 0;
 }
 
 void vu_dev_wrlock(struct vu_dev *dev) { pthread_rwlock_wrlock(&dev->lock); }
@@ -146,6 +259,7 @@ static const char *const err_names[VU_ERR__COUNT] = {
     [VU_ERR_ZERO_CHAIN] = "chain has no byte to answer in",
     [VU_ERR_BAD_BASE] = "ring index outside the ring",
     [VU_ERR_REGION_BEYOND_FD] = "memory region extends past the end of its file",
+    [VU_ERR_INFLIGHT_BUSY] = "requests from before a reset are still in flight on this ring",
 };
 
 const char *vu_strerror(int err)

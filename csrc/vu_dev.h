@@ -22,17 +22,39 @@ struct vu_dev {
     int log_call_fd;
     uint32_t nqueues;
     struct vu_vq **vqs;
+    /* Closed by its owner while requests were still in flight: the last of
+     * them to finish frees the device (vu_dev_close). */
+    bool closing;
+    uint32_t close_pending;     /* atomic */
 };
 
 struct vu_dev *vu_dev_new(uint32_t nqueues);
-void vu_dev_free(struct vu_dev *dev);
+/* The owner is done with the device (workers joined). Requests still in
+ * flight become orphans: their memory is detached (vu_memory.h), their
+ * completions publish nothing, and the last one frees the device. Returns
+ * how many were still in flight (0: freed now). */
+uint32_t vu_dev_close(struct vu_dev *dev);
+/* An orphan finished: true when the device must now be freed (the caller
+ * does it with vu_dev_destroy after releasing its queue lock). */
+bool vu_dev_orphan_done(struct vu_dev *dev);
+void vu_dev_destroy(struct vu_dev *dev);
 void vu_dev_wrlock(struct vu_dev *dev);
 void vu_dev_unlock(struct vu_dev *dev);
 void vu_dev_rdlock(struct vu_dev *dev);
 void vu_dev_set_features(struct vu_dev *dev, uint64_t features);
-/* Installs a new region table and returns the old one (call with the device
- * locked for writing, then re-translate running rings). */
-struct vu_mem *vu_dev_swap_mem(struct vu_dev *dev, struct vu_mem *mem);
+/* Installs `mem` (the device takes the caller's pin) and retires the old
+ * table: requests in flight keep it, and what it maps that `mem` does not
+ * is detached (vu_memory.h). Call with the device locked for writing, then
+ * re-translate running rings. */
+void vu_dev_install_mem(struct vu_dev *dev, struct vu_mem *mem);
+/* Every request in flight becomes an orphan (vu_vq_orphan), and if any of
+ * them still reaches the guest's memory through the installed table, the
+ * table is reseated: what they hold is detached while new requests see the
+ * same guest memory through new mappings. Device locked for writing.
+ * Returns how many orphans were exposed, or -vu_err when reseating failed. */
+int vu_dev_orphan_requests(struct vu_dev *dev);
+/* Requests in flight on every queue. */
+uint32_t vu_dev_inflight(struct vu_dev *dev);
 /* Maps the dirty log; replaces the previous one. */
 int vu_dev_set_log(struct vu_dev *dev, int fd, uint64_t size, uint64_t offset);
 void vu_dev_clear_log(struct vu_dev *dev);

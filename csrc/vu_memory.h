@@ -1,9 +1,32 @@
-/* Guest memory: the region table and address translation. */
+/* Guest memory: mappings, region tables, address translation.
+ *
+ * Lifetime rules (what keeps a byte of guest memory mapped):
+ * - A mapping (struct vu_map) lives while a table or a Python view holds it.
+ * - A table (struct vu_mem) lives while it is installed in a device, or while
+ *   a request popped through it is still in flight (the device counts those
+ *   when it retires the table), or while someone pinned it.
+ * - When a table is retired, its mappings that the new table does not share
+ *   are *detached*: anonymous private memory replaces them at the same
+ *   address. A late completion then writes into memory of our own, never
+ *   into memory the front-end has taken back, and nothing faults. The
+ *   address range is unmapped with the mapping's last reference.
+ */
 #ifndef VU_MEMORY_H
 #define VU_MEMORY_H
 
 #include "vu_common.h"
 #include <pthread.h>
+
+struct vu_map {
+    uint8_t *base;         /* what mmap returned */
+    size_t len;
+    uint64_t id;           /* unique in the process (key of Python's view cache) */
+    /* Which pages: a region naming the same file pages reuses the mapping
+     * instead of mapping them again (QEMU re-sends unchanged tables). */
+    uint64_t file_dev, file_ino, file_off;
+    uint32_t refs;         /* atomic: tables and Python views holding it */
+    bool detached;         /* guest pages replaced by private memory */
+};
 
 struct vu_region {
     uint64_t gpa;          /* guest-physical start */
@@ -11,8 +34,7 @@ struct vu_region {
     uint64_t uva;          /* front-end user address of the start */
     uint64_t mmap_offset;  /* offset of the region inside the fd */
     uint8_t *host;         /* our mapping of gpa */
-    void *map_base;        /* what mmap returned (mapping starts at offset 0 of the page) */
-    size_t map_len;
+    struct vu_map *map;
     uint32_t refs;         /* identical ADD_MEM_REGs seen (QEMU sends one per vhost_dev) */
 };
 
@@ -23,19 +45,43 @@ struct vu_mem {
     /* Cache of the last region hit: rings and buffers cluster. Index only;
      * validated on use. */
     uint32_t last_hit;
+    uint32_t pins;         /* atomic: see the lifetime rules above */
 };
 
+/* A new empty table, pinned once for the caller. */
 struct vu_mem *vu_mem_new(void);
-void vu_mem_free(struct vu_mem *mem);
-/* Unmaps everything. */
-void vu_mem_clear(struct vu_mem *mem);
+void vu_mem_pin(struct vu_mem *mem);
+/* Drops a pin; the last one frees the table and releases its mappings. */
+void vu_mem_unpin(struct vu_mem *mem);
+/* A copy sharing every mapping (for ADD/REM_MEM_REG: the installed table is
+ * never changed in place), pinned once; NULL without memory. */
+struct vu_mem *vu_mem_copy(const struct vu_mem *src);
+/* A copy whose mappings are new views of the same guest pages (mremap), so
+ * that retiring `src` detaches what requests still hold without taking the
+ * memory away from new requests. NULL with *err set when it can't. */
+struct vu_mem *vu_mem_reseat(const struct vu_mem *src, int *err);
 /* Maps [mmap_offset, mmap_offset+size) of fd. Does not take ownership of fd.
  * Adding a region identical to a mapped one only counts a reference: QEMU's
- * multiqueue net sends each region once per queue pair on one connection. */
+ * multiqueue net sends each region once per queue pair on one connection.
+ * With `reuse`, a region of it naming the same pages of the same file lends
+ * its mapping instead of a new mmap. */
 int vu_mem_add_region(struct vu_mem *mem, uint64_t gpa, uint64_t size,
-                      uint64_t uva, uint64_t mmap_offset, int fd);
-/* Drops a reference; unmaps with the last one. */
+                      uint64_t uva, uint64_t mmap_offset, int fd,
+                      const struct vu_mem *reuse);
+/* Drops a reference; removes the region with the last one. */
 int vu_mem_remove_region(struct vu_mem *mem, uint64_t gpa, uint64_t size);
+/* `old` is no longer installed (`now` is, possibly NULL): detaches its
+ * mappings that `now` does not share, then drops the installed pin. */
+void vu_mem_retire(struct vu_mem *old, const struct vu_mem *now);
+
+/* Mappings, for Python's views. */
+void vu_map_get(struct vu_map *map);
+void vu_map_put(struct vu_map *map);
+/* The mapping of `mem` that holds [hva, hva+len), with hva's offset in it;
+ * NULL if none does. */
+struct vu_map *vu_mem_map_of(struct vu_mem *mem, const void *hva, uint64_t len, uint64_t *off);
+/* Mappings currently detached and not yet unmapped, process-wide (tests). */
+uint32_t vu_maps_detached(void);
 
 /* Host pointer for [gpa, gpa+len) if it lies wholly inside one region, else NULL. */
 void *vu_gpa_to_hva(struct vu_mem *mem, uint64_t gpa, uint64_t len);

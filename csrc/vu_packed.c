@@ -93,6 +93,12 @@ static void rebuild_inflight(struct vu_vq *vq)
         vq->inflight_counter = 1;
         return;
     }
+    if (vq->inflight > vq->norphans) {
+        /* A restart within the session (GET_VRING_BASE gave up waiting):
+         * what the region marks is what our own pool still holds, and it
+         * completes on its own; resubmitting it would answer it twice. */
+        return;
+    }
     if (r->free_head >= size || r->old_free_head >= size || r->used_idx >= size ||
         r->old_used_idx >= size) {
         drop_inflight(vq);

@@ -3,6 +3,7 @@
 #include "vu_queue.h"
 #include "vu_dev.h"
 #include "vu_ring_impl.h"
+#include "vu_fault.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -28,19 +29,32 @@ struct vu_vq *vu_vq_new(struct vu_dev *dev, uint32_t index)
 static void free_pool(struct vu_vq *vq)
 {
     if (vq->elems) {
-        for (uint32_t i = 0; i < vq->size; i++)
+        for (uint32_t i = 0; i < vq->pool_size; i++) {
             free(vq->elems[i].iov);
+            if (vq->user_fini && vq->elems[i].user)
+                vq->user_fini(vq->elems[i].user);
+        }
     }
     free(vq->elems);
     free(vq->free_slots);
+    free(vq->user_area);
+    vq->elems = NULL;
+    vq->free_slots = NULL;
+    vq->user_area = NULL;
+    vq->nfree = 0;
+    vq->pool_size = 0;
+    vq->inflight = 0;
+    vq->nheld = 0;
+    vq->norphans = 0;
+}
+
+static void free_ring_state(struct vu_vq *vq)
+{
     free(vq->resubmit);
     free(vq->batch_heads);
     vq->batch_heads = NULL;
     vq->batch_heads_num = 0;
-    vq->elems = NULL;
-    vq->free_slots = NULL;
     vq->resubmit = NULL;
-    vq->nfree = 0;
     vq->resubmit_num = vq->resubmit_pos = 0;
 }
 
@@ -49,33 +63,85 @@ void vu_vq_free(struct vu_vq *vq)
     if (!vq)
         return;
     free_pool(vq);
+    free_ring_state(vq);
     pthread_mutex_destroy(&vq->lock);
     free(vq);
 }
 
+/* Ring pointers point into the table they were translated with: with the
+ * ring unmapped, nothing may follow them. */
+static void forget_rings(struct vu_vq *vq)
+{
+    vq->desc = NULL;
+    vq->avail = NULL;
+    vq->used = NULL;
+    vq->pdesc = NULL;
+    vq->driver_event = NULL;
+    vq->device_event = NULL;
+}
+
+static bool rings_mapped(const struct vu_vq *vq)
+{
+    return vq->packed ? vq->pdesc != NULL : vq->used != NULL;
+}
+
+static int translate(struct vu_vq *vq)
+{
+    int rc = vq->packed ? vu_packed_translate(vq) : vu_split_translate(vq);
+    if (rc)
+        forget_rings(vq);
+    return rc;
+}
+
+static bool elem_release(struct vu_vq *vq, struct vu_elem *e);
+
 void vu_vq_reset(struct vu_vq *vq)
 {
-    /* The owner of the fds (the Python control plane) closes them. */
-    struct vu_dev *dev = vq->dev;
-    uint32_t index = vq->index;
-    vu_handler_fn handler = vq->handler;
-    void *ctx = vq->handler_ctx;
-    struct vu_worker *worker = vq->worker;
-    bool ignore_write = vq->ignore_write;
-    free_pool(vq);
-    /* Called with the device locked for writing and nothing in flight, so
-     * nobody holds the queue lock: re-create it rather than copy it. */
-    pthread_mutex_destroy(&vq->lock);
-    memset(vq, 0, sizeof(*vq));
-    pthread_mutex_init(&vq->lock, NULL);
-    vq->dev = dev;
-    vq->index = index;
-    vq->handler = handler;
-    vq->handler_ctx = ctx;
-    vq->worker = worker;
-    vq->ignore_write = ignore_write;
+    /* The owner of the fds (the Python control plane) closes them. The pool
+     * and the handler's per-element state stay while orphans are in it.
+     * Completions may come from other threads at any time: all of it under
+     * the queue lock, which itself is kept (it sits before `size`). */
+    pthread_mutex_lock(&vq->lock);
+    for (uint32_t i = 0; i < vq->pool_size && vq->elems; i++) {
+        struct vu_elem *e = &vq->elems[i];
+        if (!e->in_flight)
+            continue;
+        if (e->held)
+            elem_release(vq, e);     /* done already: there is nothing to wait for */
+        else
+            vu_vq_orphan(vq, e);
+    }
+    if (!vq->inflight)
+        free_pool(vq);
+    free_ring_state(vq);
+    struct vu_vq keep = *vq;
+    memset((char *)vq + offsetof(struct vu_vq, size), 0,
+           sizeof(*vq) - offsetof(struct vu_vq, size));
+    vq->handler = keep.handler;
+    vq->handler_ctx = keep.handler_ctx;
+    vq->worker = keep.worker;
+    vq->ignore_write = keep.ignore_write;
+    vq->user_size = keep.user_size;
+    vq->user_fini = keep.user_fini;
+    vq->elems = keep.elems;
+    vq->free_slots = keep.free_slots;
+    vq->nfree = keep.nfree;
+    vq->pool_size = keep.pool_size;
+    vq->inflight = keep.inflight;
+    vq->norphans = keep.norphans;
+    vq->user_area = keep.user_area;
     vq->kick_fd = vq->call_fd = vq->err_fd = -1;
     vq->avail_wrap = vq->used_wrap = true;
+    pthread_mutex_unlock(&vq->lock);
+}
+
+int vu_vq_set_user(struct vu_vq *vq, uint32_t size, void (*fini)(void *user))
+{
+    if (vq->elems)
+        return -VU_ERR_INVAL;
+    vq->user_size = size;
+    vq->user_fini = fini;
+    return 0;
 }
 
 int vu_vq_set_num(struct vu_vq *vq, uint32_t num)
@@ -87,8 +153,13 @@ int vu_vq_set_num(struct vu_vq *vq, uint32_t num)
      * as every driver in practice uses them. */
     if (num == 0 || num > VU_MAX_QUEUE_SIZE || (num & (num - 1)))
         return -VU_ERR_BAD_QUEUE_SIZE;
-    if (num != vq->size)
+    if (vq->elems && num != vq->pool_size) {
+        /* Orphans keep their slots (and their handler state) until they
+         * finish; a pool of another size can't take them over. */
+        if (vq->inflight)
+            return -VU_ERR_INFLIGHT_BUSY;
         free_pool(vq);
+    }
     vq->size = (uint16_t)num;
     return 0;
 }
@@ -114,8 +185,13 @@ int vu_vq_set_base(struct vu_vq *vq, uint32_t num)
         /* bit 15: wrap counter, low 15 bits: index (QEMU's encoding) */
         vq->last_avail_idx = num & 0x7fff;
         vq->avail_wrap = (num >> 15) & 1;
-        vq->used_idx = vq->last_avail_idx;
-        vq->used_wrap = vq->avail_wrap;
+        /* The base names where to take from; where answers go is ours to
+         * know: with chains of this session still out (a stop that gave up
+         * waiting for them), they are owed the slots before the base. */
+        if (vq->inflight == vq->norphans) {
+            vq->used_idx = vq->last_avail_idx;
+            vq->used_wrap = vq->avail_wrap;
+        }
     } else {
         vq->last_avail_idx = (uint16_t)num;
         vq->used_idx = (uint16_t)num;
@@ -136,17 +212,49 @@ static int alloc_pool(struct vu_vq *vq)
         return 0;
     vq->elems = calloc(vq->size, sizeof(*vq->elems));
     vq->free_slots = calloc(vq->size, sizeof(*vq->free_slots));
-    if (!vq->elems || !vq->free_slots) {
-        free_pool(vq);
+    if (vq->user_size)
+        vq->user_area = calloc(vq->size, vq->user_size);
+    if (!vq->elems || !vq->free_slots || (vq->user_size && !vq->user_area)) {
+        free(vq->elems);
+        free(vq->free_slots);
+        free(vq->user_area);
+        vq->elems = NULL;
+        vq->free_slots = NULL;
+        vq->user_area = NULL;
         return -VU_ERR_NOMEM;
     }
     for (uint32_t i = 0; i < vq->size; i++) {
         vq->elems[i].slot = i;
+        vq->elems[i].vq = vq;
+        vq->elems[i].user = vq->user_size ? vq->user_area + (size_t)i * vq->user_size : NULL;
         vq->free_slots[i] = vq->size - 1 - i;
     }
+    vq->pool_size = vq->size;
     vq->nfree = vq->size;
     vq->inflight = 0;
+    vq->nheld = 0;
+    vq->norphans = 0;
     return 0;
+}
+
+static int push_locked(struct vu_vq *vq, struct vu_elem *elem, uint32_t len, bool *destroy);
+
+/* Publishes what completed while the ring was stopped. */
+static void publish_held(struct vu_vq *vq)
+{
+    for (uint32_t i = 0; vq->nheld && i < vq->pool_size; i++) {
+        struct vu_elem *e = &vq->elems[i];
+        if (e->in_flight && e->held) {
+            bool destroy = false;
+            e->held = 0;
+            vq->nheld--;
+            push_locked(vq, e, e->held_len, &destroy);
+        }
+    }
+    if (vq->packed)
+        vu_packed_flush(vq);
+    else
+        vu_split_flush(vq);
 }
 
 int vu_vq_start(struct vu_vq *vq)
@@ -161,7 +269,7 @@ int vu_vq_start(struct vu_vq *vq)
      * named one beyond the ring (split indices are free-running). */
     if (vq->packed && (vq->last_avail_idx >= vq->size || vq->used_idx >= vq->size))
         return -VU_ERR_BAD_BASE;
-    int rc = vq->packed ? vu_packed_translate(vq) : vu_split_translate(vq);
+    int rc = translate(vq);
     if (rc)
         return rc;
     vq->inflight_region = vq->packed ? NULL : vq->inflight_area;
@@ -169,6 +277,7 @@ int vu_vq_start(struct vu_vq *vq)
     rc = alloc_pool(vq);
     if (rc)
         return rc;
+    pthread_mutex_lock(&vq->lock);
     vq->signalled_used_valid = false;
     if (vq->packed)
         vu_packed_sync(vq);
@@ -179,6 +288,9 @@ int vu_vq_start(struct vu_vq *vq)
     vq->broken = false;
     vq->error = 0;
     vq->started = true;
+    if (vq->nheld)
+        publish_held(vq);
+    pthread_mutex_unlock(&vq->lock);
     return 0;
 }
 
@@ -186,7 +298,7 @@ int vu_vq_remap(struct vu_vq *vq)
 {
     if (!vq->started)
         return 0;
-    int rc = vq->packed ? vu_packed_translate(vq) : vu_split_translate(vq);
+    int rc = translate(vq);
     if (rc)
         vu_vq_break(vq, -rc, vq->desc_addr);
     return rc;
@@ -194,7 +306,9 @@ int vu_vq_remap(struct vu_vq *vq)
 
 void vu_vq_stop(struct vu_vq *vq)
 {
+    pthread_mutex_lock(&vq->lock);
     vq->started = false;
+    pthread_mutex_unlock(&vq->lock);
 }
 
 /* Defined by cffi (extern "Python+C"): writes the one log line a broken
@@ -226,14 +340,54 @@ struct vu_elem *vu_elem_get(struct vu_vq *vq)
     e->out_num = e->in_num = 0;
     e->out_len = e->in_len = 0;
     e->ndescs = 0;
-    e->user = NULL;
     e->in_flight = 0;
+    e->held = 0;
+    e->orphan = 0;
+    /* No reference taken: the device counts the elements still using a
+     * table when it retires it (vu_dev_install_mem). */
+    e->mem = vq->dev->mem;
     return e;
 }
 
 void vu_elem_put(struct vu_vq *vq, struct vu_elem *e)
 {
     vq->free_slots[vq->nfree++] = e->slot;
+}
+
+/* Takes an in-flight element out of flight without publishing anything
+ * (queue lock held). True when that was the last orphan of a closed device,
+ * which the caller must then destroy once it let go of the lock. */
+static bool elem_release(struct vu_vq *vq, struct vu_elem *e)
+{
+    struct vu_dev *dev = vq->dev;
+    bool orphan = e->orphan;
+    if (e->held)
+        vq->nheld--;
+    if (orphan)
+        vq->norphans--;
+    e->in_flight = 0;
+    e->held = 0;
+    e->orphan = 0;
+    vq->inflight--;
+    if (e->mem != dev->mem)
+        vu_mem_unpin(e->mem);       /* a retired table counted this element */
+    e->mem = NULL;
+    vu_elem_put(vq, e);
+    return orphan && dev->closing && vu_dev_orphan_done(dev);
+}
+
+void vu_vq_orphan(struct vu_vq *vq, struct vu_elem *e)
+{
+    if (e->in_flight && !e->orphan) {
+        e->orphan = 1;
+        vq->norphans++;
+    }
+}
+
+static bool elem_valid(const struct vu_vq *vq, const struct vu_elem *e)
+{
+    return vq->elems && e >= vq->elems && e < vq->elems + vq->pool_size && e->in_flight &&
+           !e->held;
 }
 
 /* Grows e->iov so it holds at least `need` entries, up to VU_MAX_IOV. */
@@ -338,21 +492,26 @@ int vu_vq_discard(struct vu_vq *vq, struct vu_elem *elem)
 {
     pthread_mutex_lock(&vq->lock);
     int rc = -VU_ERR_BAD_USED_ID;
-    if (elem >= vq->elems && elem < vq->elems + vq->size && elem->in_flight) {
-        elem->in_flight = 0;
-        vq->inflight--;
-        vu_elem_put(vq, elem);
+    bool destroy = false;
+    if (elem_valid(vq, elem)) {
+        destroy = elem_release(vq, elem);
         rc = 0;
     }
     pthread_mutex_unlock(&vq->lock);
+    if (destroy)
+        vu_dev_destroy(vq->dev);
     return rc;
 }
 
 int vu_vq_unpop(struct vu_vq *vq, struct vu_elem *elem)
 {
     pthread_mutex_lock(&vq->lock);
-    if (elem < vq->elems || elem >= vq->elems + vq->size || !elem->in_flight) {
+    if (!elem_valid(vq, elem) || elem->orphan || !vq->started) {
+        /* Nothing to step back over: a reset or a stop came in between. */
+        bool destroy = elem_valid(vq, elem) && elem_release(vq, elem);
         pthread_mutex_unlock(&vq->lock);
+        if (destroy)
+            vu_dev_destroy(vq->dev);
         return -VU_ERR_BAD_USED_ID;
     }
     if (vq->packed) {
@@ -370,58 +529,77 @@ int vu_vq_unpop(struct vu_vq *vq, struct vu_elem *elem)
         if (vq->inflight_region)
             vq->inflight_region->desc[elem->id].inflight = 0;
     }
-    elem->in_flight = 0;
-    vq->inflight--;
     vq->stat_popped--;
-    vu_elem_put(vq, elem);
+    elem_release(vq, elem);
     pthread_mutex_unlock(&vq->lock);
     return 0;
 }
 
-static int push_locked(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
+/* Completes elem: published on a running ring, held on a stopped one,
+ * released without a trace for an orphan or a ring that lost its memory. */
+static int push_locked(struct vu_vq *vq, struct vu_elem *elem, uint32_t len, bool *destroy)
 {
-    if (elem < vq->elems || elem >= vq->elems + vq->size || !elem->in_flight)
+    if (!elem_valid(vq, elem))
         return -VU_ERR_BAD_USED_ID;
     if (len > elem->in_len)
         len = (uint32_t)elem->in_len;  /* never claim more than the driver gave */
+    if (elem->orphan || (vq->started && !rings_mapped(vq))) {
+        *destroy = elem_release(vq, elem);
+        return 0;
+    }
+    if (!vq->started) {
+        elem->held = 1;
+        elem->held_len = len;
+        vq->nheld++;
+        return 0;
+    }
     if (vu_dev_logging(vq->dev))
         vu_log_elem_write(vq, elem, len);
     if (vq->packed)
         vu_packed_push(vq, elem, len);
     else
         vu_split_push(vq, elem, len);
-    elem->in_flight = 0;
-    vq->inflight--;
     vq->stat_pushed++;
-    vu_elem_put(vq, elem);
+    elem_release(vq, elem);
     return 0;
 }
 
 int vu_vq_push(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
 {
+    bool destroy = false;
     pthread_mutex_lock(&vq->lock);
-    int rc = push_locked(vq, elem, len);
+    int rc = push_locked(vq, elem, len, &destroy);
     pthread_mutex_unlock(&vq->lock);
+    if (destroy)
+        vu_dev_destroy(vq->dev);
     return rc;
 }
 
 int vu_vq_push_burst(struct vu_vq *vq, struct vu_elem *const *elems, const uint32_t *lens, int n)
 {
     int rc = 0;
+    bool destroy = false;
     pthread_mutex_lock(&vq->lock);
     for (int i = 0; i < n; i++) {
-        int r = push_locked(vq, elems[i], lens ? lens[i] : 0);
+        int r = push_locked(vq, elems[i], lens ? lens[i] : 0, &destroy);
         if (r && !rc)
             rc = r;
     }
     pthread_mutex_unlock(&vq->lock);
+    if (destroy)
+        vu_dev_destroy(vq->dev);
     return rc;
+}
+
+static bool ring_live(const struct vu_vq *vq)
+{
+    return vq->started && rings_mapped(vq);
 }
 
 void vu_vq_flush(struct vu_vq *vq)
 {
     pthread_mutex_lock(&vq->lock);
-    if (vq->started) {
+    if (ring_live(vq)) {
         if (vq->packed)
             vu_packed_flush(vq);
         else
@@ -434,13 +612,14 @@ void vu_vq_notify(struct vu_vq *vq)
 {
     pthread_mutex_lock(&vq->lock);
     bool need = false;
-    if (vq->started && vq->unnotified) {
+    if (ring_live(vq) && vq->unnotified) {
         need = vq->packed ? vu_packed_need_notify(vq) : vu_split_need_notify(vq);
         vq->unnotified = 0;
     }
     int fd = vq->call_fd;
     pthread_mutex_unlock(&vq->lock);
     if (need && fd >= 0) {
+        vu_fault_before_notify();
         uint64_t one = 1;
         ssize_t r = write(fd, &one, sizeof(one));
         (void)r;
@@ -448,18 +627,36 @@ void vu_vq_notify(struct vu_vq *vq)
     }
 }
 
-int vu_vq_complete(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
+void vu_vq_signal(struct vu_vq *vq)
 {
     pthread_mutex_lock(&vq->lock);
-    int rc = push_locked(vq, elem, len);
-    if (rc == 0) {
+    int fd = vq->call_fd;
+    pthread_mutex_unlock(&vq->lock);
+    if (fd >= 0) {
+        uint64_t one = 1;
+        ssize_t r = write(fd, &one, sizeof(one));
+        (void)r;
+    }
+}
+
+int vu_vq_complete(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
+{
+    bool destroy = false;
+    pthread_mutex_lock(&vq->lock);
+    int rc = push_locked(vq, elem, len, &destroy);
+    bool live = rc == 0 && !destroy && ring_live(vq);
+    if (live) {
         if (vq->packed)
             vu_packed_flush(vq);
         else
             vu_split_flush(vq);
     }
     pthread_mutex_unlock(&vq->lock);
-    if (rc == 0)
+    if (destroy) {
+        vu_dev_destroy(vq->dev);
+        return 0;
+    }
+    if (live)
         vu_vq_notify(vq);
     return rc;
 }
@@ -519,7 +716,12 @@ bool vu_vq_has_avail(struct vu_vq *vq)
 
 uint32_t vu_vq_inflight(struct vu_vq *vq)
 {
-    return __atomic_load_n(&vq->inflight, __ATOMIC_ACQUIRE);
+    /* Racy reads of three counters the queue lock guards: for polling
+     * (a drain), not for decisions. */
+    uint32_t all = __atomic_load_n(&vq->inflight, __ATOMIC_ACQUIRE);
+    uint32_t done = __atomic_load_n(&vq->nheld, __ATOMIC_ACQUIRE) +
+                    __atomic_load_n(&vq->norphans, __ATOMIC_ACQUIRE);
+    return all > done ? all - done : 0;
 }
 
 /* Dirty logging of what a completion wrote into guest memory. */

@@ -22,7 +22,16 @@ struct vu_elem {
     uint32_t slot;       /* index in the queue's element pool */
     uint16_t inflight_head;  /* packed inflight tracking: its DescStatePacked entry */
     uint8_t in_flight;
-    void *user;          /* back-end's per-request state */
+    /* Completed while its ring was stopped (GET_VRING_BASE gave up waiting
+     * for it): published when the ring starts again. */
+    uint8_t held;
+    /* In flight across a reset or the device's close: its answer has no
+     * ring to go to, so completing it only releases it. */
+    uint8_t orphan;
+    uint32_t held_len;
+    struct vu_mem *mem;  /* the table its buffers were translated with */
+    struct vu_vq *vq;
+    void *user;          /* the handler's per-request state (vu_vq_set_user) */
 };
 
 /* Device-side handler of a queue, run in the queue's worker thread with the
@@ -110,11 +119,20 @@ struct vu_vq {
     bool ignore_write;          /* a queue the device only reads (net TX): the WRITE flag
                                  * is ignored, as DPDK's vhost does for its drivers */
 
-    /* element pool: at most `size` chains are in flight */
+    /* element pool: at most `size` chains are in flight. It outlives a
+     * reset while orphans are still in it (their slots stay taken). */
     struct vu_elem *elems;
     uint32_t *free_slots;
     uint32_t nfree;
+    uint32_t pool_size;
     uint32_t inflight;          /* popped, not yet pushed */
+    uint32_t nheld;             /* of those, completed but held (ring stopped) */
+    uint32_t norphans;          /* of those, orphans (vu_vq_orphan) */
+    /* Per-element state of the handler, allocated with the pool so that it
+     * lives exactly as long as the element it belongs to. */
+    uint32_t user_size;
+    void (*user_fini)(void *user);
+    uint8_t *user_area;
 
     /* inflight tracking (INFLIGHT_SHMFD): the area from SET_INFLIGHT_FD, read
      * as one of the two layouts once the ring starts and its layout is known */
@@ -147,15 +165,27 @@ struct vu_vq {
 
 struct vu_vq *vu_vq_new(struct vu_dev *dev, uint32_t index);
 void vu_vq_free(struct vu_vq *vq);
-/* Back to the freshly created state (rings unmapped, fds forgotten, not broken). */
+/* Back to the freshly created state (rings unmapped, fds forgotten, not
+ * broken). Chains still in flight become orphans (their completion only
+ * releases them); held completions are dropped. Device locked for writing. */
 void vu_vq_reset(struct vu_vq *vq);
+/* Gives every element `size` bytes of handler state (elem->user), set up
+ * and torn down with the pool; `fini` frees what the handler allocated in
+ * it. Only while no pool exists (before the ring first starts). */
+int vu_vq_set_user(struct vu_vq *vq, uint32_t size, void (*fini)(void *user));
+/* -VU_ERR_INFLIGHT_BUSY for a new size while orphans still hold the pool. */
 int vu_vq_set_num(struct vu_vq *vq, uint32_t num);
 int vu_vq_set_addr(struct vu_vq *vq, uint32_t flags, uint64_t desc, uint64_t used,
                    uint64_t avail, uint64_t log);
 int vu_vq_set_base(struct vu_vq *vq, uint32_t num);
 uint32_t vu_vq_get_base(struct vu_vq *vq);
-/* Translates the ring addresses and starts processing. */
+/* Translates the ring addresses and starts processing; completions held
+ * while it was stopped are published. A ring that doesn't translate breaks
+ * (error eventfd) and stays stopped: new addresses and a new start, or a
+ * reset, bring it back. */
 int vu_vq_start(struct vu_vq *vq);
+/* Stops taking chains; completions of those in flight are held until the
+ * ring starts again. */
 void vu_vq_stop(struct vu_vq *vq);
 /* Re-translates the ring addresses of a running ring after a memory table
  * change; breaks the ring if they no longer translate. */
@@ -168,8 +198,9 @@ int vu_vq_pop(struct vu_vq *vq, struct vu_elem **out);
  * ring is empty, or -vu_err as vu_vq_pop when it failed before the first
  * (after one, the error comes on the next call). */
 int vu_vq_pop_burst(struct vu_vq *vq, struct vu_elem **out, int max);
-/* Forgets a popped element of a broken queue without publishing it (there
- * is no valid answer to give), so nothing waits for it to complete. */
+/* Forgets a popped element without publishing it (a broken queue has no
+ * valid answer to give; a request dropped at disconnect is resubmitted by
+ * the front-end), so nothing waits for it to complete. */
 int vu_vq_discard(struct vu_vq *vq, struct vu_elem *elem);
 /* Puts back the most recently popped elements, newest first (a receive
  * path that popped buffers for a frame that then did not fit). */
@@ -183,6 +214,11 @@ int vu_vq_push_burst(struct vu_vq *vq, struct vu_elem *const *elems, const uint3
 void vu_vq_flush(struct vu_vq *vq);
 /* Signals the call eventfd if the driver wants it (event suppression). */
 void vu_vq_notify(struct vu_vq *vq);
+/* Signals the call eventfd whatever the driver asked: after a new call fd
+ * or a restart, a completion published by a back-end that died before
+ * signalling it would otherwise never be seen (a spurious interrupt is
+ * harmless to every driver). */
+void vu_vq_signal(struct vu_vq *vq);
 /* push + flush + notify, for completions outside the worker's batch. */
 int vu_vq_complete(struct vu_vq *vq, struct vu_elem *elem, uint32_t len);
 /* Driver notifications on (after a batch) or off (while draining). Enabling
@@ -201,7 +237,10 @@ void vu_vq_break(struct vu_vq *vq, int err, uint64_t detail);
  * layout is chosen when the ring starts; requests to resubmit are found then. */
 int vu_vq_set_inflight(struct vu_vq *vq, void *region);
 
-/* For tests: copy of the used element count etc. */
+/* Chains popped and not yet completed that the ring still waits for (held
+ * completions are done; orphans belong to no ring). */
 uint32_t vu_vq_inflight(struct vu_vq *vq);
+/* Makes an in-flight element an orphan (queue lock held). */
+void vu_vq_orphan(struct vu_vq *vq, struct vu_elem *e);
 
 #endif

@@ -311,6 +311,12 @@ static void rebuild_inflight(struct vu_vq *vq)
         vq->inflight_counter = 1;
         return;
     }
+    if (vq->inflight > vq->norphans) {
+        /* A restart within the session (GET_VRING_BASE gave up waiting):
+         * what the region marks is what our own pool still holds, and it
+         * completes on its own; resubmitting it would answer it twice. */
+        return;
+    }
     if (r->used_idx != vq->used_idx) {
         uint16_t batch = (uint16_t)(vq->used_idx - r->used_idx);
         uint16_t h = r->last_batch_head;

@@ -15,7 +15,7 @@ CFLAGS="-std=gnu11 -D_GNU_SOURCE -g -O1 -fno-omit-frame-pointer \
 
 # The data plane without the network device and switch (other targets need
 # none of it, and it is compiled only where a target needs it).
-CORE="vu_memory.c vu_queue.c vu_split.c vu_packed.c vu_dev.c vu_blk.c vu_filemap.c vu_qos.c vu_uring.c vu_worker.c"
+CORE="vu_memory.c vu_queue.c vu_split.c vu_packed.c vu_dev.c vu_blk.c vu_filemap.c vu_qos.c vu_uring.c vu_worker.c vu_fault.c"
 
 sources() {
     case "$1" in

@@ -2,7 +2,10 @@
 
 Owns every fd it was handed (kick, call, err, log eventfds) and closes them;
 changes to memory or ring configuration happen under the device write lock,
-so a worker never sees half a change.
+so a worker never sees half a change. Guest memory outlives every request
+that uses it: a new table takes effect for new requests at once, and what
+requests still in flight hold stays mapped (detached if the front-end took
+it back) until they end (csrc/vu_memory.h).
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from .memory import GuestMemory
+from .memory import GuestMemory, GuestViews
 from . import native
 from .native import check, ffi, lib
 from .queue import Element, Queue
@@ -26,10 +29,13 @@ BatchHandler = Callable[[Queue, list[Element]], None]
 @dataclass
 class NativeHandler:
     """A queue handler written in C: ``fn(ctx, vq)`` runs in the worker.
-    ``keepalive`` holds whatever owns ctx for as long as the queue runs."""
+    ``keepalive`` holds whatever owns ctx for as long as the queue runs;
+    ``prepare(vq)``, if given, runs once before the ring first starts (to
+    give the queue's elements their per-request state)."""
     fn: object
     ctx: object
     keepalive: object = None
+    prepare: Callable | None = None
 
 
 class _PyBinding:
@@ -77,7 +83,9 @@ class DataPlane:
             raise MemoryError("vu_dev_new")
         self._key = int(ffi.cast("uintptr_t", self._dev))
         native.device_names[self._key] = name
-        self.queues = [Queue(self._dev.vqs[i]) for i in range(num_queues)]
+        #: memoryviews over guest buffers for Python code (keep their mapping)
+        self.views = GuestViews()
+        self.queues = [Queue(self._dev.vqs[i], self.views) for i in range(num_queues)]
         self._kick = [None] * num_queues
         self._call = [None] * num_queues
         self._err = [None] * num_queues
@@ -99,18 +107,39 @@ class DataPlane:
 
     @property
     def memory(self) -> GuestMemory:
-        """The installed region table (SET_MEM_TABLE replaces it whole)."""
+        """The installed region table (never changed in place)."""
         return GuestMemory(self._dev.mem)
 
     def replace_memory(self, table: GuestMemory) -> list[int]:
-        """Installs ``table`` (built with GuestMemory.create), re-translates
-        running rings, frees the old table. Returns rings that broke."""
+        """Installs ``table`` (built with GuestMemory.create or copy) for new
+        requests at once and re-translates running rings; the old table
+        stays for the requests still using it. Returns rings that broke."""
         with self.locked():
-            old = lib.vu_dev_swap_mem(self._dev, table._mem)
+            lib.vu_dev_install_mem(self._dev, table._mem)
             table._mem = ffi.NULL        # the device owns it now
-            broken = self.remap_started()
-        GuestMemory(old).free()
-        return broken
+            self.views.forget()
+            return self.remap_started()
+
+    def add_region(self, region, fd: int) -> None:
+        """ADD_MEM_REG: a copy of the table with the region (fd closed)."""
+        table = self.memory.copy()
+        try:
+            table.add(region, fd)
+        except BaseException:
+            table.release()
+            raise
+        self.replace_memory(table)
+
+    def remove_region(self, region) -> list[int]:
+        """REM_MEM_REG: a copy of the table without the region. Returns the
+        rings that lived in it (now broken)."""
+        table = self.memory.copy()
+        try:
+            table.remove(region)
+        except BaseException:
+            table.release()
+            raise
+        return self.replace_memory(table)
 
     # -- locking ---------------------------------------------------------
     @contextlib.contextmanager
@@ -140,6 +169,8 @@ class DataPlane:
         if isinstance(handler, NativeHandler):
             fn, ctx = handler.fn, handler.ctx
             self._handles.append(handler)
+            if handler.prepare is not None:
+                check(handler.prepare(vq), f"queue {index}: prepare")
         else:
             h = ffi.new_handle(_PyBinding(self.queues[index], handler))
             self._handles.append(h)
@@ -180,11 +211,17 @@ class DataPlane:
         check(rc, f"queue {index}: kick fd")
 
     def set_call(self, index: int, fd: int | None) -> None:
+        """SET_VRING_CALL. The new fd is signalled once: a completion the
+        driver was never told about (a back-end that died between publishing
+        it and signalling) would otherwise hang it forever."""
+        vq = self._dev.vqs[index]
         with self.locked():
-            self._dev.vqs[index].call_fd = -1 if fd is None else fd
+            vq.call_fd = -1 if fd is None else fd
         old, self._call[index] = self._call[index], fd
         if old != fd:
             self._close(old)
+        if fd is not None:
+            lib.vu_vq_signal(vq)
 
     def set_err(self, index: int, fd: int | None) -> None:
         with self.locked():
@@ -225,12 +262,24 @@ class DataPlane:
                     check(lib.vu_vq_set_inflight(self._dev.vqs[i], ptr), f"ring {i}: inflight")
 
     def start_queue(self, index: int, *, enable: bool | None = None) -> None:
+        """Starts the ring (SET_VRING_KICK). A ring whose addresses don't
+        translate breaks (error eventfd, one log line) and stays stopped; the
+        other rings serve on, and new addresses with another kick, or a
+        reset, bring it back. Raises only for a ring that was never set up."""
         vq = self._dev.vqs[index]
         with self.locked():
             if not vq.started:
-                check(lib.vu_vq_start(vq), f"queue {index}: start")
+                rc = lib.vu_vq_start(vq)
+                if rc in (-lib.VU_ERR_RING_UNMAPPED, -lib.VU_ERR_BAD_BASE):
+                    lib.vu_vq_break(vq, -rc, vq.desc_addr)
+                    return
+                check(rc, f"queue {index}: start")
             if enable is not None:
                 vq.enabled = enable
+        # Whatever was published before we (re)started may never have been
+        # signalled (a back-end that died in between): one interrupt, harmless
+        # if spurious (libvhost-user does the same).
+        lib.vu_vq_signal(vq)
         self.kick(index)
 
     def set_enabled(self, index: int, enabled: bool) -> None:
@@ -255,9 +304,22 @@ class DataPlane:
         return base
 
     def reset_queue(self, index: int) -> None:
+        """Back to the unconfigured state; chains still in flight become
+        orphans (their completion publishes nothing)."""
         self.stop_queue(index)
         with self.locked():
             lib.vu_vq_reset(self._dev.vqs[index])
+
+    def orphan_requests(self) -> int:
+        """Every request still in flight becomes an orphan, and guest memory
+        is remapped for new requests so that what the orphans hold is
+        detached: a late completion can neither reach the guest's memory nor
+        its rings. Returns how many there were."""
+        with self.locked():
+            n = lib.vu_dev_orphan_requests(self._dev)
+            self.views.forget()
+            self.remap_started()
+        return check(n, "orphaning requests")
 
     def remap_started(self) -> list[int]:
         """After a memory change: re-translates running rings; returns the
@@ -269,7 +331,7 @@ class DataPlane:
         return broken
 
     def inflight(self) -> int:
-        return sum(q.inflight for q in self.queues)
+        return lib.vu_dev_inflight(self._dev)
 
     # -- dirty log ----------------------------------------------------------
     def set_log(self, fd: int, size: int, offset: int) -> None:
@@ -293,9 +355,12 @@ class DataPlane:
             lib.vu_worker_free(w)
         self._workers = []
 
-    def close(self) -> None:
+    def close(self) -> int:
+        """Joins the workers and lets the C device go. Requests still in
+        flight (a back-end that never answered) keep it, detached from guest
+        memory, until they end. Returns how many there were."""
         if self._closed:
-            return
+            return 0
         self._closed = True
         self.stop_workers()
         for fds in (self._kick, self._call, self._err):
@@ -303,7 +368,9 @@ class DataPlane:
                 self._close(fd)
                 fds[i] = None
         self._close(self._log_fd)
-        lib.vu_dev_free(self._dev)
+        self.views.forget()
+        orphans = lib.vu_dev_close(self._dev)
         native.device_names.pop(self._key, None)
         self._dev = ffi.NULL
         self._handles.clear()
+        return orphans

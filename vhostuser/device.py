@@ -47,6 +47,9 @@ class Device:
     #: this many microseconds before it sleeps, less while nothing comes in
     #: that window (0: sleep at once). Set before a front-end connects.
     adaptive_poll_us = lib.VU_ADAPTIVE_POLL_US
+    #: seconds a stop, reset or disconnect waits for requests in flight
+    #: before it goes on without them (None: handler.DRAIN_TIMEOUT)
+    drain_timeout: float | None = None
 
     def __init__(self, num_queues: int = 1, *, poll_us: int = 0):
         if not 1 <= num_queues <= 256:

@@ -25,8 +25,23 @@ from .protocol import Feature, ProtocolFeature, Request, bit
 
 log = logging.getLogger(__name__)
 
-#: How long a stop/remap waits for requests in flight to finish.
+#: How long a stop, reset or disconnect waits for requests in flight before
+#: it goes on without them: Device.drain_timeout per device, else the
+#: environment's VHOSTUSER_DRAIN_TIMEOUT (seconds), else this. Their memory
+#: stays safe either way (dataplane.py); only their answers are lost, and a
+#: front-end with inflight tracking resubmits them.
 DRAIN_TIMEOUT = 30.0
+
+
+def drain_timeout(device: Device) -> float:
+    if device.drain_timeout is not None:
+        return device.drain_timeout
+    value = os.environ.get("VHOSTUSER_DRAIN_TIMEOUT")
+    try:
+        return float(value) if value else DRAIN_TIMEOUT
+    except ValueError:
+        log.warning("VHOSTUSER_DRAIN_TIMEOUT=%r is not a number; using %gs", value, DRAIN_TIMEOUT)
+        return DRAIN_TIMEOUT
 
 
 class Session:
@@ -162,15 +177,20 @@ class Session:
             self.dataplane.set_enabled(i, False)
         await self._drain(what)
 
-    async def _drain(self, what: str) -> None:
-        """Waits until no chain is in flight (async back-ends finish first)."""
-        deadline = time.monotonic() + DRAIN_TIMEOUT
+    async def _drain(self, what: str) -> bool:
+        """Waits until no chain is in flight (async back-ends finish first),
+        at most the device's drain timeout. False when some still are."""
+        timeout = drain_timeout(self.device)
+        deadline = time.monotonic() + timeout
         while self.dataplane.inflight():
             if time.monotonic() > deadline:
-                log.error("%s: %d requests still in flight after %.0fs before %s",
-                          self.name, self.dataplane.inflight(), DRAIN_TIMEOUT, what)
-                return
+                log.error("%s: %d requests still in flight after %gs before %s; going on "
+                          "without them (their memory stays mapped until they end, detached "
+                          "where the front-end takes it back)", self.name,
+                          self.dataplane.inflight(), timeout, what)
+                return False
             await asyncio.sleep(0.001)
+        return True
 
     def _rings_enabled_at_start(self) -> bool:
         # Without PROTOCOL_FEATURES a ring starts enabled (vhost-user.rst, "Ring states").
@@ -214,6 +234,11 @@ class Session:
         await self._drain("reset")
         for i in range(self.device.num_queues):
             self.dataplane.reset_queue(i)
+        # Requests the drain gave up on: the driver reset the device under
+        # them, so their answers must reach neither its rings nor its buffers.
+        orphans = self.dataplane.orphan_requests()
+        if orphans:
+            log.warning("%s: %d requests orphaned by the reset", self.name, orphans)
         self.features = 0
         self.features_set = False
         self.status = 0
@@ -243,21 +268,24 @@ class Session:
         if len(regions) != len(msg.fds):
             raise ProtocolError(msg.name(), f"{len(regions)} regions but {len(msg.fds)} fds")
         # Build the new table aside: a region that fails leaves the old one,
-        # and the rings in it, untouched.
+        # and the rings in it, untouched. Regions naming the same pages as
+        # the installed table share its mappings (QEMU re-sends unchanged
+        # tables); requests in flight keep the old table (dataplane.py), so
+        # nothing waits for them: the new table is for new requests at once.
+        current = self.dataplane.memory
         table = GuestMemory.create()
         fds, msg.fds = msg.fds, []
         try:
             for i, region in enumerate(regions):
                 fd, fds[i] = fds[i], None
-                table.add(region, fd)         # closes fd, whatever happens
+                table.add(region, fd, reuse=current)    # closes fd, whatever happens
         except BaseException:
-            table.free()
+            table.release()
             raise
         finally:
             for fd in fds:
                 if fd is not None:
                     os.close(fd)
-        await self._drain("memory table change")
         broken = self.dataplane.replace_memory(table)
         if broken:
             log.error("%s: rings %s lost their memory with the new table", self.name, broken)
@@ -268,16 +296,11 @@ class Session:
 
     async def _on_add_mem_reg(self, msg):
         region = protocol.unpack_single_region(msg.payload)
-        fd = msg.take_fd()
-        with self.dataplane.locked():
-            self.dataplane.memory.add(region, fd)
+        self.dataplane.add_region(region, msg.take_fd())
 
     async def _on_rem_mem_reg(self, msg):
         region = protocol.unpack_single_region(msg.payload)
-        await self._drain("memory region removal")
-        with self.dataplane.locked():
-            self.dataplane.memory.remove(region)
-            broken = self.dataplane.remap_started()
+        broken = self.dataplane.remove_region(region)
         if broken:
             log.error("%s: rings %s lived in the removed region", self.name, broken)
 
@@ -466,7 +489,10 @@ class Session:
         self.closed = True
         self.dataplane.stop_workers()
         self.device.quiesce()      # before guest memory is unmapped
-        self.dataplane.close()
+        orphans = self.dataplane.close()
+        if orphans:
+            log.warning("%s: %d requests still running at disconnect: their guest memory is "
+                        "detached, their answers will be dropped", self.name, orphans)
         if self.backend_channel is not None:
             self.backend_channel.close()
             self.backend_channel = None

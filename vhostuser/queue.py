@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .memory import GuestViews
 from .native import check, error_name, ffi, lib, strerror
 
 
@@ -21,7 +22,9 @@ class QueueStats:
 
 class Element:
     """One descriptor chain. ``readable``: buffers the driver filled;
-    ``writable``: buffers the device fills. Valid until completed."""
+    ``writable``: buffers the device fills. Fill them before completing:
+    the guest owns them again after that. (A view kept longer never faults:
+    its mapping stays until the view is gone.)"""
 
     __slots__ = ("queue", "_elem", "_done")
 
@@ -37,14 +40,12 @@ class Element:
     @property
     def readable(self) -> list[memoryview]:
         e = self._elem
-        return [memoryview(ffi.buffer(e.iov[i].iov_base, e.iov[i].iov_len))
-                for i in range(e.out_num)]
+        return self.queue._views.iov(e.mem, e.iov, 0, e.out_num)
 
     @property
     def writable(self) -> list[memoryview]:
         e = self._elem
-        return [memoryview(ffi.buffer(e.iov[i].iov_base, e.iov[i].iov_len))
-                for i in range(e.out_num, e.out_num + e.in_num)]
+        return self.queue._views.iov(e.mem, e.iov, e.out_num, e.in_num)
 
     @property
     def readable_len(self) -> int:
@@ -98,8 +99,9 @@ class Element:
 class Queue:
     """A virtqueue of a device (``struct vu_vq``)."""
 
-    def __init__(self, vq_ptr):
+    def __init__(self, vq_ptr, views: GuestViews | None = None):
         self._vq = vq_ptr
+        self._views = views if views is not None else GuestViews()
         self._in_batch = False
 
     @property

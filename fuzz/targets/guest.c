@@ -22,7 +22,7 @@ uint8_t *guest_init(struct vu_mem *mem)
     }
     for (int i = 0; i < 3; i++) {
         int rc = vu_mem_add_region(mem, region_gpa[i], GUEST_REGION,
-                                   GUEST_UVA_BASE + region_gpa[i], (uint64_t)i * GUEST_REGION, fd);
+                                   GUEST_UVA_BASE + region_gpa[i], (uint64_t)i * GUEST_REGION, fd, NULL);
         if (rc) {
             fprintf(stderr, "vu_mem_add_region: %d\n", rc);
             abort();

@@ -150,7 +150,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             pages = (FILE_PAGES * PAGE - off) / PAGE;
         if (pages == 0)
             continue;
-        vu_mem_add_region(mem, gpa, pages * PAGE, uva, off, memfd);
+        vu_mem_add_region(mem, gpa, pages * PAGE, uva, off, memfd, NULL);
     }
     while (in.left >= 5) {
         uint8_t op = take(&in, 1);
@@ -171,6 +171,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             }
         }
     }
-    vu_mem_free(mem);
+    vu_mem_unpin(mem);
     return 0;
 }

@@ -33,7 +33,8 @@ static void setup(void)
 {
     dev = vu_dev_new(1);
     blk = vu_blk_new(VU_BLK_BACKEND_RAM);
-    if (!dev || !blk || vu_blk_set_ram(blk, DISK_SECTORS * VU_BLK_SECTOR))
+    if (!dev || !blk || vu_blk_set_ram(blk, DISK_SECTORS * VU_BLK_SECTOR) ||
+        vu_blk_prepare_queue(dev->vqs[0]))
         abort();
     view = guest_init(dev->mem);
     blk->lim.capacity = DISK_SECTORS;

@@ -4,7 +4,10 @@ back after dropping its caches, and the image is then checked from the host
 (e2fsck, the file's bytes)."""
 from __future__ import annotations
 
+import os
+import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,69 @@ def test_guest_file_system_on_an_nbd_export(guest_kit, nbd_export, sock_dir, tmp
     fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     assert sha(debugfs_cat(image, "blob")) == got["written"]
+
+
+HUNG_WORKLOAD = """
+echo "WRITER-START"
+i=0
+while true; do
+    dd if=/dev/urandom of=/dev/vda bs=64k count=1 seek=$((i % 64)) oflag=direct conv=notrunc \\
+        2>/dev/null && echo "ACK $i"
+    i=$((i + 1))
+done
+"""
+
+
+def test_daemon_survives_a_frozen_store_and_a_killed_guest(guest_kit, nbd_export, tmp_path):
+    """qemu-nbd frozen under the guest's writes (requests wait forever: remote
+    timeout off), then QEMU killed: the daemon gives up on the requests after
+    its drain timeout, keeps serving its other disk, and nothing crashes when
+    the server wakes up and answers into memory that is gone."""
+    from vhostuser.frontend import BlkClient, Frontend
+    from vhostuser.testing.daemon import DaemonProcess
+
+    image, server = nbd_export
+    workdir = tmp_path / "d"
+    workdir.mkdir()
+    daemon = DaemonProcess(str(workdir), env={"VHOSTUSER_DRAIN_TIMEOUT": "1"})
+    try:
+        daemon.call("add", type="blk", name="nbd", socket=daemon.path("n.sock"),
+                    nbd=server.uri, remote_timeout=0)
+        daemon.call("add", type="blk", name="local", socket=daemon.path("l.sock"),
+                    ramdisk="16M")
+        with guest.GuestProcess(guest_kit, HUNG_WORKLOAD, smp=1, pvh=True,
+                                blk=[guest.BlkDevice(daemon.path("n.sock")),
+                                     guest.BlkDevice(daemon.path("l.sock"))]) as vm:
+            vm.wait_for(r"^ACK 5$", timeout=120)
+            server.pause()
+            deadline = time.monotonic() + 20
+            while daemon.call("stats", name="nbd")["totals"]["inflight"] < 1:
+                assert time.monotonic() < deadline, "no request held by the frozen store"
+                time.sleep(0.05)
+            acks_at_freeze = len(re.findall(r"^ACK \d+$", vm.serial, re.M))
+            vm.kill()
+        time.sleep(2.0)     # past the drain timeout: the requests are orphans now
+        inflight = daemon.call("stats", name="nbd")["totals"]["inflight"]
+
+        def io_on_local():
+            with Frontend.connect(daemon.path("l.sock")) as fe:
+                blk = BlkClient.setup(fe)
+                data = os.urandom(8192)
+                blk.write(64, data)
+                assert blk.read(64, 8192) == data
+
+        io_on_local()
+        server.resume()
+        time.sleep(1.0)
+        io_on_local()
+        assert daemon.proc.poll() is None, daemon.output()
+        print(f"\n[frozen-store] acks before the freeze {acks_at_freeze}; requests held when "
+              f"QEMU died {inflight}; the other disk served before and after SIGCONT")
+    finally:
+        if server.paused:
+            server.resume()
+        rc = daemon.terminate()
+    output = daemon.output()
+    assert rc == 0, output
+    assert "Traceback" not in output, output
+    assert "still in flight after 1s" in output, output

@@ -41,7 +41,7 @@ def requests(draw):
 @settings(max_examples=300, deadline=None)
 @given(batch=st.lists(requests(), min_size=1, max_size=8))
 def test_any_request_gets_a_valid_answer_and_bad_ones_change_nothing(batch):
-    lab = Lab(nqueues=1, size=64)
+    lab = Lab(nqueues=1, size=64, prepare=lib.vu_blk_prepare_queue)
     blk = lib.vu_blk_new(lib.VU_BLK_BACKEND_RAM)
     try:
         assert lib.vu_blk_set_ram(blk, CAPACITY * 512) == 0

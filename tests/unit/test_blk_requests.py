@@ -16,7 +16,7 @@ CAPACITY = 2048   # sectors (1 MiB)
 
 @pytest.fixture
 def lab():
-    lab = Lab(nqueues=1, size=64)
+    lab = Lab(nqueues=1, size=64, prepare=lib.vu_blk_prepare_queue)
     yield lab
     lab.close()
 

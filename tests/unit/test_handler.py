@@ -156,14 +156,23 @@ def test_ring_address_before_memory_table_is_refused(client):
     assert client.acked(R.SET_VRING_ADDR, addr) != 0
 
 
-def test_kick_with_unmapped_ring_is_refused(client):
+def test_kick_with_unmapped_ring_breaks_only_that_ring(served, client):
+    # Like every other malformed ring: the ring breaks and says so on its
+    # error eventfd; the connection (and the other rings) go on.
     client.enable_reply_ack()
-    fd = os.eventfd(0)
+    kick, err = os.eventfd(0), os.eventfd(0, os.EFD_NONBLOCK)
     try:
         assert client.acked(R.SET_VRING_NUM, struct.pack("<II", 0, 8)) == 0
-        assert client.acked(R.SET_VRING_KICK, struct.pack("<Q", 0), fds=[fd]) != 0
+        assert client.acked(R.SET_VRING_ERR, struct.pack("<Q", 0), fds=[err]) == 0
+        assert client.acked(R.SET_VRING_KICK, struct.pack("<Q", 0), fds=[kick]) == 0
+        assert os.eventfd_read(err) == 1
+        queue = served.device.session.dataplane.queues[0]
+        assert queue.broken and not queue.started
+        assert "VU_ERR_RING_UNMAPPED" in queue.error
+        assert client.call_u64(R.GET_QUEUE_NUM) == 2
     finally:
-        os.close(fd)
+        os.close(kick)
+        os.close(err)
 
 
 def test_fds_on_a_message_that_takes_none_are_closed(served, client):

@@ -28,7 +28,7 @@ def memfd(size: int, fill: int = 0) -> int:
 def mem():
     ptr = lib.vu_mem_new()
     yield GuestMemory(ptr)
-    lib.vu_mem_free(ptr)
+    lib.vu_mem_unpin(ptr)
 
 
 def iov_list(mem, gpa, length, max_iov=8):
@@ -118,8 +118,8 @@ def test_region_table_holds_509_slots(mem):
     fd = memfd(PAGE)
     for i in range(lib.VU_MAX_REGIONS):
         assert lib.vu_mem_add_region(mem._mem, i * PAGE * 2, PAGE, 0x1_0000_0000 + i * PAGE * 2,
-                                     0, fd) == 0
-    assert lib.vu_mem_add_region(mem._mem, 10**12, PAGE, 10**13, 0, fd) == \
+                                     0, fd, ffi.NULL) == 0
+    assert lib.vu_mem_add_region(mem._mem, 10**12, PAGE, 10**13, 0, fd, ffi.NULL) == \
         -lib.VU_ERR_TOO_MANY_REGIONS
     os.close(fd)
     # binary search finds every one of them
@@ -129,10 +129,10 @@ def test_region_table_holds_509_slots(mem):
 
 
 def test_bad_fd_and_zero_size_are_refused(mem):
-    assert lib.vu_mem_add_region(mem._mem, 0, 0, 0, 0, 3) == -lib.VU_ERR_INVAL
-    assert lib.vu_mem_add_region(mem._mem, 0, PAGE, 0, 0, -1) == -lib.VU_ERR_INVAL
+    assert lib.vu_mem_add_region(mem._mem, 0, 0, 0, 0, 3, ffi.NULL) == -lib.VU_ERR_INVAL
+    assert lib.vu_mem_add_region(mem._mem, 0, PAGE, 0, 0, -1, ffi.NULL) == -lib.VU_ERR_INVAL
     fd = os.open("/dev/null", os.O_RDONLY)
-    assert lib.vu_mem_add_region(mem._mem, 0, PAGE, 0, 0, fd) == -lib.VU_ERR_MMAP
+    assert lib.vu_mem_add_region(mem._mem, 0, PAGE, 0, 0, fd, ffi.NULL) == -lib.VU_ERR_MMAP
     os.close(fd)
 
 

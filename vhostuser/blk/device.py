@@ -5,16 +5,18 @@ import asyncio
 import inspect
 import logging
 import os
+import threading
 
 
 from ..dataplane import NativeHandler
+from ..memory import GuestViews
 from ..device import Device
 from ..errors import ProtocolError
 from ..native import check, ffi, lib
 from ..protocol import bits
 from ..queue import Queue
 from ..qos import QosLimits
-from .backends import BlockBackend, FileBackend, RamBackend
+from .backends import BackendError, BlockBackend, FileBackend, RamBackend
 from .spec import (CONFIG_WRITEBACK_OFFSET, ID_BYTES, LIFETIME, SECTOR, BlkConfig, BlkFeature,
                    BlkStatus, BlkType)
 
@@ -27,7 +29,8 @@ F = BlkFeature
 LATENCY_BOUNDS_US = tuple(1 << i for i in range(lib.VU_BLK_LAT_BUCKETS - 1)) + (float("inf"),)
 _IN, _OUT, _OK = int(BlkType.IN), int(BlkType.OUT), int(BlkStatus.OK)
 _COUNTERS = ("reads", "writes", "flushes", "discards", "write_zeroes", "others", "errors",
-             "unsupported", "bytes_read", "bytes_written", "completed", "latency_ns_sum")
+             "unsupported", "bytes_read", "bytes_written", "completed", "latency_ns_sum",
+             "stable_writes", "stable_syncs")
 
 
 class BlkDevice(Device):
@@ -88,6 +91,14 @@ class BlkDevice(Device):
             self._blk.py_ctx = self._handle
         self._kind = kind
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Views over guest buffers: the connected data plane's (on_connect);
+        # this one serves a device driven without a session (the ring lab).
+        self._views = GuestViews()
+        # Requests of a Python back-end still running on the event loop; they
+        # may outlive their session, and their completion needs self._blk.
+        self._late = 0
+        self._late_lock = threading.Lock()   # counted in workers, uncounted on the loop
+        self._closing = False
         self.config = BlkConfig(capacity=0, num_queues=num_queues)
         self._refresh_capacity()
         lim = self._blk.lim
@@ -107,11 +118,14 @@ class BlkDevice(Device):
         if feature in (F.DISCARD, F.WRITE_ZEROES, F.SECURE_ERASE, F.CONFIG_WCE):
             if self.read_only:
                 return False
+        if feature == F.SECURE_ERASE:
+            # Only where it erases for real (RAM; a block device that takes
+            # BLKSECDISCARD): zeroes over a file on an SSD or a copy-on-write
+            # file system leave the old data on the medium.
+            return self._kind != lib.VU_BLK_BACKEND_PYTHON and lib.vu_blk_can_secure_erase(self._blk)
         if self._kind == lib.VU_BLK_BACKEND_PYTHON:
             if feature == F.DISCARD:
                 return self.backend.supports("discard")
-            if feature == F.SECURE_ERASE:
-                return False
             if feature == F.LIFETIME:
                 return self.backend.lifetime() is not None
         return feature != F.LIFETIME
@@ -156,10 +170,12 @@ class BlkDevice(Device):
     def on_connect(self, session) -> None:
         super().on_connect(session)
         self._loop = asyncio.get_running_loop()
+        self._views = session.dataplane.views
 
     # -- serving -----------------------------------------------------------------
     def queue_handler(self, queue: Queue):
-        return NativeHandler(lib.vu_blk_handler, self._blk, keepalive=self)
+        return NativeHandler(lib.vu_blk_handler, self._blk, keepalive=self,
+                             prepare=lib.vu_blk_prepare_queue)
 
     def _refresh_capacity(self) -> None:
         size = self.backend.size()
@@ -259,10 +275,18 @@ class BlkDevice(Device):
                 "mapped_reads": fm.mapped_reads, "fallback_reads": fm.fallback_reads}
 
     def close(self) -> None:
-        if self._blk != ffi.NULL:
+        """Closes the back-end; the C device goes once no request of a
+        Python back-end is still running (their completion counts in it)."""
+        if self._closing:
+            return
+        self._closing = True
+        self.backend.close()
+        self._free_if_idle()
+
+    def _free_if_idle(self) -> None:
+        if self._closing and not self._late and self._blk != ffi.NULL:
             lib.vu_blk_free(self._blk)
             self._blk = ffi.NULL
-        self.backend.close()
 
     # -- Python back-ends ------------------------------------------------------
     def _run_request(self, r) -> int | object:
@@ -271,9 +295,9 @@ class BlkDevice(Device):
         be: BlockBackend = self.backend
         offset = r.sector * SECTOR
         if t == BlkType.IN:
-            return be.read(offset, _views(r))
+            return be.read(offset, self._views.iov(r.elem.mem, r.iov, 0, r.niov))
         if t == BlkType.OUT:
-            return be.write(offset, _views(r))
+            return be.write(offset, self._views.iov(r.elem.mem, r.iov, 0, r.niov))
         if t == BlkType.FLUSH:
             return be.flush()
         if t == BlkType.GET_ID:
@@ -313,19 +337,13 @@ class BlkDevice(Device):
         # to the back-end's methods with as few cffi look-ups as possible.
         be = self.backend
         read, write = be.read, be.write
-        buffer = ffi.buffer
+        iov_views = self._views.iov
         for i in range(n):
             r = reqs[i]
             t = r.type
             try:
                 if t == _IN or t == _OUT:
-                    iov = r.iov
-                    if r.niov == 1:
-                        v = iov[0]
-                        bufs = [memoryview(buffer(v.iov_base, v.iov_len))]
-                    else:
-                        bufs = [memoryview(buffer(iov[j].iov_base, iov[j].iov_len))
-                                for j in range(r.niov)]
+                    bufs = iov_views(r.elem.mem, r.iov, 0, r.niov)
                     outcome = (read if t == _IN else write)(r.sector * SECTOR, bufs)
                 else:
                     outcome = self._run_request(r)
@@ -346,29 +364,42 @@ class BlkDevice(Device):
         session = self.session
 
         async def run():
+            cancelled = None
             try:
                 await awaitable
                 status = BlkStatus.OK
+            except asyncio.CancelledError as exc:
+                # The loop is going away (exit): answer, so the request is
+                # released rather than left in flight forever.
+                status, cancelled = BlkStatus.IOERR, exc
             except Exception as exc:
                 _log_failure(exc, r)
                 status = BlkStatus.IOERR
-            # The session waits for requests in flight before it frees its
-            # rings, but not forever: past that, the ring is gone and the
-            # answer has nowhere to go (the front-end resubmits it).
-            if self.session is not session or session is None or session.closed:
-                log.warning("request finished after its session closed; dropped")
-                return
+            if session is None or session.closed:
+                # Its session gave up waiting: the request is an orphan, and
+                # completing it only releases it (nothing reaches the guest;
+                # the front-end resubmits it if it tracks inflight requests).
+                log.warning("block back-end: request type %d sector %d finished after its "
+                            "session ended; answer dropped", r.type, r.sector)
+            # vq and r stay valid until this call: the element holds them.
             lib.vu_blk_finish(vq, r, status, True)
+            with self._late_lock:
+                self._late -= 1
+            self._free_if_idle()
+            if cancelled is not None:
+                raise cancelled
         if self._loop is None:
             raise RuntimeError("async back-end needs the device's event loop")
+        with self._late_lock:
+            self._late += 1
         asyncio.run_coroutine_threadsafe(run(), self._loop)
 
 
 def _log_failure(exc: Exception, r) -> None:
-    """An I/O error (a remote store gone, a disk failing) is one line: during
-    an outage every request fails. Anything else is a bug in the back-end:
-    its traceback."""
-    if isinstance(exc, OSError):
+    """An I/O error (a remote store gone, a disk failing, a back-end that
+    says so with BackendError) is one line: during an outage every request
+    fails. Anything else is a bug in the back-end: its traceback."""
+    if isinstance(exc, (OSError, BackendError)):
         log.warning("block back-end: request type %d sector %d failed: %s", r.type, r.sector,
                     exc)
     else:
@@ -376,13 +407,11 @@ def _log_failure(exc: Exception, r) -> None:
                   exc_info=exc)
 
 
-def _views(r) -> list[memoryview]:
-    return [memoryview(ffi.buffer(r.iov[i].iov_base, r.iov[i].iov_len)) for i in range(r.niov)]
-
-
 def _fill(r, data: bytes) -> None:
+    # Written at once, in the batch: plain views are enough.
     pos = 0
-    for view in _views(r):
+    views = [memoryview(ffi.buffer(r.iov[i].iov_base, r.iov[i].iov_len)) for i in range(r.niov)]
+    for view in views:
         n = min(len(view), len(data) - pos)
         view[:n] = data[pos:pos + n]
         pos += n

@@ -7,6 +7,7 @@ import struct
 import threading
 
 from ..dataplane import NativeHandler
+from ..memory import GuestViews
 from ..device import Device
 from ..errors import ProtocolError
 from ..native import ffi, lib
@@ -88,6 +89,9 @@ class NetDevice(Device):
                 self._net = ffi.NULL
                 raise
         self._attach_lock = threading.Lock()   # inject vs. session teardown
+        # Views over guest buffers: the connected data plane's (on_connect);
+        # this one serves a device driven without a session (the ring lab).
+        self._views = GuestViews()
 
     @property
     def mtu(self) -> int:
@@ -138,6 +142,10 @@ class NetDevice(Device):
             self.backend.transmit(0, [Frame([memoryview(frame)], bytes(12), len(frame))])
 
     # -- serving -------------------------------------------------------------------
+    def on_connect(self, session) -> None:
+        super().on_connect(session)
+        self._views = session.dataplane.views
+
     def queue_handler(self, queue: Queue):
         if queue.index % 2 == 1:
             # The device only reads transmit queues; DPDK's virtio PMD leaves
@@ -153,17 +161,22 @@ class NetDevice(Device):
 
     def quiesce(self) -> None:
         # The session frees its queues next: the switch must stop delivering
-        # into them first (vu_switch_detach waits for a delivery under way).
+        # into them first (vu_switch_detach waits for a delivery under way),
+        # and so must inject() from a back-end's own thread.
         if self._kind == lib.VU_NET_BACKEND_SWITCH:
             self.backend.detach()
+        self._forget_queues()
         super().quiesce()
+
+    def _forget_queues(self) -> None:
+        with self._attach_lock:
+            for i in range(self.queue_pairs):
+                self._net.rxq[i] = ffi.NULL
 
     def on_disconnect(self, session) -> None:
         if self._kind == lib.VU_NET_BACKEND_SWITCH:
             self.backend.detach()
-        with self._attach_lock:
-            for i in range(self.queue_pairs):
-                self._net.rxq[i] = ffi.NULL
+        self._forget_queues()
         super().on_disconnect(session)
 
     def inject(self, frame: bytes, queue_pair: int = 0) -> bool:
@@ -218,8 +231,7 @@ class NetDevice(Device):
         batch = []
         for i in range(n):
             f = frames[i]
-            views = [memoryview(ffi.buffer(f.iov[j].iov_base, f.iov[j].iov_len))
-                     for j in range(f.niov)]
+            views = self._views.iov(f.elem.mem, f.iov, 0, f.niov)
             header = bytes(ffi.buffer(ffi.addressof(f.hdr), 12))
             batch.append(Frame(views, header, f.len))
         self.backend.transmit(qp, batch)

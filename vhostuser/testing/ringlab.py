@@ -34,7 +34,9 @@ class Lab:
     """One C device with ``nqueues`` queues over NREGIONS adjacent regions."""
 
     def __init__(self, nqueues: int = 2, *, packed: bool = False, size: int = 16,
-                 indirect: bool = True, event_idx: bool = False):
+                 indirect: bool = True, event_idx: bool = False, prepare=None):
+        """``prepare(vq)`` runs on each queue before it starts (e.g.
+        lib.vu_blk_prepare_queue for the virtio-blk handler)."""
         self.dev = lib.vu_dev_new(nqueues)
         self.packed = packed
         self.size = size
@@ -46,7 +48,7 @@ class Lab:
             m = mmap.mmap(fd, REGION)
             gpa = GPA_BASE + i * REGION
             uva = 0x7000_0000_0000 + i * 4 * REGION   # scattered user addresses
-            assert lib.vu_mem_add_region(self.dev.mem, gpa, REGION, uva, 0, fd) == 0
+            assert lib.vu_mem_add_region(self.dev.mem, gpa, REGION, uva, 0, fd, ffi.NULL) == 0
             os.close(fd)
             self.maps.append((gpa, m))
             self.uva[gpa] = uva
@@ -61,6 +63,8 @@ class Lab:
         self.rings = [self._ring_layout(q) for q in range(nqueues)]
         self.next_data = GPA_BASE + RING_AREA
         for q in range(nqueues):
+            if prepare is not None:
+                assert prepare(self.dev.vqs[q]) == 0
             self.start(q)
 
     # -- memory ------------------------------------------------------------
@@ -219,7 +223,7 @@ class Lab:
         return out
 
     def close(self) -> None:
-        lib.vu_dev_free(self.dev)
+        lib.vu_dev_close(self.dev)
         self.dev = ffi.NULL
         for _, m in self.maps:
             try:

@@ -1,0 +1,288 @@
+"""Guest memory outlives every request that uses it (issue 14, point 1).
+
+An async Python back-end holds a read while the front-end changes what the
+request's memory is: the same table again, another table, REM_MEM_REG of the
+buffers' region, RESET_DEVICE, a disconnect. With a short drain timeout the
+session goes on without the request. Then the back-end answers late (or
+never). Nothing may crash (a crash here kills the test process), the late
+answer may land only where the guest still expects it (the same table), the
+device and a second device go on serving, and the memory the front-end took
+back is detached while the request holds it and unmapped once it ends.
+"""
+import asyncio
+import gc
+import threading
+import time
+
+import pytest
+
+from vhostuser import protocol
+from vhostuser.blk import BlkDevice, BlockBackend, RamBackend
+from vhostuser.frontend import BlkClient, Frontend
+from vhostuser.frontend.blk import OUTHDR, BlkStatus, BlkType
+from vhostuser.frontend.memory import GuestMemory
+from vhostuser.frontend.virtqueue import Buffer
+from vhostuser.memory import detached_mappings
+from vhostuser.native import ffi
+from vhostuser.protocol import Request
+from vhostuser.testing.server import BackgroundServer
+
+MiB = 1 << 20
+LATE = b"L"               # what the late read writes
+BUFS_GPA = 16 * MiB        # region 1: the held request's buffers only
+
+
+class GateBackend(BlockBackend):
+    """Reads of sector 0 wait for the gate; everything else is answered at
+    once from a bytearray."""
+
+    def __init__(self):
+        self.disk = bytearray(4 * MiB)
+        self.arrived = threading.Event()
+        self.finished = threading.Event()
+        self.gate: asyncio.Event | None = None
+        self.loop = None
+
+    def size(self):
+        return len(self.disk)
+
+    async def read(self, offset, bufs):
+        if offset == 0:
+            self.loop = asyncio.get_running_loop()
+            self.gate = asyncio.Event()
+            self.arrived.set()
+            try:
+                await self.gate.wait()
+                for b in bufs:
+                    b[:] = LATE * len(b)
+            finally:
+                self.finished.set()
+            return
+        for b in bufs:
+            b[:] = self.disk[offset:offset + len(b)]
+            offset += len(b)
+
+    def write(self, offset, bufs):
+        for b in bufs:
+            self.disk[offset:offset + len(b)] = b
+            offset += len(b)
+
+    def open_gate(self):
+        self.loop.call_soon_threadsafe(self.gate.set)
+
+
+def mapping_at(address: int) -> str:
+    """What /proc/self/maps says is mapped at ``address`` ("" if nothing)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= address < hi:
+                return line.strip()
+    return ""
+
+
+def buffers_mapping(device) -> int:
+    """Where the back-end maps region 1 (the held request's buffers)."""
+    mem = device.session.dataplane._dev.mem
+    for i in range(mem.nregions):
+        if mem.regions[i].gpa == BUFS_GPA:
+            return int(ffi.cast("uintptr_t", mem.regions[i].host))
+    raise AssertionError("region 1 not mapped")
+
+
+def wait_for(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def other_disk(tmp_path):
+    """A second device, served meanwhile: it must not notice anything."""
+    device = BlkDevice(RamBackend(4 * MiB))
+    path = str(tmp_path / "other.sock")
+    with BackgroundServer(device, path):
+        with Frontend.connect(path) as fe:
+            yield BlkClient.setup(fe)
+    device.close()
+
+
+def held_read(blk: BlkClient, mem: GuestMemory) -> dict:
+    """A read of sector 0 whose every buffer lies in region 1."""
+    hdr = mem.alloc(OUTHDR.size, 16, region=1)
+    mem.write(hdr, OUTHDR.pack(BlkType.IN, 0, 0))
+    data = mem.alloc(4096, 512, region=1)
+    mem.fill(data, 4096, 0)
+    status = mem.alloc(1, 1, region=1)
+    mem.write(status, b"\xff")
+    blk.queues[0].add([Buffer(hdr, OUTHDR.size, False), Buffer(data, 4096, True),
+                       Buffer(status, 1, True)], "held")
+    blk.queues[0].notify()
+    return {"data": data, "status": status}
+
+
+def change(scenario: str, fe: Frontend, mem: GuestMemory, spare: GuestMemory) -> None:
+    if scenario == "same-table":
+        fe.set_mem_table(mem)
+    elif scenario == "other-table":
+        # Region 0 (the rings) stays, region 1 (the held buffers) goes, a
+        # new region comes.
+        regions = [mem.regions[0], spare.regions[0]]
+        fe.request(Request.SET_MEM_TABLE,
+                   protocol.pack_memory_table([r.to_wire() for r in regions]),
+                   [r.fd for r in regions])
+    elif scenario == "rem-mem-reg":
+        fe.remove_mem_region(mem, 1)
+    elif scenario == "reset":
+        fe.reset()
+    elif scenario == "disconnect":
+        fe.close()
+    else:
+        raise ValueError(scenario)
+
+
+SCENARIOS = ["same-table", "other-table", "rem-mem-reg", "reset", "disconnect"]
+
+
+@pytest.mark.parametrize("answer", ["late", "never"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_held_request_survives_memory_change(tmp_path, other_disk, scenario, answer):
+    backend = GateBackend()
+    device = BlkDevice(backend)
+    device.drain_timeout = 0.2
+    path = str(tmp_path / "gate.sock")
+    detached_before = detached_mappings()
+    mem = GuestMemory([(0, 2 * MiB), (BUFS_GPA, MiB)], name="lifetime")
+    spare = GuestMemory([(64 * MiB, MiB)], name="spare")
+    try:
+        with BackgroundServer(device, path) as srv:
+            fe = Frontend.connect(path)
+            blk = BlkClient.setup(fe, memory=mem)
+            gpas = held_read(blk, mem)
+            assert backend.arrived.wait(10)
+            held_at = buffers_mapping(device)
+            assert f"/memfd:lifetime@{BUFS_GPA:#x} " in mapping_at(held_at)
+
+            started = time.monotonic()
+            change(scenario, fe, mem, spare)
+            # Nothing waits for the held request longer than the drain timeout.
+            assert time.monotonic() - started < 5
+            memfd = f"/memfd:lifetime@{BUFS_GPA:#x} "
+            if scenario == "same-table":
+                assert memfd in mapping_at(held_at)
+            else:
+                # What the front-end took back (or everything, at a reset or
+                # disconnect) is detached while the request holds it: the
+                # back-end's mapping there no longer reaches the guest's pages.
+                wait_for(lambda: memfd not in mapping_at(held_at), what="detach")
+                assert mapping_at(held_at), "detached, not unmapped, while still held"
+                assert detached_mappings() > detached_before
+
+            if scenario in ("same-table", "other-table", "rem-mem-reg"):
+                # The new table is in force for new requests at once, with the
+                # old request still held: I/O through region 0 (and the new
+                # region) works on the same connection.
+                blk.write(8, b"n" * 4096)
+                assert blk.read(8, 4096) == b"n" * 4096
+                if scenario == "other-table":
+                    fe.memory = None
+                    req_mem = spare
+                    data = req_mem.alloc(512, 512)
+                    hdr = mem.alloc(OUTHDR.size, 16, region=0)
+                    mem.write(hdr, OUTHDR.pack(BlkType.IN, 0, 8))
+                    status = mem.alloc(1, 1, region=0)
+                    mem.write(status, b"\xff")
+                    blk.queues[0].add([Buffer(hdr, OUTHDR.size, False),
+                                       Buffer(data, 512, True), Buffer(status, 1, True)], "new")
+                    blk.queues[0].notify()
+                    used = blk.queues[0].wait(1)
+                    assert [u.token for u in used] == ["new"]
+                    assert mem.read(status, 1) == b"\0"
+                    assert spare.read(data, 512) == b"n" * 512
+
+            if answer == "late":
+                backend.open_gate()
+                assert backend.finished.wait(10)
+                wait_for(lambda: device._late == 0, what="the late completion")
+                if scenario == "same-table":
+                    # Still the guest's memory and ring: the answer arrives.
+                    used = blk.queues[0].wait(1)
+                    assert [u.token for u in used] == ["held"]
+                    assert mem.read(gpas["status"], 1)[0] == BlkStatus.OK
+                    assert mem.read(gpas["data"], 4096) == LATE * 4096
+                else:
+                    # Taken back (or reset): nothing of the answer reaches it.
+                    assert mem.read(gpas["status"], 1) == b"\xff"
+                    assert mem.read(gpas["data"], 4096) == bytes(4096)
+                    if scenario in ("other-table", "rem-mem-reg"):
+                        # The ring lives on in region 0: the driver gets its
+                        # descriptor back, so nothing waits for it forever.
+                        assert [u.token for u in blk.queues[0].wait(1)] == ["held"]
+                # Once the request is gone, so is what it kept mapped.
+                wait_for(lambda: detached_mappings() == detached_before, what="unmap")
+
+            # The other device never noticed.
+            other_disk.write(0, b"o" * 512)
+            assert other_disk.read(0, 512) == b"o" * 512
+            if scenario not in ("disconnect",):
+                fe.close()
+            # A new connection to the same device is served.
+            with Frontend.connect(path) as fe2:
+                blk2 = BlkClient.setup(fe2)
+                blk2.write(16, b"z" * 512)
+                assert blk2.read(16, 512) == b"z" * 512
+            assert srv.error is None
+    finally:
+        device.close()
+        mem.close()
+        spare.close()
+    # A request never answered was given up at exit: nothing it kept
+    # mapped is left behind either.
+    gc.collect()
+    wait_for(lambda: detached_mappings() == detached_before, what="no leftover mapping")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_completion_while_the_ring_is_stopped_is_published_when_it_restarts(tmp_path, packed):
+    """GET_VRING_BASE gives up on the held request after the drain timeout;
+    its answer comes while the ring is stopped and is kept until the same
+    ring starts again (as QEMU restarts it after a VM stop): published then,
+    so the driver, which still waits for it, gets it."""
+    backend = GateBackend()
+    device = BlkDevice(backend)
+    device.drain_timeout = 0.2
+    path = str(tmp_path / "gate.sock")
+    mem = GuestMemory([(0, 2 * MiB), (BUFS_GPA, MiB)], name="stopped")
+    try:
+        with BackgroundServer(device, path):
+            with Frontend.connect(path) as fe:
+                blk = BlkClient.setup(fe, memory=mem, packed=packed)
+                gpas = held_read(blk, mem)
+                assert backend.arrived.wait(10)
+                vq = blk.queues[0]
+                started = time.monotonic()
+                base = fe.get_vring_base(0)
+                assert time.monotonic() - started < 5
+                backend.open_gate()
+                assert backend.finished.wait(10)
+                wait_for(lambda: device._late == 0, what="the late completion")
+                time.sleep(0.1)
+                assert vq.poll() == []              # stopped: nothing published
+                ring = vq.ring
+                fe.set_vring_num(0, ring.size)
+                fe.set_vring_base(0, base)
+                fe.set_vring_addr(0, desc=mem.uva(ring.desc_gpa), used=mem.uva(ring.device_gpa),
+                                  avail=mem.uva(ring.driver_gpa))
+                fe.set_vring_kick(0, vq.kick_fd)
+                fe.set_vring_call(0, vq.call_fd)
+                fe.set_vring_enable(0, True)
+                assert [u.token for u in vq.wait(1)] == ["held"]
+                assert mem.read(gpas["status"], 1)[0] == BlkStatus.OK
+                assert mem.read(gpas["data"], 4096) == LATE * 4096
+                blk.write(8, b"r" * 512)
+                assert blk.read(8, 512) == b"r" * 512
+    finally:
+        device.close()
+        mem.close()
