@@ -32,6 +32,10 @@ class SocketInUse(VhostUserError):
     """A live process is already listening on the socket path."""
 
 
+class SocketPlaceError(VhostUserError):
+    """The socket can't be made there, or not with the group asked for."""
+
+
 #: Longest unix socket path (sun_path is 108 bytes with its NUL).
 MAX_SOCKET_PATH = 107
 #: Mode of a socket made without socket_mode: only its owner may connect.
@@ -105,11 +109,17 @@ def bind_unix(path: str, *, mode: int | None = None, gid: int | None = None) -> 
         mode = PRIVATE_MODE if gid is None else GROUP_MODE
     length = len(os.fsencode(path))
     if length > MAX_SOCKET_PATH:
-        raise VhostUserError(f"{path}: socket path too long ({length} bytes, at most "
-                             f"{MAX_SOCKET_PATH})")
+        raise SocketPlaceError(f"{path}: socket path too long ({length} bytes, at most "
+                               f"{MAX_SOCKET_PATH})")
     stale = _check_existing(path)
     parent = os.path.dirname(os.path.abspath(path))
-    private = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    try:
+        private = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    except FileNotFoundError:
+        raise SocketPlaceError(f"{path}: directory {parent} does not exist") from None
+    except OSError as exc:
+        raise SocketPlaceError(f"{path}: can't make a socket in {parent}: "
+                               f"{exc.strerror}") from None
     dir_fd = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     bound = False
@@ -123,8 +133,8 @@ def bind_unix(path: str, *, mode: int | None = None, gid: int | None = None) -> 
             try:
                 os.chown("s", -1, gid, dir_fd=dir_fd, follow_symlinks=False)
             except PermissionError:
-                raise VhostUserError(f"{path}: can't give the socket to group {gid}: only "
-                                     "root or a member of that group may") from None
+                raise SocketPlaceError(f"{path}: can't give the socket to group {gid}: only "
+                                       "root or a member of that group may") from None
         os.chmod("s", mode, dir_fd=dir_fd)
         sock.listen(4)
         if stale:

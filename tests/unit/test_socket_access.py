@@ -317,6 +317,13 @@ def run_program(*argv: str) -> subprocess.CompletedProcess:
      "vhostuser-net: --socket-group: no group named 'no-such-group-here'"),
     (["vhostuser.cli.daemon", "--control", "/tmp/vhu-never.sock", "--control-mode", "8"],
      "vhostuser-daemon: --control-mode: socket mode must be octal, like 0660, not '8'"),
+    (["vhostuser.cli.blk", "--socket-path", "/nonexistent-vhu/x.sock", "--ramdisk", "1M"],
+     "vhostuser-blk: /nonexistent-vhu/x.sock: directory /nonexistent-vhu does not exist"),
+    (["vhostuser.cli.daemon", "--control", "/nonexistent-vhu/c.sock"],
+     "vhostuser-daemon: --control: /nonexistent-vhu/c.sock: directory /nonexistent-vhu does "
+     "not exist"),
+    (["vhostuser.cli.net", "--socket-path", "/tmp/" + "n" * 103, "--sink"],
+     "vhostuser-net: /tmp/" + "n" * 103 + ": socket path too long (108 bytes, at most 107)"),
 ])
 def test_socket_option_mistakes_are_one_line(argv, message):
     r = run_program(*argv)

@@ -109,7 +109,7 @@ async def serve(args, entries: list[tuple[str, dict]]) -> None:
         # opens anything; requests wait until the configured exports exist.
         control.open()
     except (OSError, VhostUserError) as exc:
-        raise common.UsageError(f"--control {args.control}: {exc}") from None
+        raise common.UsageError(f"--control: {exc}") from None
     endpoint = None
     try:
         if args.prometheus:
