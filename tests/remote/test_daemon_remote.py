@@ -46,7 +46,8 @@ def test_bad_remote_specs_change_nothing(daemon, spec, code):
     before = daemon.call("list")
     with daemon.client() as c:
         with pytest.raises(Exception) as err:
-            c.call("add", {"type": "blk", "name": "x", "socket_path": daemon.path("x.sock"), **spec})
+            c.call("add", {"type": "blk", "name": "x", "socket_path": daemon.path("x.sock"),
+                           **spec})
     if code:
         assert getattr(err.value, "code", None) == code, err.value
     assert daemon.call("list") == before
