@@ -48,7 +48,7 @@ class Export:
             server = Server(self.device, path=self.spec.socket_path,
                             socket_mode=self.spec.socket_mode, socket_gid=self.spec.socket_gid)
             server.open()
-        except SocketPlaceError as exc:
+        except (SocketPlaceError, ValueError) as exc:   # ValueError: the group is gone
             raise BackendFailed(f"{self.name}: {exc}") from None
         except (OSError, VhostUserError) as exc:
             raise SocketInUse(f"{self.name}: {exc}") from None
