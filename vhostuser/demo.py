@@ -32,7 +32,7 @@ def say(text: str) -> None:
 
 def start_backend(image: Path, sock: Path, log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "vhostuser.cli.blk", "--socket-path", str(sock),
-               "--blk-file", str(image), "--num-queues", "2", "--serial", "vhostuser-demo", "-v"]
+               "--blk-file", str(image), "--queues", "2", "--serial", "vhostuser-demo", "-v"]
     say("$ " + " ".join(["vhostuser-blk", *command[3:]]))
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=out)

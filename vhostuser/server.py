@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import grp
 import logging
 import os
 import socket
 import stat
+import tempfile
 
 from .connection import Connection
 from .device import Device
@@ -30,34 +32,132 @@ class SocketInUse(VhostUserError):
     """A live process is already listening on the socket path."""
 
 
-def bind_unix(path: str) -> socket.socket:
-    """Listening socket at ``path``, mode 0600. A stale socket file (nobody
-    accepts on it) is replaced; a live one raises SocketInUse."""
+class SocketPlaceError(VhostUserError):
+    """The socket can't be made there, or not with the group asked for."""
+
+
+#: Longest unix socket path (sun_path is 108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
+#: Mode of a socket made without socket_mode: only its owner may connect.
+PRIVATE_MODE = 0o600
+#: Mode of a socket given to a group without socket_mode: the group may connect.
+GROUP_MODE = 0o660
+
+
+def parse_socket_mode(text: str) -> int:
+    """'0660', '660' or '0o660' -> 0o660: permission bits only (no setuid,
+    setgid or sticky bit, which mean nothing on a socket). ValueError with
+    the reason otherwise."""
+    digits = text.strip().lower().removeprefix("0o")
+    if not digits or len(digits) > 4 or any(c not in "01234567" for c in digits):
+        raise ValueError(f"socket mode must be octal, like 0660, not {text!r}")
+    mode = int(digits, 8)
+    if mode > 0o777:
+        raise ValueError(f"socket mode must be 0..0777 (permission bits only), not {text!r}")
+    return mode
+
+
+def resolve_group(group: str | int) -> int:
+    """A group name or number -> its gid; ValueError naming an unknown one."""
+    if isinstance(group, int):
+        if group < 0:
+            raise ValueError(f"no group {group}")
+        return group
+    text = group.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ValueError(f"no group named {text!r}") from None
+
+
+def _check_existing(path: str) -> bool:
+    """True if a stale socket file (nobody accepts on it) is at path; False
+    if nothing is; SocketInUse for a live socket or something else."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise SocketInUse(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise
-            os.unlink(path)   # stale: its process is gone
-        else:
-            raise SocketInUse(f"{path}: another process is serving this socket")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)   # created 0600, no window where it is wider
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(path)
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise
+        return True     # stale: its process is gone
+    else:
+        raise SocketInUse(f"{path}: another process is serving this socket")
     finally:
-        os.umask(old_umask)
-    sock.listen(4)
+        probe.close()
+
+
+def bind_unix(path: str, *, mode: int | None = None, gid: int | None = None) -> socket.socket:
+    """A listening socket at ``path``, with group ``gid`` (default: the
+    process's) and permissions ``mode`` (default 0600, or 0660 with a gid).
+
+    Race-free: the socket is bound in a new private directory (0700) next
+    to ``path``, given its group and mode, set listening, and only then
+    linked at ``path`` (or renamed over a stale socket file there, in one
+    step). So whoever finds a socket at ``path`` finds it listening, with
+    its final owner and mode: never a window where it refuses, or is
+    wider or narrower than asked, or belongs to the wrong group. A live
+    socket at ``path`` raises SocketInUse; a stale one is replaced."""
+    if mode is None:
+        mode = PRIVATE_MODE if gid is None else GROUP_MODE
+    length = len(os.fsencode(path))
+    if length > MAX_SOCKET_PATH:
+        raise SocketPlaceError(f"{path}: socket path too long ({length} bytes, at most "
+                               f"{MAX_SOCKET_PATH})")
+    stale = _check_existing(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        private = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    except FileNotFoundError:
+        raise SocketPlaceError(f"{path}: directory {parent} does not exist") from None
+    except OSError as exc:
+        raise SocketPlaceError(f"{path}: can't make a socket in {parent}: "
+                               f"{exc.strerror}") from None
+    dir_fd = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
+    try:
+        name = os.path.join(private, "s")
+        if len(os.fsencode(name)) > MAX_SOCKET_PATH:
+            name = f"/proc/self/fd/{dir_fd}/s"    # the same file, by a short path
+        sock.bind(name)
+        bound = True
+        if gid is not None:
+            try:
+                os.chown("s", -1, gid, dir_fd=dir_fd, follow_symlinks=False)
+            except PermissionError:
+                raise SocketPlaceError(f"{path}: can't give the socket to group {gid}: only "
+                                       "root or a member of that group may") from None
+        os.chmod("s", mode, dir_fd=dir_fd)
+        sock.listen(4)
+        if stale:
+            os.rename("s", path, src_dir_fd=dir_fd)     # replaces the stale file atomically
+        else:
+            try:
+                # link, unlike rename, never replaces what another process
+                # bound there meanwhile
+                os.link("s", path, src_dir_fd=dir_fd, follow_symlinks=False)
+            except FileExistsError:
+                _check_existing(path)       # SocketInUse if it is live
+                os.rename("s", path, src_dir_fd=dir_fd)
+            os.unlink("s", dir_fd=dir_fd)
+    except BaseException:
+        sock.close()
+        if bound:
+            with contextlib.suppress(OSError):
+                os.unlink("s", dir_fd=dir_fd)
+        raise
+    finally:
+        os.close(dir_fd)
+        with contextlib.suppress(OSError):
+            os.rmdir(private)
     return sock
 
 
@@ -65,11 +165,16 @@ class Server:
     """Serves one device on one socket until :meth:`close`."""
 
     def __init__(self, device: Device, *, path: str | None = None, fd: int | None = None,
-                 connect: str | None = None, reconnect_delay: float = 0.5):
+                 connect: str | None = None, reconnect_delay: float = 0.5,
+                 socket_mode: int | None = None, socket_gid: int | None = None):
         if sum(x is not None for x in (path, fd, connect)) != 1:
             raise ValueError("give exactly one of path, fd, connect")
+        if path is None and (socket_mode is not None or socket_gid is not None):
+            raise ValueError("socket_mode and socket_gid are for a socket made at path")
         self.device = device
         self.path = path
+        self.socket_mode = socket_mode
+        self.socket_gid = socket_gid
         self.fd = fd
         self.connect_path = connect
         self.reconnect_delay = reconnect_delay
@@ -87,7 +192,7 @@ class Server:
     def open(self) -> None:
         """Creates the listening socket now, so errors surface before serving."""
         if self.path is not None:
-            self._listener = bind_unix(self.path)
+            self._listener = bind_unix(self.path, mode=self.socket_mode, gid=self.socket_gid)
         elif self.fd is not None:
             self._listener = socket.socket(fileno=self.fd)
             if self._listener.family != socket.AF_UNIX:

@@ -63,9 +63,11 @@ def inline_options():
     return found
 
 
-def known_options(program: str) -> set[str]:
+def known_options(program: str, *, hidden: bool = False) -> set[str]:
+    """The options of a program (with ``hidden``: only the old spellings,
+    accepted but hidden from --help)."""
     if program == "any":
-        return set().union(*(known_options(p) for p in PROGRAMS))
+        return set().union(*(known_options(p, hidden=hidden) for p in PROGRAMS))
     parser = {"vhostuser-blk": blk.parser, "vhostuser-net": net.parser,
               "vhostuser-daemon": daemon.parser, "vhostuser-ctl": ctl.parser,
               "vhostuser-fuzz": fuzz.parser, "vhostuser-replay": replay.parser}[program]()
@@ -73,7 +75,8 @@ def known_options(program: str) -> set[str]:
     while todo:
         p = todo.pop()
         for action in p._actions:
-            options.update(action.option_strings)
+            if not hidden or action.help is argparse.SUPPRESS:
+                options.update(action.option_strings)
             if isinstance(action, argparse._SubParsersAction):
                 todo += action.choices.values()
     return options
@@ -82,6 +85,8 @@ def known_options(program: str) -> set[str]:
 @pytest.mark.parametrize("where,program,option", inline_options())
 def test_option_named_in_the_prose_exists(where, program, option):
     assert option in known_options(program), f"{where}: {program} has no {option}"
+    current = known_options(program) - known_options(program, hidden=True)
+    assert option in current, f"{where}: {option} is an old spelling; use the current name"
 
 
 def test_the_guide_has_commands_to_check():
@@ -98,6 +103,15 @@ def test_documented_command_parses(where, argv):
             PARSE[argv[0]](argv[1:])
         except SystemExit as exc:
             pytest.fail(f"{where}: {' '.join(argv)}\n{err.getvalue()} (exit {exc.code})")
+
+
+@pytest.mark.parametrize("where,argv", documented_commands(),
+                         ids=lambda v: v if isinstance(v, str) else " ".join(v)[:60])
+def test_documented_command_uses_the_current_names(where, argv):
+    old = known_options(argv[0], hidden=True)
+    used = [a.split("=")[0] for a in argv[1:] if a.startswith("--")]
+    assert not [o for o in used if o in old], \
+        f"{where}: old spellings {[o for o in used if o in old]}; use the current names"
 
 
 @pytest.mark.parametrize("page", GUIDE, ids=lambda p: p.name)

@@ -15,14 +15,16 @@ import pytest
 from docblocks import DOCS, EXAMPLES, commands, named_block
 from vhostuser.cli import blk, net
 
-DOMAIN = EXAMPLES / "libvirt" / "vhostuser-domain.xml"
+DOMAINS = [EXAMPLES / "libvirt" / "vhostuser-domain.xml",
+           EXAMPLES / "libvirt" / "vhostuser-domain-tcg.xml"]
+QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
 GUIDE = DOCS / "libvirt.md"
 SOCKET_UNIT = EXAMPLES / "systemd" / "vhostuser-blk@.socket"
 
 
-@pytest.fixture(scope="module")
-def domain():
-    return ET.parse(DOMAIN).getroot()
+@pytest.fixture(scope="module", params=DOMAINS, ids=lambda p: p.name)
+def domain(request):
+    return ET.parse(request.param).getroot()
 
 
 def backend_args(name: str, program: str):
@@ -63,7 +65,10 @@ def test_vhostuser_disk(domain):
     # ... and so does the by-hand command, with enough queues
     args = backend_args("blk-by-hand", "vhostuser-blk")
     assert args.socket_path == path
-    assert int(driver.get("queues", "1")) <= args.num_queues
+    assert int(driver.get("queues", "1")) <= args.queues
+    # ... for QEMU, which libvirt runs in group kvm
+    assert args.socket_group == "kvm"
+    assert "SocketGroup=kvm" in SOCKET_UNIT.read_text().splitlines()
 
 
 def test_vhostuser_interface(domain):
@@ -75,6 +80,7 @@ def test_vhostuser_interface(domain):
     # mode is QEMU's side of the socket: client <-> the back-end listens.
     if source.get("mode") == "client":
         assert args.socket_path == source.get("path")
+        assert args.socket_group == "kvm"
     else:
         assert source.get("mode") == "server"
         assert args.connect == source.get("path")
@@ -85,9 +91,28 @@ def test_vhostuser_interface(domain):
     assert len(mac.split(":")) == 6
 
 
-def test_libvirt_schema_accepts_the_domain():
+def test_without_kvm_the_domain_is_tcg_and_the_nic_has_no_msix(domain):
+    """The type='qemu' variant: -cpu max, vectors=0 on the first NIC
+    (net0) and on NICs attached later."""
+    if domain.get("type") == "kvm":
+        assert domain.find("cpu").get("mode") == "host-passthrough"
+        return
+    assert domain.get("type") == "qemu"
+    assert domain.find("cpu").get("mode") == "maximum"
+    [device] = domain.findall(f"{QEMU_NS}override/{QEMU_NS}device")
+    assert device.get("alias") == "net0"
+    [prop] = device.findall(f"{QEMU_NS}frontend/{QEMU_NS}property")
+    assert (prop.get("name"), prop.get("type"), prop.get("value")) == ("vectors", "unsigned",
+                                                                      "0")
+    args = [a.get("value") for a in domain.findall(f"{QEMU_NS}commandline/{QEMU_NS}arg")]
+    assert args == ["-global", "virtio-net-pci.vectors=0"]
+    assert domain.findall("devices/controller[@model='pcie-root-port']")
+
+
+@pytest.mark.parametrize("path", DOMAINS, ids=lambda p: p.name)
+def test_libvirt_schema_accepts_the_domain(path):
     tool = shutil.which("virt-xml-validate")
     if tool is None or shutil.which("xmllint") is None:
         pytest.skip("virt-xml-validate not installed (packages libvirt-clients, libxml2-utils)")
-    result = subprocess.run([tool, str(DOMAIN)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -118,7 +118,7 @@ def test_quickstart_serves_a_guest_with_the_documented_command_lines(tmp_path):
         assert f"{guest.EXIT_MARKER}0" in text, f"QEMU exit {result.returncode}:\n{text[-3000:]}"
         results = guest.GuestResult(text, 0, result.returncode, 0, None, argv).results()
         assert results["size"] == str(1 << 30)            # truncate -s 1G
-        assert results["queues"] == "2"                   # --num-queues 2 / num-queues=2
+        assert results["queues"] == "2"                   # --queues 2 / num-queues=2
         assert results["net_driver"] == "virtio_net"
         assert results["done"] == "1"
     finally:

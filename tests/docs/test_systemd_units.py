@@ -92,7 +92,7 @@ def test_socket_activation_runs_the_documented_service(units, tmp_path):
     sock_unit, service = units
     listen = one(sock_unit, "Socket", "ListenStream").replace("%i", INSTANCE)
     argv = exec_argv(one(service, "Service", "ExecStart"), INSTANCE,
-                     {"OPTIONS": "--num-queues 2 --serial vm1-disk"})
+                     {"OPTIONS": "--queues 2 --serial vm1-disk"})
     assert argv[:3] == ["/usr/local/bin/vhostuser-blk", "--fd", "3"], argv
     assert os.path.basename(argv[0]) in PROGRAMS
     argv[0] = os.path.basename(argv[0])

@@ -137,7 +137,7 @@ def test_same_workload_on_vhostuser_and_qemu_storage_daemon(guest_kit, vhostuser
     tag = "cmp"
     ours_image, theirs_image = fresh_image(tmp_path, "ours.raw"), fresh_image(tmp_path, "qsd.raw")
 
-    ours = vhostuser_blk("--blk-file", str(ours_image), "--num-queues", "2")
+    ours = vhostuser_blk("--blk-file", str(ours_image), "--queues", "2")
     ours_results = run_workload(guest_kit, ours.sock, tag)
     assert ours.stop() == 0
     daemon = qsd(theirs_image, num_queues=2)

@@ -45,8 +45,8 @@ def test_daemon_changes_reach_a_running_guest(guest_kit, tmp_path):
             images[name].write_bytes(b"")
             with open(images[name], "r+b") as f:
                 f.truncate(64 * MIB)
-            d.ctl("add-blk", name, "--socket", d.path(f"{name}.sock"),
-                  "--file", str(images[name]))
+            d.ctl("add-blk", name, "--socket-path", d.path(f"{name}.sock"),
+                  "--blk-file", str(images[name]))
         with guest.GuestProcess(guest_kit, WORKLOAD, pvh=True,
                                 blk=[guest.BlkDevice(d.path("a.sock")),
                                      guest.BlkDevice(d.path("b.sock"))]) as vm:

@@ -52,7 +52,7 @@ def nbd_export(tmp_path, sock_dir):
 def test_guest_file_system_on_an_nbd_export(guest_kit, nbd_export, sock_dir, tmp_path):
     image, server = nbd_export
     sock = sock_dir / "vu.sock"
-    with BackendProgram("vhostuser.cli.blk", "--nbd", server.uri, "--num-queues", "2", "-v",
+    with BackendProgram("vhostuser.cli.blk", "--nbd", server.uri, "--queues", "2", "-v",
                         socket=sock, log=tmp_path / "vhostuser-blk.log", cwd=REPO,
                         timeout=15) as prog:
         result = guest.run_guest(guest_kit, WORKLOAD, blk_sockets=[str(sock)], num_queues=2,

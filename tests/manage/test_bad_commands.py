@@ -14,7 +14,7 @@ from vhostuser.manage.control import MAX_LINE
 def populated(daemon, image):
     with daemon.client() as c:
         c.add_blk("d0", daemon.path("d0.sock"), ramdisk="4M")
-        c.add_blk("d1", daemon.path("d1.sock"), file=image, read_only=True)
+        c.add_blk("d1", daemon.path("d1.sock"), blk_file=image, read_only=True)
         c.add_net("n0", daemon.path("n0.sock"), backend="null")
     return daemon
 
@@ -30,7 +30,7 @@ def test_bad_commands_are_refused_and_change_nothing(populated, image, workdir):
     with d.client() as c:
         before = c.list()
         described = {e["name"]: c.describe(e["name"]) for e in before}
-        blk = {"type": "blk", "name": "new", "socket": d.path("new.sock"), "ramdisk": "1M"}
+        blk = {"type": "blk", "name": "new", "socket_path": d.path("new.sock"), "ramdisk": "1M"}
         cases = [
             (("bogus", None), "unknown-command"),
             (("describe", {}), "bad-args"),                       # missing name
@@ -39,31 +39,31 @@ def test_bad_commands_are_refused_and_change_nothing(populated, image, workdir):
             (("remove", {"name": "nope"}), "no-such-export"),
             (("remove", {"name": "d0", "force": True}), "bad-args"),  # unknown argument
             (("add", {**blk, "name": "d0"}), "export-exists"),
-            (("add", {**blk, "socket": d.path("d0.sock")}), "socket-in-use"),
-            (("add", {**blk, "socket": d.path("./sub/../d0.sock")}), "socket-in-use"),
-            (("add", {**blk, "socket": d.control}), "socket-in-use"),
-            (("add", {**blk, "num_queues": "2"}), "bad-args"),
-            (("add", {**blk, "num_queues": 0}), "bad-args"),
+            (("add", {**blk, "socket_path": d.path("d0.sock")}), "socket-in-use"),
+            (("add", {**blk, "socket_path": d.path("./sub/../d0.sock")}), "socket-in-use"),
+            (("add", {**blk, "socket_path": d.control}), "socket-in-use"),
+            (("add", {**blk, "queues": "2"}), "bad-args"),
+            (("add", {**blk, "queues": 0}), "bad-args"),
             (("add", {**blk, "read_only": "yes"}), "bad-args"),
             (("add", {**blk, "ramdisk": "1000"}), "bad-args"),     # not a multiple of 512
             (("add", {**blk, "ramdisk": "lots"}), "bad-args"),
             (("add", {**blk, "colour": "red"}), "bad-args"),
             (("add", {**blk, "aio": "sync"}), "bad-args"),         # aio is for files only
             (("add", {**blk, "qos": {"iops": -1}}), "bad-args"),
-            (("add", {**blk, "file": image}), "bad-args"),         # two sources
+            (("add", {**blk, "blk_file": image}), "bad-args"),         # two sources
             (("add", {k: v for k, v in blk.items() if k != "ramdisk"}), "bad-args"),
-            (("add", {"type": "blk", "name": "new", "socket": d.path("new.sock"),
-                      "file": os.path.join(workdir, "missing.img")}), "bad-args"),
-            (("add", {"type": "blk", "name": "new", "socket": "rel.sock", "ramdisk": "1M"}),
+            (("add", {"type": "blk", "name": "new", "socket_path": d.path("new.sock"),
+                      "blk_file": os.path.join(workdir, "missing.img")}), "bad-args"),
+            (("add", {"type": "blk", "name": "new", "socket_path": "rel.sock", "ramdisk": "1M"}),
              "bad-args"),
-            (("add", {**blk, "socket": "/nonexistent-dir/x.sock"}), "bad-args"),
+            (("add", {**blk, "socket_path": "/nonexistent-dir/x.sock"}), "bad-args"),
             (("add", {**blk, "name": "bad name!"}), "bad-args"),
             (("add", {**blk, "type": "scsi"}), "bad-args"),
-            (("add", {"type": "net", "name": "n1", "socket": d.path("n1.sock"),
+            (("add", {"type": "net", "name": "n1", "socket_path": d.path("n1.sock"),
                       "backend": "null", "mac": "01:00:00:00:00:01"}), "bad-args"),
-            (("add", {"type": "net", "name": "n1", "socket": d.path("n1.sock"),
-                      "backend": "null", "queue_pairs": 17}), "bad-args"),
-            (("add", {"type": "net", "name": "n1", "socket": d.path("n1.sock"),
+            (("add", {"type": "net", "name": "n1", "socket_path": d.path("n1.sock"),
+                      "backend": "null", "queues": 17}), "bad-args"),
+            (("add", {"type": "net", "name": "n1", "socket_path": d.path("n1.sock"),
                       "backend": "null", "in_order": 1}), "bad-args"),
             (("resize", {"name": "n0", "size": "8M"}), "not-supported"),
             (("resize", {"name": "d0", "size": 1000}), "bad-args"),
@@ -143,7 +143,7 @@ def test_ctl_reports_refusals_with_exit_status_1(populated):
     r = d.ctl("describe", "nope", check=False)
     assert r.returncode == 1
     assert "no-such-export" in r.stderr and r.stdout == ""
-    r = d.ctl("add-blk", "d0", "--socket", "other.sock", "--ramdisk", "1M", check=False)
+    r = d.ctl("add-blk", "d0", "--socket-path", "other.sock", "--ramdisk", "1M", check=False)
     assert r.returncode == 1 and "export-exists" in r.stderr
     r = d.ctl("call", "list", "{not json", check=False)
     assert r.returncode == 1 and "not JSON" in r.stderr

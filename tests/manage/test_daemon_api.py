@@ -22,7 +22,7 @@ def test_python_api_lifecycle(workdir):
     async def main():
         d = Daemon()
         sock = os.path.join(workdir, "d0.sock")
-        await d.add_blk("d0", sock, ramdisk=4 * MIB, num_queues=2)
+        await d.add_blk("d0", sock, ramdisk=4 * MIB, queues=2)
         assert os.path.exists(sock)
         with pytest.raises(errors.ExportExists):
             await d.add_blk("d0", os.path.join(workdir, "other.sock"), ramdisk="1M")
@@ -91,16 +91,16 @@ def zero_source():
 def test_registered_blk_source_is_a_spec_key(workdir, zero_source):
     with pytest.raises(ValueError):
         specs.register_blk_source(zero_source)          # taken
-    parsed = specs.parse_spec({"type": "blk", "name": "z", "socket": f"{workdir}/z.sock",
+    parsed = specs.parse_spec({"type": "blk", "name": "z", "socket_path": f"{workdir}/z.sock",
                                "zero": "anything"})
     assert parsed.source == "zero" and parsed.settings["zero"] == "anything"
     with pytest.raises(errors.BadArgument, match="exactly one of"):
-        specs.parse_spec({"type": "blk", "name": "z", "socket": f"{workdir}/z.sock",
+        specs.parse_spec({"type": "blk", "name": "z", "socket_path": f"{workdir}/z.sock",
                           "zero": "x", "ramdisk": "1M"})
 
     async def main():
         d = Daemon()
-        await d.add({"type": "blk", "name": "z", "socket": f"{workdir}/z.sock", "zero": "x"})
+        await d.add({"type": "blk", "name": "z", "socket_path": f"{workdir}/z.sock", "zero": "x"})
 
         def io():
             with blk_frontend(f"{workdir}/z.sock") as blk:

@@ -16,11 +16,11 @@ def test_config_file_exports_and_sigterm_exit(workdir, image):
     with open(config, "w") as f:
         f.write("# two disks and an interface\n")
         f.write(json.dumps({"cmd": "add", "args": {"type": "blk", "name": "d0",
-                                                   "socket": f"{workdir}/d0.sock",
+                                                   "socket_path": f"{workdir}/d0.sock",
                                                    "ramdisk": "2M"}}) + "\n\n")
-        f.write(json.dumps({"type": "blk", "name": "d1", "socket": f"{workdir}/d1.sock",
-                            "file": image, "aio": "sync", "serial": "disk-one"}) + "\n")
-        f.write(json.dumps({"type": "net", "name": "n0", "socket": f"{workdir}/n0.sock",
+        f.write(json.dumps({"type": "blk", "name": "d1", "socket_path": f"{workdir}/d1.sock",
+                            "blk_file": image, "aio": "sync", "serial": "disk-one"}) + "\n")
+        f.write(json.dumps({"type": "net", "name": "n0", "socket_path": f"{workdir}/n0.sock",
                             "backend": "null"}) + "\n")
     d = DaemonProcess(workdir, "--config", config)
     try:
@@ -48,7 +48,7 @@ def test_config_file_exports_and_sigterm_exit(workdir, image):
 def test_json_list_config(workdir):
     config = os.path.join(workdir, "exports.json")
     with open(config, "w") as f:
-        json.dump([{"type": "blk", "name": f"d{i}", "socket": f"{workdir}/d{i}.sock",
+        json.dump([{"type": "blk", "name": f"d{i}", "socket_path": f"{workdir}/d{i}.sock",
                     "ramdisk": "1M"} for i in range(3)], f)
     d = DaemonProcess(workdir, "--config", config)
     try:
@@ -60,9 +60,9 @@ def test_json_list_config(workdir):
 def test_bad_config_exits_1_and_leaves_no_socket(workdir):
     config = os.path.join(workdir, "exports.jsonl")
     with open(config, "w") as f:
-        f.write(json.dumps({"type": "blk", "name": "d0", "socket": f"{workdir}/d0.sock",
+        f.write(json.dumps({"type": "blk", "name": "d0", "socket_path": f"{workdir}/d0.sock",
                             "ramdisk": "1M"}) + "\n")
-        f.write(json.dumps({"type": "blk", "name": "d0", "socket": f"{workdir}/d9.sock",
+        f.write(json.dumps({"type": "blk", "name": "d0", "socket_path": f"{workdir}/d9.sock",
                             "ramdisk": "1M"}) + "\n")
     r = subprocess.run([sys.executable, "-m", "vhostuser.cli.daemon", "--control",
                         f"{workdir}/ctl.sock", "--config", config],

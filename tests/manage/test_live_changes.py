@@ -16,10 +16,10 @@ from .conftest import MIB, answer_config_change, blk_frontend
 def disks(daemon, image):
     """d0: a RAM disk added with vhostuser-ctl; d1: a file added with the
     Python client; n0: a network interface (null back-end) via vhostuser-ctl."""
-    daemon.ctl("add-blk", "d0", "--socket", "d0.sock", "--ramdisk", "16M", "--num-queues", "2")
+    daemon.ctl("add-blk", "d0", "--socket-path", "d0.sock", "--ramdisk", "16M", "--queues", "2")
     with daemon.client() as c:
-        c.add_blk("d1", daemon.path("d1.sock"), file=image)
-    daemon.ctl("add-net", "n0", "--socket", "n0.sock", "--backend", "null", "--queue-pairs", "2")
+        c.add_blk("d1", daemon.path("d1.sock"), blk_file=image)
+    daemon.ctl("add-net", "n0", "--socket-path", "n0.sock", "--backend", "null", "--queues", "2")
     return daemon
 
 
@@ -32,14 +32,14 @@ def test_added_exports_are_listed_and_described(disks):
     assert table[2].split()[:4] == ["d1", "blk", "running", "no"]
     d1 = disks.call("describe", name="d1")
     assert d1["device"]["size"] == 8 * MIB and d1["device"]["backend"] == "file"
-    assert d1["socket"] == disks.path("d1.sock") and os.path.exists(d1["socket"])
+    assert d1["socket_path"] == disks.path("d1.sock") and os.path.exists(d1["socket_path"])
     assert d1["features"]["negotiated"] is None and d1["queues"] == []
     n0 = disks.call("describe", name="n0")
-    assert n0["device"]["queue_pairs"] == 2
+    assert n0["device"]["queues"] == 2
     assert "MQ" in n0["features"]["offered"]["names"]
     assert "MAC" in n0["features"]["offered"]["names"]
     assert n0["device"]["in_order"] is True and "IN_ORDER" in n0["features"]["offered"]["names"]
-    disks.ctl("add-net", "n1", "--socket", "n1.sock", "--backend", "null", "--no-in-order")
+    disks.ctl("add-net", "n1", "--socket-path", "n1.sock", "--backend", "null", "--no-in-order")
     n1 = disks.call("describe", name="n1")
     assert n1["spec"]["in_order"] is False and n1["device"]["in_order"] is False
     assert "IN_ORDER" not in n1["features"]["offered"]["names"]

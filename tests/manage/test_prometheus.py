@@ -28,8 +28,8 @@ def value(samples, name, **labels):
 
 def test_scrape_counts_io_per_queue(daemon):
     with daemon.client() as c:
-        c.add_blk("d0", daemon.path("d0.sock"), ramdisk="8M", num_queues=2)
-        c.add_net("n0", daemon.path("n0.sock"), backend="null", queue_pairs=2)
+        c.add_blk("d0", daemon.path("d0.sock"), ramdisk="8M", queues=2)
+        c.add_net("n0", daemon.path("n0.sock"), backend="null", queues=2)
     with blk_frontend(daemon.path("d0.sock"), queues=2) as blk:
         blk.execute([BlkRequest.write(i * 8, pattern(i, 4096)) for i in range(12)], queue=1)
         blk.execute([BlkRequest.read(0, 512) for _ in range(3)], queue=0)
@@ -65,7 +65,7 @@ def test_scrape_counts_io_per_queue(daemon):
 
 
 def test_removed_export_leaves_the_scrape(daemon):
-    daemon.call("add", type="blk", name="d0", socket=daemon.path("d0.sock"), ramdisk="1M")
+    daemon.call("add", type="blk", name="d0", socket_path=daemon.path("d0.sock"), ramdisk="1M")
     assert ("vhostuser_export_up", (("export", "d0"), ("type", "blk"))) in scrape(daemon)
     daemon.call("remove", name="d0")
     assert not any(dict(labels).get("export") == "d0" for _, labels in scrape(daemon))

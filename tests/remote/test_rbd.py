@@ -225,6 +225,28 @@ def test_vhostuser_blk_rbd_command(ceph, image, tmp_path):
                                   "No such file or directory")
 
 
+def test_daemon_rbd_export_added_with_vhostuser_ctl(ceph, image, daemon):
+    """vhostuser-ctl add-blk --rbd with vhostuser-blk's options of the same
+    names; what was written is in the image."""
+    daemon.ctl("add-blk", "r0", "--socket-path", "r0.sock", "--rbd", image,
+               "--rbd-conf", ceph.conf_path, "--rbd-id", "admin", "--remote-timeout", "5")
+    spec = daemon.call("describe", name="r0")["spec"]
+    assert (spec["rbd"], spec["rbd_conf"], spec["rbd_id"]) == (image, ceph.conf_path, "admin")
+    with Frontend.connect(daemon.path("r0.sock"), wait=20) as fe:
+        blk = BlkClient.setup(fe)
+        assert blk.capacity == IMAGE_SIZE // 512
+        blk.write(128, pattern(11, 16384))
+        blk.flush()
+        assert blk.read(128, 16384) == pattern(11, 16384)
+    daemon.ctl("remove", "r0")
+    assert ceph.export(image)[128 * 512:128 * 512 + 16384] == pattern(11, 16384)
+    r = daemon.ctl("add-blk", "r1", "--socket-path", "r1.sock", "--rbd", "rbd/missing",
+                   "--rbd-conf", ceph.conf_path, check=False)
+    assert r.returncode == 1 and r.stderr.startswith("vhostuser-ctl: backend-error: r1:"), \
+        r.stderr
+    assert daemon.call("list") == []
+
+
 def test_outage_shorter_than_the_timeout_is_ridden_out(ceph, image, tmp_path):
     """librados resends what the OSD missed: the guest sees only a delay."""
     backend = rbd_backend(ceph, image, timeout=10)

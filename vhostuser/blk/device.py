@@ -62,6 +62,9 @@ class BlkDevice(Device):
         if aio not in ("io_uring", "sync"):
             raise ValueError(f"aio must be io_uring or sync, not {aio!r}")
         self.aio = "sync"
+        #: what was asked for, and why aio differs from it (None: it doesn't)
+        self.aio_requested = aio if kind == lib.VU_BLK_BACKEND_FILE else None
+        self.aio_note: str | None = None
         self.mapped_reads = False
         if kind == lib.VU_BLK_BACKEND_FILE:
             mapped = lib.vu_blk_set_file(self._blk, backend.fd, backend.direct)
@@ -74,13 +77,15 @@ class BlkDevice(Device):
                 # kernel, seccomp) the workers do the I/O themselves.
                 rc = lib.vu_blk_set_uring(self._blk, True)
                 if rc < 0:
-                    log.warning("io_uring unavailable (%s); using synchronous I/O",
-                                os.strerror(-rc))
+                    self.aio_note = f"io_uring unavailable ({os.strerror(-rc)})"
                 elif rc == 1:
-                    log.info("%s is in memory (tmpfs): I/O done in the queue workers",
-                             backend.path)
+                    self.aio_note = "the image is in memory (tmpfs): faster in the queue workers"
                 else:
                     self.aio = "io_uring"
+                if self.aio_note is not None:
+                    # Not what was asked for: said at the default log level.
+                    log.warning("%s: aio io_uring asked for, synchronous I/O used: %s",
+                                backend.path, self.aio_note)
         elif kind == lib.VU_BLK_BACKEND_RAM:
             check(lib.vu_blk_set_ram(self._blk, backend.size()), "RAM disk")
         else:

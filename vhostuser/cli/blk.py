@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import sys
 
 from . import common
@@ -15,70 +13,59 @@ from . import common
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhostuser-blk", description=__doc__)
     common.add_socket_options(p)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--blk-file", metavar="PATH", help="raw image file or block device")
-    src.add_argument("--ramdisk", metavar="SIZE", help="a RAM disk of SIZE (e.g. 64M)")
-    src.add_argument("--backend", metavar="MODULE:CLASS", help="a Python BlockBackend class")
-    src.add_argument("--rbd", metavar="POOL/IMAGE", help="a Ceph RBD image (through librbd)")
-    src.add_argument("--nbd", metavar="URI", help="an NBD export (through libnbd), e.g. "
-                     "nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH")
-    p.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="keyword argument for the --backend class (repeatable)")
-    rbd = p.add_argument_group("Ceph RBD (--rbd)")
-    rbd.add_argument("--rbd-conf", metavar="PATH",
-                     help="ceph.conf (default: $CEPH_CONF, /etc/ceph/ceph.conf, ...)")
-    rbd.add_argument("--rbd-id", default="admin", metavar="NAME",
-                     help="cephx user, without 'client.' (default: admin)")
-    p.add_argument("--remote-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="a request to a remote store (--rbd, --nbd) not answered within SECONDS "
-                        "fails with an I/O error for the guest (default 30; 0: wait forever)")
+    add_source_options(p)
     p.add_argument("--read-only", action="store_true", help="refuse every write")
     p.add_argument("--direct", action="store_true", help="open --blk-file with O_DIRECT")
-    p.add_argument("--aio", choices=["io_uring", "sync"], default="io_uring",
-                   help="--blk-file I/O: io_uring (many requests in flight) or sync "
+    p.add_argument("--aio", choices=["io_uring", "sync"], default=None,
+                   help="--blk-file I/O: io_uring (default; many requests in flight) or sync "
                         "(in the queue worker)")
-    p.add_argument("--num-queues", type=int, default=1, metavar="N")
+    p.add_argument("--queues", type=int, default=1, metavar="N", help="virtqueues (default 1)")
+    common.alias(p, "--num-queues", dest="queues", type=int)
     p.add_argument("--serial", default="vhostuser", metavar="S", help="GET_ID serial (20 bytes)")
-    qos = p.add_argument_group("QoS limits (token buckets; 0 = unlimited)")
-    qos.add_argument("--iops-limit", type=int, default=0, metavar="N", help="requests per second")
-    qos.add_argument("--bps-limit", type=common.size_arg, default=0, metavar="SIZE",
-                     help="bytes per second, e.g. 50M")
-    qos.add_argument("--iops-burst", type=int, default=0, metavar="N",
-                     help="requests allowed at once after idling (default: one second's worth)")
-    qos.add_argument("--bps-burst", type=common.size_arg, default=0, metavar="SIZE")
+    common.add_qos_options(p.add_argument_group("QoS limits (token buckets; 0 = unlimited)"),
+                           int, common.size_arg)
     p.epilog = ("SIGHUP re-reads the size of --blk-file and tells the guest (resize the "
                 "image first, e.g. with truncate); SIGTERM finishes requests in flight and exits.")
     return p
 
 
-def load_class(spec: str, base: type) -> type:
-    """MODULE:CLASS -> the class, which must subclass base."""
-    module_name, sep, class_name = spec.partition(":")
-    if not sep or not module_name or not class_name:
-        raise common.UsageError(f"--backend wants MODULE:CLASS, not {spec!r}")
-    # Like `python -m`: the user's own modules in the current directory import.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-        cls = getattr(module, class_name)
-    except (ImportError, AttributeError) as exc:
-        raise common.UsageError(f"--backend {spec}: {exc}") from None
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise common.UsageError(f"--backend {spec}: not a {base.__module__}.{base.__name__} "
-                                "subclass")
-    return cls
+def add_source_options(p, *, required: bool = False, defaults: bool = True) -> None:
+    """Where the disk's data is: the options vhostuser-blk and
+    vhostuser-ctl add-blk share (the daemon's spec keys of the same names)."""
+    src = p.add_mutually_exclusive_group(required=required)
+    src.add_argument("--blk-file", metavar="PATH", help="raw image file or block device")
+    common.alias(src, "--file", dest="blk_file", metavar="PATH")
+    src.add_argument("--ramdisk", metavar="SIZE", help="a RAM disk of SIZE (e.g. 64M)")
+    common.add_backend_options(p, src, "vhostuser.blk.BlockBackend")
+    src.add_argument("--rbd", metavar="POOL/IMAGE", help="a Ceph RBD image (through librbd)")
+    src.add_argument("--nbd", metavar="URI", help="an NBD export (through libnbd), e.g. "
+                     "nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH")
+    rbd = p.add_argument_group("Ceph RBD (--rbd)")
+    rbd.add_argument("--rbd-conf", metavar="PATH",
+                     help="ceph.conf (default: $CEPH_CONF, /etc/ceph/ceph.conf, ...)")
+    rbd.add_argument("--rbd-id", default="admin" if defaults else None, metavar="NAME",
+                     help="cephx user, without 'client.' (default: admin)")
+    nbd = p.add_argument_group("NBD (--nbd)")
+    nbd.add_argument("--nbd-connections", type=int, default=1 if defaults else None,
+                     metavar="N", help="connections to the NBD server, requests spread over "
+                                       "them (default 1)")
+    p.add_argument("--remote-timeout", type=float, default=30.0 if defaults else None,
+                   metavar="SECONDS",
+                   help="a request to a remote store (--rbd, --nbd) not answered within SECONDS "
+                        "fails with an I/O error for the guest (default 30; 0: wait forever)")
 
 
 def make_backend(args):
     from ..blk import BlockBackend, FileBackend, RamBackend
+    if args.aio is not None and not args.blk_file:
+        raise common.UsageError("--aio is for --blk-file only (the other sources have their "
+                                "own I/O)")
     if args.blk_file:
         return FileBackend(args.blk_file, read_only=args.read_only, direct=args.direct)
     if args.ramdisk:
         return RamBackend(common.parse_size(args.ramdisk), read_only=args.read_only)
     if args.backend:
-        return common.instantiate(load_class(args.backend, BlockBackend), args.backend,
-                                  args.backend_opt)
+        return common.python_backend(args.backend, BlockBackend, args.backend_opt)
     if args.rbd:
         return make_rbd_backend(args)
     if args.nbd:
@@ -103,7 +90,8 @@ def make_nbd_backend(args):
     from ..blk.nbd import NbdBackend
     try:
         return NbdBackend(args.nbd, read_only=args.read_only,
-                          timeout=args.remote_timeout or None)
+                          timeout=args.remote_timeout or None,
+                          connections=args.nbd_connections)
     except (BackendError, ValueError) as exc:
         raise common.UsageError(f"--nbd {args.nbd}: {exc}") from None
 
@@ -119,17 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     def start() -> int:
         from ..blk import BackendError, BlkDevice
         from ..qos import QosError, QosLimits
-        if not 1 <= args.num_queues <= 64:
-            raise common.UsageError(f"--num-queues must be 1..64, not {args.num_queues}")
+        if not 1 <= args.queues <= 64:
+            raise common.UsageError(f"--queues must be 1..64, not {args.queues}")
+        if not 1 <= args.nbd_connections <= 16:
+            raise common.UsageError(f"--nbd-connections must be 1..16, not "
+                                    f"{args.nbd_connections}")
         backend = make_backend(args)
         try:
-            device = BlkDevice(backend, num_queues=args.num_queues, serial=args.serial,
-                               read_only=args.read_only or None, poll_us=args.poll,
-                               aio=args.aio)
+            device = BlkDevice(backend, num_queues=args.queues, serial=args.serial,
+                               read_only=args.read_only or None, poll_us=args.poll_us,
+                               aio=args.aio or "io_uring")
         except (BackendError, OSError) as exc:
             raise common.UsageError(str(exc)) from None
         try:
-            device.set_qos(QosLimits(iops=args.iops_limit, bps=args.bps_limit,
+            device.set_qos(QosLimits(iops=args.iops, bps=args.bps,
                                      iops_burst=args.iops_burst, bps_burst=args.bps_burst))
         except QosError as exc:
             raise common.UsageError(str(exc)) from None

@@ -38,26 +38,98 @@ class UsageError(Exception):
     """A bad option or an unusable resource: one line on stderr, exit 1."""
 
 
-def add_socket_options(parser: argparse.ArgumentParser) -> None:
+def alias(parser, *flags: str, dest: str, **kwargs) -> None:
+    """An old spelling of an option: accepted, and hidden from --help."""
+    parser.add_argument(*flags, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                        **kwargs)
+
+
+def add_socket_options(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
+    """QEMU's back-end program conventions (--socket-path, --fd,
+    --print-capabilities), --connect, and who may connect to the socket."""
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--socket-path", metavar="PATH",
-                       help="listen on this unix socket (QEMU connects to it)")
+    where.add_argument("--socket-path", metavar="PATH", action="append" if several else "store",
+                       help="listen on this unix socket (QEMU connects to it)"
+                            + ("; repeat it with --switch" if several else ""))
     where.add_argument("--fd", type=int, metavar="N",
                        help="serve the listening unix socket inherited as fd N")
     where.add_argument("--connect", metavar="PATH",
                        help="connect to QEMU's socket (chardev server=on) and reconnect")
+    add_socket_access_options(parser)
     parser.add_argument("--print-capabilities", action="store_true",
                         help="print the back-end capabilities as JSON and exit")
-    parser.add_argument("--poll", nargs="?", type=int, const=1000, default=0, metavar="US",
+    add_polling_options(parser)
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def add_socket_access_options(parser) -> None:
+    parser.add_argument("--socket-group", metavar="GROUP",
+                        help="group of the --socket-path socket (name or number), e.g. kvm "
+                             "for QEMU run by libvirt; makes the default mode 0660")
+    parser.add_argument("--socket-mode", metavar="MODE",
+                        help="permissions of the --socket-path socket, octal (default 0600, "
+                             "0660 with --socket-group)")
+
+
+def add_polling_options(parser, *, defaults: bool = True) -> None:
+    """--poll-us, --adaptive-poll-us, --queues-per-thread (the daemon's
+    spec keys poll_us, adaptive_poll_us, queues_per_thread)."""
+    parser.add_argument("--poll-us", type=int, default=0 if defaults else None, metavar="US",
                         help="busy-poll the rings for US microseconds before sleeping "
-                             "(default 1000 when given)")
-    parser.add_argument("--adaptive-poll", type=int, default=None, metavar="US",
+                             "(default 0: sleep at once)")
+    alias(parser, "--poll", dest="poll_us", nargs="?", type=int, const=1000)
+    parser.add_argument("--adaptive-poll-us", type=int, default=None, metavar="US",
                         help="after serving requests, look at the rings for up to US "
                              "microseconds before sleeping, less while nothing comes "
                              "(default 32, like QEMU's iothread poll-max-ns; 0: sleep at once)")
-    parser.add_argument("--queues-per-thread", type=int, default=1, metavar="N",
+    alias(parser, "--adaptive-poll", dest="adaptive_poll_us", type=int)
+    parser.add_argument("--queues-per-thread", type=int, default=1 if defaults else None,
+                        metavar="N",
                         help="queues served by one worker thread (default 1: a thread each)")
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def add_qos_options(parser, type_count, type_size, *, defaults: bool = True) -> None:
+    """--iops, --bps, --iops-burst, --bps-burst (the spec's qos keys)."""
+    default = 0 if defaults else None
+    parser.add_argument("--iops", type=type_count, default=default, metavar="N",
+                        help="requests per second (0: no limit)")
+    alias(parser, "--iops-limit", dest="iops", type=type_count)
+    parser.add_argument("--bps", type=type_size, default=default, metavar="SIZE",
+                        help="bytes per second, e.g. 50M (0: no limit)")
+    alias(parser, "--bps-limit", dest="bps", type=type_size)
+    parser.add_argument("--iops-burst", type=type_count, default=default, metavar="N",
+                        help="requests allowed at once after idling (default: one second's "
+                             "worth)")
+    parser.add_argument("--bps-burst", type=type_size, default=default, metavar="SIZE")
+
+
+def add_backend_options(parser, source_group, base: str) -> None:
+    """--backend MODULE:CLASS and its --backend-opt KEY=VALUE."""
+    source_group.add_argument("--backend", metavar="MODULE:CLASS",
+                              help=f"a Python {base} class")
+    parser.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="keyword argument for the --backend class (repeatable)")
+
+
+def socket_access(args) -> tuple[int | None, int | None]:
+    """(mode, gid) from --socket-mode and --socket-group; UsageError when
+    bad, or given for a socket this program does not create."""
+    from ..server import parse_socket_mode, resolve_group
+    group, mode = getattr(args, "socket_group", None), getattr(args, "socket_mode", None)
+    if group is None and mode is None:
+        return None, None
+    given = "--socket-group" if group is not None else "--socket-mode"
+    if getattr(args, "fd", None) is not None:
+        raise UsageError(f"{given} is for a socket made at --socket-path; an inherited --fd "
+                         "socket's maker sets it (systemd: SocketGroup=, SocketMode=)")
+    if getattr(args, "connect", None) is not None:
+        raise UsageError(f"{given} is for a socket made at --socket-path; with --connect "
+                         "QEMU makes the socket")
+    try:
+        gid = None if group is None else resolve_group(group)
+        return (None if mode is None else parse_socket_mode(mode)), gid
+    except ValueError as exc:
+        raise UsageError(f"{given}: {exc}") from None
 
 
 def setup_logging(verbose: int) -> None:
@@ -75,15 +147,17 @@ def make_server(args, device: Device) -> Server:
     from ..server import Server
     if args.socket_path is None and args.fd is None and args.connect is None:
         raise UsageError("one of --socket-path, --fd or --connect is required")
+    mode, gid = socket_access(args)
     if not 1 <= args.queues_per_thread <= 64:
         raise UsageError(f"--queues-per-thread must be 1..64, not {args.queues_per_thread}")
     device.queues_per_worker = args.queues_per_thread
-    adaptive = getattr(args, "adaptive_poll", None)
+    adaptive = getattr(args, "adaptive_poll_us", None)
     if adaptive is not None:
         if not 0 <= adaptive <= 1000:
-            raise UsageError(f"--adaptive-poll must be 0..1000, not {adaptive}")
+            raise UsageError(f"--adaptive-poll-us must be 0..1000, not {adaptive}")
         device.adaptive_poll_us = adaptive
-    server = Server(device, path=args.socket_path, fd=args.fd, connect=args.connect)
+    server = Server(device, path=args.socket_path, fd=args.fd, connect=args.connect,
+                    socket_mode=mode, socket_gid=gid)
     try:
         server.open()
     except (OSError, VhostUserError) as exc:
@@ -174,15 +248,14 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def instantiate(cls: type, spec: str, options: list[str]):
-    """cls(**{KEY: VALUE}) from --backend-opt KEY=VALUE options."""
-    kwargs = {}
-    for kv in options:
-        key, sep, value = kv.partition("=")
-        if not sep:
-            raise UsageError(f"--backend-opt wants KEY=VALUE, not {kv!r}")
-        kwargs[key.replace("-", "_")] = value
+def python_backend(spec: str, base: type, options: list[str]):
+    """The --backend MODULE:CLASS object, built with the --backend-opt options."""
+    from ..plugin import PluginError, instantiate, load_class, parse_options
     try:
-        return cls(**kwargs)
-    except Exception as exc:
-        raise UsageError(f"--backend {spec}: {exc}") from None
+        kwargs = parse_options(options)
+    except PluginError as exc:
+        raise UsageError(f"--backend-opt: {exc}") from None
+    try:
+        return instantiate(load_class(spec, base), spec, kwargs)
+    except PluginError as exc:
+        raise UsageError(f"--backend {exc}") from None

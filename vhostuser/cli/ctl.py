@@ -12,6 +12,10 @@ import sys
 from ..manage.checks import as_size
 from ..manage.client import ControlClient, ControlError
 from ..manage.errors import BadArgument
+from ..plugin import PluginError, parse_options
+from . import blk as blk_cli
+from . import common
+from . import net as net_cli
 
 
 def _size(text: str) -> str:
@@ -38,15 +42,22 @@ def _on_off(text: str) -> bool:
 
 
 def _add_qos_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--iops", type=_limit, metavar="N", help="requests per second (0: no limit)")
-    p.add_argument("--bps", type=_limit, metavar="SIZE", help="bytes per second, e.g. 50M")
-    p.add_argument("--iops-burst", type=_limit, metavar="N")
-    p.add_argument("--bps-burst", type=_limit, metavar="SIZE")
+    common.add_qos_options(p, _limit, _limit, defaults=False)
 
 
 def _qos(args) -> dict:
     return {k: getattr(args, k) for k in ("iops", "bps", "iops_burst", "bps_burst")
             if getattr(args, k) is not None}
+
+
+def _add_export_options(p: argparse.ArgumentParser) -> None:
+    """What every export has: its name, socket, polling and workers."""
+    p.add_argument("name")
+    p.add_argument("--socket-path", metavar="PATH",
+                   help="the export's vhost-user socket (QEMU connects to it; required)")
+    common.alias(p, "--socket", dest="socket_path", metavar="PATH")
+    common.add_socket_access_options(p)
+    common.add_polling_options(p, defaults=False)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,36 +78,24 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="counters of one export, or of all")
     s.add_argument("name", nargs="?")
 
-    b = sub.add_parser("add-blk", help="add a disk")
-    b.add_argument("name")
-    b.add_argument("--socket", required=True, metavar="PATH")
-    src = b.add_mutually_exclusive_group(required=True)
-    src.add_argument("--file", metavar="PATH", help="raw image file or block device")
-    src.add_argument("--ramdisk", type=_size, metavar="SIZE", help="RAM disk, e.g. 64M")
+    b = sub.add_parser("add-blk", help="add a disk (the options are vhostuser-blk's)")
+    _add_export_options(b)
+    blk_cli.add_source_options(b, required=True, defaults=False)
     b.add_argument("--read-only", action="store_true")
-    b.add_argument("--num-queues", type=int)
+    b.add_argument("--queues", type=int, metavar="N", help="virtqueues (default 1)")
+    common.alias(b, "--num-queues", dest="queues", type=int)
     b.add_argument("--serial")
-    b.add_argument("--poll-us", type=int)
-    b.add_argument("--adaptive-poll-us", type=int)
-    b.add_argument("--queues-per-thread", type=int)
     b.add_argument("--aio", choices=["io_uring", "sync"])
-    b.add_argument("--direct", action="store_true", help="O_DIRECT (with --file)")
+    b.add_argument("--direct", action="store_true", help="O_DIRECT (with --blk-file)")
     _add_qos_options(b)
 
-    n = sub.add_parser("add-net", help="add a network interface")
-    n.add_argument("name")
-    n.add_argument("--socket", required=True, metavar="PATH")
+    n = sub.add_parser("add-net", help="add a network interface (the options are "
+                                       "vhostuser-net's)")
+    _add_export_options(n)
     src = n.add_mutually_exclusive_group(required=True)
     src.add_argument("--tap", metavar="IFNAME")
-    src.add_argument("--backend", choices=["null"], help="null: drop every frame")
-    n.add_argument("--queue-pairs", type=int)
-    n.add_argument("--mac")
-    n.add_argument("--mtu", type=int)
-    n.add_argument("--no-in-order", dest="in_order", action="store_const", const=False,
-                   help="don't offer VIRTIO_F_IN_ORDER")
-    n.add_argument("--poll-us", type=int)
-    n.add_argument("--adaptive-poll-us", type=int)
-    n.add_argument("--queues-per-thread", type=int)
+    common.add_backend_options(n, src, "vhostuser.net.NetBackend (or null: drop every frame)")
+    net_cli.add_device_options(n, defaults=False)
 
     a = sub.add_parser("add", help="add an export from a JSON spec")
     a.add_argument("spec", metavar="JSON")
@@ -133,27 +132,8 @@ def request_of(args) -> tuple[str, dict | None]:
         return cmd, {"name": args.name}
     if cmd == "stats":
         return cmd, {"name": args.name} if args.name else None
-    if cmd == "add-blk":
-        # The daemon wants absolute paths: resolve them where the user is.
-        spec = {"type": "blk", "name": args.name, "socket": os.path.abspath(args.socket)}
-        if args.file:
-            spec["file"] = os.path.abspath(args.file)
-        else:
-            spec["ramdisk"] = args.ramdisk
-        for key in ("read_only", "num_queues", "serial", "poll_us", "adaptive_poll_us",
-                    "queues_per_thread", "aio", "direct"):
-            _set(spec, key, getattr(args, key))
-        if _qos(args):
-            spec["qos"] = _qos(args)
-        return "add", spec
-    if cmd == "add-net":
-        spec = {"type": "net", "name": args.name, "socket": os.path.abspath(args.socket)}
-        for key in ("tap", "backend", "queue_pairs", "mac", "mtu", "poll_us",
-                    "adaptive_poll_us", "queues_per_thread"):
-            _set(spec, key, getattr(args, key))
-        if args.in_order is False:      # a flag whose meaning is the False
-            spec["in_order"] = False
-        return "add", spec
+    if cmd in ("add-blk", "add-net"):
+        return "add", export_spec(args)
     if cmd == "add":
         return "add", _json_arg(args.spec)
     if cmd == "resize":
@@ -172,6 +152,42 @@ class _Usage(Exception):
     pass
 
 
+#: ctl option (its dest) -> spec key, where they differ; every other option
+#: given is the spec key of its own name (--poll-us: "poll_us")
+_BLK_KEYS = ("blk_file", "ramdisk", "backend", "rbd", "nbd", "rbd_conf", "rbd_id",
+             "nbd_connections", "remote_timeout", "read_only", "queues", "serial", "aio",
+             "direct")
+_NET_KEYS = ("tap", "backend", "queues", "mac", "mtu")
+_EXPORT_KEYS = ("socket_group", "socket_mode", "poll_us", "adaptive_poll_us",
+                "queues_per_thread")
+#: paths the daemon wants absolute: resolved where the user is
+_PATHS = ("socket_path", "blk_file", "rbd_conf")
+
+
+def export_spec(args) -> dict:
+    """The add request's spec for add-blk or add-net: each option given
+    becomes the spec key of the same name."""
+    kind = "blk" if args.command == "add-blk" else "net"
+    if args.socket_path is None:
+        raise _Usage(f"{args.command}: --socket-path is required")
+    spec = {"type": kind, "name": args.name}
+    for key in ("socket_path", *_EXPORT_KEYS, *(_BLK_KEYS if kind == "blk" else _NET_KEYS)):
+        value = getattr(args, key, None)
+        if value is None or value is False:
+            continue
+        spec[key] = os.path.abspath(value) if key in _PATHS else value
+    if kind == "net" and args.in_order is False:     # a flag whose meaning is the False
+        spec["in_order"] = False
+    if args.backend_opt:
+        try:
+            spec["backend_opt"] = parse_options(args.backend_opt)
+        except PluginError as exc:
+            raise _Usage(f"--backend-opt: {exc}") from None
+    if kind == "blk" and _qos(args):
+        spec["qos"] = _qos(args)
+    return spec
+
+
 def _json_arg(text: str):
     try:
         return json.loads(text)
@@ -181,7 +197,8 @@ def _json_arg(text: str):
 
 def print_table(exports: list[dict]) -> None:
     rows = [("NAME", "TYPE", "STATE", "CONNECTED", "SOCKET")]
-    rows += [(e["name"], e["type"], e["state"], "yes" if e["connected"] else "no", e["socket"])
+    rows += [(e["name"], e["type"], e["state"], "yes" if e["connected"] else "no",
+              e["socket_path"])
              for e in exports]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:

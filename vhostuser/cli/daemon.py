@@ -14,14 +14,21 @@ from ..errors import VhostUserError
 from ..manage.control import ControlServer
 from ..manage.daemon import Daemon
 from ..manage.errors import ManageError
-from ..server import new_event_loop
+from ..server import new_event_loop, parse_socket_mode, resolve_group
 from . import common
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhostuser-daemon", description=__doc__)
     p.add_argument("--control", required=True, metavar="PATH",
-                   help="control socket to create (mode 0600)")
+                   help="control socket to create (mode 0600 unless --control-mode)")
+    p.add_argument("--control-group", metavar="GROUP",
+                   help="group of the control socket (name or number); makes the default "
+                        "mode 0660. Its members can then add exports of any file the "
+                        "daemon can open: give it only to those trusted as much")
+    p.add_argument("--control-mode", metavar="MODE",
+                   help="permissions of the control socket, octal (default 0600, 0660 with "
+                        "--control-group)")
     p.add_argument("--config", metavar="FILE",
                    help="exports to add at start: a JSON list of specs, or JSON lines, each a "
                         "spec or an add request ({\"cmd\": \"add\", \"args\": SPEC})")
@@ -88,13 +95,21 @@ async def serve(args, entries: list[tuple[str, dict]]) -> None:
     loop = asyncio.get_running_loop()
     daemon = Daemon()
     daemon.loop = loop
-    control = ControlServer(daemon, args.control)
+    try:
+        mode = None if args.control_mode is None else parse_socket_mode(args.control_mode)
+    except ValueError as exc:
+        raise common.UsageError(f"--control-mode: {exc}") from None
+    try:
+        gid = None if args.control_group is None else resolve_group(args.control_group)
+    except ValueError as exc:
+        raise common.UsageError(f"--control-group: {exc}") from None
+    control = ControlServer(daemon, args.control, mode=mode, gid=gid)
     try:
         # Bound first: a second daemon on the same path fails before it
         # opens anything; requests wait until the configured exports exist.
         control.open()
     except (OSError, VhostUserError) as exc:
-        raise common.UsageError(f"--control {args.control}: {exc}") from None
+        raise common.UsageError(f"--control: {exc}") from None
     endpoint = None
     try:
         if args.prometheus:

@@ -19,12 +19,15 @@ from ..fuzz.case import KINDS, Verdict
 from ..fuzz.oracle import Target, Unsupported, run_case
 from ..fuzz.replay import Reproducer, ReproducerError
 from ..fuzz.runner import RunConfig, Spawner, pid_alive, probe_backend, run
+from . import common
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhostuser-fuzz", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--socket", required=True, metavar="PATH", help="the back-end's socket")
+    p.add_argument("--socket-path", dest="socket", metavar="PATH",
+                   help="the back-end's socket (required)")
+    common.alias(p, "--socket", dest="socket", metavar="PATH")
     p.add_argument("--profile", choices=sorted(profiles.PROFILES), default="blk")
     p.add_argument("--cases", type=int, default=1000, metavar="N")
     p.add_argument("--seed", type=int, default=0, metavar="S")
@@ -76,6 +79,9 @@ def _replay(args, target: Target) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if getattr(args, "socket", None) is None:
+        print("vhostuser-fuzz: --socket-path is required", file=sys.stderr)
+        return 2
     try:
         keep = frozenset(Verdict(v.strip().upper()) for v in args.keep.split(",") if v.strip())
         kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.replay:
             return _replay(args, target)
         packed, target.profile = probe_backend(args.socket, profile, args.timeout)
-        command = " ".join(["vhostuser-fuzz", "--socket", args.socket, "--profile", args.profile,
+        command = " ".join(["vhostuser-fuzz", "--socket-path", args.socket, "--profile", args.profile,
                             "--seed", str(args.seed)])
         cfg = RunConfig(cases=args.cases, seed=args.seed, kinds=kinds, start=args.start,
                         out_dir=args.out, keep=keep, max_reproducers=args.max_reproducers,

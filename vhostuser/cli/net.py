@@ -8,7 +8,6 @@ import types
 from typing import TYPE_CHECKING
 
 from . import common
-from .blk import load_class
 
 if TYPE_CHECKING:
     from ..net.switch import Switch
@@ -19,11 +18,11 @@ if TYPE_CHECKING:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhostuser-net", description=__doc__)
-    common.add_socket_options(p)
+    common.add_socket_options(p, several=True)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--tap", metavar="IFNAME",
                      help="TAP interface (created if missing); with --switch, its uplink")
-    src.add_argument("--backend", metavar="MODULE:CLASS", help="a Python NetBackend class")
+    common.add_backend_options(p, src, "vhostuser.net.NetBackend")
     src.add_argument("--vxlan", metavar="REMOTE:PORT[,vni=N][,local=ADDR:PORT]",
                      help="VXLAN tunnel (RFC 7348, VNI 1 unless given) to another host; "
                           "with --switch, its uplink")
@@ -34,27 +33,49 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--switch", action="store_true",
                    help="a built-in learning switch: one port per --socket-path (repeat it), "
                         "MACs counting up from --mac")
-    p.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="keyword argument for the --backend class (repeatable)")
-    p.add_argument("--queues", type=int, default=1, metavar="N", help="queue pairs")
-    p.add_argument("--mac", default="52:54:00:12:34:56")
-    p.add_argument("--mtu", type=int, default=1500)
-    p.add_argument("--no-in-order", dest="in_order", action="store_false",
-                   help="don't offer VIRTIO_F_IN_ORDER (offered by default)")
+    add_device_options(p)
     return p
 
 
+def add_device_options(p, *, defaults: bool = True) -> None:
+    """The interface's settings, shared with vhostuser-ctl add-net."""
+    p.add_argument("--queues", type=int, default=1 if defaults else None, metavar="N",
+                   help="queue pairs (default 1)")
+    common.alias(p, "--queue-pairs", dest="queues", type=int)
+    p.add_argument("--mac", default="52:54:00:12:34:56" if defaults else None,
+                   help="the guest's MAC address (default 52:54:00:12:34:56)")
+    p.add_argument("--mtu", type=int, default=1500 if defaults else None,
+                   help="MTU (default 1500)")
+    p.add_argument("--no-in-order", dest="in_order", action="store_false",
+                   default=True if defaults else None,
+                   help="don't offer VIRTIO_F_IN_ORDER (offered by default)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """With --switch, --socket-path may be repeated (one port each)."""
-    pre = argparse.ArgumentParser(prog="vhostuser-net", add_help=False, allow_abbrev=False)
-    pre.add_argument("--switch", action="store_true")
-    pre.add_argument("--socket-path", action="append", default=[])
-    known, rest = pre.parse_known_args(argv)
-    if not known.switch:
-        return parser().parse_args(argv)
-    args = parser().parse_args(rest + ["--switch"])
-    args.socket_path = known.socket_path + ([args.socket_path] if args.socket_path else [])
+    """--socket-path may be repeated with --switch (a list of them then;
+    otherwise the one path, or None). Several without --switch are left a
+    list for check_args to refuse, with the other checks that need every
+    option."""
+    args = parser().parse_args(argv)
+    paths = args.socket_path or []
+    if args.switch:
+        args.socket_path = paths
+    elif len(paths) <= 1:
+        args.socket_path = paths[0] if paths else None
     return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """UsageError for options that don't go together."""
+    if args.switch:
+        if args.sink or args.loopback:
+            raise common.UsageError("--switch forwards between its ports (and --tap or --vxlan); "
+                                    f"{'--sink' if args.sink else '--loopback'} serves one "
+                                    "guest alone: give one or the other")
+    elif isinstance(args.socket_path, list):
+        raise common.UsageError(f"{len(args.socket_path)} --socket-path options without "
+                                "--switch: one socket serves one guest (--switch connects "
+                                "several)")
 
 
 def port_mac(base: bytes, i: int) -> bytes:
@@ -72,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     common.lean_start(python_backend=bool(args.backend))
 
     def start() -> int:
+        check_args(args)
         from ..net import (LoopbackBackend, NetBackend, NetBackendError, NetDevice,
                            SinkBackend, TapBackend)
         from ..net.spec import parse_mac
@@ -91,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.tap:
             backend = TapBackend(args.tap, queue_pairs=args.queues)
         elif args.backend:
-            backend = common.instantiate(load_class(args.backend, NetBackend), args.backend,
-                                         args.backend_opt)
+            backend = common.python_backend(args.backend, NetBackend, args.backend_opt)
         elif args.sink:
             backend = SinkBackend()
         elif args.loopback:
@@ -102,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "is required")
         try:
             device = NetDevice(backend, queue_pairs=args.queues, mac=mac, mtu=args.mtu,
-                               poll_us=args.poll, in_order=args.in_order)
+                               poll_us=args.poll_us, in_order=args.in_order)
         except (NetBackendError, ValueError, OSError) as exc:
             if switch is not None:
                 switch.close()
@@ -145,15 +166,17 @@ def serve_switch(args, mac: bytes) -> int:
         for i in range(len(args.socket_path)):
             try:
                 devices.append(NetDevice(switch.port(), queue_pairs=args.queues,
-                                         mac=port_mac(mac, i), mtu=args.mtu, poll_us=args.poll,
+                                         mac=port_mac(mac, i), mtu=args.mtu, poll_us=args.poll_us,
                                          in_order=args.in_order))
             except (NetBackendError, ValueError, OSError) as exc:
                 raise common.UsageError(str(exc)) from None
         servers = []
         for path, device in zip(args.socket_path, devices):
             where = types.SimpleNamespace(socket_path=path, fd=None, connect=None,
+                                          socket_group=args.socket_group,
+                                          socket_mode=args.socket_mode,
                                           queues_per_thread=args.queues_per_thread,
-                                          adaptive_poll=args.adaptive_poll)
+                                          adaptive_poll_us=args.adaptive_poll_us)
             servers.append(common.make_server(where, device))
         return common.run(servers)
     finally:

@@ -85,11 +85,11 @@ class ControlClient:
     def add(self, spec: dict) -> dict:
         return self.call("add", spec)
 
-    def add_blk(self, name: str, socket: str, **settings) -> dict:
-        return self.add({"type": "blk", "name": name, "socket": socket, **settings})
+    def add_blk(self, name: str, socket_path: str, **settings) -> dict:
+        return self.add({"type": "blk", "name": name, "socket_path": socket_path, **settings})
 
-    def add_net(self, name: str, socket: str, **settings) -> dict:
-        return self.add({"type": "net", "name": name, "socket": socket, **settings})
+    def add_net(self, name: str, socket_path: str, **settings) -> dict:
+        return self.add({"type": "net", "name": name, "socket_path": socket_path, **settings})
 
     def remove(self, name: str) -> dict:
         return self.call("remove", name=name)

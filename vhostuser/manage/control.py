@@ -2,7 +2,8 @@
 
 Transport
 ---------
-A unix stream socket, mode 0600 (only its owner may manage the daemon). A
+A unix stream socket, mode 0600 (only its owner may manage the daemon;
+``vhostuser-daemon --control-group``, ``--control-mode`` widen that). A
 stale socket file left by a dead daemon is replaced; a live one is an error.
 Any number of clients may be connected at once. Each request is one JSON
 object on one line (UTF-8, ending in ``\\n``, at most 1 MiB); each gets
@@ -248,9 +249,12 @@ async def _read_lines(reader: asyncio.StreamReader):
 class ControlServer:
     """Serves the control protocol for ``daemon`` on a unix socket."""
 
-    def __init__(self, daemon: Daemon, path: str):
+    def __init__(self, daemon: Daemon, path: str, *, mode: int | None = None,
+                 gid: int | None = None):
         self.daemon = daemon
         self.path = path
+        self.mode = mode        # default 0600 (0660 with a gid)
+        self.gid = gid
         self._sock: socket.socket | None = None
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task] = set()
@@ -259,7 +263,7 @@ class ControlServer:
         """Binds the socket now (vhostuser.server.SocketInUse if a live
         daemon has it). Clients may connect at once; their requests wait
         until :meth:`start`, e.g. until the configured exports are there."""
-        self._sock = bind_unix(self.path)
+        self._sock = bind_unix(self.path, mode=self.mode, gid=self.gid)
         self.daemon.reserve_path(self.path)
 
     async def start(self) -> None:

@@ -8,8 +8,8 @@ checks all of its arguments before it changes anything, and refuses with a
 :class:`~vhostuser.manage.errors.ManageError` subclass::
 
     daemon = Daemon()
-    await daemon.add({"type": "blk", "name": "disk0", "socket": "/run/vm1/disk0.sock",
-                      "file": "/var/lib/images/vm1.img", "num_queues": 2})
+    await daemon.add({"type": "blk", "name": "disk0", "socket_path": "/run/vm1/disk0.sock",
+                      "blk_file": "/var/lib/images/vm1.img", "queues": 2})
     daemon.resize("disk0", 20 << 30)
     await daemon.remove("disk0")
 """
@@ -33,7 +33,7 @@ from .specs import build_device, check_name, parse_spec, qos_limits
 log = logging.getLogger(__name__)
 
 #: Version of the control protocol (bumped on incompatible changes).
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 def _path_key(path: str) -> str:
@@ -80,12 +80,12 @@ class Daemon:
         async with self._lifecycle:
             if parsed.name in self.exports:
                 raise ExportExists(f"an export named {parsed.name!r} exists")
-            key = _path_key(parsed.socket)
+            key = _path_key(parsed.socket_path)
             if key in self.reserved_paths:
-                raise SocketInUse(f"{parsed.socket} is the daemon's control socket")
+                raise SocketInUse(f"{parsed.socket_path} is the daemon's control socket")
             for other in self.exports.values():
-                if _path_key(other.spec.socket) == key:
-                    raise SocketInUse(f"{parsed.socket} is the socket of export {other.name}")
+                if _path_key(other.spec.socket_path) == key:
+                    raise SocketInUse(f"{parsed.socket_path} is the socket of export {other.name}")
             device = build_device(parsed)
             export = Export(parsed, device)
             try:
@@ -94,17 +94,21 @@ class Daemon:
                 device.close()
                 raise
             self.exports[parsed.name] = export
-        log.info("export %s added (%s on %s)", parsed.name, parsed.type, parsed.socket)
+        log.info("export %s added (%s on %s)", parsed.name, parsed.type, parsed.socket_path)
         return self.describe(parsed.name)
 
-    async def add_blk(self, name: str, socket: str, **settings) -> dict:
-        """add() of a disk: ``file=PATH`` or ``ramdisk=SIZE``, and the other
-        spec keys as keyword arguments."""
-        return await self.add({"type": "blk", "name": name, "socket": socket, **settings})
+    async def add_blk(self, name: str, socket_path: str, **settings) -> dict:
+        """add() of a disk: ``blk_file=PATH``, ``ramdisk=SIZE``,
+        ``backend="MODULE:CLASS"``, ``nbd=URI`` or ``rbd=POOL/IMAGE``, and the
+        other spec keys as keyword arguments."""
+        return await self.add({"type": "blk", "name": name, "socket_path": socket_path,
+                               **settings})
 
-    async def add_net(self, name: str, socket: str, **settings) -> dict:
-        """add() of an interface: ``tap=IFNAME`` or ``backend="null"``, ..."""
-        return await self.add({"type": "net", "name": name, "socket": socket, **settings})
+    async def add_net(self, name: str, socket_path: str, **settings) -> dict:
+        """add() of an interface: ``tap=IFNAME`` or ``backend="null"`` (or
+        "MODULE:CLASS"), ..."""
+        return await self.add({"type": "net", "name": name, "socket_path": socket_path,
+                               **settings})
 
     async def remove(self, name: Any) -> dict:
         """Finishes the export's requests in flight, disconnects its
@@ -186,7 +190,8 @@ class Daemon:
 
     # -- views ----------------------------------------------------------------------------
     def summary(self, export: Export) -> dict:
-        return {"name": export.name, "type": export.spec.type, "socket": export.spec.socket,
+        return {"name": export.name, "type": export.spec.type,
+                "socket_path": export.spec.socket_path,
                 "state": export.state, "connected": export.connected}
 
     def list(self) -> list[dict]:

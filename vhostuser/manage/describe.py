@@ -94,16 +94,17 @@ def device_settings(device: Device) -> dict:
         backend = device.backend
         return {
             "capacity_sectors": device.capacity, "size": device.capacity * 512,
-            "read_only": device.read_only, "num_queues": device.num_queues,
+            "read_only": device.read_only, "queues": device.num_queues,
             "qos": device.qos.as_dict(), "aio": device.aio,
+            "aio_requested": device.aio_requested, "aio_note": device.aio_note,
             "backend": ("file" if isinstance(backend, FileBackend)
                         else "ramdisk" if isinstance(backend, RamBackend)
                         else type(backend).__name__),
         }
     if isinstance(device, NetDevice):
         return {"mac": format_mac(device.mac), "mtu": device.mtu,
-                "queue_pairs": device.queue_pairs, "in_order": device.in_order}
-    return {"num_queues": device.num_queues}
+                "queues": device.queue_pairs, "in_order": device.in_order}
+    return {"queues": device.num_queues}
 
 
 def counters(device: Device) -> dict:

@@ -8,8 +8,8 @@ import logging
 
 from ..device import Device
 from ..errors import VhostUserError
-from ..server import Server
-from .errors import SocketInUse
+from ..server import Server, SocketPlaceError
+from .errors import BackendFailed, SocketInUse
 from .specs import ExportSpec
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,12 @@ class Export:
 
     def start(self) -> None:
         """Listens on the socket and serves in a task of the running loop."""
-        server = Server(self.device, path=self.spec.socket)
         try:
+            server = Server(self.device, path=self.spec.socket_path,
+                            socket_mode=self.spec.socket_mode, socket_gid=self.spec.socket_gid)
             server.open()
+        except (SocketPlaceError, ValueError) as exc:   # ValueError: the group is gone
+            raise BackendFailed(f"{self.name}: {exc}") from None
         except (OSError, VhostUserError) as exc:
             raise SocketInUse(f"{self.name}: {exc}") from None
         self.server = server

@@ -20,11 +20,13 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..blk import BackendError, BlkDevice, FileBackend, RamBackend
+from ..blk import BackendError, BlkDevice, BlockBackend, FileBackend, RamBackend
 from ..device import Device
 from ..net import NetBackend, NetBackendError, NetDevice, TapBackend
 from ..net.spec import format_mac, parse_mac
+from ..plugin import PluginError, instantiate, load_class
 from ..qos import QosError, QosLimits
+from ..server import MAX_SOCKET_PATH, parse_socket_mode, resolve_group
 from . import checks
 from .errors import BackendFailed, BadArgument
 
@@ -77,12 +79,27 @@ class ExportSpec:
     """A checked spec: every key known and typed, defaults filled in."""
     type: str               # "blk" or "net"
     name: str
-    socket: str
+    socket_path: str
     source: str             # the key that chose the back-end
     settings: dict          # every setting, the source's value under its key
 
+    @property
+    def socket(self) -> str:
+        return self.socket_path
+
+    @property
+    def socket_mode(self) -> int | None:
+        mode = self.settings["socket_mode"]
+        return None if mode is None else parse_socket_mode(mode)
+
+    @property
+    def socket_gid(self) -> int | None:
+        group = self.settings["socket_group"]
+        return None if group is None else resolve_group(group)
+
     def as_dict(self) -> dict:
-        return {"type": self.type, "name": self.name, "socket": self.socket, **self.settings}
+        return {"type": self.type, "name": self.name, "socket_path": self.socket_path,
+                **self.settings}
 
 
 # -- option checks -------------------------------------------------------------
@@ -115,6 +132,26 @@ def _aio(v: Any, spec: dict) -> str:
     return v
 
 
+def _socket_group(v: Any, spec: dict) -> str | int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        group = v
+    else:
+        group = checks.as_str(v, "socket_group", max_len=256)
+    try:
+        resolve_group(group)
+    except ValueError as exc:
+        raise BadArgument(f"'socket_group': {exc}") from None
+    return group
+
+
+def _socket_mode(v: Any, spec: dict) -> str:
+    text = checks.as_str(v, "socket_mode", max_len=8)   # a string: JSON has no octal
+    try:
+        return f"{parse_socket_mode(text):04o}"
+    except ValueError as exc:
+        raise BadArgument(f"'socket_mode': {exc}") from None
+
+
 def qos_limits(v: Any) -> QosLimits:
     """QosLimits from {"iops": N, "bps": N, "iops_burst": N, "bps_burst": N}."""
     args = checks.as_dict(v, "qos")
@@ -130,11 +167,22 @@ def _qos(v: Any, spec: dict) -> dict | None:
 
 
 #: keys every spec has
-BASE_KEYS = {"type", "name", "socket"}
+BASE_KEYS = {"type", "name", "socket_path"}
+#: old spellings of keys, still accepted: alias -> key
+ALIASES = {
+    "blk": {"socket": "socket_path", "file": "blk_file", "num_queues": "queues"},
+    "net": {"socket": "socket_path", "queue_pairs": "queues"},
+}
+#: who may connect to the export's socket (vhostuser-blk --socket-group, --socket-mode)
+ACCESS_OPTIONS: dict[str, tuple[Check, Any]] = {
+    "socket_group": (_socket_group, None),
+    "socket_mode": (_socket_mode, None),
+}
 #: blk keys whatever the source: (check, default)
 BLK_OPTIONS: dict[str, tuple[Check, Any]] = {
+    **ACCESS_OPTIONS,
     "read_only": (_boolean("read_only"), False),
-    "num_queues": (_ranged("num_queues", 1, 64), 1),
+    "queues": (_ranged("queues", 1, 64), 1),
     "serial": (_serial, None),          # default: the export's name
     "poll_us": (_ranged("poll_us", 0, 1_000_000), 0),
     "adaptive_poll_us": (_ranged("adaptive_poll_us", 0, 1000), 32),
@@ -142,7 +190,8 @@ BLK_OPTIONS: dict[str, tuple[Check, Any]] = {
     "qos": (_qos, None),
 }
 NET_OPTIONS: dict[str, tuple[Check, Any]] = {
-    "queue_pairs": (_ranged("queue_pairs", 1, 16), 1),
+    **ACCESS_OPTIONS,
+    "queues": (_ranged("queues", 1, 16), 1),
     "mac": (_mac, "52:54:00:12:34:56"),
     "mtu": (_ranged("mtu", 68, 65535), 1500),
     "in_order": (_boolean("in_order"), True),
@@ -155,15 +204,15 @@ NET_OPTIONS: dict[str, tuple[Check, Any]] = {
 # -- the built-in sources ---------------------------------------------------------
 
 def _check_file(v: Any, spec: dict) -> str:
-    path = checks.as_abs_path(v, "file")
+    path = checks.as_abs_path(v, "blk_file")
     try:
         st = os.stat(path)
     except OSError as exc:
-        raise BadArgument(f"'file': {path}: {exc.strerror}") from None
+        raise BadArgument(f"'blk_file': {path}: {exc.strerror}") from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise BadArgument(f"'file': {path} is not a regular file or block device")
+        raise BadArgument(f"'blk_file': {path} is not a regular file or block device")
     if stat.S_ISREG(st.st_mode) and st.st_size < SECTOR:
-        raise BadArgument(f"'file': {path} is smaller than one {SECTOR}-byte sector")
+        raise BadArgument(f"'blk_file': {path} is smaller than one {SECTOR}-byte sector")
     return path
 
 
@@ -193,7 +242,7 @@ def _check_tap(v: Any, spec: dict) -> str:
 
 
 def _open_tap(ifname: str, settings: dict) -> TapBackend:
-    return TapBackend(ifname, queue_pairs=settings["queue_pairs"])
+    return TapBackend(ifname, queue_pairs=settings["queues"])
 
 
 class NullNetBackend(NetBackend):
@@ -208,23 +257,56 @@ class NullNetBackend(NetBackend):
 NET_BACKEND_CLASSES: dict[str, type[NetBackend]] = {"null": NullNetBackend}
 
 
-def _check_net_backend(v: Any, spec: dict) -> str:
-    if v not in NET_BACKEND_CLASSES:
-        raise BadArgument(f"'backend' must be one of {sorted(NET_BACKEND_CLASSES)}, not {v!r}")
-    return v
+def _python_class(base: type, builtin: dict[str, type] | None = None) -> Check:
+    """"backend": "MODULE:CLASS" (as vhostuser-blk --backend), a subclass
+    of base, imported at check time so a wrong name changes nothing."""
+    def check(v: Any, spec: dict) -> str:
+        name = checks.as_str(v, "backend", max_len=512)
+        if builtin and name in builtin:
+            return name
+        if ":" not in name:
+            known = f"{', '.join(sorted(builtin))} or " if builtin else ""
+            raise BadArgument(f"'backend' must be {known}MODULE:CLASS, not {name!r}")
+        try:
+            load_class(name, base)
+        except PluginError as exc:
+            raise BadArgument(f"'backend': {exc}") from None
+        return name
+    return check
 
 
-def _open_net_backend(name: str, settings: dict) -> NetBackend:
-    return NET_BACKEND_CLASSES[name]()
+def _open_python(base: type, builtin: dict[str, type] | None = None):
+    def open_(name: str, settings: dict):
+        try:
+            if builtin and name in builtin:
+                return instantiate(builtin[name], name, settings["backend_opt"])
+            return instantiate(load_class(name, base), name, settings["backend_opt"])
+        except PluginError as exc:
+            raise BackendError(str(exc)) from None
+    return open_
 
 
-register_blk_source(Source("file", _check_file, _open_file, options={
+def _backend_opt(v: Any, spec: dict) -> dict:
+    """Keyword arguments for the back-end class (vhostuser-blk --backend-opt
+    KEY=VALUE gives strings; JSON may give any value)."""
+    opts = checks.as_dict(v, "backend_opt")
+    for key in opts:
+        if not key.replace("-", "_").isidentifier():
+            raise BadArgument(f"'backend_opt': {key!r} is not a keyword argument name")
+    return dict(opts)
+
+
+register_blk_source(Source("blk_file", _check_file, _open_file, options={
     "direct": (_boolean("direct"), False),
     "aio": (_aio, "io_uring"),
 }))
 register_blk_source(Source("ramdisk", _check_ramdisk, _open_ramdisk))
+register_blk_source(Source("backend", _python_class(BlockBackend), _open_python(BlockBackend),
+                           options={"backend_opt": (_backend_opt, {})}))
 register_net_source(Source("tap", _check_tap, _open_tap))
-register_net_source(Source("backend", _check_net_backend, _open_net_backend))
+register_net_source(Source("backend", _python_class(NetBackend, NET_BACKEND_CLASSES),
+                           _open_python(NetBackend, NET_BACKEND_CLASSES),
+                           options={"backend_opt": (_backend_opt, {})}))
 
 _TYPES = {"blk": (BLK_SOURCES, BLK_OPTIONS), "net": (NET_SOURCES, NET_OPTIONS)}
 
@@ -245,9 +327,14 @@ def parse_spec(spec: Any) -> ExportSpec:
     kind = checks.require(spec, "type", "spec")
     if kind not in _TYPES:
         raise BadArgument(f"'type' must be \"blk\" or \"net\", not {kind!r}")
+    spec = _canonical_keys(spec, ALIASES[kind])
     sources, options = _TYPES[kind]
     name = check_name(checks.require(spec, "name", "spec"))
-    socket_path = checks.as_abs_path(checks.require(spec, "socket", "spec"), "socket")
+    socket_path = checks.as_abs_path(checks.require(spec, "socket_path", "spec"), "socket_path")
+    length = len(os.fsencode(socket_path))
+    if length > MAX_SOCKET_PATH:
+        raise BadArgument(f"'socket_path': {length} bytes long, a unix socket path is at "
+                          f"most {MAX_SOCKET_PATH}")
     chosen = [key for key in sources if key in spec]
     if len(chosen) != 1:
         raise BadArgument(f"a {kind} export needs exactly one of "
@@ -263,8 +350,20 @@ def parse_spec(spec: Any) -> ExportSpec:
         settings["serial"] = name.encode()[:20].decode(errors="ignore")
     parent = os.path.dirname(socket_path)
     if not os.path.isdir(parent):
-        raise BadArgument(f"'socket': directory {parent} does not exist")
+        raise BadArgument(f"'socket_path': directory {parent} does not exist")
     return ExportSpec(kind, name, socket_path, source.key, settings)
+
+
+def _canonical_keys(spec: dict, aliases: dict[str, str]) -> dict:
+    """The spec with old key spellings ("socket", "file", "num_queues",
+    "queue_pairs") under their names; both spellings at once is an error."""
+    out = dict(spec)
+    for old, new in aliases.items():
+        if old in out:
+            if new in out:
+                raise BadArgument(f"{old!r} is the old name of {new!r}: give one of them")
+            out[new] = out.pop(old)
+    return out
 
 
 # -- building ----------------------------------------------------------------------
@@ -279,13 +378,13 @@ def build_device(spec: ExportSpec) -> Device:
     try:
         backend = source.open(s[source.key], s)
         if spec.type == "blk":
-            device = BlkDevice(backend, num_queues=s["num_queues"], serial=s["serial"],
+            device = BlkDevice(backend, num_queues=s["queues"], serial=s["serial"],
                                read_only=s["read_only"], poll_us=s["poll_us"],
                                aio=s.get("aio", "io_uring"))
             if s["qos"] is not None:
                 device.set_qos(QosLimits(**s["qos"]))
         else:
-            device = NetDevice(backend, queue_pairs=s["queue_pairs"], mac=parse_mac(s["mac"]),
+            device = NetDevice(backend, queue_pairs=s["queues"], mac=parse_mac(s["mac"]),
                                mtu=s["mtu"], poll_us=s["poll_us"], in_order=s["in_order"])
     except (BackendError, NetBackendError, OSError, ValueError, MemoryError) as exc:
         if backend is not None:

@@ -14,15 +14,17 @@ from ..manage import ControlClient
 
 
 class DaemonProcess:
-    def __init__(self, workdir: str, *extra: str, env: dict[str, str] | None = None):
-        """``env``: variables added to the daemon's environment."""
+    def __init__(self, workdir: str, *extra: str, env: dict[str, str] | None = None,
+                 cwd: str | None = None):
+        """``env``: variables added to the daemon's environment; ``cwd``: its
+        working directory (Python back-ends there import)."""
         self.dir = workdir
         self.control = os.path.join(workdir, "ctl.sock")
         self.log = open(os.path.join(workdir, "daemon.log"), "w+b")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vhostuser.cli.daemon", "--control", self.control,
              "--prometheus", "127.0.0.1:0", "-v", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd,
             env=None if env is None else {**os.environ, **env})
         self._wait_ready()
 

@@ -1,0 +1,67 @@
+"""Python back-ends for the daemon's tests, named as a user names them:
+``tests.manage.pybackends:CLASS`` (importable from the checkout)."""
+from __future__ import annotations
+
+import asyncio
+import os
+
+from vhostuser.blk import BlockBackend
+from vhostuser.net import NetBackend
+
+
+class JournalDisk(BlockBackend):
+    """A RAM disk whose writes and flushes are coroutines that take a while
+    (so requests overlap on every queue), each logged to ``journal``:
+    ``W OFFSET LENGTH`` and ``F``. Options come as strings, as
+    ``--backend-opt`` gives them, or typed, from a JSON spec."""
+
+    def __init__(self, size: str | int, journal: str, delay_ms: str | int = "5"):
+        self._data = bytearray(int(size))
+        self.delay = int(delay_ms) / 1000
+        self.journal = open(journal, "a", buffering=1)
+
+    def size(self) -> int:
+        return len(self._data)
+
+    def read(self, offset, bufs):
+        for b in bufs:
+            b[:] = self._data[offset:offset + len(b)]
+            offset += len(b)
+
+    async def write(self, offset, bufs):
+        await asyncio.sleep(self.delay)
+        start = offset
+        for b in bufs:
+            self._data[offset:offset + len(b)] = b
+            offset += len(b)
+        self.journal.write(f"W {start} {offset - start}\n")
+
+    async def flush(self):
+        await asyncio.sleep(self.delay)
+        self.journal.write("F\n")
+
+    def close(self):
+        self.journal.write(f"CLOSED pid={os.getpid()}\n")
+        self.journal.close()
+
+
+class EchoNet(NetBackend):
+    """Sends every frame back to the guest with its addresses swapped."""
+
+    def __init__(self, queue_pair: str | int = "0"):
+        super().__init__()
+        self.queue_pair = int(queue_pair)
+
+    def transmit(self, queue_pair, frames):
+        for f in frames:
+            data = f.tobytes()
+            self.inject(data[6:12] + data[0:6] + data[12:], self.queue_pair)
+
+
+class BrokenDisk(BlockBackend):
+    def __init__(self, **options):
+        raise ValueError(f"no disk here (options {sorted(options)})")
+
+
+class NotABackend:
+    pass
