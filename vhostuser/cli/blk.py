@@ -14,6 +14,7 @@ from . import common
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhostuser-blk", description=__doc__)
+    common.add_version_option(p)
     common.add_socket_options(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--blk-file", metavar="PATH", help="raw image file or block device")

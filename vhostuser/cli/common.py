@@ -38,6 +38,12 @@ class UsageError(Exception):
     """A bad option or an unusable resource: one line on stderr, exit 1."""
 
 
+def add_version_option(parser: argparse.ArgumentParser) -> None:
+    """``--version``: the program's name and the installed vhostuser version."""
+    from .. import __version__
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+
 def add_socket_options(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--socket-path", metavar="PATH",

@@ -12,6 +12,7 @@ import sys
 from ..manage.checks import as_size
 from ..manage.client import ControlClient, ControlError
 from ..manage.errors import BadArgument
+from . import common
 
 
 def _size(text: str) -> str:
@@ -51,6 +52,7 @@ def _qos(args) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhostuser-ctl", description=__doc__)
+    common.add_version_option(p)
     p.add_argument("--control", default=os.environ.get("VHOSTUSER_CONTROL"), metavar="PATH",
                    help="the daemon's control socket (default: $VHOSTUSER_CONTROL)")
     p.add_argument("--json", action="store_true", help="print list as JSON too")

@@ -19,11 +19,13 @@ from ..fuzz.case import KINDS, Verdict
 from ..fuzz.oracle import Target, Unsupported, run_case
 from ..fuzz.replay import Reproducer, ReproducerError
 from ..fuzz.runner import RunConfig, Spawner, pid_alive, probe_backend, run
+from . import common
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhostuser-fuzz", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_version_option(p)
     p.add_argument("--socket", required=True, metavar="PATH", help="the back-end's socket")
     p.add_argument("--profile", choices=sorted(profiles.PROFILES), default="blk")
     p.add_argument("--cases", type=int, default=1000, metavar="N")
