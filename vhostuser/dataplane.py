@@ -182,6 +182,9 @@ class DataPlane:
     def set_call(self, index: int, fd: int | None) -> None:
         with self.locked():
             self._dev.vqs[index].call_fd = -1 if fd is None else fd
+        if fd is not None:   # a signal sent to the old fd may be lost: one spare (as libvhost-user)
+            with contextlib.suppress(OSError):
+                os.eventfd_write(fd, 1)
         old, self._call[index] = self._call[index], fd
         if old != fd:
             self._close(old)
