@@ -1,4 +1,6 @@
-# The C data plane is built by cffi; everything else is in pyproject.toml.
+# The C extensions are built by cffi: the data plane (vhostuser._native) and
+# vhostuser-blkload's loop (vhostuser._blkload). Everything else is in
+# pyproject.toml.
 from setuptools import setup
 
-setup(cffi_modules=["csrc/build_native.py:ffibuilder"])
+setup(cffi_modules=["csrc/build_native.py:ffibuilder", "csrc/build_blkload.py:ffibuilder"])

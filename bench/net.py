@@ -61,7 +61,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.blkload.procstat import cpu_seconds, find_backend_pid, memory_kb  # noqa: E402
+from vhostuser.blkload.procstat import cpu_seconds, find_backend_pid, memory_kb  # noqa: E402
 
 PY = sys.executable
 PMD_MAC = "02:00:00:00:00:aa"

@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.blkload import stamp_file  # noqa: E402
+from vhostuser.blkload import stamp_file  # noqa: E402
 from bench.run import PY, Backend, blkload, metric_of, parse_size  # noqa: E402
 
 WORKLOADS = [  # name, blkload arguments, metric, higher is better

@@ -6,7 +6,7 @@
 
 Every back-end is started once, pinned to --backend-cpu, on a socket of its
 own and the same raw image on tmpfs (or a RAM disk of the same size,
-prefilled). Each measurement is one `python -m bench.blkload --json` run
+prefilled). Each measurement is one `python -m vhostuser.blkload --json` run
 pinned to --client-cpu; the back-ends of one workload run one after another,
 and the rounds rotate their order, so each ratio compares runs taken next to
 each other. Reported: the median of the rounds, min and max, and ratios of
@@ -36,8 +36,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.blkload import Session, parse_size, stamp_file  # noqa: E402
-from bench.blkload.procstat import cpu_seconds, find_backend_pid, memory_kb  # noqa: E402
+from vhostuser.blkload import Session, parse_size, stamp_file  # noqa: E402
+from vhostuser.blkload.procstat import cpu_seconds, find_backend_pid, memory_kb  # noqa: E402
 
 PY = sys.executable
 
@@ -160,7 +160,7 @@ class Backend:
 
 
 def blkload(args, backend: Backend, seconds: float, **kw) -> dict:
-    argv = [PY, "-m", "bench.blkload", "--socket", backend.sock, "--json",
+    argv = [PY, "-m", "vhostuser.blkload", "--socket", backend.sock, "--json",
             "--seconds", str(seconds), "--pid", str(backend.pid)]
     if args.warmup is not None:
         argv += ["--warmup", str(args.warmup)]
@@ -286,7 +286,7 @@ def main(argv=None) -> int:
             b.wait_ready()
             results["commands"][b.name] = " ".join(shlex.quote(a) for a in b.cmd)
         if "vhu-ram" in backends:
-            pre = subprocess.run([PY, "-m", "bench.blkload", "--socket",
+            pre = subprocess.run([PY, "-m", "vhostuser.blkload", "--socket",
                                   backends["vhu-ram"].sock, "--prefill", "--json"],
                                  cwd=ROOT, capture_output=True, text=True)
             print(f"RAM disk prefill: {pre.stdout.strip() or pre.stderr}", flush=True)
@@ -468,7 +468,7 @@ def render(args, results, report, info) -> str:
               f"`taskset -c {args.backend_cpu}`, the client with `taskset -c {args.client_cpu}`, "
               f"all at `nice -n {args.nice}`; {args.seconds} s per measurement after a warm-up "
               f"(min(1 s, seconds/5)), {args.reps} rounds, back-end order rotated each round. "
-              "Client: `python -m bench.blkload` (C hot loop, eventfd waits, EVENT_IDX, direct "
+              "Client: `vhostuser-blkload` (C hot loop, eventfd waits, EVENT_IDX, direct "
               "3-descriptor chains, split ring). Median over rounds; [min..max] across rounds; "
               "ratio = median / median of the best qemu-storage-daemon setting for that "
               "workload, with the range of same-round ratios.", ""]

@@ -48,3 +48,6 @@ ffibuilder.set_source(
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)
+    # vhostuser-blkload's C loop, the package's other extension (setup.py).
+    import build_blkload
+    build_blkload.ffibuilder.compile(verbose=True)

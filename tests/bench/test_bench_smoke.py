@@ -22,7 +22,7 @@ def test_blkload_against_ramdisk(tmp_path):
     be = subprocess.Popen([sys.executable, "-m", "vhostuser.cli.blk", "--socket-path",
                            str(sock), "--ramdisk", "16M"], cwd=ROOT)
     try:
-        out = subprocess.run([sys.executable, "-m", "bench.blkload", "--socket", str(sock),
+        out = subprocess.run([sys.executable, "-m", "vhostuser.blkload", "--socket", str(sock),
                               "--rw", "randrw", "--bs", "4k", "--qd", "8", "--seconds", "0.3",
                               "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr

@@ -228,7 +228,7 @@ def test_a_queue_that_never_runs_dry_is_served_to_the_end(tmp_path):
     longer than the worker's round budget, and the worker must not then
     sleep with the ring's notifications off (it did: the run stalled)."""
     from bench.backends import PreadDisk
-    from bench.blkload import run
+    from vhostuser.blkload import run
     image = tmp_path / "busy.img"
     with open(image, "wb") as f:
         f.truncate(16 * MIB)

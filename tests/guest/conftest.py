@@ -4,6 +4,12 @@ The guest kit (kernel + initramfs, see ``vhostuser.testing.guest``) is built
 once per session and cached in ``$VHOSTUSER_GUEST_CACHE`` (default
 ``~/.cache/vhostuser/guest``).  Tests skip only when ``qemu-system-x86_64``
 is missing; a failing kit build is an error, not a skip.
+
+A test that takes the ``qemu`` argument runs once per QEMU (``qemus.py``):
+Debian's own (``[qemu-7.2]``) and QEMU 10 from bookworm-backports
+(``[qemu-10.0]``), and passes it to ``GuestProcess``/``run_guest``.  Without
+the backport unpacked (``./dev.sh setup``) its runs skip, or fail when
+``$VHOSTUSER_REQUIRE_QEMUS`` is set (``./dev.sh test`` sets it).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ except ImportError:  # package not installed: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from vhostuser.testing import guest as guest_mod
 
+import qemus  # noqa: E402  (tests/guest/qemus.py)
+
 QEMU = "qemu-system-x86_64"
 QSD = "qemu-storage-daemon"
 SOCKET_WAIT = 15.0
@@ -39,6 +47,42 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(skip)
+
+
+_QEMU_PARAMS: list | None = None
+
+
+def _qemu_params() -> list:
+    """One pytest.param per QEMU, with its version as the id."""
+    global _QEMU_PARAMS
+    if _QEMU_PARAMS is None:
+        params = []
+        system = qemus.system_qemu()
+        if system is not None:
+            params.append(pytest.param(system, id=system.label))
+        backport = qemus.backport_qemu()
+        if backport is not None:
+            params.append(pytest.param(backport, id=backport.label))
+        elif os.environ.get("VHOSTUSER_REQUIRE_QEMUS"):
+            params.append(pytest.param(None, id="qemu-10"))   # the fixture fails
+        else:
+            params.append(pytest.param(None, id="qemu-10", marks=pytest.mark.skip(
+                reason="QEMU 10 not unpacked (./dev.sh setup, or python3 tests/guest/qemus.py fetch)")))
+        _QEMU_PARAMS = params
+    return _QEMU_PARAMS
+
+
+def pytest_generate_tests(metafunc):
+    if "qemu" in metafunc.fixturenames:
+        metafunc.parametrize("qemu", _qemu_params(), indirect=True)
+
+
+@pytest.fixture
+def qemu(request) -> guest_mod.Qemu:
+    """The QEMU this run of the test boots its guests with."""
+    if request.param is None:
+        pytest.fail("QEMU 10 is not unpacked: run ./dev.sh setup (python3 tests/guest/qemus.py fetch)")
+    return request.param
 
 
 @pytest.fixture(scope="session")
@@ -137,4 +181,6 @@ def raw_image(tmp_path) -> Path:
 
 def pytest_report_header(config):
     cache = os.environ.get("VHOSTUSER_GUEST_CACHE") or str(guest_mod.default_cache_dir())
-    return f"guest kit cache: {cache}"
+    found = [q for q in (qemus.system_qemu(), qemus.backport_qemu()) if q is not None]
+    return [f"guest kit cache: {cache}",
+            "guest QEMUs: " + (", ".join(f"{q.label} {q.binary}" for q in found) or "none")]

@@ -1,5 +1,6 @@
-"""vhostuser-blk serving a real Linux guest (QEMU 7.2, TCG), side by side
-with qemu-storage-daemon on the same workload in the same run.
+"""vhostuser-blk serving a real Linux guest (TCG), side by side with
+qemu-storage-daemon on the same workload in the same run; every test once on
+Debian's QEMU 7.2 and once on QEMU 10 (``[qemu-7.2]``, ``[qemu-10.0]``).
 
 The workload (vhostuser.testing.guest.blk_workload_basic): ext4 made,
 written, synced, remounted and re-read; O_DIRECT write/read with checksums;
@@ -97,12 +98,12 @@ def fresh_image(tmp_path: Path, name: str) -> Path:
     return path
 
 
-def run_workload(kit, sock, tag):
+def run_workload(kit, sock, tag, qemu):
     workload = guest.blk_workload_basic(
         tag, direct_offset_mb=DIRECT_OFFSET_MB, discard_offset_mb=DISCARD_OFFSET_MB,
         zero_offset_mb=ZERO_OFFSET_MB, region_mb=REGION_MB, file_sectors=FILE_SECTORS)
     result = guest.run_guest(kit, workload, blk_sockets=[str(sock)], num_queues=2, smp=2,
-                             timeout=120)
+                             timeout=120, qemu=qemu)
     result.check()
     return result.results()
 
@@ -133,19 +134,19 @@ def check_image(image: Path, tag: str) -> None:
 
 
 def test_same_workload_on_vhostuser_and_qemu_storage_daemon(guest_kit, vhostuser_blk, qsd,
-                                                           tmp_path, capsys):
+                                                           tmp_path, capsys, qemu):
     tag = "cmp"
     ours_image, theirs_image = fresh_image(tmp_path, "ours.raw"), fresh_image(tmp_path, "qsd.raw")
 
     ours = vhostuser_blk("--blk-file", str(ours_image), "--queues", "2")
-    ours_results = run_workload(guest_kit, ours.sock, tag)
+    ours_results = run_workload(guest_kit, ours.sock, tag, qemu)
     assert ours.stop() == 0
     daemon = qsd(theirs_image, num_queues=2)
-    theirs_results = run_workload(guest_kit, daemon.sock, tag)
+    theirs_results = run_workload(guest_kit, daemon.sock, tag, qemu)
     daemon.stop()
 
     with capsys.disabled():
-        print("\nguest results        vhostuser                  qemu-storage-daemon")
+        print(f"\nguest results ({qemu.label})  vhostuser              qemu-storage-daemon")
         for key in sorted(set(ours_results) | set(theirs_results)):
             print(f"  {key:18} {ours_results.get(key, '-')[:24]:26} {theirs_results.get(key, '-')[:24]}")
     check_workload(ours_results, tag)
@@ -160,7 +161,7 @@ def test_same_workload_on_vhostuser_and_qemu_storage_daemon(guest_kit, vhostuser
     # A second boot on our back-end reads back what the first wrote.
     again = vhostuser_blk("--blk-file", str(ours_image), name="again.sock")
     verify = guest.run_guest(guest_kit, guest.blk_workload_verify(tag, direct_offset_mb=DIRECT_OFFSET_MB),
-                             blk_sockets=[str(again.sock)], timeout=60, pvh=True)
+                             blk_sockets=[str(again.sock)], timeout=60, pvh=True, qemu=qemu)
     verify.check()
     v = verify.results()
     assert v["fsck_rc"] == "0"
@@ -177,12 +178,12 @@ echo "RESULT read=$(dd if=/dev/vda bs=4096 count=1 iflag=direct 2>/dev/null | sh
 """
 
 
-def test_read_only_disk_refuses_writes(guest_kit, vhostuser_blk, tmp_path):
+def test_read_only_disk_refuses_writes(guest_kit, vhostuser_blk, tmp_path, qemu):
     image = tmp_path / "ro.raw"
     image.write_bytes(b"\x5a" * MIB)
     server = vhostuser_blk("--blk-file", str(image), "--read-only")
     result = guest.run_guest(guest_kit, READ_ONLY_WORKLOAD, blk_sockets=[str(server.sock)],
-                             timeout=60, pvh=True)
+                             timeout=60, pvh=True, qemu=qemu)
     got = result.results()
     assert got["ro"] == "1"
     assert got["write_rc"] != "0"
@@ -203,12 +204,12 @@ umount /mnt
 """
 
 
-def test_python_backend_example_serves_a_file_system(guest_kit, vhostuser_blk, tmp_path):
+def test_python_backend_example_serves_a_file_system(guest_kit, vhostuser_blk, tmp_path, qemu):
     """examples/sparse_dict.py (a disk in a Python dict) under a real ext4."""
     server = vhostuser_blk("--backend", "examples.sparse_dict:SparseDictDisk",
                            "--backend-opt", f"size={64 * MIB}")
     result = guest.run_guest(guest_kit, PY_BACKEND_WORKLOAD, blk_sockets=[str(server.sock)],
-                             timeout=120, pvh=True)
+                             timeout=120, pvh=True, qemu=qemu)
     result.check()
     got = result.results()
     assert got["written"] == got["read"]
@@ -226,13 +227,13 @@ echo "RESULT last_sector_write=$?"
 """
 
 
-def test_resize_of_a_running_disk_reaches_the_guest(guest_kit, vhostuser_blk, tmp_path):
+def test_resize_of_a_running_disk_reaches_the_guest(guest_kit, vhostuser_blk, tmp_path, qemu):
     """SIGHUP after growing the image: CONFIG_CHANGE_MSG over the back-end
     channel, QEMU re-reads the config, the guest sees the new capacity."""
     image = fresh_image(tmp_path, "grow.raw")
     server = vhostuser_blk("--blk-file", str(image))
     with guest.GuestProcess(guest_kit, RESIZE_WORKLOAD, blk=[guest.BlkDevice(str(server.sock))],
-                            pvh=True) as vm:
+                            pvh=True, qemu=qemu) as vm:
         vm.wait_for(r"^READY size=", timeout=60)
         with open(image, "r+b") as f:
             f.truncate(96 * MIB)

@@ -1,5 +1,5 @@
 """Live migration of a guest whose disk is served by vhostuser-blk, while the
-guest writes and reads back (issue 7).
+guest writes and reads back (issue 7); on QEMU 7.2 and on QEMU 10.
 
 Two QEMUs on this machine: the destination waits with ``-incoming unix:``,
 each has its own vhostuser-blk process on the SAME image file.  During the
@@ -140,7 +140,7 @@ def migrate(src: guest.GuestProcess, uri: str, timeout: float = 120.0) -> float:
     return time.monotonic() - t0
 
 
-def run_migrations(kit, tmp: Path, name: str, devices) -> Outcome:
+def run_migrations(kit, tmp: Path, name: str, devices, qemu=None) -> Outcome:
     """Boots the guest, migrates it MIGRATIONS times under load, stops the
     writers and checks.  ``devices(i)`` gives the i-th QEMU's (blk devices,
     extra args, cleanup) and may start a back-end."""
@@ -154,7 +154,7 @@ def run_migrations(kit, tmp: Path, name: str, devices) -> Outcome:
         blk, extra, cleanup = devices(0, image)
         cleanups.append(cleanup)
         vm = guest.GuestProcess(kit, workload, blk=blk, extra_args=extra, memory_mb=MEMORY_MB,
-                                pvh=True, smp=1)
+                                pvh=True, smp=1, qemu=qemu)
         vms.append(vm)
         vm.start()
         vm.wait_for(r"^WRITERS-START", timeout=60)
@@ -165,7 +165,7 @@ def run_migrations(kit, tmp: Path, name: str, devices) -> Outcome:
             blk, extra, cleanup = devices(i, image)
             cleanups.append(cleanup)
             dst = guest.GuestProcess(kit, workload, blk=blk, memory_mb=MEMORY_MB, pvh=True,
-                                     smp=1, extra_args=[*extra, "-incoming", uri])
+                                     smp=1, extra_args=[*extra, "-incoming", uri], qemu=qemu)
             vms.append(dst)
             dst.start()
             with QMP.connect(dst.qmp_path):
@@ -214,7 +214,7 @@ def run_migrations(kit, tmp: Path, name: str, devices) -> Outcome:
 
 
 def test_live_migration_under_write_load_vhostuser_and_qemu_control(guest_kit, sock_dir, tmp_path,
-                                                                    capsys):
+                                                                    capsys, qemu):
     backends: list[Backend] = []
 
     def ours(i: int, image: Path):
@@ -235,10 +235,10 @@ def test_live_migration_under_write_load_vhostuser_and_qemu_control(guest_kit, s
         return [], ["-drive", f"file={image},if=none,id=d0,format=raw,cache=none,aio=threads",
                     "-device", "virtio-blk-pci,drive=d0,id=vblk0"], lambda outcome: None
 
-    mine = run_migrations(guest_kit, tmp_path, "vhostuser", ours)
+    mine = run_migrations(guest_kit, tmp_path, "vhostuser", ours, qemu)
     # every source back-end got a dirty log (and the last QEMU, never a source, none)
     log_bases = [len(re.findall(r": SET_LOG_BASE \(", b.log_text())) for b in backends]
-    theirs = run_migrations(guest_kit, tmp_path, "control", control)
+    theirs = run_migrations(guest_kit, tmp_path, "control", control, qemu)
     with capsys.disabled():
         print(f"\nSET_LOG_BASE per vhostuser-blk (source, ..., last destination): {log_bases}")
         for o in (mine, theirs):

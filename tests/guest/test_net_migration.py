@@ -1,5 +1,6 @@
 """Live migration of a guest on vhostuser-net: the destination announces the
-guest's MAC (issue 7: "For net, SEND_RARP / GUEST_ANNOUNCE after migration").
+guest's MAC (issue 7: "For net, SEND_RARP / GUEST_ANNOUNCE after migration"),
+on QEMU 7.2 (no MSI-X) and on QEMU 10 (MSI-X).
 
 One network namespace holds a bridge ``br0`` (the host side, HOST_IP) with
 two TAPs: ``vhu-src`` served by the source QEMU's vhostuser-net and
@@ -8,7 +9,7 @@ pings the host (so the bridge learns its MAC on ``vhu-src``) and idles.
 The test migrates it over a unix socket (QMP) while a raw AF_PACKET socket
 on ``vhu-dst`` records what arrives *from the back-end* there.
 
-After migration QEMU 7.2 calls qemu_announce_self() on the destination:
+After migration QEMU (7.2 and 10) calls qemu_announce_self() on the destination:
 
 * ``guest_announce=on`` (QEMU's default; Linux acks VIRTIO_NET_F_GUEST_ANNOUNCE
   with CTRL_VQ): QEMU sets VIRTIO_NET_S_ANNOUNCE, the guest's driver calls
@@ -212,9 +213,9 @@ class Capture:
 
 @pytest.mark.parametrize("guest_announce", [True, False], ids=["guest-announce", "send-rarp"])
 def test_destination_announces_guest_mac_after_migration(guest_kit, bridged_ns, sock_dir,
-                                                         tmp_path, capsys, guest_announce):
+                                                         tmp_path, capsys, guest_announce, qemu):
     ns = bridged_ns
-    props = {"vectors": 0, "romfile": "", "guest_announce": guest_announce}
+    props = {"romfile": "", "guest_announce": guest_announce}
     socks = {side: str(sock_dir / f"{side}.sock") for side in ("src", "dst")}
     backends = {}
     vms: list[guest.GuestProcess] = []
@@ -231,7 +232,7 @@ def test_destination_announces_guest_mac_after_migration(guest_kit, bridged_ns, 
 
         def vm(side: str, extra=()) -> guest.GuestProcess:
             v = guest.GuestProcess(guest_kit, WORKLOAD, memory_mb=MEMORY_MB, pvh=True, smp=1,
-                                   net=[guest.NetDevice(socket=socks[side], mac=GUEST_MAC,
+                                   qemu=qemu, net=[guest.NetDevice(socket=socks[side], mac=GUEST_MAC,
                                                         properties=props)],
                                    extra_args=list(extra))
             vms.append(v)
@@ -297,7 +298,8 @@ def test_destination_announces_guest_mac_after_migration(guest_kit, bridged_ns, 
     early = dst_messages.index("SET_FEATURES") if "SET_FEATURES" in dst_messages else 0
     report["SEND_RARP_before_SET_FEATURES"] = dst_messages[:early].count("SEND_RARP")
     with capsys.disabled():
-        print(f"\n[net-migration guest_announce={'on' if guest_announce else 'off'}] {report}")
+        print(f"\n[net-migration {qemu.label} guest_announce={'on' if guest_announce else 'off'}] "
+              f"{report}")
 
     assert statuses == {"src": 0, "dst": 0}, (statuses, {k: v[-2000:] for k, v in logs.items()})
     for side, text in logs.items():

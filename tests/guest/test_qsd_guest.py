@@ -82,8 +82,10 @@ def test_qemu_command_devices(tmp_path):
         kit, tmp_path / "initrd", serial_path=tmp_path / "serial", qmp_path=tmp_path / "qmp",
         blk=[guest.BlkDevice("/s/blk", num_queues=2, reconnect=1, properties={"queue-size": 256})],
         net=[guest.NetDevice("/s/net", queues=2), guest.NetDevice("/s/net1", server=True)],
+        qemu=guest.Qemu("/usr/bin/qemu-system-x86_64", version=(7, 2)),
     )
     line = " ".join(cmd)
+    assert cmd[0] == "/usr/bin/qemu-system-x86_64" and "-L" not in cmd
     assert "socket,id=vublkc0,path=/s/blk,reconnect=1" in line
     assert "vhost-user-blk-pci,id=vublk0,chardev=vublkc0,num-queues=2,queue-size=256" in line
     assert "vhost-user,id=vunet0,chardev=vunetc0,queues=2" in line
@@ -91,3 +93,24 @@ def test_qemu_command_devices(tmp_path):
     assert "socket,id=vunetc1,path=/s/net1,server=on,wait=on" in line
     assert "memory-backend-memfd,id=mem,size=512M,share=on" in line
     assert f"unix:{tmp_path / 'qmp'},server=on,wait=off" in line
+
+
+def test_qemu_command_for_a_private_qemu_10(tmp_path):
+    """A QEMU in a private prefix gets its firmware directories first (-L, in
+    order), and virtio-net-pci keeps MSI-X there unless a test asks otherwise."""
+    kit = guest.GuestKit(
+        directory=tmp_path, kernel=tmp_path / "vmlinuz", vmlinux=None, initramfs=tmp_path / "base.cpio",
+        kernel_version="6.1.0-0-amd64", package="linux-image-6.1.0-0-amd64", package_version="0",
+        modules=(), builtin_modules=(),
+    )
+    qemu = guest.Qemu("/p/usr/bin/qemu-system-x86_64", data_dirs=("/p/share/qemu", "/p/share/seabios"),
+                      env=(("QEMU_MODULE_DIR", "/p/lib/qemu"),), version=(10, 0))
+    cmd = guest.qemu_command(kit, tmp_path / "initrd", serial_path=tmp_path / "serial", qemu=qemu,
+                             net=[guest.NetDevice("/s/net"), guest.NetDevice("/s/net1", msix=False)])
+    assert cmd[:5] == ["/p/usr/bin/qemu-system-x86_64", "-L", "/p/share/qemu", "-L", "/p/share/seabios"]
+    devices = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "-device"]
+    assert "vectors" not in devices[0] and "romfile=" in devices[0]
+    assert devices[1].endswith(",vectors=0,romfile=")
+    assert qemu.label == "qemu-10.0" and qemu.net_msix
+    assert qemu.environment()["QEMU_MODULE_DIR"] == "/p/lib/qemu"
+    assert not guest.Qemu(version=(7, 2)).net_msix and guest.Qemu(version=(7, 2)).environment() is None

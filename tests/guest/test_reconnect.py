@@ -1,9 +1,10 @@
-"""Back-end crashes and restarts under a real guest's write load (issue 7).
+"""Back-end crashes and restarts under a real guest's write load (issue 7),
+each test on QEMU 7.2 and on QEMU 10 (``[qemu-7.2]``, ``[qemu-10.0]``).
 
-QEMU 7.2 reconnects to a restarted vhost-user back-end only as a socket
-client with ``reconnect=N``; vhost-user-blk then hands the restarted
-back-end the inflight area it got with GET_INFLIGHT_FD (SET_INFLIGHT_FD),
-and the back-end resubmits what was in flight when it died.
+QEMU reconnects to a restarted vhost-user back-end only as a socket client
+with ``reconnect=N``; vhost-user-blk then hands the restarted back-end the
+inflight area it got with GET_INFLIGHT_FD (SET_INFLIGHT_FD), and the
+back-end resubmits what was in flight when it died.
 
 The guest runs four writers at once, each logging every write the disk
 acknowledged to the serial console (the guest's journal):
@@ -337,7 +338,7 @@ def inflight_report(backend: Backend) -> tuple[list[int], list[int]]:
 
 
 @pytest.mark.parametrize("kind", sorted(BACKENDS))
-def test_blk_survives_kill_9_under_write_load(guest_kit, sock_dir, tmp_path, capsys, kind):
+def test_blk_survives_kill_9_under_write_load(guest_kit, sock_dir, tmp_path, capsys, kind, qemu):
     tag = f"kill9-{kind}"
     image = fresh_image(tmp_path)
     queues = QUEUES[kind]
@@ -350,7 +351,7 @@ def test_blk_survives_kill_9_under_write_load(guest_kit, sock_dir, tmp_path, cap
                                 blk=[guest.BlkDevice(str(backend.sock), num_queues=queues,
                                                      reconnect=1,
                                                      properties=DEVICE_PROPERTIES.get(kind, {}))],
-                                smp=2, pvh=True) as vm:
+                                smp=2, pvh=True, qemu=qemu) as vm:
             vm.wait_for(r"^WRITERS-START", timeout=60)
             for k in range(KILLS):
                 at = wait_acks(vm, total * (k + 1) // (KILLS + 2))
@@ -388,7 +389,7 @@ def test_blk_survives_kill_9_under_write_load(guest_kit, sock_dir, tmp_path, cap
 
 
 def test_blk_sigterm_finishes_in_flight_requests_and_restarts(guest_kit, sock_dir, tmp_path,
-                                                               capsys):
+                                                               capsys, qemu):
     """SIGTERM while the guest writes through a slow back-end: the back-end
     completes what it took before it exits 0; a restarted one resubmits
     nothing, and the guest goes on."""
@@ -401,7 +402,7 @@ def test_blk_sigterm_finishes_in_flight_requests_and_restarts(guest_kit, sock_di
     try:
         with guest.GuestProcess(guest_kit, writer_script(tag, RECORDS),
                                 blk=[guest.BlkDevice(str(backend.sock), reconnect=1)],
-                                smp=2, pvh=True) as vm:
+                                smp=2, pvh=True, qemu=qemu) as vm:
             vm.wait_for(r"^WRITERS-START", timeout=60)
             for k in range(2):
                 at = wait_acks(vm, total * (k + 1) // 4)
@@ -433,7 +434,7 @@ def test_blk_sigterm_finishes_in_flight_requests_and_restarts(guest_kit, sock_di
 
 
 def test_blk_backend_outlives_qemu_killed_with_requests_in_flight(guest_kit, sock_dir, tmp_path,
-                                                                 capsys):
+                                                                 capsys, qemu):
     """QEMU dies (kill -9) while the slow back-end works on requests: the
     back-end finishes them before it lets go of guest memory (it used to
     complete them into freed rings and die of SIGSEGV), then serves the next
@@ -444,7 +445,8 @@ def test_blk_backend_outlives_qemu_killed_with_requests_in_flight(guest_kit, soc
     backend.start()
     try:
         with guest.GuestProcess(guest_kit, writer_script(tag, 200),
-                                blk=[guest.BlkDevice(str(backend.sock))], smp=2, pvh=True) as vm:
+                                blk=[guest.BlkDevice(str(backend.sock))], smp=2, pvh=True,
+                                qemu=qemu) as vm:
             vm.wait_for(r"^WRITERS-START", timeout=60)
             wait_acks(vm, 40)
             vm.kill()
@@ -456,7 +458,7 @@ def test_blk_backend_outlives_qemu_killed_with_requests_in_flight(guest_kit, soc
         # a second guest on the same back-end process
         result = guest.run_guest(guest_kit, "dd if=/dev/vda of=/dev/null bs=64k count=16 "
                                  "iflag=direct && echo RESULT read=ok\n",
-                                 blk_sockets=[str(backend.sock)], timeout=60, pvh=True)
+                                 blk_sockets=[str(backend.sock)], timeout=60, pvh=True, qemu=qemu)
         assert result.results().get("read") == "ok", result.tail()
     finally:
         rc = backend.terminate()
@@ -613,14 +615,14 @@ def wait_pongs(vm, after: int, count: int = 3, timeout: float = 60.0) -> int:
         time.sleep(0.05)
 
 
-def test_net_traffic_resumes_after_backend_restarts(guest_kit, sock_dir, netns, capsys):
+def test_net_traffic_resumes_after_backend_restarts(guest_kit, sock_dir, netns, capsys, qemu):
     sock = sock_dir / "net.sock"
     backend = Backend(sock, ["--tap", TAP], kind="net", prefix=["ip", "netns", "exec", netns])
     backend.start()
     tap_up(netns)
     outages = []
     try:
-        with guest.GuestProcess(guest_kit, PING_LOOP, smp=1, pvh=True,
+        with guest.GuestProcess(guest_kit, PING_LOOP, smp=1, pvh=True, qemu=qemu,
                                 net=[guest.NetDevice(str(sock), reconnect=1)]) as vm:
             vm.wait_for(r"^NET-UP", timeout=60)
             wait_pongs(vm, -1)

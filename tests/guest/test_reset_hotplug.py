@@ -1,5 +1,6 @@
 """Device reset and memory hotplug with vhostuser-blk under a real guest
-(QEMU 7.2, TCG).
+(TCG), on QEMU 7.2 and on QEMU 10: the protocol paths (device reset,
+memory slots) where QEMU versions differ most.
 
 * Driver reload: the guest unbinds its disk from virtio_blk and binds it
   again (the driver resets the device: status 0, QEMU stops the vhost rings
@@ -78,13 +79,13 @@ echo "RESULT reloads=$((r - 1))"
 
 
 def test_driver_reload_resets_the_device_and_the_disk_works_again(guest_kit, sock_dir, tmp_path,
-                                                                   capsys):
+                                                                   capsys, qemu):
     image = fresh_image(tmp_path)
     backend = Backend(sock_dir / "blk.sock", ["-v", "--blk-file", str(image)])   # -vv
     backend.start()
     try:
         result = guest.run_guest(guest_kit, RELOAD_WORKLOAD, blk_sockets=[str(backend.sock)],
-                                 timeout=120, pvh=True)
+                                 timeout=120, pvh=True, qemu=qemu)
     finally:
         rc = backend.terminate()
         backend.keep_log("reload")
@@ -94,7 +95,7 @@ def test_driver_reload_resets_the_device_and_the_disk_works_again(guest_kit, soc
     messages = re.findall(r"vhostuser\.handler DEBUG: \S+: ([A-Z_]+) \(", log)
     stops = messages.count("GET_VRING_BASE")
     with capsys.disabled():
-        print(f"\n[reload] driver reloads: {got.get('reloads')}; device {got.get('vdev')}; "
+        print(f"\n[reload {qemu.label}] driver reloads: {got.get('reloads')}; device {got.get('vdev')}; "
               f"rings stopped (GET_VRING_BASE): {stops}; SET_STATUS: {messages.count('SET_STATUS')}"
               f"; RESET_DEVICE: {messages.count('RESET_DEVICE')}; SET_INFLIGHT_FD: "
               f"{messages.count('SET_INFLIGHT_FD')}; SET_MEM_TABLE: "
@@ -184,14 +185,14 @@ for b in /sys/devices/system/memory/memory*; do echo "BLOCK $b $(cat $b/state) $
 
 
 def test_memory_hotplug_reaches_the_backend_and_io_uses_the_new_memory(guest_kit, sock_dir,
-                                                                        tmp_path, capsys):
+                                                                        tmp_path, capsys, qemu):
     image = fresh_image(tmp_path)
     backend = Backend(sock_dir / "blk.sock", ["-v", "--blk-file", str(image)])   # -vv
     backend.start()
     try:
         with guest.GuestProcess(
                 guest_kit, HOTPLUG_WORKLOAD, blk=[guest.BlkDevice(str(backend.sock))],
-                memory_mb=BOOT_MB, pvh=True,
+                memory_mb=BOOT_MB, pvh=True, qemu=qemu,
                 extra_args=["-m", f"{BOOT_MB}M,slots=4,maxmem=2G"]) as vm:
             vm.wait_for(r"^READY-FOR-DIMM", timeout=60)
             before = backend.log_text().count(": ADD_MEM_REG (")
@@ -220,7 +221,7 @@ def test_memory_hotplug_reaches_the_backend_and_io_uses_the_new_memory(guest_kit
     rounds = re.findall(r"BGDONE (\d+)", result.serial)
     removed = backend.log_text().count(": REM_MEM_REG (") - before_rem
     with capsys.disabled():
-        print(f"\n[unplug] DEVICE_DELETED: {unplugged}; REM_MEM_REG after device_del: {removed}; "
+        print(f"\n[unplug {qemu.label}] DEVICE_DELETED: {unplugged}; REM_MEM_REG after device_del: {removed}; "
               f"guest MemTotal after: {got.get('mem_unplugged')} kB; data read back after: "
               f"{got.get('big_after_unplug')}")
         print(f"[hotplug] DIMMs: {[d['data']['size'] // MIB for d in dimms]} MiB; "

@@ -12,6 +12,7 @@ from . import common
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhostuser-blk", description=__doc__)
+    common.add_version_option(p)
     common.add_socket_options(p)
     add_source_options(p)
     p.add_argument("--read-only", action="store_true", help="refuse every write")

@@ -38,6 +38,12 @@ class UsageError(Exception):
     """A bad option or an unusable resource: one line on stderr, exit 1."""
 
 
+def add_version_option(parser: argparse.ArgumentParser) -> None:
+    """``--version``: the program's name and the installed vhostuser version."""
+    from .. import __version__
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+
 def alias(parser, *flags: str, dest: str, **kwargs) -> None:
     """An old spelling of an option: accepted, and hidden from --help."""
     parser.add_argument(*flags, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS,

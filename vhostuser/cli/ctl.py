@@ -62,6 +62,7 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhostuser-ctl", description=__doc__)
+    common.add_version_option(p)
     p.add_argument("--control", default=os.environ.get("VHOSTUSER_CONTROL"), metavar="PATH",
                    help="the daemon's control socket (default: $VHOSTUSER_CONTROL)")
     p.add_argument("--json", action="store_true", help="print list as JSON too")

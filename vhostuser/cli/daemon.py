@@ -20,6 +20,7 @@ from . import common
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhostuser-daemon", description=__doc__)
+    common.add_version_option(p)
     p.add_argument("--control", required=True, metavar="PATH",
                    help="control socket to create (mode 0600 unless --control-mode)")
     p.add_argument("--control-group", metavar="GROUP",

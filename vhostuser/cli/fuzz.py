@@ -25,6 +25,7 @@ from . import common
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhostuser-fuzz", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_version_option(p)
     p.add_argument("--socket-path", dest="socket", metavar="PATH",
                    help="the back-end's socket (required)")
     common.alias(p, "--socket", dest="socket", metavar="PATH")

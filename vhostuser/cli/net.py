@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhostuser-net", description=__doc__)
+    common.add_version_option(p)
     common.add_socket_options(p, several=True)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--tap", metavar="IFNAME",

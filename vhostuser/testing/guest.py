@@ -67,6 +67,7 @@ __all__ = [
     "GuestTimeout",
     "GuestWorkloadFailed",
     "NetDevice",
+    "Qemu",
     "blk_workload_basic",
     "blk_workload_verify",
     "build_guest",
@@ -674,9 +675,11 @@ class BlkDevice:
 class NetDevice:
     """A virtio-net-pci device on a vhost-user netdev.
 
-    ``vectors=0`` (no MSI-X) is the default because QEMU 7.2 crashes under
-    TCG with vhost-user-net and MSI-X; ``romfile=`` skips the iPXE option ROM,
-    which the guest never uses and which slows the firmware down.
+    ``msix=None`` lets the QEMU decide (:attr:`Qemu.net_msix`): QEMU 7.2
+    crashes under TCG with vhost-user-net and MSI-X, so the device gets
+    ``vectors=0`` there, and MSI-X from QEMU 10 on. A ``vectors`` key in
+    ``properties`` wins. ``romfile=`` skips the iPXE option ROM, which the
+    guest never uses and which slows the firmware down.
     """
 
     socket: str
@@ -684,7 +687,71 @@ class NetDevice:
     mac: str | None = None
     reconnect: int | None = None
     server: bool = False
-    properties: dict = dataclasses.field(default_factory=lambda: {"vectors": 0, "romfile": ""})
+    properties: dict = dataclasses.field(default_factory=lambda: {"romfile": ""})
+    msix: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Qemu:
+    """A ``qemu-system-x86_64`` and how to run it.
+
+    ``data_dirs`` become ``-L`` options, searched before the binary's built-in
+    firmware directories (a QEMU unpacked into a private prefix brings its
+    own BIOS, PVH loader and option ROMs); ``env`` is added to its
+    environment (``QEMU_MODULE_DIR`` for such a prefix). ``version`` is read
+    from ``--version`` when not given.
+    """
+
+    binary: str = "qemu-system-x86_64"
+    data_dirs: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    version: tuple[int, int] | None = None
+
+    def release(self) -> tuple[int, int]:
+        """(major, minor) of this QEMU."""
+        return self.version or _qemu_version(self.binary)
+
+    @property
+    def label(self) -> str:
+        """``qemu-7.2``: how tests name it."""
+        return "qemu-%d.%d" % self.release()
+
+    @property
+    def net_msix(self) -> bool:
+        """Whether virtio-net-pci on vhost-user gets MSI-X: not on QEMU 7.x,
+        which crashes under TCG with it; yes on QEMU 10, where tested."""
+        return self.release() >= (10, 0)
+
+    def environment(self) -> dict | None:
+        """The environment to run it in (None: this process's)."""
+        return {**os.environ, **dict(self.env)} if self.env else None
+
+
+_VERSION_RE = re.compile(r"QEMU emulator version (\d+)\.(\d+)")
+_versions: dict[str, tuple[int, int]] = {}
+
+
+def _qemu_version(binary: str) -> tuple[int, int]:
+    if binary not in _versions:
+        try:
+            out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+        except FileNotFoundError as exc:
+            raise GuestBootFailed(f"{binary} not found; install qemu-system-x86") from exc
+        match = _VERSION_RE.search(out)
+        if match is None:
+            raise GuestBootFailed(f"{binary} --version said {out!r}")
+        _versions[binary] = (int(match.group(1)), int(match.group(2)))
+    return _versions[binary]
+
+
+SYSTEM_QEMU = Qemu()
+
+
+def _as_qemu(qemu: "Qemu | str | None") -> Qemu:
+    if qemu is None:
+        return SYSTEM_QEMU
+    return qemu if isinstance(qemu, Qemu) else Qemu(str(qemu))
 
 
 def _chardev(chardev_id: str, socket: str, reconnect: int | None, server: bool) -> str:
@@ -714,16 +781,18 @@ def _blk_args(index: int, dev: BlkDevice) -> list[str]:
     ]
 
 
-def _net_args(index: int, dev: NetDevice) -> list[str]:
+def _net_args(index: int, dev: NetDevice, qemu: Qemu) -> list[str]:
     chardev, netdev = f"vunetc{index}", f"vunet{index}"
     mac = dev.mac or f"52:54:00:12:34:{0x56 + index:02x}"
     device = f"virtio-net-pci,id=vunetdev{index},netdev={netdev},mac={mac}"
     if dev.queues > 1:
         device += ",mq=on"
+    msix = qemu.net_msix if dev.msix is None else dev.msix
+    properties = {**({} if msix else {"vectors": 0}), **dev.properties}
     return [
         "-chardev", _chardev(chardev, dev.socket, dev.reconnect, dev.server),
         "-netdev", f"vhost-user,id={netdev},chardev={chardev},queues={dev.queues}",
-        "-device", device + _properties(dev.properties),
+        "-device", device + _properties(properties),
     ]
 
 
@@ -741,21 +810,26 @@ def qemu_command(
     cmdline_extra: str = "",
     extra_args: Sequence[str] = (),
     pvh: bool = False,
-    qemu: str = "qemu-system-x86_64",
+    qemu: Qemu | str | None = None,
 ) -> list[str]:
     """Build the QEMU argv.
 
     Guest RAM is a shared memfd so a vhost-user back-end can map it.
     ``-nodefaults`` keeps out the default NIC (no user-mode networking).
-    ``pvh=True`` boots ``kit.vmlinux`` instead of ``kit.kernel``.
+    ``pvh=True`` boots ``kit.vmlinux`` instead of ``kit.kernel``. ``qemu``
+    (default: ``qemu-system-x86_64`` on $PATH) is a :class:`Qemu` or a path.
     """
+    qemu = _as_qemu(qemu)
     kernel = kit.kernel
     if pvh:
         if kit.vmlinux is None:
             raise ValueError("this kit has no vmlinux; PVH boot is unavailable")
         kernel = kit.vmlinux
-    cmd = [
-        qemu, "-accel", "tcg", "-M", machine, "-cpu", "max",
+    cmd = [qemu.binary]
+    for directory in qemu.data_dirs:
+        cmd += ["-L", directory]
+    cmd += [
+        "-accel", "tcg", "-M", machine, "-cpu", "max",
         "-m", str(memory_mb), "-smp", str(smp),
         "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
         "-numa", "node,memdev=mem",
@@ -769,7 +843,7 @@ def qemu_command(
     for index, dev in enumerate(blk):
         cmd += _blk_args(index, dev)
     for index, dev in enumerate(net):
-        cmd += _net_args(index, dev)
+        cmd += _net_args(index, dev, qemu)
     return cmd + list(extra_args)
 
 
@@ -859,9 +933,11 @@ class GuestProcess:
         extra_args: Sequence[str] = (),
         pvh: bool = False,
         keep_files: bool = False,
+        qemu: Qemu | str | None = None,
     ) -> None:
         self.kit = kit
         self.workload = workload
+        self.qemu = _as_qemu(qemu)
         # Short path: unix socket paths are limited to 107 bytes.
         self.run_dir = Path(tempfile.mkdtemp(prefix="vhu-guest-"))
         self.serial_path = self.run_dir / "serial.log"
@@ -873,7 +949,7 @@ class GuestProcess:
             self.command = qemu_command(
                 kit, initrd, serial_path=self.serial_path, qmp_path=self.qmp_path,
                 blk=blk, net=net, memory_mb=memory_mb, smp=smp, machine=machine,
-                cmdline_extra=cmdline_extra, extra_args=extra_args, pvh=pvh,
+                cmdline_extra=cmdline_extra, extra_args=extra_args, pvh=pvh, qemu=self.qemu,
             )
         except BaseException:
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -888,6 +964,7 @@ class GuestProcess:
             with open(self.qemu_log_path, "wb") as log:
                 self.process = subprocess.Popen(
                     self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=self.qemu.environment(),
                 )
         except FileNotFoundError as exc:
             raise GuestBootFailed(f"{self.command[0]} not found; install qemu-system-x86") from exc
@@ -1016,6 +1093,7 @@ def run_guest(
     cmdline_extra: str = "",
     extra_args: Sequence[str] = (),
     pvh: bool = False,
+    qemu: Qemu | str | None = None,
 ) -> GuestResult:
     """Boot the guest, run ``workload`` and return the result.
 
@@ -1028,7 +1106,7 @@ def run_guest(
     net = [_as_net(item, num_queues) for item in net_sockets]
     with GuestProcess(
         kit, workload, blk=blk, net=net, memory_mb=memory_mb, smp=smp,
-        machine=machine, cmdline_extra=cmdline_extra, extra_args=extra_args, pvh=pvh,
+        machine=machine, cmdline_extra=cmdline_extra, extra_args=extra_args, pvh=pvh, qemu=qemu,
     ) as guest:
         return guest.wait(timeout)
 

@@ -1,11 +1,13 @@
 """vhostuser-blkload: a load generator for any vhost-user-blk back-end.
 
 The control plane (negotiation, memory table, rings, eventfds) is done with
-vhostuser's pure-Python front-end; the data path is a C loop (loadgen.c,
-compiled with cffi on first use, see build.py) that drives the split rings
-directly, so the client is not the bottleneck.
+vhostuser's pure-Python front-end; the data path is a C loop
+(csrc/blkload/loadgen.c, the extension ``vhostuser._blkload`` built with the
+package) that drives the split rings directly, so the client is not the
+bottleneck. Command line: ``vhostuser-blkload`` (or ``python -m
+vhostuser.blkload``).
 
-    from bench.blkload import run
+    from vhostuser.blkload import run
     result = run("/tmp/disk.sock", rw="randread", bs=4096, qd=32, seconds=10)
 """
 from __future__ import annotations
@@ -14,10 +16,8 @@ import os
 import resource
 import time
 
-from vhostuser.frontend import BlkClient, Frontend, GuestMemory
-from vhostuser.protocol import Feature
-
-from .build import load
+from ..frontend import BlkClient, Frontend, GuestMemory
+from ..protocol import Feature
 from .procstat import BackendProbe, find_backend_pid
 
 RW_MODES = {  # name -> (random, read percentage)
@@ -25,6 +25,17 @@ RW_MODES = {  # name -> (random, read percentage)
     "randread": (True, 100), "randwrite": (True, 0), "randrw": (True, None),
 }
 MAX_RING = 1024   # libvhost-user's (qemu-storage-daemon's) VIRTQUEUE_MAX_SIZE
+
+
+def load():
+    """The compiled C loop: (ffi, lib) of ``vhostuser._blkload``."""
+    try:
+        from .. import _blkload
+    except ImportError as exc:
+        raise RuntimeError("vhostuser._blkload (the load generator's C loop) is not built: "
+                           "install the package, or run 'python3 csrc/build_native.py' "
+                           "at the root of a checkout") from exc
+    return _blkload.ffi, _blkload.lib
 
 
 def parse_size(text: str | int) -> int:

@@ -1,10 +1,11 @@
-"""vhostuser-blkload command line (``python -m bench.blkload``)."""
+"""vhostuser-blkload command line (also ``python -m vhostuser.blkload``)."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
+from ..cli import common
 from . import RW_MODES, parse_size, prefill, run
 
 
@@ -13,6 +14,7 @@ def parser() -> argparse.ArgumentParser:
         prog="vhostuser-blkload",
         description="Drive any vhost-user-blk back-end over its socket and report IOPS, "
                     "MB/s, latency percentiles and the back-end's CPU time and peak RSS.")
+    common.add_version_option(p)
     p.add_argument("--socket", metavar="PATH")
     p.add_argument("--rw", choices=list(RW_MODES), default="randread")
     p.add_argument("--bs", default="4k", help="block size (default 4k)")
