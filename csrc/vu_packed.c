@@ -215,7 +215,7 @@ static int walk_indirect(struct vu_vq *vq, struct vu_elem *e,
         *detail = d->len;
         return -VU_ERR_INDIRECT_SIZE;
     }
-    struct vring_packed_desc *table = vu_gpa_to_hva(vq->dev->mem, d->addr, d->len);
+    const struct vring_packed_desc *table = vu_vq_indirect_table(vq, d->addr, d->len);
     if (!table) {
         *detail = d->addr;
         return -VU_ERR_ADDR_UNMAPPED;

@@ -62,6 +62,7 @@ void vu_vq_free(struct vu_vq *vq)
 {
     if (!vq)
         return;
+    free(vq->indirect_copy);
     free_pool(vq);
     free_ring_state(vq);
     pthread_mutex_destroy(&vq->lock);
@@ -439,6 +440,30 @@ int vu_elem_add_buf(struct vu_vq *vq, struct vu_elem *e, uint64_t addr,
         if (rc)
             return rc;
     }
+}
+
+const void *vu_vq_indirect_table(struct vu_vq *vq, uint64_t gpa, uint32_t len)
+{
+    void *direct = vu_gpa_to_hva(vq->dev->mem, gpa, len);
+    if (direct)
+        return direct;
+    struct iovec iov[8];
+    uint32_t n = 0;
+    if (vu_gpa_to_iov(vq->dev->mem, gpa, len, iov, &n, 8))
+        return NULL;
+    if (vq->indirect_copy_cap < len) {
+        void *p = realloc(vq->indirect_copy, len);
+        if (!p)
+            return NULL;
+        vq->indirect_copy = p;
+        vq->indirect_copy_cap = len;
+    }
+    uint8_t *to = vq->indirect_copy;
+    for (uint32_t i = 0; i < n; i++) {
+        memcpy(to, iov[i].iov_base, iov[i].iov_len);
+        to += iov[i].iov_len;
+    }
+    return vq->indirect_copy;
 }
 
 /* Dispatch ------------------------------------------------------------------ */

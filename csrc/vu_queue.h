@@ -159,6 +159,10 @@ struct vu_vq {
     bool polling;
     bool notify_deferred;
 
+    /* an indirect table that straddles regions, gathered (vu_vq_indirect_table) */
+    void *indirect_copy;
+    uint32_t indirect_copy_cap;
+
     /* statistics */
     uint64_t stat_popped, stat_pushed, stat_notifies, stat_kicks;
 };

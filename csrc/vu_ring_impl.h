@@ -10,6 +10,12 @@ int vu_elem_reserve(struct vu_elem *e, uint32_t need);
 int vu_elem_add_buf(struct vu_vq *vq, struct vu_elem *e, uint64_t addr,
                     uint32_t len, bool writable);
 void vu_log_elem_write(struct vu_vq *vq, struct vu_elem *elem, uint32_t len);
+/* The indirect table of `len` bytes at guest address `gpa`, readable: our
+ * mapping of it when it lies in one region, else a copy gathered into the
+ * queue's scratch buffer (valid until the next call; queue lock held) - a
+ * table may straddle two regions that are adjacent in guest memory but not
+ * in ours. NULL when part of it is unmapped (or no memory for the copy). */
+const void *vu_vq_indirect_table(struct vu_vq *vq, uint64_t gpa, uint32_t len);
 void vu_log_used_write(struct vu_vq *vq, uint64_t offset, uint64_t len);
 /* Dirty-logs bytes of the used ring; inline because it runs on every push
  * and is nearly always off (only during live migration). */

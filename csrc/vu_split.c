@@ -65,7 +65,7 @@ bool vu_split_has_avail(struct vu_vq *vq)
 static int walk_chain(struct vu_vq *vq, uint16_t head, struct vu_elem *e,
                       uint64_t *detail)
 {
-    struct vring_desc *table = vq->desc;
+    const struct vring_desc *table = vq->desc;
     uint32_t max = vq->size;
     uint32_t i = head;
     uint32_t count = 0;
@@ -101,7 +101,7 @@ static int walk_chain(struct vu_vq *vq, uint16_t head, struct vu_elem *e,
                 *detail = d.len;
                 return -VU_ERR_INDIRECT_SIZE;
             }
-            table = vu_gpa_to_hva(vq->dev->mem, d.addr, d.len);
+            table = vu_vq_indirect_table(vq, d.addr, d.len);
             if (!table) {
                 *detail = d.addr;
                 return -VU_ERR_ADDR_UNMAPPED;

@@ -149,11 +149,12 @@ class Lab:
         self.write(r["avail"] + 2, struct.pack("<H", idx))
 
     def add_split_chain(self, q: int, bufs: list[tuple[int, int, bool]], *,
-                        indirect: bool = False) -> int:
-        """bufs: (gpa, len, writable). Returns the head index."""
+                        indirect: bool = False, table_at: int | None = None) -> int:
+        """bufs: (gpa, len, writable). Returns the head index. ``table_at``
+        places the indirect table."""
         r = self.rings[q]
         if indirect:
-            table = self.alloc(16 * len(bufs))
+            table = self.alloc(16 * len(bufs), at=table_at)
             for i, (gpa, length, w) in enumerate(bufs):
                 flags = (F_WRITE if w else 0) | (F_NEXT if i + 1 < len(bufs) else 0)
                 self.write(table + 16 * i, DESC.pack(gpa, length, flags, i + 1))
@@ -170,13 +171,14 @@ class Lab:
         return head
 
     def add_packed_chain(self, q: int, bufs: list[tuple[int, int, bool]], buf_id: int, *,
-                         indirect: bool = False) -> None:
+                         indirect: bool = False, table_at: int | None = None) -> None:
         """Writes the chain at the driver's position and makes it available
-        (first descriptor's flags written last)."""
+        (first descriptor's flags written last). ``table_at`` places the
+        indirect table."""
         r = self.rings[q]
         entries = []
         if indirect:
-            table = self.alloc(16 * len(bufs))
+            table = self.alloc(16 * len(bufs), at=table_at)
             for i, (gpa, length, w) in enumerate(bufs):
                 self.write(table + 16 * i, PDESC.pack(gpa, length, 0, F_WRITE if w else 0))
             entries.append((table, 16 * len(bufs), buf_id, F_INDIRECT))
