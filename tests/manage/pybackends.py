@@ -65,3 +65,13 @@ class BrokenDisk(BlockBackend):
 
 class NotABackend:
     pass
+
+
+class StrSizeDisk(BlockBackend):
+    """A mistake a user makes: size() hands back the --backend-opt string."""
+
+    def __init__(self, size: str):
+        self._size = size
+
+    def size(self):
+        return self._size
