@@ -28,10 +28,10 @@ class LogLimiter:
     """Logs through ``logger``, at most one line per key and ``interval``.
     Safe from any thread."""
 
-    def __init__(self, logger: logging.Logger, interval: float = INTERVAL, *,
+    def __init__(self, logger: logging.Logger, interval: float | None = None, *,
                  clock: Callable[[], float] = time.monotonic):
         self.logger = logger
-        self.interval = interval
+        self.interval = INTERVAL if interval is None else interval
         self._clock = clock
         self._lock = threading.Lock()
         # key -> [time of its last line, held back since, last message and args]

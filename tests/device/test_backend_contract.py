@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from vhostuser import loglimit
 from vhostuser.blk import BackendError, BlkDevice, BlockBackend, Unsupported
 from vhostuser.blk.spec import LIFETIME, BlkFeature, BlkType
 from vhostuser.frontend import BlkRequest, BlkStatus
@@ -108,9 +109,11 @@ def test_unsupported_answers_unsupp_and_logs_nothing(blk_client, caplog, cls):
 
 
 @pytest.mark.parametrize("cls", [Disk, AsyncDisk])
-def test_failed_requests_are_logged_rate_limited_and_counted(blk_client, caplog, cls):
+def test_failed_requests_are_logged_rate_limited_and_counted(blk_client, caplog, monkeypatch,
+                                                             cls):
     """A store that is down fails every request: one line for the first,
     the rest counted as log_suppressed on the queue they came from."""
+    monkeypatch.setattr(loglimit, "INTERVAL", 3600)     # however slow the machine
     disk = cls()
     disk.raises = {"write": OSError(5, "Input/output error")}
     dev = BlkDevice(disk, num_queues=2)
@@ -129,7 +132,8 @@ def test_failed_requests_are_logged_rate_limited_and_counted(blk_client, caplog,
     assert len(lines) == 2 and "(the last of 49 like it not logged)" in lines[1], lines
 
 
-def test_a_bug_in_the_backend_gets_one_traceback(blk_client, caplog):
+def test_a_bug_in_the_backend_gets_one_traceback(blk_client, caplog, monkeypatch):
+    monkeypatch.setattr(loglimit, "INTERVAL", 3600)
     disk = Disk()
     disk.raises = {"read": KeyError("oops")}
     with blk_client(BlkDevice(disk)) as (srv, blk):
