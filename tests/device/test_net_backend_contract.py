@@ -69,7 +69,7 @@ def test_failing_transmit_is_logged_once_in_full_and_counted(tmp_path, caplog, m
     assert stats["transmit_errors"] == 40 and stats["log_suppressed"] == 39
     device.close()
     lines = records(caplog)
-    assert lines[0].getMessage() == ("Python network back-end failed on 1 frames (queue pair 0): "
+    assert lines[0].getMessage() == ("Python network back-end failed on 1 frame (queue pair 0): "
                                      "RuntimeError: broken on call 1")
     assert lines[0].exc_info is not None
     assert caplog.text.count("Traceback") == 1
@@ -92,3 +92,21 @@ def test_what_transmit_returns_is_said_once(tmp_path, caplog, backend, said):
     lines = [r.getMessage() for r in records(caplog)]
     assert len(lines) == 1 and said in lines[0], lines
     assert "never awaited" not in caplog.text
+
+
+def test_an_os_error_in_transmit_is_one_line(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(loglimit, "INTERVAL", 3600)
+
+    class Unreachable(NetBackend):
+        def transmit(self, queue_pair, frames):
+            raise OSError(113, "No route to host")
+    device = NetDevice(Unreachable())
+    path = str(tmp_path / "net.sock")
+    with BackgroundServer(device, path):
+        send(path, 3)
+    assert device.stats()["transmit_errors"] == 3
+    device.close()
+    lines = [r.getMessage() for r in records(caplog)]
+    assert lines[0] == ("Python network back-end: transmit of 1 frame (queue pair 0) failed: "
+                        "[Errno 113] No route to host")
+    assert "Traceback" not in caplog.text

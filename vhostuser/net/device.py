@@ -176,15 +176,22 @@ class NetDevice(Device):
 
     def _transmit(self, qp: int, batch: list[Frame], what: str | None = None) -> None:
         """transmit() under queue pair qp's lock: a failure is logged
-        (rate-limited) and counted, a return value warned about once."""
+        (rate-limited) and counted, a return value warned about once. An
+        OSError (the network's trouble) is one line, anything else (a bug)
+        comes with its traceback."""
         try:
             outcome = self.backend.transmit(qp, batch)
         except Exception as exc:
             self._tx_errors[qp] += 1
-            self._log.log(type(exc), logging.ERROR,
-                          "Python network back-end failed on %s (queue pair %d): %s: %s",
-                          what or f"{len(batch)} frames", qp, type(exc).__name__, exc,
-                          exc_info=exc, source=qp)
+            what = what or ("1 frame" if len(batch) == 1 else f"{len(batch)} frames")
+            if isinstance(exc, OSError):
+                self._log.log((type(exc), exc.errno), logging.WARNING,
+                              "Python network back-end: transmit of %s (queue pair %d) failed: "
+                              "%s", what, qp, exc, source=qp)
+            else:
+                self._log.log((type(exc), None), logging.ERROR,
+                              "Python network back-end failed on %s (queue pair %d): %s: %s",
+                              what, qp, type(exc).__name__, exc, exc_info=exc, source=qp)
             return
         if outcome is None:
             return
