@@ -8,20 +8,33 @@ next one is then logged as a single line saying how many were held back
 meanwhile. Held-back messages are counted per source (a queue: the
 devices' ``log_suppressed`` counters) and still reach the DEBUG level when
 it is enabled (``-vv``), one line each. :meth:`LogLimiter.flush` reports
-what is still held back (at close).
+what is still held back (at close). ``VHOSTUSER_LOG_INTERVAL=SECONDS`` in
+the environment sets the interval (0: every occurrence is logged, the
+first in full, the others as one line each).
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Callable, Hashable
 
-#: Seconds between two lines of one key.
+#: Seconds between two lines of one key, unless VHOSTUSER_LOG_INTERVAL says.
 INTERVAL = 10.0
 #: Keys remembered; beyond that, new kinds of failure share one key.
 MAX_KEYS = 64
 _OVERFLOW = object()
+
+
+def default_interval() -> float:
+    value = os.environ.get("VHOSTUSER_LOG_INTERVAL")
+    try:
+        return max(0.0, float(value)) if value else INTERVAL
+    except ValueError:
+        logging.getLogger(__name__).warning(
+            "VHOSTUSER_LOG_INTERVAL=%r is not a number; using %gs", value, INTERVAL)
+        return INTERVAL
 
 
 class LogLimiter:
@@ -31,7 +44,7 @@ class LogLimiter:
     def __init__(self, logger: logging.Logger, interval: float | None = None, *,
                  clock: Callable[[], float] = time.monotonic):
         self.logger = logger
-        self.interval = INTERVAL if interval is None else interval
+        self.interval = default_interval() if interval is None else interval
         self._clock = clock
         self._lock = threading.Lock()
         # key -> [time of its last line, held back since, last message and args]

@@ -121,3 +121,19 @@ def test_counts_are_exact_from_many_threads(limiter, caplog):
         t.join()
     assert len(caplog.records) == 1
     assert sum(limiter.suppressed.values()) == 4 * 2000 - 1
+
+
+@pytest.mark.parametrize("value, interval", [("2.5", 2.5), ("0", 0.0), ("", 10.0),
+                                             ("soon", 10.0)])
+def test_interval_from_the_environment(monkeypatch, value, interval):
+    monkeypatch.setenv("VHOSTUSER_LOG_INTERVAL", value)
+    assert LogLimiter(logging.getLogger("test.loglimit")).interval == interval
+
+
+def test_interval_zero_logs_every_occurrence_the_first_in_full(caplog):
+    caplog.set_level(logging.INFO, logger="test.loglimit")
+    lim = LogLimiter(logging.getLogger("test.loglimit"), interval=0)
+    for i in range(3):
+        assert lim.log("k", logging.ERROR, "n %d", i, exc_info=boom())
+    assert lines(caplog) == [(logging.ERROR, "n 0", True), (logging.ERROR, "n 1", False),
+                             (logging.ERROR, "n 2", False)]
