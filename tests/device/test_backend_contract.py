@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from vhostuser import loglimit
-from vhostuser.blk import BackendError, BlkDevice, BlockBackend, Unsupported
+from vhostuser.blk import BackendError, BlkDevice, BlockBackend, FileBackend, Unsupported
 from vhostuser.blk.spec import LIFETIME, BlkFeature, BlkType
 from vhostuser.frontend import BlkRequest, BlkStatus
 from vhostuser.frontend.blk import BLK_FEATURES
@@ -237,3 +237,17 @@ def test_an_async_close_is_reported_not_left_unawaited(caplog):
             raise AssertionError("never runs")
     BlkDevice(AsyncClose()).close()
     assert any("AsyncClose.close() is async and was not run" in m for m in warnings(caplog))
+
+
+def test_an_image_with_a_partial_last_sector_is_served_with_a_warning(tmp_path, caplog):
+    """The C file back-end keeps serving such images (they are common), but
+    says that the tail is left out."""
+    path = tmp_path / "odd.img"
+    path.write_bytes(bytes(MIB + 100))
+    dev = BlkDevice(FileBackend(str(path)))
+    try:
+        assert dev.capacity == MIB // 512
+    finally:
+        dev.close()
+    assert (f"{path}: the last 100 bytes are not a whole 512-byte sector; the guest sees the "
+            f"disk without them") in warnings(caplog)

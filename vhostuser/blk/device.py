@@ -199,6 +199,11 @@ class BlkDevice(Device):
         size = self.backend.size()
         if self._kind == lib.VU_BLK_BACKEND_PYTHON:
             size = _checked_size(self.backend, size)
+        elif size % SECTOR:
+            # An image file of any length is common: served, but not silently.
+            log.warning("%s: the last %d bytes are not a whole %d-byte sector; the guest sees "
+                        "the disk without them", getattr(self.backend, "path", "disk"),
+                        size % SECTOR, SECTOR)
         self._blk.lim.capacity = size // SECTOR
         self.config.capacity = size // SECTOR
 
