@@ -6,10 +6,16 @@ sector is written; writes go to an overlay file. The base is never modified.
 
 The overlay keeps which sectors it holds in `<overlay>.map` (one bit per
 sector), written on flush, so it can be reopened.
+
+With several queues, writes and flushes run in several threads at once: the
+sector map changes under a lock (two writes setting bits of one byte would
+otherwise lose one, and that sector would read from the base again), and
+one flush at a time writes the map file.
 """
 from __future__ import annotations
 
 import os
+import threading
 
 from vhostuser.blk import BlockBackend
 
@@ -29,6 +35,8 @@ class CowOverlay(BlockBackend):
                 self.written = bytearray(f.read().ljust((nsectors + 7) // 8, b"\0"))
         except FileNotFoundError:
             self.written = bytearray((nsectors + 7) // 8)
+        self._map_lock = threading.Lock()      # self.written
+        self._flush_lock = threading.Lock()    # the map file
 
     def size(self) -> int:
         return self._size
@@ -64,17 +72,27 @@ class CowOverlay(BlockBackend):
         written = os.pwritev(self.overlay_fd, bufs, offset)
         if written != sum(len(b) for b in bufs):
             raise OSError(f"short write at offset {offset}")
-        for sector in range(offset // SECTOR, (offset + written) // SECTOR):
-            self.written[sector >> 3] |= 1 << (sector & 7)
+        # After the data: a read that sees the bit finds the data there. (A
+        # read overlapping a write of its sectors may get either, as on any
+        # disk, so reads take no lock.)
+        with self._map_lock:
+            for sector in range(offset // SECTOR, (offset + written) // SECTOR):
+                self.written[sector >> 3] |= 1 << (sector & 7)
 
     def flush(self) -> None:
-        os.fdatasync(self.overlay_fd)
-        tmp = self.map_path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(self.written)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.map_path)
+        with self._flush_lock:
+            # The map as it is now names writes that completed, so their
+            # data is on disk after the fdatasync that follows; a write that
+            # completes meanwhile is in the next flush's map.
+            with self._map_lock:
+                snapshot = bytes(self.written)
+            os.fdatasync(self.overlay_fd)
+            tmp = self.map_path + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(snapshot)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.map_path)
 
     def close(self) -> None:
         self.flush()

@@ -2,12 +2,15 @@
 bytes copied into the writable buffers) over a real socket: batches into
 Python, split and packed rings, busy-poll mode, buffers across memory
 regions, and a malformed ring that breaks only its own queue until reset."""
+import threading
+
 import pytest
 
 from vhostuser.device import EchoDevice
-from vhostuser.frontend import Buffer, GuestMemory
+from vhostuser.frontend import Buffer, Frontend, GuestMemory
 from vhostuser.frontend.device import DEFAULT_FEATURES
 from vhostuser.protocol import Feature, bit
+from vhostuser.testing.server import BackgroundServer
 
 MIB = 1 << 20
 
@@ -136,3 +139,19 @@ def test_refused_memory_table_leaves_running_rings_intact(serve):
         for fd in fds:
             os.close(fd)
         echo(mem, vq, [b"after"])              # the old table still serves
+
+
+def test_frontend_setup_waits_for_a_backend_still_starting(tmp_path):
+    """Frontend.setup(wait=) retries like Frontend.connect(wait=)."""
+    path = str(tmp_path / "late.sock")
+    with pytest.raises(FileNotFoundError):
+        Frontend.setup(path)
+    server = BackgroundServer(EchoDevice(), path)
+    timer = threading.Timer(0.3, server.start)
+    timer.start()
+    try:
+        with Frontend.setup(path, queues=1, wait=20) as fe:
+            assert set(fe.queues) == {0}
+    finally:
+        timer.join()
+        server.stop()

@@ -65,3 +65,37 @@ class BrokenDisk(BlockBackend):
 
 class NotABackend:
     pass
+
+
+class StrSizeDisk(BlockBackend):
+    """A mistake a user makes: size() hands back the --backend-opt string."""
+
+    def __init__(self, size: str):
+        self._size = size
+
+    def size(self):
+        return self._size
+
+
+class FailingDisk(BlockBackend):
+    """A store that is down: every write fails with EIO."""
+
+    def __init__(self, size: str | int = 1 << 20):
+        self._size = int(size)
+
+    def size(self) -> int:
+        return self._size
+
+    def read(self, offset, bufs):
+        for b in bufs:
+            b[:] = bytes(len(b))
+
+    def write(self, offset, bufs):
+        raise OSError(5, "Input/output error")
+
+
+class FailingNet(NetBackend):
+    """A network that is unreachable: every transmit fails."""
+
+    def transmit(self, queue_pair, frames):
+        raise OSError(113, "No route to host")

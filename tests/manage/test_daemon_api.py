@@ -112,3 +112,18 @@ def test_registered_blk_source_is_a_spec_key(workdir, zero_source):
             d.resize("z", "8M")                         # a Python back-end resizes itself
         await d.close()
     run(main())
+
+
+def test_python_backend_with_a_bad_size_is_a_backend_error(workdir):
+    """size() is checked when the device is made: one line, nothing added."""
+    async def main():
+        d = Daemon()
+        with pytest.raises(errors.BackendFailed) as info:
+            await d.add({"type": "blk", "name": "s", "socket_path": f"{workdir}/s.sock",
+                         "backend": "tests.manage.pybackends:StrSizeDisk",
+                         "backend_opt": {"size": "1G"}})
+        assert str(info.value) == ("s: StrSizeDisk.size() returned '1G'; it must return the "
+                                   "size in bytes as an int")
+        assert d.list() == [] and not os.path.exists(f"{workdir}/s.sock")
+        await d.close()
+    run(main())

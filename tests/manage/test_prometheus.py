@@ -1,10 +1,12 @@
 """The Prometheus endpoint: scraped over HTTP on loopback after some I/O."""
 import urllib.request
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from vhostuser.frontend import BlkRequest
+from vhostuser.frontend import BlkRequest, BlkStatus, Frontend
 from vhostuser.manage.prometheus import cumulative_buckets, parse_address
+from vhostuser.testing.daemon import DaemonProcess
 from vhostuser.testing.patterns import pattern
 
 from .conftest import blk_frontend
@@ -62,6 +64,44 @@ def test_scrape_counts_io_per_queue(daemon):
                      direction=d) == 0
     assert value(s, "vhostuser_net_dropped_total", export="n0", queue_pair="0", direction="tx",
                  reason="short") == 0
+
+
+def test_failures_and_log_lines_held_back_are_counted(workdir):
+    """Python back-ends failing every request: the log has one line per kind
+    of failure, the scrape counts them all and the lines held back."""
+    d = DaemonProcess(workdir, cwd=str(Path(__file__).resolve().parents[2]),
+                      env={"VHOSTUSER_LOG_INTERVAL": "3600"})     # however slow the machine
+    try:
+        d.call("add", type="blk", name="d0", socket_path=d.path("d0.sock"), queues=2,
+               backend="tests.manage.pybackends:FailingDisk")
+        d.call("add", type="net", name="n0", socket_path=d.path("n0.sock"),
+               backend="tests.manage.pybackends:FailingNet")
+        with blk_frontend(d.path("d0.sock"), queues=2) as blk:
+            for q in (0, 1):
+                reqs = blk.execute([BlkRequest.write(i, bytes(512)) for i in range(10)], queue=q)
+                assert {r.status for r in reqs} == {BlkStatus.IOERR}
+        frame = bytes.fromhex("020000000001" "020000000002" "88b5") + bytes(46)
+        with Frontend.setup(d.path("n0.sock"), queues=2) as fe:
+            buf = fe.memory.alloc(12 + len(frame))
+            fe.memory.write(buf, bytes(12) + frame)
+            for _ in range(5):
+                fe.queues[1].submit([(buf, 12 + len(frame))])
+                fe.queues[1].wait()
+        s = scrape(d)
+    finally:
+        rc = d.terminate()
+    assert rc == 0, d.output()
+    for q in ("0", "1"):
+        assert value(s, "vhostuser_blk_errors_total", export="d0", queue=q) == 10
+    # Both queues' failures share one log line (the first); 19 were held back.
+    assert (value(s, "vhostuser_blk_log_suppressed_total", export="d0", queue="0")
+            + value(s, "vhostuser_blk_log_suppressed_total", export="d0", queue="1")) == 19
+    assert value(s, "vhostuser_net_transmit_errors_total", export="n0", queue_pair="0") == 5
+    assert value(s, "vhostuser_net_log_suppressed_total", export="n0", queue_pair="0") == 4
+    out = d.output()
+    assert out.count("failed: [Errno 5] Input/output error") == 2, out   # first, and at remove
+    assert out.count("failed: [Errno 113] No route to host") == 2, out
+    assert "Traceback" not in out, out
 
 
 def test_removed_export_leaves_the_scrape(daemon):

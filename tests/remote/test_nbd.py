@@ -182,6 +182,21 @@ def test_write_zeroes_without_server_support_writes_zero_buffers(servers, sock_d
     assert data == pattern(2, 512) + bytes(end - 512) + pattern(2, 3 * MIB)[end:]
 
 
+def test_export_with_a_partial_last_sector_serves_its_whole_sectors(servers, sock_dir,
+                                                                    tmp_path, caplog):
+    """A virtio-blk disk is whole sectors: the export's tail is left out,
+    and the log says so (size() must be a multiple of 512)."""
+    path = tmp_path / "odd.img"
+    path.write_bytes(pattern(6, MIB + 700))
+    srv = servers("nbdkit", image=str(path))
+    backend = NbdBackend(srv.uri)
+    assert backend.caps.size == MIB + 700 and backend.size() == MIB + 512
+    assert "the export's last 188 bytes are not a whole 512-byte sector" in caplog.text
+    with served(sock_dir, BlkDevice(backend)) as (_, blk):
+        assert blk.capacity == MIB // 512 + 1
+        assert blk.read(MIB // 512, 512) == pattern(6, MIB + 700)[MIB:MIB + 512]
+
+
 def test_read_only_export_refuses_writes(servers, sock_dir, image):
     with open(image, "r+b") as f:
         f.write(pattern(3, 4096))

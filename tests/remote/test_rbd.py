@@ -187,6 +187,20 @@ def test_read_only_image_refuses_writes(ceph, image, tmp_path):
     assert ceph.export(ro) == pattern(7, MIB)
 
 
+def test_image_with_a_partial_last_sector_serves_its_whole_sectors(ceph, image, tmp_path,
+                                                                   caplog):
+    """A virtio-blk disk is whole sectors: the image's tail is left out, and
+    the log says so (size() must be a multiple of 512)."""
+    odd = image + "-odd"
+    ceph.rbd("import", "-", odd, input=pattern(8, MIB + 700))
+    backend = rbd_backend(ceph, odd)
+    assert backend.size() == MIB + 512
+    assert "its last 188 bytes are not a whole 512-byte sector" in caplog.text
+    with served(tmp_path, BlkDevice(backend)) as (srv, blk):
+        assert blk.capacity == MIB // 512 + 1
+        assert blk.read(MIB // 512, 512) == pattern(8, MIB + 700)[MIB:MIB + 512]
+
+
 def test_open_errors_are_precise(ceph, image):
     from vhostuser.blk.rbd import RbdError, RbdBackend
     with pytest.raises(RbdError, match="No such file"):

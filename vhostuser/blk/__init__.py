@@ -8,11 +8,11 @@ from .spec import BlkConfig, BlkFeature, BlkStatus, BlkType
 
 _LAZY = {
     "BackendError": "backends", "BlockBackend": "backends", "FileBackend": "backends",
-    "RamBackend": "backends", "BlkDevice": "device",
+    "RamBackend": "backends", "Unsupported": "backends", "BlkDevice": "device",
 }
 
 __all__ = ["BackendError", "BlkConfig", "BlkDevice", "BlkFeature", "BlkStatus", "BlkType",
-           "BlockBackend", "FileBackend", "RamBackend"]
+           "BlockBackend", "FileBackend", "RamBackend", "Unsupported"]
 
 
 def __getattr__(name: str):

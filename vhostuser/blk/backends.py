@@ -16,7 +16,15 @@ from ..errors import VhostUserError
 
 
 class BackendError(VhostUserError):
-    """The back-end can't be used as given (missing file, bad size, ...)."""
+    """The back-end can't be used as given (missing file, bad size, ...);
+    raised by a request method, the guest gets VIRTIO_BLK_S_IOERR and the
+    log one line (no traceback), as for an OSError."""
+
+
+class Unsupported(VhostUserError):
+    """Raised by a request method: the guest gets VIRTIO_BLK_S_UNSUPP (Linux:
+    EOPNOTSUPP) instead of an I/O error. Not logged above DEBUG; counted as
+    ``unsupported``."""
 
 
 @dataclass
@@ -74,10 +82,18 @@ class BlockBackend:
 
     Override :meth:`size`, :meth:`read` and :meth:`write`; optionally
     :meth:`flush`, :meth:`write_fua`, :meth:`discard`, :meth:`write_zeroes`,
-    :meth:`lifetime`. A method may be ``async def``: it then runs on the
-    device's event loop and the guest's request stays in flight until it
-    returns. Raising any exception answers the request with
-    VIRTIO_BLK_S_IOERR.
+    :meth:`lifetime`. The request methods (all but :meth:`size`,
+    :meth:`lifetime` and :meth:`close`) may be ``async def``: they then run
+    on the device's event loop and the guest's request stays in flight
+    until they return.
+
+    A request succeeds when its method returns; the value returned is
+    ignored (the first non-None one per method is warned about). To fail
+    it, raise: :class:`Unsupported` answers VIRTIO_BLK_S_UNSUPP, anything
+    else VIRTIO_BLK_S_IOERR (OSError and :class:`BackendError` are logged
+    as one line, other exceptions, bugs, with their traceback).
+    :meth:`size` returns a positive multiple of 512 (bytes), checked when
+    the device is made and on resize.
 
     ``bufs`` are memoryviews of guest memory: ``read`` fills them with the
     bytes at ``offset`` onwards, ``write`` stores them there. They are valid
@@ -94,6 +110,7 @@ class BlockBackend:
     read_only = False
 
     def size(self) -> int:
+        """The disk's size in bytes: a positive multiple of 512."""
         raise NotImplementedError
 
     def read(self, offset: int, bufs: list[memoryview]) -> None:
@@ -144,7 +161,8 @@ class BlockBackend:
                 await written
 
     def lifetime(self) -> tuple[int, int, int] | None:
-        """(pre_eol_info, est_typ_a, est_typ_b) if the storage has such metrics."""
+        """(pre_eol_info, est_typ_a, est_typ_b), each 0..65535, if the storage
+        has such metrics (virtio 1.4, 5.2.6)."""
         return None
 
     def close(self) -> None:

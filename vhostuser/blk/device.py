@@ -4,7 +4,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import operator
 import os
+import reprlib
 import threading
 
 
@@ -13,11 +15,12 @@ from ..memory import GuestViews
 from ..device import Device
 from ..errors import ProtocolError
 from ..handler import drain_timeout
+from ..loglimit import LogLimiter
 from ..native import check, ffi, lib
 from ..protocol import bits
 from ..queue import Queue
 from ..qos import QosLimits
-from .backends import BackendError, BlockBackend, FileBackend, RamBackend
+from .backends import BackendError, BlockBackend, FileBackend, RamBackend, Unsupported
 from .spec import (CONFIG_WRITEBACK_OFFSET, ID_BYTES, LIFETIME, SECTOR, BlkConfig, BlkFeature,
                    BlkStatus, BlkType)
 
@@ -29,6 +32,11 @@ F = BlkFeature
 #: bucket counts everything slower.
 LATENCY_BOUNDS_US = tuple(1 << i for i in range(lib.VU_BLK_LAT_BUCKETS - 1)) + (float("inf"),)
 _IN, _OUT, _OK = int(BlkType.IN), int(BlkType.OUT), int(BlkStatus.OK)
+_UNSUPP = int(BlkStatus.UNSUPP)
+#: The back-end method behind each request type (write-through writes: write_fua).
+_METHODS = {BlkType.IN: "read", BlkType.OUT: "write", BlkType.FLUSH: "flush",
+            BlkType.DISCARD: "discard", BlkType.WRITE_ZEROES: "write_zeroes",
+            BlkType.GET_LIFETIME: "lifetime", BlkType.GET_ID: "get_id"}
 _COUNTERS = ("reads", "writes", "flushes", "discards", "write_zeroes", "others", "errors",
              "unsupported", "bytes_read", "bytes_written", "completed", "latency_ns_sum",
              "stable_writes", "stable_syncs")
@@ -100,8 +108,16 @@ class BlkDevice(Device):
         self._late = 0
         self._late_lock = threading.Lock()   # counted in workers, uncounted on the loop
         self._closing = False
+        # Failed requests come at request rate when a store is down: logged
+        # rate-limited, with per-queue counts of the lines held back.
+        self._log = LogLimiter(log)
         self.config = BlkConfig(capacity=0, num_queues=num_queues)
-        self._refresh_capacity()
+        try:
+            self._refresh_capacity()
+        except BaseException:
+            lib.vu_blk_free(self._blk)
+            self._blk = ffi.NULL
+            raise
         lim = self._blk.lim
         serial_bytes = serial.encode()[:ID_BYTES].ljust(ID_BYTES, b"\0")
         ffi.memmove(lim.serial, serial_bytes, ID_BYTES)
@@ -181,6 +197,13 @@ class BlkDevice(Device):
 
     def _refresh_capacity(self) -> None:
         size = self.backend.size()
+        if self._kind == lib.VU_BLK_BACKEND_PYTHON:
+            size = _checked_size(self.backend, size)
+        elif size % SECTOR:
+            # An image file of any length is common: served, but not silently.
+            log.warning("%s: the last %d bytes are not a whole %d-byte sector; the guest sees "
+                        "the disk without them", getattr(self.backend, "path", "disk"),
+                        size % SECTOR, SECTOR)
         self._blk.lim.capacity = size // SECTOR
         self.config.capacity = size // SECTOR
 
@@ -249,8 +272,9 @@ class BlkDevice(Device):
     def metrics(self) -> list[dict]:
         """Per-queue counters: requests completed by type, bytes moved by
         those that succeeded, errors, requests in flight, times the queue
-        waited for QoS tokens, and a latency histogram (from the request
-        being taken off the ring to its completion; counts per
+        waited for QoS tokens, log lines about its requests held back by
+        the rate limit (``log_suppressed``), and a latency histogram (from
+        the request being taken off the ring to its completion; counts per
         LATENCY_BOUNDS_US bucket)."""
         out = []
         for q in range(self.num_queues):
@@ -266,6 +290,7 @@ class BlkDevice(Device):
             # can't make the difference negative.
             m["inflight"] = max(0, self._blk.started[q] - m["requests"])
             m["throttled"] = self._blk.throttled[q]
+            m["log_suppressed"] = self._log.suppressed.get(q, 0)
             out.append(m)
         return out
 
@@ -341,8 +366,15 @@ class BlkDevice(Device):
             self._close_backend()
 
     def _close_backend(self) -> None:
-        self.backend.close()
-        self._free_if_idle()
+        try:
+            outcome = self.backend.close()
+            if inspect.isawaitable(outcome):
+                _discard(outcome)
+                log.error("block back-end: %s.close() is async and was not run; close() must "
+                          "be a plain method", type(self.backend).__name__)
+        finally:
+            self._log.flush()
+            self._free_if_idle()
 
     def _free_if_idle(self) -> None:
         if self._closing and not self._late and self._blk != ffi.NULL:
@@ -350,16 +382,11 @@ class BlkDevice(Device):
             self._blk = ffi.NULL
 
     # -- Python back-ends ------------------------------------------------------
-    def _run_request(self, r) -> int | object:
-        """Executes one parsed request; returns a status, or an awaitable."""
+    def _run_request(self, r) -> object:
+        """Executes one parsed request other than a read or a write; returns
+        what the back-end returned (an awaitable when it is async)."""
         t = r.type
         be: BlockBackend = self.backend
-        offset = r.sector * SECTOR
-        if t == BlkType.IN:
-            return be.read(offset, self._views.iov(r.elem.mem, r.iov, 0, r.niov))
-        if t == BlkType.OUT:
-            write = be.write if self._blk.lim.writeback else be.write_fua
-            return write(offset, self._views.iov(r.elem.mem, r.iov, 0, r.niov))
         if t == BlkType.FLUSH:
             return be.flush()
         if t == BlkType.GET_ID:
@@ -367,20 +394,18 @@ class BlkDevice(Device):
             _fill(r, serial)
             return None
         if t == BlkType.GET_LIFETIME:
-            life = be.lifetime()
-            if life is None:
-                return BlkStatus.UNSUPP
-            _fill(r, LIFETIME.pack(*life))
+            _fill(r, LIFETIME.pack(*_checked_lifetime(be)))
             return None
         if t in (BlkType.DISCARD, BlkType.WRITE_ZEROES):
             return self._segments(r)
-        return BlkStatus.UNSUPP
+        raise Unsupported(f"request type {t}")
 
     def _segments(self, r):
         be: BlockBackend = self.backend
         # Zeroes are a write: in write-through mode stable before completion.
         # (Discarded ranges have no defined content to keep.)
         stable = r.type == BlkType.WRITE_ZEROES and not self._blk.lim.writeback
+        name = _METHODS[r.type]
         calls = []
         for i in range(r.nsegs):
             seg = r.segs[i]
@@ -389,17 +414,40 @@ class BlkDevice(Device):
                 calls.append(be.discard(off, length))
             else:
                 calls.append(be.write_zeroes(off, length, bool(seg.flags & 1)))
-        pending = [c for c in calls if inspect.isawaitable(c)]
+        pending = []
+        for c in calls:
+            if inspect.isawaitable(c):
+                pending.append(c)
+            elif c is not None:
+                self._ignored(name, c)
         if pending:
             async def wait_all():
                 for c in pending:
-                    await c
+                    self._ignored(name, await c)
                 if stable:
                     flushed = be.flush()
                     if inspect.isawaitable(flushed):
-                        await flushed
+                        flushed = await flushed
+                    self._ignored("flush", flushed)
             return wait_all()
-        return be.flush() if stable else None
+        if not stable:
+            return None
+        flushed = be.flush()
+        if inspect.isawaitable(flushed):
+            return flushed
+        self._ignored("flush", flushed)
+        return None
+
+    def _ignored(self, method: str, value) -> None:
+        """A back-end method returned a value: the request succeeds all the
+        same (a failure is an exception). Warned about once per method, as
+        it is likely an old-style status that would be lost silently."""
+        if value is not None:
+            self._log.once(("return", method), logging.WARNING,
+                           "block back-end: %s.%s() returned %s; return values are ignored and "
+                           "the request succeeded (raise vhostuser.blk.Unsupported or another "
+                           "exception to fail it)", type(self.backend).__name__, method,
+                           reprlib.repr(value))
 
     def _python_batch(self, vq, reqs, n: int) -> None:
         # Per request in the guest's hot path: reads and writes go straight
@@ -421,40 +469,65 @@ class BlkDevice(Device):
                     outcome = (read if t == _IN else write)(r.sector * SECTOR, bufs)
                 else:
                     outcome = self._run_request(r)
+            except Unsupported as exc:
+                log.debug("block back-end: %s at sector %d unsupported: %s", _op(t), r.sector,
+                          exc)
+                r.result = _UNSUPP
+                continue
             except Exception as exc:
-                _log_failure(exc, r)
+                self._failed(exc, vq, r)
                 r.result = BlkStatus.IOERR
                 continue
             if outcome is None:
                 r.result = _OK
-            elif inspect.isawaitable(outcome):
-                self._complete_later(vq, r, outcome)   # r.result stays PENDING
-            elif isinstance(outcome, int) and outcome in (BlkStatus.UNSUPP, BlkStatus.IOERR):
-                r.result = outcome
             else:
-                r.result = _OK
+                method = "write_fua" if t == _OUT and write is stable_write else _op(t)
+                if inspect.isawaitable(outcome):
+                    self._complete_later(vq, r, outcome, method)   # r.result stays PENDING
+                else:
+                    self._ignored(method, outcome)
+                    r.result = _OK
 
-    def _complete_later(self, vq, r, awaitable) -> None:
+    def _failed(self, exc: Exception, vq, r) -> None:
+        """An I/O error (a remote store gone, a disk failing, a back-end that
+        says so with BackendError) is one line; anything else is a bug in
+        the back-end: its traceback. Rate-limited: during an outage every
+        request fails."""
+        if isinstance(exc, (OSError, BackendError)):
+            self._log.log((type(exc), getattr(exc, "errno", None)), logging.WARNING,
+                          "block back-end: %s at sector %d failed: %s", _op(r.type), r.sector,
+                          exc, source=vq.index)
+        else:
+            self._log.log((type(exc), None), logging.ERROR,
+                          "block back-end failed on %s at sector %d: %s: %s", _op(r.type),
+                          r.sector, type(exc).__name__, exc, exc_info=exc, source=vq.index)
+
+    def _complete_later(self, vq, r, awaitable, method: str) -> None:
         session = self.session
 
         async def run():
             cancelled = None
             try:
-                await awaitable
+                self._ignored(method, await awaitable)
                 status = BlkStatus.OK
             except asyncio.CancelledError as exc:
                 # The loop is going away (exit): answer, so the request is
                 # released rather than left in flight forever.
                 status, cancelled = BlkStatus.IOERR, exc
+            except Unsupported as exc:
+                log.debug("block back-end: %s at sector %d unsupported: %s", _op(r.type),
+                          r.sector, exc)
+                status = BlkStatus.UNSUPP
             except Exception as exc:
-                _log_failure(exc, r)
+                self._failed(exc, vq, r)
                 status = BlkStatus.IOERR
             if session is None or session.closed:
                 # Its session gave up waiting: the request is an orphan, and
                 # completing it only releases it (nothing reaches the guest;
                 # the front-end resubmits it if it tracks inflight requests).
-                log.warning("block back-end: request type %d sector %d finished after its "
-                            "session ended; answer dropped", r.type, r.sector)
+                self._log.log("orphan", logging.WARNING,
+                              "block back-end: %s at sector %d finished after its session "
+                              "ended; answer dropped", _op(r.type), r.sector, source=vq.index)
             # vq and r stay valid until this call: the element holds them.
             lib.vu_blk_finish(vq, r, status, True)
             with self._late_lock:
@@ -481,16 +554,50 @@ async def _settle(awaitable, what: str, timeout: float) -> None:
         log.error("block back-end: %s failed: %s", what, exc)
 
 
-def _log_failure(exc: Exception, r) -> None:
-    """An I/O error (a remote store gone, a disk failing, a back-end that
-    says so with BackendError) is one line: during an outage every request
-    fails. Anything else is a bug in the back-end: its traceback."""
-    if isinstance(exc, (OSError, BackendError)):
-        log.warning("block back-end: request type %d sector %d failed: %s", r.type, r.sector,
-                    exc)
-    else:
-        log.error("block back-end failed on request type %d sector %d", r.type, r.sector,
-                  exc_info=exc)
+def _op(t: int) -> str:
+    return _METHODS.get(t, f"request type {t}")
+
+
+def _discard(awaitable) -> None:
+    """Closes a coroutine that won't be awaited (no 'never awaited' warning)."""
+    close = getattr(awaitable, "close", None)
+    if close is not None:
+        close()
+
+
+def _checked_size(backend: BlockBackend, size) -> int:
+    """A Python back-end's size(): bytes, a positive multiple of 512 (the
+    guest sees whole sectors; a rounded-down tail would vanish silently)."""
+    name = f"{type(backend).__name__}.size()"
+    if inspect.isawaitable(size):
+        _discard(size)
+        raise BackendError(f"{name} is async; it must return the size in bytes at once")
+    try:
+        value = operator.index(size)
+    except TypeError:
+        raise BackendError(f"{name} returned {reprlib.repr(size)}; it must return the size in "
+                           f"bytes as an int") from None
+    if value <= 0 or value % SECTOR:
+        raise BackendError(f"{name} returned {value}; the size must be a positive multiple of "
+                           f"{SECTOR} bytes")
+    return value
+
+
+def _checked_lifetime(backend: BlockBackend) -> tuple[int, int, int]:
+    """lifetime() for GET_LIFETIME: three 16-bit values, or Unsupported."""
+    life = backend.lifetime()
+    if life is None:
+        raise Unsupported("the back-end has no lifetime metrics")
+    try:
+        values = tuple(operator.index(v) for v in life)
+    except TypeError:
+        values = ()
+    if len(values) != 3 or not all(0 <= v <= 0xFFFF for v in values):
+        _discard(life)
+        raise BackendError(f"{type(backend).__name__}.lifetime() returned {reprlib.repr(life)}; "
+                           f"it must return None or (pre_eol_info, est_typ_a, est_typ_b), "
+                           f"each 0..65535")
+    return values
 
 
 def _fill(r, data: bytes) -> None:
@@ -508,8 +615,9 @@ def vu_blk_py_batch(ctx, vq, reqs, n):
     device: BlkDevice = ffi.from_handle(ctx)
     try:
         device._python_batch(vq, reqs, n)
-    except Exception:
-        log.exception("Python block batch failed")
+    except Exception as exc:
+        device._log.log(("batch", type(exc)), logging.ERROR, "Python block batch failed: %s: %s",
+                        type(exc).__name__, exc, exc_info=exc, source=vq.index)
         for i in range(n):
             if reqs[i].result == lib.VU_BLK_S_PENDING:
                 reqs[i].result = BlkStatus.IOERR

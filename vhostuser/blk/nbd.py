@@ -274,6 +274,9 @@ class NbdBackend(BlockBackend):
         if self.caps.size < 512:
             first.close()
             raise BackendError(f"{uri}: export smaller than one 512-byte sector")
+        if self.caps.size % 512:
+            log.warning("%s: the export's last %d bytes are not a whole 512-byte sector; the "
+                        "guest sees the disk without them", uri, self.caps.size % 512)
         if connections > 1 and not self.caps.multi_conn:
             log.warning("%s: the server doesn't allow multi-conn; using one connection", uri)
             connections = 1
@@ -303,7 +306,8 @@ class NbdBackend(BlockBackend):
 
     # -- BlockBackend -------------------------------------------------------------------
     def size(self) -> int:
-        return self.caps.size
+        # Whole sectors: what a virtio-blk disk can be (warned at open).
+        return self.caps.size - self.caps.size % 512
 
     def supports(self, method: str) -> bool:
         if method == "discard":

@@ -243,6 +243,10 @@ class RbdBackend(BlockBackend):
         if self.cache_enabled:
             log.warning("RBD image %s: the %s's settings turn rbd_cache on; write-through "
                         "writes are flushed one by one", self.name, source)
+        tail = self._byte_size() % 512
+        if tail:
+            log.warning("RBD image %s: its last %d bytes are not a whole 512-byte sector; the "
+                        "guest sees the disk without them", self.name, tail)
         log.info("RBD image %s: %d bytes%s", self.name, self.size(),
                  " (read-only)" if self.read_only else "")
 
@@ -266,6 +270,11 @@ class RbdBackend(BlockBackend):
 
     # -- BlockBackend ----------------------------------------------------------------
     def size(self) -> int:
+        # Whole sectors: what a virtio-blk disk can be (warned at open).
+        size = self._byte_size()
+        return size - size % 512
+
+    def _byte_size(self) -> int:
         size = ffi.new("uint64_t *")
         _check(self.lib.rbd_get_size(self._image, size), RbdIOError, "rbd_get_size")
         return size[0]

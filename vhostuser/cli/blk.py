@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             # The image was grown or shrunk outside: tell the guest.
             try:
                 told = device.resize()
-            except (OSError, ValueError) as exc:
+            except (BackendError, OSError, ValueError) as exc:
                 common.log.error("resize failed: %s", exc)
                 return
             common.log.warning("capacity now %d sectors%s", device.capacity,

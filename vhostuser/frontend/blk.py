@@ -120,6 +120,10 @@ class BlkClient:
     ``BlkClient.setup(fe)`` does the whole bring-up; ``execute`` runs many
     requests with a queue depth; ``read``/``write``/... are the one-request
     conveniences and raise BlkError unless the status is OK.
+
+    Like a guest's driver, it addresses the disk in 512-byte sectors (the
+    ``sector`` parameters, ``capacity``, discard segments); lengths and
+    data are in bytes. A back-end sees byte offsets: ``sector * 512``.
     """
 
     def __init__(self, fe: Frontend, queues: list[Virtqueue], *, mem: GuestMemory,
@@ -260,9 +264,11 @@ class BlkClient:
         return req
 
     def read(self, sector: int, nbytes: int, *, queue: int = 0) -> bytes:
+        """``nbytes`` bytes from 512-byte sector ``sector`` on."""
         return self._one(BlkRequest.read(sector, nbytes), queue).data
 
     def write(self, sector: int, data: bytes, *, queue: int = 0) -> None:
+        """``data`` at 512-byte sector ``sector`` on."""
         self._one(BlkRequest.write(sector, data), queue)
 
     def flush(self, *, queue: int = 0) -> None:

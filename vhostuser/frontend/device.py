@@ -317,12 +317,14 @@ class Frontend:
     def setup(cls, path, *, features: int = DEFAULT_FEATURES,
               protocol_features: int = DEFAULT_PROTOCOL_FEATURES, queues: int = 1,
               queue_size: int = 128, packed: bool | None = None,
-              memory: GuestMemory | None = None, timeout: float = DEFAULT_TIMEOUT) -> "Frontend":
+              memory: GuestMemory | None = None, timeout: float = DEFAULT_TIMEOUT,
+              wait: float = 0.0) -> "Frontend":
         """connect + negotiate + set_mem_table + setup_queue for queues 0..n-1.
 
         Without ``memory`` a 4 MiB single region is made (and closed with us).
+        ``wait`` retries connecting for that many seconds, as in :meth:`connect`.
         """
-        fe = cls.connect(path, timeout=timeout)
+        fe = cls.connect(path, timeout=timeout, wait=wait)
         try:
             if packed:
                 features |= bit(Feature.RING_PACKED)

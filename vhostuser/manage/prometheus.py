@@ -6,10 +6,12 @@ Per disk: ``vhostuser_blk_capacity_bytes``, ``vhostuser_blk_read_only``; per
 disk queue: ``vhostuser_blk_requests_total{op}``,
 ``vhostuser_blk_bytes_total{direction}``, ``vhostuser_blk_errors_total``,
 ``vhostuser_blk_unsupported_total``, ``vhostuser_blk_throttled_total``,
-``vhostuser_blk_inflight_requests`` and the histogram
-``vhostuser_blk_request_latency_seconds``. Per interface queue pair:
-``vhostuser_net_packets_total{direction}``, ``vhostuser_net_bytes_total{direction}``,
-``vhostuser_net_dropped_total{direction,reason}`` (tx: from the guest).
+``vhostuser_blk_inflight_requests``, ``vhostuser_blk_log_suppressed_total`` and
+the histogram ``vhostuser_blk_request_latency_seconds``. Per interface queue
+pair: ``vhostuser_net_packets_total{direction}``,
+``vhostuser_net_bytes_total{direction}``,
+``vhostuser_net_dropped_total{direction,reason}`` (tx: from the guest),
+``vhostuser_net_transmit_errors_total``, ``vhostuser_net_log_suppressed_total``.
 """
 from __future__ import annotations
 
@@ -100,6 +102,9 @@ def families(exports: list[dict]):
                                     "Requests delayed by the QoS limits", labels=q)
     inflight = GaugeMetricFamily("vhostuser_blk_inflight_requests", "Requests in flight",
                                  labels=q)
+    blk_suppressed = CounterMetricFamily(
+        "vhostuser_blk_log_suppressed", "Log lines about failed requests held back by the "
+        "rate limit", labels=q)
     latency = HistogramMetricFamily("vhostuser_blk_request_latency_seconds",
                                     "Time from taking a request to completing it", labels=q)
     qp = ["export", "queue_pair", "direction"]
@@ -109,6 +114,13 @@ def families(exports: list[dict]):
                                     labels=qp)
     dropped = CounterMetricFamily("vhostuser_net_dropped", "Frames dropped, by reason",
                                   labels=qp + ["reason"])
+    per_pair = ["export", "queue_pair"]
+    tx_errors = CounterMetricFamily("vhostuser_net_transmit_errors",
+                                    "Calls of a Python back-end's transmit() that raised",
+                                    labels=per_pair)
+    net_suppressed = CounterMetricFamily(
+        "vhostuser_net_log_suppressed", "Log lines about failed transmits held back by the "
+        "rate limit", labels=per_pair)
     for e in exports:
         name, kind = e["name"], e["type"]
         up.add_metric([name, kind], int(e["up"]))
@@ -127,6 +139,7 @@ def families(exports: list[dict]):
                 unsupported.add_metric(labels, m.get("unsupported", 0))
                 throttled.add_metric(labels, m.get("throttled", 0))
                 inflight.add_metric(labels, m.get("inflight", 0))
+                blk_suppressed.add_metric(labels, m.get("log_suppressed", 0))
                 if "latency_us" in m:
                     latency.add_metric(labels, cumulative_buckets(m["latency_us"]),
                                        latency_sum(m))
@@ -138,8 +151,11 @@ def families(exports: list[dict]):
                     net_bytes.add_metric([name, pair, d], m[f"{d}_bytes"])
                     for reason, n in m[f"{d}_dropped"].items():
                         dropped.add_metric([name, pair, d, reason], n)
+                tx_errors.add_metric([name, pair], m.get("transmit_errors", 0))
+                net_suppressed.add_metric([name, pair], m.get("log_suppressed", 0))
     yield from (up, connected, capacity, read_only, requests, bytes_, errors, unsupported,
-                throttled, inflight, latency, packets, net_bytes, dropped)
+                throttled, inflight, blk_suppressed, latency, packets, net_bytes, dropped,
+                tx_errors, net_suppressed)
 
 
 def parse_address(text: str) -> tuple[str, int]:

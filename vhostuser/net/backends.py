@@ -81,6 +81,9 @@ class NetBackend:
     Calls of :meth:`transmit` for one queue pair never overlap; they come
     from its worker thread, or (a RARP announcement after a migration) from
     a thread of their own. Calls for different queue pairs do overlap.
+    :meth:`transmit` is a plain method; what it returns is ignored, and an
+    exception it raises is logged (rate-limited; an OSError as one line)
+    and counted as ``transmit_errors``, its frames consumed.
     """
 
     #: largest payload (MTU) the back-end takes

@@ -1,8 +1,10 @@
 """The virtio-net device: features, config space, and who moves the frames."""
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import reprlib
 import struct
 import threading
 
@@ -10,6 +12,7 @@ from ..dataplane import NativeHandler
 from ..memory import GuestViews
 from ..device import Device
 from ..errors import ProtocolError
+from ..loglimit import LogLimiter
 from ..native import ffi, lib
 from ..protocol import Feature, ProtocolFeature, bit, bits
 from ..queue import Queue
@@ -96,6 +99,10 @@ class NetDevice(Device):
         # calls and a RARP announcement never overlap.
         self._tx_locks = [threading.Lock() for _ in range(queue_pairs)]
         self._closed = False
+        # A failing transmit() fails every batch: logged rate-limited, and
+        # counted per queue pair (under its transmit lock).
+        self._log = LogLimiter(log)
+        self._tx_errors = [0] * queue_pairs
 
     @property
     def mtu(self) -> int:
@@ -164,10 +171,43 @@ class NetDevice(Device):
         with self._tx_locks[0]:
             if self._closed:
                 return
-            try:
-                self.backend.transmit(0, [Frame([memoryview(frame)], bytes(12), len(frame))])
-            except Exception:
-                log.exception("Python network back-end failed on a RARP announcement")
+            self._transmit(0, [Frame([memoryview(frame)], bytes(12), len(frame))],
+                           "a RARP announcement")
+
+    def _transmit(self, qp: int, batch: list[Frame], what: str | None = None) -> None:
+        """transmit() under queue pair qp's lock: a failure is logged
+        (rate-limited) and counted, a return value warned about once. An
+        OSError (the network's trouble) is one line, anything else (a bug)
+        comes with its traceback."""
+        try:
+            outcome = self.backend.transmit(qp, batch)
+        except Exception as exc:
+            self._tx_errors[qp] += 1
+            what = what or ("1 frame" if len(batch) == 1 else f"{len(batch)} frames")
+            if isinstance(exc, OSError):
+                self._log.log((type(exc), exc.errno), logging.WARNING,
+                              "Python network back-end: transmit of %s (queue pair %d) failed: "
+                              "%s", what, qp, exc, source=qp)
+            else:
+                self._log.log((type(exc), None), logging.ERROR,
+                              "Python network back-end failed on %s (queue pair %d): %s: %s",
+                              what, qp, type(exc).__name__, exc, exc_info=exc, source=qp)
+            return
+        if outcome is None:
+            return
+        if inspect.isawaitable(outcome):
+            close = getattr(outcome, "close", None)
+            if close is not None:
+                close()         # no "never awaited" warning per batch
+            self._tx_errors[qp] += 1
+            self._log.once("async", logging.ERROR,
+                           "network back-end: %s.transmit() is async and is not run; it must be "
+                           "a plain method (frames are valid during the call only)",
+                           type(self.backend).__name__)
+        else:
+            self._log.once("return", logging.WARNING,
+                           "network back-end: %s.transmit() returned %s; return values are "
+                           "ignored", type(self.backend).__name__, reprlib.repr(outcome))
 
     # -- serving -------------------------------------------------------------------
     def on_connect(self, session) -> None:
@@ -233,8 +273,10 @@ class NetDevice(Device):
         return total
 
     def metrics(self) -> list[dict]:
-        """Per queue pair: packets and bytes each way, offloads, and drops
-        by reason (transmit is guest to back-end)."""
+        """Per queue pair: packets and bytes each way, offloads, drops by
+        reason (transmit is guest to back-end), calls of a Python
+        back-end's transmit() that raised, and log lines about them held
+        back by the rate limit."""
         out = []
         for qp in range(self.queue_pairs):
             s = self._net.stats[qp]
@@ -244,6 +286,8 @@ class NetDevice(Device):
                 m[name] = getattr(s, name)
             m["tx_dropped"] = {r: s.tx_dropped[i] for i, r in enumerate(DROP_REASONS) if i}
             m["rx_dropped"] = {r: s.rx_dropped[i] for i, r in enumerate(DROP_REASONS) if i}
+            m["transmit_errors"] = self._tx_errors[qp]
+            m["log_suppressed"] = self._log.suppressed.get(qp, 0)
             out.append(m)
         return out
 
@@ -256,6 +300,7 @@ class NetDevice(Device):
         if self._net != ffi.NULL:
             lib.vu_net_free(self._net)
             self._net = ffi.NULL
+        self._log.flush()
         self.backend.close()
 
     def _python_transmit(self, qp: int, frames, n: int) -> None:
@@ -266,7 +311,7 @@ class NetDevice(Device):
             header = bytes(ffi.buffer(ffi.addressof(f.hdr), 12))
             batch.append(Frame(views, header, f.len))
         with self._tx_locks[qp]:
-            self.backend.transmit(qp, batch)
+            self._transmit(qp, batch)
 
 
 @ffi.def_extern()
@@ -274,6 +319,8 @@ def vu_net_py_tx(ctx, qp, frames, n):
     device: NetDevice = ffi.from_handle(ctx)
     try:
         device._python_transmit(qp, frames, n)
-    except Exception:
-        log.exception("Python network back-end failed on %d frames", n)
+    except Exception as exc:
+        device._log.log(("batch", type(exc)), logging.ERROR,
+                        "Python network batch of %d frames failed: %s: %s", n,
+                        type(exc).__name__, exc, exc_info=exc, source=qp)
     return 0

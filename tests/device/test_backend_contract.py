@@ -1,0 +1,253 @@
+"""The Python block back-end contract (docs/python-api.md), over a socket:
+a failure is an exception (Unsupported -> UNSUPP, anything else -> IOERR),
+a return value never becomes a status (it is ignored, and warned about once
+per method), size() and lifetime() are checked with one-line errors, and
+failed requests are logged rate-limited with the lines held back counted
+in the metrics."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vhostuser import loglimit
+from vhostuser.blk import BackendError, BlkDevice, BlockBackend, FileBackend, Unsupported
+from vhostuser.blk.spec import LIFETIME, BlkFeature, BlkType
+from vhostuser.frontend import BlkRequest, BlkStatus
+from vhostuser.frontend.blk import BLK_FEATURES
+from vhostuser.frontend.device import DEFAULT_FEATURES
+from vhostuser.protocol import bit
+
+MIB = 1 << 20
+LOGGER = "vhostuser.blk.device"
+
+
+class Disk(BlockBackend):
+    """A RAM disk whose methods' results and failures a test sets."""
+
+    def __init__(self, size=MIB):
+        self._size = size
+        self.data = bytearray(MIB)
+        self.returns = {}        # method -> value returned
+        self.raises = {}         # method -> exception raised
+
+    def _outcome(self, method):
+        if method in self.raises:
+            raise self.raises[method]
+        return self.returns.get(method)
+
+    def size(self):
+        return self._size
+
+    def read(self, offset, bufs):
+        for b in bufs:
+            b[:] = self.data[offset:offset + len(b)]
+            offset += len(b)
+        return self._outcome("read")
+
+    def write(self, offset, bufs):
+        for b in bufs:
+            self.data[offset:offset + len(b)] = b
+            offset += len(b)
+        return self._outcome("write")
+
+    def flush(self):
+        return self._outcome("flush")
+
+    def discard(self, offset, length):
+        return self._outcome("discard")
+
+
+class AsyncDisk(Disk):
+    async def read(self, offset, bufs):
+        await asyncio.sleep(0)
+        return Disk.read(self, offset, bufs)
+
+    async def write(self, offset, bufs):
+        await asyncio.sleep(0)
+        return Disk.write(self, offset, bufs)
+
+
+def warnings(caplog):
+    return [r.getMessage() for r in caplog.records
+            if r.name == LOGGER and r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("cls", [Disk, AsyncDisk])
+def test_a_return_value_is_ignored_and_warned_about_once(blk_client, caplog, cls):
+    """write() returning 2 used to tell the guest UNSUPP although the data
+    was written, read() returning True gave an I/O error."""
+    disk = cls()
+    disk.returns = {"write": 2, "read": True}
+    with blk_client(BlkDevice(disk)) as (srv, blk):
+        reqs = blk.execute([BlkRequest.write(i, bytes([i]) * 512) for i in range(4)])
+        assert [r.status for r in reqs] == [BlkStatus.OK] * 4
+        reqs = blk.execute([BlkRequest.read(i, 512) for i in range(4)])
+        assert [r.status for r in reqs] == [BlkStatus.OK] * 4
+        assert [r.data for r in reqs] == [bytes([i]) * 512 for i in range(4)]
+    lines = warnings(caplog)
+    assert len(lines) == 2, lines
+    assert f"{cls.__name__}.write() returned 2; return values are ignored" in lines[0]
+    assert f"{cls.__name__}.read() returned True" in lines[1]
+
+
+@pytest.mark.parametrize("cls", [Disk, AsyncDisk])
+def test_unsupported_answers_unsupp_and_logs_nothing(blk_client, caplog, cls):
+    disk = cls()
+    disk.raises = {"write": Unsupported("no writes here"), "discard": Unsupported("no")}
+    with blk_client(BlkDevice(disk)) as (srv, blk):
+        reqs = blk.execute([BlkRequest.write(0, b"x" * 512), BlkRequest.discard([(0, 8)]),
+                            BlkRequest.read(0, 512)])
+        assert [r.status for r in reqs] == [BlkStatus.UNSUPP, BlkStatus.UNSUPP, BlkStatus.OK]
+        stats = srv.device.stats()
+        assert stats["unsupported"] == 2 and stats["errors"] == 0
+    assert warnings(caplog) == []
+
+
+@pytest.mark.parametrize("cls", [Disk, AsyncDisk])
+def test_failed_requests_are_logged_rate_limited_and_counted(blk_client, caplog, monkeypatch,
+                                                             cls):
+    """A store that is down fails every request: one line for the first,
+    the rest counted as log_suppressed on the queue they came from."""
+    monkeypatch.setattr(loglimit, "INTERVAL", 3600)     # however slow the machine
+    disk = cls()
+    disk.raises = {"write": OSError(5, "Input/output error")}
+    dev = BlkDevice(disk, num_queues=2)
+    with blk_client(dev, queues=2) as (srv, blk):
+        for q, n in ((0, 30), (1, 20)):
+            reqs = blk.execute([BlkRequest.write(i, b"x" * 512) for i in range(n)], queue=q)
+            assert all(r.status == BlkStatus.IOERR for r in reqs)
+        metrics = dev.metrics()
+        assert sum(m["errors"] for m in metrics) == 50
+        assert [m["log_suppressed"] for m in metrics] == [29, 20]
+        assert dev.stats()["log_suppressed"] == 49
+    lines = warnings(caplog)
+    assert lines[0] == "block back-end: write at sector 0 failed: [Errno 5] Input/output error"
+    assert "Traceback" not in caplog.text
+    # The device's close reports what was held back, in one line.
+    assert len(lines) == 2 and "(the last of 49 like it not logged)" in lines[1], lines
+
+
+def test_a_bug_in_the_backend_gets_one_traceback(blk_client, caplog, monkeypatch):
+    monkeypatch.setattr(loglimit, "INTERVAL", 3600)
+    disk = Disk()
+    disk.raises = {"read": KeyError("oops")}
+    with blk_client(BlkDevice(disk)) as (srv, blk):
+        reqs = blk.execute([BlkRequest.read(i, 512) for i in range(10)])
+        assert all(r.status == BlkStatus.IOERR for r in reqs)
+    errors = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.ERROR]
+    assert errors[0].getMessage() == "block back-end failed on read at sector 0: KeyError: 'oops'"
+    assert errors[0].exc_info is not None
+    assert caplog.text.count("Traceback") == 1
+
+
+@pytest.mark.parametrize("size, why", [
+    ("1G", "returned '1G'; it must return the size in bytes as an int"),
+    (1000, "returned 1000; the size must be a positive multiple of 512 bytes"),
+    (0, "returned 0; the size must be a positive multiple of 512 bytes"),
+    (-512, "returned -512"),
+    (4096.0, "returned 4096.0; it must return the size in bytes as an int"),
+])
+def test_a_bad_size_is_refused_in_one_line(size, why):
+    with pytest.raises(BackendError) as info:
+        BlkDevice(Disk(size))
+    assert str(info.value).startswith(f"Disk.size() {why}")
+    assert "\n" not in str(info.value)
+
+
+def test_an_async_size_is_refused():
+    class AsyncSize(Disk):
+        async def size(self):
+            return MIB
+    with pytest.raises(BackendError, match=r"AsyncSize.size\(\) is async"):
+        BlkDevice(AsyncSize())
+
+
+def test_a_bad_size_on_resize_keeps_the_old_one():
+    disk = Disk(MIB)
+    dev = BlkDevice(disk)
+    disk._size = 3 * MIB + 100
+    with pytest.raises(BackendError, match="positive multiple of 512"):
+        dev.resize()
+    assert dev.capacity == MIB // 512
+    disk._size = 2 * MIB
+    dev.resize()
+    assert dev.capacity == 2 * MIB // 512
+    dev.close()
+
+
+def test_bad_size_makes_vhostuser_blk_exit_with_one_line(tmp_path):
+    (tmp_path / "strsize.py").write_text(
+        "from vhostuser.blk import BlockBackend\n"
+        "class StrSize(BlockBackend):\n"
+        "    def __init__(self, size):\n"
+        "        self._size = size          # a string from --backend-opt\n"
+        "    def size(self):\n"
+        "        return self._size\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "vhostuser.cli.blk", "--socket-path", str(tmp_path / "s.sock"),
+         "--backend", "strsize:StrSize", "--backend-opt", "size=1G"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == ("vhostuser-blk: StrSize.size() returned '1G'; it must return the "
+                             "size in bytes as an int\n")
+
+
+class Lifetime(Disk):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def lifetime(self):
+        return self.value
+
+
+def lifetime_request(blk):
+    [req] = blk.execute([BlkRequest(BlkType.GET_LIFETIME, in_len=LIFETIME.size)])
+    return req
+
+
+def test_lifetime_is_checked(blk_client, caplog):
+    features = DEFAULT_FEATURES | BLK_FEATURES | bit(BlkFeature.LIFETIME)
+    backend = Lifetime((1, 2, 3))
+    with blk_client(BlkDevice(backend), features=features) as (srv, blk):
+        req = lifetime_request(blk)
+        assert req.status == BlkStatus.OK and LIFETIME.unpack(req.data) == (1, 2, 3)
+        backend.value = (1, 2)
+        assert lifetime_request(blk).status == BlkStatus.IOERR
+        backend.value = (1, 2, 70000)
+        assert lifetime_request(blk).status == BlkStatus.IOERR
+        backend.value = None
+        assert lifetime_request(blk).status == BlkStatus.UNSUPP
+    lines = warnings(caplog)
+    assert lines[0] == ("block back-end: lifetime at sector 0 failed: Lifetime.lifetime() "
+                        "returned (1, 2); it must return None or (pre_eol_info, est_typ_a, "
+                        "est_typ_b), each 0..65535")
+    assert "Traceback" not in caplog.text
+
+
+def test_an_async_close_is_reported_not_left_unawaited(caplog):
+    class AsyncClose(Disk):
+        async def close(self):
+            raise AssertionError("never runs")
+    BlkDevice(AsyncClose()).close()
+    assert any("AsyncClose.close() is async and was not run" in m for m in warnings(caplog))
+
+
+def test_an_image_with_a_partial_last_sector_is_served_with_a_warning(tmp_path, caplog):
+    """The C file back-end keeps serving such images (they are common), but
+    says that the tail is left out."""
+    path = tmp_path / "odd.img"
+    path.write_bytes(bytes(MIB + 100))
+    dev = BlkDevice(FileBackend(str(path)))
+    try:
+        assert dev.capacity == MIB // 512
+    finally:
+        dev.close()
+    assert (f"{path}: the last 100 bytes are not a whole 512-byte sector; the guest sees the "
+            f"disk without them") in warnings(caplog)
