@@ -71,7 +71,10 @@ class LogLimiter:
                 held = None
             elif now - entry[0] < self.interval:
                 entry[1] += 1
-                entry[2] = (level, msg, args)
+                # Strings, not the objects: an exception kept here would keep
+                # its traceback's frames, and the guest buffers they hold.
+                entry[2] = (level, msg, tuple(a if isinstance(a, (int, float, str)) else str(a)
+                                              for a in args))
                 self.suppressed[source] = self.suppressed.get(source, 0) + 1
                 held = -1
             else:

@@ -221,7 +221,7 @@ def test_held_request_survives_memory_change(tmp_path, other_disk, scenario, ans
                         # descriptor back, so nothing waits for it forever.
                         assert [u.token for u in blk.queues[0].wait(1)] == ["held"]
                 # Once the request is gone, so is what it kept mapped.
-                wait_for(lambda: detached_mappings() == detached_before, what="unmap")
+                wait_for(lambda: detached_mappings() <= detached_before, what="unmap")
 
             # The other device never noticed.
             other_disk.write(0, b"o" * 512)
@@ -241,7 +241,8 @@ def test_held_request_survives_memory_change(tmp_path, other_disk, scenario, ans
     # A request never answered was given up at exit: nothing it kept
     # mapped is left behind either.
     gc.collect()
-    wait_for(lambda: detached_mappings() == detached_before, what="no leftover mapping")
+    # (<=: a mapping an earlier test left to the garbage collector may go meanwhile)
+    wait_for(lambda: detached_mappings() <= detached_before, what="no leftover mapping")
 
 
 @pytest.mark.parametrize("packed", [False, True])
