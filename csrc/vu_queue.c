@@ -131,6 +131,8 @@ void vu_vq_reset(struct vu_vq *vq)
     vq->inflight = keep.inflight;
     vq->norphans = keep.norphans;
     vq->user_area = keep.user_area;
+    vq->indirect_copy = keep.indirect_copy;      /* scratch: reused */
+    vq->indirect_copy_cap = keep.indirect_copy_cap;
     vq->kick_fd = vq->call_fd = vq->err_fd = -1;
     vq->avail_wrap = vq->used_wrap = true;
     pthread_mutex_unlock(&vq->lock);

@@ -27,6 +27,7 @@ import sys
 import tempfile
 from collections import Counter
 
+from ..cli.common import add_version_option
 from .crash import ATOMIC, CrashModel, CrashState
 from .recordlog import RecordLog, RecordLogError
 
@@ -34,6 +35,7 @@ from .recordlog import RecordLog, RecordLogError
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhostuser-replay",
                                 description="Disk states after a power cut, from a recorder log.")
+    add_version_option(p)
     p.add_argument("log", help="the recorder's log")
     p.add_argument("--base", required=True, help="the disk as it was when recording began")
     what = p.add_mutually_exclusive_group(required=True)

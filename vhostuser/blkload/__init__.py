@@ -156,7 +156,7 @@ def run(socket: str, *, rw: str = "randread", bs: int | str = 4096, qd: int = 32
     with Session(socket, qd=qd, bs=bs, queues=queues, event_idx=event_idx, wait=wait) as s:
         # Looked up once connected: the back-end may have been starting up.
         if pid is None:
-            pid = find_backend_pid(socket)
+            pid = s.fe.peer_pid
         probe = BackendProbe(pid) if pid else None
         if warmup is None:
             warmup = min(1.0, seconds / 5)

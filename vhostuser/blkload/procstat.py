@@ -20,7 +20,9 @@ def find_backend_pid(socket_path: str, exclude: int | None = None) -> int | None
     except OSError:
         return None
     if not inodes:
-        return None
+        # Bound elsewhere and then moved into place (vhostuser's sockets are,
+        # so that no client sees them half set up): ask the socket itself.
+        return _listener_pid(socket_path)
     links = {f"socket:[{i}]" for i in inodes}
     me = os.getpid() if exclude is None else exclude
     for entry in os.listdir("/proc"):
@@ -101,3 +103,18 @@ def idle_cpu(pid: int, seconds: float) -> float:
     c0 = cpu_seconds(pid)
     time.sleep(seconds)
     return cpu_seconds(pid) - c0
+
+
+def _listener_pid(socket_path: str) -> int | None:
+    """The process listening on ``socket_path``, from a connection's peer
+    credentials (the back-end sees one short connection)."""
+    import socket
+    import struct
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            s.connect(socket_path)
+            creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[0] or None
+    except OSError:
+        return None

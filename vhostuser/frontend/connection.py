@@ -10,6 +10,7 @@ import array
 import errno
 import os
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -103,6 +104,13 @@ class Connection:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    @property
+    def peer_pid(self) -> int:
+        """The back-end's process (SO_PEERCRED: who listened on the socket)."""
+        creds = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                     struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[0]
 
     @property
     def closed(self) -> bool:

@@ -70,6 +70,11 @@ class Frontend:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def peer_pid(self) -> int:
+        """The back-end's process id (from the socket's peer credentials)."""
+        return self.conn.peer_pid
+
     def own(self, mem: GuestMemory) -> GuestMemory:
         """Makes ``close`` also close ``mem``; returns it."""
         self._owned_memory.append(mem)

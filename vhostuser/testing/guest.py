@@ -336,6 +336,7 @@ def build_guest(cache_dir: Path | str | None = None) -> GuestKit:
         if not (kit_dir / "kit.json").exists():
             _build_kit(kit_dir, name, version)
             _prune_other_kits(cache, kit_dir)
+        os.utime(kit_dir / "kit.json")      # in use: not stale for a while
         return GuestKit.load(kit_dir)
 
 
@@ -357,10 +358,17 @@ def _kit_name(package: str, version: str) -> str:
     return f"{package}_{version}_{digest}"
 
 
+#: A kit nobody built or used for this long is removed (~80 MB each). Not
+#: sooner: another checkout (another version of this module) may be
+#: booting guests from it right now.
+KIT_UNUSED_FOR = 24 * 3600
+
+
 def _prune_other_kits(cache: Path, keep: Path) -> None:
-    """Remove stale kits (~80 MB each) once a new one is in place."""
+    """Remove kits left unused, once a new one is in place."""
+    now = time.time()
     for meta in cache.glob("*/kit.json"):
-        if meta.parent != keep:
+        if meta.parent != keep and now - meta.stat().st_mtime > KIT_UNUSED_FOR:
             shutil.rmtree(meta.parent, ignore_errors=True)
 
 
