@@ -18,6 +18,7 @@ from .connection import Connection
 from .device import Device
 from .errors import VhostUserError
 from .handler import Session
+from .sandbox import access as sandbox_access
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ class SocketInUse(VhostUserError):
 def bind_unix(path: str) -> socket.socket:
     """Listening socket at ``path``, mode 0600. A stale socket file (nobody
     accepts on it) is replaced; a live one raises SocketInUse."""
+    brokered = sandbox_access.bind_unix(path)     # sandboxed: the helper binds it
+    if brokered is not None:
+        return brokered
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -135,12 +139,19 @@ class Server:
     async def _serve_connect(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._closing:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.setblocking(False)
             try:
-                await loop.sock_connect(sock, self.connect_path)
+                # sandboxed: the helper connects (the path is out of view)
+                sock = sandbox_access.connect_unix(self.connect_path)
+                if sock is None:
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    sock.setblocking(False)
+                    try:
+                        await loop.sock_connect(sock, self.connect_path)
+                    except OSError:
+                        sock.close()
+                        raise
+                sock.setblocking(False)
             except OSError as exc:
-                sock.close()
                 log.debug("%s: connect failed (%s); retrying", self.name, exc)
                 await asyncio.sleep(self.reconnect_delay)
                 continue
@@ -172,7 +183,7 @@ class Server:
                 self._listener.close()
             if self.path is not None:
                 with contextlib.suppress(OSError):
-                    os.unlink(self.path)
+                    sandbox_access.unlink_socket(self.path)
             self._listener = None
 
     async def wait_closed(self) -> None:

@@ -7,6 +7,7 @@ import os
 import sys
 
 from . import common
+from ..sandbox import cli as sandbox_cli
 
 # The device modules are imported in the functions that use them, after
 # common.lean_start() (they import asyncio).
@@ -46,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     qos.add_argument("--iops-burst", type=int, default=0, metavar="N",
                      help="requests allowed at once after idling (default: one second's worth)")
     qos.add_argument("--bps-burst", type=common.size_arg, default=0, metavar="SIZE")
+    sandbox_cli.add_options(p)
     p.epilog = ("SIGHUP re-reads the size of --blk-file and tells the guest (resize the "
                 "image first, e.g. with truncate); SIGTERM finishes requests in flight and exits.")
     return p
@@ -117,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     common.lean_start(python_backend=bool(args.backend))
 
     def start() -> int:
+        sandbox = sandbox_cli.prepare(args, "blk", python_backend=bool(args.backend),
+                                      helper=args.fd is None)
         from ..blk import BackendError, BlkDevice
         from ..qos import QosError, QosLimits
         if not 1 <= args.num_queues <= 64:
@@ -146,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                                "" if told else " (no front-end channel to tell the guest)")
 
         try:
+            sandbox_cli.enter_blk(sandbox, args, device)
             return common.run([server], on_sighup=resize)
         finally:
             common.log.info("stats: %s", device.stats())

@@ -16,6 +16,7 @@ from ..manage.daemon import Daemon
 from ..manage.errors import ManageError
 from ..server import new_event_loop
 from . import common
+from ..sandbox import cli as sandbox_cli
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,6 +30,7 @@ def parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics over HTTP there (e.g. 127.0.0.1:9100; "
                         "port 0 picks one, see the version command)")
     p.add_argument("-v", "--verbose", action="count", default=0)
+    sandbox_cli.add_options(p, daemon=True)
     p.epilog = ("SIGHUP re-reads the size of every file-backed disk and tells its guest of a "
                 "change; SIGTERM finishes every export's requests in flight and exits 0.")
     return p
@@ -84,7 +86,7 @@ def reread_sizes(daemon: Daemon) -> None:
                 common.log.error("%s: resize failed: %s", export.name, exc)
 
 
-async def serve(args, entries: list[tuple[str, dict]]) -> None:
+async def serve(args, entries: list[tuple[str, dict]], sandbox=None) -> None:
     loop = asyncio.get_running_loop()
     daemon = Daemon()
     daemon.loop = loop
@@ -109,6 +111,7 @@ async def serve(args, entries: list[tuple[str, dict]]) -> None:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reread_sizes, daemon)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, common.HANDLED_SIGNALS)
+        sandbox_cli.enter_daemon(sandbox, args, daemon, sandbox_cli.daemon_kinds(args, entries))
         await control.start()
         common.log.info("serving %d exports; control socket %s", len(daemon.exports),
                         args.control)
@@ -140,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def start() -> int:
         entries = load_config(args.config) if args.config else []
+        sandbox = sandbox_cli.prepare(args, "daemon")
+        sandbox_cli.daemon_kinds(args, entries)      # a bad --backends fails here
         loop = new_event_loop()
         try:
-            loop.run_until_complete(serve(args, entries))
+            loop.run_until_complete(serve(args, entries, sandbox))
         finally:
             loop.close()
         return 0

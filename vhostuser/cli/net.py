@@ -8,6 +8,7 @@ import types
 from typing import TYPE_CHECKING
 
 from . import common
+from ..sandbox import cli as sandbox_cli
 from .blk import load_class
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mtu", type=int, default=1500)
     p.add_argument("--no-in-order", dest="in_order", action="store_false",
                    help="don't offer VIRTIO_F_IN_ORDER (offered by default)")
+    sandbox_cli.add_options(p)
     return p
 
 
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     common.lean_start(python_backend=bool(args.backend))
 
     def start() -> int:
+        sandbox = sandbox_cli.prepare(args, "net", python_backend=bool(args.backend),
+                                      helper=args.fd is None)
         from ..net import (LoopbackBackend, NetBackend, NetBackendError, NetDevice,
                            SinkBackend, TapBackend)
         from ..net.spec import parse_mac
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             raise common.UsageError(str(exc)) from None
         if args.switch:
-            return serve_switch(args, mac)
+            return serve_switch(args, mac, sandbox)
         switch = None
         if args.vxlan:
             # one device with a tunnel: a switch with one port
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             raise common.UsageError(str(exc)) from None
         try:
             server = common.make_server(args, device)
+            sandbox_cli.enter_net(sandbox, args, backend)
             return common.run([server])
         finally:
             common.log.info("stats: %s", device.stats())
@@ -129,7 +134,7 @@ def open_switch(tap: str | None, vxlan: str | None) -> Switch:
         raise common.UsageError(str(exc)) from None
 
 
-def serve_switch(args, mac: bytes) -> int:
+def serve_switch(args, mac: bytes, sandbox=None) -> int:
     """--switch: one NetDevice per --socket-path, all ports of one switch."""
     from ..net import NetBackendError, NetDevice
     from ..net.switch import MAX_PORTS
@@ -155,6 +160,7 @@ def serve_switch(args, mac: bytes) -> int:
                                           queues_per_thread=args.queues_per_thread,
                                           adaptive_poll=args.adaptive_poll)
             servers.append(common.make_server(where, device))
+        sandbox_cli.enter_net(sandbox, args, None, socket_paths=args.socket_path)
         return common.run(servers)
     finally:
         for device in devices:

@@ -111,6 +111,7 @@ import os
 import socket
 from typing import Any, Callable
 
+from ..sandbox import access as sandbox_access
 from ..server import bind_unix
 from . import checks
 from .daemon import Daemon
@@ -312,4 +313,4 @@ class ControlServer:
             await asyncio.gather(*self._clients, return_exceptions=True)
             self._server = None
         with contextlib.suppress(OSError):
-            os.unlink(self.path)
+            sandbox_access.unlink_socket(self.path)

@@ -25,6 +25,7 @@ from ..device import Device
 from ..net import NetBackend, NetBackendError, NetDevice, TapBackend
 from ..net.spec import format_mac, parse_mac
 from ..qos import QosError, QosLimits
+from ..sandbox import access as sandbox_access
 from . import checks
 from .errors import BackendFailed, BadArgument
 
@@ -157,7 +158,7 @@ NET_OPTIONS: dict[str, tuple[Check, Any]] = {
 def _check_file(v: Any, spec: dict) -> str:
     path = checks.as_abs_path(v, "file")
     try:
-        st = os.stat(path)
+        st = sandbox_access.stat(path)     # sandboxed: asks the helper
     except OSError as exc:
         raise BadArgument(f"'file': {path}: {exc.strerror}") from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
@@ -262,7 +263,11 @@ def parse_spec(spec: Any) -> ExportSpec:
     if kind == "blk" and settings["serial"] is None:
         settings["serial"] = name.encode()[:20].decode(errors="ignore")
     parent = os.path.dirname(socket_path)
-    if not os.path.isdir(parent):
+    try:
+        parent_is_dir = sandbox_access.isdir(parent)     # sandboxed: asks the helper
+    except OSError as exc:
+        raise BadArgument(f"'socket': {parent}: {exc.strerror}") from None
+    if not parent_is_dir:
         raise BadArgument(f"'socket': directory {parent} does not exist")
     return ExportSpec(kind, name, socket_path, source.key, settings)
 
