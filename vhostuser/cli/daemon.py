@@ -100,7 +100,8 @@ async def serve(args, entries: list[tuple[str, dict]], sandbox=None) -> None:
     endpoint = None
     try:
         if args.prometheus:
-            endpoint = start_prometheus(daemon, args.prometheus)
+            # bound now; sandboxed, its thread starts once confined
+            endpoint = start_prometheus(daemon, args.prometheus, serve=sandbox is None)
         for where, spec in entries:
             try:
                 await daemon.add(spec)
@@ -112,6 +113,8 @@ async def serve(args, entries: list[tuple[str, dict]], sandbox=None) -> None:
         loop.add_signal_handler(signal.SIGHUP, reread_sizes, daemon)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, common.HANDLED_SIGNALS)
         sandbox_cli.enter_daemon(sandbox, args, daemon, sandbox_cli.daemon_kinds(args, entries))
+        if endpoint is not None and endpoint.thread is None:
+            endpoint.serve()
         await control.start()
         common.log.info("serving %d exports; control socket %s", len(daemon.exports),
                         args.control)
@@ -125,14 +128,14 @@ async def serve(args, entries: list[tuple[str, dict]], sandbox=None) -> None:
         await daemon.close()
 
 
-def start_prometheus(daemon: Daemon, spec: str):
+def start_prometheus(daemon: Daemon, spec: str, *, serve: bool = True):
     try:
         from ..manage.prometheus import PrometheusEndpoint, parse_address
     except ImportError as exc:
         raise common.UsageError(f"--prometheus needs prometheus-client: {exc}") from None
     try:
         addr, port = parse_address(spec)
-        return PrometheusEndpoint(daemon, addr, port)
+        return PrometheusEndpoint(daemon, addr, port, serve=serve)
     except (ValueError, OSError) as exc:
         raise common.UsageError(f"--prometheus {spec}: {exc}") from None
 
