@@ -244,7 +244,7 @@ def _threads_with_capabilities(status: dict[str, int]) -> list[str]:
 
 def _load_filter(pol: policy.Policy, mode: str) -> None:
     default = seccomp.ACT_KILL_PROCESS if mode == "kill" else seccomp.ACT_LOG
-    flt = seccomp.Filter(default)
+    flt = seccomp.Filter(default, log=mode == "log")
     try:
         for rule in policy.with_pid(pol.rules, os.getpid()):
             action = seccomp.ACT_ALLOW if rule.errno is None else seccomp.ACT_ERRNO(rule.errno)

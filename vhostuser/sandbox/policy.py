@@ -11,7 +11,7 @@ missing). A few are refused with an error instead of a kill, where a
 library asks and copes with no (opening files: a lazy import that was
 missed fails as an ImportError rather than killing every guest's disk).
 
-``python -m vhostuser.sandbox.policy PROGRAM [KIND...]`` prints a filter.
+``python -m vhostuser.sandbox PROGRAM [KIND...]`` prints a filter.
 """
 from __future__ import annotations
 
@@ -186,16 +186,16 @@ KINDS: dict[str, list[Rule]] = {
     # the switch's uplink thread, TAP or VXLAN (a UDP socket bound before)
     "switch": [*allow("recvmmsg", "sendmmsg"), *ioctls(TUNSETOFFLOAD, TUNSETVNETHDRSZ)],
     "vxlan": allow("recvmmsg", "sendmmsg"),
-    # libnbd (re)connects by itself: new sockets, name lookups reading
-    # /etc/hosts and resolv.conf (bound read-only into the view)
+    # libnbd (re)connects by itself: new sockets, and a name lookup reads
+    # /etc/hosts, resolv.conf, ... (those bound read-only into the view)
     "nbd": [*families("socket", socket.AF_UNIX, socket.AF_INET, socket.AF_INET6),
-            *allow("connect", "uname"),
+            *allow("connect"),
             Rule("openat", (masked(2, _OPEN_WRITES, 0),))],
-    # librados: its messenger threads reconnect to monitors and OSDs
-    "rbd": [*families("socket", socket.AF_INET, socket.AF_INET6, socket.AF_UNIX),
-            *allow("connect", "uname", "sched_setaffinity", "getrusage", "sysinfo",
-                   "membarrier", "fsync", "fdatasync"),
-            Rule("openat", (masked(2, _OPEN_WRITES, 0),))],
+    # librados: its messenger threads reconnect to monitors and OSDs; at
+    # exit it removes its admin socket (refused: nothing is writable)
+    "rbd": [*families("socket", socket.AF_INET, socket.AF_INET6),
+            *allow("connect"),
+            *refuse(errno.EACCES, "unlink", "unlinkat")],
     # a Python back-end: CPython and the event loop only (BASE); what else
     # it needs it names itself (NetBackend/BlockBackend.sandbox_syscalls,
     # --seccomp-allow)
@@ -282,7 +282,7 @@ def with_pid(rules: list[Rule], pid: int) -> list[Rule]:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: python -m vhostuser.sandbox.policy {{{','.join(PROGRAMS)}}} "
+        print(f"usage: python -m vhostuser.sandbox {{{','.join(PROGRAMS)}}} "
               f"[KIND...]  (kinds: {', '.join(KINDS)})")
         return 0 if argv else 2
     try:

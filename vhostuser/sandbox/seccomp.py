@@ -103,13 +103,17 @@ class Filter:
     """Rules added one by one, then :meth:`load` (every thread of the
     process, TSYNC). A syscall without a rule gets ``default``."""
 
-    def __init__(self, default: int):
+    def __init__(self, default: int, *, log: bool = False):
+        """``log``: the kernel logs every action but allow (the refusals
+        with an errno too), as far as kernel.seccomp.actions_logged says."""
         self._lib = library()
         self._ctx = self._lib.seccomp_init(default)
         if not self._ctx:
             raise SeccompError(_errno.EINVAL, "seccomp_init failed")
         self._check(self._lib.seccomp_attr_set(self._ctx, _ATTR_CTL_TSYNC, 1), "TSYNC")
         self._check(self._lib.seccomp_attr_set(self._ctx, _ATTR_CTL_NNP, 1), "NNP")
+        if log:
+            self._check(self._lib.seccomp_attr_set(self._ctx, _ATTR_CTL_LOG, 1), "LOG")
 
     @staticmethod
     def _check(rc: int, what: str) -> None:
