@@ -86,6 +86,9 @@ class Report:
 PRELOAD = ("concurrent.futures.thread", "asyncio.base_events", "asyncio.selector_events",
            "asyncio.unix_events", "traceback", "linecache", "json", "encodings.idna",
            "vhostuser.handler", "vhostuser.inflight")
+#: ... where installed (the event loop is made after the sandbox; without
+#: this it would quietly fall back to asyncio's own)
+PRELOAD_OPTIONAL = ("uvloop",)
 #: ... and per back-end kind
 PRELOAD_KINDS = {"nbd": ("vhostuser.blk.nbd", "vhostuser.blk.libnbd"),
                  "rbd": ("vhostuser.blk.rbd",)}
@@ -148,6 +151,11 @@ class Sandbox:
                 raise SandboxError(f"the sandbox's helper: {exc.strerror}") from None
         for name in PRELOAD + tuple(m for k in pol.kinds for m in PRELOAD_KINDS.get(k, ())):
             importlib.import_module(name)
+        for name in PRELOAD_OPTIONAL:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
         _load_libraries(pol.kinds)
         rings = _make_rings(uring_rings)
         thread_status = _open_thread_status()
@@ -226,7 +234,7 @@ def _open_thread_status() -> dict[str, int]:
 def _threads_with_capabilities(status: dict[str, int]) -> list[str]:
     """Threads that kept capabilities (started before the sandbox by a
     library, when the uid didn't change); closes the files."""
-    out = []
+    kept = []
     for tid, fd in status.items():
         try:
             text = os.pread(fd, 8192, 0).decode(errors="replace")
@@ -236,15 +244,21 @@ def _threads_with_capabilities(status: dict[str, int]) -> list[str]:
             os.close(fd)
         for line in text.splitlines():
             if line.startswith("CapEff:") and int(line.split()[1], 16):
-                out.append(f"thread {tid}, started before the sandbox, keeps its "
-                           "capabilities (give --user to take them away too); the "
-                           "filter refuses every call that would use them")
-    return out
+                kept.append(tid)
+    if not kept:
+        return []
+    return [f"{len(kept)} thread(s) started before the sandbox by a library keep their "
+            f"capabilities (tids {', '.join(sorted(kept, key=int)[:8])}"
+            f"{', ...' if len(kept) > 8 else ''}); --user takes them away too. The filter "
+            "refuses every call that would use them."]
 
 
 def _load_filter(pol: policy.Policy, mode: str) -> None:
     default = seccomp.ACT_KILL_PROCESS if mode == "kill" else seccomp.ACT_LOG
-    flt = seccomp.Filter(default, log=mode == "log")
+    # Only the default action is logged in log mode: logging the errno
+    # refusals too (a handful per start) would use up the kernel's rate
+    # limit for audit messages and hide the calls that matter.
+    flt = seccomp.Filter(default)
     try:
         for rule in policy.with_pid(pol.rules, os.getpid()):
             action = seccomp.ACT_ALLOW if rule.errno is None else seccomp.ACT_ERRNO(rule.errno)

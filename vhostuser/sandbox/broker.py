@@ -42,6 +42,9 @@ import struct
 import sys
 
 TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_MULTI_QUEUE, IFF_VNET_HDR = 0x0002, 0x1000, 0x0100, 0x4000
+#: the only TUNSETIFF flags a TAP back-end asks for
+TAP_FLAGS = IFF_TAP | IFF_NO_PI | IFF_MULTI_QUEUE | IFF_VNET_HDR
 MAX_MSG = 1 << 16
 
 
@@ -182,7 +185,13 @@ class Broker:
             pats = ", ".join(self.taps) if self.taps else "none given"
             raise Refused(errno.EACCES, f"TAP {name}: not a name the sandboxed daemon may "
                                         f"open (--allow-tap: {pats})")
-        ifr = struct.pack("16sH22x", name.encode(), int(req["flags"]))
+        flags = int(req["flags"])
+        if flags & ~TAP_FLAGS or not flags & IFF_TAP:
+            raise Refused(errno.EINVAL, f"TAP flags {flags:#x}: only IFF_TAP, IFF_NO_PI, "
+                                        "IFF_VNET_HDR and IFF_MULTI_QUEUE")
+        if not 0 < len(name.encode()) < 16 or "/" in name:
+            raise Refused(errno.EINVAL, f"{name!r} is not an interface name")
+        ifr = struct.pack("16sH22x", name.encode(), flags)
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             fcntl.ioctl(fd, TUNSETIFF, ifr)

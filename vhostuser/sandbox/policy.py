@@ -283,8 +283,18 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: python -m vhostuser.sandbox {{{','.join(PROGRAMS)}}} "
-              f"[KIND...]  (kinds: {', '.join(KINDS)})")
+              f"[KIND...]  (kinds: {', '.join(KINDS)})\n"
+              "       python -m vhostuser.sandbox syscall NUMBER  (its name, e.g. from the "
+              "kernel log's syscall=N)")
         return 0 if argv else 2
+    if argv[0] == "syscall":
+        from .seccomp import name_of
+        name = name_of(int(argv[1])) if len(argv) == 2 and argv[1].isdigit() else None
+        if name is None:
+            print(f"not a system call number here: {' '.join(argv[1:])}", file=sys.stderr)
+            return 2
+        print(name)
+        return 0
     try:
         policy = build(argv[0], argv[1:])
     except PolicyError as exc:

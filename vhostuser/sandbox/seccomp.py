@@ -92,6 +92,20 @@ def library() -> ctypes.CDLL:
     return _lib
 
 
+def name_of(nr: int) -> str | None:
+    """The name of system call ``nr`` on this architecture."""
+    lib = library()
+    fn = lib.seccomp_syscall_resolve_num_arch
+    fn.restype = ctypes.c_void_p
+    fn.argtypes = [ctypes.c_uint32, ctypes.c_int]
+    ptr = fn(0, nr)            # 0: the native architecture
+    if not ptr:
+        return None
+    name = ctypes.string_at(ptr).decode()
+    ctypes.CDLL(None).free(ctypes.c_void_p(ptr))
+    return name
+
+
 def resolve(name: str) -> int | None:
     """The syscall number of ``name`` on this architecture; None where it
     doesn't exist here (``open`` on arm64, say)."""
