@@ -305,3 +305,43 @@ def test_every_kind_has_a_policy_and_names_resolve():
             assert "socket" not in p.allowed_names() or kind in ("nbd", "rbd")
     with pytest.raises(policy.PolicyError):
         policy.build("blk", ["no-such-kind"])
+
+
+API_SCRIPT = r"""
+import sys
+from vhostuser.sandbox import Sandbox, Settings
+
+sandbox = Sandbox("blk", Settings(user="nobody"))      # first thing, one thread only
+from vhostuser.blk import BlkDevice, RamBackend
+from vhostuser.server import Server, new_event_loop
+
+device = BlkDevice(RamBackend(4 << 20))
+server = Server(device, path=sys.argv[1])
+server.open()
+report = sandbox.enter(["ramdisk"], sockets=[sys.argv[1]])
+print(report.summary(), flush=True)
+new_event_loop().run_until_complete(server.serve())
+"""
+
+
+def test_the_python_api(tmp_path):
+    """operations.md's "A Python back-end in the sandbox", in a program of
+    one's own: Sandbox first, enter once the socket is bound, then serve."""
+    sock = str(tmp_path / "api.sock")
+    log = tmp_path / "log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", API_SCRIPT, sock], stdout=out,
+                                stderr=out)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        st = wait_sandboxed(proc.pid)
+        io(sock)
+        confined(proc.pid, NOBODY, int(st["Gid"].split()[0]))
+        assert view(proc.pid) == []
+        assert "sandbox: uid 65534" in log.read_text()
+    finally:
+        proc.kill()
+        proc.wait()

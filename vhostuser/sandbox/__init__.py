@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -155,7 +156,9 @@ class Sandbox:
             try:
                 importlib.import_module(name)
             except ImportError:
-                pass
+                # missing for good: a later import fails the same way, not
+                # with the PermissionError of a refused open
+                sys.modules[name] = None
         _load_libraries(pol.kinds)
         rings = _make_rings(uring_rings)
         thread_status = _open_thread_status()

@@ -120,6 +120,8 @@ BASE: list[Rule] = [
         "getpid", "gettid", "getppid", "getuid", "geteuid", "getgid", "getegid", "getresuid",
         "getresgid", "clock_gettime", "clock_getres", "gettimeofday", "clock_nanosleep",
         "nanosleep",
+        # libuv (uvloop) reads the kernel version when it makes a loop
+        "uname",
         # waiting: the event loop and the workers
         "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "epoll_pwait2", "poll",
         "ppoll", "select", "pselect6", "eventfd2", "timerfd_create", "timerfd_settime",

@@ -21,7 +21,12 @@ def wait_sandboxed(pid: int, timeout: float = 20.0) -> dict[str, str]:
     sandbox just after its socket appears)."""
     deadline = time.monotonic() + timeout
     while True:
-        status = proc_status(pid)
+        try:
+            status = proc_status(pid)
+        except FileNotFoundError:
+            raise AssertionError(f"process {pid} is gone") from None
+        if status["State"].startswith(("Z", "X")):
+            raise AssertionError(f"process {pid} exited (Seccomp: {status['Seccomp']})")
         if int(status.get("Seccomp", "0")) == SECCOMP_FILTER:
             return status
         if time.monotonic() > deadline:
