@@ -17,6 +17,8 @@ DAEMON_DEFAULT_KINDS = ("file", "ramdisk", "tap", "null")
 DAEMON_URING_RINGS = 16
 #: Files a name lookup reads (bound read-only into the view of a process
 #: that resolves names after the sandbox: libnbd reconnecting).
+#: librados's default place for ceph.conf and keyrings
+CEPH_DIR = "/etc/ceph"
 RESOLVER_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/gai.conf",
                   "/etc/host.conf")
 
@@ -185,9 +187,14 @@ def enter_daemon(sandbox: Sandbox | None, args, daemon, kinds) -> None:
     if sandbox is None:
         return
     sockets = [args.control] + [e.spec.socket for e in daemon.exports.values()]
-    binds = list(sandbox.settings.allow_dirs) if "nbd" in kinds else []
-    if "nbd" in kinds:
+    # Remote disks are opened by their libraries, in this process: libnbd
+    # connects to a server socket, librados reads ceph.conf and a keyring.
+    # Those must be under --allow-dir, which the view then holds read-only.
+    binds = list(sandbox.settings.allow_dirs) if {"nbd", "rbd"} & set(kinds) else []
+    if "nbd" in kinds or "rbd" in kinds:
         binds += [f for f in RESOLVER_FILES if os.path.exists(f)]
+    if "rbd" in kinds and os.path.isdir(CEPH_DIR):
+        binds.append(CEPH_DIR)
     rings = args.uring_rings if "file" in kinds else 0
     if rings < 0:
         raise UsageError(f"--uring-rings must be 0 or more, not {rings}")

@@ -34,6 +34,8 @@ MADV_PRIVILEGED = 100
 # O_APPEND, O_TMPFILE's directory bit): a read-only open has none of them.
 _OPEN_WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | 0o20000000
 
+_WRITE_BITS = (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC, os.O_APPEND)
+
 # ioctl requests (x86_64 and the other Linux ABIs with the generic _IOC)
 FIONREAD, FIONBIO, FIOCLEX, FIONCLEX, TCGETS = 0x541B, 0x5421, 0x5451, 0x5450, 0x5401
 BLKSECDISCARD, BLKGETSIZE64 = 0x127D, 0x80081272
@@ -193,11 +195,18 @@ KINDS: dict[str, list[Rule]] = {
     "nbd": [*families("socket", socket.AF_UNIX, socket.AF_INET, socket.AF_INET6),
             *allow("connect"),
             Rule("openat", (masked(2, _OPEN_WRITES, 0),))],
-    # librados: its messenger threads reconnect to monitors and OSDs; at
-    # exit it removes its admin socket (refused: nothing is writable)
+    # librados: its messenger threads reconnect to monitors and OSDs; an
+    # image added to the daemon later reads ceph.conf and its keyring (in
+    # the view, read-only); at exit it removes its admin socket (refused:
+    # nothing is writable)
     "rbd": [*families("socket", socket.AF_INET, socket.AF_INET6),
-            *allow("connect"),
-            *refuse(errno.EACCES, "unlink", "unlinkat")],
+            *allow("connect", "epoll_create"),
+            Rule("openat", (masked(2, _OPEN_WRITES, 0),)),
+            # its log file and admin socket: refused, librados goes on
+            *[Rule("openat", (masked(2, bit, bit),), errno=errno.EACCES)
+              for bit in _WRITE_BITS],
+            Rule("socket", (eq(0, socket.AF_UNIX),), errno=errno.EACCES),
+            *refuse(errno.EACCES, "bind", "unlink", "unlinkat")],
     # a Python back-end: CPython and the event loop only (BASE); what else
     # it needs it names itself (NetBackend/BlockBackend.sandbox_syscalls,
     # --seccomp-allow)
@@ -256,10 +265,14 @@ def build(program: str, kinds, extra=()) -> Policy:
     # same name (libseccomp wants one or the other per system call).
     free = {r.name for r in rules if r.errno is None and not r.args}
     rules = [r for r in rules if r.name not in free or (r.errno is None and not r.args)]
-    # A conditional allow of a refused name (openat for nbd): the refusal
-    # goes, the other cases kill.
+    # A conditional allow of a name refused whatever its arguments (openat
+    # for nbd): the refusal goes, the other cases kill. The same condition
+    # both allowed and refused (AF_UNIX sockets with nbd and rbd): allowed.
     allowed = {r.name for r in rules if r.errno is None}
-    rules = [r for r in rules if r.errno is None or r.name not in allowed or r.args]
+    allowed_exact = {(r.name, r.args) for r in rules if r.errno is None}
+    rules = [r for r in rules if r.errno is None
+             or (r.args and (r.name, r.args) not in allowed_exact)
+             or (not r.args and r.name not in allowed)]
     return Policy(program, kinds, tuple(extra), _dedup(rules))
 
 
