@@ -21,7 +21,7 @@ APT_PACKAGES=(qemu-system-x86 qemu-utils qemu-system-common busybox-static cpio
               iproute2 clang libclang-rt-14-dev
               systemd libvirt-clients libxml2-utils
               libvirt-daemon-system libvirt-daemon-driver-qemu
-              libnbd0 nbdkit)
+              libnbd0 nbdkit libseccomp2)
 # A one-node Ceph cluster for the RBD back-end's tests; without recommends it
 # is ~50 packages (ceph-common, librbd1, librados2 come along), with them ~100.
 APT_NO_RECOMMENDS=(ceph-mon ceph-osd)

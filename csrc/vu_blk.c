@@ -65,10 +65,8 @@ void vu_blk_free(struct vu_blk_dev *b)
         return;
     vu_blk_quiesce(b);
     for (uint32_t q = 0; q < VU_BLK_MAX_QUEUES; q++) {
-        if (b->rings[q]) {
-            vu_uring_exit(b->rings[q]);
-            free(b->rings[q]);
-        }
+        if (b->rings[q])
+            vu_uring_put(b->rings[q]);
         if (b->qos_timer[q] >= 0)
             close(b->qos_timer[q]);
     }
@@ -112,11 +110,17 @@ int vu_blk_set_uring(struct vu_blk_dev *b, bool on)
     }
     if (on) {
         /* Probe once so the caller can fall back at start-up, not mid-I/O. */
-        struct vu_uring probe;
-        int rc = vu_uring_init(&probe, 4);
-        if (rc)
-            return rc;
-        vu_uring_exit(&probe);
+        if (vu_uring_sealed()) {
+            /* Sandboxed: only rings made before the filter exist. */
+            if (vu_uring_pool_size() == 0)
+                return -EPERM;
+        } else {
+            struct vu_uring probe;
+            int rc = vu_uring_init(&probe, 4);
+            if (rc)
+                return rc;
+            vu_uring_exit(&probe);
+        }
     }
     b->use_uring = on;
     b->nowait = on;
@@ -613,11 +617,9 @@ static struct vu_uring *queue_ring(struct vu_blk_dev *b, struct vu_vq *vq)
     if (!b->use_uring || q >= VU_BLK_MAX_QUEUES)
         return NULL;
     if (!b->rings[q]) {
-        struct vu_uring *u = calloc(1, sizeof(*u));
-        if (!u || vu_uring_init(u, vq->size) < 0) {
-            free(u);
+        struct vu_uring *u = vu_uring_get(vq->size);
+        if (!u)
             return NULL;   /* fall back to synchronous I/O for this queue */
-        }
         b->rings[q] = u;
     }
     if (b->ring_worker[q] != vq->worker && vq->worker) {

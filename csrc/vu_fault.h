@@ -10,4 +10,17 @@
 #define VU_FAULT_EXIT 86
 void vu_fault_before_notify(void);
 
+/* VHOSTUSER_FAULT=sandbox-escape:WHAT[:ARG]: the first queue worker thread
+ * of the process, when it starts (a front-end connected and started a
+ * ring, long after start-up), tries what a compromised back-end would and
+ * writes one line to stderr, "vhostuser-fault: sandbox-escape WHAT: " and
+ * "refused (ERRNO NAME)" or "DONE", for the test to check; under a
+ * seccomp filter that kills, the line never comes. WHAT is one of
+ *   exec    execve("/bin/sh", ["sh", "-c", ARG])
+ *   open    open("/etc/shadow", O_RDONLY), then read a byte
+ *   socket  socket(AF_INET, SOCK_STREAM), then connect to 127.0.0.1:ARG
+ *   ptrace  ptrace(PTRACE_ATTACH, ARG) (a pid)
+ * Tests only: nothing else sets the variable. */
+void vu_fault_worker_start(void);
+
 #endif

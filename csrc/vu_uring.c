@@ -2,6 +2,9 @@
 #include "vu_uring.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -23,13 +26,37 @@ static int sys_register(int fd, unsigned op, void *arg, unsigned n)
     return (int)syscall(__NR_io_uring_register, fd, op, arg, n);
 }
 
+/* Only the operations the block back-end submits, without SQE flags, and
+ * no registration once enabled: a ring is no way around the sandbox's
+ * system call filter (io_uring operations don't pass through seccomp). */
+static int restrict_ring(int fd)
+{
+    static const uint8_t ops[] = {IORING_OP_NOP, IORING_OP_READV, IORING_OP_WRITEV,
+                                  IORING_OP_FSYNC};
+    struct io_uring_restriction res[sizeof(ops)];
+    memset(res, 0, sizeof(res));
+    for (unsigned i = 0; i < sizeof(ops); i++) {
+        res[i].opcode = IORING_RESTRICTION_SQE_OP;
+        res[i].sqe_op = ops[i];
+    }
+    if (sys_register(fd, IORING_REGISTER_RESTRICTIONS, res, sizeof(ops)) < 0)
+        return -errno;
+    return 0;
+}
+
 int vu_uring_init(struct vu_uring *u, unsigned entries)
 {
     memset(u, 0, sizeof(*u));
     u->fd = u->efd = -1;
     struct io_uring_params p;
     memset(&p, 0, sizeof(p));
+    /* Disabled until restricted (Linux 5.10); older kernels get a plain ring. */
+    p.flags = IORING_SETUP_R_DISABLED;
     int fd = sys_setup(entries, &p);
+    if (fd < 0 && errno == EINVAL) {
+        memset(&p, 0, sizeof(p));
+        fd = sys_setup(entries, &p);
+    }
     if (fd < 0)
         return -errno;
     u->fd = fd;
@@ -57,6 +84,12 @@ int vu_uring_init(struct vu_uring *u, unsigned entries)
     u->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (u->efd < 0 || sys_register(fd, IORING_REGISTER_EVENTFD, &u->efd, 1) < 0)
         goto fail;
+    if (p.flags & IORING_SETUP_R_DISABLED) {
+        int rc = restrict_ring(fd);
+        if (sys_register(fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0) < 0)
+            goto fail;
+        u->restricted = rc == 0;
+    }
     return 0;
 fail:;
     int err = errno ? errno : ENOMEM;
@@ -147,4 +180,99 @@ void vu_uring_drain(struct vu_uring *u, void (*fn)(void *arg, struct io_uring_cq
         fn(arg, cqe);
         vu_uring_seen(u);
     }
+}
+
+/* The pool (vu_uring.h) ------------------------------------------------------------ */
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct vu_uring **pool;
+static unsigned pool_len, pool_cap;
+static bool sealed;
+
+static bool pool_push(struct vu_uring *u)
+{
+    if (pool_len == pool_cap) {
+        unsigned cap = pool_cap ? 2 * pool_cap : 16;
+        struct vu_uring **grown = realloc(pool, cap * sizeof(*pool));
+        if (!grown)
+            return false;
+        pool = grown;
+        pool_cap = cap;
+    }
+    pool[pool_len++] = u;
+    return true;
+}
+
+int vu_uring_pool_fill(unsigned n, unsigned entries)
+{
+    int made = 0;
+    for (unsigned i = 0; i < n; i++) {
+        struct vu_uring *u = calloc(1, sizeof(*u));
+        if (!u)
+            return made ? made : -ENOMEM;
+        int rc = vu_uring_init(u, entries);
+        if (rc < 0) {
+            free(u);
+            return made ? made : rc;
+        }
+        pthread_mutex_lock(&pool_lock);
+        bool ok = pool_push(u);
+        pthread_mutex_unlock(&pool_lock);
+        if (!ok) {
+            vu_uring_exit(u);
+            free(u);
+            return made ? made : -ENOMEM;
+        }
+        made++;
+    }
+    return made;
+}
+
+void vu_uring_pool_seal(void)
+{
+    __atomic_store_n(&sealed, true, __ATOMIC_RELEASE);
+}
+
+bool vu_uring_sealed(void)
+{
+    return __atomic_load_n(&sealed, __ATOMIC_ACQUIRE);
+}
+
+unsigned vu_uring_pool_size(void)
+{
+    pthread_mutex_lock(&pool_lock);
+    unsigned n = pool_len;
+    pthread_mutex_unlock(&pool_lock);
+    return n;
+}
+
+struct vu_uring *vu_uring_get(unsigned entries)
+{
+    if (!vu_uring_sealed()) {
+        struct vu_uring *u = calloc(1, sizeof(*u));
+        if (u && vu_uring_init(u, entries) < 0) {
+            free(u);
+            u = NULL;
+        }
+        return u;
+    }
+    pthread_mutex_lock(&pool_lock);
+    struct vu_uring *u = pool_len ? pool[--pool_len] : NULL;
+    pthread_mutex_unlock(&pool_lock);
+    return u;
+}
+
+void vu_uring_put(struct vu_uring *u)
+{
+    if (!u)
+        return;
+    if (vu_uring_sealed() && u->fd >= 0 && !u->pending && !u->queued) {
+        pthread_mutex_lock(&pool_lock);
+        bool ok = pool_push(u);
+        pthread_mutex_unlock(&pool_lock);
+        if (ok)
+            return;
+    }
+    vu_uring_exit(u);
+    free(u);
 }

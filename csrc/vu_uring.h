@@ -18,6 +18,7 @@ struct vu_uring {
     size_t sq_len, cq_len, sqes_len;
     unsigned queued;         /* prepared, not yet submitted */
     unsigned pending;        /* submitted, completion not reaped */
+    bool restricted;         /* only the block back-end's operations (5.10+) */
 };
 
 /* 0, or -errno (io_uring not available: the caller falls back to sync I/O). */
@@ -32,5 +33,17 @@ struct io_uring_cqe *vu_uring_peek(struct vu_uring *u);
 void vu_uring_seen(struct vu_uring *u);
 /* Blocks until every submitted request completed, handing each to fn. */
 void vu_uring_drain(struct vu_uring *u, void (*fn)(void *arg, struct io_uring_cqe *), void *arg);
+
+/* Rings made ahead, for a process that can't make them later (the
+ * sandbox's filter refuses io_uring_setup, since io_uring operations would
+ * bypass it). Until vu_uring_pool_seal, vu_uring_get makes a new ring;
+ * after, it takes one from the pool (NULL when none is left: the queue
+ * does synchronous I/O) and vu_uring_put gives it back. */
+int vu_uring_pool_fill(unsigned n, unsigned entries);   /* rings made, or -errno */
+void vu_uring_pool_seal(void);
+bool vu_uring_sealed(void);
+unsigned vu_uring_pool_size(void);
+struct vu_uring *vu_uring_get(unsigned entries);
+void vu_uring_put(struct vu_uring *u);
 
 #endif

@@ -1,6 +1,7 @@
 /* Queue worker threads. */
 #include "vu_worker.h"
 #include "vu_dev.h"
+#include "vu_fault.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -216,6 +217,7 @@ static void *worker_main(void *arg)
     struct vu_worker *w = arg;
     struct epoll_event evs[32];
     bool more = false;   /* a handler returned VU_HANDLED_MORE: serve again soon */
+    vu_fault_worker_start();
     while (!w->stop) {
         if (w->poll_us) {
             /* Busy-poll: spin while work keeps coming, for up to poll_us

@@ -13,13 +13,13 @@ import grp
 import logging
 import os
 import socket
-import stat
-import tempfile
 
 from .connection import Connection
 from .device import Device
 from .errors import VhostUserError
 from .handler import Session
+from . import unixsock
+from .sandbox import access as sandbox_access
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,6 @@ class SocketInUse(VhostUserError):
 
 class SocketPlaceError(VhostUserError):
     """The socket can't be made there, or not with the group asked for."""
-
-
-#: Longest unix socket path (sun_path is 108 bytes with its NUL).
-MAX_SOCKET_PATH = 107
-#: Mode of a socket made without socket_mode: only its owner may connect.
-PRIVATE_MODE = 0o600
-#: Mode of a socket given to a group without socket_mode: the group may connect.
-GROUP_MODE = 0o660
 
 
 def parse_socket_mode(text: str) -> int:
@@ -72,93 +64,21 @@ def resolve_group(group: str | int) -> int:
         raise ValueError(f"no group named {text!r}") from None
 
 
-def _check_existing(path: str) -> bool:
-    """True if a stale socket file (nobody accepts on it) is at path; False
-    if nothing is; SocketInUse for a live socket or something else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISSOCK(st.st_mode):
-        raise SocketInUse(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise
-        return True     # stale: its process is gone
-    else:
-        raise SocketInUse(f"{path}: another process is serving this socket")
-    finally:
-        probe.close()
-
-
 def bind_unix(path: str, *, mode: int | None = None, gid: int | None = None) -> socket.socket:
     """A listening socket at ``path``, with group ``gid`` (default: the
-    process's) and permissions ``mode`` (default 0600, or 0660 with a gid).
-
-    Race-free: the socket is bound in a new private directory (0700) next
-    to ``path``, given its group and mode, set listening, and only then
-    linked at ``path`` (or renamed over a stale socket file there, in one
-    step). So whoever finds a socket at ``path`` finds it listening, with
-    its final owner and mode: never a window where it refuses, or is
-    wider or narrower than asked, or belongs to the wrong group. A live
-    socket at ``path`` raises SocketInUse; a stale one is replaced."""
-    if mode is None:
-        mode = PRIVATE_MODE if gid is None else GROUP_MODE
-    length = len(os.fsencode(path))
-    if length > MAX_SOCKET_PATH:
-        raise SocketPlaceError(f"{path}: socket path too long ({length} bytes, at most "
-                               f"{MAX_SOCKET_PATH})")
-    stale = _check_existing(path)
-    parent = os.path.dirname(os.path.abspath(path))
+    process's) and permissions ``mode`` (default 0600, or 0660 with a gid),
+    made race-free (vhostuser/unixsock.py) - by the sandbox's helper when
+    this process is confined. SocketInUse when a live process serves it,
+    SocketPlaceError when it can't be made there."""
     try:
-        private = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
-    except FileNotFoundError:
-        raise SocketPlaceError(f"{path}: directory {parent} does not exist") from None
+        brokered = sandbox_access.bind_unix(path, mode=mode, gid=gid)
+        if brokered is not None:
+            return brokered
+        return unixsock.bind_unix(path, mode=mode, gid=gid)
     except OSError as exc:
-        raise SocketPlaceError(f"{path}: can't make a socket in {parent}: "
-                               f"{exc.strerror}") from None
-    dir_fd = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    bound = False
-    try:
-        name = os.path.join(private, "s")
-        if len(os.fsencode(name)) > MAX_SOCKET_PATH:
-            name = f"/proc/self/fd/{dir_fd}/s"    # the same file, by a short path
-        sock.bind(name)
-        bound = True
-        if gid is not None:
-            try:
-                os.chown("s", -1, gid, dir_fd=dir_fd, follow_symlinks=False)
-            except PermissionError:
-                raise SocketPlaceError(f"{path}: can't give the socket to group {gid}: only "
-                                       "root or a member of that group may") from None
-        os.chmod("s", mode, dir_fd=dir_fd)
-        sock.listen(4)
-        if stale:
-            os.rename("s", path, src_dir_fd=dir_fd)     # replaces the stale file atomically
-        else:
-            try:
-                # link, unlike rename, never replaces what another process
-                # bound there meanwhile
-                os.link("s", path, src_dir_fd=dir_fd, follow_symlinks=False)
-            except FileExistsError:
-                _check_existing(path)       # SocketInUse if it is live
-                os.rename("s", path, src_dir_fd=dir_fd)
-            os.unlink("s", dir_fd=dir_fd)
-    except BaseException:
-        sock.close()
-        if bound:
-            with contextlib.suppress(OSError):
-                os.unlink("s", dir_fd=dir_fd)
-        raise
-    finally:
-        os.close(dir_fd)
-        with contextlib.suppress(OSError):
-            os.rmdir(private)
-    return sock
+        if exc.errno in (errno.EADDRINUSE, errno.EEXIST):
+            raise SocketInUse(exc.strerror or str(exc)) from None
+        raise SocketPlaceError(exc.strerror or str(exc)) from None
 
 
 class Server:
@@ -240,12 +160,19 @@ class Server:
     async def _serve_connect(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._closing:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.setblocking(False)
             try:
-                await loop.sock_connect(sock, self.connect_path)
+                # sandboxed: the helper connects (the path is out of view)
+                sock = sandbox_access.connect_unix(self.connect_path)
+                if sock is None:
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    sock.setblocking(False)
+                    try:
+                        await loop.sock_connect(sock, self.connect_path)
+                    except OSError:
+                        sock.close()
+                        raise
+                sock.setblocking(False)
             except OSError as exc:
-                sock.close()
                 log.debug("%s: connect failed (%s); retrying", self.name, exc)
                 await asyncio.sleep(self.reconnect_delay)
                 continue
@@ -277,7 +204,7 @@ class Server:
                 self._listener.close()
             if self.path is not None:
                 with contextlib.suppress(OSError):
-                    os.unlink(self.path)
+                    sandbox_access.unlink_socket(self.path)
             self._listener = None
 
     async def wait_closed(self) -> None:

@@ -78,7 +78,8 @@ done
 """
 
 
-def test_daemon_survives_a_frozen_store_and_a_killed_guest(guest_kit, nbd_export, tmp_path):
+def test_daemon_survives_a_frozen_store_and_a_killed_guest(guest_kit, nbd_export, tmp_path,
+                                                           sock_dir):
     """qemu-nbd frozen under the guest's writes (requests wait forever: remote
     timeout off), then QEMU killed: the daemon gives up on the requests after
     its drain timeout, keeps serving its other disk, and nothing crashes when
@@ -89,7 +90,9 @@ def test_daemon_survives_a_frozen_store_and_a_killed_guest(guest_kit, nbd_export
     image, server = nbd_export
     workdir = tmp_path / "d"
     workdir.mkdir()
-    daemon = DaemonProcess(str(workdir), env={"VHOSTUSER_DRAIN_TIMEOUT": "1"})
+    # sandboxed, libnbd reaches the server's socket only in an allowed directory
+    daemon = DaemonProcess(str(workdir), env={"VHOSTUSER_DRAIN_TIMEOUT": "1"},
+                           allow_dirs=(str(sock_dir),))
     try:
         daemon.call("add", type="blk", name="nbd", socket=daemon.path("n.sock"),
                     nbd=server.uri, remote_timeout=0)

@@ -261,6 +261,32 @@ def test_daemon_rbd_export_added_with_vhostuser_ctl(ceph, image, daemon):
     assert daemon.call("list") == []
 
 
+def test_rbd_export_added_to_a_sandboxed_daemon(ceph, image, tmp_path):
+    """The daemon confined before it ever heard of the image: librados
+    starts inside the sandbox (its ceph.conf and keyring under --allow-dir,
+    in the view read-only), serves, and goes with remove."""
+    from vhostuser.testing.daemon import DaemonProcess
+    from vhostuser.testing.sandbox import wait_sandboxed
+    workdir = tmp_path / "d"
+    workdir.mkdir()
+    daemon = DaemonProcess(str(workdir), allow_dirs=(ceph.dir,), backends="ramdisk,rbd")
+    try:
+        wait_sandboxed(daemon.proc.pid)
+        daemon.call("add", type="blk", name="r", socket=daemon.path("r.sock"), rbd=image,
+                    rbd_conf=ceph.conf_path, remote_timeout=10)
+        with Frontend.connect(daemon.path("r.sock"), wait=20) as fe:
+            blk = BlkClient.setup(fe)
+            blk.write(128, pattern(5, 8192))
+            blk.flush()
+            assert blk.read(128, 8192) == pattern(5, 8192)
+        daemon.call("remove", name="r")
+    finally:
+        rc = daemon.terminate()
+    assert rc == 0, daemon.output()
+    assert "Traceback" not in daemon.output(), daemon.output()
+    assert ceph.export(image)[128 * 512:128 * 512 + 8192] == pattern(5, 8192)
+
+
 def test_outage_shorter_than_the_timeout_is_ridden_out(ceph, image, tmp_path):
     """librados resends what the OSD missed: the guest sees only a delay."""
     backend = rbd_backend(ceph, image, timeout=10)

@@ -13,6 +13,7 @@ import stat
 from dataclasses import dataclass, field
 
 from ..errors import VhostUserError
+from ..sandbox import access as sandbox_access
 
 
 class BackendError(VhostUserError):
@@ -40,7 +41,7 @@ class FileBackend:
         if self.direct:
             flags |= os.O_DIRECT
         try:
-            self.fd = os.open(self.path, flags)
+            self.fd = sandbox_access.open_image(self.path, flags)   # sandboxed: the helper
         except OSError as exc:
             raise BackendError(f"{self.path}: {exc.strerror}") from None
         st = os.fstat(self.fd)

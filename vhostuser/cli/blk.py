@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from . import common
+from ..sandbox import cli as sandbox_cli
 
 # The device modules are imported in the functions that use them, after
 # common.lean_start() (they import asyncio).
@@ -25,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--serial", default="vhostuser", metavar="S", help="GET_ID serial (20 bytes)")
     common.add_qos_options(p.add_argument_group("QoS limits (token buckets; 0 = unlimited)"),
                            int, common.size_arg)
+    sandbox_cli.add_options(p)
     p.epilog = ("SIGHUP re-reads the size of --blk-file and tells the guest (resize the "
                 "image first, e.g. with truncate); SIGTERM finishes requests in flight and exits.")
     return p
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     common.lean_start(python_backend=bool(args.backend))
 
     def start() -> int:
+        sandbox = sandbox_cli.prepare(args, "blk", python_backend=bool(args.backend),
+                                      helper=args.fd is None)
         from ..blk import BackendError, BlkDevice
         from ..qos import QosError, QosLimits
         if not 1 <= args.queues <= 64:
@@ -138,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                                "" if told else " (no front-end channel to tell the guest)")
 
         try:
+            sandbox_cli.enter_blk(sandbox, args, device)
             return common.run([server], on_sighup=resize)
         finally:
             common.log.info("stats: %s", device.stats())

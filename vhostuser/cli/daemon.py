@@ -16,6 +16,7 @@ from ..manage.daemon import Daemon
 from ..manage.errors import ManageError
 from ..server import new_event_loop, parse_socket_mode, resolve_group
 from . import common
+from ..sandbox import cli as sandbox_cli
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics over HTTP there (e.g. 127.0.0.1:9100; "
                         "port 0 picks one, see the version command)")
     p.add_argument("-v", "--verbose", action="count", default=0)
+    sandbox_cli.add_options(p, daemon=True)
     p.epilog = ("SIGHUP re-reads the size of every file-backed disk and tells its guest of a "
                 "change; SIGTERM finishes every export's requests in flight and exits 0.")
     return p
@@ -92,7 +94,7 @@ def reread_sizes(daemon: Daemon) -> None:
                 common.log.error("%s: resize failed: %s", export.name, exc)
 
 
-async def serve(args, entries: list[tuple[str, dict]]) -> None:
+async def serve(args, entries: list[tuple[str, dict]], sandbox=None) -> None:
     loop = asyncio.get_running_loop()
     daemon = Daemon()
     daemon.loop = loop
@@ -114,7 +116,8 @@ async def serve(args, entries: list[tuple[str, dict]]) -> None:
     endpoint = None
     try:
         if args.prometheus:
-            endpoint = start_prometheus(daemon, args.prometheus)
+            # bound now; sandboxed, its thread starts once confined
+            endpoint = start_prometheus(daemon, args.prometheus, serve=sandbox is None)
         for where, spec in entries:
             try:
                 await daemon.add(spec)
@@ -125,6 +128,9 @@ async def serve(args, entries: list[tuple[str, dict]]) -> None:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reread_sizes, daemon)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, common.HANDLED_SIGNALS)
+        sandbox_cli.enter_daemon(sandbox, args, daemon, sandbox_cli.daemon_kinds(args, entries))
+        if endpoint is not None and endpoint.thread is None:
+            endpoint.serve()
         await control.start()
         common.log.info("serving %d exports; control socket %s", len(daemon.exports),
                         args.control)
@@ -138,14 +144,14 @@ async def serve(args, entries: list[tuple[str, dict]]) -> None:
         await daemon.close()
 
 
-def start_prometheus(daemon: Daemon, spec: str):
+def start_prometheus(daemon: Daemon, spec: str, *, serve: bool = True):
     try:
         from ..manage.prometheus import PrometheusEndpoint, parse_address
     except ImportError as exc:
         raise common.UsageError(f"--prometheus needs prometheus-client: {exc}") from None
     try:
         addr, port = parse_address(spec)
-        return PrometheusEndpoint(daemon, addr, port)
+        return PrometheusEndpoint(daemon, addr, port, serve=serve)
     except (ValueError, OSError) as exc:
         raise common.UsageError(f"--prometheus {spec}: {exc}") from None
 
@@ -156,9 +162,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def start() -> int:
         entries = load_config(args.config) if args.config else []
+        sandbox = sandbox_cli.prepare(args, "daemon")
+        sandbox_cli.daemon_kinds(args, entries)      # a bad --backends fails here
         loop = new_event_loop()
         try:
-            loop.run_until_complete(serve(args, entries))
+            loop.run_until_complete(serve(args, entries, sandbox))
         finally:
             loop.close()
         return 0

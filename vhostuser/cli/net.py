@@ -8,6 +8,7 @@ import types
 from typing import TYPE_CHECKING
 
 from . import common
+from ..sandbox import cli as sandbox_cli
 
 if TYPE_CHECKING:
     from ..net.switch import Switch
@@ -35,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
                    help="a built-in learning switch: one port per --socket-path (repeat it), "
                         "MACs counting up from --mac")
     add_device_options(p)
+    sandbox_cli.add_options(p)
     return p
 
 
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def start() -> int:
         check_args(args)
+        sandbox = sandbox_cli.prepare(args, "net", python_backend=bool(args.backend),
+                                      helper=args.fd is None)
         from ..net import (LoopbackBackend, NetBackend, NetBackendError, NetDevice,
                            SinkBackend, TapBackend)
         from ..net.spec import parse_mac
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             raise common.UsageError(str(exc)) from None
         if args.switch:
-            return serve_switch(args, mac)
+            return serve_switch(args, mac, sandbox)
         switch = None
         if args.vxlan:
             # one device with a tunnel: a switch with one port
@@ -131,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             raise common.UsageError(str(exc)) from None
         try:
             server = common.make_server(args, device)
+            sandbox_cli.enter_net(sandbox, args, backend)
             return common.run([server])
         finally:
             common.log.info("stats: %s", device.stats())
@@ -151,7 +156,7 @@ def open_switch(tap: str | None, vxlan: str | None) -> Switch:
         raise common.UsageError(str(exc)) from None
 
 
-def serve_switch(args, mac: bytes) -> int:
+def serve_switch(args, mac: bytes, sandbox=None) -> int:
     """--switch: one NetDevice per --socket-path, all ports of one switch."""
     from ..net import NetBackendError, NetDevice
     from ..net.switch import MAX_PORTS
@@ -179,6 +184,7 @@ def serve_switch(args, mac: bytes) -> int:
                                           queues_per_thread=args.queues_per_thread,
                                           adaptive_poll_us=args.adaptive_poll_us)
             servers.append(common.make_server(where, device))
+        sandbox_cli.enter_net(sandbox, args, None, socket_paths=args.socket_path)
         return common.run(servers)
     finally:
         for device in devices:

@@ -112,6 +112,7 @@ import os
 import socket
 from typing import Any, Callable
 
+from ..sandbox import access as sandbox_access
 from ..server import bind_unix
 from . import checks
 from .daemon import Daemon
@@ -316,4 +317,4 @@ class ControlServer:
             await asyncio.gather(*self._clients, return_exceptions=True)
             self._server = None
         with contextlib.suppress(OSError):
-            os.unlink(self.path)
+            sandbox_access.unlink_socket(self.path)

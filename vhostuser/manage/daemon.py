@@ -29,6 +29,7 @@ from .errors import (BackendFailed, BadState, ExportExists, NoSuchExport, NotSup
                      SocketInUse)
 from .export import FAILED, RUNNING, STOPPED, Export
 from .specs import build_device, check_name, parse_spec, qos_limits
+from ..sandbox import access as sandbox_access
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,10 @@ class Daemon:
         """Adds an export and starts serving it; returns its description."""
         self.loop = asyncio.get_running_loop()
         parsed = parse_spec(spec)
+        refused = sandbox_access.refuses_kind(sandbox_access.export_kind(
+            parsed.type, parsed.source, parsed.settings[parsed.source]))
+        if refused:
+            raise NotSupported(f"{parsed.name}: {refused}")
         async with self._lifecycle:
             if parsed.name in self.exports:
                 raise ExportExists(f"an export named {parsed.name!r} exists")

@@ -16,8 +16,12 @@ pair: ``vhostuser_net_packets_total{direction}``,
 from __future__ import annotations
 
 import logging
+import socket
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
@@ -167,20 +171,39 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):   # noqa: A002: the base class's name
+        """No access log on stderr."""
+
+
 class PrometheusEndpoint:
     """The HTTP endpoint (its own thread), with a registry holding only the
-    daemon's collector."""
+    daemon's collector. The socket is bound at once; ``serve=False`` leaves
+    the thread to :meth:`serve` (a sandboxed daemon starts it once it is
+    confined, so the thread is born without privileges)."""
 
-    def __init__(self, daemon: Daemon, addr: str, port: int):
+    def __init__(self, daemon: Daemon, addr: str, port: int, *, serve: bool = True):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ExportCollector(daemon))
-        self.httpd, self.thread = start_http_server(port, addr=addr, registry=self.registry)
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        server = type("_Server", (ThreadingWSGIServer,), {"address_family": family})
+        self.httpd = make_server(addr, port, make_wsgi_app(self.registry), server,
+                                 handler_class=_QuietHandler)
+        self.thread: threading.Thread | None = None
         host, bound_port = self.httpd.server_address[:2]
         self.address = f"[{host}]:{bound_port}" if ":" in host else f"{host}:{bound_port}"
         daemon.prometheus_address = self.address
+        if serve:
+            self.serve()
+
+    def serve(self) -> None:
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="prometheus",
+                                       daemon=True)
+        self.thread.start()
         log.info("Prometheus metrics on http://%s/metrics", self.address)
 
     def close(self) -> None:
-        self.httpd.shutdown()
+        if self.thread is not None:
+            self.httpd.shutdown()
+            self.thread.join(5)
         self.httpd.server_close()
-        self.thread.join(5)

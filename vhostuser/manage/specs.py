@@ -26,7 +26,9 @@ from ..net import NetBackend, NetBackendError, NetDevice, TapBackend
 from ..net.spec import format_mac, parse_mac
 from ..plugin import PluginError, instantiate, load_class
 from ..qos import QosError, QosLimits
-from ..server import MAX_SOCKET_PATH, parse_socket_mode, resolve_group
+from ..server import parse_socket_mode, resolve_group
+from ..unixsock import MAX_SOCKET_PATH
+from ..sandbox import access as sandbox_access
 from . import checks
 from .errors import BackendFailed, BadArgument
 
@@ -206,7 +208,7 @@ NET_OPTIONS: dict[str, tuple[Check, Any]] = {
 def _check_file(v: Any, spec: dict) -> str:
     path = checks.as_abs_path(v, "blk_file")
     try:
-        st = os.stat(path)
+        st = sandbox_access.stat(path)     # sandboxed: asks the helper
     except OSError as exc:
         raise BadArgument(f"'blk_file': {path}: {exc.strerror}") from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
@@ -349,7 +351,11 @@ def parse_spec(spec: Any) -> ExportSpec:
     if kind == "blk" and settings["serial"] is None:
         settings["serial"] = name.encode()[:20].decode(errors="ignore")
     parent = os.path.dirname(socket_path)
-    if not os.path.isdir(parent):
+    try:
+        parent_is_dir = sandbox_access.isdir(parent)     # sandboxed: asks the helper
+    except OSError as exc:
+        raise BadArgument(f"'socket_path': {parent}: {exc.strerror}") from None
+    if not parent_is_dir:
         raise BadArgument(f"'socket_path': directory {parent} does not exist")
     return ExportSpec(kind, name, socket_path, source.key, settings)
 

@@ -7,12 +7,11 @@ memoryviews and can inject frames toward the guest from any thread.
 """
 from __future__ import annotations
 
-import fcntl
 import os
-import struct
 from dataclasses import dataclass, field
 
 from ..errors import VhostUserError
+from ..sandbox import access as sandbox_access
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -38,11 +37,10 @@ class TapBackend:
         flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
         if self.queue_pairs > 1:
             flags |= IFF_MULTI_QUEUE
-        ifr = struct.pack("16sH22x", self.ifname.encode(), flags)
         for _ in range(self.queue_pairs):
             try:
-                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-                fcntl.ioctl(fd, TUNSETIFF, ifr)
+                # /dev/net/tun + TUNSETIFF (sandboxed: by the helper)
+                fd = sandbox_access.open_tun(self.ifname, flags)
             except OSError as exc:
                 self.close()
                 raise NetBackendError(f"TAP {self.ifname}: {exc.strerror}") from None

@@ -13,17 +13,28 @@ import time
 from ..manage import ControlClient
 
 
+#: Every built-in back-end kind: a test may add any export, as before the
+#: sandbox (whose default leaves out the remote ones).
+ALL_KINDS = "file,ramdisk,tap,null,nbd,rbd"
+
+
 class DaemonProcess:
     def __init__(self, workdir: str, *extra: str, env: dict[str, str] | None = None,
-                 cwd: str | None = None):
+                 cwd: str | None = None, allow_dirs: tuple[str, ...] = (),
+                 backends: str | None = ALL_KINDS):
         """``env``: variables added to the daemon's environment; ``cwd``: its
-        working directory (Python back-ends there import)."""
+        working directory (Python back-ends there import). The sandboxed
+        daemon may use images and sockets in ``workdir`` and ``allow_dirs``,
+        and serve the ``backends`` kinds (None: its default)."""
         self.dir = workdir
         self.control = os.path.join(workdir, "ctl.sock")
         self.log = open(os.path.join(workdir, "daemon.log"), "w+b")
+        sandbox = [a for d in (workdir, *allow_dirs) for a in ("--allow-dir", str(d))]
+        if backends is not None:
+            sandbox += ["--backends", backends]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vhostuser.cli.daemon", "--control", self.control,
-             "--prometheus", "127.0.0.1:0", "-v", *extra],
+             "--prometheus", "127.0.0.1:0", "-v", *sandbox, *extra],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd,
             env=None if env is None else {**os.environ, **env})
         self._wait_ready()

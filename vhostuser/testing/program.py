@@ -21,11 +21,13 @@ class BackendProgram:
 
     def __init__(self, module: str, *args: str, socket: str, log: str,
                  cwd: str | None = None, timeout: float = 20.0,
-                 socket_option: str = "--socket-path"):
+                 socket_option: str = "--socket-path", env: dict[str, str] | None = None):
+        """``env``: variables added to the program's environment."""
         self.socket = str(socket)
         self.log = str(log)
         self.argv = [sys.executable, "-m", module, socket_option, self.socket, *args]
         self.cwd = cwd
+        self.env = env
         self.timeout = timeout
         self.proc: subprocess.Popen | None = None
 
@@ -40,7 +42,9 @@ class BackendProgram:
     def start(self) -> "BackendProgram":
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=out, cwd=self.cwd)
+                                         stderr=out, cwd=self.cwd,
+                                         env=None if self.env is None else {**os.environ,
+                                                                            **self.env})
         deadline = time.monotonic() + self.timeout
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None:
