@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import grp
 import logging
 import os
 import socket
@@ -59,7 +58,7 @@ def resolve_group(group: str | int) -> int:
     if text.isdigit():
         return int(text)
     try:
-        return grp.getgrnam(text).gr_gid
+        return sandbox_access.group_id(text)
     except KeyError:
         raise ValueError(f"no group named {text!r}") from None
 

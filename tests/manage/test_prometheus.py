@@ -6,7 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vhostuser.frontend import BlkRequest, BlkStatus, Frontend
 from vhostuser.manage.prometheus import cumulative_buckets, parse_address
-from vhostuser.testing.daemon import DaemonProcess
+from vhostuser.testing.daemon import WITH_PYTHON, DaemonProcess
 from vhostuser.testing.patterns import pattern
 
 from .conftest import blk_frontend
@@ -69,7 +69,7 @@ def test_scrape_counts_io_per_queue(daemon):
 def test_failures_and_log_lines_held_back_are_counted(workdir):
     """Python back-ends failing every request: the log has one line per kind
     of failure, the scrape counts them all and the lines held back."""
-    d = DaemonProcess(workdir, cwd=str(Path(__file__).resolve().parents[2]),
+    d = DaemonProcess(workdir, cwd=str(Path(__file__).resolve().parents[2]), backends=WITH_PYTHON,
                       env={"VHOSTUSER_LOG_INTERVAL": "3600"})     # however slow the machine
     try:
         d.call("add", type="blk", name="d0", socket_path=d.path("d0.sock"), queues=2,

@@ -18,7 +18,7 @@ from vhostuser.frontend.device import DEFAULT_FEATURES
 from vhostuser.net import NetFeature
 from vhostuser.net.spec import HDR
 from vhostuser.protocol import bit
-from vhostuser.testing.daemon import DaemonProcess
+from vhostuser.testing.daemon import WITH_PYTHON, DaemonProcess
 from vhostuser.testing.patterns import pattern
 
 from .conftest import MIB, blk_frontend
@@ -31,7 +31,7 @@ MODULE = "tests.manage.pybackends"
 def pydaemon(workdir):
     """The daemon run from the checkout, where tests.manage.pybackends
     imports (the daemon's working directory is on its import path)."""
-    d = DaemonProcess(workdir, cwd=REPO)
+    d = DaemonProcess(workdir, cwd=REPO, backends=WITH_PYTHON)
     yield d
     rc = d.terminate()
     assert rc == 0, d.output()
@@ -88,7 +88,7 @@ def test_python_disk_from_a_config_file_with_typed_options(workdir):
                             "backend": f"{MODULE}:JournalDisk",
                             "backend_opt": {"size": 4 * MIB, "journal": journal,
                                             "delay_ms": 0}}) + "\n")
-    d = DaemonProcess(workdir, "--config", config, cwd=REPO)
+    d = DaemonProcess(workdir, "--config", config, cwd=REPO, backends=WITH_PYTHON)
     try:
         with blk_frontend(d.path("py1.sock")) as blk:
             assert blk.capacity == 4 * MIB // 512

@@ -239,9 +239,22 @@ def test_vhostuser_blk_rbd_command(ceph, image, tmp_path):
                                   "No such file or directory")
 
 
-def test_daemon_rbd_export_added_with_vhostuser_ctl(ceph, image, daemon):
+@pytest.fixture
+def ceph_daemon(ceph, workdir):
+    """A daemon that may read the test cluster's ceph.conf and keyring (its
+    sandbox shows it only the directories it is allowed)."""
+    from vhostuser.testing.daemon import DaemonProcess
+    d = DaemonProcess(workdir, allow_dirs=(ceph.dir,))
+    yield d
+    rc = d.terminate()
+    assert rc == 0, d.output()
+    assert "Traceback" not in d.output(), d.output()
+
+
+def test_daemon_rbd_export_added_with_vhostuser_ctl(ceph, image, ceph_daemon):
     """vhostuser-ctl add-blk --rbd with vhostuser-blk's options of the same
     names; what was written is in the image."""
+    daemon = ceph_daemon
     daemon.ctl("add-blk", "r0", "--socket-path", "r0.sock", "--rbd", image,
                "--rbd-conf", ceph.conf_path, "--rbd-id", "admin", "--remote-timeout", "5")
     spec = daemon.call("describe", name="r0")["spec"]

@@ -256,7 +256,7 @@ def test_daemon_adds_only_under_its_directories(tmp_path, allowed):
             with pytest.raises(ControlError) as err:
                 d.call("add", type="blk", name=what, **spec)
             codes[what] = (err.value.code, err.value.message)
-        assert codes["file"] == ("bad-args", f"'file': {tmp_path}/out.img: outside the "
+        assert codes["file"] == ("bad-args", f"'blk_file': {tmp_path}/out.img: outside the "
                                  f"directories the sandboxed daemon may use (--allow-dir: "
                                  f"{os.path.realpath(workdir)}, {os.path.realpath(allowed)})")
         assert codes["socket"][0] == "bad-args" and "outside the directories" in codes["socket"][1]

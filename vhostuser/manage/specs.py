@@ -273,6 +273,10 @@ def _python_class(base: type, builtin: dict[str, type] | None = None) -> Check:
             load_class(name, base)
         except PluginError as exc:
             raise BadArgument(f"'backend': {exc}") from None
+        except OSError as exc:
+            # A sandboxed daemon sees no files: new code can't be imported.
+            raise BadArgument(f"'backend': {name}: can't import it here ({exc.strerror}); "
+                              "a daemon confined with --sandbox on imports nothing new") from None
         return name
     return check
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import errno
+import grp
 import json
 import os
 import socket
@@ -120,6 +121,20 @@ def bind_unix(path: str, *, mode: int | None = None,
     return socket.socket(fileno=_client._one_fd("bind", path=path, mode=mode, gid=gid))
 
 
+def group_id(name: str) -> int:
+    """A group's id by name (KeyError if there is none); sandboxed, the
+    helper looks it up, as the confined process has no /etc/group."""
+    if _client is None:
+        return grp.getgrnam(name).gr_gid
+    try:
+        reply, _ = _client.call("group", name=name)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise KeyError(name) from None
+        raise
+    return reply["gid"]
+
+
 def unlink_socket(path: str) -> None:
     """Removes a socket file this process made (OSError if it can't)."""
     if _client is None:
@@ -185,6 +200,7 @@ def open_tun(ifname: str, ifr_flags: int) -> int:
 def export_kind(spec_type: str, source: str, value) -> str:
     """The sandbox's name for the back-end kind of a daemon export."""
     from .policy import KINDS
+    source = {"blk_file": "file"}.get(source, source)     # the spec key names the option
     if spec_type == "net" and source == "backend":
         return "null" if value == "null" else "python"
     # a source registered by someone else (specs.register_blk_source) runs

@@ -134,7 +134,7 @@ def enter_blk(sandbox: Sandbox | None, args, device) -> None:
     else:
         kinds = ["python"]
         extra = backend_syscalls(device.backend)
-    rings = args.num_queues if getattr(device, "aio", None) == "io_uring" else 0
+    rings = args.queues if getattr(device, "aio", None) == "io_uring" else 0
     _enter(sandbox, kinds, sockets=[args.socket_path] if args.socket_path else [],
            connect=[args.connect] if args.connect else [], binds=binds,
            uring_rings=rings, extra_syscalls=extra)
@@ -158,8 +158,8 @@ def enter_net(sandbox: Sandbox | None, args, backend, *, socket_paths=()) -> Non
     else:
         kinds = ["python"]
         extra = backend_syscalls(backend)
-    paths = list(socket_paths) or ([args.socket_path] if isinstance(args.socket_path, str)
-                                   else [])
+    given = args.socket_path
+    paths = list(socket_paths) or ([given] if isinstance(given, str) else list(given or []))
     _enter(sandbox, kinds, sockets=paths, connect=[args.connect] if args.connect else [],
            extra_syscalls=extra)
 
@@ -176,7 +176,7 @@ def daemon_kinds(args, entries) -> list[str]:
     else:
         kinds = list(DAEMON_DEFAULT_KINDS)
     for _where, spec in entries:
-        for source in ("file", "ramdisk", "tap", "backend", "nbd", "rbd"):
+        for source in ("blk_file", "file", "ramdisk", "tap", "backend", "nbd", "rbd"):
             if source in spec:
                 kinds.append(export_kind(spec.get("type"), source, spec[source]))
     return sorted(set(kinds))

@@ -14,8 +14,11 @@ from ..manage import ControlClient
 
 
 #: Every built-in back-end kind: a test may add any export, as before the
-#: sandbox (whose default leaves out the remote ones).
+#: sandbox (whose default leaves out the remote ones). Python back-ends
+#: ("python") import code at run time, so a daemon allowing them isn't
+#: confined: tests that add them ask for WITH_PYTHON.
 ALL_KINDS = "file,ramdisk,tap,null,nbd,rbd"
+WITH_PYTHON = ALL_KINDS + ",python"
 
 
 class DaemonProcess:
