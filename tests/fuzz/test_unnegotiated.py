@@ -25,13 +25,12 @@ def test_generator_withholds_the_feature_of_each_request():
         src = RandomSource(random.Random(i))
         withhold, actions = generate.unnegotiated(src)
         for a in actions:
-            if "needs" in a:
-                assert a["needs"] in withhold
-                assert generate.NEEDS_PROTOCOL_FEATURE[a["request"]] == a["needs"]
-                seen_requests.add(a["request"])
-            else:
-                assert a["reserved"] and a["flags"] & ~0xf
+            if a["flags"] & ~0xf:
                 reserved += 1
+            else:
+                needs = generate.NEEDS_PROTOCOL_FEATURE[a["request"]]
+                assert needs in withhold
+                seen_requests.add(a["request"])
     assert seen_requests == set(generate.NEEDS_PROTOCOL_FEATURE)
     assert reserved > 100
 
@@ -65,7 +64,7 @@ def without(request: Request, flags: int) -> Case:
     payload, fds = generate._well_formed(request)
     return Case("blk", "unnegotiated", Setup(withhold=[feature]),
                 [{"op": "msg", "request": int(request), "flags": flags, "payload": payload,
-                  "size": None, "fds": fds, "needs": feature}])
+                  "size": None, "fds": fds}])
 
 
 @pytest.mark.parametrize("flags,how", [(VERSION | NEED_REPLY, "a non-zero ack"),
@@ -83,7 +82,7 @@ def test_a_refusal_is_not_a_failure(blk, flags, how):
 def test_reserved_flag_bits_are_fuzzed_and_judged(blk):
     case = Case("blk", "unnegotiated", Setup(), [
         {"op": "msg", "request": int(Request.GET_FEATURES), "flags": VERSION | 1 << 16,
-         "payload": "", "size": None, "fds": [], "reserved": True}])
+         "payload": "", "size": None, "fds": []}])
     out = run_case(blk, case)
     assert any(e.endswith("-without:reserved-flags:GET_FEATURES/rsv") for e in out.events)
     assert not out.verdict.failing, out

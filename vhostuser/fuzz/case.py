@@ -7,10 +7,7 @@ and replays byte for byte. Ops:
 ``msg``     a raw vhost-user message: request, flags, payload (hex, or a
             template the executor fills in, see :mod:`.execute`), ``size``
             (a lie about the payload length, or None), ``fds`` (kinds of fd
-            to attach: "eventfd", "memfd:SIZE"); ``needs`` (the protocol
-            feature it belongs to, withheld by the setup) or ``reserved``
-            (reserved header flag bits set) mark a request the back-end
-            should refuse (kind ``unnegotiated``).
+            to attach: "eventfd", "memfd:SIZE", "socket").
 ``poke``    write ``data`` (hex) at guest-physical ``gpa``.
 ``desc``    write a raw descriptor into the fuzzed queue's table: ``slot``,
             ``addr``, ``len``, ``flags``, ``next`` (split) / ``id`` (packed).

@@ -18,6 +18,7 @@ from ..frontend.device import DEFAULT_PROTOCOL_FEATURES
 from ..protocol import VRING_ADDR, Feature, ProtocolFeature, Request, bit
 from . import layout
 from .case import Case, Setup
+from .generate import NEEDS_PROTOCOL_FEATURE
 from .profiles import Profile
 
 # Requests whose answer we wait for even without NEED_REPLY.
@@ -318,7 +319,10 @@ class Executor:
             words = [f"used-len:{_length_class(used.length)}"]
             gpa = self._statuses.get(id(used.token))
             if gpa is not None:
-                words.append(f"status:{self.conn.mem.read(gpa, 1)[0]}")
+                try:
+                    words.append(f"status:{self.conn.mem.read(gpa, 1)[0]}")
+                except GuestMemoryError:
+                    pass
             obs.events.append("completed:" + ",".join(words))
 
     def _drain(self, obs: Observation, wait: float) -> list[str]:
@@ -351,20 +355,29 @@ class Executor:
         finally:
             for fd in fds:
                 os.close(fd)
-        lacking = a.get("needs") or ("reserved-flags" if a.get("reserved") else None)
+        lacking = self._lacking(a)
         wants_answer = a["request"] in REPLYING or a["flags"] & NEED_REPLY
         # A refusal may be a disconnect: give it time to show.
         replies = self._drain(obs, self.settle if wants_answer or lacking else 0)
         got = "+".join(replies) or "none"
         name = _request_name(a["request"]) + ("/rsv" if a["flags"] & ~KNOWN_FLAGS else "")
         obs.events.append(f"msg:{name}:{got}")
-        obs.events.append(f"after:{self._last}:{name}:{got}")
         self._last = name
         if lacking:
             how = _acceptance(a, replies, obs.closed)
             obs.events.append(f"{how}-without:{lacking}:{name}")
             if how == "accepted":
                 obs.notes.append(f"{name} accepted without {lacking}")
+
+    def _lacking(self, a: dict) -> str | None:
+        """What makes the request one to refuse: reserved header flag bits,
+        or a protocol feature it belongs to that was not negotiated."""
+        if a["flags"] & ~KNOWN_FLAGS:
+            return "reserved-flags"
+        needs = NEEDS_PROTOCOL_FEATURE.get(a["request"])
+        if needs and not self.conn.fe.protocol_features & bit(ProtocolFeature[needs]):
+            return needs
+        return None
 
     def _op_poke(self, a: dict, obs: Observation, vq) -> None:
         try:

@@ -2,10 +2,11 @@
 the target do something new, and mutate from them.
 
 "Something new" is a behaviour feature no earlier case showed. Features
-are what the front-end sees (each request's answer in words, the answer
-after the request before it, completions and their status bytes, errors
-signalled, disconnects, the verdict, the crash signature) plus, when the
-target exports coverage counters (:mod:`.coverage`), its edges. The same
+are what the front-end sees (each request's answer in words, which request
+a disconnect followed, completions and their status bytes, errors
+signalled, acceptances and refusals of requests that lack their protocol
+feature, the verdict, the crash signature) plus, when the target exports
+coverage counters (:mod:`.coverage`), its edges with bucketed hit counts. The same
 features are counted in generation mode, so the two modes compare on one
 scale: distinct behaviours reached in a time budget.
 
@@ -17,6 +18,7 @@ writes its new entries there and picks up the others' now and then.
 """
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import os
@@ -37,10 +39,11 @@ SYNC_EVERY = 50                # rounds between looks at other workers' entries
 
 
 class Behaviours:
-    """Distinct behaviour features seen so far."""
+    """Distinct behaviour features seen so far, and how often each was hit."""
 
     def __init__(self):
         self.seen: set[str] = set()
+        self.hits: collections.Counter = collections.Counter()
 
     @staticmethod
     def features(case: Case, outcome: Outcome) -> set[str]:
@@ -50,11 +53,18 @@ class Behaviours:
             feats.add(f"sig:{outcome.signature}")
         return feats
 
-    def add(self, case: Case, outcome: Outcome) -> int:
-        """Records the case's features; returns how many were new."""
-        new = self.features(case, outcome) - self.seen
+    def add(self, case: Case, outcome: Outcome) -> set[str]:
+        """Records the case's features; returns those that were new."""
+        feats = self.features(case, outcome)
+        self.hits.update(feats)
+        new = feats - self.seen
         self.seen |= new
-        return len(new)
+        return new
+
+    def rarity(self, feats: set[str]) -> float:
+        """How rare a case's features are now: what a mutation of it may
+        reach that others do not."""
+        return sum(1.0 / self.hits[f] for f in feats if self.hits[f])
 
     def __len__(self) -> int:
         return len(self.seen)
@@ -66,7 +76,8 @@ class Behaviours:
 @dataclass
 class Entry:
     case: Case
-    found: int                 # features it added when it entered
+    features: set[str]         # what it reached when it entered
+    seconds: float = 1.0       # what it cost to run
     picked: int = 0
     name: str = ""
 
@@ -79,8 +90,8 @@ class Corpus:
     _known: set[str] = field(default_factory=set)   # file names loaded or written
     _serial: int = 0
 
-    def add(self, case: Case, found: int) -> Entry:
-        entry = Entry(case, found)
+    def add(self, case: Case, features: set[str], seconds: float) -> Entry:
+        entry = Entry(case, features, seconds)
         self.entries.append(entry)
         if self.directory:
             os.makedirs(self.directory, exist_ok=True)
@@ -93,10 +104,13 @@ class Corpus:
             self._known.add(entry.name)
         return entry
 
-    def pick(self, rng: random.Random) -> Entry:
-        """Favours entries that found more, and those picked less often."""
-        sample = rng.sample(self.entries, min(4, len(self.entries)))
-        best = max(sample, key=lambda e: (e.found + 1) / (e.picked + 1))
+    def pick(self, rng: random.Random, seen: "Behaviours") -> Entry:
+        """Of a few entries drawn at random, the one whose features are
+        rarest per second of running it, less so the more it was picked
+        (AFL's favoured entries, roughly)."""
+        sample = rng.sample(self.entries, min(5, len(self.entries)))
+        best = max(sample, key=lambda e: (seen.rarity(e.features) + 0.01)
+                   / (max(e.seconds, 0.02) * (1 + e.picked) ** 0.5))
         best.picked += 1
         return best
 
@@ -164,13 +178,14 @@ def run_feedback(harness: Harness, cfg: RunConfig, *, allow_packed: bool,
         return deadline is None or time.monotonic() < deadline
 
     def attempt(case: Case, label: str) -> None:
+        t0 = time.monotonic()
         outcome = rec.execute(case, label)
         if outcome is None:
             return
         new = seen.add(case, outcome)
         rec.summary.behaviours = len(seen)
         if new:
-            corpus.add(case, new)
+            corpus.add(case, Behaviours.features(case, outcome), time.monotonic() - t0)
 
     for case in seeds:                   # earlier reproducers and corpus entries first
         if not budget_left():
@@ -184,7 +199,7 @@ def run_feedback(harness: Harness, cfg: RunConfig, *, allow_packed: bool,
         if rounds % SYNC_EVERY == 0:
             for case in corpus.foreign():
                 if case.profile == profile and (allow_packed or not case.setup.packed):
-                    corpus.entries.append(Entry(case, 1))
+                    corpus.entries.append(Entry(case, set()))
         if not corpus.entries or generated - cfg.start < INITIAL_GENERATED \
                 or rng.random() < GENERATE_SHARE:
             case = case_for(profile, cfg.seed, generated, allow_packed=allow_packed,
@@ -192,7 +207,7 @@ def run_feedback(harness: Harness, cfg: RunConfig, *, allow_packed: bool,
             generated += 1
             attempt(case, f"{cfg.seed}-{generated - 1}")
             continue
-        parent = corpus.pick(rng)
+        parent = corpus.pick(rng, seen)
         donor = rng.choice(corpus.entries).case
         child = mutator.mutate(parent.case, donor)
         if cfg.kinds and child.kind not in cfg.kinds:

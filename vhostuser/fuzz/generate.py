@@ -191,9 +191,8 @@ def _well_formed(request: int) -> tuple[str, list[str]]:
 def unnegotiated(src: Source) -> tuple[list[str], list[dict]]:
     """(protocol features to withhold, messages): requests sent without the
     protocol feature they belong to, and otherwise well-formed requests with
-    reserved header flag bits set. Each such message names what it lacks
-    ("needs" / "reserved") so the executor can tell an acceptance from a
-    refusal."""
+    reserved header flag bits set. The executor tells an acceptance from a
+    refusal (see execute._acceptance)."""
     withhold, out = set(), []
     for _ in range(src.integer(1, 2)):
         if src.boolean(0.75):
@@ -203,7 +202,7 @@ def unnegotiated(src: Source) -> tuple[list[str], list[dict]]:
             feature = NEEDS_PROTOCOL_FEATURE[request]
             withhold.add(feature)
             out.append({"op": "msg", "request": int(request), "flags": flags,
-                        "payload": payload, "size": None, "fds": fds, "needs": feature})
+                        "payload": payload, "size": None, "fds": fds})
         else:
             request = src.choice((Request.GET_FEATURES, Request.SET_FEATURES, Request.SET_OWNER,
                                   Request.GET_PROTOCOL_FEATURES, Request.SET_VRING_NUM,
@@ -213,7 +212,7 @@ def unnegotiated(src: Source) -> tuple[list[str], list[dict]]:
             flags = FLAG_VERSION | (FLAG_NEED_REPLY if src.boolean(0.6) else 0)
             out.append({"op": "msg", "request": int(request), "flags": flags
                         | src.choice(RESERVED_FLAGS), "payload": payload, "size": None,
-                        "fds": fds, "reserved": True})
+                        "fds": fds})
     return sorted(withhold), out
 
 

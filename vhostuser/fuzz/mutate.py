@@ -8,6 +8,7 @@ so a mutated case can reach anything a generated one can.
 """
 from __future__ import annotations
 
+import copy
 import random
 
 from ..protocol import ProtocolFeature, Request
@@ -23,6 +24,16 @@ BITS = {"msg": {"request": 32, "flags": 32, "size": 32},
         "template": {"index": 32, "flags": 32, "desc": 64, "used": 64, "avail": 64, "log": 64}}
 INTERESTING = sorted(set(generate.INTERESTING_NUMS) | set(generate.INTERESTING_U64)
                      | set(layout.INTERESTING_LENGTHS) | set(layout.interesting_addresses()))
+# The ops each kind is made of: the oracle judges a kind by what it can
+# contain (a message that closes the connection is a refusal in a messages
+# case, but would read as a silent failure in a request case).
+KIND_OPS = {"messages": {"msg"}, "unnegotiated": {"msg"}, "memory": {"msg", "kick"},
+            "ring": {"poke", "desc", "avail", "kick"}, "request": {"poke", "chain", "kick"},
+            "frame": {"poke", "chain", "kick"}}
+# Guest addresses the case may write: its data window. The rings live below
+# it, and a poke there would break a queue the oracle probes (a false WEDGED).
+POKE_WINDOW = (layout.DATA, layout.DATA + layout.DATA_SIZE)
+ADDRESS_KEYS = {("desc", "addr"), ("poke", "gpa")}
 # Protocol features whose requests a case may send without them (issue 14).
 WITHHOLDABLE = ("CONFIG", "CONFIGURE_MEM_SLOTS", "STATUS", "RESET_DEVICE")
 
@@ -39,9 +50,29 @@ class Mutator:
         for _ in range(self.rng.choice((1, 1, 2, 2, 3, 4))):
             op = self.rng.choice(self.OPS)
             op(self, child, donor)
+        allowed = KIND_OPS[child.kind]
+        child.actions = [a for a in child.actions if a["op"] in allowed]
+        for a in child.actions:
+            if a["op"] == "poke":
+                a["gpa"] = self._in_window(a["gpa"], len(a["data"]) // 2)
         if not child.actions:
             child.actions = self._fresh(child)
         return child
+
+    @staticmethod
+    def _in_window(gpa: int, length: int) -> int:
+        lo, hi = POKE_WINDOW
+        if lo <= gpa and gpa + length <= hi:
+            return gpa
+        return lo + (gpa - lo) % max(hi - lo - length, 1)
+
+    def _address(self, value: int) -> int:
+        """Addresses move as generation places them, or a little: a random
+        one could land on a ring the oracle probes."""
+        r = self.rng.random()
+        if r < 0.5:
+            return generate._address(self.src)
+        return (value + self.rng.choice((-16, -1, 1, 16, 512, -512, 4096))) % (1 << 64)
 
     # -- numbers -------------------------------------------------------------------
     def _number(self, value: int, bits: int) -> int:
@@ -75,7 +106,9 @@ class Mutator:
         fields = [f for a in case.actions for f in self._int_fields(a)]
         if fields:
             d, key, bits = self.rng.choice(fields)
-            d[key] = self._number(d[key], bits)
+            is_address = (isinstance(d, dict) and (d.get("op"), key) in ADDRESS_KEYS) or \
+                (isinstance(d, list) and key == 0 and bits == 64)
+            d[key] = self._address(d[key]) if is_address else self._number(d[key], bits)
 
     def tweak_bytes(self, case: Case, donor) -> None:
         """Flips, truncates or extends a hex payload or poke."""
@@ -99,7 +132,7 @@ class Mutator:
     def tweak_message(self, case: Case, donor) -> None:
         msgs = [a for a in case.actions if a["op"] == "msg"]
         if not msgs:
-            return self.insert_fresh(case, donor)
+            return self.tweak_number(case, donor)
         a = self.rng.choice(msgs)
         r = self.rng.random()
         if r < 0.3:
@@ -116,7 +149,7 @@ class Mutator:
                 del fds[self.rng.randrange(len(fds))]
             else:
                 fds.append(self.rng.choice(("eventfd", "memfd:4096", "memfd:2097152")))
-            a["fds"] = fds[:8]
+            a["fds"] = fds[:16]          # generation sends up to 16: more than any request takes
 
     def drop(self, case: Case, donor) -> None:
         if len(case.actions) > 1:
@@ -126,7 +159,7 @@ class Mutator:
         if case.actions and len(case.actions) < 24:
             i = self.rng.randrange(len(case.actions))
             case.actions.insert(self.rng.randrange(len(case.actions) + 1),
-                                dict(case.actions[i]))
+                                copy.deepcopy(case.actions[i]))
 
     def swap(self, case: Case, donor) -> None:
         if len(case.actions) > 1:
@@ -144,7 +177,7 @@ class Mutator:
         i = self.rng.randrange(len(donor.actions))
         j = self.rng.randint(i + 1, min(len(donor.actions), i + 6))
         at = self.rng.randrange(len(case.actions) + 1)
-        case.actions[at:at] = [dict(a) for a in donor.actions[i:j]][:24 - len(case.actions)]
+        case.actions[at:at] = copy.deepcopy(donor.actions[i:j])[:24 - len(case.actions)]
 
     def tweak_setup(self, case: Case, donor) -> None:
         s = case.setup
