@@ -5,9 +5,9 @@
 #   vhostuser/     our package with its C data plane compiled by clang with
 #                  -fsanitize-coverage=trace-pc-guard; the Python files are
 #                  symlinks to the tree's, so only the C part is a copy.
-# Run our back-end with coverage (vhostuser-fuzz --coverage does the rest):
-#   LD_PRELOAD=fuzz/build/cov/libcovmap.so PYTHONPATH=fuzz/build/cov \
-#       python3 -m vhostuser.fuzz.pytrace -m vhostuser.cli.blk ...
+#   run            runs a module of that package with both, C edges and
+#                  Python lines counted into the map vhostuser-fuzz names:
+#   vhostuser-fuzz --coverage --spawn "fuzz/build/cov/run -m vhostuser.cli.blk --socket-path {socket} ..."
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$HERE")
@@ -32,3 +32,12 @@ cp -r "$ROOT/csrc" "$OUT/csrc"   # a copy: objects land beside the sources
     python3 csrc/build_native.py >/dev/null 2>&1)
 rm -rf "$OUT/csrc" "$OUT/build" "$OUT"/vhostuser/_native.[co]
 echo "built $OUT/vhostuser ($(cd "$OUT/vhostuser" && ls _native*.so))"
+# PYTHONSAFEPATH: the working directory must not come first on sys.path, or
+# a checkout's own (uninstrumented) vhostuser would be imported instead.
+cat > "$OUT/run" <<RUN
+#!/bin/sh
+exec env LD_PRELOAD="$OUT/libcovmap.so" PYTHONPATH="$OUT" PYTHONSAFEPATH=1 \\
+    "\${PYTHON:-python3}" -m vhostuser.fuzz.pytrace "\$@"
+RUN
+chmod +x "$OUT/run"
+echo "built $OUT/run"

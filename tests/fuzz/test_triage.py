@@ -77,6 +77,11 @@ def test_crash_site_prefers_the_best_evidence():
            "#2  0x00007f5c85ca71f5 in start_thread (arg=<optimized out>) at x.c:442"]
     assert triage.crash_site(["last words"], gdb) == ("in librte_vhost.so.23+0x3132 < "
                                                       "translate_ring_addresses")
+    wild = ["#0  0x00007f2529b07b30 in ?? ()", "#1  0x0000000000000043 in ?? ()"]
+    assert triage.crash_site(["x"], wild).startswith("pc outside any code")
+    assert triage.crash_site(["x"], ["#0 0x1 in raise ()", "#1 0x2 in abort ()",
+                                     "#2 0x3 in __assert_fail_base (x=1) at a.c:1",
+                                     "#3 0x4 in vu_get_queue ()"]) == "in vu_get_queue"
     assert triage.crash_site(["vu_panic: region mmap error: Bad file descriptor", "bye"]) == \
         "vu_panic: region mmap error: Bad file descriptor"
     assert triage.crash_site(["ok", "VHOST_CONFIG: (/s) read message 5", ""], (), "/s") == \

@@ -52,13 +52,14 @@ def find_core(pid: int, cwd: str, exe: str | None) -> str | None:
     return found[-1] if found else None
 
 
-LIBRARY = re.compile(r"^(0x[0-9a-f]+)\s+(0x[0-9a-f]+)\s+\S+(?: \(\*\))?\s+(/\S+)$")
+TEXT = re.compile(r"^(0x[0-9a-f]+) - (0x[0-9a-f]+) is \.text(?: in (\S+))?$")
 UNNAMED = re.compile(r"^(#\d+)\s+(0x[0-9a-f]+) in \?\? \(\)")
 
 
 def _symbolise(frames: list[str], libraries: list[tuple[int, int, str]]) -> list[str]:
-    """'#N 0xPC in ?? ()' (a stripped library) becomes '#N 0xPC in LIB+0xOFF ()',
-    the offset from the library's text: the same in every run, unlike PC."""
+    """'#N 0xPC in ?? ()' (stripped code) becomes '#N 0xPC in FILE+0xOFF ()',
+    the offset from the text of the executable or library holding PC: the
+    same in every run, unlike PC."""
     out = []
     for line in frames:
         m = UNNAMED.match(line)
@@ -79,7 +80,7 @@ def backtrace(exe: str | None, core: str | None, *, timeout: float = 120.0,
         return []
     try:
         proc = subprocess.run([GDB, "-batch", "-nx", "-ex", "set pagination off",
-                               "-ex", "info sharedlibrary", "-ex", f"bt {FRAMES}", exe, core],
+                               "-ex", "info files", "-ex", f"bt {FRAMES}", exe, core],
                               capture_output=True, text=True, errors="replace", timeout=timeout)
         out = proc.stdout
     except (OSError, subprocess.TimeoutExpired):
@@ -90,8 +91,8 @@ def backtrace(exe: str | None, core: str | None, *, timeout: float = 120.0,
                 os.unlink(core)
             except OSError:
                 pass
-    libraries = [(int(m.group(1), 16), int(m.group(2), 16), m.group(3))
-                 for m in map(LIBRARY.match, (x.strip() for x in out.splitlines())) if m]
+    libraries = [(int(m.group(1), 16), int(m.group(2), 16), m.group(3) or exe)
+                 for m in map(TEXT.match, (x.strip() for x in out.splitlines())) if m]
     frames = [line.strip() for line in out.splitlines() if line.startswith("#")]
     # gdb prints frame 0 once more as it loads the core: keep one backtrace.
     if len(frames) > 1 and frames[0] == frames[1]:

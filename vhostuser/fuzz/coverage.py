@@ -34,7 +34,8 @@ class CoverageMap:
         finally:
             os.close(fd)
         self._zero = bytes(MAP_SIZE)
-        self.ever = False            # did the target ever write a counter
+        self.ever_c = False          # did the target ever write a C edge counter
+        self.ever_python = False     # ... a Python line counter (vhostuser.fuzz.pytrace)
 
     def env(self) -> dict[str, str]:
         return {ENV: self.path}
@@ -44,9 +45,11 @@ class CoverageMap:
 
     def features(self) -> list[str]:
         data = self._map[:]
-        out = [f"cov:{m.start()}:{bucket(data[m.start()])}" for m in _NONZERO.finditer(data)]
-        self.ever |= bool(out)
-        return out
+        hits = [m.start() for m in _NONZERO.finditer(data)]
+        if hits:
+            self.ever_c |= hits[0] < MAP_SIZE // 2
+            self.ever_python |= hits[-1] >= MAP_SIZE // 2
+        return [f"cov:{i}:{bucket(data[i])}" for i in hits]
 
     def close(self) -> None:
         self._map.close()

@@ -12,8 +12,10 @@ scale: distinct behaviours reached in a time budget.
 
 The corpus starts from earlier reproducers and corpus files (``--corpus``,
 ``--seed-corpus``) and a few generated cases; each round either mutates a
-corpus entry (favouring entries that found more, and recent ones) or, now
-and then, generates a fresh case. Workers share the corpus directory: each
+corpus entry (favouring entries whose features are rare) or generates a
+fresh case, choosing by which of the two has lately found more new features
+per second (never less than MIN_SHARE of either): early on, when everything
+is new, generation's breadth pays; once it saturates, mutation takes over. Workers share the corpus directory: each
 writes its new entries there and picks up the others' now and then.
 """
 from __future__ import annotations
@@ -33,9 +35,10 @@ from .mutate import Mutator
 from .replay import Reproducer, ReproducerError
 from .runner import Recorder, RunConfig, Summary, case_for
 
-GENERATE_SHARE = 0.15          # rounds that generate instead of mutating
 INITIAL_GENERATED = 20         # fresh cases tried before mutating starts
 SYNC_EVERY = 50                # rounds between looks at other workers' entries
+MIN_SHARE = 0.1                # neither generation nor mutation drops below this
+DECAY = 0.97                   # weight of the past in the schedule's averages
 
 
 class Behaviours:
@@ -132,6 +135,26 @@ class Corpus:
         return out
 
 
+class Schedule:
+    """Generation or mutation, by their recent yield of new features per
+    second (moving averages), as a two-armed bandit."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.found = {"generate": 1.0, "mutate": 1.0}
+        self.spent = {"generate": 1.0, "mutate": 1.0}
+
+    def choose(self) -> str:
+        rate = {arm: self.found[arm] / max(self.spent[arm], 1e-3) for arm in self.found}
+        share = rate["generate"] / (rate["generate"] + rate["mutate"] or 1.0)
+        share = min(max(share, MIN_SHARE), 1 - MIN_SHARE)
+        return "generate" if self.rng.random() < share else "mutate"
+
+    def update(self, arm: str, new: int, seconds: float) -> None:
+        self.found[arm] = DECAY * self.found[arm] + (1 - DECAY) * new
+        self.spent[arm] = DECAY * self.spent[arm] + (1 - DECAY) * seconds
+
+
 def seed_cases(paths: list[str], profile: str) -> list[Case]:
     """Cases from reproducer files and corpus files (or directories of
     them) for ``profile``; unreadable files are skipped."""
@@ -177,15 +200,18 @@ def run_feedback(harness: Harness, cfg: RunConfig, *, allow_packed: bool,
             return False
         return deadline is None or time.monotonic() < deadline
 
-    def attempt(case: Case, label: str) -> None:
+    schedule = Schedule(rng)
+
+    def attempt(case: Case, label: str, arm: str | None = None) -> None:
         t0 = time.monotonic()
         outcome = rec.execute(case, label)
-        if outcome is None:
-            return
-        new = seen.add(case, outcome)
+        seconds = time.monotonic() - t0
+        new = seen.add(case, outcome) if outcome is not None else set()
+        if arm:
+            schedule.update(arm, len(new), seconds)
         rec.summary.behaviours = len(seen)
         if new:
-            corpus.add(case, Behaviours.features(case, outcome), time.monotonic() - t0)
+            corpus.add(case, Behaviours.features(case, outcome), seconds)
 
     for case in seeds:                   # earlier reproducers and corpus entries first
         if not budget_left():
@@ -201,18 +227,18 @@ def run_feedback(harness: Harness, cfg: RunConfig, *, allow_packed: bool,
                 if case.profile == profile and (allow_packed or not case.setup.packed):
                     corpus.entries.append(Entry(case, set()))
         if not corpus.entries or generated - cfg.start < INITIAL_GENERATED \
-                or rng.random() < GENERATE_SHARE:
+                or schedule.choose() == "generate":
             case = case_for(profile, cfg.seed, generated, allow_packed=allow_packed,
                             kinds=cfg.kinds)
             generated += 1
-            attempt(case, f"{cfg.seed}-{generated - 1}")
+            attempt(case, f"{cfg.seed}-{generated - 1}", "generate")
             continue
         parent = corpus.pick(rng, seen)
         donor = rng.choice(corpus.entries).case
         child = mutator.mutate(parent.case, donor)
         if cfg.kinds and child.kind not in cfg.kinds:
             continue
-        attempt(child, f"{tag}-m{rounds}")
+        attempt(child, f"{tag}-m{rounds}", "mutate")
     summary = rec.finish()
     summary.corpus = len(corpus.entries)
     summary.edges = seen.edges()

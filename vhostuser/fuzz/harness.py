@@ -57,10 +57,10 @@ class Harness:
         if self.coverage is not None:
             outcome.events = outcome.events + self.coverage.features()
             self._runs += 1
-            if self._runs == 20 and not self.coverage.ever:
-                self.log("no coverage from the back-end after 20 cases: is it built with "
-                         "-fsanitize-coverage=trace-pc-guard and fuzz/cov/covmap.c? "
-                         "(see FUZZING.md)")
+            if self._runs == 20 and not self.coverage.ever_c:
+                self.log("no C edge coverage from the back-end after 20 cases: is it built "
+                         "with -fsanitize-coverage=trace-pc-guard and fuzz/cov/covmap.c, and "
+                         "is that build the one running? (see FUZZING.md)")
         if not outcome.verdict.failing:
             return outcome
         lines: list[str] = []

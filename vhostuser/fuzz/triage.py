@@ -24,6 +24,7 @@ PY_FRAME = re.compile(r'File "([^"]+)", line \d+,? in (\S+)')
 PANIC = re.compile(r"panic|assert|abort|fatal|segmentation fault|bus error|core dumped", re.I)
 # Frames that say nothing about where a bug is.
 NOISE_FRAME = re.compile(r"^(__interceptor_|__asan|__ubsan|__sanitizer|__libc_|__GI_|raise$|abort$"
+                         r"|__assert_fail|__pthread_kill_implementation"
                          r"|__pthread_kill|pthread_kill|__restore_rt|_start$|start_thread$|clone3?$)")
 FRAMES = 3
 MAX = 200
@@ -65,6 +66,8 @@ def crash_site(lines: Sequence[str], backtrace: Sequence[str] = (),
     frames = _frames(backtrace, GDB_FRAME)
     if frames:
         return "in " + " < ".join(frames)
+    if backtrace:       # a backtrace without one known frame: a jump into the wild
+        return "pc outside any code (stack or function pointer overwritten?)"
     for i, line in enumerate(lines):
         m = PY_FATAL.search(line)
         if m:
