@@ -19,6 +19,7 @@ from vhostuser.fuzz.replay import Reproducer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FUZZING_MD = os.path.join(REPO, "FUZZING.md")
+ATTEMPTS = 3
 
 
 def documented_commands() -> dict[str, list[str]]:
@@ -38,13 +39,14 @@ def documented_commands() -> dict[str, list[str]]:
 
 
 def scaled(argv: list[str], tmp_path, cases: int) -> list[str]:
-    """The documented command with a short run, a scratch socket and output."""
+    """The documented command with a short run (little shrinking: each try
+    restarts the peer), a scratch socket and output."""
     argv = list(argv)
     for flag, value in (("--cases", str(cases)), ("--socket", str(tmp_path / "t.sock")),
                         ("--out", str(tmp_path / "out"))):
         i = argv.index(flag)
         argv[i + 1] = value
-    return argv + ["--json"]
+    return argv + ["--shrink-budget", "5", "--json"]
 
 
 def test_fuzzing_md_documents_every_campaign():
@@ -80,11 +82,21 @@ def check_reproducers(directory, argv, tmp_path, capsys):
         # where cores go to a handler instead of a file, only the verdict counts.
         needs_core = bool(recorded.backtrace)
         use_core = needs_core and not cores.usable()
-        rc = replay(path, argv, tmp_path, core_dumps=use_core)
-        got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert rc == 1 and got["verdict"]["verdict"] == recorded.verdict.value, (path, got)
-        if use_core or not needs_core:
-            assert got["same_signature"], (path, got["verdict"]["signature"], recorded.signature)
+        # Some of these crashes race the peer's own threads (DPDK's forwarding
+        # core must touch the ring inside a window): a few tries, each either
+        # the recorded failure or no failure at all, never another one.
+        for attempt in range(ATTEMPTS):
+            rc = replay(path, argv, tmp_path, core_dumps=use_core)
+            got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            if rc == 0:
+                continue
+            assert got["verdict"]["verdict"] == recorded.verdict.value, (path, got)
+            if use_core or not needs_core:
+                assert got["same_signature"], (path, got["verdict"]["signature"],
+                                               recorded.signature)
+            break
+        else:
+            pytest.fail(f"{path}: no failure in {ATTEMPTS} replays")
 
 
 def short_campaign(name, tmp_path, capsys, cases):
