@@ -180,3 +180,18 @@ def test_feedback_reaches_more_behaviours_than_generation(tmp_path, capsys, cov_
         assert rc == 0, got[mode]
         assert got[mode]["edges"] > 100
     assert got["feedback"]["behaviours"] > got["generation"]["behaviours"], got
+
+
+@pytest.mark.parametrize("mode", ["generation", "feedback"])
+def test_parallel_workers_split_the_work_and_merge(tmp_path, capsys, mode):
+    out = tmp_path / "out"
+    rc = main(["--socket", str(tmp_path / "p.sock"), "--profile", "blk", "--cases", "40",
+               "--seed", "5", "--timeout", "1", "--out", str(out), "--workers", "2",
+               "--spawn", blk_spawn(), "--json"] + (["--feedback"] if mode == "feedback" else []))
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert rc == 0 and summary["cases"] == 40, summary
+    assert summary["behaviours"] > 20
+    if mode == "feedback":      # both workers kept entries in the shared corpus
+        tags = {name.split("-")[0] for name in os.listdir(out / "corpus")}
+        assert tags == {"w0", "w1"} and summary["corpus"] == len(os.listdir(out / "corpus"))

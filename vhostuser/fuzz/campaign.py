@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -83,8 +84,8 @@ def run_worker(cc: CampaignConfig, worker: int,
 
 
 def _child(cc: CampaignConfig, worker: int, results) -> None:
-    def log(line: str) -> None:
-        print(f"[w{worker}] {line}", flush=True)
+    def log(line: str) -> None:           # stderr: stdout carries the summary
+        print(f"[w{worker}] {line}", file=sys.stderr, flush=True)
     try:
         summary, seen = run_worker(cc, worker, log)
         results.put((worker, summary.to_json(), sorted(seen.seen), ""))
