@@ -11,6 +11,7 @@
 #include "vu_dev.h"
 
 #include <linux/virtio_config.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,14 +55,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint32_t base = (uint32_t)data[2] | (uint32_t)data[3] << 8;
     data += 4;
     size -= 4;
-#ifndef FUZZ_RAW_BASE
-    /* Known bug (fuzz/reproducers/ring_blk-packed-base-out-of-ring): a
-     * packed SET_VRING_BASE index beyond the ring is accepted and then used
-     * to index the descriptor ring. Until it is fixed, keep the index
-     * inside the ring so the fuzzer looks past it; -DFUZZ_RAW_BASE undoes. */
-    if ((cfg & CFG_PACKED) && (base & 0x7fff) >= qsize)
-        base = (base & 0x8000) | ((base & 0x7fff) % qsize);
-#endif
+    /* A packed SET_VRING_BASE index beyond the ring was once used as is to
+     * index the descriptor ring (fuzz/reproducers/ring_blk-packed-base-out-
+     * of-ring); the queue must now refuse to start with it. */
+    bool base_outside = (cfg & CFG_PACKED) && (base & 0x7fff) >= qsize;
 
     memset(view, 0, GUEST_BYTES);
     memcpy(view, data, size < GUEST_BYTES ? size : GUEST_BYTES);
@@ -83,8 +80,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         abort();
     vu_vq_set_addr(vq, 0, GUEST_UVA_BASE + DESC_OFF, GUEST_UVA_BASE + DEVICE_OFF,
                    GUEST_UVA_BASE + DRIVER_OFF, 0);
-    if (vu_vq_start(vq))
-        abort();   /* the ring addresses above are always valid */
+    if (vu_vq_start(vq)) {
+        if (base_outside)
+            return 0;   /* refused, as it must be */
+        abort();        /* the ring addresses above are always valid */
+    }
+    if (base_outside) {
+        fprintf(stderr, "ring_blk: packed base %#x started a ring of %u\n", base, qsize);
+        abort();
+    }
     vq->enabled = true;
 
     for (int i = 0; i < 4; i++)

@@ -2,11 +2,14 @@
 import glob
 import json
 import os
+import sys
 
 import pytest
 
 from vhostuser.cli.fuzz import main
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MAX_UNJUDGED = 0.03     # "more than a few percent skipped" fails (issue 14)
+
 
 def run_cli(capsys, *args) -> tuple[int, dict]:
     rc = main(list(args) + ["--json"])
@@ -29,19 +32,58 @@ def test_replay_gives_the_same_verdict(tmp_path, capsys, blk_spawn):
         assert result["verdict"]["verdict"] == recorded and result["same"] and rc == 0
 
 
-def test_cases_end_without_wedged_or_crashed(tmp_path, capsys, blk_spawn):
-    # FUZZ_CLI_CASES=200 in CI; fewer by default to keep the suite quick.
-    cases = os.environ.get("FUZZ_CLI_CASES", "30")
-    sock = str(tmp_path / "blk.sock")
-    rc, summary = run_cli(capsys, "--socket", sock, "--profile", "blk", "--cases", cases,
-                          "--seed", "42", "--spawn", blk_spawn, "--timeout", "0.5",
-                          "--shrink-budget", "0", "--out", str(tmp_path / "out"))
-    assert summary["cases"] + summary["skipped"] == int(cases)
-    # Issue 6's bar: no crash, and no WEDGED that a device reset does not clear
-    # (a fuzzed ring can leave available-looking garbage a restarted queue
-    # then consumes; a reset is what a real driver does).
+def judged_cleanly(summary: dict, cases: int) -> None:
+    """No failing verdict, and (nearly) every case judged: a run whose cases
+    were mostly skipped (front-end errors, unsupported setups) proves nothing."""
     assert summary["verdicts"]["CRASHED"] == 0, summary
-    assert summary["wedged_cleared_by_reset"] == summary["verdicts"]["WEDGED"], summary
+    # Issue 20: every WEDGED against our back-ends came from the fuzzer
+    # itself (the packed-ring restart); a WEDGED now is a real finding.
+    assert summary["verdicts"]["WEDGED"] == 0, summary
+    assert summary["verdicts"]["TIMEOUT"] == 0, summary
+    unjudged = summary["skipped"] + summary["frontend_errors"]
+    assert summary["cases"] + unjudged == cases
+    assert unjudged <= MAX_UNJUDGED * cases, summary
+
+
+def test_blk_cases_end_without_failures(tmp_path, capsys, blk_spawn):
+    # FUZZ_CLI_CASES=200 in CI; fewer by default to keep the suite quick.
+    cases = int(os.environ.get("FUZZ_CLI_CASES", "30"))
+    sock = str(tmp_path / "blk.sock")
+    rc, summary = run_cli(capsys, "--socket", sock, "--profile", "blk", "--cases", str(cases),
+                          "--seed", "42", "--spawn", blk_spawn, "--timeout", "1",
+                          "--shrink-budget", "0", "--out", str(tmp_path / "out"))
+    judged_cleanly(summary, cases)
+    assert rc == 0
+
+
+def test_net_cases_end_without_failures(tmp_path, capsys):
+    cases = int(os.environ.get("FUZZ_CLI_CASES", "30"))
+    spawn = (f"{sys.executable} -m vhostuser.cli.net --socket-path {{socket}} "
+             f"--backend examples.null_net:NullNet")
+    rc, summary = run_cli(capsys, "--socket", str(tmp_path / "net.sock"), "--profile", "net",
+                          "--cases", str(cases), "--seed", "12", "--spawn", spawn,
+                          "--timeout", "1", "--shrink-budget", "0", "--out", str(tmp_path / "o"))
+    judged_cleanly(summary, cases)
+    assert rc == 0
+
+
+def test_a_run_with_too_many_unjudged_cases_fails(monkeypatch, capsys, tmp_path):
+    """The CLI itself refuses to call a run clean when more than
+    --max-skipped percent of its cases were not judged."""
+    import vhostuser.cli.fuzz as cli
+    from vhostuser.fuzz.case import Verdict
+    from vhostuser.fuzz.runner import Summary
+
+    def fake_campaign(cc, log):
+        s = Summary()
+        s.counts[Verdict.PASS] = 90
+        s.frontend_errors = 10
+        return s
+    monkeypatch.setattr(cli, "run_campaign", fake_campaign)
+    assert cli.main(["--socket", str(tmp_path / "s"), "--cases", "100"]) == 1
+    assert "10 of 100 cases not judged" in capsys.readouterr().err
+    assert cli.main(["--socket", str(tmp_path / "s"), "--cases", "100",
+                     "--max-skipped", "20"]) == 0
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "fuzz", "reproducers",

@@ -38,3 +38,14 @@ def test_target_runs_clean(built, target, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = int(re.search(r"stat::number_of_executed_units:\s+(\d+)", proc.stderr).group(1))
     assert runs > 1000
+
+
+def test_packed_base_outside_the_ring_is_refused(built):
+    """Bug 1's input (FUZZING.md), passed raw now: the queue must refuse to
+    start with it; the target aborts if it starts, or if ASan sees the old
+    out-of-bounds ring access."""
+    proc = subprocess.run([str(built / "ring_blk"),
+                           os.path.join(FUZZ, "reproducers", "ring_blk-packed-base-out-of-ring")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Executed" in proc.stderr

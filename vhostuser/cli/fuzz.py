@@ -1,24 +1,30 @@
 """vhostuser-fuzz: fuzz a running vhost-user back-end over its socket.
 
 Each case runs on a fresh connection; a liveness oracle then checks that a
-well-formed request still completes and gives PASS, REJECT, WEDGED or
-CRASHED (see vhostuser.fuzz.oracle). Cases are reproducible from the seed;
-failing ones are shrunk and written as reproducer files, which --replay
-runs again. Exit status: 0 when no case was WEDGED or CRASHED, 1 otherwise,
-2 on usage errors.
+well-formed request still completes and gives PASS, REJECT, WEDGED, CRASHED
+or TIMEOUT (see vhostuser.fuzz.oracle). Cases are reproducible from the
+seed; failures are deduplicated by crash signature, the first of each
+signature is shrunk (keeping the signature) and written as a reproducer
+file, which --replay runs again. --feedback keeps the cases that reached new
+behaviour (or coverage, with --coverage) and mutates from them. Exit
+status: 0 when no case was WEDGED, CRASHED or TIMEOUT and at most
+--max-skipped percent went unjudged, 1 otherwise, 2 on usage errors.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..frontend import FrontendError
 from ..fuzz import profiles
+from ..fuzz.campaign import CampaignConfig, replay_case, run_campaign
 from ..fuzz.case import KINDS, Verdict
-from ..fuzz.oracle import Target, Unsupported, run_case
+from ..fuzz.oracle import Unsupported
 from ..fuzz.replay import Reproducer, ReproducerError
-from ..fuzz.runner import RunConfig, Spawner, pid_alive, probe_backend, run
+from ..fuzz.runner import RunConfig
+from ..fuzz.spawn import SpawnError
 from . import common
 
 
@@ -30,7 +36,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the back-end's socket (required)")
     common.alias(p, "--socket", dest="socket", metavar="PATH")
     p.add_argument("--profile", choices=sorted(profiles.PROFILES), default="blk")
-    p.add_argument("--cases", type=int, default=1000, metavar="N")
+    p.add_argument("--cases", type=int, metavar="N",
+                   help="cases to run (default 1000, or no limit with --seconds)")
+    p.add_argument("--seconds", type=float, metavar="S", help="time budget")
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--start", type=int, default=0, metavar="I", help="first case index")
     p.add_argument("--kinds", metavar="K,...", help=f"only these case kinds ({', '.join(KINDS)})")
@@ -40,41 +48,65 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", type=float, default=0.05, metavar="SEC",
                    help="how long a malformed input may take to be answered")
     p.add_argument("--out", default="fuzz-out", metavar="DIR", help="where reproducers go")
-    p.add_argument("--keep", default="WEDGED,CRASHED", metavar="V,...",
+    p.add_argument("--keep", default="WEDGED,CRASHED,TIMEOUT", metavar="V,...",
                    help="verdicts to write reproducers for")
-    p.add_argument("--max-reproducers", type=int, default=20, metavar="N", help="per verdict")
+    p.add_argument("--max-reproducers", type=int, default=20, metavar="N",
+                   help="per verdict (failures: one per distinct signature)")
     p.add_argument("--shrink-budget", type=int, default=100, metavar="N",
-                   help="re-runs spent shrinking each failing case (0: no shrinking)")
+                   help="re-runs spent shrinking each new failure (0: no shrinking)")
     p.add_argument("--spawn", metavar="CMD", help="start the back-end with CMD ({socket} is "
-                   "replaced) and restart it after crashes")
+                   "replaced), keep its output, restart it after each failure")
     p.add_argument("--pid", type=int, help="the back-end's process, to tell crashes apart")
     p.add_argument("--sibling", metavar="PATH", help="another device of the same process, "
                    "probed after every case")
-    p.add_argument("--no-packed", action="store_true", help="never negotiate packed rings")
+    p.add_argument("--no-packed", action="store_true",
+                   help="never negotiate packed rings (makes case N of seed S the same "
+                        "against back-ends that differ in offering them)")
+    p.add_argument("--core-dumps", action="store_true",
+                   help="let the spawned back-end dump core; gdb's backtrace goes into the "
+                        "reproducer and the crash signature")
+    p.add_argument("--feedback", action="store_true",
+                   help="keep cases that reached new behaviour and mutate from them")
+    p.add_argument("--coverage", action="store_true",
+                   help="read the spawned back-end's coverage counters (a build with "
+                        "fuzz/cov/covmap.c, see FUZZING.md) as behaviour")
+    p.add_argument("--corpus", metavar="DIR", help="feedback corpus (default OUT/corpus)")
+    p.add_argument("--seed-corpus", action="append", default=[], metavar="PATH",
+                   help="reproducers or corpus files (or directories) to start feedback from;"
+                        " repeatable")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="parallel workers, each with its own spawned back-end")
+    p.add_argument("--max-skipped", type=float, default=5.0, metavar="PCT",
+                   help="fail when more than PCT%% of cases could not be judged")
     p.add_argument("--progress", type=int, default=0, metavar="N", help="report every N cases")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--replay", metavar="FILE", help="run a reproducer file instead of fuzzing")
     return p
 
 
-def _replay(args, target: Target) -> int:
+def _replay(args, cc: CampaignConfig, log) -> int:
     try:
         rep = Reproducer.read(args.replay)
     except (OSError, ReproducerError) as exc:
         print(f"vhostuser-fuzz: {exc}", file=sys.stderr)
         return 2
-    target.profile = profiles.get(rep.case.profile, args.queues)
     try:
-        outcome = run_case(target, rep.case)
+        outcome = replay_case(cc, rep.case, log)
     except Unsupported as exc:
         print(f"vhostuser-fuzz: back-end cannot run this case: {exc}", file=sys.stderr)
         return 2
     same = outcome.verdict == rep.outcome.verdict
+    same_sig = outcome.signature == rep.outcome.signature
     print(f"{outcome.verdict.value} (recorded {rep.outcome.verdict.value}"
           f"{'' if same else ', DIFFERENT'}): {outcome.detail}")
+    if outcome.signature:
+        print(f"signature: {outcome.signature}"
+              f"{'' if same_sig else f' (recorded: {rep.outcome.signature or None})'}")
+    if outcome.exit_status:
+        print(f"back-end: {outcome.exit_status}")
     if args.json:
         print(json.dumps({"verdict": outcome.to_json(), "recorded": rep.outcome.to_json(),
-                          "same": same}))
+                          "same": same, "same_signature": same_sig}))
     return 1 if outcome.verdict.failing else 0
 
 
@@ -88,37 +120,47 @@ def main(argv: list[str] | None = None) -> int:
         kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
         if kinds and not set(kinds) <= set(KINDS):
             raise ValueError(f"unknown kinds {sorted(set(kinds) - set(KINDS))}")
-        profile = profiles.get(args.profile, args.queues)
+        profiles.get(args.profile, args.queues)
+        if args.workers < 1:
+            raise ValueError("--workers must be at least 1")
+        if args.workers > 1 and not args.spawn:
+            raise ValueError("--workers needs --spawn (each worker runs its own back-end)")
+        if args.coverage and not args.spawn:
+            raise ValueError("--coverage needs --spawn (the map is handed to the back-end)")
     except ValueError as exc:
         print(f"vhostuser-fuzz: {exc}", file=sys.stderr)
         return 2
 
-    spawner = Spawner(args.spawn, args.socket) if args.spawn else None
-    alive = spawner.alive if spawner else pid_alive(args.pid) if args.pid else (lambda: True)
-    target = Target(args.socket, profile, timeout=args.timeout, settle=args.settle, alive=alive,
-                    sibling=args.sibling)
-    try:
-        if spawner:
-            spawner.start()
-        if args.replay:
-            return _replay(args, target)
-        packed, target.profile = probe_backend(args.socket, profile, args.timeout)
-        command = " ".join(["vhostuser-fuzz", "--socket-path", args.socket, "--profile", args.profile,
-                            "--seed", str(args.seed)])
-        cfg = RunConfig(cases=args.cases, seed=args.seed, kinds=kinds, start=args.start,
+    cases = args.cases if args.cases is not None else (None if args.seconds else 1000)
+    command = " ".join(["vhostuser-fuzz", "--socket-path", args.socket, "--profile", args.profile,
+                        "--seed", str(args.seed)] + (["--no-packed"] if args.no_packed else [])
+                       + (["--spawn", repr(args.spawn)] if args.spawn else []))
+    run_cfg = RunConfig(cases=cases, seed=args.seed, kinds=kinds, start=args.start,
                         out_dir=args.out, keep=keep, max_reproducers=args.max_reproducers,
                         shrink_budget=args.shrink_budget, command=command,
-                        progress=args.progress)
-        log = (lambda s: print(s, file=sys.stderr)) if args.json else print
-        summary = run(target, cfg, spawner=spawner, allow_packed=packed and not args.no_packed,
-                      log=log)
-    except (OSError, FrontendError, RuntimeError) as exc:
+                        progress=args.progress, seconds=args.seconds)
+    cc = CampaignConfig(socket=args.socket, profile=args.profile, run=run_cfg, spawn=args.spawn,
+                        pid=args.pid, sibling=args.sibling, timeout=args.timeout,
+                        settle=args.settle, queues=args.queues, no_packed=args.no_packed,
+                        feedback=args.feedback, coverage=args.coverage,
+                        core_dumps=args.core_dumps,
+                        seed_paths=args.seed_corpus + ([args.out] if args.feedback else []),
+                        corpus_dir=args.corpus or os.path.join(args.out, "corpus"),
+                        workers=args.workers)
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else print
+    try:
+        if args.replay:
+            return _replay(args, cc, log)
+        summary = run_campaign(cc, log)
+    except (OSError, FrontendError, SpawnError, RuntimeError, ValueError) as exc:
         print(f"vhostuser-fuzz: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if spawner:
-            spawner.stop()
     print(json.dumps(summary.to_json()) if args.json else summary.line())
+    if summary.attempted and summary.skipped_share() * 100 > args.max_skipped:
+        print(f"vhostuser-fuzz: {summary.skipped + summary.frontend_errors} of "
+              f"{summary.attempted} cases not judged (more than {args.max_skipped}%)",
+              file=sys.stderr)
+        return 1
     return 1 if summary.failing else 0
 
 

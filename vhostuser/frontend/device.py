@@ -307,6 +307,29 @@ class Frontend:
     def get_status(self) -> DeviceStatus:
         return DeviceStatus(self._reply_u64(Request.GET_STATUS) & 0xFF)
 
+    def add_status(self, status: int) -> bool:
+        """Sets ``status`` bits on top of what GET_STATUS reports, as QEMU's
+        vhost-user front-end does; nothing when protocol feature STATUS was
+        not negotiated. Returns whether SET_STATUS was sent."""
+        if not self.has_protocol(ProtocolFeature.STATUS):
+            return False
+        current = self.get_status()
+        if current & status == status:
+            return False
+        self.set_status(int(current) | status)
+        return True
+
+    def features_ok(self) -> bool:
+        """FEATURES_OK after SET_FEATURES (QEMU sends it right after)."""
+        return self.add_status(DeviceStatus.FEATURES_OK)
+
+    def driver_ok(self) -> bool:
+        """ACKNOWLEDGE|DRIVER|DRIVER_OK once the rings are set up: the moment
+        QEMU starts the device. Back-ends that negotiated STATUS (DPDK's
+        vhost) serve nothing before it."""
+        return self.add_status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER
+                               | DeviceStatus.DRIVER_OK)
+
     def reset(self) -> None:
         """RESET_DEVICE when negotiated, else the older RESET_OWNER; drops queues."""
         if self.has_protocol(ProtocolFeature.RESET_DEVICE):

@@ -24,6 +24,11 @@ def avail_flags(wrap: bool) -> int:
     return PACKED_DESC_F_AVAIL if wrap else PACKED_DESC_F_USED
 
 
+def used_flags(wrap: bool) -> int:
+    """AVAIL/USED bits of a descriptor the device marked used under ``wrap``."""
+    return PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED if wrap else 0
+
+
 def is_used(flags: int, wrap: bool) -> bool:
     """Whether the device marked a descriptor used under ``wrap``."""
     avail = bool(flags & PACKED_DESC_F_AVAIL)
@@ -59,6 +64,7 @@ class PackedRing(DriverRing):
         if start[0] >= size:
             raise ValueError(f"base slot {start[0]} outside a ring of {size}")
         self.next_avail, self.avail_wrap = start     # where the next chain goes
+        self._as_left_at(*start)
         self.next_used, self.used_wrap = start       # where the next used descriptor appears
         self._free_ids = list(range(size - 1, -1, -1))
         self._free_descs = size
@@ -67,6 +73,15 @@ class PackedRing(DriverRing):
         self._published = start     # ring position up to which the device may look
         self._kick_from = start     # _published at the last kick decision
         self._notifications = True
+
+    def _as_left_at(self, slot: int, wrap: bool) -> None:
+        """Marks every slot as a driver that reached (slot, wrap) leaves
+        them: used in this lap before ``slot``, used in the previous lap
+        from it on. A zeroed ring only looks like that at (0, wrap 1):
+        elsewhere, once the driver wraps, an untouched zero slot would read
+        as used under the new wrap counter."""
+        for s in range(self.size):
+            self.write_desc_flags(s, used_flags(wrap if s < slot else not wrap))
 
     @property
     def base(self) -> int:

@@ -7,7 +7,7 @@ and replays byte for byte. Ops:
 ``msg``     a raw vhost-user message: request, flags, payload (hex, or a
             template the executor fills in, see :mod:`.execute`), ``size``
             (a lie about the payload length, or None), ``fds`` (kinds of fd
-            to attach: "eventfd", "memfd:SIZE").
+            to attach: "eventfd", "memfd:SIZE", "socket").
 ``poke``    write ``data`` (hex) at guest-physical ``gpa``.
 ``desc``    write a raw descriptor into the fuzzed queue's table: ``slot``,
             ``addr``, ``len``, ``flags``, ``next`` (split) / ``id`` (packed).
@@ -25,21 +25,24 @@ import enum
 import json
 from dataclasses import asdict, dataclass, field
 
+from ..protocol import ProtocolFeature
+
 FORMAT_VERSION = 1
 
-KINDS = ("messages", "memory", "ring", "request", "frame")
+KINDS = ("messages", "memory", "ring", "request", "frame", "unnegotiated")
 STAGES = ("connect", "negotiated", "memory", "queues")
 
 
 class Verdict(enum.Enum):
     PASS = "PASS"        # the malformed input was answered; the device still serves
-    REJECT = "REJECT"    # refused silently (no answer, closed, queue broken); still serves
+    REJECT = "REJECT"    # refused (no answer, NACK, closed, queue broken); still serves
     WEDGED = "WEDGED"    # stopped serving though the socket is there
     CRASHED = "CRASHED"  # process died or the socket no longer accepts
+    TIMEOUT = "TIMEOUT"  # the front-end gave up waiting outside the oracle's probes
 
     @property
     def failing(self) -> bool:
-        return self in (Verdict.WEDGED, Verdict.CRASHED)
+        return self in (Verdict.WEDGED, Verdict.CRASHED, Verdict.TIMEOUT)
 
 
 @dataclass
@@ -50,10 +53,16 @@ class Setup:
     indirect: bool = False
     event_idx: bool = False
     queue_size: int = 16
+    # Protocol features (ProtocolFeature names) the front-end does not
+    # negotiate, so the case can send their requests without them.
+    withhold: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}")
+        unknown = [n for n in self.withhold if n not in ProtocolFeature.__members__]
+        if unknown:
+            raise ValueError(f"unknown protocol features {unknown}")
 
 
 @dataclass
@@ -95,10 +104,19 @@ class Outcome:
     error_signalled: bool = False   # the fuzzed queue's error eventfd fired
     recovery: str = "none"          # none | restart | reset | reconnect | failed
     reset_clears: bool | None = None  # for WEDGED: did a device reset bring it back
+    # Triage, filled in when the back-end is a process we run (--spawn):
+    exit_status: str | None = None    # "signal 11 (SIGSEGV)", "exit 1"; None: alive
+    log_tail: list[str] = field(default_factory=list)   # its last output lines
+    backtrace: list[str] = field(default_factory=list)  # from its core (--core-dumps)
+    signature: str = ""               # what makes two failures the same bug
+    # What the front-end saw, as behaviour features for feedback mode
+    # (see feedback.py); not written to reproducers.
+    events: list[str] = field(default_factory=list, repr=False, compare=False)
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["verdict"] = self.verdict.value
+        del d["events"]
         return d
 
     @classmethod

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from ..frontend import (BackendClosed, FeatureError, Frontend, FrontendError, GuestMemory,
                         GuestMemoryError, RingFull, RingProtocolError, Virtqueue)
 from ..frontend.device import DEFAULT_PROTOCOL_FEATURES
-from ..protocol import VRING_ADDR, Feature, Request, bit
+from ..protocol import VRING_ADDR, Feature, ProtocolFeature, Request, bit
 from . import layout
 from .case import Case, Setup
+from .generate import NEEDS_PROTOCOL_FEATURE
 from .profiles import Profile
 
 # Requests whose answer we wait for even without NEED_REPLY.
@@ -41,6 +42,7 @@ class Observation:
     chains: int = 0               # chains the case added / published
     completed: int = 0            # of those, how many came back
     notes: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)   # behaviour words (feedback.py)
 
 
 def features_for(profile: Profile, setup: Setup) -> int:
@@ -52,6 +54,14 @@ def features_for(profile: Profile, setup: Setup) -> int:
     if setup.event_idx:
         wanted |= bit(Feature.RING_EVENT_IDX)
     return wanted
+
+
+def protocol_features_for(setup: Setup) -> int:
+    """The front-end's protocol features minus those the case withholds."""
+    withheld = 0
+    for name in setup.withhold:
+        withheld |= bit(ProtocolFeature[name])
+    return DEFAULT_PROTOCOL_FEATURES & ~withheld
 
 
 def accepted_frontend(path: str, timeout: float) -> Frontend:
@@ -108,9 +118,13 @@ class Connection:
         fe, mem = self.fe, self.mem
         if stage == "connect":
             return
+        # QEMU's order (hw/virtio/vhost-user.c, vhost.c): SET_FEATURES, then
+        # FEATURES_OK; memory; every ring; DRIVER_OK last, with the rings
+        # enabled before it (blk) or right after it (net).
         required = bit(Feature.VERSION_1) | (bit(Feature.RING_PACKED) if setup.packed else 0)
-        fe.negotiate(features_for(self.profile, setup), DEFAULT_PROTOCOL_FEATURES,
+        fe.negotiate(features_for(self.profile, setup), protocol_features_for(setup),
                      required=required)
+        fe.features_ok()
         if stage == "negotiated":
             return
         fe.set_mem_table(mem)
@@ -120,12 +134,22 @@ class Connection:
         self.setup_queues(setup)
 
     def setup_queues(self, setup: Setup) -> None:
+        late = self.profile.enable_after_driver_ok
         for q in range(self.profile.queues):
-            self.setup_queue(q, setup)
+            self.setup_queue(q, setup, enable=not late)
+        self.fe.driver_ok()
+        if late:
+            for q in range(self.profile.queues):
+                self._enable(q)
 
-    def setup_queue(self, q: int, setup: Setup, base: int | None = None) -> Virtqueue:
+    def _enable(self, q: int) -> None:
+        if self.fe.features & bit(Feature.PROTOCOL_FEATURES):
+            self.fe.set_vring_enable(q, True)
+
+    def setup_queue(self, q: int, setup: Setup, base: int | None = None, *,
+                    enable: bool = True) -> Virtqueue:
         size = setup.queue_size if q == self.profile.fuzz_queue else 16
-        return self.fe.setup_queue(q, size, err=True, base=base,
+        return self.fe.setup_queue(q, size, err=True, base=base, enable=enable,
                                    indirect_entries=16 if setup.indirect else 0)
 
     def restart_queue(self, q: int, setup: Setup) -> Virtqueue:
@@ -146,6 +170,10 @@ class Connection:
 def _make_fd(kind: str) -> int:
     if kind == "eventfd":
         return os.eventfd(0, os.EFD_CLOEXEC)
+    if kind == "socket":           # e.g. SET_SLAVE_REQ_FD's channel; our end is dropped
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.close()
+        return theirs.detach()
     if kind.startswith("memfd:"):
         fd = os.memfd_create("fuzz", os.MFD_CLOEXEC)
         os.ftruncate(fd, int(kind.split(":", 1)[1]))
@@ -165,6 +193,46 @@ def _payload(conn: Connection, payload) -> bytes:
     raise ValueError(f"unknown payload template {payload!r}")
 
 
+KNOWN_FLAGS = 0x3 | 1 << 2 | NEED_REPLY      # version, REPLY, NEED_REPLY
+
+
+def _request_name(request: int) -> str:
+    try:
+        return Request(request).name
+    except ValueError:
+        return "unknown"
+
+
+def _length_class(n: int) -> str:
+    if n in (0, 1):
+        return str(n)
+    return "sector" if n % 512 == 0 else "small" if n < 512 else "large"
+
+
+def _answer(msg) -> str:
+    """A reply in words: its request, size, whether its payload is all zero
+    (a REPLY_ACK of success) or not, and fds."""
+    payload = msg.payload
+    zero = "zero" if not any(payload) else "nonzero"
+    return (f"{_request_name(msg.request)}:{min(len(payload), 300)}:{zero}"
+            + (f":fds{len(msg.fds)}" if msg.fds else ""))
+
+
+def _acceptance(a: dict, replies: list[str], closed: bool) -> str:
+    """What a back-end did with a request it should refuse: "refused" (a
+    non-zero REPLY_ACK, a disconnect), "accepted" (a zero ack, a reply, or
+    silence without NEED_REPLY), "silent" (no ack although asked)."""
+    if closed:
+        return "refused"
+    if a["request"] in REPLYING:
+        return "accepted" if replies else "silent"
+    if a["flags"] & NEED_REPLY:
+        if not replies:
+            return "silent"
+        return "accepted" if replies[0].endswith(":8:zero") else "refused"
+    return "accepted"
+
+
 def _readable(sock: socket.socket, wait: float) -> bool:
     return bool(select.select([sock], [], [], wait)[0])
 
@@ -180,6 +248,8 @@ class Executor:
         obs = Observation()
         vq = self.conn.fe.queues.get(self.conn.profile.fuzz_queue)
         start = self._ring_position(vq)
+        self._last = "start"
+        self._statuses: dict[int, int] = {}      # id(token) -> gpa of the chain's status byte
         try:
             for action in case.actions:
                 getattr(self, "_op_" + action["op"])(action, obs, vq)
@@ -194,7 +264,12 @@ class Executor:
         except RingProtocolError as exc:
             # The device wrote a used element no driver could accept.
             obs.notes.append(f"ring protocol error: {exc}")
+            obs.events.append("ring-protocol-error")
             obs.answered = True
+        if obs.closed:
+            obs.events.append(f"closed-after:{self._last}")
+        if obs.error_signalled:
+            obs.events.append("error-signalled")
         return obs
 
     # -- observation ------------------------------------------------------------
@@ -217,12 +292,15 @@ class Executor:
             if vq.take_errors():
                 obs.error_signalled = True
             if obs.chains:
-                obs.completed += len(vq.poll())
+                done = vq.poll()
+                obs.completed += len(done)
+                self._note_completions(done, obs)
                 if obs.completed >= obs.chains:
                     obs.answered = True
                     return
             elif self._moved(vq, start):
                 obs.answered = True
+                obs.events.append("ring-moved")
                 return
             if obs.error_signalled:
                 return
@@ -236,22 +314,37 @@ class Executor:
                 if obs.closed:
                     return
 
-    def _drain(self, obs: Observation, wait: float) -> None:
-        """Reads whatever the back-end sent; notes a closed connection."""
+    def _note_completions(self, done, obs: Observation) -> None:
+        for used in done:
+            words = [f"used-len:{_length_class(used.length)}"]
+            gpa = self._statuses.get(id(used.token))
+            if gpa is not None:
+                try:
+                    words.append(f"status:{self.conn.mem.read(gpa, 1)[0]}")
+                except GuestMemoryError:
+                    pass
+            obs.events.append("completed:" + ",".join(words))
+
+    def _drain(self, obs: Observation, wait: float) -> list[str]:
+        """Reads whatever the back-end sent; notes a closed connection.
+        Returns what came, in words (see _answer)."""
         fe = self.conn.fe
+        got: list[str] = []
         while _readable(fe.conn.sock, wait):
             try:
                 msg = fe.recv_raw(self.conn.timeout)
             except BackendClosed:
                 obs.closed = True
-                return
+                return got + ["closed"]
             except FrontendError as exc:       # a malformed or partial answer
                 obs.notes.append(f"bad answer: {exc}")
                 obs.closed = True
-                return
+                return got + ["bad-answer"]
+            got.append(_answer(msg))
             msg.close_fds()
             obs.answered = True
             wait = 0
+        return got
 
     # -- actions ------------------------------------------------------------------
     def _op_msg(self, a: dict, obs: Observation, vq) -> None:
@@ -262,8 +355,29 @@ class Executor:
         finally:
             for fd in fds:
                 os.close(fd)
+        lacking = self._lacking(a)
         wants_answer = a["request"] in REPLYING or a["flags"] & NEED_REPLY
-        self._drain(obs, self.settle if wants_answer else 0)
+        # A refusal may be a disconnect: give it time to show.
+        replies = self._drain(obs, self.settle if wants_answer or lacking else 0)
+        got = "+".join(replies) or "none"
+        name = _request_name(a["request"]) + ("/rsv" if a["flags"] & ~KNOWN_FLAGS else "")
+        obs.events.append(f"msg:{name}:{got}")
+        self._last = name
+        if lacking:
+            how = _acceptance(a, replies, obs.closed)
+            obs.events.append(f"{how}-without:{lacking}:{name}")
+            if how == "accepted":
+                obs.notes.append(f"{name} accepted without {lacking}")
+
+    def _lacking(self, a: dict) -> str | None:
+        """What makes the request one to refuse: reserved header flag bits,
+        or a protocol feature it belongs to that was not negotiated."""
+        if a["flags"] & ~KNOWN_FLAGS:
+            return "reserved-flags"
+        needs = NEEDS_PROTOCOL_FEATURE.get(a["request"])
+        if needs and not self.conn.fe.protocol_features & bit(ProtocolFeature[needs]):
+            return needs
+        return None
 
     def _op_poke(self, a: dict, obs: Observation, vq) -> None:
         try:
@@ -292,12 +406,17 @@ class Executor:
     def _op_chain(self, a: dict, obs: Observation, vq) -> None:
         if vq is None:
             return
+        token = object()
         try:
-            vq.add([tuple(b) for b in a["buffers"]], object())
+            vq.add([tuple(b) for b in a["buffers"]], token)
         except (ValueError, RingFull) as exc:
             obs.notes.append(f"chain not added: {exc}")
+            obs.events.append("chain-not-added")
             return
         obs.chains += 1
+        gpa, length, writable = a["buffers"][-1]
+        if writable and length == 1:      # a virtio-blk status byte
+            self._statuses[id(token)] = gpa
 
     def _op_kick(self, a: dict, obs: Observation, vq) -> None:
         if vq is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from ..protocol import (CONFIG_HEADER, INFLIGHT, LOG, MEM_REGION, MEMORY_HEADER,
+from ..protocol import (CONFIG_HEADER, INFLIGHT, INFLIGHT_SIZE, LOG, MEM_REGION, MEMORY_HEADER,
                         SINGLE_MEM_REGION, U64, VRING_NOFD_MASK, VRING_STATE, Request)
 from . import layout
 from .case import STAGES, Case, Setup
@@ -33,6 +33,21 @@ STATE_REQUESTS = (Request.SET_VRING_NUM, Request.SET_VRING_BASE, Request.GET_VRI
 INTERESTING_NUMS = (0, 1, 2, 3, 15, 16, 255, 256, 257, 0x7fff, 0x8000, 0x8001, 0xb500, 0xffff,
                     0x10000, (1 << 31), (1 << 32) - 1)
 INTERESTING_U64 = (0, 1, (1 << 32), (1 << 63), (1 << 64) - 1, 0xffffffff)
+# Header flag bits the spec reserves (all but version 0-1, REPLY 2, NEED_REPLY 3).
+RESERVED_FLAGS = (1 << 4, 1 << 5, 1 << 7, 1 << 16, 1 << 31, 0xfffffff0)
+
+# Requests that belong to a protocol feature (vhost-user spec; issue 14):
+# a back-end must refuse them unless the feature was negotiated.
+NEEDS_PROTOCOL_FEATURE = {
+    Request.GET_INFLIGHT_FD: "INFLIGHT_SHMFD", Request.SET_INFLIGHT_FD: "INFLIGHT_SHMFD",
+    Request.SET_SLAVE_REQ_FD: "SLAVE_REQ",
+    Request.GET_CONFIG: "CONFIG", Request.SET_CONFIG: "CONFIG",
+    Request.ADD_MEM_REG: "CONFIGURE_MEM_SLOTS", Request.REM_MEM_REG: "CONFIGURE_MEM_SLOTS",
+    Request.GET_MAX_MEM_SLOTS: "CONFIGURE_MEM_SLOTS",
+    Request.SET_STATUS: "STATUS", Request.GET_STATUS: "STATUS",
+    Request.RESET_DEVICE: "RESET_DEVICE",
+    Request.SET_LOG_BASE: "LOG_SHMFD", Request.SET_LOG_FD: "LOG_SHMFD",
+}
 
 
 def _u64(src: Source) -> int:
@@ -130,6 +145,8 @@ def message(src: Source) -> dict:
     flags = FLAG_VERSION | (FLAG_NEED_REPLY if src.boolean(0.5) else 0)
     if src.boolean(0.1):
         flags = src.choice((0, 2, 3, FLAG_VERSION | FLAG_REPLY, (1 << 32) - 1))
+    elif src.boolean(0.05):
+        flags |= src.choice(RESERVED_FLAGS)
     size = None
     if isinstance(payload, str) and src.boolean(0.15):
         n = len(payload) // 2
@@ -145,6 +162,58 @@ def message(src: Source) -> dict:
 
 def messages(src: Source, max_messages: int = 6) -> list[dict]:
     return [message(src) for _ in range(src.integer(1, max_messages))]
+
+
+def _well_formed(request: int) -> tuple[str, list[str]]:
+    """(payload hex, fd kinds) as QEMU would send the request, so that a
+    refusal can only be for the missing protocol feature."""
+    inflight = INFLIGHT.pack(4096, 0, 2, 16) + bytes(INFLIGHT_SIZE - INFLIGHT.size)
+    shapes = {
+        Request.GET_INFLIGHT_FD: (inflight, []),
+        Request.SET_INFLIGHT_FD: (inflight, ["memfd:4096"]),
+        Request.SET_SLAVE_REQ_FD: (b"", ["socket"]),
+        Request.GET_CONFIG: (CONFIG_HEADER.pack(0, 8, 0) + bytes(8), []),
+        Request.SET_CONFIG: (CONFIG_HEADER.pack(0, 1, 0) + bytes(1), []),
+        Request.ADD_MEM_REG: (SINGLE_MEM_REGION.pack(0, 16 << 20, 1 << 20, 0x7e0000000000, 0),
+                              [f"memfd:{1 << 20}"]),
+        Request.REM_MEM_REG: (SINGLE_MEM_REGION.pack(0, 16 << 20, 1 << 20, 0x7e0000000000, 0), []),
+        Request.GET_MAX_MEM_SLOTS: (b"", []),
+        Request.SET_STATUS: (U64.pack(0xf), []),          # ACK|DRIVER|FEATURES_OK|DRIVER_OK
+        Request.GET_STATUS: (b"", []),
+        Request.RESET_DEVICE: (b"", []),
+        Request.SET_LOG_BASE: (LOG.pack(4096, 0), ["memfd:4096"]),
+        Request.SET_LOG_FD: (b"", ["eventfd"]),
+    }
+    payload, fds = shapes[request]
+    return payload.hex(), fds
+
+
+def unnegotiated(src: Source) -> tuple[list[str], list[dict]]:
+    """(protocol features to withhold, messages): requests sent without the
+    protocol feature they belong to, and otherwise well-formed requests with
+    reserved header flag bits set. The executor tells an acceptance from a
+    refusal (see execute._acceptance)."""
+    withhold, out = set(), []
+    for _ in range(src.integer(1, 2)):
+        if src.boolean(0.75):
+            request = src.choice(sorted(NEEDS_PROTOCOL_FEATURE))
+            payload, fds = _well_formed(request) if src.boolean(0.8) else _payload(src, request)
+            flags = FLAG_VERSION | (FLAG_NEED_REPLY if src.boolean(0.6) else 0)
+            feature = NEEDS_PROTOCOL_FEATURE[request]
+            withhold.add(feature)
+            out.append({"op": "msg", "request": int(request), "flags": flags,
+                        "payload": payload, "size": None, "fds": fds})
+        else:
+            request = src.choice((Request.GET_FEATURES, Request.SET_FEATURES, Request.SET_OWNER,
+                                  Request.GET_PROTOCOL_FEATURES, Request.SET_VRING_NUM,
+                                  Request.GET_VRING_BASE, Request.SET_VRING_ENABLE,
+                                  Request.GET_QUEUE_NUM, Request.SET_MEM_TABLE))
+            payload, fds = _payload(src, request)
+            flags = FLAG_VERSION | (FLAG_NEED_REPLY if src.boolean(0.6) else 0)
+            out.append({"op": "msg", "request": int(request), "flags": flags
+                        | src.choice(RESERVED_FLAGS), "payload": payload, "size": None,
+                        "fds": fds})
+    return sorted(withhold), out
 
 
 def memory_messages(src: Source) -> list[dict]:
@@ -319,13 +388,18 @@ def case(src: Source, profile: str, *, allow_packed: bool = True,
          kinds: tuple[str, ...] | None = None) -> Case:
     """A whole case for a profile (blk, net, echo)."""
     own = {"blk": "request", "net": "frame"}.get(profile)
-    options = kinds or tuple(k for k in ("messages", "memory", "ring", own) if k)
-    weights = {"messages": 2, "memory": 1, "ring": 3, "request": 4, "frame": 4}
+    options = kinds or tuple(k for k in ("messages", "memory", "ring", own, "unnegotiated") if k)
+    weights = {"messages": 2, "memory": 1, "ring": 3, "request": 4, "frame": 4,
+               "unnegotiated": 1}
     pool = [k for k in options for _ in range(weights[k])]
     kind = src.choice(pool)
     if kind == "messages":
         s = setup(src, allow_packed=allow_packed, stage=src.choice(STAGES))
         return Case(profile, kind, s, messages(src))
+    if kind == "unnegotiated":
+        s = setup(src, allow_packed=allow_packed, stage=src.choice(STAGES[1:]))
+        s.withhold, actions = unnegotiated(src)
+        return Case(profile, kind, s, actions)
     s = setup(src, allow_packed=allow_packed)
     if kind == "memory":
         return Case(profile, kind, s, memory_messages(src))

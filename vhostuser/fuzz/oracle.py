@@ -16,20 +16,29 @@ being acceptable only when the case changed device configuration or the
 device signalled the refusal. WEDGED: it stopped serving: a neighbour queue
 stopped, or only a reset helped although the device never said anything
 (``reset_clears`` True), or nothing helped (False). CRASHED: the process
-died or its socket stopped accepting connections.
+died or its socket stopped accepting connections. A process we know of that
+ends within ``Target.grace`` seconds of a failure (ASan writes its report
+before it exits) is CRASHED, not WEDGED. TIMEOUT: a connection was accepted
+but its first well-formed request was never answered, before the case ran.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import socket
+import time
+from dataclasses import dataclass, replace
 from typing import Callable
 
-from ..frontend import FeatureError, FrontendError
+from ..frontend import FeatureError, FrontendError, FrontendTimeout
 from .case import Case, Outcome, Setup, Verdict
 from .execute import Connection, Executor, Observation, SetupFailed
 from .profiles import Profile
 
 # Kinds whose actions change device configuration: a reset is their cure.
-CONFIG_KINDS = ("messages", "memory")
+# "unnegotiated" too: its requests should be refused (a non-zero ack or a
+# disconnect is correct behaviour), but one a back-end obeys anyway (say
+# RESET_DEVICE) changes the device as asked. That is a conformance fault,
+# counted per request in the summary ("accepted-without"), not a liveness one.
+CONFIG_KINDS = ("messages", "memory", "unnegotiated")
 # Kinds whose chains go through the driver's bookkeeping: the ring stays usable.
 WELL_FORMED_RING_KINDS = ("request", "frame")
 
@@ -45,8 +54,23 @@ class Target:
     profile: Profile
     timeout: float = 2.0          # per request / probe
     settle: float = 0.05          # how long a case's input may take to be answered
-    alive: Callable[[], bool] = lambda: True   # the process, when we know it
+    alive: Callable[[], bool] | None = None    # the process, when we know it
     sibling: str | None = None    # another device of the same process
+    grace: float = 3.0            # how long a dying process may take to end
+
+    def is_alive(self) -> bool:
+        return self.alive is None or self.alive()
+
+    def dies_within(self, seconds: float) -> bool:
+        """Whether the process we know of ends within ``seconds``."""
+        if self.alive is None:
+            return False
+        deadline = time.monotonic() + seconds
+        while self.alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
 
 def _probe(conn: Connection, q: int) -> None:
@@ -62,9 +86,8 @@ def _probe_all(conn: Connection) -> None:
 
 def _connection_lost(target: Target) -> bool:
     """True when nothing accepts on the socket any more, or the process died."""
-    if not target.alive():
+    if not target.is_alive():
         return True
-    import socket
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         s.settimeout(target.timeout)
@@ -130,9 +153,17 @@ def run_case(target: Target, case: Case) -> Outcome:
     """Runs one case on a fresh connection and judges it."""
     conn = Connection(target.path, target.profile, timeout=target.timeout)
     try:
-        return _judge(target, conn, case)
+        outcome = _judge(target, conn, case)
     finally:
         conn.close()
+    if outcome.verdict in (Verdict.WEDGED, Verdict.TIMEOUT) and target.dies_within(target.grace):
+        outcome = replace(outcome, verdict=Verdict.CRASHED, reset_clears=None,
+                          detail=f"process died after: {outcome.detail}")
+    elif not outcome.verdict.failing and not target.is_alive():
+        outcome = replace(outcome, verdict=Verdict.CRASHED, detail="process died after the case")
+    outcome.events = outcome.events + [
+        f"verdict:{case.kind}:{outcome.verdict.value}:{outcome.recovery}"]
+    return outcome
 
 
 def _judge(target: Target, conn: Connection, case: Case) -> Outcome:
@@ -142,6 +173,10 @@ def _judge(target: Target, conn: Connection, case: Case) -> Outcome:
         raise Unsupported(str(exc)) from None
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         return Outcome(Verdict.CRASHED, f"socket does not accept before the case: {exc}")
+    except FrontendTimeout as exc:
+        if _connection_lost(target):
+            return Outcome(Verdict.CRASHED, f"died before the case: {exc}")
+        return Outcome(Verdict.TIMEOUT, f"connection accepted, first request unanswered: {exc}")
     except SetupFailed as exc:
         if _connection_lost(target):
             return Outcome(Verdict.CRASHED, f"died during bring-up: {exc}")
@@ -149,9 +184,10 @@ def _judge(target: Target, conn: Connection, case: Case) -> Outcome:
                        recovery="failed", reset_clears=False)
 
     obs = Executor(conn, settle=target.settle).run(case)
-    base = dict(answered=obs.answered, closed=obs.closed, error_signalled=obs.error_signalled)
+    base = dict(answered=obs.answered, closed=obs.closed, error_signalled=obs.error_signalled,
+                events=obs.events)
     notes = "; ".join(obs.notes)
-    if not target.alive():
+    if not target.is_alive():
         return Outcome(Verdict.CRASHED, "process died during the case " + notes, **base)
 
     failure = "connection closed by the back-end" if obs.closed else ""
@@ -160,7 +196,7 @@ def _judge(target: Target, conn: Connection, case: Case) -> Outcome:
         if ok:
             verdict = Verdict.PASS if obs.answered else Verdict.REJECT
             return _with_sibling(target, Outcome(verdict, notes, recovery=recovery, **base))
-        if not target.alive() or _connection_lost(target):
+        if _connection_lost(target):
             return Outcome(Verdict.CRASHED, f"died while probing: {failure}", **base)
 
     # Steps 2 and 3.
@@ -195,6 +231,5 @@ def _with_sibling(target: Target, outcome: Outcome) -> Outcome:
     if target.sibling:
         why = _sibling_ok(target)
         if why:
-            return Outcome(Verdict.WEDGED, why, outcome.answered, outcome.closed,
-                           outcome.error_signalled, outcome.recovery, reset_clears=None)
+            return replace(outcome, verdict=Verdict.WEDGED, detail=why, reset_clears=None)
     return outcome

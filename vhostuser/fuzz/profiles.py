@@ -7,6 +7,7 @@ complete with success on a healthy device.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -92,6 +93,10 @@ class Profile:
     fuzz_queue: int             # where cases put their chains
     neighbour: int | None       # a queue no case touches
     probe: Callable[[Virtqueue, GuestMemory, float], None]
+    # QEMU's vhost-net enables rings after DRIVER_OK, vhost-user-blk before.
+    enable_after_driver_ok: bool = False
+    # Rings per unit of GET_QUEUE_NUM's answer (net counts queue pairs).
+    rings_per_queue: int = 1
 
 
 # virtio-net: MAC (5), STATUS (16); the header is 12 bytes with VERSION_1.
@@ -100,7 +105,8 @@ NET_FEATURES = bits(5, 16)
 PROFILES = {
     "blk": Profile("blk", BLK_FEATURES, 2, 0, 1, probe_blk),
     # rx 0, tx 1: cases transmit; no second pair to compare with.
-    "net": Profile("net", NET_FEATURES, 2, 1, None, probe_net),
+    "net": Profile("net", NET_FEATURES, 2, 1, None, probe_net, enable_after_driver_ok=True,
+                   rings_per_queue=2),
     "echo": Profile("echo", 0, 2, 0, 1, probe_echo),
 }
 
@@ -116,4 +122,4 @@ def get(name: str, queues: int | None = None) -> Profile:
     neighbour = p.neighbour if p.neighbour is not None and p.neighbour < queues else None
     if p.fuzz_queue >= queues:
         raise ValueError(f"profile {name} fuzzes queue {p.fuzz_queue}: needs {p.fuzz_queue + 1} queues")
-    return Profile(p.name, p.device_features, queues, p.fuzz_queue, neighbour, p.probe)
+    return dataclasses.replace(p, queues=queues, neighbour=neighbour)

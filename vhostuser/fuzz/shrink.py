@@ -1,7 +1,9 @@
 """Greedy shrinking of a failing case: fewer actions, smaller numbers.
 
-A candidate is kept when it still gives the same verdict. Each try runs
-the case against the back-end again, so the budget bounds the time spent.
+A candidate is kept when it still gives the same verdict and the same
+crash signature (so a crash does not shrink into a different one). Each
+try runs the case against the back-end again, so the budget bounds the
+time spent.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def _candidates(case: Case):
                 c = case.copy()
                 c.actions[i][key] = value[:len(value) // 4 * 2]
                 yield c
-    if case.setup.queue_size > 1:
+    if case.setup.queue_size > 4:     # the probes need room for a 3-descriptor chain
         c = case.copy()
         c.setup.queue_size //= 2
         yield c
@@ -62,7 +64,7 @@ def shrink(case: Case, outcome: Outcome, run: Callable[[Case], Outcome], *,
                 break
             tries += 1
             got = run(candidate)
-            if got.verdict == outcome.verdict:
+            if got.verdict == outcome.verdict and got.signature == outcome.signature:
                 log(f"shrunk to {len(candidate.actions)} actions ({tries} tries)")
                 case, outcome, improved = candidate, got, True
                 break
