@@ -111,7 +111,14 @@ class Session:
                     raise ProtocolError(msg.name(), "not supported by this back-end")
                 await handler(msg)
             except (ProtocolError, NativeError, OSError, ValueError) as exc:
-                if reply_ack and not isinstance(exc, FramingError):
+                # A request with an answer of its own (GET_*) can't be refused
+                # with an ack: its reply format has no room for a failure (a
+                # non-zero u64 reads as GET_MAX_MEM_SLOTS's or GET_STATUS's
+                # value), so it is refused by closing, as without REPLY_ACK.
+                answers = protocol.REQUEST_SPECS.get(msg.request)
+                ackable = (answers is None or not answers.reply
+                           or msg.request in protocol.STATUS_REPLIES)
+                if reply_ack and ackable and not isinstance(exc, FramingError):
                     log.warning("%s: %s refused: %s", self.name, msg.name(), exc)
                     await self.conn.reply_u64(msg, 1)
                     return True

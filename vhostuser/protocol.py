@@ -291,6 +291,12 @@ REQUEST_SPECS: dict[Request, RequestSpec] = {
 }
 
 
+#: Requests whose own reply is a u64 status (0 success, anything else
+#: failure): a refusal fits in it. Other replying requests (GET_*) have no
+#: room for a failure in their reply, so they are refused by closing.
+STATUS_REPLIES = frozenset({Request.SET_LOG_BASE})
+
+
 # ---- virtqueue memory layouts (virtio 1.4, 2.7 split and 2.8 packed) --------
 # The data plane reads these in C; vhostuser.frontend writes them as a driver.
 

@@ -115,12 +115,12 @@ def test_feedback_starts_from_reproducers_and_keeps_a_corpus(tmp_path, capsys):
     Reproducer(seed, Outcome(Verdict.PASS)).write(str(seeds / "earlier.json"))
     out = tmp_path / "out"
     rc = main(["--socket", str(tmp_path / "b.sock"), "--profile", "blk", "--feedback",
-               "--cases", "80", "--seed", "4", "--timeout", "1", "--out", str(out),
+               "--cases", "200", "--seed", "4", "--timeout", "1", "--out", str(out),
                "--seed-corpus", str(seeds), "--spawn", blk_spawn(), "--json"])
     captured = capsys.readouterr()
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert rc == 0, summary
-    assert summary["cases"] == 80 and summary["verdicts"]["WEDGED"] == 0
+    assert summary["cases"] == 200 and summary["verdicts"]["WEDGED"] == 0
     assert "case w0-seed0:" not in captured.err       # (only failures are logged)
     corpus = sorted(os.listdir(out / "corpus"))
     assert summary["corpus"] == len(corpus) > 5

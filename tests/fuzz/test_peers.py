@@ -42,7 +42,7 @@ def scaled(argv: list[str], tmp_path, cases: int) -> list[str]:
     """The documented command with a short run (little shrinking: each try
     restarts the peer), a scratch socket and output."""
     argv = list(argv)
-    for flag, value in (("--cases", str(cases)), ("--socket", str(tmp_path / "t.sock")),
+    for flag, value in (("--cases", str(cases)), ("--socket-path", str(tmp_path / "t.sock")),
                         ("--out", str(tmp_path / "out"))):
         i = argv.index(flag)
         argv[i + 1] = value
@@ -53,7 +53,7 @@ def test_fuzzing_md_documents_every_campaign():
     cmds = documented_commands()
     assert set(cmds) >= {"blk", "net", "qsd", "testpmd", "feedback-coverage"}
     for argv in (cmds[n] for n in ("blk", "net", "qsd", "testpmd")):
-        assert "--cases" in argv and "--socket" in argv and "--out" in argv
+        assert "--cases" in argv and "--socket-path" in argv and "--out" in argv
         assert "..." not in " ".join(argv)
 
 

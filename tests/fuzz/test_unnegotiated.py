@@ -88,17 +88,7 @@ def test_reserved_flag_bits_are_fuzzed_and_judged(blk):
     assert not out.verdict.failing, out
 
 
-# Our handler still obeys these without their protocol feature (issue 14,
-# point 3; vhostuser/handler.py is being changed to refuse them). strict:
-# once it refuses them, these pass and the marker must go.
-ACCEPTED_TODAY = [Request.SET_SLAVE_REQ_FD, Request.GET_CONFIG, Request.GET_INFLIGHT_FD,
-                  Request.RESET_DEVICE, Request.GET_MAX_MEM_SLOTS, Request.ADD_MEM_REG,
-                  Request.SET_STATUS, Request.GET_STATUS]
-
-
-@pytest.mark.xfail(strict=True, reason="issue 14 point 3: vhostuser/handler.py handles requests "
-                   "whose protocol feature was not negotiated (fix in progress elsewhere)")
-@pytest.mark.parametrize("request_", ACCEPTED_TODAY, ids=lambda r: r.name)
+@pytest.mark.parametrize("request_", sorted(generate.NEEDS_PROTOCOL_FEATURE), ids=lambda r: r.name)
 def test_our_backend_refuses_requests_without_their_feature(blk, request_):
     out = run_case(blk, without(request_, VERSION | NEED_REPLY))
     feature = generate.NEEDS_PROTOCOL_FEATURE[request_]

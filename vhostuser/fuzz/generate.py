@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 
+from ..protocol import REQUEST_SPECS
 from ..protocol import (CONFIG_HEADER, INFLIGHT, INFLIGHT_SIZE, LOG, MEM_REGION, MEMORY_HEADER,
                         SINGLE_MEM_REGION, U64, VRING_NOFD_MASK, VRING_STATE, Request)
 from . import layout
@@ -36,17 +37,12 @@ INTERESTING_U64 = (0, 1, (1 << 32), (1 << 63), (1 << 64) - 1, 0xffffffff)
 # Header flag bits the spec reserves (all but version 0-1, REPLY 2, NEED_REPLY 3).
 RESERVED_FLAGS = (1 << 4, 1 << 5, 1 << 7, 1 << 16, 1 << 31, 0xfffffff0)
 
-# Requests that belong to a protocol feature (vhost-user spec; issue 14):
-# a back-end must refuse them unless the feature was negotiated.
+# Requests that belong to a protocol feature (the request table's column):
+# a back-end must refuse them unless the feature was negotiated. Requests
+# whose rule is not one feature (SET_VRING_ENABLE) are left out.
 NEEDS_PROTOCOL_FEATURE = {
-    Request.GET_INFLIGHT_FD: "INFLIGHT_SHMFD", Request.SET_INFLIGHT_FD: "INFLIGHT_SHMFD",
-    Request.SET_SLAVE_REQ_FD: "SLAVE_REQ",
-    Request.GET_CONFIG: "CONFIG", Request.SET_CONFIG: "CONFIG",
-    Request.ADD_MEM_REG: "CONFIGURE_MEM_SLOTS", Request.REM_MEM_REG: "CONFIGURE_MEM_SLOTS",
-    Request.GET_MAX_MEM_SLOTS: "CONFIGURE_MEM_SLOTS",
-    Request.SET_STATUS: "STATUS", Request.GET_STATUS: "STATUS",
-    Request.RESET_DEVICE: "RESET_DEVICE",
-    Request.SET_LOG_BASE: "LOG_SHMFD", Request.SET_LOG_FD: "LOG_SHMFD",
+    request: spec.protocol_feature.name
+    for request, spec in REQUEST_SPECS.items() if spec.protocol_feature is not None
 }
 
 
@@ -182,7 +178,11 @@ def _well_formed(request: int) -> tuple[str, list[str]]:
         Request.GET_STATUS: (b"", []),
         Request.RESET_DEVICE: (b"", []),
         Request.SET_LOG_BASE: (LOG.pack(4096, 0), ["memfd:4096"]),
-        Request.SET_LOG_FD: (b"", ["eventfd"]),
+        Request.SET_LOG_FD: (U64.pack(0), ["eventfd"]),
+        Request.SEND_RARP: (bytes.fromhex("525400123456") + bytes(2), []),
+        Request.NET_SET_MTU: (U64.pack(1500), []),
+        Request.SET_VRING_ENDIAN: (VRING_STATE.pack(0, 0), []),
+        Request.VRING_KICK: (VRING_STATE.pack(0, 0), []),
     }
     payload, fds = shapes[request]
     return payload.hex(), fds
