@@ -9,7 +9,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -86,6 +88,12 @@ def test_not_root_uses_a_user_namespace(tmp_path):
     if probe.returncode != 0:
         pytest.skip(f"this Python and checkout aren't usable by nobody: "
                     f"{probe.stderr.strip().splitlines()[-1:]}")
-    os.chmod(tmp_path, 0o777)
-    serve_and_check(tmp_path, [setpriv, "--reuid", "nobody", "--regid", "nogroup",
-                               "--clear-groups"], expect_view="pivot_root", user_ns=True)
+    # pytest's own temporary directories are root's alone (0700 all the way
+    # down from /tmp/pytest-of-root): nobody needs one it can reach.
+    where = Path(tempfile.mkdtemp(prefix="vhu-nobody-", dir="/tmp"))
+    try:
+        os.chmod(where, 0o777)
+        serve_and_check(where, [setpriv, "--reuid", "nobody", "--regid", "nogroup",
+                                "--clear-groups"], expect_view="pivot_root", user_ns=True)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
