@@ -12,46 +12,15 @@ import asyncio
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
 
 from . import protocol
+from .message import Message
 from .errors import ConnectionClosed, FramingError
 
 log = logging.getLogger(__name__)
 
 _FD_SIZE = array.array("i").itemsize
 _CMSG_SPACE = socket.CMSG_SPACE(protocol.MAX_FDS * _FD_SIZE)
-
-
-@dataclass
-class Message:
-    request: int
-    flags: int
-    payload: bytes
-    fds: list[int] = field(default_factory=list)
-
-    @property
-    def need_reply(self) -> bool:
-        return bool(self.flags & protocol.FLAG_NEED_REPLY)
-
-    def name(self) -> str:
-        try:
-            return protocol.Request(self.request).name
-        except ValueError:
-            return f"request {self.request}"
-
-    def close_fds(self) -> None:
-        """Closes every fd the message still holds (the ones nobody kept)."""
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.fds.clear()
-
-    def take_fd(self) -> int | None:
-        """Hands over ownership of the first fd (None if there is none)."""
-        return self.fds.pop(0) if self.fds else None
 
 
 def _close_all(fds: list[int]) -> None:
@@ -72,7 +41,7 @@ def _fds_from_ancillary(ancdata) -> list[int]:
     return fds
 
 
-class Connection:
+class BackendConnection:
     """A connected vhost-user socket driven by the running event loop."""
 
     def __init__(self, sock: socket.socket, *, name: str = "vhost-user"):
@@ -112,7 +81,7 @@ class Connection:
             fds.extend(_fds_from_ancillary(anc))
             if flags & socket.MSG_CTRUNC:
                 # More fds than any message may carry: the peer is broken.
-                raise FramingError("fds", f"more than {protocol.MAX_FDS} fds on one message")
+                raise FramingError(None, f"more than {protocol.MAX_FDS} fds on one message")
             if not data:
                 raise ConnectionClosed(self.name if not buf else f"{self.name}: truncated message")
             buf += data

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from .memory import GuestMemory, GuestViews
+from .memory import GuestViews, MemoryTable
 from . import native
 from .native import check, ffi, lib
 from .queue import Element, Queue
@@ -106,12 +106,12 @@ class DataPlane:
         self._closed = False
 
     @property
-    def memory(self) -> GuestMemory:
+    def memory(self) -> MemoryTable:
         """The installed region table (never changed in place)."""
-        return GuestMemory(self._dev.mem)
+        return MemoryTable(self._dev.mem)
 
-    def replace_memory(self, table: GuestMemory) -> list[int]:
-        """Installs ``table`` (built with GuestMemory.create or copy) for new
+    def replace_memory(self, table: MemoryTable) -> list[int]:
+        """Installs ``table`` (built with MemoryTable.create or copy) for new
         requests at once and re-translates running rings; the old table
         stays for the requests still using it. Returns rings that broke."""
         with self.locked():

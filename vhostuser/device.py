@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ._native import lib
 from .dataplane import BatchHandler, NativeHandler
 from .errors import ProtocolError
-from .protocol import Feature, ProtocolFeature, bits
+from .protocol import Feature, ProtocolFeature, Request, bits
 from .queue import Element, Queue
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ RING_FEATURES = bits(Feature.VERSION_1, Feature.RING_INDIRECT_DESC,
 #: Protocol features the control plane implements for every device.
 BASE_PROTOCOL_FEATURES = bits(
     ProtocolFeature.MQ, ProtocolFeature.LOG_SHMFD, ProtocolFeature.REPLY_ACK,
-    ProtocolFeature.SLAVE_REQ, ProtocolFeature.CONFIG, ProtocolFeature.INFLIGHT_SHMFD,
+    ProtocolFeature.BACKEND_REQ, ProtocolFeature.CONFIG, ProtocolFeature.INFLIGHT_SHMFD,
     ProtocolFeature.RESET_DEVICE, ProtocolFeature.CONFIGURE_MEM_SLOTS,
     ProtocolFeature.STATUS)
 
@@ -76,7 +76,7 @@ class Device:
 
     def write_config(self, offset: int, data: bytes, flags: int) -> None:
         """SET_CONFIG from the driver. Read-only by default."""
-        raise ProtocolError("SET_CONFIG", f"config space is read-only (offset {offset})")
+        raise ProtocolError(Request.SET_CONFIG, f"config space is read-only (offset {offset})")
 
     # -- serving ------------------------------------------------------------
     def queue_handler(self, queue: Queue) -> BatchHandler | NativeHandler:
@@ -107,10 +107,10 @@ class Device:
         wait for any I/O still in flight that points into it."""
 
     def send_rarp(self, mac: bytes) -> None:
-        raise ProtocolError("SEND_RARP", "not a network device")
+        raise ProtocolError(Request.SEND_RARP, "not a network device")
 
     def set_mtu(self, mtu: int) -> None:
-        raise ProtocolError("NET_SET_MTU", "not a network device")
+        raise ProtocolError(Request.NET_SET_MTU, "not a network device")
 
     def notify_config_change(self) -> bool:
         """Tells the driver the config space changed (back-end channel).

@@ -16,12 +16,13 @@ import socket
 import time
 
 from . import protocol
-from .connection import Connection, Message
+from .connection import BackendConnection
+from .message import Message
 from .dataplane import DataPlane
 from .device import Device
 from .errors import ConnectionClosed, FramingError, NativeError, ProtocolError
 from .inflight import InflightArea
-from .memory import GuestMemory
+from .memory import MemoryTable
 from .protocol import Feature, ProtocolFeature, Request, bit
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def drain_timeout(device: Device) -> float:
 class Session:
     """State of one front-end connection (features, memory, rings)."""
 
-    def __init__(self, device: Device, conn: Connection):
+    def __init__(self, device: Device, conn: BackendConnection):
         self.device = device
         self.conn = conn
         self.name = conn.name
@@ -62,7 +63,7 @@ class Session:
         self.dataplane = DataPlane(device.num_queues, queues_per_worker=device.queues_per_worker,
                                    poll_us=device.poll_us,
                                    adaptive_poll_us=device.adaptive_poll_us, name=conn.name)
-        self.backend_channel: Connection | None = None
+        self.backend_channel: BackendConnection | None = None
         self._backend_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self.inflight: InflightArea | None = None
@@ -108,7 +109,7 @@ class Session:
                 spec = self._check(msg)
                 handler = self._handlers.get(protocol.Request(msg.request))
                 if handler is None:
-                    raise ProtocolError(msg.name(), "not supported by this back-end")
+                    raise ProtocolError(msg.request, "not supported by this back-end")
                 await handler(msg)
             except (ProtocolError, NativeError, OSError, ValueError) as exc:
                 # A request with an answer of its own (GET_*) can't be refused
@@ -144,34 +145,34 @@ class Session:
             raise ProtocolError(msg.request, "unknown request") from None
         spec = protocol.REQUEST_SPECS.get(request)
         if spec is None:
-            raise ProtocolError(request.name, "not supported by this back-end")
+            raise ProtocolError(request, "not supported by this back-end")
         if (msg.flags & protocol.FLAG_VERSION_MASK) != protocol.VERSION:
-            raise ProtocolError(request.name, f"version flags {msg.flags & 3}")
+            raise ProtocolError(request, f"version flags {msg.flags & 3}")
         if msg.flags & ~protocol.REQUEST_FLAGS:
-            raise ProtocolError(request.name, f"flags {msg.flags:#x}: reserved or reply bits set")
+            raise ProtocolError(request, f"flags {msg.flags:#x}: reserved or reply bits set")
         feature = spec.protocol_feature
         if feature is not None and not self._has_protocol(feature):
-            raise ProtocolError(request.name, f"protocol feature {feature.name} not negotiated")
+            raise ProtocolError(request, f"protocol feature {feature.name} not negotiated")
         if spec.needs_protocol_features and not (self.protocol_features_set or
                                                  self.features & bit(Feature.PROTOCOL_FEATURES)):
-            raise ProtocolError(request.name, "protocol features not negotiated")
+            raise ProtocolError(request, "protocol features not negotiated")
         lo, hi = spec.payload
         if not lo <= len(msg.payload) <= hi:
-            raise ProtocolError(request.name, f"payload of {len(msg.payload)} bytes, expected "
+            raise ProtocolError(request, f"payload of {len(msg.payload)} bytes, expected "
                                 + (f"{lo}" if lo == hi else f"{lo}..{hi}"))
         flo, fhi = spec.fds
         if not flo <= len(msg.fds) <= fhi:
-            raise ProtocolError(request.name, f"{len(msg.fds)} fds, expected "
+            raise ProtocolError(request, f"{len(msg.fds)} fds, expected "
                                 + (f"{flo}" if flo == fhi else f"{flo}..{fhi}"))
         if spec.needs_memory and len(self.dataplane.memory) == 0:
-            raise ProtocolError(request.name, "no memory table yet")
+            raise ProtocolError(request, "no memory table yet")
         return spec
 
     # -- helpers -----------------------------------------------------------------
     def _ring_index(self, msg: Message, value: int) -> int:
         index = value & protocol.VRING_IDX_MASK if msg.request in _U64_RING_REQUESTS else value
         if index >= self.device.num_queues:
-            raise ProtocolError(msg.name(), f"ring {index} out of range "
+            raise ProtocolError(msg.request, f"ring {index} out of range "
                                 f"(device has {self.device.num_queues})")
         return index
 
@@ -221,7 +222,7 @@ class Session:
         features = self._u64(msg)
         offered = self.device.features() | bit(Feature.PROTOCOL_FEATURES)
         if features & ~offered:
-            raise ProtocolError(msg.name(), f"features {features & ~offered:#x} were not offered")
+            raise ProtocolError(msg.request, f"features {features & ~offered:#x} were not offered")
         self.features = features
         self.features_set = True
         self.dataplane.set_features(features)
@@ -233,7 +234,7 @@ class Session:
     async def _on_set_protocol_features(self, msg):
         features = self._u64(msg)
         if features & ~self.device.protocol_features():
-            raise ProtocolError(msg.name(), f"protocol features "
+            raise ProtocolError(msg.request, f"protocol features "
                                 f"{features & ~self.device.protocol_features():#x} were not offered")
         self.protocol_features = features
         self.protocol_features_set = True
@@ -266,9 +267,9 @@ class Session:
     async def _on_set_status(self, msg):
         status = self._u64(msg)
         if status > 0xFF:
-            raise ProtocolError(msg.name(), f"status {status:#x} does not fit a byte")
+            raise ProtocolError(msg.request, f"status {status:#x} does not fit a byte")
         if (status & protocol.DeviceStatus.FEATURES_OK) and not self.features_set:
-            raise ProtocolError(msg.name(), "FEATURES_OK before SET_FEATURES")
+            raise ProtocolError(msg.request, "FEATURES_OK before SET_FEATURES")
         self.status = status
 
     async def _on_get_status(self, msg):
@@ -282,16 +283,16 @@ class Session:
         try:
             regions = protocol.unpack_memory_table(msg.payload)
         except ValueError as exc:
-            raise ProtocolError(msg.name(), str(exc)) from None
+            raise ProtocolError(msg.request, str(exc)) from None
         if len(regions) != len(msg.fds):
-            raise ProtocolError(msg.name(), f"{len(regions)} regions but {len(msg.fds)} fds")
+            raise ProtocolError(msg.request, f"{len(regions)} regions but {len(msg.fds)} fds")
         # Build the new table aside: a region that fails leaves the old one,
         # and the rings in it, untouched. Regions naming the same pages as
         # the installed table share its mappings (QEMU re-sends unchanged
         # tables); requests in flight keep the old table (dataplane.py), so
         # nothing waits for them: the new table is for new requests at once.
         current = self.dataplane.memory
-        table = GuestMemory.create()
+        table = MemoryTable.create()
         fds, msg.fds = msg.fds, []
         try:
             for i, region in enumerate(regions):
@@ -334,7 +335,7 @@ class Session:
     async def _on_set_vring_num(self, msg):
         index, num = self._state(msg)
         if self.dataplane.queues[index].started:
-            raise ProtocolError(msg.name(), f"ring {index} is running")
+            raise ProtocolError(msg.request, f"ring {index} is running")
         self.dataplane.set_num(index, num)
 
     async def _on_set_vring_addr(self, msg):
@@ -345,7 +346,7 @@ class Session:
     async def _on_set_vring_base(self, msg):
         index, num = self._state(msg)
         if self.dataplane.queues[index].started:
-            raise ProtocolError(msg.name(), f"ring {index} is running")
+            raise ProtocolError(msg.request, f"ring {index} is running")
         # Packed rings need the negotiated layout to decode num; QEMU sends
         # SET_FEATURES first.
         self.dataplane.set_base(index, num)
@@ -365,9 +366,9 @@ class Session:
         index = self._ring_index(msg, value)
         nofd = bool(value & protocol.VRING_NOFD_MASK)
         if nofd and msg.fds:
-            raise ProtocolError(msg.name(), "fd sent with the no-fd flag")
+            raise ProtocolError(msg.request, "fd sent with the no-fd flag")
         if not nofd and not msg.fds:
-            raise ProtocolError(msg.name(), "no fd and no no-fd flag")
+            raise ProtocolError(msg.request, "no fd and no no-fd flag")
         return index, None if nofd else msg.take_fd()
 
     async def _on_set_vring_kick(self, msg):
@@ -392,7 +393,7 @@ class Session:
     async def _on_set_vring_enable(self, msg):
         index, num = self._state(msg)
         if num > 1:
-            raise ProtocolError(msg.name(), f"enable value {num}")
+            raise ProtocolError(msg.request, f"enable value {num}")
         self.dataplane.set_enabled(index, bool(num))
 
     async def _on_vring_kick(self, msg):
@@ -416,7 +417,7 @@ class Session:
         offset, size, flags = protocol.CONFIG_HEADER.unpack_from(msg.payload)
         data = msg.payload[protocol.CONFIG_HEADER.size:]
         if size != len(data):
-            raise ProtocolError(msg.name(), f"size {size} but {len(data)} bytes of payload")
+            raise ProtocolError(msg.request, f"size {size} but {len(data)} bytes of payload")
         self.device.write_config(offset, data, flags)
 
     async def _on_send_rarp(self, msg):
@@ -425,14 +426,14 @@ class Session:
     async def _on_net_set_mtu(self, msg):
         self.device.set_mtu(self._u64(msg))
 
-    async def _on_set_slave_req_fd(self, msg):
+    async def _on_set_backend_req_fd(self, msg):
         sock = socket.socket(fileno=msg.take_fd())
         if sock.family != socket.AF_UNIX:
             sock.close()
-            raise ProtocolError(msg.name(), "back-end channel is not a unix socket")
+            raise ProtocolError(msg.request, "back-end channel is not a unix socket")
         if self.backend_channel is not None:
             self.backend_channel.close()
-        self.backend_channel = Connection(sock, name=f"{self.name} back-end channel")
+        self.backend_channel = BackendConnection(sock, name=f"{self.name} back-end channel")
 
     # -- inflight tracking --------------------------------------------------------
     async def _on_get_inflight_fd(self, msg):
@@ -449,7 +450,7 @@ class Session:
     async def _on_set_inflight_fd(self, msg):
         size, offset, num_queues, queue_size = protocol.INFLIGHT.unpack_from(msg.payload)
         if num_queues > self.device.num_queues:
-            raise ProtocolError(msg.name(), f"{num_queues} queues, device has "
+            raise ProtocolError(msg.request, f"{num_queues} queues, device has "
                                 f"{self.device.num_queues}")
         try:
             area = InflightArea.map(msg.take_fd(), size, offset, num_queues, queue_size)

@@ -18,7 +18,7 @@ from .native import check, ffi, lib
 from .protocol import MemRegion
 
 
-class GuestMemory:
+class MemoryTable:
     """A table of the regions the front-end shared, mapped into this process.
 
     Tables are built aside and installed whole by a
@@ -30,19 +30,19 @@ class GuestMemory:
         self._mem = mem_ptr
 
     @classmethod
-    def create(cls) -> "GuestMemory":
+    def create(cls) -> "MemoryTable":
         """An empty table of our own."""
         ptr = lib.vu_mem_new()
         if ptr == ffi.NULL:
             raise MemoryError("vu_mem_new")
         return cls(ptr)
 
-    def copy(self) -> "GuestMemory":
+    def copy(self) -> "MemoryTable":
         """A new table sharing this one's mappings (to change, then install)."""
         ptr = lib.vu_mem_copy(self._mem)
         if ptr == ffi.NULL:
             raise MemoryError("vu_mem_copy")
-        return GuestMemory(ptr)
+        return MemoryTable(ptr)
 
     def release(self) -> None:
         """Drops our pin on a table made with :meth:`create` or :meth:`copy`
@@ -59,7 +59,7 @@ class GuestMemory:
     def __len__(self) -> int:
         return self._mem.nregions
 
-    def add(self, region: MemRegion, fd: int, reuse: "GuestMemory | None" = None) -> None:
+    def add(self, region: MemRegion, fd: int, reuse: "MemoryTable | None" = None) -> None:
         """Maps ``region`` from ``fd`` (closes fd in every case); a region of
         ``reuse`` naming the same pages lends its mapping instead."""
         try:

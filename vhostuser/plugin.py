@@ -7,9 +7,10 @@ import importlib
 import os
 import sys
 from typing import Any
+from .errors import VhostUserError
 
 
-class PluginError(ValueError):
+class PluginError(VhostUserError, ValueError):
     """The class can't be found or built; the message says why, in one line."""
 
 

@@ -54,7 +54,7 @@ class Request(enum.IntEnum):
     SET_VRING_ENABLE = 18
     SEND_RARP = 19
     NET_SET_MTU = 20
-    SET_SLAVE_REQ_FD = 21
+    SET_BACKEND_REQ_FD = 21
     IOTLB_MSG = 22
     SET_VRING_ENDIAN = 23
     GET_CONFIG = 24
@@ -74,10 +74,13 @@ class Request(enum.IntEnum):
     REM_MEM_REG = 38
     SET_STATUS = 39
     GET_STATUS = 40
+    # Names from before QEMU renamed "slave" to "back-end" in the spec (8.0);
+    # aliases, for code and scripts that still say them.
+    SET_SLAVE_REQ_FD = 21
 
 
 class BackendRequest(enum.IntEnum):
-    """Back-end to front-end requests (on the SET_SLAVE_REQ_FD channel)."""
+    """Back-end to front-end requests (on the SET_BACKEND_REQ_FD channel)."""
     IOTLB_MSG = 1
     CONFIG_CHANGE_MSG = 2
     VRING_HOST_NOTIFIER_MSG = 3
@@ -91,18 +94,21 @@ class ProtocolFeature(enum.IntEnum):
     RARP = 2
     REPLY_ACK = 3
     MTU = 4
-    SLAVE_REQ = 5
+    BACKEND_REQ = 5
     CROSS_ENDIAN = 6
     CRYPTO_SESSION = 7
     PAGEFAULT = 8
     CONFIG = 9
-    SLAVE_SEND_FD = 10
+    BACKEND_SEND_FD = 10
     HOST_NOTIFIER = 11
     INFLIGHT_SHMFD = 12
     RESET_DEVICE = 13
     INBAND_NOTIFICATIONS = 14
     CONFIGURE_MEM_SLOTS = 15
     STATUS = 16
+    # pre-8.0 spec names (aliases)
+    SLAVE_REQ = 5
+    SLAVE_SEND_FD = 10
 
 
 class Feature(enum.IntEnum):
@@ -270,7 +276,7 @@ REQUEST_SPECS: dict[Request, RequestSpec] = {
     R.SET_VRING_ENABLE: RequestSpec(_exact(8), vring=True, needs_protocol_features=True),
     R.SEND_RARP: RequestSpec(_exact(8), protocol_feature=P.RARP),
     R.NET_SET_MTU: RequestSpec(_exact(8), protocol_feature=P.MTU),
-    R.SET_SLAVE_REQ_FD: RequestSpec(_exact(0), fds=(1, 1), protocol_feature=P.SLAVE_REQ),
+    R.SET_BACKEND_REQ_FD: RequestSpec(_exact(0), fds=(1, 1), protocol_feature=P.BACKEND_REQ),
     R.SET_VRING_ENDIAN: RequestSpec(_exact(8), vring=True, protocol_feature=P.CROSS_ENDIAN),
     R.GET_CONFIG: RequestSpec(_CONFIG_PAYLOAD, reply=True, protocol_feature=P.CONFIG),
     R.SET_CONFIG: RequestSpec(_CONFIG_PAYLOAD, protocol_feature=P.CONFIG),

@@ -6,9 +6,10 @@ rate a device may go after being idle (0: one second's worth of the rate).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from .errors import VhostUserError
 
 
-class QosError(ValueError):
+class QosError(VhostUserError, ValueError):
     """A limit that can't be applied (negative, or a burst below the rate)."""
 
 

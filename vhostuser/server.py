@@ -13,9 +13,9 @@ import logging
 import os
 import socket
 
-from .connection import Connection
+from .connection import BackendConnection
 from .device import Device
-from .errors import VhostUserError
+from .errors import SocketInUse, SocketPlaceError, VhostUserError
 from .handler import Session
 from . import unixsock
 from .sandbox import access as sandbox_access
@@ -25,14 +25,6 @@ log = logging.getLogger(__name__)
 
 #: How long a new front-end waits for the previous connection to end.
 RECONNECT_GRACE = 2.0
-
-
-class SocketInUse(VhostUserError):
-    """A live process is already listening on the socket path."""
-
-
-class SocketPlaceError(VhostUserError):
-    """The socket can't be made there, or not with the group asked for."""
 
 
 def parse_socket_mode(text: str) -> int:
@@ -181,7 +173,7 @@ class Server:
 
     async def _serve_connection(self, sock: socket.socket) -> None:
         self.connections += 1
-        conn = Connection(sock, name=f"{self.name}#{self.connections}")
+        conn = BackendConnection(sock, name=f"{self.name}#{self.connections}")
         log.info("%s: front-end connected", conn.name)
         try:
             self.session = Session(self.device, conn)

@@ -232,7 +232,7 @@ def test_resize_of_a_running_disk_reaches_the_guest(guest_kit, vhostuser_blk, tm
     channel, QEMU re-reads the config, the guest sees the new capacity."""
     image = fresh_image(tmp_path, "grow.raw")
     server = vhostuser_blk("--blk-file", str(image))
-    with guest.GuestProcess(guest_kit, RESIZE_WORKLOAD, blk=[guest.BlkDevice(str(server.sock))],
+    with guest.GuestProcess(guest_kit, RESIZE_WORKLOAD, blk=[guest.QemuBlk(str(server.sock))],
                             pvh=True, qemu=qemu) as vm:
         vm.wait_for(r"^READY size=", timeout=60)
         with open(image, "r+b") as f:

@@ -48,8 +48,8 @@ def test_daemon_changes_reach_a_running_guest(guest_kit, tmp_path):
             d.ctl("add-blk", name, "--socket-path", d.path(f"{name}.sock"),
                   "--blk-file", str(images[name]))
         with guest.GuestProcess(guest_kit, WORKLOAD, pvh=True,
-                                blk=[guest.BlkDevice(d.path("a.sock")),
-                                     guest.BlkDevice(d.path("b.sock"))]) as vm:
+                                blk=[guest.QemuBlk(d.path("a.sock")),
+                                     guest.QemuBlk(d.path("b.sock"))]) as vm:
             vm.wait_for(r"^READY size=", timeout=90)
             d.ctl("resize", "a", str(96 * MIB))
             vm.wait_for(r"^RESULT size_after=", timeout=60)

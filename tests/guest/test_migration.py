@@ -229,7 +229,7 @@ def test_live_migration_under_write_load_vhostuser_and_qemu_control(guest_kit, s
                 outcome.data_errors.append(f"back-end {i} exited with {rc}")
             if "Traceback" in backend.log_text() or " ERROR" in backend.log_text():
                 outcome.data_errors.append(f"back-end {i} log: {backend.log_text()[-2000:]}")
-        return [guest.BlkDevice(str(backend.sock))], [], cleanup
+        return [guest.QemuBlk(str(backend.sock))], [], cleanup
 
     def control(i: int, image: Path):
         return [], ["-drive", f"file={image},if=none,id=d0,format=raw,cache=none,aio=threads",

@@ -99,8 +99,8 @@ def test_daemon_survives_a_frozen_store_and_a_killed_guest(guest_kit, nbd_export
         daemon.call("add", type="blk", name="local", socket=daemon.path("l.sock"),
                     ramdisk="16M")
         with guest.GuestProcess(guest_kit, HUNG_WORKLOAD, smp=1, pvh=True,
-                                blk=[guest.BlkDevice(daemon.path("n.sock")),
-                                     guest.BlkDevice(daemon.path("l.sock"))]) as vm:
+                                blk=[guest.QemuBlk(daemon.path("n.sock")),
+                                     guest.QemuBlk(daemon.path("l.sock"))]) as vm:
             vm.wait_for(r"^ACK 5$", timeout=120)
             server.pause()
             deadline = time.monotonic() + 20

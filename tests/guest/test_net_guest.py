@@ -115,7 +115,7 @@ def test_guest_pings_tap_peer_and_sends_1mib_over_tcp(guest_kit, netns, sock_dir
         source_sha = source.stdout.readline().strip()
         result = guest.run_guest(
             guest_kit, WORKLOAD, smp=queue_pairs, timeout=180, qemu=qemu,
-            net_sockets=[guest.NetDevice(socket=sock, queues=queue_pairs)])
+            net_sockets=[guest.QemuNet(socket=sock, queues=queue_pairs)])
         res = result.results()
         assert result.exit_code == 0, result.tail()
         assert res["queues"] == str(queue_pairs)
@@ -164,9 +164,9 @@ sleep 4
 
 def run_two_guests(kit, sock_a, sock_b, ip_a, ip_b):
     a = guest.GuestProcess(kit, peer_workload(ip_a, ip_b), pvh=True,
-                           net=[guest.NetDevice(socket=sock_a, mac="52:54:00:aa:00:01")])
+                           net=[guest.QemuNet(socket=sock_a, mac="52:54:00:aa:00:01")])
     b = guest.GuestProcess(kit, peer_workload(ip_b, ip_a), pvh=True,
-                           net=[guest.NetDevice(socket=sock_b, mac="52:54:00:bb:00:02")])
+                           net=[guest.QemuNet(socket=sock_b, mac="52:54:00:bb:00:02")])
     with a, b:                      # entering starts both QEMUs
         ra = a.wait(timeout=180)
         rb = b.wait(timeout=180)
@@ -279,7 +279,7 @@ def run_python_backend(guest_kit, netns, sock_dir, backend, *opts):
         sink = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", SINK,
                                  HOST_IP, str(SINK_PORT)], stdout=subprocess.PIPE, text=True)
         result = guest.run_guest(guest_kit, PING_AND_TCP, pvh=True, timeout=180,
-                                 net_sockets=[guest.NetDevice(socket=sock)])
+                                 net_sockets=[guest.QemuNet(socket=sock)])
         out, _ = sink.communicate(timeout=60)
         return result.results(), out.split()
     finally:

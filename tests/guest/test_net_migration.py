@@ -140,7 +140,7 @@ def wait_tap(ns: str, ifname: str, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def enslave(ns: str, ifname: str) -> None:
+def attach_to_bridge(ns: str, ifname: str) -> None:
     wait_tap(ns, ifname)
     in_ns(ns, "ip", "link", "set", ifname, "master", "br0")
     in_ns(ns, "ip", "link", "set", ifname, "up")
@@ -228,11 +228,11 @@ def test_destination_announces_guest_mac_after_migration(guest_kit, bridged_ns, 
                                        socks[side], "--tap", f"vhu-{side}", "--mac", GUEST_MAC)
         for side in ("src", "dst"):
             wait_for(socks[side])
-            enslave(ns, f"vhu-{side}")
+            attach_to_bridge(ns, f"vhu-{side}")
 
         def vm(side: str, extra=()) -> guest.GuestProcess:
             v = guest.GuestProcess(guest_kit, WORKLOAD, memory_mb=MEMORY_MB, pvh=True, smp=1,
-                                   qemu=qemu, net=[guest.NetDevice(socket=socks[side], mac=GUEST_MAC,
+                                   qemu=qemu, net=[guest.QemuNet(socket=socks[side], mac=GUEST_MAC,
                                                         properties=props)],
                                    extra_args=list(extra))
             vms.append(v)

@@ -60,7 +60,7 @@ def test_qsd_started_after_qemu_with_reconnect(guest_kit, qsd, raw_image, sock_d
     """With reconnect=1 QEMU waits for a late back-end instead of failing."""
     sock = sock_dir / "late.sock"
     workload = "echo RESULT first=$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | sha256sum | cut -c1-16)\n"
-    with guest.GuestProcess(guest_kit, workload, blk=[guest.BlkDevice(str(sock), reconnect=1)], pvh=True) as vm:
+    with guest.GuestProcess(guest_kit, workload, blk=[guest.QemuBlk(str(sock), reconnect=1)], pvh=True) as vm:
         time.sleep(3)  # longer than a PVH boot: the guest would be up by now
         assert vm.running() and BOOT_MARKER not in vm.serial
         qsd(raw_image, sock=sock)
@@ -80,8 +80,8 @@ def test_qemu_command_devices(tmp_path):
         guest.qemu_command(kit, tmp_path / "initrd", serial_path=tmp_path / "serial", pvh=True)
     cmd = guest.qemu_command(
         kit, tmp_path / "initrd", serial_path=tmp_path / "serial", qmp_path=tmp_path / "qmp",
-        blk=[guest.BlkDevice("/s/blk", num_queues=2, reconnect=1, properties={"queue-size": 256})],
-        net=[guest.NetDevice("/s/net", queues=2), guest.NetDevice("/s/net1", server=True)],
+        blk=[guest.QemuBlk("/s/blk", num_queues=2, reconnect=1, properties={"queue-size": 256})],
+        net=[guest.QemuNet("/s/net", queues=2), guest.QemuNet("/s/net1", server=True)],
         qemu=guest.Qemu("/usr/bin/qemu-system-x86_64", version=(7, 2)),
     )
     line = " ".join(cmd)
@@ -106,7 +106,7 @@ def test_qemu_command_for_a_private_qemu_10(tmp_path):
     qemu = guest.Qemu("/p/usr/bin/qemu-system-x86_64", data_dirs=("/p/share/qemu", "/p/share/seabios"),
                       env=(("QEMU_MODULE_DIR", "/p/lib/qemu"),), version=(10, 0))
     cmd = guest.qemu_command(kit, tmp_path / "initrd", serial_path=tmp_path / "serial", qemu=qemu,
-                             net=[guest.NetDevice("/s/net"), guest.NetDevice("/s/net1", msix=False)])
+                             net=[guest.QemuNet("/s/net"), guest.QemuNet("/s/net1", msix=False)])
     assert cmd[:5] == ["/p/usr/bin/qemu-system-x86_64", "-L", "/p/share/qemu", "-L", "/p/share/seabios"]
     devices = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "-device"]
     assert "vectors" not in devices[0] and "romfile=" in devices[0]

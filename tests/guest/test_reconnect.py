@@ -348,7 +348,7 @@ def test_blk_survives_kill_9_under_write_load(guest_kit, sock_dir, tmp_path, cap
     kills = []
     try:
         with guest.GuestProcess(guest_kit, writer_script(tag, RECORDS),
-                                blk=[guest.BlkDevice(str(backend.sock), num_queues=queues,
+                                blk=[guest.QemuBlk(str(backend.sock), num_queues=queues,
                                                      reconnect=1,
                                                      properties=DEVICE_PROPERTIES.get(kind, {}))],
                                 smp=2, pvh=True, qemu=qemu) as vm:
@@ -401,7 +401,7 @@ def test_blk_sigterm_finishes_in_flight_requests_and_restarts(guest_kit, sock_di
     stops = []
     try:
         with guest.GuestProcess(guest_kit, writer_script(tag, RECORDS),
-                                blk=[guest.BlkDevice(str(backend.sock), reconnect=1)],
+                                blk=[guest.QemuBlk(str(backend.sock), reconnect=1)],
                                 smp=2, pvh=True, qemu=qemu) as vm:
             vm.wait_for(r"^WRITERS-START", timeout=60)
             for k in range(2):
@@ -445,7 +445,7 @@ def test_blk_backend_outlives_qemu_killed_with_requests_in_flight(guest_kit, soc
     backend.start()
     try:
         with guest.GuestProcess(guest_kit, writer_script(tag, 200),
-                                blk=[guest.BlkDevice(str(backend.sock))], smp=2, pvh=True,
+                                blk=[guest.QemuBlk(str(backend.sock))], smp=2, pvh=True,
                                 qemu=qemu) as vm:
             vm.wait_for(r"^WRITERS-START", timeout=60)
             wait_acks(vm, 40)
@@ -523,7 +523,7 @@ def test_blk_completion_published_but_not_signalled_before_death(guest_kit, sock
     backend = backend_run(0).start()
     try:
         with guest.GuestProcess(guest_kit, sync_writer_script(tag, SYNC_RECORDS),
-                                blk=[guest.BlkDevice(str(sock), reconnect=1)],
+                                blk=[guest.QemuBlk(str(sock), reconnect=1)],
                                 smp=1, pvh=True) as vm:
             for k in range(1, FAULT_KILLS + 1):
                 rc = backend.process.wait(timeout=120)
@@ -623,7 +623,7 @@ def test_net_traffic_resumes_after_backend_restarts(guest_kit, sock_dir, netns, 
     outages = []
     try:
         with guest.GuestProcess(guest_kit, PING_LOOP, smp=1, pvh=True, qemu=qemu,
-                                net=[guest.NetDevice(str(sock), reconnect=1)]) as vm:
+                                net=[guest.QemuNet(str(sock), reconnect=1)]) as vm:
             vm.wait_for(r"^NET-UP", timeout=60)
             wait_pongs(vm, -1)
             for how in ("kill", "term"):

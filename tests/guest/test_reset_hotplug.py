@@ -191,7 +191,7 @@ def test_memory_hotplug_reaches_the_backend_and_io_uses_the_new_memory(guest_kit
     backend.start()
     try:
         with guest.GuestProcess(
-                guest_kit, HOTPLUG_WORKLOAD, blk=[guest.BlkDevice(str(backend.sock))],
+                guest_kit, HOTPLUG_WORKLOAD, blk=[guest.QemuBlk(str(backend.sock))],
                 memory_mb=BOOT_MB, pvh=True, qemu=qemu,
                 extra_args=["-m", f"{BOOT_MB}M,slots=4,maxmem=2G"]) as vm:
             vm.wait_for(r"^READY-FOR-DIMM", timeout=60)

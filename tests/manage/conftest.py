@@ -25,16 +25,16 @@ def image(workdir):
 @contextlib.contextmanager
 def blk_frontend(path: str, *, backend_channel: bool = False, **setup):
     """A connected BlkClient; with backend_channel, also the front-end's end
-    of the back-end channel (SET_SLAVE_REQ_FD), as QEMU sets it up."""
+    of the back-end channel (SET_BACKEND_REQ_FD), as QEMU sets it up."""
     fe = Frontend.connect(path, wait=5)
     channel = None
     try:
         if backend_channel:
-            setup["protocol_features"] = DEFAULT_PROTOCOL_FEATURES | bit(ProtocolFeature.SLAVE_REQ)
+            setup["protocol_features"] = DEFAULT_PROTOCOL_FEATURES | bit(ProtocolFeature.BACKEND_REQ)
         blk = BlkClient.setup(fe, **setup)
         if backend_channel:
             channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            fe.request(Request.SET_SLAVE_REQ_FD, fds=[theirs.fileno()])
+            fe.request(Request.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
             theirs.close()
             channel.settimeout(10)
         yield (blk, channel) if backend_channel else blk

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from vhostuser.frontend import BlkClient, Frontend
-from vhostuser.frontend.connection import Connection
+from vhostuser.frontend.connection import FrontendConnection
 from vhostuser.manage import ControlError
 from vhostuser.sandbox import policy
 from vhostuser.testing.daemon import DaemonProcess
@@ -204,7 +204,7 @@ def test_connect_mode_reconnects_through_the_helper(tmp_path):
         for _ in range(2):
             conn, _ = listener.accept()
             wait_sandboxed(proc.pid)
-            fe = Frontend(Connection(conn))
+            fe = Frontend(FrontendConnection(conn))
             blk = BlkClient.setup(fe)
             blk.write(0, b"r" * 512)
             assert blk.read(0, 512) == b"r" * 512

@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from vhostuser import protocol
-from vhostuser.frontend import (BackendClosed, Connection, FeatureError, Frontend,
+from vhostuser.frontend import (BackendClosed, FrontendConnection, FeatureError, Frontend,
                                 FrontendTimeout, GuestMemory, Message, ReplyError)
 from vhostuser.protocol import (FLAG_NEED_REPLY, FLAG_REPLY, U64, VERSION, VRING_STATE, Feature,
                                 ProtocolFeature, Request, bit, bits)
@@ -21,7 +21,7 @@ class Peer:
     """The back-end's end: queue replies, then read what the front-end sent."""
 
     def __init__(self, sock: socket.socket):
-        self.conn = Connection(sock, timeout=1.0)
+        self.conn = FrontendConnection(sock, timeout=1.0)
 
     def reply(self, request: int, payload: bytes = b"", flags: int = VERSION | FLAG_REPLY):
         self.conn.send(request, payload, flags=flags)
@@ -45,7 +45,7 @@ class Peer:
 @pytest.fixture
 def pair():
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    fe = Frontend(Connection(ours, timeout=1.0))
+    fe = Frontend(FrontendConnection(ours, timeout=1.0))
     yield fe, Peer(theirs)
     fe.close()
     theirs.close()

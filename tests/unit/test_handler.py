@@ -109,7 +109,7 @@ def test_get_features_offers_protocol_features_and_ring_layouts(client):
 def test_protocol_features_include_the_required_set(client):
     pf = client.call_u64(R.GET_PROTOCOL_FEATURES)
     for f in (ProtocolFeature.MQ, ProtocolFeature.LOG_SHMFD, ProtocolFeature.REPLY_ACK,
-              ProtocolFeature.SLAVE_REQ, ProtocolFeature.CONFIG, ProtocolFeature.INFLIGHT_SHMFD,
+              ProtocolFeature.BACKEND_REQ, ProtocolFeature.CONFIG, ProtocolFeature.INFLIGHT_SHMFD,
               ProtocolFeature.RESET_DEVICE, ProtocolFeature.CONFIGURE_MEM_SLOTS,
               ProtocolFeature.STATUS):
         assert pf & bit(f), f.name
@@ -264,11 +264,11 @@ def test_inflight_fd_round_trip(client):
 
 def test_config_change_goes_over_the_backend_channel(served, client):
     client.enable_reply_ack()
-    pf = bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.SLAVE_REQ) | bit(ProtocolFeature.CONFIG)
+    pf = bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.BACKEND_REQ) | bit(ProtocolFeature.CONFIG)
     client.send(R.SET_PROTOCOL_FEATURES, struct.pack("<Q", pf))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        assert client.acked(R.SET_SLAVE_REQ_FD, fds=[theirs.fileno()]) == 0
+        assert client.acked(R.SET_BACKEND_REQ_FD, fds=[theirs.fileno()]) == 0
         theirs.close()
         ours.settimeout(5)
         import threading

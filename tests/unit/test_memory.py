@@ -9,7 +9,7 @@ import os
 import pytest
 
 from vhostuser.errors import AddressError, MemoryMapError
-from vhostuser.memory import GuestMemory
+from vhostuser.memory import MemoryTable
 from vhostuser.native import ffi, lib
 from vhostuser.protocol import MemRegion
 
@@ -27,7 +27,7 @@ def memfd(size: int, fill: int = 0) -> int:
 @pytest.fixture
 def mem():
     ptr = lib.vu_mem_new()
-    yield GuestMemory(ptr)
+    yield MemoryTable(ptr)
     lib.vu_mem_unpin(ptr)
 
 

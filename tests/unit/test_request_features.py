@@ -27,7 +27,7 @@ MIB = 1 << 20
 # so the table cannot drift from the spec unnoticed.
 SPEC = {
     R.SET_LOG_BASE: P.LOG_SHMFD, R.SET_LOG_FD: P.LOG_SHMFD, R.SEND_RARP: P.RARP,
-    R.NET_SET_MTU: P.MTU, R.SET_SLAVE_REQ_FD: P.SLAVE_REQ, R.SET_VRING_ENDIAN: P.CROSS_ENDIAN,
+    R.NET_SET_MTU: P.MTU, R.SET_BACKEND_REQ_FD: P.BACKEND_REQ, R.SET_VRING_ENDIAN: P.CROSS_ENDIAN,
     R.GET_CONFIG: P.CONFIG, R.SET_CONFIG: P.CONFIG, R.GET_INFLIGHT_FD: P.INFLIGHT_SHMFD,
     R.SET_INFLIGHT_FD: P.INFLIGHT_SHMFD, R.RESET_DEVICE: P.RESET_DEVICE,
     R.VRING_KICK: P.INBAND_NOTIFICATIONS, R.GET_MAX_MEM_SLOTS: P.CONFIGURE_MEM_SLOTS,
@@ -107,7 +107,7 @@ def message(request, fds: contextlib.ExitStack) -> tuple[bytes, list[int]]:
         return MAC + bytes(2), []
     if request == R.NET_SET_MTU:
         return U64.pack(9000), []
-    if request == R.SET_SLAVE_REQ_FD:
+    if request == R.SET_BACKEND_REQ_FD:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds.callback(ours.close)
         fds.callback(theirs.close)

@@ -17,7 +17,7 @@ from ..errors import ProtocolError
 from ..handler import drain_timeout
 from ..loglimit import LogLimiter
 from ..native import check, ffi, lib
-from ..protocol import bits
+from ..protocol import Request, bits
 from ..queue import Queue
 from ..qos import QosLimits
 from .backends import BackendError, BlockBackend, FileBackend, RamBackend, Unsupported
@@ -162,11 +162,11 @@ class BlkDevice(Device):
     def write_config(self, offset: int, data: bytes, flags: int) -> None:
         # Only `writeback` is writable, and only with CONFIG_WCE.
         if offset != CONFIG_WRITEBACK_OFFSET or len(data) != 1:
-            raise ProtocolError("SET_CONFIG", f"offset {offset} size {len(data)} is read-only")
+            raise ProtocolError(Request.SET_CONFIG, f"offset {offset} size {len(data)} is read-only")
         if not self.session or not self.session.features & (1 << F.CONFIG_WCE):
-            raise ProtocolError("SET_CONFIG", "CONFIG_WCE not negotiated")
+            raise ProtocolError(Request.SET_CONFIG, "CONFIG_WCE not negotiated")
         if data[0] > 1:
-            raise ProtocolError("SET_CONFIG", f"writeback value {data[0]}")
+            raise ProtocolError(Request.SET_CONFIG, f"writeback value {data[0]}")
         self._blk.lim.writeback = bool(data[0])
         log.info("write cache %s", "write-back" if data[0] else "write-through")
 

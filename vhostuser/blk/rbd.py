@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import cffi
 
 from .backends import BackendError, BlockBackend
+from ..errors import VhostUserError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class RbdError(BackendError):
     """The image can't be opened: no cluster, no pool, no image, bad config."""
 
 
-class RbdIOError(OSError):
+class RbdIOError(VhostUserError, OSError):
     """librbd failed a request (errno from librbd)."""
 
 

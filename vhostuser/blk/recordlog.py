@@ -28,6 +28,7 @@ import struct
 import threading
 import zlib
 from dataclasses import dataclass
+from ..errors import VhostUserError
 
 MAGIC = b"VHUBLKR1"
 HEADER = struct.Struct("<8sQ")
@@ -48,7 +49,7 @@ class Kind(enum.IntEnum):
         return self in (Kind.WRITE, Kind.FUA)
 
 
-class RecordLogError(ValueError):
+class RecordLogError(VhostUserError, ValueError):
     """Not a recorder log, or a damaged one (not just cut short at the end)."""
 
 

@@ -9,6 +9,8 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from ..errors import VhostUserError
+
 if TYPE_CHECKING:
     from ..device import Device
     from ..server import Server
@@ -34,7 +36,7 @@ def lean_start(*, python_backend: bool) -> None:
         sys.modules["ssl"] = None   # `import ssl` now raises ImportError
 
 
-class UsageError(Exception):
+class UsageError(VhostUserError):
     """A bad option or an unusable resource: one line on stderr, exit 1."""
 
 

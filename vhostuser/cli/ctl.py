@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+from ..errors import VhostUserError
 from ..manage.checks import as_size
 from ..manage.client import ControlClient, ControlError
 from ..manage.errors import BadArgument
@@ -16,6 +17,7 @@ from ..plugin import PluginError, parse_options
 from . import blk as blk_cli
 from . import common
 from . import net as net_cli
+from ..errors import VhostUserError
 
 
 def _size(text: str) -> str:
@@ -149,7 +151,7 @@ def request_of(args) -> tuple[str, dict | None]:
     raise AssertionError(cmd)
 
 
-class _Usage(Exception):
+class _Usage(VhostUserError):
     pass
 
 

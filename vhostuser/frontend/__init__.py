@@ -10,7 +10,8 @@ into it as a driver would. Needs neither QEMU nor vhostuser's C module.
         assert blk.read(0, 512) == b"x" * 512
 """
 from .blk import BlkClient, BlkConfig, BlkError, BlkRequest, BlkStatus, BlkType
-from .connection import (BackendClosed, Connection, FrontendError, FrontendTimeout, Message,
+from ..message import Message
+from .connection import (BackendClosed, FrontendConnection, FrontendError, FrontendTimeout,
                          ReplyError)
 from .device import DEFAULT_FEATURES, DEFAULT_PROTOCOL_FEATURES, FeatureError, Frontend
 from .memory import GuestMemory, GuestMemoryError, Region
@@ -20,7 +21,7 @@ from .virtqueue import Buffer, RingFull, RingProtocolError, Used, Virtqueue
 
 __all__ = [
     "BackendClosed", "BlkClient", "BlkConfig", "BlkError", "BlkRequest", "BlkStatus", "BlkType",
-    "Buffer", "Connection", "DEFAULT_FEATURES", "DEFAULT_PROTOCOL_FEATURES", "FeatureError",
+    "Buffer", "FrontendConnection", "DEFAULT_FEATURES", "DEFAULT_PROTOCOL_FEATURES", "FeatureError",
     "Frontend", "FrontendError", "FrontendTimeout", "GuestMemory", "GuestMemoryError", "Message",
     "PackedRing", "Region", "ReplyError", "RingFull", "RingProtocolError", "SplitRing", "Used",
     "Virtqueue",

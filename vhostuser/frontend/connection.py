@@ -12,15 +12,16 @@ import os
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
 
 from .. import protocol
+from ..errors import VhostUserError, request_name
+from ..message import Message
 from ..protocol import FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION_MASK, HEADER, VERSION, Request
 
 DEFAULT_TIMEOUT = 5.0
 
 
-class FrontendError(Exception):
+class FrontendError(VhostUserError):
     """Anything that went wrong on the front-end side of a vhost-user session."""
 
 
@@ -38,40 +39,17 @@ class ReplyError(FrontendError):
     def __init__(self, request: int, problem: str, status: int | None = None):
         self.request = request
         self.status = status        # the u64 of a REPLY_ACK, when that is what failed
-        super().__init__(f"{_name(request)}: {problem}")
+        super().__init__(f"{request_name(request)}: {problem}")
 
 
-def _name(request: int) -> str:
-    try:
-        return Request(request).name
-    except ValueError:
-        return f"request {request}"
+def reply_u64(msg: Message) -> int:
+    """The u64 a reply carries (ReplyError if it carries something else)."""
+    if len(msg.payload) != protocol.U64.size:
+        raise ReplyError(msg.request, f"expected a u64 payload, got {len(msg.payload)} bytes")
+    return protocol.U64.unpack(msg.payload)[0]
 
 
-@dataclass
-class Message:
-    """One vhost-user message as it travelled on the wire."""
-    request: int
-    flags: int
-    payload: bytes = b""
-    fds: list[int] = field(default_factory=list)
-
-    @property
-    def is_reply(self) -> bool:
-        return bool(self.flags & FLAG_REPLY)
-
-    def u64(self) -> int:
-        if len(self.payload) != protocol.U64.size:
-            raise ReplyError(self.request, f"expected a u64 payload, got {len(self.payload)} bytes")
-        return protocol.U64.unpack(self.payload)[0]
-
-    def close_fds(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
-
-
-class Connection:
+class FrontendConnection:
     """A connected vhost-user socket, front-end side."""
 
     def __init__(self, sock: socket.socket, timeout: float = DEFAULT_TIMEOUT):
@@ -80,7 +58,7 @@ class Connection:
 
     @classmethod
     def connect(cls, path: str, *, timeout: float = DEFAULT_TIMEOUT,
-                wait: float = 0.0) -> "Connection":
+                wait: float = 0.0) -> "FrontendConnection":
         """Connects to the back-end listening on ``path``.
 
         ``wait`` keeps retrying for that many seconds while the socket does not
@@ -203,7 +181,7 @@ class Connection:
         msg = self.recv(timeout)
         if msg.request != request:
             msg.close_fds()
-            raise ReplyError(request, f"reply is for {_name(msg.request)}")
+            raise ReplyError(request, f"reply is for {request_name(msg.request)}")
         if not msg.is_reply:
             msg.close_fds()
             raise ReplyError(request, f"reply lacks the REPLY flag (flags {msg.flags:#x})")
@@ -227,7 +205,7 @@ class Connection:
         if ack:
             msg = self.recv_reply(request, timeout)
             msg.close_fds()
-            status = msg.u64()
+            status = reply_u64(msg)
             if status:
                 raise ReplyError(request, f"back-end reports failure (status {status:#x})", status)
             return msg

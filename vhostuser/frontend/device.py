@@ -8,7 +8,9 @@ from __future__ import annotations
 from .. import protocol
 from ..protocol import (VERSION, VRING_NOFD_MASK, DeviceStatus, Feature,
                         ProtocolFeature, Request, bit, bits)
-from .connection import DEFAULT_TIMEOUT, Connection, FrontendError, Message, ReplyError
+from ..message import Message
+from .connection import (DEFAULT_TIMEOUT, FrontendConnection, FrontendError, ReplyError,
+                         reply_u64)
 from .memory import GuestMemory
 from .packed import PackedRing
 from .split import SplitRing
@@ -39,7 +41,7 @@ class Frontend:
     ``with Frontend.connect(path) as fe: fe.negotiate(); ...``
     """
 
-    def __init__(self, conn: Connection):
+    def __init__(self, conn: FrontendConnection):
         self.conn = conn
         self.offered_features: int | None = None
         self.offered_protocol_features: int | None = None
@@ -52,7 +54,7 @@ class Frontend:
     @classmethod
     def connect(cls, path, *, timeout: float = DEFAULT_TIMEOUT, wait: float = 0.0) -> "Frontend":
         """Connects to a back-end's socket; ``wait`` retries while it starts up."""
-        return cls(Connection.connect(path, timeout=timeout, wait=wait))
+        return cls(FrontendConnection.connect(path, timeout=timeout, wait=wait))
 
     def close(self) -> None:
         """Closes the socket, the queues' eventfds and memory made by ``setup``."""
@@ -113,7 +115,7 @@ class Frontend:
         return self.conn.call(request, payload, fds, reply=has_reply, ack=ack, timeout=timeout)
 
     def _reply_u64(self, request: Request) -> int:
-        return self.request(request).u64()
+        return reply_u64(self.request(request))
 
     # -- features ------------------------------------------------------------------
     def get_features(self) -> int:

@@ -88,7 +88,7 @@ def accepted_frontend(path: str, timeout: float) -> Frontend:
             raise
 
 
-class Connection:
+class CaseConnection:
     """One fuzzing connection: front-end, guest memory, queues."""
 
     def __init__(self, path: str, profile: Profile, *, timeout: float):
@@ -170,7 +170,7 @@ class Connection:
 def _make_fd(kind: str) -> int:
     if kind == "eventfd":
         return os.eventfd(0, os.EFD_CLOEXEC)
-    if kind == "socket":           # e.g. SET_SLAVE_REQ_FD's channel; our end is dropped
+    if kind == "socket":           # e.g. SET_BACKEND_REQ_FD's channel; our end is dropped
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.close()
         return theirs.detach()
@@ -181,7 +181,7 @@ def _make_fd(kind: str) -> int:
     raise ValueError(f"unknown fd kind {kind!r}")
 
 
-def _payload(conn: Connection, payload) -> bytes:
+def _payload(conn: CaseConnection, payload) -> bytes:
     if isinstance(payload, str):
         return bytes.fromhex(payload)
     if payload.get("template") == "vring_addr":
@@ -238,9 +238,9 @@ def _readable(sock: socket.socket, wait: float) -> bool:
 
 
 class Executor:
-    """Runs the actions of one case on an open Connection."""
+    """Runs the actions of one case on an open CaseConnection."""
 
-    def __init__(self, conn: Connection, *, settle: float):
+    def __init__(self, conn: CaseConnection, *, settle: float):
         self.conn = conn
         self.settle = settle
 

@@ -167,7 +167,7 @@ def _well_formed(request: int) -> tuple[str, list[str]]:
     shapes = {
         Request.GET_INFLIGHT_FD: (inflight, []),
         Request.SET_INFLIGHT_FD: (inflight, ["memfd:4096"]),
-        Request.SET_SLAVE_REQ_FD: (b"", ["socket"]),
+        Request.SET_BACKEND_REQ_FD: (b"", ["socket"]),
         Request.GET_CONFIG: (CONFIG_HEADER.pack(0, 8, 0) + bytes(8), []),
         Request.SET_CONFIG: (CONFIG_HEADER.pack(0, 1, 0) + bytes(1), []),
         Request.ADD_MEM_REG: (SINGLE_MEM_REGION.pack(0, 16 << 20, 1 << 20, 0x7e0000000000, 0),

@@ -30,8 +30,9 @@ from typing import Callable
 
 from ..frontend import FeatureError, FrontendError, FrontendTimeout
 from .case import Case, Outcome, Setup, Verdict
-from .execute import Connection, Executor, Observation, SetupFailed
+from .execute import CaseConnection, Executor, Observation, SetupFailed
 from .profiles import Profile
+from ..errors import VhostUserError
 
 # Kinds whose actions change device configuration: a reset is their cure.
 # "unnegotiated" too: its requests should be refused (a non-zero ack or a
@@ -43,7 +44,7 @@ CONFIG_KINDS = ("messages", "memory", "unnegotiated")
 WELL_FORMED_RING_KINDS = ("request", "frame")
 
 
-class Unsupported(Exception):
+class Unsupported(VhostUserError):
     """The back-end does not offer what the case needs (e.g. packed rings)."""
 
 
@@ -73,12 +74,12 @@ class Target:
         return True
 
 
-def _probe(conn: Connection, q: int) -> None:
+def _probe(conn: CaseConnection, q: int) -> None:
     vq = conn.fe.queues[q]
     conn.profile.probe(vq, conn.mem, conn.timeout)
 
 
-def _probe_all(conn: Connection) -> None:
+def _probe_all(conn: CaseConnection) -> None:
     for q in range(conn.profile.queues):
         if q == conn.profile.fuzz_queue or q == conn.profile.neighbour:
             _probe(conn, q)
@@ -101,7 +102,7 @@ def _connection_lost(target: Target) -> bool:
         s.close()
 
 
-def _same_connection(conn: Connection, case: Case, obs: Observation) -> tuple[bool, str, str]:
+def _same_connection(conn: CaseConnection, case: Case, obs: Observation) -> tuple[bool, str, str]:
     """Step 1: (ok, recovery, what failed)."""
     p = conn.profile
     if p.neighbour is not None:
@@ -125,20 +126,20 @@ def _same_connection(conn: Connection, case: Case, obs: Observation) -> tuple[bo
         return False, recovery, f"fuzzed queue {p.fuzz_queue} after restart: {exc}"
 
 
-def _reset(conn: Connection, setup: Setup) -> None:
+def _reset(conn: CaseConnection, setup: Setup) -> None:
     conn.fe.reset()
     conn.bring_up(setup, "queues")
     _probe_all(conn)
 
 
-def _reconnect(conn: Connection, setup: Setup) -> None:
+def _reconnect(conn: CaseConnection, setup: Setup) -> None:
     conn.open(setup, "queues")
     _probe_all(conn)
 
 
 def _sibling_ok(target: Target) -> str:
     """'' if the sibling device serves, else why not."""
-    conn = Connection(target.sibling, target.profile, timeout=target.timeout)
+    conn = CaseConnection(target.sibling, target.profile, timeout=target.timeout)
     try:
         conn.open(Setup(), "queues")
         _probe_all(conn)
@@ -151,7 +152,7 @@ def _sibling_ok(target: Target) -> str:
 
 def run_case(target: Target, case: Case) -> Outcome:
     """Runs one case on a fresh connection and judges it."""
-    conn = Connection(target.path, target.profile, timeout=target.timeout)
+    conn = CaseConnection(target.path, target.profile, timeout=target.timeout)
     try:
         outcome = _judge(target, conn, case)
     finally:
@@ -166,7 +167,7 @@ def run_case(target: Target, case: Case) -> Outcome:
     return outcome
 
 
-def _judge(target: Target, conn: Connection, case: Case) -> Outcome:
+def _judge(target: Target, conn: CaseConnection, case: Case) -> Outcome:
     try:
         conn.open(case.setup)
     except FeatureError as exc:

@@ -12,9 +12,10 @@ import os
 from dataclasses import dataclass
 
 from .case import FORMAT_VERSION, Case, Outcome
+from ..errors import VhostUserError
 
 
-class ReproducerError(ValueError):
+class ReproducerError(VhostUserError, ValueError):
     """Not a reproducer file this version can read."""
 
 

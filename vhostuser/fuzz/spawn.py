@@ -23,6 +23,7 @@ import time
 from ..frontend import FrontendError
 from . import cores
 from .execute import accepted_frontend
+from ..errors import VhostUserError
 
 MAX_LINES = 4000        # lines kept from the back-end's output, over all cases
 MAX_LINE = 2000         # characters kept of one line
@@ -30,7 +31,7 @@ CORE_DUMP_WAIT = 300.0  # seconds a process writing its core may take
 CORE_FILTER = 0x31      # private anonymous memory, ELF headers, private huge pages
 
 
-class SpawnError(RuntimeError):
+class SpawnError(VhostUserError, RuntimeError):
     """The back-end did not start serving."""
 
 

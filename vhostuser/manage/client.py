@@ -7,11 +7,12 @@ import itertools
 import json
 import socket
 from typing import Any
+from ..errors import VhostUserError
 
 DEFAULT_TIMEOUT = 60.0      # a remove may wait for requests in flight
 
 
-class ControlError(Exception):
+class ControlError(VhostUserError):
     """The daemon refused a request; ``code`` is the reply's error code."""
 
     def __init__(self, code: str, message: str):

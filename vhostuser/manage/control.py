@@ -116,7 +116,8 @@ from ..sandbox import access as sandbox_access
 from ..server import bind_unix
 from . import checks
 from .daemon import Daemon
-from .errors import (BadJson, BadRequest, InternalError, LineTooLong, ManageError,
+from ..errors import VhostUserError
+from .errors import (BadJson, BadRequest, InternalError, LineTooLong, ManageError, SocketInUse,
                      UnknownCommand)
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ async def execute(daemon: Daemon, cmd: str, args: dict) -> Any:
     return result
 
 
-def _reply(rid: Any, *, result: Any = None, error: ManageError | None = None) -> bytes:
+def _reply(rid: Any, *, result: Any = None, error: VhostUserError | None = None) -> bytes:
     if error is not None:
         body = {"id": rid, "ok": False, "error": error.as_dict()}
     else:
@@ -299,7 +300,7 @@ class ControlServer:
             rid, cmd, args = parse_request(line)
             result = await execute(self.daemon, cmd, args)
             return _reply(rid, result=result)
-        except ManageError as exc:
+        except (ManageError, SocketInUse) as exc:
             rid = getattr(exc, "request_id", rid)
             log.info("control: refused: %s", exc)
             return _reply(rid, error=exc)

@@ -3,8 +3,12 @@ control socket puts in its reply, so scripts can tell causes apart without
 parsing messages. A refused request has changed nothing."""
 from __future__ import annotations
 
+from ..errors import SocketInUse, VhostUserError
 
-class ManageError(Exception):
+__all__ = ["SocketInUse"]     # the library's own: one class, caught anywhere
+
+
+class ManageError(VhostUserError):
     """Base of every refusal; ``code`` is a short stable string."""
 
     code = "error"
@@ -45,11 +49,6 @@ class NoSuchExport(ManageError):
 
 class ExportExists(ManageError):
     code = "export-exists"
-
-
-class SocketInUse(ManageError):
-    """Another export, the control socket or a live process has the path."""
-    code = "socket-in-use"
 
 
 class NotSupported(ManageError):

@@ -14,7 +14,7 @@ from ..device import Device
 from ..errors import ProtocolError
 from ..loglimit import LogLimiter
 from ..native import ffi, lib
-from ..protocol import Feature, ProtocolFeature, bit, bits
+from ..protocol import Feature, ProtocolFeature, Request, bit, bits
 from ..queue import Queue
 from .backends import Frame, LoopbackBackend, NetBackend, SinkBackend, TapBackend
 from .spec import STATUS_LINK_UP, NetFeature, pack_config
@@ -148,12 +148,12 @@ class NetDevice(Device):
 
     def set_mtu(self, mtu: int) -> None:
         if not 68 <= mtu <= 65535:
-            raise ProtocolError("NET_SET_MTU", f"MTU {mtu} out of range")
+            raise ProtocolError(Request.NET_SET_MTU, f"MTU {mtu} out of range")
         self._net.mtu = mtu
 
     def send_rarp(self, mac: bytes) -> None:
         if not self._announces:
-            raise ProtocolError("SEND_RARP", "this back-end has no network to announce to")
+            raise ProtocolError(Request.SEND_RARP, "this back-end has no network to announce to")
         frame = rarp_frame(bytes(mac[:6]))
         if self._kind == lib.VU_NET_BACKEND_TAP:
             hdr = bytes(self._net.hdr_len)

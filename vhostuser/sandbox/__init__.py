@@ -34,13 +34,14 @@ import time
 from dataclasses import dataclass, field
 
 from . import access, fsview, policy, privileges, seccomp
+from ..errors import VhostUserError
 
 log = logging.getLogger("vhostuser.sandbox")
 
 __all__ = ["Sandbox", "SandboxError", "Settings", "Report", "PRELOAD"]
 
 
-class SandboxError(Exception):
+class SandboxError(VhostUserError):
     """The sandbox can't be set up as asked (one line for the user)."""
 
 

@@ -24,6 +24,7 @@ import os
 import stat
 import tempfile
 from dataclasses import dataclass, field
+from ..errors import VhostUserError
 
 log = logging.getLogger("vhostuser.sandbox")
 
@@ -49,7 +50,7 @@ MNT_DETACH = 2
 _LOCKDOWN = MS_NOSUID | MS_NODEV | MS_NOEXEC
 
 
-class ViewError(OSError):
+class ViewError(VhostUserError, OSError):
     """The view could not be set up as asked."""
 
 

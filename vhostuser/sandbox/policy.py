@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .seccomp import CMP_EQ, CMP_LT, Arg, eq, masked
+from ..errors import VhostUserError
 
 PROT_EXEC = 0x4
 CLONE_THREAD = 0x00010000
@@ -240,7 +241,7 @@ class Policy:
         return out
 
 
-class PolicyError(ValueError):
+class PolicyError(VhostUserError, ValueError):
     """An unknown program, kind or system call name."""
 
 

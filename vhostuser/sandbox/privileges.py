@@ -17,6 +17,7 @@ import grp
 import os
 import pwd
 from dataclasses import dataclass
+from ..errors import VhostUserError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -51,7 +52,7 @@ CAPS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_FO
         "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24}
 
 
-class PrivilegeError(OSError):
+class PrivilegeError(VhostUserError, OSError):
     """The user or group can't be used, or the kernel refused a step."""
 
 

@@ -13,6 +13,7 @@ import ctypes.util
 import errno as _errno
 import os
 from dataclasses import dataclass
+from ..errors import VhostUserError
 
 # Actions (seccomp.h)
 ACT_KILL_PROCESS = 0x80000000
@@ -35,7 +36,7 @@ _ATTR_CTL_OPTIMIZE = 8
 CMP_NE, CMP_LT, CMP_LE, CMP_EQ, CMP_GE, CMP_GT, CMP_MASKED_EQ = range(1, 8)
 
 
-class SeccompError(OSError):
+class SeccompError(VhostUserError, OSError):
     """libseccomp is missing, or refused the filter."""
 
 

@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from ..errors import VhostUserError
 
 #: Programs the cluster is made with.
 TOOLS = ("ceph-mon", "ceph-osd", "monmaptool", "ceph", "rbd")
@@ -30,7 +31,7 @@ PACKAGES = ("ceph-mon", "ceph-osd")
 GIB = 1 << 30
 
 
-class CephError(RuntimeError):
+class CephError(VhostUserError, RuntimeError):
     """The cluster could not be set up; the message quotes the daemons' logs."""
 
 

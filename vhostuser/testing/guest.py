@@ -50,12 +50,13 @@ import time
 import zlib
 from pathlib import Path
 from typing import Iterable, Sequence
+from ..errors import VhostUserError
 
 __all__ = [
     "BLK_WORKLOAD_BASIC",
     "BLK_WORKLOAD_VERIFY",
     "BOOT_MARKER",
-    "BlkDevice",
+    "QemuBlk",
     "EXIT_MARKER",
     "GuestBootFailed",
     "GuestBuildError",
@@ -66,7 +67,7 @@ __all__ = [
     "GuestResult",
     "GuestTimeout",
     "GuestWorkloadFailed",
-    "NetDevice",
+    "QemuNet",
     "Qemu",
     "blk_workload_basic",
     "blk_workload_verify",
@@ -113,7 +114,7 @@ POLL_INTERVAL = 0.05
 # --------------------------------------------------------------------------
 
 
-class GuestError(RuntimeError):
+class GuestError(VhostUserError, RuntimeError):
     """Base class of the errors raised by this module.
 
     ``serial_tail`` holds the end of the guest's serial console (empty when
@@ -663,7 +664,7 @@ def _add_modules(cpio: _CpioWriter, moddir: Path, kernel_version: str, load_orde
 
 
 @dataclasses.dataclass(frozen=True)
-class BlkDevice:
+class QemuBlk:
     """A vhost-user-blk-pci device.
 
     ``reconnect`` (seconds) makes QEMU's client socket reconnect after the
@@ -680,7 +681,7 @@ class BlkDevice:
 
 
 @dataclasses.dataclass(frozen=True)
-class NetDevice:
+class QemuNet:
     """A virtio-net-pci device on a vhost-user netdev.
 
     ``msix=None`` lets the QEMU decide (:attr:`Qemu.net_msix`): QEMU 7.2
@@ -780,7 +781,7 @@ def _properties(props: dict) -> str:
     return "".join(f",{key}={fmt(value)}" for key, value in props.items())
 
 
-def _blk_args(index: int, dev: BlkDevice) -> list[str]:
+def _blk_args(index: int, dev: QemuBlk) -> list[str]:
     chardev = f"vublkc{index}"
     device = f"vhost-user-blk-pci,id=vublk{index},chardev={chardev},num-queues={dev.num_queues}"
     return [
@@ -789,7 +790,7 @@ def _blk_args(index: int, dev: BlkDevice) -> list[str]:
     ]
 
 
-def _net_args(index: int, dev: NetDevice, qemu: Qemu) -> list[str]:
+def _net_args(index: int, dev: QemuNet, qemu: Qemu) -> list[str]:
     chardev, netdev = f"vunetc{index}", f"vunet{index}"
     mac = dev.mac or f"52:54:00:12:34:{0x56 + index:02x}"
     device = f"virtio-net-pci,id=vunetdev{index},netdev={netdev},mac={mac}"
@@ -810,8 +811,8 @@ def qemu_command(
     *,
     serial_path: Path | str,
     qmp_path: Path | str | None = None,
-    blk: Sequence[BlkDevice] = (),
-    net: Sequence[NetDevice] = (),
+    blk: Sequence[QemuBlk] = (),
+    net: Sequence[QemuNet] = (),
     memory_mb: int = 512,
     smp: int = 1,
     machine: str = "q35",
@@ -907,16 +908,16 @@ def _tail(text: str, count: int) -> str:
     return "\n".join(text.splitlines()[-count:])
 
 
-def _as_blk(item, num_queues: int, extra: dict) -> BlkDevice:
-    if isinstance(item, BlkDevice):
+def _as_blk(item, num_queues: int, extra: dict) -> QemuBlk:
+    if isinstance(item, QemuBlk):
         return item
-    return BlkDevice(str(item), num_queues=num_queues, properties=dict(extra))
+    return QemuBlk(str(item), num_queues=num_queues, properties=dict(extra))
 
 
-def _as_net(item, queues: int) -> NetDevice:
-    if isinstance(item, NetDevice):
+def _as_net(item, queues: int) -> QemuNet:
+    if isinstance(item, QemuNet):
         return item
-    return NetDevice(str(item), queues=queues)
+    return QemuNet(str(item), queues=queues)
 
 
 class GuestProcess:
@@ -932,8 +933,8 @@ class GuestProcess:
         kit: GuestKit,
         workload: str,
         *,
-        blk: Sequence[BlkDevice] = (),
-        net: Sequence[NetDevice] = (),
+        blk: Sequence[QemuBlk] = (),
+        net: Sequence[QemuNet] = (),
         memory_mb: int = 512,
         smp: int = 1,
         machine: str = "q35",
@@ -1090,8 +1091,8 @@ def run_guest(
     kit: GuestKit,
     workload: str,
     *,
-    blk_sockets: Sequence[str | BlkDevice] = (),
-    net_sockets: Sequence[str | NetDevice] = (),
+    blk_sockets: Sequence[str | QemuBlk] = (),
+    net_sockets: Sequence[str | QemuNet] = (),
     memory_mb: int = 512,
     smp: int = 1,
     num_queues: int = 1,
@@ -1106,8 +1107,8 @@ def run_guest(
     """Boot the guest, run ``workload`` and return the result.
 
     Plain socket paths become devices with ``num_queues`` queues (and
-    ``blk_extra`` device properties for blk); pass :class:`BlkDevice` /
-    :class:`NetDevice` objects for per-device settings.  The workload's exit
+    ``blk_extra`` device properties for blk); pass :class:`QemuBlk` /
+    :class:`QemuNet` objects for per-device settings.  The workload's exit
     status is in the result; call ``result.check()`` to require success.
     """
     blk = [_as_blk(item, num_queues, blk_extra or {}) for item in blk_sockets]

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from ..errors import VhostUserError
 
 #: Debian packages: program -> package.
 PACKAGES = {"qemu-nbd": "qemu-utils", "nbdkit": "nbdkit"}
@@ -16,7 +17,7 @@ LIBNBD_PACKAGE = "libnbd0"
 START_TIMEOUT = 10.0
 
 
-class NbdServerError(RuntimeError):
+class NbdServerError(VhostUserError, RuntimeError):
     """The server didn't start (the message carries its stderr)."""
 
 

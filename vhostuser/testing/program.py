@@ -8,9 +8,10 @@ import signal
 import subprocess
 import sys
 import time
+from ..errors import VhostUserError
 
 
-class ProgramError(AssertionError):
+class ProgramError(VhostUserError, AssertionError):
     """The program exited early, never listened, or didn't stop cleanly."""
 
 

@@ -17,11 +17,12 @@ import json
 import socket
 import time
 from pathlib import Path
+from ..errors import VhostUserError
 
 __all__ = ["QMP", "QMPError"]
 
 
-class QMPError(RuntimeError):
+class QMPError(VhostUserError, RuntimeError):
     """QEMU answered a command with an error (``.error`` holds its dict)."""
 
     def __init__(self, command: str, error: dict):

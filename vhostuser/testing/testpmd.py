@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from typing import Callable, Sequence
+from ..errors import VhostUserError
 
 TESTPMD = shutil.which("dpdk-testpmd")
 STDBUF = shutil.which("stdbuf")
@@ -18,7 +19,7 @@ STDBUF = shutil.which("stdbuf")
 _prefixes = itertools.count()
 
 
-class TestPmdError(RuntimeError):
+class TestPmdError(VhostUserError, RuntimeError):
     """testpmd exited, gave no prompt, or printed something unusable."""
 
 
