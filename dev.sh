@@ -55,7 +55,7 @@ setup() {
             --no-install-recommends $lean >/dev/null
     fi
     make_venv
-    "$PY" -m pip install -q -e '.[test]'
+    "$PY" -m pip install -q -e '.[test]' -e ./devkit
     # QEMU 10 from bookworm-backports in a private prefix (Debian's 7.2 stays
     # the system's QEMU): the guest tests run on both.
     "$PY" tests/guest/qemus.py fetch
@@ -127,7 +127,7 @@ sanitizer_tests() {
 
 case "${1:-}" in
     setup) setup ;;
-    demo) setup; use_venv; shift; "$PY" -m vhostuser.demo "$@" ;;
+    demo) setup; use_venv; shift; "$PY" -m vhostuser_devkit.demo "$@" ;;
     test) setup; use_venv; shift; run_tests "$@" ;;
     *) echo "usage: $0 demo|test|setup" >&2; exit 2 ;;
 esac

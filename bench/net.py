@@ -55,7 +55,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vhostuser.testing.testpmd import TESTPMD, TestPmd
+from vhostuser_devkit.testpmd import TESTPMD, TestPmd
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

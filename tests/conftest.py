@@ -4,7 +4,7 @@ import tempfile
 
 import pytest
 
-from vhostuser.testing.daemon import DaemonProcess
+from vhostuser_devkit.daemon import DaemonProcess
 
 
 @pytest.fixture

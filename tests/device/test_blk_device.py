@@ -12,7 +12,7 @@ from examples.trace_disk import TracingDisk
 from vhostuser.blk import BlkDevice, BlkFeature, BlockBackend, FileBackend, RamBackend
 from vhostuser.frontend import BlkRequest, BlkStatus
 from vhostuser.testing.server import BackgroundServer
-from vhostuser.testing.patterns import pattern
+from vhostuser_devkit.patterns import pattern
 
 MIB = 1 << 20
 

@@ -15,7 +15,7 @@ from vhostuser.blk import BlkDevice, FileBackend
 from vhostuser.frontend import BlkRequest, BlkStatus
 from vhostuser.frontend.memory import GuestMemory
 
-from vhostuser.testing.patterns import pattern
+from vhostuser_devkit.patterns import pattern
 
 MIB = 1 << 20
 CHUNK = 2 * MIB     # VU_FILEMAP_CHUNK_SHIFT

@@ -17,7 +17,7 @@ from examples.cow_overlay import CowOverlay
 from examples.sparse_dict import SparseDictDisk
 from vhostuser.blk import BlkDevice
 from vhostuser.frontend import BlkRequest
-from vhostuser.testing.patterns import pattern
+from vhostuser_devkit.patterns import pattern
 
 QUEUES = 4
 BLOCKS = 24          # 4 KiB blocks per round (3 descriptors per write: fit the ring)

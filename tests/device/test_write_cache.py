@@ -18,7 +18,7 @@ from vhostuser.blk.record import RecordingBackend
 from vhostuser.blk.recordlog import Kind, RecordLog
 from vhostuser.frontend import BlkRequest, FeatureError, FrontendTimeout
 from vhostuser.protocol import bits
-from vhostuser.testing.patterns import pattern
+from vhostuser_devkit.patterns import pattern
 from vhostuser.testing.server import BackgroundServer
 
 SECTOR = 512

@@ -2,7 +2,7 @@
 a NIC, and its QEMU command line boots a real guest (QEMU 7.2, TCG) that
 uses both. Only paths are changed (into a temporary directory), the TAP
 gets a unique name, and ``-kernel``/``-initrd`` point at the test guest kit
-(vhostuser.testing.guest) whose workload checks the devices."""
+(vhostuser_devkit.guest) whose workload checks the devices."""
 from __future__ import annotations
 
 import ast
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from docblocks import DOCS, PROGRAMS, commands, named_block, python_argv
-from vhostuser.testing import guest
+from vhostuser_devkit import guest
 
 QUICKSTART = DOCS / "quickstart.md"
 QEMU = "qemu-system-x86_64"

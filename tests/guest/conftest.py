@@ -1,6 +1,6 @@
 """Fixtures for tests that boot a real Linux guest under QEMU (TCG).
 
-The guest kit (kernel + initramfs, see ``vhostuser.testing.guest``) is built
+The guest kit (kernel + initramfs, see ``vhostuser_devkit.guest``) is built
 once per session and cached in ``$VHOSTUSER_GUEST_CACHE`` (default
 ``~/.cache/vhostuser/guest``).  Tests skip only when ``qemu-system-x86_64``
 is missing; a failing kit build is an error, not a skip.
@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 
 try:
-    from vhostuser.testing import guest as guest_mod
+    from vhostuser_devkit import guest as guest_mod
 except ImportError:  # package not installed: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from vhostuser.testing import guest as guest_mod
+    from vhostuser_devkit import guest as guest_mod
 
 import qemus  # noqa: E402  (tests/guest/qemus.py)
 

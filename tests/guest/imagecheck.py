@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 
-from vhostuser.testing.guest import MIB
+from vhostuser_devkit.guest import MIB
 
 
 def sha(data: bytes) -> str:

@@ -30,10 +30,10 @@ import tempfile
 from pathlib import Path
 
 try:
-    from vhostuser.testing.guest import Qemu
+    from vhostuser_devkit.guest import Qemu
 except ImportError:  # run as a script from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from vhostuser.testing.guest import Qemu
+    from vhostuser_devkit.guest import Qemu
 
 SUITE = "bookworm-backports"
 MIRROR = "http://deb.debian.org/debian"

@@ -2,7 +2,7 @@
 qemu-storage-daemon on the same workload in the same run; every test once on
 Debian's QEMU 7.2 and once on QEMU 10 (``[qemu-7.2]``, ``[qemu-10.0]``).
 
-The workload (vhostuser.testing.guest.blk_workload_basic): ext4 made,
+The workload (vhostuser_devkit.guest.blk_workload_basic): ext4 made,
 written, synced, remounted and re-read; O_DIRECT write/read with checksums;
 discard and write-zeroes read back as zeroes; write-through then write-back
 cache (so FLUSH reaches the back-end); 2 queues with 2 vCPUs. Then the image
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from imagecheck import debugfs_cat, read_image, sha
-from vhostuser.testing import guest
-from vhostuser.testing.guest import MIB
+from vhostuser_devkit import guest
+from vhostuser_devkit.guest import MIB
 
 DIRECT_OFFSET_MB, DISCARD_OFFSET_MB, ZERO_OFFSET_MB, REGION_MB = 40, 48, 56, 4
 FILE_SECTORS = 4096

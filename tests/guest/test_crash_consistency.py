@@ -36,7 +36,7 @@ from vhostuser.blk import BlkDevice, BlockBackend
 from vhostuser.blk.crash import SECTOR, CrashModel
 from vhostuser.blk.record import RecordingBackend
 from vhostuser.blk.recordlog import Kind, RecordLog
-from vhostuser.testing import guest
+from vhostuser_devkit import guest
 from vhostuser.testing.server import BackgroundServer
 
 MIB = 1 << 20

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import re
 
-from vhostuser.testing import guest
-from vhostuser.testing.daemon import DaemonProcess
-from vhostuser.testing.guest import MIB
+from vhostuser_devkit import guest
+from vhostuser_devkit.daemon import DaemonProcess
+from vhostuser_devkit.guest import MIB
 
 QOS_IOPS = 40
 READS = 120

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import pytest
 
-from vhostuser.testing import guest
-from vhostuser.testing.guest import DEFAULT_CMDLINE, MIB
+from vhostuser_devkit import guest
+from vhostuser_devkit.guest import DEFAULT_CMDLINE, MIB
 
 from libvirtd import Libvirtd, missing
 from test_reconnect import (WRITERS, Backend, acked, check_image, inflight_report, wait_acks,

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from vhostuser.testing import guest
-from vhostuser.testing.guest import MIB
-from vhostuser.testing.qmp import QMP, QMPError
+from vhostuser_devkit import guest
+from vhostuser_devkit.guest import MIB
+from vhostuser_devkit.qmp import QMP, QMPError
 
 from test_reconnect import ACK_RE, Backend, acked, check_image   # noqa: E402
 

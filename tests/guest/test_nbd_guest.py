@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from imagecheck import debugfs_cat, sha
-from vhostuser.testing import guest
-from vhostuser.testing.guest import MIB
-from vhostuser.testing.nbd import NbdServer, missing
-from vhostuser.testing.program import BackendProgram
+from vhostuser_devkit import guest
+from vhostuser_devkit.guest import MIB
+from vhostuser_devkit.nbd import NbdServer, missing
+from vhostuser_devkit.program import BackendProgram
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,7 +85,7 @@ def test_daemon_survives_a_frozen_store_and_a_killed_guest(guest_kit, nbd_export
     its drain timeout, keeps serving its other disk, and nothing crashes when
     the server wakes up and answers into memory that is gone."""
     from vhostuser.frontend import BlkClient, Frontend
-    from vhostuser.testing.daemon import DaemonProcess
+    from vhostuser_devkit.daemon import DaemonProcess
 
     image, server = nbd_export
     workdir = tmp_path / "d"

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from vhostuser.testing import guest
+from vhostuser_devkit import guest
 
 HOST_IP, GUEST_IP = "10.77.0.1", "10.77.0.2"
 SINK_PORT = 5001

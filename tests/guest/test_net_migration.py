@@ -45,8 +45,8 @@ import time
 
 import pytest
 
-from vhostuser.testing import guest
-from vhostuser.testing.qmp import QMP, QMPError
+from vhostuser_devkit import guest
+from vhostuser_devkit.qmp import QMP, QMPError
 
 from test_migration import migrate                               # noqa: E402
 from test_net_guest import in_ns, start_net, stop_net, wait_for  # noqa: E402

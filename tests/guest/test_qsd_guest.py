@@ -12,8 +12,8 @@ import time
 import pytest
 
 from imagecheck import sha
-from vhostuser.testing import guest
-from vhostuser.testing.guest import BOOT_MARKER
+from vhostuser_devkit import guest
+from vhostuser_devkit.guest import BOOT_MARKER
 
 
 

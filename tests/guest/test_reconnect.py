@@ -33,8 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from vhostuser.testing import guest
-from vhostuser.testing.guest import MIB
+from vhostuser_devkit import guest
+from vhostuser_devkit.guest import MIB
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_MB = 64

@@ -18,9 +18,9 @@ import re
 import subprocess
 from pathlib import Path
 
-from vhostuser.testing import guest
-from vhostuser.testing.guest import MIB
-from vhostuser.testing.qmp import QMP
+from vhostuser_devkit import guest
+from vhostuser_devkit.guest import MIB
+from vhostuser_devkit.qmp import QMP
 
 from test_reconnect import Backend   # noqa: E402  (same directory, on sys.path under pytest)
 

@@ -42,7 +42,7 @@ import pytest
 
 from vhostuser.net import LoopbackBackend, NetBackend, NetDevice
 from vhostuser.testing.server import BackgroundServer
-from vhostuser.testing.testpmd import TESTPMD, TestPmd
+from vhostuser_devkit.testpmd import TESTPMD, TestPmd
 
 
 pytestmark = [

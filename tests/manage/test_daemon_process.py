@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from vhostuser.frontend import BackendClosed
-from vhostuser.testing.daemon import DaemonProcess
+from vhostuser_devkit.daemon import DaemonProcess
 
 from .conftest import blk_frontend
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from vhostuser.frontend import BackendClosed, BlkError, BlkRequest, BlkStatus
-from vhostuser.testing.patterns import pattern
+from vhostuser_devkit.patterns import pattern
 
 from .conftest import MIB, answer_config_change, blk_frontend
 

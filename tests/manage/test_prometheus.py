@@ -6,8 +6,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vhostuser.frontend import BlkRequest, BlkStatus, Frontend
 from vhostuser.manage.prometheus import cumulative_buckets, parse_address
-from vhostuser.testing.daemon import WITH_PYTHON, DaemonProcess
-from vhostuser.testing.patterns import pattern
+from vhostuser_devkit.daemon import WITH_PYTHON, DaemonProcess
+from vhostuser_devkit.patterns import pattern
 
 from .conftest import blk_frontend
 

@@ -18,8 +18,8 @@ from vhostuser.frontend.device import DEFAULT_FEATURES
 from vhostuser.net import NetFeature
 from vhostuser.net.spec import HDR
 from vhostuser.protocol import bit
-from vhostuser.testing.daemon import WITH_PYTHON, DaemonProcess
-from vhostuser.testing.patterns import pattern
+from vhostuser_devkit.daemon import WITH_PYTHON, DaemonProcess
+from vhostuser_devkit.patterns import pattern
 
 from .conftest import MIB, blk_frontend
 

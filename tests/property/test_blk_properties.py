@@ -9,7 +9,7 @@ from hypothesis import given, settings
 
 from vhostuser.blk.spec import BlkType
 from vhostuser.native import ffi, lib
-from vhostuser.testing.ringlab import Lab
+from vhostuser_devkit.ringlab import Lab
 
 CAPACITY = 64   # sectors
 

@@ -10,7 +10,7 @@ import os
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 
-from vhostuser.testing.ringlab import GPA_BASE, NREGIONS, REGION, F_INDIRECT, F_NEXT, F_WRITE, Lab
+from vhostuser_devkit.ringlab import GPA_BASE, NREGIONS, REGION, F_INDIRECT, F_NEXT, F_WRITE, Lab
 from vhostuser.native import lib
 
 SETTINGS = settings(max_examples=60, deadline=None,

@@ -6,8 +6,8 @@ import os
 import pytest
 
 from vhostuser.frontend import BlkClient, Frontend
-from vhostuser.testing.nbd import NbdServer, missing
-from vhostuser.testing.patterns import pattern
+from vhostuser_devkit.nbd import NbdServer, missing
+from vhostuser_devkit.patterns import pattern
 
 MIB = 1 << 20
 

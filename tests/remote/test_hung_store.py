@@ -13,8 +13,8 @@ import pytest
 
 from vhostuser.frontend import BlkClient, Frontend
 from vhostuser.frontend.blk import BlkRequest
-from vhostuser.testing.daemon import DaemonProcess
-from vhostuser.testing.nbd import NbdServer, missing
+from vhostuser_devkit.daemon import DaemonProcess
+from vhostuser_devkit.nbd import NbdServer, missing
 
 MIB = 1 << 20
 

@@ -25,10 +25,10 @@ from vhostuser.blk.libnbd import ffi
 from vhostuser.blk.nbd import NbdBackend, NbdError, NbdTimeout
 from vhostuser.frontend import BlkClient, BlkRequest, BlkStatus, Frontend
 from vhostuser.server import Server
-from vhostuser.testing.nbd import NbdServer, free_port, missing
-from vhostuser.testing.program import BackendProgram
+from vhostuser_devkit.nbd import NbdServer, free_port, missing
+from vhostuser_devkit.program import BackendProgram
 from vhostuser.testing.server import BackgroundServer, served_disk
-from vhostuser.testing.patterns import pattern
+from vhostuser_devkit.patterns import pattern
 
 MIB = 1 << 20
 DISK = 16 * MIB

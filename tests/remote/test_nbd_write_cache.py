@@ -23,8 +23,8 @@ from vhostuser.blk import BlkDevice
 from vhostuser.blk.nbd import NbdBackend
 from vhostuser.blk.record import RecordingBackend
 from vhostuser.blk.recordlog import Kind, RecordLog
-from vhostuser.testing.nbd import NbdServer, missing
-from vhostuser.testing.patterns import pattern
+from vhostuser_devkit.nbd import NbdServer, missing
+from vhostuser_devkit.patterns import pattern
 from vhostuser.testing.server import served_disk
 
 MIB = 1 << 20

@@ -21,10 +21,10 @@ import pytest
 from vhostuser.blk import BlkDevice, BlkFeature, BlockBackend
 from vhostuser.frontend import BlkClient, BlkRequest, BlkStatus, Frontend
 from vhostuser.server import Server
-from vhostuser.testing.ceph import PACKAGES, CephCluster, CephError, missing_tools
+from vhostuser_devkit.ceph import PACKAGES, CephCluster, CephError, missing_tools
 from vhostuser.testing.server import BackgroundServer, served_disk
-from vhostuser.testing.patterns import pattern
-from vhostuser.testing.program import BackendProgram
+from vhostuser_devkit.patterns import pattern
+from vhostuser_devkit.program import BackendProgram
 
 MIB = 1 << 20
 IMAGE_SIZE = 64 * MIB
@@ -243,7 +243,7 @@ def test_vhostuser_blk_rbd_command(ceph, image, tmp_path):
 def ceph_daemon(ceph, workdir):
     """A daemon that may read the test cluster's ceph.conf and keyring (its
     sandbox shows it only the directories it is allowed)."""
-    from vhostuser.testing.daemon import DaemonProcess
+    from vhostuser_devkit.daemon import DaemonProcess
     d = DaemonProcess(workdir, allow_dirs=(ceph.dir,))
     yield d
     rc = d.terminate()
@@ -278,8 +278,8 @@ def test_rbd_export_added_to_a_sandboxed_daemon(ceph, image, tmp_path):
     """The daemon confined before it ever heard of the image: librados
     starts inside the sandbox (its ceph.conf and keyring under --allow-dir,
     in the view read-only), serves, and goes with remove."""
-    from vhostuser.testing.daemon import DaemonProcess
-    from vhostuser.testing.sandbox import wait_sandboxed
+    from vhostuser_devkit.daemon import DaemonProcess
+    from vhostuser_devkit.sandbox import wait_sandboxed
     workdir = tmp_path / "d"
     workdir.mkdir()
     daemon = DaemonProcess(str(workdir), allow_dirs=(ceph.dir,), backends="ramdisk,rbd")

@@ -16,9 +16,9 @@ from vhostuser.frontend import BlkClient, Frontend
 from vhostuser.frontend.connection import FrontendConnection
 from vhostuser.manage import ControlError
 from vhostuser.sandbox import policy
-from vhostuser.testing.daemon import DaemonProcess
-from vhostuser.testing.program import BackendProgram
-from vhostuser.testing.sandbox import (caps, children, ids, proc_status, view,
+from vhostuser_devkit.daemon import DaemonProcess
+from vhostuser_devkit.program import BackendProgram
+from vhostuser_devkit.sandbox import (caps, children, ids, proc_status, view,
                                        wait_sandboxed)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

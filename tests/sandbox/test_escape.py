@@ -20,9 +20,9 @@ from vhostuser.frontend import BlkClient, Frontend
 from vhostuser.frontend.connection import BackendClosed
 from vhostuser.frontend.device import DEFAULT_FEATURES
 from vhostuser.frontend.memory import GuestMemory
-from vhostuser.testing.daemon import DaemonProcess
-from vhostuser.testing.program import BackendProgram
-from vhostuser.testing.sandbox import proc_status, wait_sandboxed
+from vhostuser_devkit.daemon import DaemonProcess
+from vhostuser_devkit.program import BackendProgram
+from vhostuser_devkit.sandbox import proc_status, wait_sandboxed
 
 PROBE_RE = re.compile(r"vhostuser-fault: sandbox-escape (\w+): (DONE|refused \((\w+)\))")
 KILLED = -signal.SIGSYS

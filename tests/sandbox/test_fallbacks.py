@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from vhostuser.frontend import BlkClient, Frontend
-from vhostuser.testing.sandbox import caps, proc_status, view, wait_sandboxed
+from vhostuser_devkit.sandbox import caps, proc_status, view, wait_sandboxed
 
 CAPSH = shutil.which("capsh")
 

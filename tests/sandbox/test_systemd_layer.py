@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vhostuser.frontend import BlkClient, Frontend
-from vhostuser.testing.sandbox import proc_status, view, wait_sandboxed
+from vhostuser_devkit.sandbox import proc_status, view, wait_sandboxed
 
 REPO = Path(__file__).resolve().parents[2]
 GUIDE = REPO / "docs" / "operations.md"

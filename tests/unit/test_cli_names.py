@@ -258,7 +258,7 @@ def test_aio_is_for_a_file_only():
 def test_io_uring_not_used_is_said_at_the_default_log_level(tmp_path):
     """An image on tmpfs is served with synchronous I/O, though io_uring
     was asked for: the program says so without -v."""
-    from vhostuser.testing.program import BackendProgram
+    from vhostuser_devkit.program import BackendProgram
     image = f"/dev/shm/vhu-aio-{os.getpid()}.img"
     with open(image, "wb") as f:
         f.truncate(1 << 20)

@@ -5,7 +5,7 @@ import signal
 import time
 
 from vhostuser.frontend import BlkClient, Frontend
-from vhostuser.testing.program import BackendProgram
+from vhostuser_devkit.program import BackendProgram
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

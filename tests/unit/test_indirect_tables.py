@@ -9,7 +9,7 @@ test_rings.py::test_valid_chains_arrive_exactly_as_written.
 import pytest
 
 from vhostuser.native import lib
-from vhostuser.testing.ringlab import Lab
+from vhostuser_devkit.ringlab import Lab
 
 
 @pytest.mark.parametrize("packed", [False, True])

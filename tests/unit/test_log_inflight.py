@@ -9,7 +9,7 @@ import pytest
 from vhostuser.inflight import InflightArea, queue_region_size
 from vhostuser.native import lib
 from vhostuser.protocol import Feature, bit
-from vhostuser.testing.ringlab import GPA_BASE, Lab
+from vhostuser_devkit.ringlab import GPA_BASE, Lab
 
 PAGE = 4096
 

@@ -12,7 +12,7 @@ from vhostuser.net.backends import LoopbackBackend, NetBackend, SinkBackend
 from vhostuser.net.device import NetDevice
 from vhostuser.net.spec import GSO_TCPV4, HDR, HDR_F_NEEDS_CSUM, NetFeature
 from vhostuser.protocol import Feature, bit, bits
-from vhostuser.testing.ringlab import Lab
+from vhostuser_devkit.ringlab import Lab
 
 D = {name: getattr(lib, f"VU_NET_D_{name}") for name in
      ("SHORT", "TOO_LONG", "BAD_GSO", "BAD_CSUM", "DISABLED", "NO_BUFFERS")}

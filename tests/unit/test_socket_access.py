@@ -28,8 +28,8 @@ import pytest
 
 from vhostuser.frontend import BlkClient, Frontend
 from vhostuser.server import bind_unix, parse_socket_mode, resolve_group
-from vhostuser.testing.daemon import DaemonProcess
-from vhostuser.testing.program import BackendProgram
+from vhostuser_devkit.daemon import DaemonProcess
+from vhostuser_devkit.program import BackendProgram
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing a socket's group and "
                                                          "running a watcher as nobody need root")

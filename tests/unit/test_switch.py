@@ -18,7 +18,7 @@ from vhostuser.net import NetDevice, NetFeature, Switch, VxlanUplink
 from vhostuser.net.spec import HDR
 from vhostuser.net.switch import UPLINK
 from vhostuser.protocol import Feature, bit, bits
-from vhostuser.testing.ringlab import Lab
+from vhostuser_devkit.ringlab import Lab
 from vhostuser.testing.server import BackgroundServer
 
 BROADCAST = b"\xff" * 6

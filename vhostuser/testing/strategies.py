@@ -14,7 +14,11 @@ saved as a reproducer file. Usage::
 """
 from __future__ import annotations
 
-from hypothesis import strategies as st
+try:
+    from hypothesis import strategies as st
+except ImportError as exc:          # the extra, named, instead of a bare import error
+    raise ImportError("vhostuser.testing.strategies needs hypothesis: "
+                      "pip install 'vhostuser[testing]'") from exc
 
 from ..fuzz import generate
 from ..fuzz.case import KINDS, Case, Setup

@@ -17,7 +17,7 @@ import json
 import socket
 import time
 from pathlib import Path
-from ..errors import VhostUserError
+from vhostuser.errors import VhostUserError
 
 __all__ = ["QMP", "QMPError"]
 

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .testing import guest
+from . import guest
 
 MIB = 1 << 20
 TAG = "demo"

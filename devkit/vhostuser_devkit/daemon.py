@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from ..manage import ControlClient
+from vhostuser.manage import ControlClient
 
 
 #: Every built-in back-end kind: a test may add any export, as before the

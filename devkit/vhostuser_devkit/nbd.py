@@ -9,7 +9,7 @@ import signal
 import socket
 import subprocess
 import time
-from ..errors import VhostUserError
+from vhostuser.errors import VhostUserError
 
 #: Debian packages: program -> package.
 PACKAGES = {"qemu-nbd": "qemu-utils", "nbdkit": "nbdkit"}
@@ -23,7 +23,7 @@ class NbdServerError(VhostUserError, RuntimeError):
 
 def missing() -> list[str]:
     """What the NBD tests need and isn't here, as Debian package names."""
-    from ..blk import libnbd
+    from vhostuser.blk import libnbd
     out = [pkg for prog, pkg in PACKAGES.items() if shutil.which(prog) is None]
     if not libnbd.available():
         out.append(LIBNBD_PACKAGE)

@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from ..errors import VhostUserError
+from vhostuser.errors import VhostUserError
 
 #: Programs the cluster is made with.
 TOOLS = ("ceph-mon", "ceph-osd", "monmaptool", "ceph", "rbd")

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from ..errors import VhostUserError
+from vhostuser.errors import VhostUserError
 
 
 class ProgramError(VhostUserError, AssertionError):

@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 from typing import Callable, Sequence
-from ..errors import VhostUserError
+from vhostuser.errors import VhostUserError
 
 TESTPMD = shutil.which("dpdk-testpmd")
 STDBUF = shutil.which("stdbuf")

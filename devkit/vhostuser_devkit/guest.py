@@ -24,7 +24,7 @@ Typical use::
     result.check()
     print(result.results())
 
-Run ``python -m vhostuser.testing.guest --help`` for a small command line.
+Run ``python -m vhostuser_devkit.guest --help`` for a small command line.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import time
 import zlib
 from pathlib import Path
 from typing import Iterable, Sequence
-from ..errors import VhostUserError
+from vhostuser.errors import VhostUserError
 
 __all__ = [
     "BLK_WORKLOAD_BASIC",
@@ -1292,7 +1292,7 @@ _NAMED_WORKLOADS = {"basic": BLK_WORKLOAD_BASIC, "verify": BLK_WORKLOAD_VERIFY, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``build`` prints the kit; ``run`` boots it and exits with the workload's status."""
-    parser = argparse.ArgumentParser(prog="python -m vhostuser.testing.guest", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m vhostuser_devkit.guest", description=main.__doc__)
     parser.add_argument("--cache-dir", help="kit cache (default: %(default)s)", default=str(default_cache_dir()))
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("build", help="build (or find) the guest kit and print its paths")
