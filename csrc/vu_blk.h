@@ -24,6 +24,15 @@ enum {
 };
 enum { VU_BLK_S_OK = 0, VU_BLK_S_IOERR = 1, VU_BLK_S_UNSUPP = 2, VU_BLK_S_PENDING = 255 };
 enum { VU_BLK_BACKEND_RAM = 0, VU_BLK_BACKEND_FILE = 1, VU_BLK_BACKEND_PYTHON = 2 };
+/* How the FILE back-end does reads or writes (vu_blk_set_io_path):
+ *  INLINE: preadv/pwritev in the queue worker (or memcpy from the mapping of
+ *          an image in memory);
+ *  NOWAIT: preadv2/pwritev2(RWF_NOWAIT) in the worker, and what can't be done
+ *          without blocking (not in the page cache, locks) through io_uring;
+ *          where the file system can't try (EOPNOTSUPP) it falls back to
+ *          nowait_fallback;
+ *  URING:  every request through io_uring. */
+enum { VU_BLK_IO_INLINE = 0, VU_BLK_IO_NOWAIT = 1, VU_BLK_IO_URING = 2 };
 
 /* Why a request got IOERR/UNSUPP, for logs and tests. */
 enum vu_blk_reason {
@@ -105,8 +114,10 @@ struct vu_blk_dev {
     uint8_t *ram;           /* RAM */
     uint64_t ram_size;
     void *py_ctx;           /* PYTHON: cffi handle */
-    bool use_uring;         /* FILE: reads, writes, flushes go through io_uring */
-    bool nowait;            /* FILE with io_uring: try page-cache hits inline first */
+    bool use_uring;         /* FILE: a ring per queue for what read_io/write_io send
+                             * there, flushes and write-through group syncs */
+    uint8_t read_io, write_io;   /* VU_BLK_IO_* */
+    uint8_t nowait_fallback[2];  /* [0] reads, [1] writes: NOWAIT unsupported -> this */
     struct vu_uring *rings[VU_BLK_MAX_QUEUES];
     struct vu_worker *ring_worker[VU_BLK_MAX_QUEUES];  /* whose epoll has its eventfd */
     struct vu_blk_group group[VU_BLK_MAX_QUEUES];
@@ -134,10 +145,16 @@ int vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct);
  * regular file: overwriting it erases nothing on an SSD or a copy-on-write
  * file system. */
 bool vu_blk_can_secure_erase(struct vu_blk_dev *b);
-/* FILE back-end: asynchronous I/O through io_uring (false: in the worker).
- * Returns 0; 1 when the file is in memory (tmpfs, ramfs), where the worker
- * does the I/O itself anyway; or -errno when io_uring is not available. */
+/* FILE back-end: asynchronous I/O through io_uring (false: in the worker),
+ * with the default I/O path for where the file lives (see vu_blk.c,
+ * "Choosing the I/O path"). Returns 0; 1 when the file is in memory (tmpfs,
+ * ramfs), where the worker does the I/O itself anyway; or -errno when
+ * io_uring is not available. */
 int vu_blk_set_uring(struct vu_blk_dev *b, bool on);
+/* FILE back-end with io_uring on: how reads and writes are done, VU_BLK_IO_*
+ * each (for measurements and tests; vu_blk_set_uring picks the default).
+ * -EINVAL without io_uring (only INLINE then) or for an unknown mode. */
+int vu_blk_set_io_path(struct vu_blk_dev *b, int read_io, int write_io);
 /* Waits for every request in flight in io_uring (at disconnect, before guest
  * memory goes away). They are not completed to the driver (with inflight
  * tracking the front-end resubmits them), only released. */

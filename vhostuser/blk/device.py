@@ -28,6 +28,9 @@ F = BlkFeature
 #: bucket counts everything slower.
 LATENCY_BOUNDS_US = tuple(1 << i for i in range(lib.VU_BLK_LAT_BUCKETS - 1)) + (float("inf"),)
 _IN, _OUT, _OK = int(BlkType.IN), int(BlkType.OUT), int(BlkStatus.OK)
+_IO_MODES = {"inline": lib.VU_BLK_IO_INLINE, "nowait": lib.VU_BLK_IO_NOWAIT,
+             "uring": lib.VU_BLK_IO_URING}
+_IO_NAMES = {v: k for k, v in _IO_MODES.items()}
 _COUNTERS = ("reads", "writes", "flushes", "discards", "write_zeroes", "others", "errors",
              "unsupported", "bytes_read", "bytes_written", "completed", "latency_ns_sum",
              "stable_writes", "stable_syncs")
@@ -107,6 +110,11 @@ class BlkDevice(Device):
         self.config.write_zeroes_may_unmap = int(lim.write_zeroes_unmap)
         lim.writeback = True
         self._qos = QosLimits()
+        path = os.environ.get("VHOSTUSER_BLK_IO_PATH")
+        if path and kind == lib.VU_BLK_BACKEND_FILE:
+            # For measuring one choice against another (bench/README.md).
+            self.set_io_path(**dict(kv.split("=", 1) for kv in path.split(",")))
+            log.warning("I/O path set by VHOSTUSER_BLK_IO_PATH: %s", self.io_path)
 
     # -- what is offered ---------------------------------------------------------
     def _offers(self, feature: BlkFeature) -> bool:
@@ -261,6 +269,32 @@ class BlkDevice(Device):
             m["throttled"] = self._blk.throttled[q]
             out.append(m)
         return out
+
+    @property
+    def io_path(self) -> dict[str, str]:
+        """How the C file back-end does reads and writes now: ``inline`` (in
+        the queue worker), ``nowait`` (tried in the worker without blocking,
+        the rest through io_uring) or ``uring``."""
+        if self._kind != lib.VU_BLK_BACKEND_FILE:
+            return {}
+        return {"read": _IO_NAMES[self._blk.read_io], "write": _IO_NAMES[self._blk.write_io]}
+
+    def set_io_path(self, read: str | None = None, write: str | None = None) -> None:
+        """Overrides the I/O path the device picked for where the file lives
+        (for measurements): each of ``inline``, ``nowait``, ``uring``. The
+        last two start io_uring if the device was not using it; ``nowait``
+        is refused with O_DIRECT."""
+        if self._kind != lib.VU_BLK_BACKEND_FILE:
+            raise ValueError("only the C file back-end has an I/O path")
+        cur = self.io_path
+        modes = []
+        for name in (read or cur["read"], write or cur["write"]):
+            if name not in _IO_MODES:
+                raise ValueError(f"I/O path {name!r}: one of {', '.join(_IO_MODES)}")
+            modes.append(_IO_MODES[name])
+        if lib.vu_blk_set_io_path(self._blk, *modes) < 0:
+            raise ValueError(f"I/O path read={read} write={write} is not possible here "
+                             f"(direct={self.backend.direct}, io_uring available?)")
 
     def map_stats(self) -> dict:
         """How file reads were served: through the mapping of an in-memory
