@@ -34,11 +34,14 @@ struct lg_config {
     uint32_t bs;
     int32_t random, read_pct, event_idx, spin, verify;
     uint64_t capacity, start, max_ios;
+    uint32_t flush_every;
     double seconds;
     uint64_t seed;
 };
 struct lg_result {
     uint64_t ios, reads, writes, bytes, errors, verify_errors;
+    uint64_t flushes;
+    double flush_lat_sum;
     uint64_t kicks, sleeps, calls;
     int32_t stalled;
     double elapsed;
@@ -48,6 +51,7 @@ struct lg_result {
 int lg_run(struct lg_queue *queues, const struct lg_config *cfg, struct lg_result *res);
 double lg_percentile(const struct lg_result *r, double pct);
 void lg_stamp(void *buf, uint64_t first_sector, uint64_t nsectors);
+int64_t lg_warm(int fd, uint64_t size, uint64_t *resident);
 """
 
 
