@@ -70,8 +70,8 @@ def test_net_quick(tmp_path):
     RESULTS.md's other sections stay, an old Network section is replaced."""
     (tmp_path / "RESULTS.md").write_text("# results\n\n## blk\n\nkept\n\n## Network\n\n"
                                          "old\n\n### old sub\n\n## Notes\n\nkept too\n")
-    out = subprocess.run([sys.executable, "bench/run.py", "--net", "--quick", "--out",
-                          str(tmp_path), "--only", "tx-64,both-64", "--backends",
+    out = subprocess.run([sys.executable, "bench/run.py", "--net", "--quick", "--allow-dirty",
+                          "--out", str(tmp_path), "--only", "tx-64,both-64", "--backends",
                           "vhu-sink,vhu-echo,dpdk-vhost"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-3000:]
