@@ -39,12 +39,15 @@ BACKENDS = {
     "ram": lambda img, size: ["--ramdisk", str(size)],
     "file": lambda img, size: ["--blk-file", img],
     "direct": lambda img, size: ["--blk-file", img, "--direct"],
+    "py": lambda img, size: ["--backend", "bench.backends:PreadDisk", "--backend-opt",
+                             f"path={img}"],
 }
 
 
 def build_tree(rev: str, dest: Path) -> Path:
     """rev's sources with their C data plane built in place."""
-    archive = subprocess.run(["git", "archive", rev, "csrc", "vhostuser"], cwd=ROOT,
+    archive = subprocess.run(["git", "archive", rev, "csrc", "vhostuser", "bench/__init__.py",
+                              "bench/backends.py"], cwd=ROOT,
                              check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     subprocess.run([PY, "csrc/build_native.py"], cwd=dest, check=True, capture_output=True)

@@ -9,6 +9,7 @@
 #include "vu_blk.h"
 #include "vu_dev.h"
 #include "vu_iov.h"
+#include "vu_memory.h"
 #include "vu_worker.h"
 
 #include <errno.h>
@@ -24,6 +25,9 @@
 #include <unistd.h>
 
 #define BLK_BATCH 4   /* small: the driver sees completions while the rest of its batch runs */
+/* A Python back-end's batch: each call into Python costs microseconds, so
+ * it takes more requests per call (vu_blk_dev.py_batch: fewer, for A/B). */
+#define BLK_PY_BATCH 32
 #define BLK_ROUNDS 16
 #define HDR_LEN 16
 #define SEG_LEN 16
@@ -576,6 +580,35 @@ void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r)
     }
 }
 
+void vu_blk_py_describe(struct vu_blk_req *const *reqs, int n, struct vu_blk_pydesc *out)
+{
+    for (int i = 0; i < n; i++) {
+        const struct vu_blk_req *r = reqs[i];
+        struct vu_blk_pydesc *d = &out[i];
+        d->type = r->type;
+        d->niov = r->niov;
+        d->offset = r->sector * VU_BLK_SECTOR;
+        d->map_id = d->map_off = d->len = 0;
+        if (r->niov == 1 && r->elem && r->elem->mem) {
+            uint64_t off;
+            struct vu_map *m = vu_mem_map_of(r->elem->mem, r->iov[0].iov_base,
+                                             r->iov[0].iov_len, &off);
+            if (m) {
+                d->map_id = m->id;
+                d->map_off = off;
+                d->len = r->iov[0].iov_len;
+            }
+        }
+    }
+}
+
+void vu_blk_py_set_results(struct vu_blk_req *const *reqs, int n, const uint8_t *status)
+{
+    for (int i = 0; i < n; i++)
+        if (status[i] != VU_BLK_S_PENDING)
+            reqs[i]->result = status[i];
+}
+
 bool vu_blk_can_secure_erase(struct vu_blk_dev *b)
 {
     return b->backend == VU_BLK_BACKEND_RAM ||
@@ -966,7 +999,11 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         }
         return did ? VU_HANDLED_SOME : VU_HANDLED_NONE;
     }
-    struct vu_blk_req *batch[BLK_BATCH];
+    struct vu_blk_req *batch[BLK_PY_BATCH];
+    int max_batch = BLK_BATCH;
+    if (b->backend == VU_BLK_BACKEND_PYTHON)
+        max_batch = b->py_batch >= 1 && b->py_batch <= BLK_PY_BATCH ? (int)b->py_batch
+                                                                    : BLK_PY_BATCH;
     for (int round = 0; round < BLK_ROUNDS; round++) {
         vu_vq_set_notification(vq, false);
         int n = 0, nbatch = 0, rc = 0, completed = 0;
@@ -974,7 +1011,7 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         /* One clock read per round: what is popped in it arrived by then. */
         uint64_t now = vu_now_ns();
         struct vu_elem *e;
-        while (n < BLK_BATCH) {
+        while (n < max_batch) {
             uint64_t wait = vu_qos_active(&b->qos) ? vu_qos_admit(&b->qos, now) : 0;
             if (wait && sleep_queue(b, vq, wait)) {
                 throttled = true;
@@ -1057,7 +1094,7 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         /* Throttled: notifications stay off, the timer wakes the queue. */
         if (throttled)
             return did ? VU_HANDLED_SOME : VU_HANDLED_NONE;
-        if (n == BLK_BATCH)
+        if (n == max_batch)
             continue;
         if (!vu_vq_set_notification(vq, true))
             return did ? VU_HANDLED_SOME : VU_HANDLED_NONE;

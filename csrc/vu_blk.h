@@ -114,6 +114,7 @@ struct vu_blk_dev {
     uint8_t *ram;           /* RAM */
     uint64_t ram_size;
     void *py_ctx;           /* PYTHON: cffi handle */
+    uint32_t py_batch;      /* PYTHON: requests per call into Python (0: the default) */
     bool use_uring;         /* FILE: a ring per queue for what read_io/write_io send
                              * there, flushes and write-through group syncs */
     uint8_t read_io, write_io;   /* VU_BLK_IO_* */
@@ -175,6 +176,21 @@ void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r);
 /* Writes status and returns the chain to the driver. With notify, also
  * flushes and signals (a completion outside the worker's batch). */
 int vu_blk_finish(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool notify);
+
+/* A Python back-end's batch, described in one call rather than field by
+ * field through cffi: type, iovec count, byte offset, and where iov[0]
+ * lies (map id 0: not described, the caller looks it up itself). */
+struct vu_blk_pydesc {
+    uint32_t type;
+    uint32_t niov;
+    uint64_t offset;
+    uint64_t map_id;
+    uint64_t map_off;
+    uint64_t len;
+};
+void vu_blk_py_describe(struct vu_blk_req *const *reqs, int n, struct vu_blk_pydesc *out);
+/* Sets each request's result from status[] (PENDING: left as it is). */
+void vu_blk_py_set_results(struct vu_blk_req *const *reqs, int n, const uint8_t *status);
 
 /* Gives vq's elements their request state (elem->user): before the ring
  * first starts. A request then lives exactly as long as its element, even
