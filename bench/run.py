@@ -194,7 +194,8 @@ class Workload:
 
 WORKLOADS = [
     Workload("randread-4k-qd1", dict(rw="randread", bs="4k", qd=1), "p50",
-             ["vhu-file", "vhu-file-eventfd", "vhu-file-poll", "vhu-py", *QSD],
+             ["vhu-file", "vhu-file-sync", "vhu-file-uring", "vhu-file-eventfd", "vhu-file-poll",
+              "vhu-py", *QSD],
              title="4 KiB random read, QD1"),
     Workload("randread-4k-qd32", dict(rw="randread", bs="4k", qd=32), "iops",
              [*PATHS, "vhu-file-poll", "vhu-ram", "vhu-py", *QSD],

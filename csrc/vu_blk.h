@@ -110,7 +110,7 @@ struct vu_blk_dev {
     bool direct;            /* FILE opened O_DIRECT: bounce unaligned buffers */
     bool punch_hole;        /* FILE: fallocate punch-hole works here */
     bool secure_erase;      /* FILE on a block device that does BLKSECDISCARD */
-    struct vu_filemap map;  /* FILE on tmpfs/ramfs: reads copy from the page cache */
+    struct vu_filemap map;  /* FILE (not O_DIRECT): reads copy from the page cache */
     uint8_t *ram;           /* RAM */
     uint64_t ram_size;
     void *py_ctx;           /* PYTHON: cffi handle */
@@ -138,8 +138,9 @@ struct vu_blk_dev {
 struct vu_blk_dev *vu_blk_new(int backend);
 void vu_blk_free(struct vu_blk_dev *b);
 /* FILE back-end: fd is borrowed (the caller keeps it open). Returns 1 when
- * reads go through a mapping of the file (tmpfs, ramfs), 0 when not,
- * -errno when mapping it failed (reads then use preadv). */
+ * reads of pages in the page cache go through a mapping of the file (tmpfs,
+ * ramfs, ext4, XFS, btrfs; not O_DIRECT), 0 when not, -errno when mapping
+ * it failed (reads then use preadv). */
 int vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct);
 /* Whether SECURE_ERASE can be offered: RAM (the bytes are overwritten in
  * our own memory), or a block device that takes BLKSECDISCARD. Never a

@@ -75,7 +75,8 @@ class BlkDevice(Device):
             if mapped < 0:
                 log.warning("%s: can't map it for reading (%s); reads use preadv",
                             backend.path, os.strerror(-mapped))
-            self.mapped_reads = mapped == 1   # an image on tmpfs: memcpy from its page cache
+            # memcpy from a mapping of its page cache (tmpfs, local disk file systems)
+            self.mapped_reads = mapped == 1
             if aio == "io_uring":
                 # Many requests in flight per queue; without io_uring (old
                 # kernel, seccomp) the workers do the I/O themselves.
