@@ -379,6 +379,18 @@ static void frame_src(const void *arg, int i, struct src_cursor *src, uint32_t *
     *len = f->len;
 }
 
+void vu_net_py_describe(struct vu_net_frame *const *frames, int count, struct vu_net_pydesc *out)
+{
+    for (int i = 0; i < count; i++) {
+        const struct vu_net_frame *f = frames[i];
+        out[i] = (struct vu_net_pydesc){
+            .len = f->len, .niov = f->niov,
+            .base0 = f->niov ? (uint64_t)(uintptr_t)f->iov[0].iov_base : 0,
+            .len0 = f->niov ? (uint64_t)f->iov[0].iov_len : 0,
+        };
+    }
+}
+
 int vu_net_inject_frames(struct vu_net_dev *n, uint32_t qp, struct vu_net_frame *const *frames,
                          int count)
 {
@@ -400,6 +412,44 @@ static void iov_src(const void *arg, int i, struct src_cursor *src, uint32_t *le
     *src = (struct src_cursor){iov, b->niov[i], 0, 0};
     /* longer than any frame: deliver_locked drops it as too long */
     *len = total > VU_NET_MAX_FRAME ? VU_NET_MAX_FRAME + 1 : (uint32_t)total;
+}
+
+struct packed_batch {
+    const uint8_t *buf;
+    const uint32_t *lens;
+    const uint64_t *at;
+    struct iovec *one;      /* a cursor's iovec per call */
+};
+
+static void packed_src(const void *arg, int i, struct src_cursor *src, uint32_t *len)
+{
+    const struct packed_batch *b = arg;
+    b->one->iov_base = (void *)(b->buf + b->at[i]);
+    b->one->iov_len = b->lens[i];
+    *src = (struct src_cursor){b->one, 1, 0, 0};
+    *len = b->lens[i];
+}
+
+int vu_net_inject_packed(struct vu_net_dev *n, uint32_t qp, const uint8_t *buf,
+                         const uint32_t *lens, int count)
+{
+    if (count <= 0)
+        return 0;
+    uint64_t stack_at[64];
+    uint64_t *at = count <= 64 ? stack_at : malloc((size_t)count * sizeof(uint64_t));
+    if (!at)
+        return -VU_NET_D_IO;
+    uint64_t off = 0;
+    for (int i = 0; i < count; i++) {
+        at[i] = off;
+        off += lens[i];
+    }
+    struct iovec one;
+    struct packed_batch b = {buf, lens, at, &one};
+    int rc = inject_many(n, qp, count, packed_src, &b);
+    if (at != stack_at)
+        free(at);
+    return rc;
 }
 
 int vu_net_inject_iovs(struct vu_net_dev *n, uint32_t qp, const struct iovec *iov,

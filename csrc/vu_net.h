@@ -92,6 +92,16 @@ int vu_net_inject_frames(struct vu_net_dev *n, uint32_t qp, struct vu_net_frame 
                          int count);
 int vu_net_inject_iovs(struct vu_net_dev *n, uint32_t qp, const struct iovec *iov,
                        const uint32_t *niov, int count);
+/* A Python back-end's transmit batch described in one call rather than
+ * field by field through cffi: frame length, iovec count, iov[0]. */
+struct vu_net_pydesc {
+    uint32_t len, niov;
+    uint64_t base0, len0;
+};
+void vu_net_py_describe(struct vu_net_frame *const *frames, int count, struct vu_net_pydesc *out);
+/* Frames laid end to end in buf, lens[i] bytes each. */
+int vu_net_inject_packed(struct vu_net_dev *n, uint32_t qp, const uint8_t *buf,
+                         const uint32_t *lens, int count);
 
 /* Queue handler for the worker (ctx = struct vu_net_dev *): even queues
  * receive, odd queues transmit. */

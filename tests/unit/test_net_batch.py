@@ -273,3 +273,22 @@ def test_not_connected_drops_and_counts(rig):
     with pytest.raises(ValueError):
         dev.inject_many([b"a" * 60], queue_pair=1)
     assert dev.inject_many([]) == 0
+
+
+def test_many_bytes_frames_in_one_call():
+    """More frames than fit the C side's stack arrays (64), bytes and
+    bytearrays (laid end to end for one C call), in order."""
+    lab = Lab(nqueues=2, size=256)
+    for q in range(2):
+        lab.vq(q).enabled = True
+    frames = [bytes([i]) * (60 + i) if i % 2 else bytearray([i]) * (60 + i) for i in range(100)]
+    dev = device(lab, Batcher(lambda be, qp, fs: be.inject_many(frames, qp)))
+    try:
+        gpas = post_rx(lab, [2048] * 100)
+        transmit(lab, dev, frames_of(1))
+        assert dev.backend.results == [100]
+        assert received(lab, gpas, lab.used_split(0)) == [bytes(f) for f in frames]
+    finally:
+        dev._net.rxq[0] = ffi.NULL
+        dev.close()
+        lab.close()

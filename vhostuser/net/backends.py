@@ -12,6 +12,7 @@ import fcntl
 import os
 import struct
 from collections.abc import Sequence
+from ctypes import string_at
 from dataclasses import dataclass, field
 
 from ..errors import VhostUserError
@@ -127,7 +128,7 @@ class Frame:
     the frame. Frames from a transmit batch are read from guest memory only
     when asked; using one after transmit() returned raises StaleFrameError."""
 
-    __slots__ = ("_views", "_header", "_length", "_c", "_batch")
+    __slots__ = ("_views", "_header", "_length", "_c", "_batch", "_i")
 
     def __init__(self, views: list[memoryview], header: bytes, length: int):
         self._views = views
@@ -135,6 +136,7 @@ class Frame:
         self._length = length
         self._c = None
         self._batch = None
+        self._i = 0
 
     def _check(self):
         if not self._batch._live:
@@ -157,12 +159,19 @@ class Frame:
     @property
     def length(self) -> int:
         if self._length is None:
-            self._length = self._check().len
+            self._check()
+            self._length = self._batch._describe()[self._i][0]
         return self._length
 
     def tobytes(self) -> bytes:
-        if self._views is None and self._c is not None:
-            return self._batch._bytes(self._check())
+        batch = self._batch
+        if batch is not None and self._views is None:
+            if not batch._live:
+                raise StaleFrameError("a frame's data is valid only during transmit()")
+            _length, niov, base0, len0 = (batch._desc or batch._describe())[self._i]
+            if niov == 1:
+                return string_at(base0, len0)     # one copy, straight from guest memory
+            return batch._bytes(self._c)
         return b"".join(bytes(v) for v in self.views)
 
 
@@ -172,7 +181,7 @@ class FrameBatch(Sequence):
     (or a list of its frames) to ``inject_many`` to send them on without
     copying them into Python."""
 
-    __slots__ = ("_device", "_c", "_n", "_live", "_frames")
+    __slots__ = ("_device", "_c", "_n", "_live", "_frames", "_desc")
 
     def __init__(self, device, frames, n: int):
         self._device = device
@@ -180,6 +189,7 @@ class FrameBatch(Sequence):
         self._n = n
         self._live = True
         self._frames = None
+        self._desc = None
 
     def __len__(self) -> int:
         return self._n
@@ -194,6 +204,7 @@ class FrameBatch(Sequence):
             f._views = f._header = f._length = None
             f._c = self._c[i]
             f._batch = self
+            f._i = i
             frames[i] = f
         return f
 
@@ -211,13 +222,24 @@ class FrameBatch(Sequence):
             yield self._frame(i)
 
     # helpers for Frame, with the C types at hand
+    def _describe(self) -> list:
+        """(length, niov, address and length of iov[0]) per frame, read in
+        one C call the first time a frame's data is asked for."""
+        if self._desc is None:
+            from ..native import ffi, lib
+            desc = ffi.new("struct vu_net_pydesc[]", self._n)
+            lib.vu_net_py_describe(self._c, self._n, desc)
+            self._desc = list(_NETDESC.iter_unpack(ffi.buffer(desc)))
+        return self._desc
+
     def _header(self, c) -> bytes:
         from ..native import ffi
         return bytes(ffi.buffer(ffi.addressof(c.hdr), 12))
 
     def _bytes(self, c) -> bytes:
         from ..native import ffi
-        if c.niov == 1:
-            return ffi.buffer(c.iov[0].iov_base, c.iov[0].iov_len)[:]
         return b"".join(ffi.buffer(c.iov[j].iov_base, c.iov[j].iov_len)[:]
                         for j in range(c.niov))
+
+
+_NETDESC = struct.Struct("=IIQQ")       # struct vu_net_pydesc

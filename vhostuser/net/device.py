@@ -1,6 +1,7 @@
 """The virtio-net device: features, config space, and who moves the frames."""
 from __future__ import annotations
 
+import array
 import logging
 import os
 import struct
@@ -210,7 +211,14 @@ class NetDevice(Device):
         items = frames if isinstance(frames, list) else list(frames)
         if not items:
             return 0
-        if all(type(f) is Frame and f._c is not None for f in items):
+        kinds = {type(f) for f in items}
+        if kinds <= _PLAIN_BYTES:
+            # bytes objects: laid end to end by join (C speed), one C call
+            buf = b"".join(items)
+            lens = array.array("I", map(len, items))
+            call = (lib.vu_net_inject_packed, ffi.from_buffer(buf),
+                    ffi.cast("uint32_t *", ffi.from_buffer(lens)))
+        elif kinds == {Frame} and all(f._c is not None for f in items):
             for f in items:
                 f._check()
             ptrs = ffi.new("struct vu_net_frame *[]", [f._c for f in items])
@@ -271,6 +279,10 @@ class NetDevice(Device):
             self.backend.transmit(qp, batch)
         finally:
             batch._live = False
+
+
+#: types whose len() is their size in bytes
+_PLAIN_BYTES = {bytes, bytearray}
 
 
 def _iovecs(items):
