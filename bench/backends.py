@@ -24,13 +24,13 @@ class PreadDisk(BlockBackend):
         return self._size
 
     def read(self, offset: int, bufs: list[memoryview]) -> None:
-        want = sum(len(b) for b in bufs)
+        want = len(bufs[0]) if len(bufs) == 1 else sum(map(len, bufs))
         got = os.preadv(self.fd, bufs, offset)
         if got != want:
             raise OSError(f"short read: {got} of {want} bytes at {offset}")
 
     def write(self, offset: int, bufs: list[memoryview]) -> None:
-        want = sum(len(b) for b in bufs)
+        want = len(bufs[0]) if len(bufs) == 1 else sum(map(len, bufs))
         got = os.pwritev(self.fd, bufs, offset)
         if got != want:
             raise OSError(f"short write: {got} of {want} bytes at {offset}")

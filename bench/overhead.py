@@ -2,7 +2,7 @@
 """What a change to the data path costs: the same vhostuser back-end built
 from two revisions, driven alternately by the same client.
 
-    python bench/overhead.py --base REV [--head WORKTREE] [--reps 5] [--seconds 3]
+    python bench/overhead.py --base REV [--reps 5] [--seconds 3] [--setup tmpfs|fs|direct]
 
 The base revision is exported with `git archive` and its C data plane built
 in a temp dir; head is this checkout. Each round runs every workload on both,
@@ -16,6 +16,7 @@ Used for issue 8's "metrics without slowing the data path measurably":
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from vhostuser.blkload import stamp_file  # noqa: E402
-from bench.run import PY, Backend, blkload, metric_of, parse_size  # noqa: E402
+from bench.run import (PY, SETUPS, Backend, blkload, make_image, metric_of,  # noqa: E402
+                       parse_size, scratch_dir)
 
 WORKLOADS = [  # name, blkload arguments, metric, higher is better
     ("randread-4k-qd32", dict(rw="randread", bs="4k", qd=32), "iops", True),
@@ -37,12 +38,16 @@ WORKLOADS = [  # name, blkload arguments, metric, higher is better
 BACKENDS = {
     "ram": lambda img, size: ["--ramdisk", str(size)],
     "file": lambda img, size: ["--blk-file", img],
+    "direct": lambda img, size: ["--blk-file", img, "--direct"],
+    "py": lambda img, size: ["--backend", "bench.backends:PreadDisk", "--backend-opt",
+                             f"path={img}"],
 }
 
 
 def build_tree(rev: str, dest: Path) -> Path:
     """rev's sources with their C data plane built in place."""
-    archive = subprocess.run(["git", "archive", rev, "csrc", "vhostuser"], cwd=ROOT,
+    archive = subprocess.run(["git", "archive", rev, "csrc", "vhostuser", "bench/__init__.py",
+                              "bench/backends.py"], cwd=ROOT,
                              check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     subprocess.run([PY, "csrc/build_native.py"], cwd=dest, check=True, capture_output=True)
@@ -67,12 +72,16 @@ def main(argv=None) -> int:
     p.add_argument("--backend-cpu", default="0")
     p.add_argument("--client-cpu", default="1")
     p.add_argument("--nice", type=int, default=0)
+    p.add_argument("--setup", choices=list(SETUPS), default="tmpfs",
+                   help="where the image is (bench/run.py's setups; default tmpfs)")
+    p.add_argument("--only", help="comma-separated workload names")
     args = p.parse_args(argv)
-    args.warmup, args.verify = None, False
+    args.warmup, args.verify = None, True
     size = parse_size(args.image_size)
-    scratch = Path(tempfile.mkdtemp(prefix="vhu-overhead-", dir="/dev/shm"))
+    scratch = scratch_dir(SETUPS[args.setup])
     img = str(scratch / "disk.img")
-    stamp_file(img, size)
+    make_image(SETUPS[args.setup], img, size)
+    workloads = [w for w in WORKLOADS if not args.only or w[0] in args.only.split(",")]
     base_tree = build_tree(args.base, Path(tempfile.mkdtemp(prefix="vhu-base-")))
     backends = {}
     try:
@@ -85,7 +94,7 @@ def main(argv=None) -> int:
             b.wait_ready()
         ratios: dict[tuple[str, str], list[float]] = {}
         for rep in range(args.reps):
-            for wname, kw, metric, higher in WORKLOADS:
+            for wname, kw, metric, higher in workloads:
                 for kind in args.backends.split(","):
                     sides = ("head", "base") if rep % 2 == 0 else ("base", "head")
                     got = {s: metric_of(blkload(args, backends[(kind, s)], args.seconds, **kw),
@@ -98,6 +107,7 @@ def main(argv=None) -> int:
     finally:
         for b in backends.values():
             b.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
     print(f"\nhead ({ROOT}) against base {args.base}: speed ratio (>1: head faster), "
           f"median of {args.reps} alternating rounds [min, max]")
     for (wname, kind), values in ratios.items():

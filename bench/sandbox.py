@@ -26,7 +26,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 import bench.run as run  # noqa: E402
-from bench.blkload import stamp_file  # noqa: E402
+from vhostuser.blkload import stamp_file  # noqa: E402
 from bench.run import PY, Backend, blkload, parse_size  # noqa: E402
 
 SOURCES = {"ram": lambda img, size: ["--ramdisk", str(size)],

@@ -9,6 +9,7 @@
 #include "vu_blk.h"
 #include "vu_dev.h"
 #include "vu_iov.h"
+#include "vu_memory.h"
 #include "vu_worker.h"
 
 #include <errno.h>
@@ -24,6 +25,9 @@
 #include <unistd.h>
 
 #define BLK_BATCH 4   /* small: the driver sees completions while the rest of its batch runs */
+/* A Python back-end's batch: each call into Python costs microseconds, so
+ * it takes more requests per call (vu_blk_dev.py_batch: fewer, for A/B). */
+#define BLK_PY_BATCH 32
 #define BLK_ROUNDS 16
 #define HDR_LEN 16
 #define SEG_LEN 16
@@ -98,14 +102,38 @@ int vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct)
     return rc < 0 ? rc : b->map.base != NULL;
 }
 
+/* Choosing the I/O path ---------------------------------------------------------
+ *
+ * Where the image lives decides what is fastest (bench/RESULTS.md has the
+ * measurements behind each choice):
+ *  - tmpfs/ramfs: the data is in memory and io_uring can't try it without
+ *    blocking (no RWF_NOWAIT there), so it would hand every request to an
+ *    io-wq thread: two context switches for a copy the worker does faster
+ *    itself. Reads memcpy from a mapping of the page cache (vu_filemap.c),
+ *    writes are pwritev in the worker: INLINE.
+ *  - a local disk file system (ext4, XFS, btrfs): a read whose pages are in
+ *    the page cache is copied from a mapping of it, like on tmpfs (no
+ *    system call; vu_filemap.c forgets what it saw resident now and then,
+ *    since the kernel may drop pages). Other reads are tried with
+ *    preadv2(RWF_NOWAIT) in the worker, which answers page-cache hits at the
+ *    cost of one system call; only misses go to io_uring. Writes likewise
+ *    with pwritev2(RWF_NOWAIT) where the file system can (XFS, btrfs); ext4
+ *    refuses buffered RWF_NOWAIT writes (EOPNOTSUPP), and there io_uring
+ *    would punt every write to an io-wq thread, so the worker writes into
+ *    the page cache itself (nowait_fallback). FLUSH and the write-through
+ *    group's sync go through io_uring: they wait for the disk, and the
+ *    worker serves the rest meanwhile.
+ *  - O_DIRECT: every read and write waits for the device; io_uring keeps
+ *    them in flight together (URING).
+ * A file system that refuses RWF_NOWAIT for one direction only loses it for
+ * that direction. */
 int vu_blk_set_uring(struct vu_blk_dev *b, bool on)
 {
+    b->nowait_fallback[0] = VU_BLK_IO_URING;
+    b->nowait_fallback[1] = VU_BLK_IO_URING;
     if (on && b->fd >= 0 && vu_filemap_memory_backed(b->fd)) {
-        /* io_uring can't try these without blocking (no RWF_NOWAIT there),
-         * so it hands every request to a worker thread: two context
-         * switches for a copy the queue worker does faster itself. */
         b->use_uring = false;
-        b->nowait = false;
+        b->read_io = b->write_io = VU_BLK_IO_INLINE;
         return 1;
     }
     if (on) {
@@ -123,7 +151,36 @@ int vu_blk_set_uring(struct vu_blk_dev *b, bool on)
         }
     }
     b->use_uring = on;
-    b->nowait = on;
+    if (!on)
+        b->read_io = b->write_io = VU_BLK_IO_INLINE;
+    else if (b->direct)
+        b->read_io = b->write_io = VU_BLK_IO_URING;
+    else
+        b->read_io = b->write_io = VU_BLK_IO_NOWAIT;
+    return 0;
+}
+
+int vu_blk_set_io_path(struct vu_blk_dev *b, int read_io, int write_io)
+{
+    if (read_io < VU_BLK_IO_INLINE || read_io > VU_BLK_IO_URING ||
+        write_io < VU_BLK_IO_INLINE || write_io > VU_BLK_IO_URING)
+        return -EINVAL;
+    /* RWF_NOWAIT on O_DIRECT still waits for the device. */
+    if (b->direct && (read_io == VU_BLK_IO_NOWAIT || write_io == VU_BLK_IO_NOWAIT))
+        return -EINVAL;
+    if (!b->use_uring && (read_io != VU_BLK_IO_INLINE || write_io != VU_BLK_IO_INLINE)) {
+        /* e.g. io_uring on tmpfs, to measure it against the default */
+        struct vu_uring probe;
+        if (b->backend != VU_BLK_BACKEND_FILE || b->fd < 0)
+            return -EINVAL;
+        int rc = vu_uring_init(&probe, 4);
+        if (rc)
+            return rc;
+        vu_uring_exit(&probe);
+        b->use_uring = true;
+    }
+    b->read_io = (uint8_t)read_io;
+    b->write_io = (uint8_t)write_io;
     return 0;
 }
 
@@ -530,6 +587,35 @@ void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r)
     }
 }
 
+void vu_blk_py_describe(struct vu_blk_req *const *reqs, int n, struct vu_blk_pydesc *out)
+{
+    for (int i = 0; i < n; i++) {
+        const struct vu_blk_req *r = reqs[i];
+        struct vu_blk_pydesc *d = &out[i];
+        d->type = r->type;
+        d->niov = r->niov;
+        d->offset = r->sector * VU_BLK_SECTOR;
+        d->map_id = d->map_off = d->len = 0;
+        if (r->niov == 1 && r->elem && r->elem->mem) {
+            uint64_t off;
+            struct vu_map *m = vu_mem_map_of(r->elem->mem, r->iov[0].iov_base,
+                                             r->iov[0].iov_len, &off);
+            if (m) {
+                d->map_id = m->id;
+                d->map_off = off;
+                d->len = r->iov[0].iov_len;
+            }
+        }
+    }
+}
+
+void vu_blk_py_set_results(struct vu_blk_req *const *reqs, int n, const uint8_t *status)
+{
+    for (int i = 0; i < n; i++)
+        if (status[i] != VU_BLK_S_PENDING)
+            reqs[i]->result = status[i];
+}
+
 bool vu_blk_can_secure_erase(struct vu_blk_dev *b)
 {
     return b->backend == VU_BLK_BACKEND_RAM ||
@@ -634,23 +720,46 @@ static bool async_type(uint32_t type)
     return type == VU_BLK_T_IN || type == VU_BLK_T_OUT || type == VU_BLK_T_FLUSH;
 }
 
+/* How r is done: VU_BLK_IO_* (flushes: through io_uring when there is one). */
+static int io_mode(const struct vu_blk_dev *b, const struct vu_blk_req *r)
+{
+    if (r->type == VU_BLK_T_FLUSH)
+        return VU_BLK_IO_URING;
+    /* O_DIRECT with buffers it can't take: bounced, in the worker. */
+    if (b->direct && !iov_aligned(r))
+        return VU_BLK_IO_INLINE;
+    /* Another queue's worker may have just turned NOWAIT off: any value
+     * read is a valid mode. */
+    return __atomic_load_n(r->type == VU_BLK_T_IN ? &b->read_io : &b->write_io,
+                           __ATOMIC_RELAXED);
+}
+
 /* A read or write that can finish at once (page cache hit, no block) is
- * done here: true with r->result set. Anything else, including a short
- * transfer, goes to io_uring untouched (RWF_NOWAIT transfers nothing or
- * what it could; a partial one is simply redone there). */
+ * done here, a read through the mapping if it can: true with r->result set. Anything else, including a short
+ * transfer, goes on untouched (RWF_NOWAIT transfers nothing or what it
+ * could; a partial one is simply redone). */
 static bool try_nowait(struct vu_blk_dev *b, struct vu_blk_req *r)
 {
-    if (!b->nowait || b->direct || r->niov == 0 ||
-        (r->type != VU_BLK_T_IN && r->type != VU_BLK_T_OUT))
+    if (r->niov == 0)
         return false;
+    bool wr = r->type == VU_BLK_T_OUT;
     uint64_t off = r->sector * VU_BLK_SECTOR;
-    ssize_t n = r->type == VU_BLK_T_IN
-        ? preadv2(b->fd, r->iov, (int)r->niov, (off_t)off, RWF_NOWAIT)
-        : pwritev2(b->fd, r->iov, (int)r->niov, (off_t)off, RWF_NOWAIT);
-    if (n < 0 && errno == EOPNOTSUPP)
-        b->nowait = false;     /* the file system can't: stop asking */
+    if (!wr && vu_filemap_read(&b->map, r->iov, r->niov, off, r->data_len) == 0) {
+        r->result = VU_BLK_S_OK;   /* copied from the page cache through the mapping */
+        return true;
+    }
+    ssize_t n = wr ? pwritev2(b->fd, r->iov, (int)r->niov, (off_t)off, RWF_NOWAIT)
+                   : preadv2(b->fd, r->iov, (int)r->niov, (off_t)off, RWF_NOWAIT);
+    if (n < 0 && errno == EOPNOTSUPP) {
+        /* The file system can't try this direction: stop asking (ext4
+         * refuses buffered writes, and reads still work). */
+        __atomic_store_n(wr ? &b->write_io : &b->read_io, b->nowait_fallback[wr],
+                         __ATOMIC_RELAXED);
+    }
     if (n < 0 || (uint64_t)n != r->data_len)
         return false;
+    if (wr)
+        vu_filemap_written(&b->map, off, r->data_len);
     r->result = VU_BLK_S_OK;
     return true;
 }
@@ -768,11 +877,13 @@ static void apply_cqe(struct vu_blk_dev *b, struct io_uring_cqe *cqe, struct vu_
 }
 
 /* Completes what io_uring finished; returns how many requests. */
-static int reap(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_uring *u)
+static int reap(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_uring *u, bool drain)
 {
-    uint64_t v;
-    ssize_t rd = read(u->efd, &v, sizeof(v));   /* EFD_NONBLOCK */
-    (void)rd;
+    if (drain) {
+        uint64_t v;
+        ssize_t rd = read(u->efd, &v, sizeof(v));   /* EFD_NONBLOCK */
+        (void)rd;
+    }
     int done = 0;
     uint64_t now = 0;   /* one clock read for what this call completes: it is flushed together */
     struct io_uring_cqe *cqe;
@@ -889,7 +1000,7 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         (void)rd;
     }
     bool did = false;
-    if (u && reap(b, vq, u))
+    if (u && reap(b, vq, u, true))
         did = true;
     /* A disabled or broken ring only finishes what it already started. */
     if (!vq->enabled || vq->broken) {
@@ -899,7 +1010,11 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         }
         return did ? VU_HANDLED_SOME : VU_HANDLED_NONE;
     }
-    struct vu_blk_req *batch[BLK_BATCH];
+    struct vu_blk_req *batch[BLK_PY_BATCH];
+    int max_batch = BLK_BATCH;
+    if (b->backend == VU_BLK_BACKEND_PYTHON)
+        max_batch = b->py_batch >= 1 && b->py_batch <= BLK_PY_BATCH ? (int)b->py_batch
+                                                                    : BLK_PY_BATCH;
     for (int round = 0; round < BLK_ROUNDS; round++) {
         vu_vq_set_notification(vq, false);
         int n = 0, nbatch = 0, rc = 0, completed = 0;
@@ -907,7 +1022,7 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         /* One clock read per round: what is popped in it arrived by then. */
         uint64_t now = vu_now_ns();
         struct vu_elem *e;
-        while (n < BLK_BATCH) {
+        while (n < max_batch) {
             uint64_t wait = vu_qos_active(&b->qos) ? vu_qos_admit(&b->qos, now) : 0;
             if (wait && sleep_queue(b, vq, wait)) {
                 throttled = true;
@@ -939,16 +1054,16 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
                     batch[nbatch++] = r;
                     continue;
                 }
-                if (u && async_type(r->type)) {
-                    /* Data already in the page cache needs no trip through
-                     * io_uring's worker threads: try it without blocking. */
-                    if (!try_nowait(b, r) && submit_async(b, u, r))
-                        continue;
-                    if (r->result == VU_BLK_S_PENDING)
-                        execute_io(b, r);
-                } else {
+                int mode = u && async_type(r->type) ? io_mode(b, r) : VU_BLK_IO_INLINE;
+                /* Data already in the page cache needs no trip through
+                 * io_uring's worker threads: try it without blocking. */
+                if (mode == VU_BLK_IO_NOWAIT && !try_nowait(b, r))
+                    mode = io_mode(b, r);   /* a miss, or NOWAIT just turned out unsupported */
+                if (mode != VU_BLK_IO_INLINE && r->result == VU_BLK_S_PENDING &&
+                    submit_async(b, u, r))
+                    continue;
+                if (r->result == VU_BLK_S_PENDING)
                     execute_io(b, r);
-                }
                 if (r->result == VU_BLK_S_OK && needs_stable(b, r)) {
                     group_add(&b->group[q], r);     /* completes after the group's sync */
                     continue;
@@ -957,8 +1072,15 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
             finish_at(vq, r, r->result, false, 0);
             completed++;
         }
-        if (u)
+        if (u && u->queued) {
             vu_uring_submit(u);
+            /* What io_uring could do at once (page-cache hits) completed
+             * inside that system call: answered in this round. Their
+             * signals are drained first (a completion posted after that
+             * signals again, so none is lost). */
+            if (vu_uring_peek(u) && reap(b, vq, u, true))   /* latency recorded there */
+                did = true;
+        }
         /* One sync for the write-through writes of this round (and those
          * that waited for the previous sync): group commit. */
         if (group_commit(b, vq, u))
@@ -990,7 +1112,7 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         /* Throttled: notifications stay off, the timer wakes the queue. */
         if (throttled)
             return did ? VU_HANDLED_SOME : VU_HANDLED_NONE;
-        if (n == BLK_BATCH)
+        if (n == max_batch)
             continue;
         if (!vu_vq_set_notification(vq, true))
             return did ? VU_HANDLED_SOME : VU_HANDLED_NONE;

@@ -24,6 +24,15 @@ enum {
 };
 enum { VU_BLK_S_OK = 0, VU_BLK_S_IOERR = 1, VU_BLK_S_UNSUPP = 2, VU_BLK_S_PENDING = 255 };
 enum { VU_BLK_BACKEND_RAM = 0, VU_BLK_BACKEND_FILE = 1, VU_BLK_BACKEND_PYTHON = 2 };
+/* How the FILE back-end does reads or writes (vu_blk_set_io_path):
+ *  INLINE: preadv/pwritev in the queue worker (or memcpy from the mapping of
+ *          an image in memory);
+ *  NOWAIT: preadv2/pwritev2(RWF_NOWAIT) in the worker, and what can't be done
+ *          without blocking (not in the page cache, locks) through io_uring;
+ *          where the file system can't try (EOPNOTSUPP) it falls back to
+ *          nowait_fallback;
+ *  URING:  every request through io_uring. */
+enum { VU_BLK_IO_INLINE = 0, VU_BLK_IO_NOWAIT = 1, VU_BLK_IO_URING = 2 };
 
 /* Why a request got IOERR/UNSUPP, for logs and tests. */
 enum vu_blk_reason {
@@ -101,12 +110,15 @@ struct vu_blk_dev {
     bool direct;            /* FILE opened O_DIRECT: bounce unaligned buffers */
     bool punch_hole;        /* FILE: fallocate punch-hole works here */
     bool secure_erase;      /* FILE on a block device that does BLKSECDISCARD */
-    struct vu_filemap map;  /* FILE on tmpfs/ramfs: reads copy from the page cache */
+    struct vu_filemap map;  /* FILE (not O_DIRECT): reads copy from the page cache */
     uint8_t *ram;           /* RAM */
     uint64_t ram_size;
     void *py_ctx;           /* PYTHON: cffi handle */
-    bool use_uring;         /* FILE: reads, writes, flushes go through io_uring */
-    bool nowait;            /* FILE with io_uring: try page-cache hits inline first */
+    uint32_t py_batch;      /* PYTHON: requests per call into Python (0: the default) */
+    bool use_uring;         /* FILE: a ring per queue for what read_io/write_io send
+                             * there, flushes and write-through group syncs */
+    uint8_t read_io, write_io;   /* VU_BLK_IO_* */
+    uint8_t nowait_fallback[2];  /* [0] reads, [1] writes: NOWAIT unsupported -> this */
     struct vu_uring *rings[VU_BLK_MAX_QUEUES];
     struct vu_worker *ring_worker[VU_BLK_MAX_QUEUES];  /* whose epoll has its eventfd */
     struct vu_blk_group group[VU_BLK_MAX_QUEUES];
@@ -126,18 +138,25 @@ struct vu_blk_dev {
 struct vu_blk_dev *vu_blk_new(int backend);
 void vu_blk_free(struct vu_blk_dev *b);
 /* FILE back-end: fd is borrowed (the caller keeps it open). Returns 1 when
- * reads go through a mapping of the file (tmpfs, ramfs), 0 when not,
- * -errno when mapping it failed (reads then use preadv). */
+ * reads of pages in the page cache go through a mapping of the file (tmpfs,
+ * ramfs, ext4, XFS, btrfs; not O_DIRECT), 0 when not, -errno when mapping
+ * it failed (reads then use preadv). */
 int vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct);
 /* Whether SECURE_ERASE can be offered: RAM (the bytes are overwritten in
  * our own memory), or a block device that takes BLKSECDISCARD. Never a
  * regular file: overwriting it erases nothing on an SSD or a copy-on-write
  * file system. */
 bool vu_blk_can_secure_erase(struct vu_blk_dev *b);
-/* FILE back-end: asynchronous I/O through io_uring (false: in the worker).
- * Returns 0; 1 when the file is in memory (tmpfs, ramfs), where the worker
- * does the I/O itself anyway; or -errno when io_uring is not available. */
+/* FILE back-end: asynchronous I/O through io_uring (false: in the worker),
+ * with the default I/O path for where the file lives (see vu_blk.c,
+ * "Choosing the I/O path"). Returns 0; 1 when the file is in memory (tmpfs,
+ * ramfs), where the worker does the I/O itself anyway; or -errno when
+ * io_uring is not available. */
 int vu_blk_set_uring(struct vu_blk_dev *b, bool on);
+/* FILE back-end with io_uring on: how reads and writes are done, VU_BLK_IO_*
+ * each (for measurements and tests; vu_blk_set_uring picks the default).
+ * -EINVAL without io_uring (only INLINE then) or for an unknown mode. */
+int vu_blk_set_io_path(struct vu_blk_dev *b, int read_io, int write_io);
 /* Waits for every request in flight in io_uring (at disconnect, before guest
  * memory goes away). They are not completed to the driver (with inflight
  * tracking the front-end resubmits them), only released. */
@@ -158,6 +177,21 @@ void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r);
 /* Writes status and returns the chain to the driver. With notify, also
  * flushes and signals (a completion outside the worker's batch). */
 int vu_blk_finish(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool notify);
+
+/* A Python back-end's batch, described in one call rather than field by
+ * field through cffi: type, iovec count, byte offset, and where iov[0]
+ * lies (map id 0: not described, the caller looks it up itself). */
+struct vu_blk_pydesc {
+    uint32_t type;
+    uint32_t niov;
+    uint64_t offset;
+    uint64_t map_id;
+    uint64_t map_off;
+    uint64_t len;
+};
+void vu_blk_py_describe(struct vu_blk_req *const *reqs, int n, struct vu_blk_pydesc *out);
+/* Sets each request's result from status[] (PENDING: left as it is). */
+void vu_blk_py_set_results(struct vu_blk_req *const *reqs, int n, const uint8_t *status);
 
 /* Gives vq's elements their request state (elem->user): before the ring
  * first starts. A request then lives exactly as long as its element, even

@@ -2,6 +2,7 @@
 #include "vu_filemap.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/magic.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -146,13 +147,32 @@ bool vu_filemap_memory_backed(int fd)
            ((unsigned long)fs.f_type == TMPFS_MAGIC || (unsigned long)fs.f_type == RAMFS_MAGIC);
 }
 
+/* Local disk file systems whose page cache a mapping reads like preadv does
+ * (not network or FUSE ones, where a fault may wait on a server). */
+static bool local_disk_fs(int fd)
+{
+    struct statfs fs;
+    if (fstatfs(fd, &fs) < 0)
+        return false;
+    unsigned long t = (unsigned long)fs.f_type;
+    return t == EXT4_SUPER_MAGIC || t == XFS_SUPER_MAGIC || t == BTRFS_SUPER_MAGIC;
+}
+
 int vu_filemap_open(struct vu_filemap *m, int fd)
 {
     memset(m, 0, sizeof(*m));
     struct stat st;
     if (fstat(fd, &st) < 0)
         return -errno;
-    if (!S_ISREG(st.st_mode) || st.st_size <= 0 || !vu_filemap_memory_backed(fd))
+    if (!S_ISREG(st.st_mode) || st.st_size <= 0)
+        return 0;
+    bool in_memory = vu_filemap_memory_backed(fd);
+    if (!in_memory && !local_disk_fs(fd))
+        return 0;
+    /* Only O_RDONLY/O_RDWR descriptors can be mapped; O_DIRECT ones are not
+     * mapped (they asked to bypass the cache). */
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || (fl & O_DIRECT))
         return 0;
     pthread_once(&guard_once, install_guard);
     if (!guard_installed)
@@ -175,6 +195,7 @@ int vu_filemap_open(struct vu_filemap *m, int fd)
     m->nchunks = nchunks;
     m->resident = resident;
     m->sparse = sparse;
+    m->recheck = !in_memory;
     return 0;
 }
 
@@ -221,6 +242,17 @@ static bool chunk_resident(struct vu_filemap *m, uint64_t c)
     return all;
 }
 
+/* Forgets what mincore() said about every chunk (any worker may do it;
+ * one asking at the same time just asks the kernel again). */
+static void forget_residency(struct vu_filemap *m)
+{
+    size_t words = (size_t)((m->nchunks + 63) / 64);
+    for (size_t i = 0; i < words; i++) {
+        __atomic_store_n(&m->resident[i], 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&m->sparse[i], 0, __ATOMIC_RELAXED);
+    }
+}
+
 int vu_filemap_read(struct vu_filemap *m, const struct iovec *iov, uint32_t niov, uint64_t off,
                     uint64_t len)
 {
@@ -230,6 +262,9 @@ int vu_filemap_read(struct vu_filemap *m, const struct iovec *iov, uint32_t niov
         __atomic_fetch_add(&m->fallback_reads, 1, __ATOMIC_RELAXED);
         return -1;
     }
+    if (m->recheck &&
+        __atomic_add_fetch(&m->reads, 1, __ATOMIC_RELAXED) % VU_FILEMAP_RECHECK == 0)
+        forget_residency(m);
     uint64_t last = (off + len - 1) >> VU_FILEMAP_CHUNK_SHIFT;
     for (uint64_t c = off >> VU_FILEMAP_CHUNK_SHIFT; c <= last; c++) {
         if (!chunk_resident(m, c)) {

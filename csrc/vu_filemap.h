@@ -1,8 +1,10 @@
-/* Reads from an image file on tmpfs/ramfs through a read-only mapping.
+/* Reads from an image file through a read-only mapping of its page cache:
+ * on tmpfs/ramfs, and on local disk file systems (ext2/3/4, XFS, btrfs)
+ * for pages that are in the page cache.
  *
- * A preadv into tmpfs costs a syscall and the kernel's page-by-page copy;
- * a memcpy from a mapping of the same page cache is 2-3x faster here. Two
- * things make a plain mapping unsafe, and this module handles both:
+ * A preadv costs a syscall and the kernel's page-by-page copy; a memcpy
+ * from a mapping of the same page cache is 2-3x faster here. Three things
+ * make a plain mapping unsafe or slow, and this module handles them:
  *  - a read fault on a hole allocates a tmpfs page, so reading a sparse
  *    image would fill it. Chunks are used through the mapping only once
  *    mincore() has seen every page of them resident; other reads go to
@@ -11,7 +13,11 @@
  *    brought back (tmpfs full, swap), raises SIGBUS. The copy runs under a
  *    per-thread SIGBUS guard that turns the fault into "use preadv"; any
  *    other SIGBUS goes to the handler the program had before, and while a
- *    handler installed after ours is in place the mapping is not used. */
+ *    handler installed after ours is in place the mapping is not used.
+ *  - on a disk file system the kernel may drop pages from the page cache;
+ *    a copy from a dropped page would wait for the disk in the worker. So
+ *    what mincore() said is forgotten every VU_FILEMAP_RECHECK reads, and
+ *    a chunk is used only while it was seen whole in memory since. */
 #ifndef VU_FILEMAP_H
 #define VU_FILEMAP_H
 
@@ -20,6 +26,7 @@
 #include <sys/uio.h>
 
 #define VU_FILEMAP_CHUNK_SHIFT 21   /* 2 MiB: one mincore() call decides for 512 pages */
+#define VU_FILEMAP_RECHECK 8192     /* reads between forgetting residency (disk file systems) */
 
 struct vu_filemap {
     const uint8_t *base;    /* NULL: not mapped, every read goes to preadv */
@@ -28,12 +35,14 @@ struct vu_filemap {
     uint64_t *resident;     /* bit per chunk: every page seen in memory, use the mapping */
     uint64_t *sparse;       /* bit per chunk: seen with a hole, don't ask again until written */
     uint64_t mapped_reads, fallback_reads;   /* for tests and metrics (racy counts) */
+    bool recheck;           /* the kernel may drop pages: forget residency now and then */
+    uint64_t reads;         /* since residency was last forgotten (recheck) */
 };
 
 /* tmpfs or ramfs: the data is in memory, a read or write never waits. */
 bool vu_filemap_memory_backed(int fd);
-/* Maps fd read-only if it is on tmpfs or ramfs; 0 with m->base NULL when
- * it is not (nothing to gain), -errno on failure. */
+/* Maps fd read-only if it is a regular file on tmpfs, ramfs or a local disk
+ * file system; 0 with m->base NULL when it is not, -errno on failure. */
 int vu_filemap_open(struct vu_filemap *m, int fd);
 void vu_filemap_close(struct vu_filemap *m);
 /* Copies len bytes at off into iov. 0 when done, -1 when the caller must

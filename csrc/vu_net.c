@@ -147,8 +147,17 @@ int vu_net_check_tx(struct vu_net_dev *n, struct vu_elem *e, struct vu_net_hdr *
 
 /* Receive ----------------------------------------------------------------- */
 
-/* Copies src into e's writable buffers from byte `at`; returns bytes copied. */
-static uint32_t scatter(struct vu_elem *e, uint32_t at, const uint8_t *src, uint32_t len)
+/* Where the next byte of a frame being delivered comes from: iovecs (a
+ * frame the guest transmitted, a Python buffer) or one contiguous buffer. */
+struct src_cursor {
+    const struct iovec *iov;
+    uint32_t n, i;
+    size_t off;
+};
+
+/* Copies up to len bytes from the cursor into e's writable buffers from
+ * byte `at`; returns bytes copied. */
+static uint32_t scatter(struct vu_elem *e, uint32_t at, struct src_cursor *src, uint32_t len)
 {
     struct iovec *iov = e->iov + e->out_num;
     uint32_t done = 0;
@@ -157,14 +166,36 @@ static uint32_t scatter(struct vu_elem *e, uint32_t at, const uint8_t *src, uint
             at -= (uint32_t)iov[i].iov_len;
             continue;
         }
-        uint32_t c = (uint32_t)iov[i].iov_len - at;
-        if (c > len - done)
-            c = len - done;
-        memcpy((uint8_t *)iov[i].iov_base + at, src + done, c);
-        done += c;
+        uint8_t *dst = (uint8_t *)iov[i].iov_base + at;
+        uint32_t room = (uint32_t)iov[i].iov_len - at;
         at = 0;
+        while (room && done < len && src->i < src->n) {
+            const struct iovec *s = &src->iov[src->i];
+            size_t avail = s->iov_len - src->off;
+            uint32_t c = room;
+            if (c > len - done)
+                c = len - done;
+            if (c > avail)
+                c = (uint32_t)avail;
+            memcpy(dst, (const uint8_t *)s->iov_base + src->off, c);
+            dst += c;
+            room -= c;
+            done += c;
+            src->off += c;
+            if (src->off == s->iov_len) {
+                src->i++;
+                src->off = 0;
+            }
+        }
     }
     return done;
+}
+
+static uint32_t scatter_flat(struct vu_elem *e, uint32_t at, const uint8_t *data, uint32_t len)
+{
+    struct iovec one = {(void *)data, len};
+    struct src_cursor c = {&one, 1, 0, 0};
+    return scatter(e, at, &c, len);
 }
 
 /* The virtio-net header at the start of e's writable buffers; returns bytes
@@ -180,7 +211,7 @@ static uint32_t put_header(struct vu_elem *e, const struct vu_net_hdr *hdr, uint
             memcpy(dst->iov_base, hdr, sizeof(*hdr));
         return sizeof(*hdr);
     }
-    return scatter(e, 0, (const uint8_t *)hdr, hdr_len);
+    return scatter_flat(e, 0, (const uint8_t *)hdr, hdr_len);
 }
 
 static int rx_drop(struct vu_net_dev *n, uint32_t qp, int why)
@@ -189,24 +220,16 @@ static int rx_drop(struct vu_net_dev *n, uint32_t qp, int why)
     return why;
 }
 
-int vu_net_rx_deliver(struct vu_net_dev *n, uint32_t qp, const struct vu_net_hdr *in_hdr,
-                      const uint8_t *data, uint32_t len)
+/* One frame of `len` bytes from src into vq's buffers, behind `hdr`
+ * (num_buffers is filled in). The caller holds rx_lock and checked that
+ * the queue may be used. Returns 0, or the vu_net_drop reason (not
+ * counted: the caller does). */
+static int deliver_locked(struct vu_net_dev *n, struct vu_vq *vq, struct vu_net_hdr *hdr,
+                          struct src_cursor *src, uint32_t len)
 {
-    if (qp >= VU_NET_MAX_QP)
-        return VU_NET_D_IO;
-    struct vu_vq *vq = n->rxq[qp];
-    if (!vq || !vq->started || !vq->enabled || vq->broken)
-        return rx_drop(n, qp, VU_NET_D_DISABLED);
     if (len > VU_NET_MAX_FRAME)
-        return rx_drop(n, qp, VU_NET_D_TOO_LONG);
-    struct vu_net_hdr hdr;
-    if (in_hdr)
-        hdr = *in_hdr;
-    else
-        memset(&hdr, 0, sizeof(hdr));
+        return VU_NET_D_TOO_LONG;
     uint32_t need = n->hdr_len + len;
-
-    pthread_mutex_lock(&n->rx_lock[qp]);
     struct vu_elem *bufs[MAX_RX_BUFS];
     uint32_t nbufs = 0, room = 0;
     int why = 0;
@@ -231,21 +254,48 @@ int vu_net_rx_deliver(struct vu_net_dev *n, uint32_t qp, const struct vu_net_hdr
         /* Give the buffers back, newest first, for a frame that fits. */
         while (nbufs)
             vu_vq_unpop(vq, bufs[--nbufs]);
-        pthread_mutex_unlock(&n->rx_lock[qp]);
-        return rx_drop(n, qp, why);
+        return why ? why : VU_NET_D_NO_BUFFERS;
     }
-    hdr.num_buffers = (uint16_t)nbufs;
+    hdr->num_buffers = (uint16_t)nbufs;
     /* header into the first buffer, then the frame across all of them */
-    uint32_t first = put_header(bufs[0], &hdr, n->hdr_len);
-    uint32_t used0 = first;
+    uint32_t used0 = put_header(bufs[0], hdr, n->hdr_len);
     uint32_t off = 0;
     for (uint32_t i = 0; i < nbufs; i++) {
         uint32_t at = i == 0 ? used0 : 0;
-        uint32_t c = scatter(bufs[i], at, data + off, len - off);
+        uint32_t c = scatter(bufs[i], at, src, len - off);
         off += c;
         vu_vq_push(vq, bufs[i], at + c);
     }
+    return 0;
+}
+
+static bool rx_usable(struct vu_vq *vq)
+{
+    return vq && vq->started && vq->enabled && !vq->broken;
+}
+
+int vu_net_rx_deliver(struct vu_net_dev *n, uint32_t qp, const struct vu_net_hdr *in_hdr,
+                      const uint8_t *data, uint32_t len)
+{
+    if (qp >= VU_NET_MAX_QP)
+        return VU_NET_D_IO;
+    struct vu_vq *vq = n->rxq[qp];
+    if (!rx_usable(vq))
+        return rx_drop(n, qp, VU_NET_D_DISABLED);
+    if (len > VU_NET_MAX_FRAME)
+        return rx_drop(n, qp, VU_NET_D_TOO_LONG);
+    struct vu_net_hdr hdr;
+    if (in_hdr)
+        hdr = *in_hdr;
+    else
+        memset(&hdr, 0, sizeof(hdr));
+    struct iovec one = {(void *)data, len};
+    struct src_cursor src = {&one, 1, 0, 0};
+    pthread_mutex_lock(&n->rx_lock[qp]);
+    int why = deliver_locked(n, vq, &hdr, &src, len);
     pthread_mutex_unlock(&n->rx_lock[qp]);
+    if (why)
+        return rx_drop(n, qp, why);
     n->stats[qp].rx_packets++;
     n->stats[qp].rx_gso += hdr.gso_type != VIRTIO_NET_HDR_GSO_NONE;
     n->stats[qp].rx_csum_partial += !!(hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM);
@@ -265,6 +315,161 @@ int vu_net_inject(struct vu_net_dev *n, uint32_t qp, const uint8_t *data, uint32
         vu_vq_notify(vq);
     }
     vu_dev_unlock(vq->dev);
+    return rc;
+}
+
+/* The i-th frame of a batch to inject: its iovecs and length. */
+typedef void (*inject_src_fn)(const void *arg, int i, struct src_cursor *src, uint32_t *len);
+
+/* Many frames into receive queue qp: one device lock, one receive lock, one
+ * flush and one notification for all. Frames without room are dropped and
+ * counted; once the ring has no buffers left, so are the rest. */
+static int inject_many(struct vu_net_dev *n, uint32_t qp, int count, inject_src_fn get,
+                       const void *arg)
+{
+    if (count <= 0)
+        return 0;
+    if (qp >= VU_NET_MAX_QP || !n->rxq[qp]) {
+        n->stats[qp < VU_NET_MAX_QP ? qp : 0].rx_dropped[VU_NET_D_DISABLED] += (uint64_t)count;
+        return 0;
+    }
+    struct vu_vq *vq = n->rxq[qp];
+    struct vu_net_stats *st = &n->stats[qp];
+    int delivered = 0;
+    vu_dev_rdlock(vq->dev);
+    pthread_mutex_lock(&n->rx_lock[qp]);
+    if (!rx_usable(vq)) {
+        st->rx_dropped[VU_NET_D_DISABLED] += (uint64_t)count;
+    } else {
+        uint64_t bytes = 0;
+        for (int i = 0; i < count; i++) {
+            struct src_cursor src;
+            uint32_t len;
+            get(arg, i, &src, &len);
+            struct vu_net_hdr hdr;
+            memset(&hdr, 0, sizeof(hdr));
+            int why = deliver_locked(n, vq, &hdr, &src, len);
+            if (why == VU_NET_D_NO_BUFFERS) {
+                st->rx_dropped[why] += (uint64_t)(count - i);
+                break;
+            }
+            if (why) {
+                st->rx_dropped[why]++;
+                continue;
+            }
+            delivered++;
+            bytes += len;
+        }
+        st->rx_packets += (uint64_t)delivered;
+        st->rx_bytes += bytes;
+    }
+    pthread_mutex_unlock(&n->rx_lock[qp]);
+    if (delivered) {
+        vu_vq_flush(vq);
+        vu_vq_notify(vq);
+    }
+    vu_dev_unlock(vq->dev);
+    return delivered;
+}
+
+static void frame_src(const void *arg, int i, struct src_cursor *src, uint32_t *len)
+{
+    const struct vu_net_frame *f = ((struct vu_net_frame *const *)arg)[i];
+    *src = (struct src_cursor){f->iov, f->niov, 0, 0};
+    *len = f->len;
+}
+
+void vu_net_py_describe(struct vu_net_frame *const *frames, int count, struct vu_net_pydesc *out)
+{
+    for (int i = 0; i < count; i++) {
+        const struct vu_net_frame *f = frames[i];
+        out[i] = (struct vu_net_pydesc){
+            .len = f->len, .niov = f->niov,
+            .base0 = f->niov ? (uint64_t)(uintptr_t)f->iov[0].iov_base : 0,
+            .len0 = f->niov ? (uint64_t)f->iov[0].iov_len : 0,
+        };
+    }
+}
+
+int vu_net_inject_frames(struct vu_net_dev *n, uint32_t qp, struct vu_net_frame *const *frames,
+                         int count)
+{
+    return inject_many(n, qp, count, frame_src, frames);
+}
+
+struct iov_batch {
+    const struct iovec *iov;
+    const uint32_t *first, *niov;
+};
+
+static void iov_src(const void *arg, int i, struct src_cursor *src, uint32_t *len)
+{
+    const struct iov_batch *b = arg;
+    const struct iovec *iov = b->iov + b->first[i];
+    uint64_t total = 0;
+    for (uint32_t j = 0; j < b->niov[i]; j++)
+        total += iov[j].iov_len;
+    *src = (struct src_cursor){iov, b->niov[i], 0, 0};
+    /* longer than any frame: deliver_locked drops it as too long */
+    *len = total > VU_NET_MAX_FRAME ? VU_NET_MAX_FRAME + 1 : (uint32_t)total;
+}
+
+struct packed_batch {
+    const uint8_t *buf;
+    const uint32_t *lens;
+    const uint64_t *at;
+    struct iovec *one;      /* a cursor's iovec per call */
+};
+
+static void packed_src(const void *arg, int i, struct src_cursor *src, uint32_t *len)
+{
+    const struct packed_batch *b = arg;
+    b->one->iov_base = (void *)(b->buf + b->at[i]);
+    b->one->iov_len = b->lens[i];
+    *src = (struct src_cursor){b->one, 1, 0, 0};
+    *len = b->lens[i];
+}
+
+int vu_net_inject_packed(struct vu_net_dev *n, uint32_t qp, const uint8_t *buf,
+                         const uint32_t *lens, int count)
+{
+    if (count <= 0)
+        return 0;
+    uint64_t stack_at[64];
+    uint64_t *at = count <= 64 ? stack_at : malloc((size_t)count * sizeof(uint64_t));
+    if (!at)
+        return -VU_NET_D_IO;
+    uint64_t off = 0;
+    for (int i = 0; i < count; i++) {
+        at[i] = off;
+        off += lens[i];
+    }
+    struct iovec one;
+    struct packed_batch b = {buf, lens, at, &one};
+    int rc = inject_many(n, qp, count, packed_src, &b);
+    if (at != stack_at)
+        free(at);
+    return rc;
+}
+
+int vu_net_inject_iovs(struct vu_net_dev *n, uint32_t qp, const struct iovec *iov,
+                       const uint32_t *niov, int count)
+{
+    if (count <= 0)
+        return 0;
+    uint32_t stack_first[64];
+    uint32_t *first = count <= 64 ? stack_first : malloc((size_t)count * sizeof(uint32_t));
+    if (!first)
+        return -VU_NET_D_IO;
+    uint32_t at = 0;
+    for (int i = 0; i < count; i++) {
+        first[i] = at;
+        at += niov[i];
+    }
+    struct iov_batch b = {iov, first, niov};
+    int rc = inject_many(n, qp, count, iov_src, &b);
+    if (first != stack_first)
+        free(first);
     return rc;
 }
 
@@ -419,7 +624,7 @@ static void loop_back_burst(struct vu_net_dev *n, uint32_t qp, struct vu_elem **
             if (VU_LIKELY(dst->iov_len >= need))     /* all in the first buffer */
                 memcpy((uint8_t *)dst->iov_base + n->hdr_len, frame, len);
             else
-                scatter(b, n->hdr_len, frame, len);
+                scatter_flat(b, n->hdr_len, frame, len);
             used[done] = need;
             bytes += len;
         }

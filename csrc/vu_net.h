@@ -81,6 +81,27 @@ int vu_net_rx_deliver(struct vu_net_dev *n, uint32_t qp, const struct vu_net_hdr
                       const uint8_t *data, uint32_t len);
 /* Same, from any thread: takes the device lock, flushes and notifies. */
 int vu_net_inject(struct vu_net_dev *n, uint32_t qp, const uint8_t *data, uint32_t len);
+/* Many frames at once, from any thread: one device lock, one receive lock,
+ * one flush and one notification for the batch. Frames a Python back-end
+ * was handed by transmit (valid during that call only: they are read from
+ * the transmitting guest's memory, copied once), or iovecs, niov[i] of
+ * them for frame i. Each frame gets a zero virtio-net header. Returns how
+ * many were delivered; the others were dropped and counted (once the ring
+ * has no buffers, all that follow). */
+int vu_net_inject_frames(struct vu_net_dev *n, uint32_t qp, struct vu_net_frame *const *frames,
+                         int count);
+int vu_net_inject_iovs(struct vu_net_dev *n, uint32_t qp, const struct iovec *iov,
+                       const uint32_t *niov, int count);
+/* A Python back-end's transmit batch described in one call rather than
+ * field by field through cffi: frame length, iovec count, iov[0]. */
+struct vu_net_pydesc {
+    uint32_t len, niov;
+    uint64_t base0, len0;
+};
+void vu_net_py_describe(struct vu_net_frame *const *frames, int count, struct vu_net_pydesc *out);
+/* Frames laid end to end in buf, lens[i] bytes each. */
+int vu_net_inject_packed(struct vu_net_dev *n, uint32_t qp, const uint8_t *buf,
+                         const uint32_t *lens, int count);
 
 /* Queue handler for the worker (ctx = struct vu_net_dev *): even queues
  * receive, odd queues transmit. */

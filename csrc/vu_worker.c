@@ -123,11 +123,17 @@ static uint32_t queues_snapshot(struct vu_worker *w, struct vu_vq **qs)
 
 static int serve_all(struct vu_worker *w, bool polling)
 {
-    struct vu_vq *qs[VU_WORKER_MAX_QUEUES];
-    uint32_t n = queues_snapshot(w, qs);
+    /* As good as a snapshot under the lock each time: one taken before a
+     * queue is removed may name it either way. */
+    uint32_t gen = __atomic_load_n(&w->gen, __ATOMIC_ACQUIRE);
+    if (gen != w->snap_gen || !w->snap_n) {
+        w->snap_n = queues_snapshot(w, w->snap);
+        w->snap_gen = gen;
+    }
+    uint32_t n = w->snap_n;
     int best = VU_HANDLED_NONE;
     for (uint32_t i = 0; i < n; i++) {
-        int r = serve_queue(qs[i], polling);
+        int r = serve_queue(w->snap[i], polling);
         if (r > best)
             best = r;
     }
@@ -195,10 +201,16 @@ static void dispatch_events(struct vu_worker *w, struct epoll_event *evs, int n)
  * on these VMs (more than the request). Serves what comes within the
  * window, restarting it on each catch; returns when a window passed with
  * nothing, which halves the next one. */
+/* Empty looks at the rings between two reads of the clock while polling
+ * (a read costs about as much as a look at an idle ring here). */
+#define POLL_CLOCK_EVERY 16
+
 static void spin(struct vu_worker *w, struct epoll_event *evs)
 {
     uint64_t start = now_us();
-    while (!w->stop && now_us() - start < w->spin_us) {
+    unsigned empty = 0;
+    bool caught = false;   /* since the clock was last read */
+    while (!w->stop) {
         /* Handler-owned fds (io_uring completions, TAP) are not in the
          * rings: look at them too, without sleeping. Kicks need no look
          * (the rings are looked at), so without such fds: no syscall. */
@@ -206,7 +218,17 @@ static void spin(struct vu_worker *w, struct epoll_event *evs)
             dispatch_events(w, evs, epoll_wait(w->epfd, evs, 32, 0));
         if (serve_all(w, true) != VU_HANDLED_NONE) {
             w->spin_catches++;
-            start = now_us();
+            caught = true;
+            continue;
+        }
+        if (++empty % POLL_CLOCK_EVERY)
+            continue;
+        uint64_t t = now_us();
+        if (caught) {
+            start = t;
+            caught = false;
+        } else if (t - start >= w->spin_us) {
+            break;
         }
     }
     w->spin_us = w->spin_us >= 8 ? w->spin_us / 2 : 0;
@@ -223,13 +245,26 @@ static void *worker_main(void *arg)
             /* Busy-poll: spin while work keeps coming, for up to poll_us
              * after the last piece of work, then sleep on the eventfds. */
             uint64_t idle_since = now_us();
-            while (!w->stop && now_us() - idle_since < w->poll_us) {
+            unsigned empty = 0;
+            bool worked = false;   /* since the clock was last read */
+            while (!w->stop) {
                 /* Handler-owned fds (io_uring completions, TAP) are not in
                  * the rings: look at them too, without sleeping. */
                 if (w->event_fds)
                     dispatch_events(w, evs, epoll_wait(w->epfd, evs, 32, 0));
-                if (serve_all(w, true) != VU_HANDLED_NONE)
-                    idle_since = now_us();
+                if (serve_all(w, true) != VU_HANDLED_NONE) {
+                    worked = true;
+                    continue;
+                }
+                if (++empty % POLL_CLOCK_EVERY)
+                    continue;
+                uint64_t t = now_us();
+                if (worked) {
+                    idle_since = t;
+                    worked = false;
+                } else if (t - idle_since >= w->poll_us) {
+                    break;
+                }
             }
             /* The poll may have consumed vu_worker_free's wake-up. */
             if (w->stop)
@@ -322,6 +357,7 @@ int vu_worker_add_queue(struct vu_worker *w, struct vu_vq *vq,
     vq->handler_ctx = ctx;
     vq->worker = w;
     w->queues[w->nqueues++] = vq;
+    __atomic_add_fetch(&w->gen, 1, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&w->lock);
     return 0;
 }
@@ -335,6 +371,7 @@ void vu_worker_remove_queue(struct vu_worker *w, struct vu_vq *vq)
             break;
         }
     }
+    __atomic_add_fetch(&w->gen, 1, __ATOMIC_RELEASE);
     if (vq->kick_fd >= 0)
         epoll_ctl(w->epfd, EPOLL_CTL_DEL, vq->kick_fd, NULL);
     vq->worker = NULL;

@@ -26,6 +26,11 @@ struct vu_worker {
     uint32_t event_fds;          /* handler-owned fds in epoll (io_uring, TAP, timers) */
     volatile bool stop;
     uint64_t wakeups;
+    uint32_t gen;                /* bumped (under lock) when queues[] changes */
+    /* The worker thread's copy of queues[], taken again when gen moved:
+     * no lock per look at the rings while polling. */
+    uint32_t snap_gen, snap_n;
+    struct vu_vq *snap[VU_WORKER_MAX_QUEUES];
 };
 
 /* Like QEMU's iothread poll-max-ns default (32768 ns). */

@@ -18,7 +18,9 @@
  * use full fences, as Linux's virtio_ring does with virtio_mb().
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
+#include <sys/mman.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +34,7 @@
 #define VRING_AVAIL_F_NO_INTERRUPT 1
 #define BLK_T_IN 0
 #define BLK_T_OUT 1
+#define BLK_T_FLUSH 4
 #define STAMP_MAGIC 0x5655424c4b4c4f44ULL   /* "VUBLKLOD" */
 
 struct lg_queue {
@@ -54,12 +57,15 @@ struct lg_config {
     uint64_t capacity;     /* bytes usable (offsets + bs stay below) */
     uint64_t start;        /* first offset for sequential I/O */
     uint64_t max_ios;      /* stop submitting after this many (0: no limit) */
+    uint32_t flush_every;  /* a FLUSH after every this many writes submitted (0: none) */
     double seconds;
     uint64_t seed;
 };
 
 struct lg_result {
     uint64_t ios, reads, writes, bytes, errors, verify_errors;
+    uint64_t flushes;      /* FLUSH requests completed (not in ios) */
+    double flush_lat_sum;  /* ns */
     uint64_t kicks, sleeps, calls;
     int32_t stalled;       /* 1: nothing completed for 10 s, gave up */
     double elapsed;        /* seconds from first submit to last completion */
@@ -80,8 +86,10 @@ struct qstate {
     int inflight;
     uint64_t *start_ns;
     uint64_t *offset;
-    uint8_t *is_write;
+    uint8_t *kind;              /* KIND_* of the request in each slot */
 };
+
+enum { KIND_READ = 0, KIND_WRITE = 1, KIND_FLUSH = 2 };
 
 static inline uint64_t now_ns(void)
 {
@@ -158,13 +166,41 @@ static uint64_t check_stamps(const void *buf, uint64_t first_sector, uint64_t ns
 struct gen {
     const struct lg_config *cfg;
     uint64_t rng, seq, submitted;
+    uint32_t writes_since_flush;
 };
 
+/* Puts slot s on the avail ring. */
+static void post(struct qstate *qs, int s, uint64_t t)
+{
+    struct lg_queue *q = qs->q;
+    qs->start_ns[s] = t;
+    uint16_t size = (uint16_t)q->size;
+    qs->avail[2 + qs->avail_idx % size] = (uint16_t)(3 * s);
+    qs->avail_idx++;
+    qs->inflight++;
+}
+
 /* Fills slot s's header and data descriptor for a new request; returns 0 if
- * the I/O budget is spent. */
+ * the I/O budget is spent. With flush_every, every that many writes are
+ * followed by a FLUSH (header and status only: the head skips the data
+ * descriptor), which does not count against the budget. */
 static int prep(struct gen *g, struct qstate *qs, int s, uint64_t t)
 {
     const struct lg_config *cfg = g->cfg;
+    struct lg_queue *q = qs->q;
+    struct blk_hdr *h = (struct blk_hdr *)(uintptr_t)(q->hdr_uva + 16ull * s);
+    uint8_t *st = (uint8_t *)(uintptr_t)(q->st_uva + s);
+    if (cfg->flush_every && g->writes_since_flush >= cfg->flush_every) {
+        g->writes_since_flush = 0;
+        h->type = BLK_T_FLUSH;
+        h->ioprio = 0;
+        h->sector = 0;
+        qs->desc[3 * s].next = (uint16_t)(3 * s + 2);
+        *st = 0xff;
+        qs->kind[s] = KIND_FLUSH;
+        post(qs, s, t);
+        return 1;
+    }
     if (cfg->max_ios && g->submitted >= cfg->max_ios)
         return 0;
     g->submitted++;
@@ -180,25 +216,20 @@ static int prep(struct gen *g, struct qstate *qs, int s, uint64_t t)
     }
     int wr = cfg->read_pct >= 100 ? 0 : cfg->read_pct <= 0 ? 1
              : (int)(xorshift(&g->rng) % 100) >= cfg->read_pct;
-    struct lg_queue *q = qs->q;
-    struct blk_hdr *h = (struct blk_hdr *)(uintptr_t)(q->hdr_uva + 16ull * s);
     h->type = wr ? BLK_T_OUT : BLK_T_IN;
     h->ioprio = 0;
     h->sector = off / 512;
+    qs->desc[3 * s].next = (uint16_t)(3 * s + 1);
     struct vdesc *d = &qs->desc[3 * s + 1];
     d->flags = VRING_DESC_F_NEXT | (wr ? 0 : VRING_DESC_F_WRITE);
-    uint8_t *st = (uint8_t *)(uintptr_t)(q->st_uva + s);
     *st = 0xff;
     if (wr && cfg->verify)
         lg_stamp((void *)(uintptr_t)(q->data_uva + (uint64_t)cfg->bs * s), off / 512,
                  cfg->bs / 512);
+    g->writes_since_flush += (uint32_t)wr;
     qs->offset[s] = off;
-    qs->is_write[s] = (uint8_t)wr;
-    qs->start_ns[s] = t;
-    uint16_t size = (uint16_t)q->size;
-    qs->avail[2 + qs->avail_idx % size] = (uint16_t)(3 * s);
-    qs->avail_idx++;
-    qs->inflight++;
+    qs->kind[s] = wr ? KIND_WRITE : KIND_READ;
+    post(qs, s, t);
     return 1;
 }
 
@@ -264,8 +295,8 @@ int lg_run(struct lg_queue *queues, const struct lg_config *cfg, struct lg_resul
         qs[i].last_used = qs[i].used[1];
         qs[i].start_ns = calloc(qd, sizeof(uint64_t));
         qs[i].offset = calloc(qd, sizeof(uint64_t));
-        qs[i].is_write = calloc(qd, 1);
-        if (!qs[i].start_ns || !qs[i].offset || !qs[i].is_write)
+        qs[i].kind = calloc(qd, 1);
+        if (!qs[i].start_ns || !qs[i].offset || !qs[i].kind)
             return -ENOMEM;
         for (int s = 0; s < qd; s++) {
             qs[i].desc[3 * s] = (struct vdesc){q->hdr_gpa + 16ull * s, 16, VRING_DESC_F_NEXT,
@@ -323,13 +354,20 @@ int lg_run(struct lg_queue *queues, const struct lg_config *cfg, struct lg_resul
                 if (status != 0)
                     res->errors++;
                 uint64_t lat = t - q->start_ns[s];
+                if (q->kind[s] == KIND_FLUSH) {
+                    res->flushes++;
+                    res->flush_lat_sum += (double)lat;
+                    if (!stopping && prep(&g, q, s, t))
+                        inflight++;
+                    continue;
+                }
                 res->hist[hist_index(lat)]++;
                 res->lat_sum += (double)lat;
                 if (lat < res->lat_min) res->lat_min = (double)lat;
                 if (lat > res->lat_max) res->lat_max = (double)lat;
                 res->ios++;
                 res->bytes += cfg->bs;
-                if (q->is_write[s]) {
+                if (q->kind[s] == KIND_WRITE) {
                     res->writes++;
                 } else {
                     res->reads++;
@@ -391,7 +429,47 @@ int lg_run(struct lg_queue *queues, const struct lg_config *cfg, struct lg_resul
     for (int i = 0; i < nq; i++) {
         free(qs[i].start_ns);
         free(qs[i].offset);
-        free(qs[i].is_write);
+        free(qs[i].kind);
     }
     return res->stalled ? -ETIMEDOUT : 0;
+}
+
+/* Brings every page of fd's first `size` bytes into the page cache, reading
+ * only those mincore() says are not there, 4 KiB at a time with readahead
+ * off (so they come back as 4 KiB pages). *resident: pages that were
+ * there. Returns the pages read, or -errno. */
+int64_t lg_warm(int fd, uint64_t size, uint64_t *resident)
+{
+    size_t npages = (size_t)((size + 4095) / 4096);
+    *resident = 0;
+    if (!npages)
+        return 0;
+    void *m = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
+    if (m == MAP_FAILED)
+        return -errno;
+    unsigned char *vec = malloc(npages);
+    int64_t rc = 0;
+    if (!vec) {
+        rc = -ENOMEM;
+    } else if (mincore(m, size, vec) < 0) {
+        rc = -errno;
+    } else {
+        static char buf[4096] __attribute__((aligned(4096)));
+        posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
+        for (size_t i = 0; i < npages; i++) {
+            if (vec[i] & 1) {
+                (*resident)++;
+                continue;
+            }
+            if (pread(fd, buf, sizeof(buf), (off_t)i * 4096) < 0) {
+                rc = -errno;
+                break;
+            }
+            rc++;
+        }
+        posix_fadvise(fd, 0, 0, POSIX_FADV_NORMAL);
+    }
+    free(vec);
+    munmap(m, size);
+    return rc;
 }

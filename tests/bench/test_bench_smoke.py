@@ -38,16 +38,29 @@ def test_blkload_against_ramdisk(tmp_path):
 
 @pytest.mark.skipif(not shutil.which("qemu-storage-daemon"), reason="needs qemu-storage-daemon")
 def test_run_quick(tmp_path):
-    out = subprocess.run([sys.executable, "bench/run.py", "--quick", "--out", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    """Every workload on each setup, against a few back-ends (the full set
+    takes minutes even with --quick). --allow-dirty: the test runs on
+    whatever is checked out."""
+    out = subprocess.run([sys.executable, "bench/run.py", "--quick", "--allow-dirty", "--out",
+                          str(tmp_path), "--backends",
+                          "vhu-file,vhu-file-uring,vhu-file-poll,vhu-py,qsd-io_uring,"
+                          "qsd-io_uring-wt,qsd-iot-io_uring,qsd-native"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     text = (tmp_path / "RESULTS.md").read_text()
-    for name in ("randread-4k-qd32", "randread-4k-qd1", "read-128k-qd32", "vhu-file",
-                 "qsd-threads", "qsd-io_uring"):
-        assert name in text
+    for name in ("randread-4k-qd32", "randread-4k-qd1", "read-128k-qd8", "write-128k-qd8",
+                 "randwrite-4k-qd32-wt", "randrw-4k-qd32-flush64", "vhu-file", "qsd-io_uring",
+                 "## tmpfs", "## fs", "## direct", "## Targets"):
+        assert name in text, name
     assert re.search(r"\| vhu-file \| [\d,]+\.\d", text)
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["workloads"]["randread-4k-qd32"]["vhu-file"][0]["iops"] > 0
+    for setup in ("tmpfs", "fs", "direct"):
+        runs = results["setups"][setup]["workloads"]["randread-4k-qd32"]["vhu-file"]
+        assert runs[0]["iops"] > 0 and runs[0]["verify"]
+    wt = results["setups"]["fs"]["workloads"]["randwrite-4k-qd32-wt"]
+    assert wt["vhu-file"][0]["cache_mode"] == "write-through"
+    assert results["setups"]["direct"]["workloads"]["randrw-4k-qd32-flush64"]["vhu-file"][0][
+        "flushes"] > 0
 
 
 @pytest.mark.skipif(not shutil.which("dpdk-testpmd"), reason="needs dpdk-testpmd")
@@ -57,8 +70,8 @@ def test_net_quick(tmp_path):
     RESULTS.md's other sections stay, an old Network section is replaced."""
     (tmp_path / "RESULTS.md").write_text("# results\n\n## blk\n\nkept\n\n## Network\n\n"
                                          "old\n\n### old sub\n\n## Notes\n\nkept too\n")
-    out = subprocess.run([sys.executable, "bench/run.py", "--net", "--quick", "--out",
-                          str(tmp_path), "--only", "tx-64,both-64", "--backends",
+    out = subprocess.run([sys.executable, "bench/run.py", "--net", "--quick", "--allow-dirty",
+                          "--out", str(tmp_path), "--only", "tx-64,both-64", "--backends",
                           "vhu-sink,vhu-echo,dpdk-vhost"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -241,3 +241,61 @@ def test_a_queue_that_never_runs_dry_is_served_to_the_end(tmp_path):
     # 64); this machine does them in well under the 3 s.
     assert result.get("error") is None, result
     assert result["errors"] == 0 and result["ios"] > 0, result
+
+
+class ListDisk(BlockBackend):
+    """Records what each call got: offset, buffer lengths; reads give the
+    offset's pattern, a read at sector 7 fails, a write at sector 9 says
+    UNSUPP."""
+
+    def __init__(self):
+        self.data = bytearray(MIB)
+        self.calls = []
+
+    def size(self):
+        return len(self.data)
+
+    def read(self, offset, bufs):
+        self.calls.append(("read", offset, [len(b) for b in bufs]))
+        if offset == 7 * 512:
+            raise OSError("medium error")
+        for b in bufs:
+            b[:] = self.data[offset:offset + len(b)]
+            offset += len(b)
+
+    def write(self, offset, bufs):
+        self.calls.append(("write", offset, [len(b) for b in bufs]))
+        if offset == 9 * 512:
+            return BlkStatus.UNSUPP
+        for b in bufs:
+            self.data[offset:offset + len(b)] = b
+            offset += len(b)
+
+
+def test_python_batches_of_many_requests_one_and_many_buffers(blk_client):
+    """A queue full of requests reaches Python in batches (up to 32 per
+    call): single-buffer requests as slices of a mapping's view, split ones
+    buffer by buffer, each with its own status."""
+    backend = ListDisk()
+    dev = BlkDevice(backend)
+    sizes = []
+    batch = dev._python_batch
+
+    def counting(vq, reqs, n):
+        sizes.append(n)
+        return batch(vq, reqs, n)
+    dev._python_batch = counting
+    with blk_client(dev) as (srv, blk):
+        writes = [BlkRequest.write(i * 8, pattern(i, 4096), segment=None if i % 3 else 1024)
+                  for i in range(40)]
+        assert all(r.status == BlkStatus.OK for r in blk.execute(writes, depth=40))
+        reads = [BlkRequest.read(i * 8, 4096, segment=None if i % 2 else 512) for i in range(40)]
+        done = blk.execute(reads, depth=40)
+        assert [r.data for r in done] == [pattern(i, 4096) for i in range(40)]
+        bad = blk.execute([BlkRequest.read(7, 512), BlkRequest.write(9, bytes(512)),
+                           BlkRequest.read(0, 512)], depth=3)
+        assert [r.status for r in bad] == [BlkStatus.IOERR, BlkStatus.UNSUPP, BlkStatus.OK]
+    assert max(sizes) > 4 and max(sizes) <= 32
+    split = [c for c in backend.calls if c[0] == "read" and c[2] == [512] * 8]
+    assert len(split) == 20
+    assert ("write", 0, [1024] * 4) in backend.calls and ("write", 8 * 512, [4096]) in backend.calls

@@ -233,7 +233,8 @@ def test_file_backend_through_io_uring_keeps_many_requests_in_flight(lab, tmp_pa
         lib.vu_blk_set_file(b, fd, False)
         if lib.vu_blk_set_uring(b, True) < 0:
             pytest.skip("io_uring not available on this kernel")
-        b.nowait = False       # this test is about the io_uring path itself
+        # this test is about the io_uring path itself
+        assert lib.vu_blk_set_io_path(b, lib.VU_BLK_IO_URING, lib.VU_BLK_IO_URING) == 0
         b.lim.capacity = CAPACITY
         b.lim.writeback = writeback
         vq = lab.vq(0)

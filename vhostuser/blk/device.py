@@ -7,6 +7,7 @@ import logging
 import operator
 import os
 import reprlib
+import struct
 import threading
 
 
@@ -37,6 +38,13 @@ _UNSUPP = int(BlkStatus.UNSUPP)
 _METHODS = {BlkType.IN: "read", BlkType.OUT: "write", BlkType.FLUSH: "flush",
             BlkType.DISCARD: "discard", BlkType.WRITE_ZEROES: "write_zeroes",
             BlkType.GET_LIFETIME: "lifetime", BlkType.GET_ID: "get_id"}
+_PENDING = int(lib.VU_BLK_S_PENDING)
+assert _OK == 0
+_PYDESC = struct.Struct("=IIQQQQ")       # struct vu_blk_pydesc
+assert _PYDESC.size == ffi.sizeof("struct vu_blk_pydesc")
+_IO_MODES = {"inline": lib.VU_BLK_IO_INLINE, "nowait": lib.VU_BLK_IO_NOWAIT,
+             "uring": lib.VU_BLK_IO_URING}
+_IO_NAMES = {v: k for k, v in _IO_MODES.items()}
 _COUNTERS = ("reads", "writes", "flushes", "discards", "write_zeroes", "others", "errors",
              "unsupported", "bytes_read", "bytes_written", "completed", "latency_ns_sum",
              "stable_writes", "stable_syncs")
@@ -79,7 +87,8 @@ class BlkDevice(Device):
             if mapped < 0:
                 log.warning("%s: can't map it for reading (%s); reads use preadv",
                             backend.path, os.strerror(-mapped))
-            self.mapped_reads = mapped == 1   # an image on tmpfs: memcpy from its page cache
+            # memcpy from a mapping of its page cache (tmpfs, local disk file systems)
+            self.mapped_reads = mapped == 1
             if aio == "io_uring":
                 # Many requests in flight per queue; without io_uring (old
                 # kernel, seccomp) the workers do the I/O themselves.
@@ -98,6 +107,8 @@ class BlkDevice(Device):
             check(lib.vu_blk_set_ram(self._blk, backend.size()), "RAM disk")
         else:
             self._blk.py_ctx = self._handle
+            # Requests per call into Python (default 32); for measurements.
+            self._blk.py_batch = int(os.environ.get("VHOSTUSER_BLK_PY_BATCH", "0"))
         self._kind = kind
         self._loop: asyncio.AbstractEventLoop | None = None
         # Views over guest buffers: the connected data plane's (on_connect);
@@ -130,6 +141,11 @@ class BlkDevice(Device):
         lim.writeback = True
         self._qos = QosLimits()
         self._close_flushed = False
+        path = os.environ.get("VHOSTUSER_BLK_IO_PATH")
+        if path and kind == lib.VU_BLK_BACKEND_FILE:
+            # For measuring one choice against another (bench/README.md).
+            self.set_io_path(**dict(kv.split("=", 1) for kv in path.split(",")))
+            log.warning("I/O path set by VHOSTUSER_BLK_IO_PATH: %s", self.io_path)
 
     # -- what is offered ---------------------------------------------------------
     def _offers(self, feature: BlkFeature) -> bool:
@@ -294,6 +310,32 @@ class BlkDevice(Device):
             out.append(m)
         return out
 
+    @property
+    def io_path(self) -> dict[str, str]:
+        """How the C file back-end does reads and writes now: ``inline`` (in
+        the queue worker), ``nowait`` (tried in the worker without blocking,
+        the rest through io_uring) or ``uring``."""
+        if self._kind != lib.VU_BLK_BACKEND_FILE:
+            return {}
+        return {"read": _IO_NAMES[self._blk.read_io], "write": _IO_NAMES[self._blk.write_io]}
+
+    def set_io_path(self, read: str | None = None, write: str | None = None) -> None:
+        """Overrides the I/O path the device picked for where the file lives
+        (for measurements): each of ``inline``, ``nowait``, ``uring``. The
+        last two start io_uring if the device was not using it; ``nowait``
+        is refused with O_DIRECT."""
+        if self._kind != lib.VU_BLK_BACKEND_FILE:
+            raise ValueError("only the C file back-end has an I/O path")
+        cur = self.io_path
+        modes = []
+        for name in (read or cur["read"], write or cur["write"]):
+            if name not in _IO_MODES:
+                raise ValueError(f"I/O path {name!r}: one of {', '.join(_IO_MODES)}")
+            modes.append(_IO_MODES[name])
+        if lib.vu_blk_set_io_path(self._blk, *modes) < 0:
+            raise ValueError(f"I/O path read={read} write={write} is not possible here "
+                             f"(direct={self.backend.direct}, io_uring available?)")
+
     def map_stats(self) -> dict:
         """How file reads were served: through the mapping of an in-memory
         image, or by preadv (holes, chunks not yet seen resident, faults)."""
@@ -450,43 +492,53 @@ class BlkDevice(Device):
                            reprlib.repr(value))
 
     def _python_batch(self, vq, reqs, n: int) -> None:
-        # Per request in the guest's hot path: reads and writes go straight
-        # to the back-end's methods with as few cffi look-ups as possible.
+        # Per request in the guest's hot path: the batch is described in one
+        # C call (type, offset, where the data is), statuses go back in one;
+        # a read or write in one buffer of a mapping already seen is a slice
+        # of its view, and goes straight to the back-end's method.
         be = self.backend
         read = be.read
         cached_write, stable_write = be.write, be.write_fua
         lim = self._blk.lim
-        iov_views = self._views.iov
-        for i in range(n):
-            r = reqs[i]
-            t = r.type
+        views = self._views
+        by_map = views._by_map
+        desc = ffi.new("struct vu_blk_pydesc[]", n)
+        lib.vu_blk_py_describe(reqs, n, desc)
+        status = bytearray(n)
+        for i, (t, niov, offset, map_id, map_off, length) in enumerate(
+                _PYDESC.iter_unpack(ffi.buffer(desc))):
             # The cache mode when the request arrives decides; CONFIG_WCE
             # may change it between two requests of one batch.
             write = cached_write if lim.writeback else stable_write
             try:
                 if t == _IN or t == _OUT:
-                    bufs = iov_views(r.elem.mem, r.iov, 0, r.niov)
-                    outcome = (read if t == _IN else write)(r.sector * SECTOR, bufs)
+                    whole = by_map.get(map_id) if map_id else None
+                    if whole is not None:
+                        bufs = [whole[map_off:map_off + length]]
+                    else:
+                        r = reqs[i]
+                        bufs = views.iov(r.elem.mem, r.iov, 0, r.niov)
+                    outcome = (read if t == _IN else write)(offset, bufs)
                 else:
-                    outcome = self._run_request(r)
+                    outcome = self._run_request(reqs[i])
             except Unsupported as exc:
-                log.debug("block back-end: %s at sector %d unsupported: %s", _op(t), r.sector,
-                          exc)
-                r.result = _UNSUPP
+                log.debug("block back-end: %s at sector %d unsupported: %s", _op(t),
+                          reqs[i].sector, exc)
+                status[i] = _UNSUPP
                 continue
             except Exception as exc:
-                self._failed(exc, vq, r)
-                r.result = BlkStatus.IOERR
+                self._failed(exc, vq, reqs[i])
+                status[i] = BlkStatus.IOERR
                 continue
             if outcome is None:
-                r.result = _OK
+                continue        # status[i] is 0: OK
+            method = "write_fua" if t == _OUT and write is stable_write else _op(t)
+            if inspect.isawaitable(outcome):
+                self._complete_later(vq, reqs[i], outcome, method)   # r.result stays PENDING
+                status[i] = _PENDING
             else:
-                method = "write_fua" if t == _OUT and write is stable_write else _op(t)
-                if inspect.isawaitable(outcome):
-                    self._complete_later(vq, r, outcome, method)   # r.result stays PENDING
-                else:
-                    self._ignored(method, outcome)
-                    r.result = _OK
+                self._ignored(method, outcome)
+        lib.vu_blk_py_set_results(reqs, n, ffi.from_buffer(status))
 
     def _failed(self, exc: Exception, vq, r) -> None:
         """An I/O error (a remote store gone, a disk failing, a back-end that

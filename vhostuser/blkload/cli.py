@@ -30,6 +30,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--spin", action="store_true",
                    help="busy-poll the used ring instead of sleeping on the call eventfd")
     p.add_argument("--no-event-idx", action="store_true", help="do not negotiate EVENT_IDX")
+    p.add_argument("--no-flush", action="store_true",
+                   help="do not negotiate VIRTIO_BLK_F_FLUSH (nor CONFIG_WCE): the device must "
+                        "then make every write stable before completing it. By default FLUSH "
+                        "is negotiated, as Linux does, and the device may cache writes")
+    p.add_argument("--write-through", action="store_true",
+                   help="negotiate FLUSH and CONFIG_WCE, then set the config space's writeback "
+                        "to 0 (what Linux does for 'write through' in queue/write_cache)")
+    p.add_argument("--flush-every", type=int, default=0, metavar="N",
+                   help="send a FLUSH after every N writes (counted apart, not in IOPS)")
     p.add_argument("--span", help="only address the first SPAN bytes of the disk")
     p.add_argument("--pid", type=int, help="back-end pid (default: found from the socket)")
     p.add_argument("--prefill", action="store_true",
@@ -45,7 +54,9 @@ def _human(r: dict) -> str:
     lat = r["lat_us"]
     lines = [
         f"{r['rw']} bs={r['bs']} qd={r['qd']} queues={r['queues']} wait={r['wait']} "
-        f"event_idx={r['event_idx']}",
+        f"event_idx={r['event_idx']} flush={r['flush_negotiated']} cache={r['cache_mode']}",
+        *([f"  flushes {r['flushes']} (one per {r['flush_every']} writes), mean latency "
+           f"{r['flush_lat_us_mean']} us"] if r["flush_every"] else []),
         f"  IOPS {r['iops']:.0f}   {r['mbps']:.1f} MB/s   ios {r['ios']}   errors {r['errors']}"
         + (f"   verify errors {r['verify_errors']}" if r["verify"] else ""),
         f"  latency us: mean {lat['mean']}  p50 {lat['p50']}  p99 {lat['p99']}  "
@@ -79,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         r = run(args.socket, rw=args.rw, bs=args.bs, qd=args.qd, queues=args.queues,
                 seconds=args.seconds, warmup=args.warmup, rwmixread=args.rwmixread,
                 verify=args.verify, spin=args.spin, event_idx=not args.no_event_idx,
-                pid=args.pid, span=args.span)
+                pid=args.pid, span=args.span, flush=not args.no_flush,
+                write_through=args.write_through, flush_every=args.flush_every)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"vhostuser-blkload: {exc}", file=sys.stderr)
         return 1

@@ -1,6 +1,7 @@
 """The virtio-net device: features, config space, and who moves the frames."""
 from __future__ import annotations
 
+import array
 import inspect
 import logging
 import os
@@ -16,7 +17,8 @@ from ..loglimit import LogLimiter
 from ..native import ffi, lib
 from ..protocol import Feature, ProtocolFeature, Request, bit, bits
 from ..queue import Queue
-from .backends import Frame, LoopbackBackend, NetBackend, SinkBackend, TapBackend
+from .backends import (Frame, FrameBatch, LoopbackBackend, NetBackend, SinkBackend,
+                       StaleFrameError, TapBackend)
 from .spec import STATUS_LINK_UP, NetFeature, pack_config
 from .switch import SwitchPort
 
@@ -256,6 +258,48 @@ class NetDevice(Device):
                 return False
             return lib.vu_net_inject(self._net, queue_pair, frame, len(frame)) == 0
 
+    def inject_many(self, frames, queue_pair: int = 0) -> int:
+        """Hands many frames to the guest on receive queue ``queue_pair``:
+        one lock, one flush and one notification for all of them. Each is a
+        bytes-like object or a :class:`Frame` of a transmit batch (this
+        device's or another's, during that transmit call: copied once,
+        straight from the sending guest's memory); a whole
+        :class:`FrameBatch` goes as it is. Returns how many were delivered;
+        the others were dropped and counted."""
+        if not 0 <= queue_pair < self.queue_pairs:
+            raise ValueError(f"queue pair {queue_pair} out of range")
+        if type(frames) is FrameBatch:
+            if not frames._live:
+                raise StaleFrameError("a frame batch is valid only during transmit()")
+            with self._attach_lock:
+                if self._net.rxq[queue_pair] == ffi.NULL:
+                    self._net.stats[queue_pair].rx_dropped[lib.VU_NET_D_DISABLED] += frames._n
+                    return 0
+                return lib.vu_net_inject_frames(self._net, queue_pair, frames._c, frames._n)
+        items = frames if isinstance(frames, list) else list(frames)
+        if not items:
+            return 0
+        kinds = {type(f) for f in items}
+        if kinds <= _PLAIN_BYTES:
+            # bytes objects: laid end to end by join (C speed), one C call
+            buf = b"".join(items)
+            lens = array.array("I", map(len, items))
+            call = (lib.vu_net_inject_packed, ffi.from_buffer(buf),
+                    ffi.cast("uint32_t *", ffi.from_buffer(lens)))
+        elif kinds == {Frame} and all(f._c is not None for f in items):
+            for f in items:
+                f._check()
+            ptrs = ffi.new("struct vu_net_frame *[]", [f._c for f in items])
+            call = (lib.vu_net_inject_frames, ptrs)
+        else:
+            iov, niov, keep = _iovecs(items)
+            call = (lib.vu_net_inject_iovs, iov, niov)
+        with self._attach_lock:
+            if self._net.rxq[queue_pair] == ffi.NULL:
+                self._net.stats[queue_pair].rx_dropped[lib.VU_NET_D_DISABLED] += len(items)
+                return 0
+            return call[0](self._net, queue_pair, *call[1:], len(items))
+
     def stats(self) -> dict[str, int]:
         """The counters of :meth:`metrics` summed over the queue pairs (drops
         as ``tx_dropped_REASON``), plus the switch's when it is a port."""
@@ -304,14 +348,49 @@ class NetDevice(Device):
         self.backend.close()
 
     def _python_transmit(self, qp: int, frames, n: int) -> None:
-        batch = []
-        for i in range(n):
-            f = frames[i]
-            views = self._views.iov(f.elem.mem, f.iov, 0, f.niov)
-            header = bytes(ffi.buffer(ffi.addressof(f.hdr), 12))
-            batch.append(Frame(views, header, f.len))
-        with self._tx_locks[qp]:
-            self._transmit(qp, batch)
+        # Nothing per frame here: a Frame is made, and read from guest
+        # memory, only when the back-end looks at it.
+        batch = FrameBatch(self, frames, n)
+        try:
+            with self._tx_locks[qp]:
+                self._transmit(qp, batch)
+        finally:
+            batch._live = False
+
+
+#: types whose len() is their size in bytes
+_PLAIN_BYTES = {bytes, bytearray}
+
+
+def _iovecs(items):
+    """(struct iovec[], uint32_t niov[], objects to keep alive) for
+    vu_net_inject_iovs: a bytes-like item is one iovec, a transmit batch's
+    Frame its own."""
+    niov = ffi.new("uint32_t[]", len(items))
+    parts = []
+    keep = []
+    for i, f in enumerate(items):
+        if type(f) is Frame and f._c is not None:
+            c = f._check()
+            for j in range(c.niov):
+                parts.append((c.iov[j].iov_base, c.iov[j].iov_len))
+            niov[i] = c.niov
+        elif isinstance(f, Frame):
+            for v in f.views:
+                buf = ffi.from_buffer(v)
+                keep.append(buf)
+                parts.append((buf, len(v)))
+            niov[i] = len(f.views)
+        else:
+            buf = ffi.from_buffer(f)
+            keep.append(buf)
+            parts.append((buf, len(buf)))
+            niov[i] = 1
+    iov = ffi.new("struct iovec[]", len(parts))
+    for k, (base, length) in enumerate(parts):
+        iov[k].iov_base = base
+        iov[k].iov_len = length
+    return iov, niov, keep
 
 
 @ffi.def_extern()

@@ -1,0 +1,234 @@
+"""The C file back-end's I/O path (csrc/vu_blk.c, "Choosing the I/O path"):
+what the default picks for where the image lives, that every choice moves
+the right bytes, and that a file system refusing RWF_NOWAIT for writes
+(ext4's buffered writes) takes it away from writes only."""
+import os
+import subprocess
+import time
+
+import pytest
+
+from vhostuser.blk.spec import OUTHDR, BlkStatus, BlkType
+from vhostuser.native import lib
+from vhostuser.testing.ringlab import Lab
+
+S = BlkStatus
+T = BlkType
+CAPACITY = 2048   # sectors (1 MiB)
+INLINE, NOWAIT, URING = lib.VU_BLK_IO_INLINE, lib.VU_BLK_IO_NOWAIT, lib.VU_BLK_IO_URING
+
+
+@pytest.fixture
+def lab():
+    lab = Lab(nqueues=1, size=64, prepare=lib.vu_blk_prepare_queue)
+    yield lab
+    lab.close()
+
+
+def fstype(path) -> str:
+    return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True,
+                          text=True).stdout.strip()
+
+
+class FileDev:
+    """A C file back-end over `path` (created with `data`), io_uring on."""
+
+    def __init__(self, path, data: bytes, direct: bool = False):
+        path.write_bytes(data)
+        self.fd = os.open(path, os.O_RDWR | (os.O_DIRECT if direct else 0))
+        self.b = lib.vu_blk_new(lib.VU_BLK_BACKEND_FILE)
+        lib.vu_blk_set_file(self.b, self.fd, direct)
+        self.uring = lib.vu_blk_set_uring(self.b, True)
+        if self.uring < 0:
+            self.close()
+            pytest.skip("io_uring not available on this kernel")
+        self.b.lim.capacity = CAPACITY
+        self.b.lim.writeback = True
+
+    def close(self):
+        lib.vu_blk_free(self.b)
+        os.close(self.fd)
+
+
+@pytest.fixture
+def filedev(tmp_path):
+    devs = []
+
+    def make(data=None, direct=False, where=None):
+        d = FileDev((where or tmp_path) / f"disk{len(devs)}.img",
+                    data if data is not None else pattern(), direct)
+        devs.append(d)
+        return d
+    yield make
+    for d in devs:
+        d.close()
+
+
+def pattern() -> bytes:
+    return bytes((i * 7 + i // 512) & 0xFF for i in range(CAPACITY * 512))
+
+
+def request(lab, t, sector, data=None, length=4096, offset=0):
+    """One chain on queue 0: header, data (at `offset` past a 4 KiB boundary),
+    status. Returns (status gpa, data gpa)."""
+    h = lab.alloc(16)
+    lab.write(h, OUTHDR.pack(t, 0, sector))
+    d = lab.alloc(length + 4096, 4096) + offset
+    if data is not None:
+        lab.write(d, data)
+    s = lab.alloc(1)
+    lab.write(s, b"\xff")
+    head = lab.add_split_chain(0, [(h, 16, False), (d, length, t == T.IN), (s, 1, True)])
+    lab.publish_split(0, [head])
+    return s, d
+
+
+def serve(lab, dev, status_gpa, timeout=10.0) -> tuple[int, int]:
+    """Runs the handler until the request is answered; returns (status, the
+    number of handler calls it took)."""
+    vq = lab.vq(0)
+    vq.enabled = True
+    calls = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lib.vu_blk_handler(dev.b, vq)
+        calls += 1
+        if lab.read(status_gpa, 1)[0] != 0xFF:
+            return lab.read(status_gpa, 1)[0], calls
+        time.sleep(0.005)
+    raise AssertionError("request never answered")
+
+
+def test_default_on_a_page_cache_file_system_tries_page_cache_hits_inline(tmp_path, filedev):
+    if fstype(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("needs a file system with a page cache")
+    dev = filedev()
+    assert dev.uring == 0
+    assert (dev.b.use_uring, dev.b.read_io, dev.b.write_io) == (True, NOWAIT, NOWAIT)
+
+
+def test_default_on_tmpfs_is_inline_with_mapped_reads(filedev):
+    if not os.path.isdir("/dev/shm") or fstype("/dev/shm") != "tmpfs":
+        pytest.skip("no tmpfs at /dev/shm")
+    from pathlib import Path
+    import tempfile
+    where = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        dev = filedev(where=where)
+        assert dev.uring == 1
+        assert (dev.b.use_uring, dev.b.read_io, dev.b.write_io) == (False, INLINE, INLINE)
+        assert dev.b.map.len > 0
+    finally:
+        for f in where.iterdir():
+            f.unlink()
+        where.rmdir()
+
+
+def test_default_with_o_direct_is_io_uring(tmp_path, filedev):
+    try:
+        dev = filedev(direct=True)
+    except OSError as exc:
+        pytest.skip(f"O_DIRECT not supported here: {exc}")
+    assert (dev.b.read_io, dev.b.write_io) == (URING, URING)
+    # RWF_NOWAIT would still wait for the device with O_DIRECT: refused.
+    assert lib.vu_blk_set_io_path(dev.b, NOWAIT, URING) < 0
+    assert lib.vu_blk_set_io_path(dev.b, URING, NOWAIT) < 0
+    assert lib.vu_blk_set_io_path(dev.b, INLINE, URING) == 0
+
+
+def test_unknown_io_path_is_refused(filedev):
+    dev = filedev()
+    assert lib.vu_blk_set_io_path(dev.b, 3, INLINE) < 0
+    assert lib.vu_blk_set_io_path(dev.b, INLINE, -1) < 0
+
+
+def test_refused_nowait_writes_leave_reads_inline(lab, tmp_path, filedev):
+    """ext4 answers buffered pwritev2(RWF_NOWAIT) with EOPNOTSUPP. That
+    used to switch RWF_NOWAIT off for reads too, sending every page-cache
+    hit through io_uring afterwards."""
+    probe = tmp_path / "probe"
+    probe.write_bytes(bytes(4096))
+    fd = os.open(probe, os.O_RDWR)
+    try:
+        os.pwritev(fd, [bytes(4096)], 0, os.RWF_NOWAIT)
+        pytest.skip("this file system takes RWF_NOWAIT writes (the fallback is not used)")
+    except OSError as exc:
+        if exc.errno == 11:     # EAGAIN: supported, just not now
+            pytest.skip("this file system takes RWF_NOWAIT writes")
+        assert exc.errno == 95  # EOPNOTSUPP
+    finally:
+        os.close(fd)
+    dev = filedev()
+    data = bytes([0x5A]) * 4096
+    s, _ = request(lab, T.OUT, 8, data)
+    assert serve(lab, dev, s)[0] == S.OK
+    assert dev.b.write_io == URING       # measured: beats writing in the worker (notes)
+    assert dev.b.read_io == NOWAIT
+    s, d = request(lab, T.IN, 8)
+    status, calls = serve(lab, dev, s)
+    assert status == S.OK and calls == 1           # answered inline, in the same call
+    assert lab.read(d, 4096) == data
+
+
+@pytest.mark.parametrize("read_io", ["INLINE", "NOWAIT", "URING"])
+@pytest.mark.parametrize("write_io", ["INLINE", "NOWAIT", "URING"])
+def test_every_io_path_moves_the_right_bytes(lab, tmp_path, filedev, read_io, write_io):
+    dev = filedev()
+    assert lib.vu_blk_set_io_path(dev.b, getattr(lib, f"VU_BLK_IO_{read_io}"),
+                                  getattr(lib, f"VU_BLK_IO_{write_io}")) == 0
+    expect = bytearray(pattern())
+    for i, sector in enumerate((0, 8, 100, 2040)):
+        data = bytes([i + 1]) * 4096
+        s, _ = request(lab, T.OUT, sector, data)
+        assert serve(lab, dev, s)[0] == S.OK
+        expect[sector * 512:sector * 512 + 4096] = data
+    for sector in (0, 4, 8, 96, 2040):
+        s, d = request(lab, T.IN, sector)
+        assert serve(lab, dev, s)[0] == S.OK
+        assert lab.read(d, 4096) == expect[sector * 512:sector * 512 + 4096]
+    with open(dev_path(tmp_path), "rb") as f:
+        assert f.read() == bytes(expect)
+
+
+def dev_path(tmp_path):
+    return tmp_path / "disk0.img"
+
+
+def test_io_uring_on_tmpfs_when_asked(lab, filedev):
+    """The default keeps io_uring off on tmpfs; asking for it (to measure
+    it) starts it, and it moves the right bytes."""
+    if fstype("/dev/shm") != "tmpfs":
+        pytest.skip("no tmpfs at /dev/shm")
+    from pathlib import Path
+    import tempfile
+    where = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        dev = filedev(where=where)
+        assert not dev.b.use_uring
+        assert lib.vu_blk_set_io_path(dev.b, URING, URING) == 0
+        assert dev.b.use_uring
+        data = bytes([0xC3]) * 4096
+        s, _ = request(lab, T.OUT, 16, data)
+        assert serve(lab, dev, s)[0] == S.OK
+        s, d = request(lab, T.IN, 16)
+        assert serve(lab, dev, s)[0] == S.OK
+        assert lab.read(d, 4096) == data
+    finally:
+        for f in where.iterdir():
+            f.unlink()
+        where.rmdir()
+
+
+def test_o_direct_with_unaligned_buffers_is_bounced_not_failed(lab, tmp_path, filedev):
+    """io_uring with O_DIRECT takes only aligned buffers; a guest buffer that
+    is not is bounced in the worker instead of failing with EINVAL."""
+    try:
+        dev = filedev(direct=True)
+    except OSError as exc:
+        pytest.skip(f"O_DIRECT not supported here: {exc}")
+    data = bytes(range(256)) * 16
+    s, _ = request(lab, T.OUT, 24, data, offset=100)
+    assert serve(lab, dev, s)[0] == S.OK
+    s, d = request(lab, T.IN, 24, offset=36)
+    assert serve(lab, dev, s)[0] == S.OK
+    assert lab.read(d, 4096) == data
