@@ -16,9 +16,11 @@ def proc_status(pid: int, task: int | None = None) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
-def wait_sandboxed(pid: int, timeout: float = 20.0) -> dict[str, str]:
+def wait_sandboxed(pid: int, timeout: float = 20.0, filters: int = 1) -> dict[str, str]:
     """The status once the process is under its filter (it enters the
-    sandbox just after its socket appears)."""
+    sandbox just after its socket appears). ``filters``: how many filters
+    make it sandboxed (a process started under someone else's filter is in
+    filter mode before it loads its own)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -27,7 +29,8 @@ def wait_sandboxed(pid: int, timeout: float = 20.0) -> dict[str, str]:
             raise AssertionError(f"process {pid} is gone") from None
         if status["State"].startswith(("Z", "X")):
             raise AssertionError(f"process {pid} exited (Seccomp: {status['Seccomp']})")
-        if int(status.get("Seccomp", "0")) == SECCOMP_FILTER:
+        if (int(status.get("Seccomp", "0")) == SECCOMP_FILTER
+                and int(status.get("Seccomp_filters", "1")) >= filters):
             return status
         if time.monotonic() > deadline:
             raise AssertionError(f"process {pid} not under a seccomp filter after {timeout}s: "

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from bench import run as harness
-from bench.blkload import run as blkload_run
-from bench.blkload import stamp_file, warm_page_cache
+from vhostuser.blkload import run as blkload_run
+from vhostuser.blkload import stamp_file, warm_page_cache
 from vhostuser.blk import BlkDevice, FileBackend
 from vhostuser.testing.server import BackgroundServer
 

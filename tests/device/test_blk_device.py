@@ -9,7 +9,7 @@ import pytest
 from examples.cow_overlay import CowOverlay
 from examples.sparse_dict import SparseDictDisk
 from examples.trace_disk import TracingDisk
-from vhostuser.blk import BlkDevice, BlkFeature, BlockBackend, FileBackend, RamBackend
+from vhostuser.blk import BlkDevice, BlkFeature, BlockBackend, FileBackend, RamBackend, Unsupported
 from vhostuser.frontend import BlkRequest, BlkStatus
 from vhostuser.testing.server import BackgroundServer
 from vhostuser_devkit.patterns import pattern
@@ -266,7 +266,7 @@ class ListDisk(BlockBackend):
     def write(self, offset, bufs):
         self.calls.append(("write", offset, [len(b) for b in bufs]))
         if offset == 9 * 512:
-            return BlkStatus.UNSUPP
+            raise Unsupported("no writes at sector 9")
         for b in bufs:
             self.data[offset:offset + len(b)] = b
             offset += len(b)

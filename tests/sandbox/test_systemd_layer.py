@@ -120,7 +120,8 @@ def test_the_units_system_call_filter_lets_our_sandbox_work(tmp_path):
             assert proc.poll() is None, (proc.returncode, log.read_text())
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
-        wait_sandboxed(proc.pid)
+        # Already in filter mode under systemd's filter: wait for ours too.
+        wait_sandboxed(proc.pid, filters=2)
         assert proc_status(proc.pid)["Seccomp_filters"] == "2"     # systemd's and ours
         with Frontend.connect(str(sock), wait=10) as fe:
             blk = BlkClient.setup(fe, queues=2)

@@ -10,7 +10,7 @@ import pytest
 
 from vhostuser.blk.spec import OUTHDR, BlkStatus, BlkType
 from vhostuser.native import lib
-from vhostuser.testing.ringlab import Lab
+from vhostuser_devkit.ringlab import Lab
 
 S = BlkStatus
 T = BlkType

@@ -21,7 +21,7 @@ from ..frontend import FrontendError
 from ..fuzz import profiles
 from ..fuzz.campaign import CampaignConfig, replay_case, run_campaign
 from ..fuzz.case import KINDS, Verdict
-from ..fuzz.oracle import Unsupported
+from ..fuzz.oracle import CaseNotApplicable
 from ..fuzz.replay import Reproducer, ReproducerError
 from ..fuzz.runner import RunConfig
 from ..fuzz.spawn import SpawnError
@@ -92,7 +92,7 @@ def _replay(args, cc: CampaignConfig, log) -> int:
         return 2
     try:
         outcome = replay_case(cc, rep.case, log)
-    except Unsupported as exc:
+    except CaseNotApplicable as exc:
         print(f"vhostuser-fuzz: back-end cannot run this case: {exc}", file=sys.stderr)
         return 2
     same = outcome.verdict == rep.outcome.verdict

@@ -40,7 +40,7 @@ class Harness:
 
     def run(self, case: Case) -> Outcome:
         """The case's outcome, triaged; the back-end serves again afterwards.
-        Raises oracle.Unsupported when the back-end cannot run the case."""
+        Raises oracle.CaseNotApplicable when the back-end cannot run the case."""
         sp = self.spawner
         if sp is not None and not sp.alive():
             self.log(f"back-end found dead before a case ({sp.wait_for_death(0)}); restarting")

@@ -44,7 +44,7 @@ CONFIG_KINDS = ("messages", "memory", "unnegotiated")
 WELL_FORMED_RING_KINDS = ("request", "frame")
 
 
-class Unsupported(VhostUserError):
+class CaseNotApplicable(VhostUserError):
     """The back-end does not offer what the case needs (e.g. packed rings)."""
 
 
@@ -171,7 +171,7 @@ def _judge(target: Target, conn: CaseConnection, case: Case) -> Outcome:
     try:
         conn.open(case.setup)
     except FeatureError as exc:
-        raise Unsupported(str(exc)) from None
+        raise CaseNotApplicable(str(exc)) from None
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         return Outcome(Verdict.CRASHED, f"socket does not accept before the case: {exc}")
     except FrontendTimeout as exc:

@@ -21,7 +21,7 @@ from . import generate, profiles
 from .case import Case, Outcome, Verdict
 from .execute import accepted_frontend
 from .harness import Harness
-from .oracle import Unsupported
+from .oracle import CaseNotApplicable
 from .replay import Reproducer
 from .shrink import shrink
 from .source import RandomSource
@@ -155,7 +155,7 @@ class Recorder:
         """Runs and records one case; None when it was not judged."""
         try:
             outcome = self.harness.run(case)
-        except Unsupported:
+        except CaseNotApplicable:
             self.summary.skipped += 1
             return None
         except FrontendError as exc:     # a front-end bug must not look like a verdict
@@ -205,7 +205,7 @@ class Recorder:
     def _rerun(self, case: Case) -> Outcome:
         try:
             return self.harness.run(case)
-        except (Unsupported, FrontendError) as exc:
+        except (CaseNotApplicable, FrontendError) as exc:
             return Outcome(Verdict.PASS, f"not judged: {exc}")
 
     def _write(self, case: Case, outcome: Outcome, original: Case | None, label: str) -> str:
