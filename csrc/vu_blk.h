@@ -1,7 +1,11 @@
-/* virtio-blk: request parsing (no I/O) and the built-in back-ends' I/O. */
+/* virtio-blk device: its state, the control plane's calls and the queue
+ * handler. Requests: vu_blk_request.h; metrics: vu_blk_stats.h; the I/O
+ * engines behind the handler: vu_blk_engine.h. */
 #ifndef VU_BLK_H
 #define VU_BLK_H
 
+#include "vu_blk_request.h"
+#include "vu_blk_stats.h"
 #include "vu_filemap.h"
 #include "vu_qos.h"
 #include "vu_queue.h"
@@ -10,19 +14,9 @@
 struct vu_worker;
 
 #define VU_BLK_MAX_QUEUES 64
-#define VU_BLK_SECTOR 512
-#define VU_BLK_ID_BYTES 20
-/* Latency histogram: bucket i counts requests under 2^i us, the last one
- * everything slower (vhostuser.blk.device.LATENCY_BOUNDS_US). */
-#define VU_BLK_LAT_BUCKETS 26
+/* Most requests per call into a Python back-end. */
+#define VU_BLK_PY_BATCH_MAX 32
 
-/* Request types and status values (virtio 1.4, 5.2.6). */
-enum {
-    VU_BLK_T_IN = 0, VU_BLK_T_OUT = 1, VU_BLK_T_FLUSH = 4, VU_BLK_T_GET_ID = 8,
-    VU_BLK_T_GET_LIFETIME = 10, VU_BLK_T_DISCARD = 11, VU_BLK_T_WRITE_ZEROES = 13,
-    VU_BLK_T_SECURE_ERASE = 14,
-};
-enum { VU_BLK_S_OK = 0, VU_BLK_S_IOERR = 1, VU_BLK_S_UNSUPP = 2, VU_BLK_S_PENDING = 255 };
 enum { VU_BLK_BACKEND_RAM = 0, VU_BLK_BACKEND_FILE = 1, VU_BLK_BACKEND_PYTHON = 2 };
 /* How the FILE back-end does reads or writes (vu_blk_set_io_path):
  *  INLINE: preadv/pwritev in the queue worker (or memcpy from the mapping of
@@ -34,40 +28,6 @@ enum { VU_BLK_BACKEND_RAM = 0, VU_BLK_BACKEND_FILE = 1, VU_BLK_BACKEND_PYTHON = 
  *  URING:  every request through io_uring. */
 enum { VU_BLK_IO_INLINE = 0, VU_BLK_IO_NOWAIT = 1, VU_BLK_IO_URING = 2 };
 
-/* Why a request got IOERR/UNSUPP, for logs and tests. */
-enum vu_blk_reason {
-    VU_BLK_R_NONE = 0, VU_BLK_R_SHORT_HEADER, VU_BLK_R_WRONG_DIRECTION, VU_BLK_R_UNALIGNED_LEN,
-    VU_BLK_R_OUT_OF_RANGE, VU_BLK_R_READ_ONLY, VU_BLK_R_UNKNOWN_TYPE, VU_BLK_R_NOT_NEGOTIATED,
-    VU_BLK_R_BAD_SEGMENTS, VU_BLK_R_TOO_MANY_SEGMENTS, VU_BLK_R_SEGMENT_TOO_LARGE,
-    VU_BLK_R_BAD_FLAGS, VU_BLK_R_IO_FAILED, VU_BLK_R_NO_ID_ROOM,
-};
-
-struct vu_blk_seg {        /* virtio_blk_discard_write_zeroes */
-    uint64_t sector;
-    uint32_t num_sectors;
-    uint32_t flags;
-};
-
-struct vu_blk_dev;
-
-struct vu_blk_req {
-    struct vu_blk_dev *dev;   /* whose statistics count it (set by vu_blk_parse) */
-    uint64_t start_ns;        /* when it was popped; 0: not timed */
-    struct vu_elem *elem;
-    uint32_t type;
-    uint64_t sector;
-    uint64_t data_len;        /* bytes of data (IN/OUT/GET_ID) */
-    struct iovec *iov;        /* the data only: no header, no status byte */
-    uint32_t niov, iov_cap;
-    struct vu_blk_seg *segs;  /* DISCARD / WRITE_ZEROES / SECURE_ERASE, validated */
-    uint32_t nsegs, segs_cap;
-    uint8_t *status;          /* in guest memory */
-    uint8_t result;           /* VU_BLK_S_*; PENDING until executed */
-    uint8_t reason;           /* enum vu_blk_reason */
-    uint16_t queue;
-    struct vu_blk_req *next;  /* in a group waiting for its write-through sync */
-};
-
 /* Group commit: write-through writes whose data is written wait here for
  * one fdatasync that covers them all, and complete only after it (virtio
  * 1.4 5.2.6.5: stable on completion). Per queue, owned by its worker. */
@@ -75,32 +35,6 @@ struct vu_blk_group {
     struct vu_blk_req *waiting;   /* written, no sync started since */
     struct vu_blk_req *syncing;   /* covered by the sync in flight (io_uring) */
     bool sync_inflight;
-};
-
-/* What the device enforces; the control plane updates it under the device lock. */
-struct vu_blk_limits {
-    uint64_t capacity;                 /* in 512-byte sectors */
-    uint32_t max_discard_sectors, max_discard_seg;
-    uint32_t max_write_zeroes_sectors, max_write_zeroes_seg;
-    uint32_t max_secure_erase_sectors, max_secure_erase_seg;
-    bool read_only;
-    bool writeback;                    /* config space writeback (WCE) */
-    bool discard, write_zeroes, secure_erase;  /* negotiated */
-    bool write_zeroes_unmap;
-    char serial[VU_BLK_ID_BYTES];
-};
-
-/* Counted when a request completes, by type whatever its outcome; bytes
- * only for requests that succeeded. */
-struct vu_blk_stats {
-    uint64_t reads, writes, flushes, discards, write_zeroes, others, errors, unsupported;
-    uint64_t bytes_read, bytes_written;
-    uint64_t completed;
-    uint64_t latency_ns_sum;
-    uint64_t latency_us[VU_BLK_LAT_BUCKETS];
-    /* write-through writes completed, and the syncs that made them stable
-     * (fewer: group commit) */
-    uint64_t stable_writes, stable_syncs;
 };
 
 struct vu_blk_dev {
@@ -133,6 +67,9 @@ struct vu_blk_dev {
     struct vu_qos qos;
     int qos_timer[VU_BLK_MAX_QUEUES];        /* timerfd that wakes a throttled queue */
     struct vu_worker *timer_worker[VU_BLK_MAX_QUEUES];
+    /* PYTHON: the requests of the queue's current round, handed over at its end */
+    struct vu_blk_req *py_round[VU_BLK_MAX_QUEUES][VU_BLK_PY_BATCH_MAX];
+    uint8_t py_round_len[VU_BLK_MAX_QUEUES];
 };
 
 struct vu_blk_dev *vu_blk_new(int backend);
@@ -148,7 +85,7 @@ int vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct);
  * file system. */
 bool vu_blk_can_secure_erase(struct vu_blk_dev *b);
 /* FILE back-end: asynchronous I/O through io_uring (false: in the worker),
- * with the default I/O path for where the file lives (see vu_blk.c,
+ * with the default I/O path for where the file lives (see vu_blk_uring.c,
  * "Choosing the I/O path"). Returns 0; 1 when the file is in memory (tmpfs,
  * ramfs), where the worker does the I/O itself anyway; or -errno when
  * io_uring is not available. */

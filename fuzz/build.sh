@@ -15,11 +15,18 @@ CFLAGS="-std=gnu11 -D_GNU_SOURCE -g -O1 -fno-omit-frame-pointer \
 
 # The data plane without the network device and switch (other targets need
 # none of it, and it is compiled only where a target needs it).
-CORE="vu_memory.c vu_queue.c vu_split.c vu_packed.c vu_dev.c vu_blk.c vu_filemap.c vu_qos.c vu_uring.c vu_worker.c vu_fault.c"
+core() {
+    for f in "$ROOT"/csrc/vu_*.c; do
+        case "$(basename "$f")" in
+            vu_net*|vu_switch*) ;;
+            *) echo "$f" ;;
+        esac
+    done
+}
 
 sources() {
     case "$1" in
-        ring_blk) echo "$CORE" | sed "s|vu_|$ROOT/csrc/vu_|g"
+        ring_blk) core
                   echo "$HERE/targets/guest.c $HERE/targets/stubs.c" ;;
         mem_translate) echo "$ROOT/csrc/vu_memory.c" ;;
         *) echo "unknown target $1" >&2; exit 2 ;;

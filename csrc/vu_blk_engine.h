@@ -1,0 +1,103 @@
+/* Inside the virtio-blk device: the engines that do a request's I/O, and
+ * what they share with the queue handler (vu_blk.c). Not part of the cffi
+ * API.
+ *
+ * The handler pops and parses requests; an engine does their I/O:
+ *   RAM      vu_blk_ram.c     memcpy to and from an anonymous mapping
+ *   file     vu_blk_file.c    preadv/pwritev (or the page cache's mapping)
+ *                             in the queue's worker
+ *   io_uring vu_blk_uring.c   the file through io_uring, trying page-cache
+ *                             hits in the worker first
+ *   Python   vu_blk_python.c  batches handed to the Python back-end
+ * Write-through writes of the file engines wait for one shared sync
+ * (vu_blk_stable.c); QoS puts a queue to sleep (vu_blk_qos.c). */
+#ifndef VU_BLK_ENGINE_H
+#define VU_BLK_ENGINE_H
+
+#include "vu_blk.h"
+
+/* What start() did with a request. */
+enum vu_blk_start {
+    VU_BLK_DONE = 0,   /* its I/O is done and r->result set (data not yet stable) */
+    VU_BLK_TAKEN = 1,  /* the engine holds it and completes it itself later */
+};
+
+/* Small: the driver sees completions while the rest of its batch runs. */
+#define VU_BLK_ROUND 4
+
+struct vu_blk_engine {
+    /* Requests per round of the handler. NULL: VU_BLK_ROUND. */
+    int (*round_size)(const struct vu_blk_dev *b);
+    /* At the start of the handler: completes what finished since; returns
+     * how many requests. NULL: nothing ever finishes late. */
+    int (*reap)(struct vu_blk_dev *b, struct vu_vq *vq);
+    /* A parsed request whose result is PENDING. */
+    enum vu_blk_start (*start)(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *r);
+    /* After a round's requests started: sends what start() holds; returns
+     * how many requests it completed. NULL: nothing to do. */
+    int (*end_round)(struct vu_blk_dev *b, struct vu_vq *vq);
+};
+
+extern const struct vu_blk_engine vu_blk_ram_engine;
+extern const struct vu_blk_engine vu_blk_file_engine;
+extern const struct vu_blk_engine vu_blk_uring_engine;
+extern const struct vu_blk_engine vu_blk_python_engine;
+
+/* Completion (vu_blk.c) ----------------------------------------------------- */
+
+/* Writes status, counts the request and returns its chain. notify: from
+ * outside q's worker (other statistics, flush and signal at once). now 0:
+ * the caller records the latency. */
+int vu_blk_complete(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool notify,
+                    uint64_t now);
+/* GET_ID: the serial number into the request's buffers (any engine). */
+void vu_blk_answer_id(const struct vu_blk_dev *b, struct vu_blk_req *r);
+
+/* The I/O of one request, done in the calling thread ------------------------ */
+
+void vu_blk_ram_io(struct vu_blk_dev *b, struct vu_blk_req *r);
+void vu_blk_ram_close(struct vu_blk_dev *b);
+void vu_blk_file_io(struct vu_blk_dev *b, struct vu_blk_req *r);
+/* Full preadv/pwritev at off: retries short transfers and EINTR; 0 or -errno.
+ * Consumes iov. */
+int vu_blk_file_rw(int fd, struct iovec *iov, uint32_t niov, uint64_t off, bool write_op);
+/* O_DIRECT takes only sector-aligned buffers. */
+bool vu_blk_iov_aligned(const struct vu_blk_req *r);
+
+/* io_uring (vu_blk_uring.c) --------------------------------------------------- */
+
+/* Waits for what io_uring has in flight; answers none of it. */
+void vu_blk_uring_quiesce(struct vu_blk_dev *b);
+void vu_blk_uring_close(struct vu_blk_dev *b);
+
+/* Write-through group commit (vu_blk_stable.c) ---------------------------------- */
+
+/* Whether r, its I/O done, must wait for a sync before it completes; if so
+ * it joins queue q's group and true is returned. */
+bool vu_blk_stable_hold(struct vu_blk_dev *b, uint32_t q, struct vu_blk_req *r);
+/* A write-through request of the synchronous path: stable now. */
+bool vu_blk_needs_stable(const struct vu_blk_dev *b, const struct vu_blk_req *r);
+/* Starts the sync that covers what waits on vq's group: through u, or done
+ * here when u is NULL. Returns how many requests completed. */
+int vu_blk_stable_commit(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_uring *u);
+/* The sync tagged `group` finished with res (io_uring); returns how many
+ * requests completed. */
+int vu_blk_stable_synced(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_group *group,
+                         int res, uint64_t now);
+/* user_data of a group's sync: the group's address with this bit set
+ * (requests and groups are at least 8-byte aligned). */
+#define VU_BLK_TAG_GROUP 1u
+/* At disconnect: a group's requests in flight or waiting are dropped, not
+ * answered (never stable, so never acknowledged). */
+void vu_blk_stable_drop(struct vu_blk_group *group, bool syncing);
+
+/* QoS (vu_blk_qos.c) ------------------------------------------------------------- */
+
+/* Puts the queue to sleep for wait_ns (its timerfd wakes the handler); false
+ * when no timer can be had (the caller then serves on). */
+bool vu_blk_qos_sleep(struct vu_blk_dev *b, struct vu_vq *vq, uint64_t wait_ns);
+/* The handler runs: consume the queue's timer expirations. */
+void vu_blk_qos_woken(struct vu_blk_dev *b, uint32_t q);
+void vu_blk_qos_close(struct vu_blk_dev *b);
+
+#endif

@@ -1,0 +1,230 @@
+/* The file engine: an image file or block device, read and written in the
+ * queue's worker (reads of cached pages copied from a mapping of the file,
+ * vu_filemap.c). Also the synchronous fallback of the io_uring engine. */
+#include "vu_blk_engine.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* A block device that takes BLKSECDISCARD: the kernel refuses an empty
+ * range up front (EOPNOTSUPP) where the device can't erase securely. */
+static bool probe_secure_erase(int fd)
+{
+    struct stat st;
+    uint64_t range[2] = {0, 0};
+    return fstat(fd, &st) == 0 && S_ISBLK(st.st_mode) && ioctl(fd, BLKSECDISCARD, range) == 0;
+}
+
+int vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct)
+{
+    b->fd = fd;
+    b->direct = direct;
+    b->secure_erase = probe_secure_erase(fd);
+    vu_filemap_close(&b->map);
+    /* O_DIRECT asks to bypass the cache: don't read it through a mapping. */
+    int rc = direct ? 0 : vu_filemap_open(&b->map, fd);
+    return rc < 0 ? rc : b->map.base != NULL;
+}
+
+bool vu_blk_can_secure_erase(struct vu_blk_dev *b)
+{
+    return b->backend == VU_BLK_BACKEND_RAM ||
+           (b->backend == VU_BLK_BACKEND_FILE && b->secure_erase);
+}
+
+int vu_blk_file_rw(int fd, struct iovec *iov, uint32_t niov, uint64_t off, bool write_op)
+{
+    while (niov > 0) {
+        ssize_t n = write_op ? pwritev(fd, iov, (int)niov, (off_t)off)
+                             : preadv(fd, iov, (int)niov, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return -EIO;   /* past the end of the file: it shrank under us */
+        off += (uint64_t)n;
+        while (niov > 0 && (size_t)n >= iov->iov_len) {
+            n -= (ssize_t)iov->iov_len;
+            iov++;
+            niov--;
+        }
+        if (niov > 0 && n > 0) {
+            /* iov belongs to the request, adjusting it in place is fine:
+             * it is not used again after the transfer. */
+            iov->iov_base = (uint8_t *)iov->iov_base + n;
+            iov->iov_len -= (size_t)n;
+        }
+    }
+    return 0;
+}
+
+bool vu_blk_iov_aligned(const struct vu_blk_req *r)
+{
+    for (uint32_t i = 0; i < r->niov; i++)
+        if (((uintptr_t)r->iov[i].iov_base | r->iov[i].iov_len) & 511)
+            return false;
+    return true;
+}
+
+/* O_DIRECT needs aligned buffers; guest buffers often are not. */
+static int file_rw_bounce(int fd, struct vu_blk_req *r, uint64_t off, bool write_op)
+{
+    void *buf;
+    if (posix_memalign(&buf, 4096, r->data_len ? r->data_len : 4096))
+        return -ENOMEM;
+    int rc = 0;
+    struct iovec one = {buf, r->data_len};
+    uint8_t *p = buf;
+    if (write_op) {
+        for (uint32_t i = 0; i < r->niov; i++) {
+            memcpy(p, r->iov[i].iov_base, r->iov[i].iov_len);
+            p += r->iov[i].iov_len;
+        }
+        rc = vu_blk_file_rw(fd, &one, 1, off, true);
+    } else {
+        rc = vu_blk_file_rw(fd, &one, 1, off, false);
+        for (uint32_t i = 0; rc == 0 && i < r->niov; i++) {
+            memcpy(r->iov[i].iov_base, p, r->iov[i].iov_len);
+            p += r->iov[i].iov_len;
+        }
+    }
+    free(buf);
+    return rc;
+}
+
+static int file_write_zeroes_slow(int fd, uint64_t off, uint64_t len)
+{
+    static const uint8_t zeroes[65536] __attribute__((aligned(4096)));
+    while (len > 0) {
+        size_t chunk = len < sizeof(zeroes) ? (size_t)len : sizeof(zeroes);
+        struct iovec iov = {(void *)zeroes, chunk};
+        int rc = vu_blk_file_rw(fd, &iov, 1, off, true);
+        if (rc)
+            return rc;
+        off += chunk;
+        len -= chunk;
+    }
+    return 0;
+}
+
+static int file_zero(struct vu_blk_dev *b, uint64_t off, uint64_t len, bool unmap)
+{
+    vu_filemap_punching(&b->map, off, len);
+    vu_filemap_written(&b->map, off, len);
+    if (unmap && b->punch_hole &&
+        fallocate(b->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+        return 0;
+    if (fallocate(b->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+        return 0;
+    /* No zero-range support here (tmpfs, some block devices): write them. */
+    return file_write_zeroes_slow(b->fd, off, len);
+}
+
+static int file_discard(struct vu_blk_dev *b, uint64_t off, uint64_t len)
+{
+    if (!b->punch_hole)
+        return 0;
+    vu_filemap_punching(&b->map, off, len);
+    if (fallocate(b->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) < 0) {
+        if (errno == EOPNOTSUPP || errno == ENOSYS) {
+            b->punch_hole = false;   /* discard is a hint: dropping it is allowed */
+            return 0;
+        }
+        return -errno;
+    }
+    return 0;
+}
+
+static int file_segments(struct vu_blk_dev *b, struct vu_blk_req *r)
+{
+    for (uint32_t i = 0; i < r->nsegs; i++) {
+        uint64_t off = r->segs[i].sector * VU_BLK_SECTOR;
+        uint64_t len = (uint64_t)r->segs[i].num_sectors * VU_BLK_SECTOR;
+        int rc = 0;
+        if (len == 0)
+            continue;
+        if (r->type == VU_BLK_T_DISCARD) {
+            rc = file_discard(b, off, len);
+        } else if (r->type == VU_BLK_T_WRITE_ZEROES) {
+            rc = file_zero(b, off, len, (r->segs[i].flags & 1) && b->lim.write_zeroes_unmap);
+        } else {
+            /* Only offered for block devices that erase for real. */
+            uint64_t range[2] = {off, len};
+            vu_filemap_written(&b->map, off, len);
+            rc = ioctl(b->fd, BLKSECDISCARD, range) < 0 ? -errno : 0;
+        }
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/* The I/O of a request, without making it stable (the group commit does). */
+void vu_blk_file_io(struct vu_blk_dev *b, struct vu_blk_req *r)
+{
+    uint64_t off = r->sector * VU_BLK_SECTOR;
+    int rc = 0;
+    switch (r->type) {
+    case VU_BLK_T_IN:
+        if (vu_filemap_read(&b->map, r->iov, r->niov, off, r->data_len) == 0)
+            ;   /* copied from the page cache through the mapping */
+        else if (b->direct && !vu_blk_iov_aligned(r))
+            rc = file_rw_bounce(b->fd, r, off, false);
+        else
+            rc = vu_blk_file_rw(b->fd, r->iov, r->niov, off, false);
+        break;
+    case VU_BLK_T_OUT:
+        if (b->direct && !vu_blk_iov_aligned(r))
+            rc = file_rw_bounce(b->fd, r, off, true);
+        else
+            rc = vu_blk_file_rw(b->fd, r->iov, r->niov, off, true);
+        if (rc == 0)
+            vu_filemap_written(&b->map, off, r->data_len);
+        break;
+    case VU_BLK_T_FLUSH:
+        if (fdatasync(b->fd) < 0)
+            rc = -errno;
+        break;
+    case VU_BLK_T_GET_ID:
+        vu_blk_answer_id(b, r);
+        break;
+    case VU_BLK_T_DISCARD:
+    case VU_BLK_T_WRITE_ZEROES:
+    case VU_BLK_T_SECURE_ERASE:
+        rc = file_segments(b, r);
+        break;
+    default:
+        r->result = VU_BLK_S_UNSUPP;
+        return;
+    }
+    r->result = rc ? VU_BLK_S_IOERR : VU_BLK_S_OK;
+    if (rc)
+        r->reason = VU_BLK_R_IO_FAILED;
+}
+
+static enum vu_blk_start file_start(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *r)
+{
+    (void)vq;
+    vu_blk_file_io(b, r);
+    return VU_BLK_DONE;
+}
+
+/* The round's write-through writes: one fdatasync for them all. */
+static int file_end_round(struct vu_blk_dev *b, struct vu_vq *vq)
+{
+    return vu_blk_stable_commit(b, vq, NULL);
+}
+
+const struct vu_blk_engine vu_blk_file_engine = {
+    .start = file_start,
+    .end_round = file_end_round,
+};

@@ -1,0 +1,315 @@
+/* The io_uring engine: the file back-end with a ring per queue for what
+ * would block the worker (page-cache misses, O_DIRECT, FLUSH and the
+ * write-through group's sync). What can be done at once is done in the
+ * worker by the file engine's code.
+ *
+ * Choosing the I/O path ---------------------------------------------------------
+ *
+ * Where the image lives decides what is fastest (bench/RESULTS.md has the
+ * measurements behind each choice):
+ *  - tmpfs/ramfs: the data is in memory and io_uring can't try it without
+ *    blocking (no RWF_NOWAIT there), so it would hand every request to an
+ *    io-wq thread: two context switches for a copy the worker does faster
+ *    itself. Reads memcpy from a mapping of the page cache (vu_filemap.c),
+ *    writes are pwritev in the worker: INLINE.
+ *  - a local disk file system (ext4, XFS, btrfs): a read whose pages are in
+ *    the page cache is copied from a mapping of it, like on tmpfs (no
+ *    system call; vu_filemap.c forgets what it saw resident now and then,
+ *    since the kernel may drop pages). Other reads are tried with
+ *    preadv2(RWF_NOWAIT) in the worker, which answers page-cache hits at the
+ *    cost of one system call; only misses go to io_uring. Writes likewise
+ *    with pwritev2(RWF_NOWAIT) where the file system can (XFS, btrfs); ext4
+ *    refuses buffered RWF_NOWAIT writes (EOPNOTSUPP), and there io_uring
+ *    would punt every write to an io-wq thread, so the worker writes into
+ *    the page cache itself (nowait_fallback). FLUSH and the write-through
+ *    group's sync go through io_uring: they wait for the disk, and the
+ *    worker serves the rest meanwhile.
+ *  - O_DIRECT: every read and write waits for the device; io_uring keeps
+ *    them in flight together (URING).
+ * A file system that refuses RWF_NOWAIT for one direction only loses it for
+ * that direction. */
+#include "vu_blk_engine.h"
+#include "vu_worker.h"
+
+#include <errno.h>
+#include <unistd.h>
+
+int vu_blk_set_uring(struct vu_blk_dev *b, bool on)
+{
+    b->nowait_fallback[0] = VU_BLK_IO_URING;
+    b->nowait_fallback[1] = VU_BLK_IO_URING;
+    if (on && b->fd >= 0 && vu_filemap_memory_backed(b->fd)) {
+        b->use_uring = false;
+        b->read_io = b->write_io = VU_BLK_IO_INLINE;
+        return 1;
+    }
+    if (on) {
+        /* Probe once so the caller can fall back at start-up, not mid-I/O. */
+        if (vu_uring_sealed()) {
+            /* Sandboxed: only rings made before the filter exist. */
+            if (vu_uring_pool_size() == 0)
+                return -EPERM;
+        } else {
+            struct vu_uring probe;
+            int rc = vu_uring_init(&probe, 4);
+            if (rc)
+                return rc;
+            vu_uring_exit(&probe);
+        }
+    }
+    b->use_uring = on;
+    if (!on)
+        b->read_io = b->write_io = VU_BLK_IO_INLINE;
+    else if (b->direct)
+        b->read_io = b->write_io = VU_BLK_IO_URING;
+    else
+        b->read_io = b->write_io = VU_BLK_IO_NOWAIT;
+    return 0;
+}
+
+int vu_blk_set_io_path(struct vu_blk_dev *b, int read_io, int write_io)
+{
+    if (read_io < VU_BLK_IO_INLINE || read_io > VU_BLK_IO_URING ||
+        write_io < VU_BLK_IO_INLINE || write_io > VU_BLK_IO_URING)
+        return -EINVAL;
+    /* RWF_NOWAIT on O_DIRECT still waits for the device. */
+    if (b->direct && (read_io == VU_BLK_IO_NOWAIT || write_io == VU_BLK_IO_NOWAIT))
+        return -EINVAL;
+    if (!b->use_uring && (read_io != VU_BLK_IO_INLINE || write_io != VU_BLK_IO_INLINE)) {
+        /* e.g. io_uring on tmpfs, to measure it against the default */
+        struct vu_uring probe;
+        if (b->backend != VU_BLK_BACKEND_FILE || b->fd < 0)
+            return -EINVAL;
+        int rc = vu_uring_init(&probe, 4);
+        if (rc)
+            return rc;
+        vu_uring_exit(&probe);
+        b->use_uring = true;
+    }
+    b->read_io = (uint8_t)read_io;
+    b->write_io = (uint8_t)write_io;
+    return 0;
+}
+
+/* The queue's ring, made on first use and watched by the queue's worker.
+ * NULL: none can be had, the queue does its I/O synchronously. */
+static struct vu_uring *queue_ring(struct vu_blk_dev *b, struct vu_vq *vq)
+{
+    uint32_t q = vq->index;
+    if (q >= VU_BLK_MAX_QUEUES)
+        return NULL;
+    if (!b->rings[q]) {
+        struct vu_uring *u = vu_uring_get(vq->size);
+        if (!u)
+            return NULL;
+        b->rings[q] = u;
+    }
+    if (b->ring_worker[q] != vq->worker && vq->worker) {
+        if (vu_worker_add_event_fd(vq->worker, vq, b->rings[q]->efd) == 0)
+            b->ring_worker[q] = vq->worker;
+    }
+    return b->rings[q];
+}
+
+/* The ring queue_ring made for vq (the handler's reap called it first). */
+static struct vu_uring *ring_of(struct vu_blk_dev *b, struct vu_vq *vq)
+{
+    return vq->index < VU_BLK_MAX_QUEUES ? b->rings[vq->index] : NULL;
+}
+
+static bool async_type(uint32_t type)
+{
+    return type == VU_BLK_T_IN || type == VU_BLK_T_OUT || type == VU_BLK_T_FLUSH;
+}
+
+/* How r is done: VU_BLK_IO_* (flushes: through io_uring). */
+static int io_mode(const struct vu_blk_dev *b, const struct vu_blk_req *r)
+{
+    if (r->type == VU_BLK_T_FLUSH)
+        return VU_BLK_IO_URING;
+    /* O_DIRECT with buffers it can't take: bounced, in the worker. */
+    if (b->direct && !vu_blk_iov_aligned(r))
+        return VU_BLK_IO_INLINE;
+    /* Another queue's worker may have just turned NOWAIT off: any value
+     * read is a valid mode. */
+    return __atomic_load_n(r->type == VU_BLK_T_IN ? &b->read_io : &b->write_io,
+                           __ATOMIC_RELAXED);
+}
+
+/* A read or write that can finish at once (page cache hit, no block) is
+ * done here, a read through the mapping if it can: true with r->result set.
+ * Anything else, including a short transfer, goes on untouched (RWF_NOWAIT
+ * transfers nothing or what it could; a partial one is simply redone). */
+static bool try_nowait(struct vu_blk_dev *b, struct vu_blk_req *r)
+{
+    if (r->niov == 0)
+        return false;
+    bool wr = r->type == VU_BLK_T_OUT;
+    uint64_t off = r->sector * VU_BLK_SECTOR;
+    if (!wr && vu_filemap_read(&b->map, r->iov, r->niov, off, r->data_len) == 0) {
+        r->result = VU_BLK_S_OK;   /* copied from the page cache through the mapping */
+        return true;
+    }
+    ssize_t n = wr ? pwritev2(b->fd, r->iov, (int)r->niov, (off_t)off, RWF_NOWAIT)
+                   : preadv2(b->fd, r->iov, (int)r->niov, (off_t)off, RWF_NOWAIT);
+    if (n < 0 && errno == EOPNOTSUPP) {
+        /* The file system can't try this direction: stop asking (ext4
+         * refuses buffered writes, and reads still work). */
+        __atomic_store_n(wr ? &b->write_io : &b->read_io, b->nowait_fallback[wr],
+                         __ATOMIC_RELAXED);
+    }
+    if (n < 0 || (uint64_t)n != r->data_len)
+        return false;
+    if (wr)
+        vu_filemap_written(&b->map, off, r->data_len);
+    r->result = VU_BLK_S_OK;
+    return true;
+}
+
+/* Queues r on u; false when the ring is full (the caller runs it itself). */
+static bool submit_async(struct vu_blk_dev *b, struct vu_uring *u, struct vu_blk_req *r)
+{
+    if (u->pending + u->queued + 1 > u->entries)
+        return false;
+    struct io_uring_sqe *sqe = vu_uring_sqe(u);
+    r->reason = VU_BLK_R_NONE;
+    sqe->fd = b->fd;
+    sqe->user_data = (uint64_t)(uintptr_t)r;
+    if (r->type == VU_BLK_T_FLUSH) {
+        sqe->opcode = IORING_OP_FSYNC;
+        sqe->fsync_flags = IORING_FSYNC_DATASYNC;
+        return true;
+    }
+    sqe->opcode = r->type == VU_BLK_T_IN ? IORING_OP_READV : IORING_OP_WRITEV;
+    sqe->addr = (uint64_t)(uintptr_t)r->iov;
+    sqe->len = r->niov;
+    sqe->off = r->sector * VU_BLK_SECTOR;
+    return true;
+}
+
+/* Applies one completion to its request (short transfers are finished
+ * here, synchronously). */
+static void apply_cqe(struct vu_blk_dev *b, struct io_uring_cqe *cqe, struct vu_blk_req *r)
+{
+    if (cqe->res < 0) {
+        r->reason = VU_BLK_R_IO_FAILED;
+    } else if (r->type != VU_BLK_T_FLUSH && (uint64_t)cqe->res < r->data_len) {
+        uint64_t done = (uint64_t)cqe->res;
+        if (vu_blk_request_slice(r, r->iov, r->niov, done, r->data_len - done) ||
+            vu_blk_file_rw(b->fd, r->iov, r->niov, r->sector * VU_BLK_SECTOR + done,
+                           r->type == VU_BLK_T_OUT))
+            r->reason = VU_BLK_R_IO_FAILED;
+    }
+    r->result = r->reason == VU_BLK_R_IO_FAILED ? VU_BLK_S_IOERR : VU_BLK_S_OK;
+    if (r->result == VU_BLK_S_OK && r->type == VU_BLK_T_OUT)
+        vu_filemap_written(&b->map, r->sector * VU_BLK_SECTOR, r->data_len);
+}
+
+/* Completes what io_uring finished; returns how many requests. */
+static int reap_ring(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_uring *u)
+{
+    uint64_t v;
+    ssize_t rd = read(u->efd, &v, sizeof(v));   /* EFD_NONBLOCK */
+    (void)rd;
+    int done = 0;
+    uint64_t now = 0;   /* one clock read for what this call completes: it is flushed together */
+    struct io_uring_cqe *cqe;
+    uint32_t q = vq->index % VU_BLK_MAX_QUEUES;
+    while ((cqe = vu_uring_peek(u))) {
+        uint64_t tag = cqe->user_data;
+        int res = cqe->res;
+        if (!now)
+            now = vu_now_ns();
+        if (tag & VU_BLK_TAG_GROUP) {
+            vu_uring_seen(u);
+            struct vu_blk_group *g =
+                (struct vu_blk_group *)(uintptr_t)(tag & ~(uint64_t)VU_BLK_TAG_GROUP);
+            done += vu_blk_stable_synced(b, vq, g, res, now);
+            continue;
+        }
+        struct vu_blk_req *r = (struct vu_blk_req *)(uintptr_t)tag;
+        apply_cqe(b, cqe, r);
+        vu_uring_seen(u);
+        if (!vu_blk_stable_hold(b, q, r)) {
+            vu_blk_complete(vq, r, r->result, false, now);
+            done++;
+        }
+    }
+    return done + vu_blk_stable_commit(b, vq, u);
+}
+
+static int uring_reap(struct vu_blk_dev *b, struct vu_vq *vq)
+{
+    struct vu_uring *u = queue_ring(b, vq);
+    return u ? reap_ring(b, vq, u) : 0;
+}
+
+static enum vu_blk_start uring_start(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *r)
+{
+    struct vu_uring *u = ring_of(b, vq);
+    int mode = u && async_type(r->type) ? io_mode(b, r) : VU_BLK_IO_INLINE;
+    /* Data already in the page cache needs no trip through io_uring's
+     * worker threads: try it without blocking. */
+    if (mode == VU_BLK_IO_NOWAIT && !try_nowait(b, r))
+        mode = io_mode(b, r);   /* a miss, or NOWAIT just turned out unsupported */
+    if (mode != VU_BLK_IO_INLINE && r->result == VU_BLK_S_PENDING && submit_async(b, u, r))
+        return VU_BLK_TAKEN;
+    if (r->result == VU_BLK_S_PENDING)
+        vu_blk_file_io(b, r);
+    return VU_BLK_DONE;
+}
+
+static int uring_end_round(struct vu_blk_dev *b, struct vu_vq *vq)
+{
+    struct vu_uring *u = ring_of(b, vq);
+    int done = 0;
+    if (u && u->queued) {
+        vu_uring_submit(u);
+        /* What io_uring could do at once (page-cache hits) completed inside
+         * that system call: answered in this round. Their signals are
+         * drained first (a completion posted after that signals again, so
+         * none is lost). */
+        if (vu_uring_peek(u))
+            done = reap_ring(b, vq, u);
+    }
+    /* One sync for the write-through writes of this round (and those that
+     * waited for the previous sync): group commit. */
+    return done + vu_blk_stable_commit(b, vq, u);
+}
+
+const struct vu_blk_engine vu_blk_uring_engine = {
+    .reap = uring_reap,
+    .start = uring_start,
+    .end_round = uring_end_round,
+};
+
+static void drop_cqe(void *arg, struct io_uring_cqe *cqe)
+{
+    (void)arg;
+    if (cqe->user_data & VU_BLK_TAG_GROUP) {
+        vu_blk_stable_drop(
+            (struct vu_blk_group *)(uintptr_t)(cqe->user_data & ~(uint64_t)VU_BLK_TAG_GROUP), true);
+        return;
+    }
+    struct vu_blk_req *r = (struct vu_blk_req *)(uintptr_t)cqe->user_data;
+    vu_vq_discard(r->elem->vq, r->elem);
+}
+
+void vu_blk_uring_quiesce(struct vu_blk_dev *b)
+{
+    for (uint32_t q = 0; q < VU_BLK_MAX_QUEUES; q++) {
+        if (b->rings[q]) {
+            vu_uring_drain(b->rings[q], drop_cqe, NULL);
+            b->ring_worker[q] = NULL;   /* that worker and its epoll go away */
+        }
+    }
+}
+
+void vu_blk_uring_close(struct vu_blk_dev *b)
+{
+    for (uint32_t q = 0; q < VU_BLK_MAX_QUEUES; q++) {
+        if (b->rings[q])
+            vu_uring_put(b->rings[q]);
+        b->rings[q] = NULL;
+    }
+}
