@@ -10,7 +10,7 @@ import pytest
 from vhostuser.native import ffi, lib
 from vhostuser.net import Frame, FrameBatch, NetBackend, NetDevice, NetFeature, StaleFrameError
 from vhostuser.protocol import Feature, bits
-from vhostuser.testing.ringlab import Lab
+from vhostuser_devkit.ringlab import Lab
 
 HDR = struct.Struct("<BBHHHHH")
 ZERO_HDR = HDR.pack(0, 0, 0, 0, 0, 0, 0)
