@@ -1,4 +1,8 @@
-/* virtio-net: header validation, transmit and receive paths, TAP I/O. */
+/* virtio-net device: the API (what cffi sees) and the port interface a
+ * switch uses. The implementation is split by job: vu_net.c (lifecycle,
+ * queue dispatch), vu_net_check.c (header rules), vu_net_rx.c (receive),
+ * vu_net_tx.c (transmit), vu_net_tap.c (TAP I/O); what they share and
+ * nobody else needs is in vu_net_internal.h. */
 #ifndef VU_NET_H
 #define VU_NET_H
 
@@ -8,7 +12,7 @@
 #define VU_NET_MAX_FRAME 65550        /* 64 KiB GSO frame + Ethernet header */
 
 enum { VU_NET_BACKEND_TAP = 0, VU_NET_BACKEND_PYTHON = 1,
-       VU_NET_BACKEND_SWITCH = 2, /* a port of a struct vu_switch (vu_switch.h) */
+       VU_NET_BACKEND_SWITCH = 2, /* frames go to a struct vu_net_port (a switch's, vu_switch.h) */
        VU_NET_BACKEND_SINK = 3,   /* transmitted frames are counted and dropped */
        VU_NET_BACKEND_LOOPBACK = 4 /* transmitted frames come back on the same queue pair */ };
 
@@ -46,7 +50,7 @@ struct vu_net_frame {
     uint32_t len;
 };
 
-struct vu_switch;
+struct vu_net_port;
 
 struct vu_net_dev {
     int backend;
@@ -63,9 +67,8 @@ struct vu_net_dev {
     struct vu_net_frame *frames[VU_NET_MAX_QP];
     uint32_t frames_num[VU_NET_MAX_QP];
     struct vu_net_stats stats[VU_NET_MAX_QP];
-    /* VU_NET_BACKEND_SWITCH: set by vu_switch_add_port */
-    struct vu_switch *sw;
-    int sw_port;
+    /* VU_NET_BACKEND_SWITCH: where transmitted frames go (vu_net_bind_port) */
+    struct vu_net_port *port;
 };
 
 struct vu_net_dev *vu_net_new(int backend);
@@ -102,6 +105,36 @@ void vu_net_py_describe(struct vu_net_frame *const *frames, int count, struct vu
 /* Frames laid end to end in buf, lens[i] bytes each. */
 int vu_net_inject_packed(struct vu_net_dev *n, uint32_t qp, const uint8_t *buf,
                          const uint32_t *lens, int count);
+
+/* The port interface: how a VU_NET_BACKEND_SWITCH device and whatever
+ * owns its port (vu_switch.c) talk, and all they know of each other.
+ * Transmit: the device calls port->tx for each validated frame. Receive:
+ * the owner calls vu_net_port_deliver. The owner embeds a struct
+ * vu_net_port in its own port state and finds that again from `port`; one
+ * pointer, so a worker never sees a hook with another port's context. */
+struct vu_net_port {
+    /* A frame the guest transmitted: the bytes from offset skip of
+     * iov[0, niov) (the virtio-net header left out), validated. Called in
+     * the device's worker with its device lock held; `from` is the device
+     * (a port may be unbound while a session runs: the owner checks it
+     * still belongs to `from`). Returns 0 or a vu_net_drop. */
+    int (*tx)(struct vu_net_port *port, struct vu_net_dev *from, const struct iovec *iov,
+              uint32_t niov, uint32_t skip, uint32_t len);
+};
+/* n is VU_NET_BACKEND_SWITCH and bound to no port. */
+bool vu_net_port_bindable(const struct vu_net_dev *n);
+/* From now on n transmits into port: 0, or -1 if n is not bindable. */
+int vu_net_bind_port(struct vu_net_dev *n, struct vu_net_port *port);
+/* n transmits nowhere (frames are dropped as VU_NET_D_IO). */
+void vu_net_unbind_port(struct vu_net_dev *n);
+/* A frame from the port for receive queue qp, or queue 0 when the guest
+ * has not enabled qp (it may use fewer pairs). From any thread without
+ * the device lock; never waits for it (the caller may hold locks that its
+ * holder waits for): a busy device refuses the frame. Flushes and
+ * notifies. Returns 0 or a vu_net_drop. Frames refused before a queue is
+ * picked (longer than the MTU allows, no session, device busy) are not
+ * counted by the device: the caller counts its own drops. */
+int vu_net_port_deliver(struct vu_net_dev *n, uint32_t qp, const uint8_t *data, uint32_t len);
 
 /* Queue handler for the worker (ctx = struct vu_net_dev *): even queues
  * receive, odd queues transmit. */

@@ -1,5 +1,9 @@
 /* A learning Ethernet switch between virtio-net devices in one process, with
- * an optional uplink: a TAP fd or a VXLAN tunnel (RFC 7348) over UDP. */
+ * an optional uplink: a TAP fd or a VXLAN tunnel (RFC 7348) over UDP. It
+ * knows a device only through vu_net.h's port interface. Split by job:
+ * vu_switch.c (ports, forwarding), vu_switch_mac.h (address table),
+ * vu_switch_uplink.c (TAP/VXLAN uplink); vu_switch_internal.h is what they
+ * share. */
 #ifndef VU_SWITCH_H
 #define VU_SWITCH_H
 
@@ -36,11 +40,13 @@ struct vu_switch *vu_switch_new(void);
 void vu_switch_free(struct vu_switch *sw);
 
 /* A port for n with nqp queue pairs. Returns the port number or -vu_err.
- * Sets n->sw and n->sw_port; n must use VU_NET_BACKEND_SWITCH. */
+ * Binds n's transmit to the port (vu_net_bind_port); n must use
+ * VU_NET_BACKEND_SWITCH. */
 int vu_switch_add_port(struct vu_switch *sw, struct vu_net_dev *n, uint32_t nqp);
 /* Detaches and forgets the port; n is no longer touched afterwards. */
 void vu_switch_remove_port(struct vu_switch *sw, int port);
-/* A session serves the port: from now on deliveries use n->rxq[]. */
+/* A session serves the port: from now on frames are delivered to n
+ * (vu_net_port_deliver). */
 int vu_switch_attach(struct vu_switch *sw, int port);
 /* Before the session's queues are freed: no delivery touches them after
  * this returns. Also forgets the addresses learned on the port. */
@@ -57,11 +63,6 @@ int vu_switch_start(struct vu_switch *sw);
 /* Joins the uplink thread; nothing is sent on the uplink fd afterwards. */
 void vu_switch_stop(struct vu_switch *sw);
 
-/* Hook of the transmit path: a validated frame from port n, the bytes from
- * offset skip of iov[0, niov) (the virtio-net header left out). Called in
- * the port's worker with its device lock held. Returns 0 or a vu_net_drop. */
-int vu_switch_tx(struct vu_net_dev *n, const struct iovec *iov, uint32_t niov, uint32_t skip,
-                 uint32_t len);
 /* A frame into the switch as if `port` had sent it (RARP after migration).
  * From any thread that holds no device lock. */
 int vu_switch_send(struct vu_switch *sw, int port, const uint8_t *data, uint32_t len);

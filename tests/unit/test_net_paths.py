@@ -1,4 +1,4 @@
-"""virtio-net data path in C (csrc/vu_net.c), virtio 1.4 5.1.6: transmitted
+"""virtio-net data path in C (csrc/vu_net*.c), virtio 1.4 5.1.6: transmitted
 headers are validated and bad frames dropped and counted; received frames
 fill guest buffers with a correct header (num_buffers with mergeable
 buffers); no room means drop and count, with the buffers left for later."""
