@@ -1,4 +1,4 @@
-"""The C file back-end's I/O path (csrc/vu_blk.c, "Choosing the I/O path"):
+"""The C file back-end's I/O path (csrc/vu_blk_uring.c, "Choosing the I/O path"):
 what the default picks for where the image lives, that every choice moves
 the right bytes, and that a file system refusing RWF_NOWAIT for writes
 (ext4's buffered writes) takes it away from writes only."""

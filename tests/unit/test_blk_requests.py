@@ -1,4 +1,4 @@
-"""virtio-blk request handling in C (csrc/vu_blk.c) against hostile chains,
+"""virtio-blk request handling in C (csrc/vu_blk_request.c and the engines) against hostile chains,
 virtio 1.4 5.2.6: each bad request gets IOERR or UNSUPP as the spec says and
 the queue goes on; only a chain with no room for the status byte breaks it."""
 import struct
