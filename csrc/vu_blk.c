@@ -59,8 +59,13 @@ int vu_blk_parse(struct vu_blk_dev *b, struct vu_elem *e, struct vu_blk_req *r)
     return vu_blk_request_parse(&b->lim, b->backend == VU_BLK_BACKEND_PYTHON, e, r);
 }
 
-void vu_blk_answer_id(const struct vu_blk_dev *b, struct vu_blk_req *r)
+/* GET_ID is no I/O: the serial number the control plane set goes into the
+ * request's buffers (a Python back-end answers it itself). True when
+ * answered. */
+static bool answer_id(const struct vu_blk_dev *b, struct vu_blk_req *r)
 {
+    if (r->type != VU_BLK_T_GET_ID || b->backend == VU_BLK_BACKEND_PYTHON)
+        return false;
     /* One copy: the control plane may set a new serial meanwhile. */
     char id[VU_BLK_ID_BYTES];
     memcpy(id, b->lim.serial, sizeof(id));
@@ -70,10 +75,14 @@ void vu_blk_answer_id(const struct vu_blk_dev *b, struct vu_blk_req *r)
         memcpy(r->iov[i].iov_base, id + (r->data_len - left), n);
         left -= n;
     }
+    r->result = VU_BLK_S_OK;
+    return true;
 }
 
 void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r)
 {
+    if (answer_id(b, r))
+        return;
     switch (b->backend) {
     case VU_BLK_BACKEND_RAM:
         vu_blk_ram_io(b, r);
@@ -184,7 +193,7 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
             if (vu_qos_active(&b->qos))
                 vu_qos_charge_bytes(&b->qos, r->data_len);
             if (r->result == VU_BLK_S_PENDING) {
-                if (eng->start(b, vq, r) == VU_BLK_TAKEN)
+                if (!answer_id(b, r) && eng->start(b, vq, r) == VU_BLK_TAKEN)
                     continue;
                 if (vu_blk_stable_hold(b, q, r))
                     continue;   /* completes after its group's sync */

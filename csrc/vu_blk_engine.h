@@ -31,7 +31,8 @@ struct vu_blk_engine {
     /* At the start of the handler: completes what finished since; returns
      * how many requests. NULL: nothing ever finishes late. */
     int (*reap)(struct vu_blk_dev *b, struct vu_vq *vq);
-    /* A parsed request whose result is PENDING. */
+    /* A parsed request whose result is PENDING (GET_ID excepted: the device
+     * answers it from its configuration, except with a Python back-end). */
     enum vu_blk_start (*start)(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *r);
     /* After a round's requests started: sends what start() holds; returns
      * how many requests it completed. NULL: nothing to do. */
@@ -50,8 +51,6 @@ extern const struct vu_blk_engine vu_blk_python_engine;
  * the caller records the latency. */
 int vu_blk_complete(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool notify,
                     uint64_t now);
-/* GET_ID: the serial number into the request's buffers (any engine). */
-void vu_blk_answer_id(const struct vu_blk_dev *b, struct vu_blk_req *r);
 
 /* The I/O of one request, done in the calling thread ------------------------ */
 

@@ -194,9 +194,6 @@ void vu_blk_file_io(struct vu_blk_dev *b, struct vu_blk_req *r)
         if (fdatasync(b->fd) < 0)
             rc = -errno;
         break;
-    case VU_BLK_T_GET_ID:
-        vu_blk_answer_id(b, r);
-        break;
     case VU_BLK_T_DISCARD:
     case VU_BLK_T_WRITE_ZEROES:
     case VU_BLK_T_SECURE_ERASE:

@@ -50,9 +50,6 @@ void vu_blk_ram_io(struct vu_blk_dev *b, struct vu_blk_req *r)
         break;
     case VU_BLK_T_FLUSH:
         break;   /* nothing is ever cached on the way to memory */
-    case VU_BLK_T_GET_ID:
-        vu_blk_answer_id(b, r);
-        break;
     case VU_BLK_T_DISCARD:
     case VU_BLK_T_WRITE_ZEROES:
     case VU_BLK_T_SECURE_ERASE:

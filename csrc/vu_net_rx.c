@@ -108,14 +108,16 @@ int vu_net_inject(struct vu_net_dev *n, uint32_t qp, const uint8_t *data, uint32
     return rc;
 }
 
-/* The i-th frame of a batch to inject: its iovecs and length. */
-typedef void (*inject_src_fn)(const void *arg, int i, struct src_cursor *src, uint32_t *len);
+/* The i-th frame of a batch to inject: its iovecs and length. Called for
+ * i = 0, 1, ... in order, each once at most, so a source may keep a cursor
+ * in arg. */
+typedef void (*inject_src_fn)(void *arg, int i, struct src_cursor *src, uint32_t *len);
 
 /* Many frames into receive queue qp: one device lock, one receive lock, one
  * flush and one notification for all. Frames without room are dropped and
  * counted; once the ring has no buffers left, so are the rest. */
 static int inject_many(struct vu_net_dev *n, uint32_t qp, int count, inject_src_fn get,
-                       const void *arg)
+                       void *arg)
 {
     if (count <= 0)
         return 0;
@@ -162,7 +164,7 @@ static int inject_many(struct vu_net_dev *n, uint32_t qp, int count, inject_src_
     return delivered;
 }
 
-static void frame_src(const void *arg, int i, struct src_cursor *src, uint32_t *len)
+static void frame_src(void *arg, int i, struct src_cursor *src, uint32_t *len)
 {
     const struct vu_net_frame *f = ((struct vu_net_frame *const *)arg)[i];
     *src = (struct src_cursor){f->iov, f->niov, 0, 0};
@@ -172,18 +174,19 @@ static void frame_src(const void *arg, int i, struct src_cursor *src, uint32_t *
 int vu_net_inject_frames(struct vu_net_dev *n, uint32_t qp, struct vu_net_frame *const *frames,
                          int count)
 {
-    return inject_many(n, qp, count, frame_src, frames);
+    return inject_many(n, qp, count, frame_src, (void *)frames);
 }
 
 struct iov_batch {
-    const struct iovec *iov;
-    const uint32_t *first, *niov;
+    const struct iovec *next;   /* the next frame's first iovec */
+    const uint32_t *niov;
 };
 
-static void iov_src(const void *arg, int i, struct src_cursor *src, uint32_t *len)
+static void iov_src(void *arg, int i, struct src_cursor *src, uint32_t *len)
 {
-    const struct iov_batch *b = arg;
-    const struct iovec *iov = b->iov + b->first[i];
+    struct iov_batch *b = arg;
+    const struct iovec *iov = b->next;
+    b->next += b->niov[i];
     uint64_t total = 0;
     for (uint32_t j = 0; j < b->niov[i]; j++)
         total += iov[j].iov_len;
@@ -193,62 +196,33 @@ static void iov_src(const void *arg, int i, struct src_cursor *src, uint32_t *le
 }
 
 struct packed_batch {
-    const uint8_t *buf;
+    const uint8_t *next;        /* the next frame's first byte */
     const uint32_t *lens;
-    const uint64_t *at;
-    struct iovec *one;      /* a cursor's iovec per call */
+    struct iovec one;           /* the cursor's iovec, one frame at a time */
 };
 
-static void packed_src(const void *arg, int i, struct src_cursor *src, uint32_t *len)
+static void packed_src(void *arg, int i, struct src_cursor *src, uint32_t *len)
 {
-    const struct packed_batch *b = arg;
-    b->one->iov_base = (void *)(b->buf + b->at[i]);
-    b->one->iov_len = b->lens[i];
-    *src = (struct src_cursor){b->one, 1, 0, 0};
+    struct packed_batch *b = arg;
+    b->one.iov_base = (void *)b->next;
+    b->one.iov_len = b->lens[i];
+    b->next += b->lens[i];
+    *src = (struct src_cursor){&b->one, 1, 0, 0};
     *len = b->lens[i];
 }
 
 int vu_net_inject_packed(struct vu_net_dev *n, uint32_t qp, const uint8_t *buf,
                          const uint32_t *lens, int count)
 {
-    if (count <= 0)
-        return 0;
-    uint64_t stack_at[64];
-    uint64_t *at = count <= 64 ? stack_at : malloc((size_t)count * sizeof(uint64_t));
-    if (!at)
-        return -VU_NET_D_IO;
-    uint64_t off = 0;
-    for (int i = 0; i < count; i++) {
-        at[i] = off;
-        off += lens[i];
-    }
-    struct iovec one;
-    struct packed_batch b = {buf, lens, at, &one};
-    int rc = inject_many(n, qp, count, packed_src, &b);
-    if (at != stack_at)
-        free(at);
-    return rc;
+    struct packed_batch b = {buf, lens, {NULL, 0}};
+    return inject_many(n, qp, count, packed_src, &b);
 }
 
 int vu_net_inject_iovs(struct vu_net_dev *n, uint32_t qp, const struct iovec *iov,
                        const uint32_t *niov, int count)
 {
-    if (count <= 0)
-        return 0;
-    uint32_t stack_first[64];
-    uint32_t *first = count <= 64 ? stack_first : malloc((size_t)count * sizeof(uint32_t));
-    if (!first)
-        return -VU_NET_D_IO;
-    uint32_t at = 0;
-    for (int i = 0; i < count; i++) {
-        first[i] = at;
-        at += niov[i];
-    }
-    struct iov_batch b = {iov, first, niov};
-    int rc = inject_many(n, qp, count, iov_src, &b);
-    if (first != stack_first)
-        free(first);
-    return rc;
+    struct iov_batch b = {iov, niov};
+    return inject_many(n, qp, count, iov_src, &b);
 }
 
 int vu_net_port_deliver(struct vu_net_dev *n, uint32_t qp, const uint8_t *data, uint32_t len)
