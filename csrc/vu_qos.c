@@ -1,3 +1,5 @@
+/* Per-device QoS token buckets (vu_qos.h): the arithmetic only; a queue
+ * that must wait sleeps in vu_blk_qos.c. */
 #include "vu_qos.h"
 
 #include <time.h>

@@ -1,3 +1,4 @@
+"""python -m vhostuser.blkload: the vhostuser-blkload command."""
 import sys
 
 from .cli import main
