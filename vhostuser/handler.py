@@ -238,6 +238,7 @@ class Session:
                                 f"{features & ~self.device.protocol_features():#x} were not offered")
         self.protocol_features = features
         self.protocol_features_set = True
+        log.info("%s: protocol features %#x", self.name, features)
 
     async def _on_set_owner(self, msg):
         self.owner = True
