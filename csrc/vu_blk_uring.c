@@ -19,9 +19,11 @@
  *    preadv2(RWF_NOWAIT) in the worker, which answers page-cache hits at the
  *    cost of one system call; only misses go to io_uring. Writes likewise
  *    with pwritev2(RWF_NOWAIT) where the file system can (XFS, btrfs); ext4
- *    refuses buffered RWF_NOWAIT writes (EOPNOTSUPP), and there io_uring
- *    would punt every write to an io-wq thread, so the worker writes into
- *    the page cache itself (nowait_fallback). FLUSH and the write-through
+ *    refuses buffered RWF_NOWAIT writes (EOPNOTSUPP), and there writes go
+ *    to io_uring (nowait_fallback) rather than into the page cache from the
+ *    worker: a buffered ext4 write now and then waits milliseconds (the
+ *    journal, dirty throttling) and the queue would stall meanwhile
+ *    (bench/blk_notes.md, the -winline rows). FLUSH and the write-through
  *    group's sync go through io_uring: they wait for the disk, and the
  *    worker serves the rest meanwhile.
  *  - O_DIRECT: every read and write waits for the device; io_uring keeps
