@@ -424,6 +424,7 @@ def main(argv=None) -> int:
                    help="bench/RESULTS.md is written only if the 1-minute load was below this "
                         "before the run (default 0.3)")
     p.add_argument("--quiet-wait", type=float, default=600.0)
+    p.add_argument("--after-blk", action="store_true", help=argparse.SUPPRESS)  # run.py --all
     p.add_argument("--from-json", metavar="PATH", help="no runs: render the section again "
                    "from a net_results.json (e.g. with --notes)")
     args = p.parse_args(argv)
@@ -439,13 +440,14 @@ def main(argv=None) -> int:
         return 2
     if args.quick:
         args.seconds, args.warmup, args.reps = 0.3, 0.2, 1
-    from bench.run import tree_state, wait_for_quiet
-    commit, dirty = tree_state()
+    from bench.run import OUTPUTS, tree_state, wait_for_quiet
+    commit, dirty = tree_state(OUTPUTS if args.after_blk else frozenset())
     if dirty and not args.allow_dirty:
         print("bench/net.py: the tree has uncommitted changes: commit them (RESULTS.md names the "
               "commit it measured), or pass --allow-dirty for a development run", file=sys.stderr)
         return 2
-    publish = not args.out and not args.quick and not dirty
+    # After run.py's published blk run (--all), into the same place: as published.
+    publish = (not args.out or args.after_blk) and not args.quick and not dirty
     out = Path(args.out) if args.out else (HERE if publish else
                                            Path(tempfile.mkdtemp(prefix="vhu-bench-net-")))
     out.mkdir(parents=True, exist_ok=True)

@@ -370,10 +370,16 @@ def git(*argv) -> str:
                           text=True).stdout.strip()
 
 
-def tree_state() -> tuple[str, bool]:
+#: What a published run writes (relative to the checkout).
+OUTPUTS = frozenset({"bench/RESULTS.md", "bench/results.json", "bench/blk_iops_vs_qd.png",
+                     "bench/net_results.json", "bench/net_pps_by_frame.png"})
+
+
+def tree_state(ignore: frozenset = frozenset()) -> tuple[str, bool]:
     """(HEAD's full commit, whether the tree has uncommitted changes,
-    untracked files included)."""
-    return git("rev-parse", "HEAD"), bool(git("status", "--porcelain"))
+    untracked files included, other than the paths in `ignore`)."""
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines() if line.strip()]
+    return git("rev-parse", "HEAD"), any(path not in ignore for path in changed)
 
 
 def machine_info() -> dict:
@@ -555,7 +561,9 @@ def main(argv=None) -> int:
     print(f"wrote {md}", flush=True)
     if args.all:
         from bench import net
-        net_argv = ["--out", str(out)] + (["--quick"] if args.quick else [])
+        # The blk tables just written are the only change net.py may find.
+        net_argv = (["--out", str(out), "--after-blk"] + (["--quick"] if args.quick else [])
+                    + (["--allow-dirty"] if args.allow_dirty else []))
         return net.main(net_argv)
     return 0
 

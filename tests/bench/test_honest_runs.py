@@ -145,3 +145,17 @@ def test_development_runs_are_marked(monkeypatch, tmp_path):
     assert "uncommitted changes" in text and "--no-verify" in text
     assert "f" * 40 in text
     assert text.rstrip().endswith("## Network\n\nnet table")
+
+
+def test_the_net_run_after_a_published_blk_run_ignores_only_the_tables(monkeypatch):
+    """`run.py --all`: the blk tables it just wrote are the one change the
+    net run may find; any other change still makes the tree dirty."""
+    status = {"out": ""}
+    monkeypatch.setattr(harness, "git", lambda *a: status["out"] if a[0] == "status" else "c" * 40)
+    status["out"] = " M bench/RESULTS.md\n M bench/results.json"
+    assert harness.tree_state(harness.OUTPUTS) == ("c" * 40, False)
+    assert harness.tree_state() == ("c" * 40, True)
+    status["out"] = " M bench/RESULTS.md\n M csrc/vu_blk.c"
+    assert harness.tree_state(harness.OUTPUTS) == ("c" * 40, True)
+    status["out"] = "?? bench/stray.txt"
+    assert harness.tree_state(harness.OUTPUTS) == ("c" * 40, True)
