@@ -19,11 +19,12 @@
  *    preadv2(RWF_NOWAIT) in the worker, which answers page-cache hits at the
  *    cost of one system call; only misses go to io_uring. Writes likewise
  *    with pwritev2(RWF_NOWAIT) where the file system can (XFS, btrfs); ext4
- *    refuses buffered RWF_NOWAIT writes (EOPNOTSUPP), and there writes go
- *    to io_uring (nowait_fallback) rather than into the page cache from the
- *    worker: a buffered ext4 write now and then waits milliseconds (the
- *    journal, dirty throttling) and the queue would stall meanwhile
- *    (bench/blk_notes.md, the -winline rows). FLUSH and the write-through
+ *    refuses buffered RWF_NOWAIT writes (EOPNOTSUPP), and there the worker
+ *    writes into the page cache itself (nowait_fallback): io_uring would
+ *    punt every such write to an io-wq thread, which on a quiet machine
+ *    halved write IOPS (bench/RESULTS.md, fs rows, -winline against the
+ *    default of before) without a better tail, although a buffered ext4
+ *    write now and then waits milliseconds. FLUSH and the write-through
  *    group's sync go through io_uring: they wait for the disk, and the
  *    worker serves the rest meanwhile.
  *  - O_DIRECT: every read and write waits for the device; io_uring keeps
@@ -39,7 +40,7 @@
 int vu_blk_set_uring(struct vu_blk_dev *b, bool on)
 {
     b->nowait_fallback[0] = VU_BLK_IO_URING;
-    b->nowait_fallback[1] = VU_BLK_IO_URING;
+    b->nowait_fallback[1] = VU_BLK_IO_INLINE;
     if (on && b->fd >= 0 && vu_filemap_memory_backed(b->fd)) {
         b->use_uring = false;
         b->read_io = b->write_io = VU_BLK_IO_INLINE;
