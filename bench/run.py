@@ -378,7 +378,10 @@ OUTPUTS = frozenset({"bench/RESULTS.md", "bench/results.json", "bench/blk_iops_v
 def tree_state(ignore: frozenset = frozenset()) -> tuple[str, bool]:
     """(HEAD's full commit, whether the tree has uncommitted changes,
     untracked files included, other than the paths in `ignore`)."""
-    changed = [line[3:] for line in git("status", "--porcelain").splitlines() if line.strip()]
+    # "XY PATH" per line; git() strips the output, and with it the first
+    # line's leading blank, so split rather than cut at a column.
+    changed = [line.split(None, 1)[1] for line in git("status", "--porcelain").splitlines()
+               if line.strip()]
     return git("rev-parse", "HEAD"), any(path not in ignore for path in changed)
 
 
