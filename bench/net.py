@@ -440,7 +440,7 @@ def main(argv=None) -> int:
         return 2
     if args.quick:
         args.seconds, args.warmup, args.reps = 0.3, 0.2, 1
-    from bench.run import OUTPUTS, tree_state, wait_for_quiet
+    from bench.run import OUTPUTS, quiet_or_refuse, tree_state
     commit, dirty = tree_state(OUTPUTS if args.after_blk else frozenset())
     if dirty and not args.allow_dirty:
         print("bench/net.py: the tree has uncommitted changes: commit them (RESULTS.md names the "
@@ -451,16 +451,10 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else (HERE if publish else
                                            Path(tempfile.mkdtemp(prefix="vhu-bench-net-")))
     out.mkdir(parents=True, exist_ok=True)
-    load0 = os.getloadavg()[0]
-    if publish and load0 >= args.max_load:
-        print(f"load {load0:.2f}: waiting up to {args.quiet_wait:.0f} s for it to drop below "
-              f"{args.max_load}", flush=True)
-        load0 = wait_for_quiet(args.max_load, args.quiet_wait)
-        if load0 >= args.max_load:
-            print(f"bench/net.py: the machine is not quiet (1-minute load {load0:.2f}): "
-                  "bench/RESULTS.md is published only from a quiet run; use --out DIR.",
-                  file=sys.stderr)
-            return 3
+    load0 = quiet_or_refuse("bench/net.py", args.max_load, args.quiet_wait) if publish \
+        else os.getloadavg()[0]
+    if load0 is None:
+        return 3
     workloads = [w for w in WORKLOADS if not args.only or w[0] in args.only.split(",")]
     wanted = set(args.backends.split(",")) if args.backends else set(BACKENDS)
     names = [n for n in BACKENDS if n in wanted and any(n in w[3] for w in workloads)]

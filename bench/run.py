@@ -365,6 +365,23 @@ def wait_for_quiet(limit: float, max_wait: float) -> float:
     return loadavg()
 
 
+def quiet_or_refuse(program: str, limit: float, max_wait: float) -> float | None:
+    """Before a published run: the 1-minute load, once below limit (waiting
+    up to max_wait s), or None after telling why nothing will be published."""
+    load0 = loadavg()
+    if load0 < limit:
+        return load0
+    print(f"load {load0:.2f}: waiting up to {max_wait:.0f} s for it to drop below {limit}",
+          flush=True)
+    load0 = wait_for_quiet(limit, max_wait)
+    if load0 < limit:
+        return load0
+    print(f"{program}: the machine is not quiet (1-minute load {load0:.2f} >= {limit}): "
+          "bench/RESULTS.md is published only from a quiet run. Use --out DIR for a run on a "
+          "busy machine.", file=sys.stderr)
+    return None
+
+
 def git(*argv) -> str:
     return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True,
                           text=True).stdout.strip()
@@ -522,16 +539,10 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else (HERE if publish else
                                            Path(tempfile.mkdtemp(prefix="vhu-bench-")))
     out.mkdir(parents=True, exist_ok=True)
-    load0 = loadavg()
-    if publish and load0 >= args.max_load:
-        print(f"load {load0:.2f}: waiting up to {args.quiet_wait:.0f} s for it to drop below "
-              f"{args.max_load}", flush=True)
-        load0 = wait_for_quiet(args.max_load, args.quiet_wait)
-        if load0 >= args.max_load:
-            print(f"bench/run.py: the machine is not quiet (1-minute load {load0:.2f} >= "
-                  f"{args.max_load}): bench/RESULTS.md is published only from a quiet run. "
-                  "Use --out DIR for a run on a busy machine.", file=sys.stderr)
-            return 3
+    load0 = quiet_or_refuse("bench/run.py", args.max_load, args.quiet_wait) if publish \
+        else loadavg()
+    if load0 is None:
+        return 3
     size = parse_size(args.image_size)
     setups = [SETUPS[s] for s in args.setups.split(",")]
     workloads = [w for w in WORKLOADS if not args.only or w.name in args.only.split(",")]
