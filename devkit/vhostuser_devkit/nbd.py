@@ -30,6 +30,18 @@ def missing() -> list[str]:
     return out
 
 
+def require_tools() -> None:
+    """Skips the calling test when the NBD tools are missing, or fails it
+    where they must be there (``VHOSTUSER_REQUIRE_NBD=1``, as CI sets)."""
+    import pytest
+    absent = missing()
+    if absent:
+        reason = f"NBD tools missing: apt-get install {' '.join(absent)}"
+        if os.environ.get("VHOSTUSER_REQUIRE_NBD") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,15 +6,14 @@ import os
 import pytest
 
 from vhostuser.frontend import BlkClient, Frontend
-from vhostuser_devkit.nbd import NbdServer, missing
+from vhostuser_devkit.nbd import NbdServer, require_tools
 from vhostuser_devkit.patterns import pattern
 
 MIB = 1 << 20
 
 
 def test_nbd_export_in_the_daemon(workdir, daemon):
-    if missing():
-        pytest.skip(f"NBD tools missing: {missing()}")
+    require_tools()
     with NbdServer.nbdkit(["memory", "16M"], unix=os.path.join(workdir, "nbdkit.sock")) as srv:
         got = daemon.call("add", type="blk", name="remote", socket_path=daemon.path("r.sock"),
                           nbd=srv.uri, remote_timeout=5)
@@ -57,8 +56,7 @@ def test_bad_remote_specs_change_nothing(daemon, spec, code):
 def test_nbd_export_added_with_vhostuser_ctl(workdir, daemon):
     """vhostuser-ctl add-blk --nbd, with vhostuser-blk's options of the same
     names; what the guest side wrote is in qemu-nbd's image."""
-    if missing():
-        pytest.skip(f"NBD tools missing: {missing()}")
+    require_tools()
     image = os.path.join(workdir, "nbd.img")
     with open(image, "wb") as f:
         f.truncate(8 * MIB)

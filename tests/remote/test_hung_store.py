@@ -14,16 +14,14 @@ import pytest
 from vhostuser.frontend import BlkClient, Frontend
 from vhostuser.frontend.blk import BlkRequest
 from vhostuser_devkit.daemon import DaemonProcess
-from vhostuser_devkit.nbd import NbdServer, missing
+from vhostuser_devkit.nbd import NbdServer, require_tools
 
 MIB = 1 << 20
 
 
 @pytest.fixture
 def nbd_image(workdir):
-    absent = missing()
-    if absent:
-        pytest.skip(f"NBD tools missing: apt-get install {' '.join(absent)}")
+    require_tools()
     path = os.path.join(workdir, "nbd.raw")
     with open(path, "wb") as f:
         f.truncate(16 * MIB)

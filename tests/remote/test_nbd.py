@@ -25,7 +25,7 @@ from vhostuser.blk.libnbd import ffi
 from vhostuser.blk.nbd import NbdBackend, NbdError, NbdTimeout
 from vhostuser.frontend import BlkClient, BlkRequest, BlkStatus, Frontend
 from vhostuser.server import Server
-from vhostuser_devkit.nbd import NbdServer, free_port, missing
+from vhostuser_devkit.nbd import NbdServer, free_port, require_tools
 from vhostuser_devkit.program import BackendProgram
 from vhostuser.testing.server import BackgroundServer, served_disk
 from vhostuser_devkit.patterns import pattern
@@ -38,12 +38,7 @@ SLACK = 1.5             # what we allow on top of it
 
 @pytest.fixture(scope="module", autouse=True)
 def nbd_tools():
-    absent = missing()
-    if absent:
-        reason = f"NBD tools missing: apt-get install {' '.join(absent)}"
-        if os.environ.get("VHOSTUSER_REQUIRE_NBD") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_tools()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from vhostuser.blk import BlkDevice
 from vhostuser.blk.nbd import NbdBackend
 from vhostuser.blk.record import RecordingBackend
 from vhostuser.blk.recordlog import Kind, RecordLog
-from vhostuser_devkit.nbd import NbdServer, missing
+from vhostuser_devkit.nbd import NbdServer, require_tools
 from vhostuser_devkit.patterns import pattern
 from vhostuser.testing.server import served_disk
 
@@ -34,12 +34,7 @@ SLOW_FLUSH = 0.3            # seconds the no-FUA server's flush takes
 
 @pytest.fixture(scope="module", autouse=True)
 def nbd_tools():
-    absent = missing()
-    if absent:
-        reason = f"NBD tools missing: apt-get install {' '.join(absent)}"
-        if os.environ.get("VHOSTUSER_REQUIRE_NBD") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_tools()
 
 
 @pytest.fixture
