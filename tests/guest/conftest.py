@@ -171,6 +171,20 @@ def qsd(sock_dir):
 
 
 @pytest.fixture
+def netns():
+    """A network namespace of the test's own, deleted afterwards: the only
+    place guest network tests send traffic to."""
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 not installed")
+    name = f"vhu-test-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
 def raw_image(tmp_path) -> Path:
     """A sparse 64 MiB raw image."""
     path = tmp_path / "disk.raw"

@@ -88,18 +88,6 @@ def libvirtd():
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def netns():
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 not installed")
-    name = f"vhu-lv-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
 # --------------------------------------------------------------------------
 # The domain
 # --------------------------------------------------------------------------

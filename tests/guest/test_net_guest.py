@@ -27,16 +27,6 @@ SOURCE_PORT = 5002
 pytestmark = pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 not installed")
 
 
-@pytest.fixture
-def netns():
-    name = f"vhu-test-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
 def in_ns(ns, *cmd, **kw):
     return subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True, **kw)
 

@@ -574,18 +574,6 @@ done
 """
 
 
-@pytest.fixture
-def netns():
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 not installed")
-    name = f"vhu-rc-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
 def tap_up(ns: str) -> None:
     """The TAP goes away with the back-end that created it: configure it anew."""
     deadline = time.monotonic() + 15
