@@ -148,6 +148,21 @@ class Lab:
         idx = r["avail_idx"] if idx_jump is None else (r["avail_idx"] + idx_jump) & 0xFFFF
         self.write(r["avail"] + 2, struct.pack("<H", idx))
 
+    def publish_readable(self, q: int, blobs: list[bytes], split_at: int | None = None) -> None:
+        """Each blob in guest memory as a chain the device reads (two buffers,
+        cut at ``split_at``, when given), all published at once."""
+        heads = []
+        for data in blobs:
+            cut = len(data) if split_at is None else split_at
+            parts = []
+            for chunk in (data[:cut], data[cut:]):
+                if chunk:
+                    gpa = self.alloc(len(chunk))
+                    self.write(gpa, chunk)
+                    parts.append((gpa, len(chunk), False))
+            heads.append(self.add_split_chain(q, parts))
+        self.publish_split(q, heads)
+
     def add_split_chain(self, q: int, bufs: list[tuple[int, int, bool]], *,
                         indirect: bool = False, table_at: int | None = None) -> int:
         """bufs: (gpa, len, writable). Returns the head index. ``table_at``

@@ -83,18 +83,7 @@ def post_rx(lab, sizes, q=0):
 
 
 def transmit(lab, dev, frames, split_at=None, q=1):
-    heads = []
-    for f in frames:
-        data = ZERO_HDR + f
-        cut = len(data) if split_at is None else split_at
-        parts = []
-        for chunk in (data[:cut], data[cut:]):
-            if chunk:
-                gpa = lab.alloc(len(chunk))
-                lab.write(gpa, chunk)
-                parts.append((gpa, len(chunk), False))
-        heads.append(lab.add_split_chain(q, parts))
-    lab.publish_split(q, heads)
+    lab.publish_readable(q, [ZERO_HDR + f for f in frames], split_at)
     lib.vu_net_handler(dev._net, lab.vq(q))
     return lab.used_split(q)
 

@@ -204,18 +204,7 @@ def c_device(lab, backend):
 
 def transmit(lab, dev, frames, split_at=None):
     """Each frame with its header; split_at puts the frame in two buffers."""
-    heads = []
-    for f in frames:
-        data = HDR.pack(0, 0, 0, 0, 0, 0, 0) + f
-        cut = len(data) if split_at is None else split_at
-        parts = []
-        for chunk in (data[:cut], data[cut:]):
-            if chunk:
-                gpa = lab.alloc(len(chunk))
-                lab.write(gpa, chunk)
-                parts.append((gpa, len(chunk), False))
-        heads.append(lab.add_split_chain(1, parts))
-    lab.publish_split(1, heads)
+    lab.publish_readable(1, [HDR.pack(0, 0, 0, 0, 0, 0, 0) + f for f in frames], split_at)
     lib.vu_net_handler(dev._net, lab.vq(1))
     return lab.used_split(1)
 
