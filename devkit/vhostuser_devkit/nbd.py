@@ -105,7 +105,7 @@ class NbdServer:
         while not self._listening():
             if self.proc.poll() is not None:
                 raise NbdServerError(f"{self.argv[0]} exited with {self.proc.returncode}: "
-                                     f"{self._log_tail()}")
+                                     f"{self.log_tail()}")
             if time.monotonic() > deadline:
                 self.kill()
                 raise NbdServerError(f"{self.argv[0]} not listening after {START_TIMEOUT}s")
@@ -119,7 +119,7 @@ class NbdServer:
             s.settimeout(0.2)
             return s.connect_ex(addr) == 0
 
-    def _log_tail(self) -> str:
+    def log_tail(self) -> str:
         try:
             with open(self.log_path, "rb") as f:
                 return f.read()[-2000:].decode(errors="replace").strip()

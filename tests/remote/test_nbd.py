@@ -301,16 +301,30 @@ def _check_responsive(blk, until: float) -> float:
     return worst
 
 
-def _read_when_back(blk, sector: int, n: int, within: float = 20.0) -> bytes:
+def _read_when_back(blk, server: NbdServer, sector: int, n: int, within: float = 20.0) -> bytes:
     # Generous: a server just resumed from SIGSTOP first works off the
     # connections queued meanwhile, slowly on a loaded machine (CI).
     deadline = time.monotonic() + within
     while True:
         [r] = blk.execute([BlkRequest.read(sector, n)], timeout=30)
-        if r.ok or time.monotonic() > deadline:
-            assert r.ok, "the disk didn't come back"
+        if r.ok:
             return r.data
+        if not server.alive:
+            raise ServerDied(f"{server.argv[0]} exited with {server.proc.returncode}: "
+                             f"{server.log_tail()}")
+        assert time.monotonic() < deadline, "the disk didn't come back"
         time.sleep(0.1)
+
+
+class ServerDied(AssertionError):
+    """The NBD server is gone: nothing our back-end does can bring it back."""
+
+
+#: nbdkit before 1.34 may abort on this when a client hangs up with
+#: requests in flight ("Fix rare assertion failure (denial of service) which
+#: can be triggered by clients hanging up early", nbdkit 1.34 release notes).
+#: Dropping the connection is all a client can do with a hung server.
+NBDKIT_HANGUP_ABORT = "raw_send_socket: Assertion `sock >= 0' failed"
 
 
 def _writes(base: int, count: int, seed: int, size: int = 64 * 1024):
@@ -384,8 +398,10 @@ def test_restarted_server_completes_requests_in_flight_and_keeps_acknowledged_wr
             assert image_bytes(image, r.sector * 512, len(r.out)) == r.out
 
 
-def test_hung_server_gives_io_errors_after_the_timeout_then_recovers(servers, sock_dir):
-    srv = servers("nbdkit")
+@pytest.mark.parametrize("kind", ["qemu-nbd", "nbdkit"])
+def test_hung_server_gives_io_errors_after_the_timeout_then_recovers(
+        servers, sock_dir, image, kind):
+    srv = servers(kind, image=image)
     other = servers("nbdkit", tcp=True)
     backend = NbdBackend(srv.uri, timeout=LOSS_TIMEOUT)
     with served(sock_dir, BlkDevice(backend)) as (bg, blk), \
@@ -406,7 +422,13 @@ def test_hung_server_gives_io_errors_after_the_timeout_then_recovers(servers, so
         # The hung connection was dropped; a new one serves what was
         # written, as soon as it is up (requests fail fast until then if
         # the outage outlasted the timeout).
-        assert _read_when_back(blk, 0, 64 * 1024) == pattern(6, 64 * 1024)
+        try:
+            data = _read_when_back(blk, srv, 0, 64 * 1024)
+        except ServerDied as died:
+            if kind == "nbdkit" and NBDKIT_HANGUP_ABORT in str(died):
+                pytest.xfail(f"nbdkit's own bug, fixed in 1.34: {died}")
+            raise
+        assert data == pattern(6, 64 * 1024)
 
 
 def test_no_timeout_waits_for_the_server(servers, sock_dir):
