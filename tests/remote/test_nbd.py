@@ -320,10 +320,10 @@ class ServerDied(AssertionError):
     """The NBD server is gone: nothing our back-end does can bring it back."""
 
 
-#: nbdkit before 1.34 may abort on this when a client hangs up with
-#: requests in flight ("Fix rare assertion failure (denial of service) which
-#: can be triggered by clients hanging up early", nbdkit 1.34 release notes).
-#: Dropping the connection is all a client can do with a hung server.
+#: nbdkit 1.32.4 to 1.33 may abort on this when a client hangs up with several
+#: replies queued: another worker closed the socket first (nbdkit commit
+#: 9d82aa4f, in 1.34: "server: Don't assert on send if client hangs up
+#: early"). Dropping the connection is all a client can do with a hung server.
 NBDKIT_HANGUP_ABORT = "raw_send_socket: Assertion `sock >= 0' failed"
 
 
