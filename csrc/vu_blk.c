@@ -159,6 +159,7 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
     }
     int max_batch = eng->round_size ? eng->round_size(b) : VU_BLK_ROUND;
     for (int round = 0; round < BLK_ROUNDS; round++) {
+        vu_filemap_recheck_guard();
         vu_vq_set_notification(vq, false);
         int n = 0, rc = 0, completed = 0;
         bool throttled = false;

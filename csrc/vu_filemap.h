@@ -50,6 +50,12 @@ void vu_filemap_close(struct vu_filemap *m);
  * the iov contents are then undefined but the iov array is unchanged. */
 int vu_filemap_read(struct vu_filemap *m, const struct iovec *iov, uint32_t niov, uint64_t off,
                     uint64_t len);
+/* The next read of the calling thread asks the kernel again whether our
+ * SIGBUS handler is still the one installed (a program may have put its own
+ * after ours); reads in between trust the last answer. The blk handler
+ * calls this at the start of every round, so an answer is at most one
+ * round (a few requests) old. */
+void vu_filemap_recheck_guard(void);
 /* Our write may have filled holes: let its chunks be checked again. */
 void vu_filemap_written(struct vu_filemap *m, uint64_t off, uint64_t len);
 /* Before punching a hole: its chunks are no longer known resident. */

@@ -325,6 +325,10 @@ sock = tempfile.mktemp(prefix="vhu-sigbus-", suffix=".sock", dir="/tmp")
 with BackgroundServer(dev, sock), Frontend.connect(sock) as fe:
     blk = BlkClient.setup(fe)
     if mode == "after":
+        # A read through the mapping first: the worker has been told the
+        # guard is in place, and must ask again (next round) after this.
+        assert blk.read(16, 4096) is not None
+        say(step="before", **dev.map_stats())
         # Installed after the library's: Python's handler returns, so a
         # fault in a copy would fault again forever if it got there.
         signal.signal(signal.SIGBUS, lambda *a: python_handled.append(1))
@@ -435,6 +439,7 @@ def test_a_handler_the_program_installs_after_ours_keeps_its_signals_and_reads_g
         sigbus_helper, shm_image):
     proc, steps = run_program(sigbus_helper, shm_image(4 * MIB), "after")
     assert proc.returncode == 0 and "end" in steps, proc.stderr
+    assert steps["before"]["mapped_reads"] >= 1
     assert steps["sent"]["python_handled"] == 1
     # Our guard no longer gets SIGBUS, so the mapping is not used: a file
     # that shrank gives IOERR (through preadv) instead of faulting forever.
