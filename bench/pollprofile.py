@@ -15,8 +15,9 @@ with nothing else around it, for both spans.
 
     python bench/pollprofile.py [--rounds 3] [--seconds 3] [--image-size 1G]
 
-The back-end runs with --sandbox off so that perf resolves its symbols
-(bench/sandbox.py measures what the sandbox costs).
+The cases run on the back-end with --sandbox off, whose symbols perf can
+resolve (a sandboxed process sees an empty root); the tabled back-end
+(sandboxed, vhu-file-poll) runs the tabled case beside them for reference.
 """
 import argparse
 import json
@@ -74,18 +75,24 @@ def main() -> int:
     img = str(work / "disk.img")
     run.make_image(setup, img, size)
     args = argparse.Namespace(warmup=None, verify=False, client_cpu="1", nice=-5)
-    backend = run.Backend(NAME, work, img, size, "0", -5, setup=setup)
-    cases = [(span, verify) for span in (size, small) for verify in (True, False)]
+    # The tabled back-end (sandboxed) on the tabled load, for reference, and
+    # the unsandboxed one, which perf can read, on every case.
+    backends = {b: run.Backend(b, work, img, size, "0", -5, setup=setup)
+                for b in ("vhu-file-poll", NAME)}
+    cases = [("vhu-file-poll", size, True)] + [(NAME, span, verify) for span in (size, small)
+                                              for verify in (True, False)]
     rows: dict = {c: [] for c in cases}
     shares: dict = {}
     try:
-        backend.wait_ready()
+        for b in backends.values():
+            b.wait_ready()
         for rnd in range(a.rounds):
             order = cases[rnd % len(cases):] + cases[:rnd % len(cases)]
-            for span, verify in order:
+            for name, span, verify in order:
+                backend = backends[name]
                 args.verify = verify
                 rec = None
-                if perf and rnd == 0:
+                if perf and rnd == 0 and name == NAME:
                     data = out / f"perf-span{span}-verify{int(verify)}.data"
                     # Attached after the client connected: -p follows only the
                     # threads there are, and the queue's worker starts then.
@@ -98,24 +105,25 @@ def main() -> int:
                                 spin=True, span=span)
                 if rec is not None:
                     rec.wait()
-                    shares[(span, verify)] = memcpy_share(data)
-                rows[(span, verify)].append(r["iops"])
-                print(f"round {rnd + 1} span {span:>11} verify {verify!s:5} "
+                    shares[(name, span, verify)] = memcpy_share(data)
+                rows[(name, span, verify)].append(r["iops"])
+                print(f"round {rnd + 1} {name:26} span {span:>11} verify {verify!s:5} "
                       f"IOPS {r['iops']:>10.0f} load {run.loadavg():.2f}", flush=True)
         costs = {span: copy_cost(binary, img, span) for span in (size, small)}
     finally:
-        backend.stop()
+        for b in backends.values():
+            b.stop()
         shutil.rmtree(work, ignore_errors=True)
-    commit, dirty = run.tree_state()
     lines = [f"commit {commit[:7]}{' with uncommitted changes' if dirty else ''}; "
              f"image {size} bytes on tmpfs; "
              f"{a.rounds} rounds of {a.seconds:g} s; back-end on CPU 0, client on CPU 1", "",
-             "| span | client --verify | IOPS median [range] | memcpy share of back-end CPU "
-             "| one 4 KiB copy alone (copy_cost) |", "|---|---|---|---|---|"]
-    for span, verify in cases:
-        v = sorted(rows[(span, verify)])
-        share = shares.get((span, verify))
-        lines.append(f"| {span} | {'on' if verify else 'off'} | {v[len(v) // 2]:,.0f} "
+             "| back-end | span | client --verify | IOPS median [range] "
+             "| memcpy share of back-end CPU | one 4 KiB copy alone (copy_cost) |",
+             "|---|---|---|---|---|---|"]
+    for name, span, verify in cases:
+        v = sorted(rows[(name, span, verify)])
+        share = shares.get((name, span, verify))
+        lines.append(f"| {name} | {span} | {'on' if verify else 'off'} | {v[len(v) // 2]:,.0f} "
                      f"[{v[0]:,.0f}..{v[-1]:,.0f}] | "
                      f"{'-' if share is None else f'{share:.0f}%'} | {costs[span]:.0f} ns |")
     text = "\n".join(lines)
