@@ -114,6 +114,7 @@ def main() -> int:
         for b in backends.values():
             b.stop()
         shutil.rmtree(work, ignore_errors=True)
+    commit, dirty = run.tree_state()
     lines = [f"commit {commit[:7]}{' with uncommitted changes' if dirty else ''}; "
              f"image {size} bytes on tmpfs; "
              f"{a.rounds} rounds of {a.seconds:g} s; back-end on CPU 0, client on CPU 1", "",
