@@ -92,6 +92,11 @@ def main(argv=None) -> int:
                 backends[(kind, side)] = b
         for b in backends.values():
             b.wait_ready()
+        # Every run verifies: a RAM disk starts as zeroes, not stamped sectors.
+        for (kind, _), b in backends.items():
+            if kind == "ram":
+                subprocess.run([PY, "-m", "vhostuser.blkload", "--socket", b.sock, "--prefill",
+                                "--json"], cwd=ROOT, check=True, capture_output=True)
         ratios: dict[tuple[str, str], list[float]] = {}
         for rep in range(args.reps):
             for wname, kw, metric, higher in workloads:
