@@ -28,7 +28,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.run import (PY, SETUPS, Backend, blkload, make_image, metric_of,  # noqa: E402
-                       parse_size, scratch_dir)
+                       parse_size, prefill, scratch_dir)
 
 WORKLOADS = [  # name, blkload arguments, metric, higher is better
     ("randread-4k-qd32", dict(rw="randread", bs="4k", qd=32), "iops", True),
@@ -92,11 +92,9 @@ def main(argv=None) -> int:
                 backends[(kind, side)] = b
         for b in backends.values():
             b.wait_ready()
-        # Every run verifies: a RAM disk starts as zeroes, not stamped sectors.
         for (kind, _), b in backends.items():
             if kind == "ram":
-                subprocess.run([PY, "-m", "vhostuser.blkload", "--socket", b.sock, "--prefill",
-                                "--json"], cwd=ROOT, check=True, capture_output=True)
+                prefill(b)
         ratios: dict[tuple[str, str], list[float]] = {}
         for rep in range(args.reps):
             for wname, kw, metric, higher in workloads:

@@ -348,6 +348,15 @@ def blkload(args, backend: Backend, seconds: float, **kw) -> dict:
     return r
 
 
+def prefill(backend: Backend) -> None:
+    """Stamps every sector of a RAM disk: it starts as zeroes, and every
+    measured run verifies."""
+    pre = subprocess.run([PY, "-m", "vhostuser.blkload", "--socket", backend.sock, "--prefill",
+                          "--json"], cwd=ROOT, capture_output=True, text=True)
+    if pre.returncode != 0:
+        raise BenchFailure(f"{backend.name}: prefill failed: {pre.stdout} {pre.stderr}")
+
+
 def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "n": len(values)}
@@ -621,11 +630,7 @@ def run_setup(args, setup: Setup, size: int, workloads: list[Workload], wanted: 
             res["commands"][b.name] = b.command
             res["descriptions"][b.name] = b.description
         for n in [n for n in backends if n.startswith("vhu-ram")]:
-            pre = subprocess.run([PY, "-m", "vhostuser.blkload", "--socket", backends[n].sock,
-                                  "--prefill", "--json"],
-                                 cwd=ROOT, capture_output=True, text=True)
-            if pre.returncode != 0:
-                raise BenchFailure(f"{n}: prefill failed: {pre.stdout} {pre.stderr}")
+            prefill(backends[n])
         measure_idle(args, backends, res)
         for rep in range(args.reps):
             if args.round_load:
