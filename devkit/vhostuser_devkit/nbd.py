@@ -104,8 +104,7 @@ class NbdServer:
         deadline = time.monotonic() + START_TIMEOUT
         while not self._listening():
             if self.proc.poll() is not None:
-                raise NbdServerError(f"{self.argv[0]} exited with {self.proc.returncode}: "
-                                     f"{self.log_tail()}")
+                raise NbdServerError(self.exit_report())
             if time.monotonic() > deadline:
                 self.kill()
                 raise NbdServerError(f"{self.argv[0]} not listening after {START_TIMEOUT}s")
@@ -118,6 +117,10 @@ class NbdServer:
         with socket.socket(family) as s:
             s.settimeout(0.2)
             return s.connect_ex(addr) == 0
+
+    def exit_report(self) -> str:
+        """How the process ended, with the end of its log (once it has)."""
+        return f"{self.argv[0]} exited with {self.proc.returncode}: {self.log_tail()}"
 
     def log_tail(self) -> str:
         try:

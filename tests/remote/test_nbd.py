@@ -310,8 +310,7 @@ def _read_when_back(blk, server: NbdServer, sector: int, n: int, within: float =
         if r.ok:
             return r.data
         if not server.alive:
-            raise ServerDied(f"{server.argv[0]} exited with {server.proc.returncode}: "
-                             f"{server.log_tail()}")
+            raise ServerDied(server.exit_report())
         assert time.monotonic() < deadline, "the disk didn't come back"
         time.sleep(0.1)
 
