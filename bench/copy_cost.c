@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -34,10 +35,20 @@ int main(int argc, char **argv)
     }
     uint64_t span = strtoull(argv[2], NULL, 0);
     long copies = argc > 3 ? atol(argv[3]) : 2000000;
+    if (span < BLOCK || copies < 1) {
+        fprintf(stderr, "%s: SPAN must be at least %d bytes, COPIES at least 1\n", argv[0],
+                BLOCK);
+        return 2;
+    }
     int fd = open(argv[1], O_RDONLY);
-    if (fd < 0 || span < BLOCK || copies < 1) {
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0) {
         perror(argv[1]);
         return 1;
+    }
+    if ((uint64_t)st.st_size < span) {   /* a copy past the end would die of SIGBUS */
+        fprintf(stderr, "%s: %lld bytes, less than SPAN\n", argv[1], (long long)st.st_size);
+        return 2;
     }
     const uint8_t *img = mmap(NULL, span, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0);
     if (img == MAP_FAILED) {
