@@ -34,6 +34,8 @@ WORKLOADS = [  # name, blkload arguments, metric, higher is better
     ("randread-4k-qd32", dict(rw="randread", bs="4k", qd=32), "iops", True),
     ("randread-4k-qd1", dict(rw="randread", bs="4k", qd=1), "p50", False),
     ("randwrite-4k-qd32", dict(rw="randwrite", bs="4k", qd=32), "iops", True),
+    ("randrw-4k-qd32-flush64", dict(rw="randrw", bs="4k", qd=32, rwmixread=70, flush_every=64),
+     "iops", True),
 ]
 BACKENDS = {
     "ram": lambda img, size: ["--ramdisk", str(size)],

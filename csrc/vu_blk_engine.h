@@ -74,6 +74,9 @@ void vu_blk_uring_close(struct vu_blk_dev *b);
 /* Whether r, its I/O done, must wait for a sync before it completes; if so
  * it joins queue q's group and true is returned. */
 bool vu_blk_stable_hold(struct vu_blk_dev *b, uint32_t q, struct vu_blk_req *r);
+/* A FLUSH (io_uring engine): completes after the next sync of queue q's
+ * group, with its outcome. */
+void vu_blk_stable_join_flush(struct vu_blk_dev *b, uint32_t q, struct vu_blk_req *r);
 /* A write-through request of the synchronous path: stable now. */
 bool vu_blk_needs_stable(const struct vu_blk_dev *b, const struct vu_blk_req *r);
 /* Starts the sync that covers what waits on vq's group: through u, or done

@@ -1,8 +1,13 @@
-/* Write-through group commit (virtio 1.4 5.2.6.5: without a write cache a
- * write is stable when it completes). Writes of the file engines whose data
- * is written wait in their queue's group for one fdatasync that covers them
- * all, and complete only after it: one sync per round instead of one per
- * write. Each group is owned by its queue's worker. */
+/* Group commit (virtio 1.4 5.2.6.5: without a write cache a write is stable
+ * when it completes). Writes of the file engines whose data is written wait
+ * in their queue's group for one fdatasync that covers them all, and
+ * complete only after it: one sync per round instead of one per write.
+ * FLUSH requests of the io_uring engine wait there too: a FLUSH that
+ * arrives while a sync runs gets the next one (that sync may have started
+ * before writes the FLUSH must cover completed), and every FLUSH waiting
+ * then shares it, so at most one sync per queue is in flight instead of one
+ * per FLUSH contending for the same inode. Each group is owned by its
+ * queue's worker. */
 #include "vu_blk_engine.h"
 
 #include <unistd.h>
@@ -27,12 +32,20 @@ bool vu_blk_stable_hold(struct vu_blk_dev *b, uint32_t q, struct vu_blk_req *r)
     return true;
 }
 
+void vu_blk_stable_join_flush(struct vu_blk_dev *b, uint32_t q, struct vu_blk_req *r)
+{
+    struct vu_blk_group *g = &b->group[q % VU_BLK_MAX_QUEUES];
+    r->result = VU_BLK_S_OK;   /* unless the sync fails */
+    r->next = g->waiting;
+    g->waiting = r;
+}
+
 /* Completes every request of `list` with the outcome of the sync that
  * covered them; returns how many. */
 static int finish_group(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *list,
                         bool synced, uint64_t now)
 {
-    int n = 0;
+    int n = 0, flushes = 0;
     while (list) {
         struct vu_blk_req *r = list;
         list = r->next;
@@ -41,10 +54,11 @@ static int finish_group(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_re
             r->result = VU_BLK_S_IOERR;
             r->reason = VU_BLK_R_IO_FAILED;
         }
+        flushes += r->type == VU_BLK_T_FLUSH;
         vu_blk_complete(vq, r, r->result, false, now);
         n++;
     }
-    b->stats[vq->index % VU_BLK_MAX_QUEUES].stable_writes += (uint64_t)n;
+    b->stats[vq->index % VU_BLK_MAX_QUEUES].stable_writes += (uint64_t)(n - flushes);
     return n;
 }
 

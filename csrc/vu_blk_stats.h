@@ -16,8 +16,8 @@ struct vu_blk_stats {
     uint64_t completed;
     uint64_t latency_ns_sum;
     uint64_t latency_us[VU_BLK_LAT_BUCKETS];
-    /* write-through writes completed, and the syncs that made them stable
-     * (fewer: group commit) */
+    /* write-through writes completed, and the group syncs that made them
+     * and the io_uring engine's FLUSHes stable (fewer: group commit) */
     uint64_t stable_writes, stable_syncs;
 };
 

@@ -24,9 +24,10 @@
  *    punt every such write to an io-wq thread, which on a quiet machine
  *    halved write IOPS (bench/RESULTS.md, fs rows, -winline against the
  *    default of before) without a better tail, although a buffered ext4
- *    write now and then waits milliseconds. FLUSH and the write-through
- *    group's sync go through io_uring: they wait for the disk, and the
- *    worker serves the rest meanwhile.
+ *    write now and then waits milliseconds. The queue's group sync
+ *    (vu_blk_stable.c), which FLUSHes and write-through writes share, goes
+ *    through io_uring: it waits for the disk, and the worker serves the
+ *    rest meanwhile.
  *  - O_DIRECT: every read and write waits for the device; io_uring keeps
  *    them in flight together (URING).
  * A file system that refuses RWF_NOWAIT for one direction only loses it for
@@ -122,14 +123,12 @@ static struct vu_uring *ring_of(struct vu_blk_dev *b, struct vu_vq *vq)
 
 static bool async_type(uint32_t type)
 {
-    return type == VU_BLK_T_IN || type == VU_BLK_T_OUT || type == VU_BLK_T_FLUSH;
+    return type == VU_BLK_T_IN || type == VU_BLK_T_OUT;
 }
 
-/* How r is done: VU_BLK_IO_* (flushes: through io_uring). */
+/* How a read or write is done: VU_BLK_IO_*. */
 static int io_mode(const struct vu_blk_dev *b, const struct vu_blk_req *r)
 {
-    if (r->type == VU_BLK_T_FLUSH)
-        return VU_BLK_IO_URING;
     /* O_DIRECT with buffers it can't take: bounced, in the worker. */
     if (b->direct && !vu_blk_iov_aligned(r))
         return VU_BLK_IO_INLINE;
@@ -178,11 +177,6 @@ static bool submit_async(struct vu_blk_dev *b, struct vu_uring *u, struct vu_blk
     r->reason = VU_BLK_R_NONE;
     sqe->fd = b->fd;
     sqe->user_data = (uint64_t)(uintptr_t)r;
-    if (r->type == VU_BLK_T_FLUSH) {
-        sqe->opcode = IORING_OP_FSYNC;
-        sqe->fsync_flags = IORING_FSYNC_DATASYNC;
-        return true;
-    }
     sqe->opcode = r->type == VU_BLK_T_IN ? IORING_OP_READV : IORING_OP_WRITEV;
     sqe->addr = (uint64_t)(uintptr_t)r->iov;
     sqe->len = r->niov;
@@ -196,7 +190,7 @@ static void apply_cqe(struct vu_blk_dev *b, struct io_uring_cqe *cqe, struct vu_
 {
     if (cqe->res < 0) {
         r->reason = VU_BLK_R_IO_FAILED;
-    } else if (r->type != VU_BLK_T_FLUSH && (uint64_t)cqe->res < r->data_len) {
+    } else if ((uint64_t)cqe->res < r->data_len) {
         uint64_t done = (uint64_t)cqe->res;
         if (vu_blk_request_slice(r, r->iov, r->niov, done, r->data_len - done) ||
             vu_blk_file_rw(b->fd, r->iov, r->niov, r->sector * VU_BLK_SECTOR + done,
@@ -250,6 +244,12 @@ static int uring_reap(struct vu_blk_dev *b, struct vu_vq *vq)
 static enum vu_blk_start uring_start(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *r)
 {
     struct vu_uring *u = ring_of(b, vq);
+    if (u && r->type == VU_BLK_T_FLUSH) {
+        /* Shares the group's next sync with the other FLUSHes (and
+         * write-through writes) that wait for one. */
+        vu_blk_stable_join_flush(b, vq->index, r);
+        return VU_BLK_TAKEN;
+    }
     int mode = u && async_type(r->type) ? io_mode(b, r) : VU_BLK_IO_INLINE;
     /* Data already in the page cache needs no trip through io_uring's
      * worker threads: try it without blocking. */

@@ -18,7 +18,7 @@ from kernel_trace import Ext4Trace, TraceUnavailable, unsynced
 from vhostuser.blk import BlkDevice, FileBackend, RamBackend
 from vhostuser.blk.spec import CONFIG_WRITEBACK_OFFSET
 from vhostuser.frontend import BlkClient, Frontend
-from vhostuser.frontend.blk import BLK_FEATURES, BlkFeature, BlkRequest
+from vhostuser.frontend.blk import BLK_FEATURES, BlkFeature, BlkRequest, BlkType
 from vhostuser.protocol import bit
 from vhostuser.testing.server import BackgroundServer
 
@@ -130,6 +130,66 @@ def test_flush_completes_after_a_sync_covering_every_completed_write(tmp_path, t
         # every write completed before the flush is covered by a sync that
         # ended before the flush completed
         assert not unsynced(writes, syncs, {off: flushed for off in seen}, KIB4)
+    finally:
+        device.close()
+
+
+def test_flushes_in_flight_together_share_syncs_each_covering_what_completed_before_it(
+        tmp_path, traced):
+    """io_uring: a FLUSH waits for its queue's next sync, and every FLUSH
+    waiting then shares it. Writes and FLUSHes run together, a FLUSH sent
+    after every 4 write completions: each write is checked against the
+    first FLUSH sent after the driver saw it complete (a FLUSH that joined a
+    sync started before that write would fail this), and there must be fewer
+    syncs than FLUSHes (a sync takes milliseconds, a FLUSH comes every few
+    hundred microseconds; one sync per FLUSH, as before, counted none)."""
+    image, trace = traced
+    device = BlkDevice(FileBackend(image), aio="io_uring")
+    path = str(tmp_path / "blk.sock")
+    offsets = [i * KIB4 for i in range(160)]
+    must_cover = {}      # FLUSH request -> offsets completed before it was sent
+    covered_by = {}      # offset -> when the driver saw its FLUSH complete
+    flushes = 0
+    try:
+        with BackgroundServer(device, path):
+            with Frontend.connect(path) as fe:
+                blk = BlkClient.setup(fe)
+                vq = blk.queues[0]
+                todo = iter(offsets)
+                unflushed = []
+                with blk.mem.scratch():
+                    blk.submit([BlkRequest.write(next(todo) // 512, b"f" * KIB4)
+                                for _ in range(16)])
+                    in_flight = 16
+                    while in_flight:
+                        for used in vq.wait(1):
+                            req = blk._finish(used.token, used.length)
+                            assert req.ok, req
+                            in_flight -= 1
+                            if req.type == BlkType.FLUSH:
+                                now = time.monotonic()
+                                covered_by.update((off, now) for off in must_cover.pop(id(req)))
+                                continue
+                            unflushed.append(req.sector * 512)
+                            new = [BlkRequest.write(off // 512, b"f" * KIB4)
+                                   for off in [next(todo, None)] if off is not None]
+                            if len(unflushed) == 4:
+                                flush = BlkRequest.flush()
+                                must_cover[id(flush)] = unflushed
+                                unflushed = []
+                                new.append(flush)
+                                flushes += 1
+                            if new:
+                                blk.submit(new)
+                                in_flight += len(new)
+                assert not must_cover
+        writes, syncs = trace.read()
+        assert len(covered_by) == len(offsets)
+        assert not unsynced(writes, syncs, covered_by, KIB4)
+        totals = device.stats()
+        assert totals["flushes"] == flushes == len(offsets) // 4
+        assert 0 < totals["stable_syncs"] < flushes, totals
+        assert totals["stable_writes"] == 0          # write-back: FLUSHes are not writes
     finally:
         device.close()
 
