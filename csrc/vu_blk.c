@@ -138,6 +138,20 @@ static const struct vu_blk_engine *engine_of(const struct vu_blk_dev *b)
     }
 }
 
+/* Does r's I/O, or hands it to the engine; 1 if it completed here. */
+static int start_one(struct vu_blk_dev *b, struct vu_vq *vq, const struct vu_blk_engine *eng,
+                     struct vu_blk_req *r)
+{
+    if (r->result == VU_BLK_S_PENDING) {
+        if (!answer_id(b, r) && eng->start(b, vq, r) == VU_BLK_TAKEN)
+            return 0;
+        if (vu_blk_stable_hold(b, r->queue, r))
+            return 0;   /* completes after its group's sync */
+    }
+    vu_blk_complete(vq, r, r->result, false, 0);
+    return 1;
+}
+
 int vu_blk_handler(void *ctx, struct vu_vq *vq)
 {
     struct vu_blk_dev *b = ctx;
@@ -166,6 +180,7 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         /* One clock read per round: what is popped in it arrived by then. */
         uint64_t now = vu_now_ns();
         struct vu_elem *e;
+        struct vu_blk_req *held = NULL;   /* popped and parsed, not started yet */
         while (n < max_batch) {
             uint64_t wait = vu_qos_active(&b->qos) ? vu_qos_admit(&b->qos, now) : 0;
             if (wait && vu_blk_qos_sleep(b, vq, wait)) {
@@ -173,6 +188,10 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
                 break;
             }
             if ((rc = vu_vq_pop(vq, &e)) != 1) {
+                if (held && rc < 0)   /* answered before the queue breaks, as it would have been */
+                    completed += start_one(b, vq, eng, held);
+                if (rc < 0)
+                    held = NULL;
                 if (!wait && vu_qos_active(&b->qos))
                     vu_qos_refund(&b->qos);
                 break;
@@ -182,6 +201,9 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
             n++;
             b->started[q]++;
             if (vu_blk_parse(b, e, r) < 0) {
+                if (held)   /* answered before the queue breaks, as above */
+                    completed += start_one(b, vq, eng, held);
+                held = NULL;
                 /* No status byte: nothing can answer this chain, and it must
                  * not stay in flight for GET_VRING_BASE to wait on. */
                 vu_vq_break(vq, VU_ERR_ZERO_CHAIN, e->id);
@@ -193,15 +215,16 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
             r->start_ns = now;
             if (vu_qos_active(&b->qos))
                 vu_qos_charge_bytes(&b->qos, r->data_len);
-            if (r->result == VU_BLK_S_PENDING) {
-                if (!answer_id(b, r) && eng->start(b, vq, r) == VU_BLK_TAKEN)
-                    continue;
-                if (vu_blk_stable_hold(b, q, r))
-                    continue;   /* completes after its group's sync */
-            }
-            vu_blk_complete(vq, r, r->result, false, 0);
-            completed++;
+            /* Started one request late: r's data is on its way to the
+             * cache while the one before is copied. */
+            if (eng->prefetch && r->result == VU_BLK_S_PENDING)
+                eng->prefetch(b, r);
+            if (held)
+                completed += start_one(b, vq, eng, held);
+            held = r;
         }
+        if (held)
+            completed += start_one(b, vq, eng, held);
         /* What the engine held (io_uring submissions, the Python batch), and
          * the round's write-through sync; those record their own latency. */
         if (eng->end_round && eng->end_round(b, vq) > 0)

@@ -34,6 +34,10 @@ struct vu_blk_engine {
     /* A parsed request whose result is PENDING (GET_ID excepted: the device
      * answers it from its configuration, except with a Python back-end). */
     enum vu_blk_start (*start)(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *r);
+    /* A parsed PENDING request that start() gets next in this round: may
+     * bring its data toward the cache meanwhile (a hint: nothing may fault
+     * or block). NULL: nothing to prefetch. */
+    void (*prefetch)(const struct vu_blk_dev *b, const struct vu_blk_req *r);
     /* After a round's requests started: sends what start() holds; returns
      * how many requests it completed. NULL: nothing to do. */
     int (*end_round)(struct vu_blk_dev *b, struct vu_vq *vq);
@@ -57,6 +61,8 @@ int vu_blk_complete(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool
 void vu_blk_ram_io(struct vu_blk_dev *b, struct vu_blk_req *r);
 void vu_blk_ram_close(struct vu_blk_dev *b);
 void vu_blk_file_io(struct vu_blk_dev *b, struct vu_blk_req *r);
+/* The file engines' prefetch: a read's source in the page cache's mapping. */
+void vu_blk_file_prefetch(const struct vu_blk_dev *b, const struct vu_blk_req *r);
 /* Full preadv/pwritev at off: retries short transfers and EINTR; 0 or -errno.
  * Consumes iov. */
 int vu_blk_file_rw(int fd, struct iovec *iov, uint32_t niov, uint64_t off, bool write_op);

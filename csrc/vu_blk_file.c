@@ -208,6 +208,25 @@ void vu_blk_file_io(struct vu_blk_dev *b, struct vu_blk_req *r)
         r->reason = VU_BLK_R_IO_FAILED;
 }
 
+/* The first lines of a read's source in the mapping: the copy's first load
+ * otherwise waits for a TLB walk and a cache miss (38% of its samples on a
+ * 1 GiB image, bench/POLLED.md). A prefetch never faults, so a page not in
+ * memory costs nothing here; the bounds keep it inside the mapping anyway. */
+void vu_blk_file_prefetch(const struct vu_blk_dev *b, const struct vu_blk_req *r)
+{
+    const struct vu_filemap *m = &b->map;
+    uint64_t off = r->sector * VU_BLK_SECTOR;
+    if (r->type != VU_BLK_T_IN || !m->base || off >= m->len || r->data_len == 0)
+        return;
+    /* Two lines: the page walk and the start of the hardware's stream. A
+     * whole 4 KiB page of prefetches measured no faster (they queue behind
+     * the copy running meanwhile). */
+    const uint8_t *src = m->base + off;
+    __builtin_prefetch(src, 0, 3);
+    if (r->data_len > 64 && m->len - off > 64)
+        __builtin_prefetch(src + 64, 0, 3);
+}
+
 static enum vu_blk_start file_start(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *r)
 {
     (void)vq;
@@ -223,5 +242,6 @@ static int file_end_round(struct vu_blk_dev *b, struct vu_vq *vq)
 
 const struct vu_blk_engine vu_blk_file_engine = {
     .start = file_start,
+    .prefetch = vu_blk_file_prefetch,
     .end_round = file_end_round,
 };

@@ -283,6 +283,7 @@ static int uring_end_round(struct vu_blk_dev *b, struct vu_vq *vq)
 const struct vu_blk_engine vu_blk_uring_engine = {
     .reap = uring_reap,
     .start = uring_start,
+    .prefetch = vu_blk_file_prefetch,
     .end_round = uring_end_round,
 };
 
