@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#define BLK_POP_BURST 8  /* requests popped at once, at most */
 #define BLK_ROUNDS 16   /* rounds per handler run before other queues get the worker */
 
 struct vu_blk_dev *vu_blk_new(int backend)
@@ -172,8 +173,10 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         return did ? VU_HANDLED_SOME : VU_HANDLED_NONE;
     }
     int max_batch = eng->round_size ? eng->round_size(b) : VU_BLK_ROUND;
+    /* Once per run, not per round: asking is a system call, 5% of a cached
+     * read's cost when it was per round (perf, fs randread QD32). */
+    vu_filemap_recheck_guard();
     for (int round = 0; round < BLK_ROUNDS; round++) {
-        vu_filemap_recheck_guard();
         vu_vq_set_notification(vq, false);
         int n = 0, rc = 0, completed = 0;
         bool throttled = false;
@@ -181,21 +184,35 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         uint64_t now = vu_now_ns();
         struct vu_elem *e;
         struct vu_blk_req *held = NULL;   /* popped and parsed, not started yet */
+        /* Popped together, one lock round trip for the lot (the queue lock
+         * was 7% of a cached read's cost popped one by one); not parsed yet. */
+        struct vu_elem *popped[BLK_POP_BURST];
+        int npopped = 0, next = 0;
         while (n < max_batch) {
-            uint64_t wait = vu_qos_active(&b->qos) ? vu_qos_admit(&b->qos, now) : 0;
+            bool qos = vu_qos_active(&b->qos);
+            uint64_t wait = qos ? vu_qos_admit(&b->qos, now) : 0;
             if (wait && vu_blk_qos_sleep(b, vq, wait)) {
                 throttled = true;
                 break;
             }
-            if ((rc = vu_vq_pop(vq, &e)) != 1) {
-                if (held && rc < 0)   /* answered before the queue breaks, as it would have been */
-                    completed += start_one(b, vq, eng, held);
-                if (rc < 0)
-                    held = NULL;
-                if (!wait && vu_qos_active(&b->qos))
-                    vu_qos_refund(&b->qos);
-                break;
+            if (next == npopped) {
+                /* With QoS each request is admitted before it is popped. */
+                int want = qos ? 1 : max_batch - n < BLK_POP_BURST ? max_batch - n
+                                                                   : BLK_POP_BURST;
+                if ((rc = vu_vq_pop_burst(vq, popped, want)) <= 0) {
+                    if (held && rc < 0)   /* answered before the queue breaks, as it would have been */
+                        completed += start_one(b, vq, eng, held);
+                    if (rc < 0)
+                        held = NULL;
+                    if (!wait && qos)
+                        vu_qos_refund(&b->qos);
+                    break;
+                }
+                npopped = rc;
+                next = 0;
+                rc = 1;
             }
+            e = popped[next++];
             struct vu_blk_req *r = e->user;
             r->queue = (uint16_t)vq->index;
             n++;
@@ -223,6 +240,10 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
                 completed += start_one(b, vq, eng, held);
             held = r;
         }
+        /* Popped but not parsed (the queue broke or QoS put it to sleep):
+         * back on the ring, last first, as if never popped. */
+        while (npopped > next)
+            vu_vq_unpop(vq, popped[--npopped]);
         if (held)
             completed += start_one(b, vq, eng, held);
         /* What the engine held (io_uring submissions, the Python batch), and

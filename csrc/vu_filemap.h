@@ -53,8 +53,8 @@ int vu_filemap_read(struct vu_filemap *m, const struct iovec *iov, uint32_t niov
 /* The next read of the calling thread asks the kernel again whether our
  * SIGBUS handler is still the one installed (a program may have put its own
  * after ours); reads in between trust the last answer. The blk handler
- * calls this at the start of every round, so an answer is at most one
- * round (a few requests) old. */
+ * calls this each time it runs, so an answer is at most one run (16 rounds
+ * of a few requests) old. */
 void vu_filemap_recheck_guard(void);
 /* Our write may have filled holes: let its chunks be checked again. */
 void vu_filemap_written(struct vu_filemap *m, uint64_t off, uint64_t len);

@@ -326,7 +326,7 @@ with BackgroundServer(dev, sock), Frontend.connect(sock) as fe:
     blk = BlkClient.setup(fe)
     if mode == "after":
         # A read through the mapping first: the worker has been told the
-        # guard is in place, and must ask again (next round) after this.
+        # guard is in place, and must ask again (next handler run) after this.
         assert blk.read(16, 4096) is not None
         say(step="before", **dev.map_stats())
         # Installed after the library's: Python's handler returns, so a

@@ -195,12 +195,15 @@ def test_chain_without_status_byte_cannot_be_answered(lab, blk):
 
 
 def test_handler_breaks_only_on_missing_status_and_serves_after_reset(lab, blk):
-    # The queue handler run over a batch: good, bad-but-answerable, unanswerable.
+    # The queue handler run over a batch: good, bad-but-answerable,
+    # unanswerable, then a good one that was popped in the same burst as the
+    # unanswerable one and must go back on the ring, not stay in flight.
     vq = lab.vq(0)
     vq.enabled = True
     chains = [[(hdr(T.IN), False), (513, True)],
               [(hdr(77), False), (1, True)],
-              [(hdr(T.OUT), False)]]
+              [(hdr(T.OUT), False)],
+              [(hdr(T.IN), False), (513, True)]]
     heads = []
     status_gpas = []
     for chain in chains:
@@ -213,12 +216,16 @@ def test_handler_breaks_only_on_missing_status_and_serves_after_reset(lab, blk):
             bufs.append((gpa, length, writable))
         status_gpas.append(bufs[-1][0] + bufs[-1][1] - 1 if bufs[-1][2] else None)
         heads.append(lab.add_split_chain(0, bufs))
+    lab.write(status_gpas[3], b"\xee")
     lab.publish_split(0, heads)
     lib.vu_blk_handler(blk, vq)
     assert lab.read(status_gpas[0], 1)[0] == S.OK
     assert lab.read(status_gpas[1], 1)[0] == S.UNSUPP
     assert vq.broken and vq.error == lib.VU_ERR_ZERO_CHAIN
     assert [h for h, _ in lab.used_split(0)] == heads[:2]
+    assert lab.read(status_gpas[3], 1)[0] == 0xEE       # never touched
+    assert lib.vu_vq_inflight(vq) == 0
+    assert vq.last_avail_idx == 3                         # the good one is still to pop
 
 
 @pytest.mark.parametrize("writeback", [True, False])
