@@ -153,6 +153,17 @@ static int start_one(struct vu_blk_dev *b, struct vu_vq *vq, const struct vu_blk
     return 1;
 }
 
+/* Starts the held requests in order; returns how many completed here. */
+static int start_held(struct vu_blk_dev *b, struct vu_vq *vq, const struct vu_blk_engine *eng,
+                      struct vu_blk_req **held, int *nheld)
+{
+    int completed = 0;
+    for (int i = 0; i < *nheld; i++)
+        completed += start_one(b, vq, eng, held[i]);
+    *nheld = 0;
+    return completed;
+}
+
 int vu_blk_handler(void *ctx, struct vu_vq *vq)
 {
     struct vu_blk_dev *b = ctx;
@@ -183,11 +194,13 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         /* One clock read per round: what is popped in it arrived by then. */
         uint64_t now = vu_now_ns();
         struct vu_elem *e;
-        struct vu_blk_req *held = NULL;   /* popped and parsed, not started yet */
         /* Popped together, one lock round trip for the lot (the queue lock
          * was 7% of a cached read's cost popped one by one); not parsed yet. */
         struct vu_elem *popped[BLK_POP_BURST];
         int npopped = 0, next = 0;
+        /* Of the current burst: parsed, their data prefetched, not started. */
+        struct vu_blk_req *held[BLK_POP_BURST];
+        int nheld = 0;
         while (n < max_batch) {
             bool qos = vu_qos_active(&b->qos);
             uint64_t wait = qos ? vu_qos_admit(&b->qos, now) : 0;
@@ -196,14 +209,13 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
                 break;
             }
             if (next == npopped) {
+                /* The burst before is parsed and its data on its way to the
+                 * cache: started now, before anything else is popped. */
+                completed += start_held(b, vq, eng, held, &nheld);
                 /* With QoS each request is admitted before it is popped. */
                 int want = qos ? 1 : max_batch - n < BLK_POP_BURST ? max_batch - n
                                                                    : BLK_POP_BURST;
                 if ((rc = vu_vq_pop_burst(vq, popped, want)) <= 0) {
-                    if (held && rc < 0)   /* answered before the queue breaks, as it would have been */
-                        completed += start_one(b, vq, eng, held);
-                    if (rc < 0)
-                        held = NULL;
                     if (!wait && qos)
                         vu_qos_refund(&b->qos);
                     break;
@@ -218,9 +230,8 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
             n++;
             b->started[q]++;
             if (vu_blk_parse(b, e, r) < 0) {
-                if (held)   /* answered before the queue breaks, as above */
-                    completed += start_one(b, vq, eng, held);
-                held = NULL;
+                /* Answered before the queue breaks, as one by one. */
+                completed += start_held(b, vq, eng, held, &nheld);
                 /* No status byte: nothing can answer this chain, and it must
                  * not stay in flight for GET_VRING_BASE to wait on. */
                 vu_vq_break(vq, VU_ERR_ZERO_CHAIN, e->id);
@@ -232,20 +243,17 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
             r->start_ns = now;
             if (vu_qos_active(&b->qos))
                 vu_qos_charge_bytes(&b->qos, r->data_len);
-            /* Started one request late: r's data is on its way to the
-             * cache while the one before is copied. */
+            /* The whole burst's data is fetched at once, while the
+             * requests before it in the burst are parsed and started. */
             if (eng->prefetch && r->result == VU_BLK_S_PENDING)
                 eng->prefetch(b, r);
-            if (held)
-                completed += start_one(b, vq, eng, held);
-            held = r;
+            held[nheld++] = r;
         }
         /* Popped but not parsed (the queue broke or QoS put it to sleep):
          * back on the ring, last first, as if never popped. */
         while (npopped > next)
             vu_vq_unpop(vq, popped[--npopped]);
-        if (held)
-            completed += start_one(b, vq, eng, held);
+        completed += start_held(b, vq, eng, held, &nheld);
         /* What the engine held (io_uring submissions, the Python batch), and
          * the round's write-through sync; those record their own latency. */
         if (eng->end_round && eng->end_round(b, vq) > 0)
