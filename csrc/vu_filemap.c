@@ -1,5 +1,6 @@
 /* Reads from an in-memory image through a mapping; see vu_filemap.h. */
 #include "vu_filemap.h"
+#include "vu_qos.h"   /* vu_now_ns */
 
 #include <errno.h>
 #include <fcntl.h>
@@ -206,6 +207,7 @@ int vu_filemap_open(struct vu_filemap *m, int fd)
     m->resident = resident;
     m->sparse = sparse;
     m->recheck = !in_memory;
+    m->checked_ns = vu_now_ns();
     return 0;
 }
 
@@ -276,8 +278,13 @@ int vu_filemap_read(struct vu_filemap *m, const struct iovec *iov, uint32_t niov
         guard_known = true;
     }
     if (m->recheck &&
-        __atomic_add_fetch(&m->reads, 1, __ATOMIC_RELAXED) % VU_FILEMAP_RECHECK == 0)
-        forget_residency(m);
+        __atomic_add_fetch(&m->reads, 1, __ATOMIC_RELAXED) % VU_FILEMAP_CLOCK_EVERY == 0) {
+        uint64_t now = vu_now_ns();
+        if (now - __atomic_load_n(&m->checked_ns, __ATOMIC_RELAXED) >= VU_FILEMAP_RECHECK_NS) {
+            __atomic_store_n(&m->checked_ns, now, __ATOMIC_RELAXED);
+            forget_residency(m);
+        }
+    }
     uint64_t last = (off + len - 1) >> VU_FILEMAP_CHUNK_SHIFT;
     for (uint64_t c = off >> VU_FILEMAP_CHUNK_SHIFT; c <= last; c++) {
         if (!chunk_resident(m, c)) {

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 
 import pytest
 
@@ -141,8 +142,9 @@ def test_an_image_on_a_disk_file_system_is_read_through_the_mapping_once_in_memo
         blk_client, tmp_path):
     """On ext4/XFS/btrfs only chunks whose pages are all in the page cache
     are read through the mapping; what the kernel said is forgotten every
-    VU_FILEMAP_RECHECK reads (it may drop pages), so a chunk read in since
-    is mapped then, and the bytes are the file's either way."""
+    VU_FILEMAP_RECHECK_NS (it may drop pages; looked at every 256 reads),
+    so a chunk read in since is mapped then, and the bytes are the file's
+    either way."""
     if _fs_type(str(tmp_path)) not in DISK_FS:
         pytest.skip("tmp_path is not on a local disk file system")
     path = tmp_path / "disk.img"
@@ -165,6 +167,7 @@ def test_an_image_on_a_disk_file_system_is_read_through_the_mapping_once_in_memo
             whole = blk.execute([BlkRequest.read(off // 512, 65536)
                                  for off in range(0, size, 65536)], depth=16)
             assert b"".join(r.data for r in whole) == data
+            time.sleep(0.15)      # past VU_FILEMAP_RECHECK_NS (100 ms)
             for start in range(0, 9000, 500):     # what the guest memory holds at once
                 offs = [(i * 4096) % size for i in range(start, start + 500)]
                 done = blk.execute([BlkRequest.read(o // 512, 4096) for o in offs], depth=32)
