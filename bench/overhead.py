@@ -36,6 +36,9 @@ WORKLOADS = [  # name, blkload arguments, metric, higher is better
     ("randwrite-4k-qd32", dict(rw="randwrite", bs="4k", qd=32), "iops", True),
     ("randrw-4k-qd32-flush64", dict(rw="randrw", bs="4k", qd=32, rwmixread=70, flush_every=64),
      "iops", True),
+    ("randwrite-4k-qd32-wt", dict(rw="randwrite", bs="4k", qd=32, write_through=True), "iops",
+     True),
+    ("write-128k-qd8", dict(rw="write", bs="128k", qd=8), "mbps", True),
 ]
 BACKENDS = {
     "ram": lambda img, size: ["--ramdisk", str(size)],

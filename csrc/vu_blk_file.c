@@ -183,7 +183,9 @@ void vu_blk_file_io(struct vu_blk_dev *b, struct vu_blk_req *r)
             rc = vu_blk_file_rw(b->fd, r->iov, r->niov, off, false);
         break;
     case VU_BLK_T_OUT:
-        if (b->direct && !vu_blk_iov_aligned(r))
+        if (vu_filemap_write(&b->map, r->iov, r->niov, off, r->data_len) == 0)
+            ;   /* copied into the page cache through the mapping */
+        else if (b->direct && !vu_blk_iov_aligned(r))
             rc = file_rw_bounce(b->fd, r, off, true);
         else
             rc = vu_blk_file_rw(b->fd, r->iov, r->niov, off, true);

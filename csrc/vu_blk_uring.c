@@ -148,8 +148,9 @@ static bool try_nowait(struct vu_blk_dev *b, struct vu_blk_req *r)
         return false;
     bool wr = r->type == VU_BLK_T_OUT;
     uint64_t off = r->sector * VU_BLK_SECTOR;
-    if (!wr && vu_filemap_read(&b->map, r->iov, r->niov, off, r->data_len) == 0) {
-        r->result = VU_BLK_S_OK;   /* copied from the page cache through the mapping */
+    if (wr ? vu_filemap_write(&b->map, r->iov, r->niov, off, r->data_len) == 0
+           : vu_filemap_read(&b->map, r->iov, r->niov, off, r->data_len) == 0) {
+        r->result = VU_BLK_S_OK;   /* copied through the mapping of the page cache */
         return true;
     }
     ssize_t n = wr ? pwritev2(b->fd, r->iov, (int)r->niov, (off_t)off, RWF_NOWAIT)

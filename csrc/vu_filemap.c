@@ -132,6 +132,16 @@ __attribute__((noinline)) static void copy_to_iov(const struct iovec *iov, uint3
     }
 }
 
+__attribute__((noinline)) static void copy_from_iov(uint8_t *dst, const struct iovec *iov, uint32_t niov, uint64_t len)
+{
+    for (uint32_t i = 0; i < niov && len > 0; i++) {
+        size_t n = iov[i].iov_len < len ? iov[i].iov_len : (size_t)len;
+        memcpy(dst, iov[i].iov_base, n);
+        dst += n;
+        len -= n;
+    }
+}
+
 /* Copies len bytes from src into iov; false if it faulted. Nothing here
  * changes after sigsetjmp, so nothing is clobbered by the jump back. */
 static bool guarded_copy(const struct iovec *iov, uint32_t niov, const uint8_t *src, uint64_t len)
@@ -145,6 +155,24 @@ static bool guarded_copy(const struct iovec *iov, uint32_t niov, const uint8_t *
     __atomic_signal_fence(__ATOMIC_SEQ_CST);   /* armed before the first load */
     copy_to_iov(iov, niov, src, len);
     __atomic_signal_fence(__ATOMIC_SEQ_CST);   /* disarmed after the last one */
+    guard = NULL;
+    return true;
+}
+
+/* The same the other way: iov into dst (the mapping). A fault may come from
+ * either side: the file's page (shrunk, no space for a hole: ENOSPC is a
+ * SIGBUS through a mapping) or the guest's. */
+static bool guarded_store(uint8_t *dst, const struct iovec *iov, uint32_t niov, uint64_t len)
+{
+    sigjmp_buf env;
+    if (sigsetjmp(env, 0)) {
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        return false;
+    }
+    guard = &env;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    copy_from_iov(dst, iov, niov, len);
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
     guard = NULL;
     return true;
 }
@@ -193,8 +221,13 @@ int vu_filemap_open(struct vu_filemap *m, int fd)
     size_t words = (size_t)((nchunks + 63) / 64);
     uint64_t *resident = calloc(words, sizeof(uint64_t));
     uint64_t *sparse = calloc(words, sizeof(uint64_t));
-    /* No MAP_POPULATE: faulting in holes is exactly what must not happen. */
-    void *p = resident && sparse ? mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0) : MAP_FAILED;
+    /* Writable when the descriptor is: writes of resident pages are then a
+     * copy too. No MAP_POPULATE: faulting in holes is exactly what must not
+     * happen. */
+    bool writable = (fl & O_ACCMODE) == O_RDWR;
+    void *p = resident && sparse ? mmap(NULL, len, PROT_READ | (writable ? PROT_WRITE : 0),
+                                        MAP_SHARED, fd, 0)
+                                 : MAP_FAILED;
     if (p == MAP_FAILED) {
         int err = resident && sparse ? errno : ENOMEM;
         free(resident);
@@ -202,6 +235,7 @@ int vu_filemap_open(struct vu_filemap *m, int fd)
         return -err;
     }
     m->base = p;
+    m->writable = writable;
     m->len = len;
     m->nchunks = nchunks;
     m->resident = resident;
@@ -265,16 +299,15 @@ static void forget_residency(struct vu_filemap *m)
     }
 }
 
-int vu_filemap_read(struct vu_filemap *m, const struct iovec *iov, uint32_t niov, uint64_t off,
-                    uint64_t len)
+/* Whether [off, off + len) may be copied through the mapping now: inside
+ * it, our guard in place, every chunk seen whole in memory. */
+static bool usable(struct vu_filemap *m, uint64_t off, uint64_t len)
 {
     if (!m->base || len == 0 || off >= m->len || len > m->len - off)
-        return -1;
+        return false;
     if (!guard_known) {
-        if (!guard_in_place()) {
-            __atomic_fetch_add(&m->fallback_reads, 1, __ATOMIC_RELAXED);
-            return -1;
-        }
+        if (!guard_in_place())
+            return false;
         guard_known = true;
     }
     if (m->recheck &&
@@ -287,19 +320,47 @@ int vu_filemap_read(struct vu_filemap *m, const struct iovec *iov, uint32_t niov
     }
     uint64_t last = (off + len - 1) >> VU_FILEMAP_CHUNK_SHIFT;
     for (uint64_t c = off >> VU_FILEMAP_CHUNK_SHIFT; c <= last; c++) {
-        if (!chunk_resident(m, c)) {
-            __atomic_fetch_add(&m->fallback_reads, 1, __ATOMIC_RELAXED);
-            return -1;
-        }
+        if (!chunk_resident(m, c))
+            return false;
+    }
+    return true;
+}
+
+/* After a fault: shrunk, evicted or out of space under us; ask again next time. */
+static void faulted(struct vu_filemap *m, uint64_t off, uint64_t len)
+{
+    __atomic_fetch_add(&m->faults, 1, __ATOMIC_RELAXED);
+    uint64_t last = (off + len - 1) >> VU_FILEMAP_CHUNK_SHIFT;
+    for (uint64_t c = off >> VU_FILEMAP_CHUNK_SHIFT; c <= last; c++)
+        clear_bit(m->resident, c);
+}
+
+int vu_filemap_read(struct vu_filemap *m, const struct iovec *iov, uint32_t niov, uint64_t off,
+                    uint64_t len)
+{
+    if (!usable(m, off, len)) {
+        __atomic_fetch_add(&m->fallback_reads, 1, __ATOMIC_RELAXED);
+        return -1;
     }
     if (!guarded_copy(iov, niov, m->base + off, len)) {
-        /* Shrunk or evicted under us: ask again next time. */
-        for (uint64_t c = off >> VU_FILEMAP_CHUNK_SHIFT; c <= last; c++)
-            clear_bit(m->resident, c);
+        faulted(m, off, len);
         __atomic_fetch_add(&m->fallback_reads, 1, __ATOMIC_RELAXED);
         return -1;
     }
     __atomic_fetch_add(&m->mapped_reads, 1, __ATOMIC_RELAXED);
+    return 0;
+}
+
+int vu_filemap_write(struct vu_filemap *m, const struct iovec *iov, uint32_t niov, uint64_t off,
+                     uint64_t len)
+{
+    if (!m->writable || !usable(m, off, len))
+        return -1;
+    if (!guarded_store((uint8_t *)m->base + off, iov, niov, len)) {
+        faulted(m, off, len);
+        return -1;
+    }
+    __atomic_fetch_add(&m->mapped_writes, 1, __ATOMIC_RELAXED);
     return 0;
 }
 

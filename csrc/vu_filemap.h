@@ -1,6 +1,9 @@
-/* Reads from an image file through a read-only mapping of its page cache:
- * on tmpfs/ramfs, and on local disk file systems (ext2/3/4, XFS, btrfs)
- * for pages that are in the page cache.
+/* Reads from an image file through a mapping of its page cache, and writes
+ * to it the same way when it is open for writing: on tmpfs/ramfs, and on
+ * local disk file systems (ext2/3/4, XFS, btrfs) for pages that are in the
+ * page cache. A write through the mapping dirties the page as pwritev does
+ * (the kernel marks it dirty when the mapping first writes to it after each
+ * writeback), so fdatasync covers it the same way.
  *
  * A preadv costs a syscall and the kernel's page-by-page copy; a memcpy
  * from a mapping of the same page cache is 2-3x faster here. Three things
@@ -40,6 +43,8 @@ struct vu_filemap {
     uint64_t *resident;     /* bit per chunk: every page seen in memory, use the mapping */
     uint64_t *sparse;       /* bit per chunk: seen with a hole, don't ask again until written */
     uint64_t mapped_reads, fallback_reads;   /* for tests and metrics (racy counts) */
+    uint64_t mapped_writes, faults;          /* the same; faults: copies cut short by SIGBUS */
+    bool writable;          /* mapped PROT_WRITE: the descriptor is O_RDWR */
     bool recheck;           /* the kernel may drop pages: forget residency now and then */
     uint64_t reads;         /* counts to VU_FILEMAP_CLOCK_EVERY (recheck) */
     uint64_t checked_ns;    /* when residency was last forgotten (recheck) */
@@ -47,8 +52,9 @@ struct vu_filemap {
 
 /* tmpfs or ramfs: the data is in memory, a read or write never waits. */
 bool vu_filemap_memory_backed(int fd);
-/* Maps fd read-only if it is a regular file on tmpfs, ramfs or a local disk
- * file system; 0 with m->base NULL when it is not, -errno on failure. */
+/* Maps fd (writable if it is O_RDWR) if it is a regular file on tmpfs, ramfs
+ * or a local disk file system; 0 with m->base NULL when it is not, -errno on
+ * failure. */
 int vu_filemap_open(struct vu_filemap *m, int fd);
 void vu_filemap_close(struct vu_filemap *m);
 /* Copies len bytes at off into iov. 0 when done, -1 when the caller must
@@ -56,6 +62,14 @@ void vu_filemap_close(struct vu_filemap *m);
  * the iov contents are then undefined but the iov array is unchanged. */
 int vu_filemap_read(struct vu_filemap *m, const struct iovec *iov, uint32_t niov, uint64_t off,
                     uint64_t len);
+/* Copies len bytes from iov to the file at off through the mapping, as
+ * pwritev would into the page cache (a FLUSH's fdatasync covers it alike).
+ * 0 when done, -1 when the caller must write them itself (not writable,
+ * outside the mapping, not known resident, or SIGBUS: a file that shrank, a
+ * hole the file system has no room for, a guest buffer gone); part of the
+ * data may then be written, and the caller's write covers it. */
+int vu_filemap_write(struct vu_filemap *m, const struct iovec *iov, uint32_t niov, uint64_t off,
+                     uint64_t len);
 /* The next read of the calling thread asks the kernel again whether our
  * SIGBUS handler is still the one installed (a program may have put its own
  * after ours); reads in between trust the last answer. The blk handler

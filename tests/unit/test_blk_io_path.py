@@ -159,9 +159,14 @@ def test_refused_nowait_writes_leave_reads_inline(lab, tmp_path, filedev):
     finally:
         os.close(fd)
     dev = filedev()
+    # Out of the page cache: a write to pages in it goes through the mapping
+    # and never tries RWF_NOWAIT.
+    os.fsync(dev.fd)
+    os.posix_fadvise(dev.fd, 0, 0, os.POSIX_FADV_DONTNEED)
     data = bytes([0x5A]) * 4096
     s, _ = request(lab, T.OUT, 8, data)
     assert serve(lab, dev, s)[0] == S.OK
+    assert dev.b.map.mapped_writes == 0
     assert dev.b.write_io == INLINE      # measured: beats io_uring's io-wq punts (RESULTS.md)
     assert dev.b.read_io == NOWAIT
     s, d = request(lab, T.IN, 8)

@@ -338,10 +338,14 @@ class BlkDevice(Device):
 
     def map_stats(self) -> dict:
         """How file reads were served: through the mapping of an in-memory
-        image, or by preadv (holes, chunks not yet seen resident, faults)."""
+        image, or by preadv (holes, chunks not yet seen resident, faults);
+        how many writes went through the mapping (the rest: pwritev); and
+        how many copies either way a SIGBUS cut short (then redone by
+        preadv/pwritev)."""
         fm = self._blk.map
         return {"mapped": self.mapped_reads,
-                "mapped_reads": fm.mapped_reads, "fallback_reads": fm.fallback_reads}
+                "mapped_reads": fm.mapped_reads, "fallback_reads": fm.fallback_reads,
+                "mapped_writes": fm.mapped_writes, "faults": fm.faults}
 
     def close(self) -> None:
         """Closes the back-end; the C device goes once no request of a
