@@ -10,6 +10,7 @@ the kernel's dirty flag of each page written (/proc/kpageflags, found
 through a mapping of the same file in this process). In write-back mode the
 pages are dirty before the FLUSH: the check can fail.
 """
+import contextlib
 import ctypes
 import os
 import struct
@@ -99,46 +100,45 @@ def write_all(blk: BlkClient, fill: bytes) -> None:
     assert all(r.ok for r in done)
 
 
-@pytest.mark.parametrize("aio", ["io_uring", "sync"])
-def test_mapped_writes_stay_dirty_until_a_flush_cleans_them(tmp_path, image, aio):
+@contextlib.contextmanager
+def serving(tmp_path, image, aio):
+    """(device, BlkClient, DirtyPages) for the image, served by the C file
+    back-end with `aio`."""
     device = BlkDevice(FileBackend(image), aio=aio)
     sock = str(tmp_path / "blk.sock")
     pages = DirtyPages(image)
     try:
         with BackgroundServer(device, sock), Frontend.connect(sock) as fe:
-            blk = BlkClient.setup(fe)
-            assert pages.dirty(OFFSETS) == []              # synced before the device came
-            write_all(blk, b"w")
-            assert device.map_stats()["mapped_writes"] >= PAGES   # the path under test
-            assert pages.dirty(OFFSETS) == OFFSETS         # write-back: cached, not yet stable
-            blk.flush()
-            assert pages.dirty(OFFSETS) == []
-        with open(image, "rb") as f:
-            data = f.read()
-        for off in OFFSETS:
-            assert data[off:off + KIB4] == b"w" * KIB4
-            assert data[off + KIB4:off + 2 * KIB4] == b"\x5a" * KIB4   # neighbours untouched
+            yield device, BlkClient.setup(fe), pages
     finally:
         pages.close()
         device.close()
+
+
+@pytest.mark.parametrize("aio", ["io_uring", "sync"])
+def test_mapped_writes_stay_dirty_until_a_flush_cleans_them(tmp_path, image, aio):
+    with serving(tmp_path, image, aio) as (device, blk, pages):
+        assert pages.dirty(OFFSETS) == []              # synced before the device came
+        write_all(blk, b"w")
+        assert device.map_stats()["mapped_writes"] >= PAGES   # the path under test
+        assert pages.dirty(OFFSETS) == OFFSETS         # write-back: cached, not yet stable
+        blk.flush()
+        assert pages.dirty(OFFSETS) == []
+    with open(image, "rb") as f:
+        data = f.read()
+    for off in OFFSETS:
+        assert data[off:off + KIB4] == b"w" * KIB4
+        assert data[off + KIB4:off + 2 * KIB4] == b"\x5a" * KIB4   # neighbours untouched
 
 
 @pytest.mark.parametrize("aio", ["io_uring", "sync"])
 def test_mapped_writes_in_write_through_mode_complete_clean(tmp_path, image, aio):
-    device = BlkDevice(FileBackend(image), aio=aio)
-    sock = str(tmp_path / "blk.sock")
-    pages = DirtyPages(image)
-    try:
-        with BackgroundServer(device, sock), Frontend.connect(sock) as fe:
-            blk = BlkClient.setup(fe)
-            blk.set_writeback(False)
-            write_all(blk, b"t")
-            assert device.map_stats()["mapped_writes"] >= PAGES
-            assert pages.dirty(OFFSETS) == []
-            assert device.stats()["stable_writes"] == PAGES
-    finally:
-        pages.close()
-        device.close()
+    with serving(tmp_path, image, aio) as (device, blk, pages):
+        blk.set_writeback(False)
+        write_all(blk, b"t")
+        assert device.map_stats()["mapped_writes"] >= PAGES
+        assert pages.dirty(OFFSETS) == []
+        assert device.stats()["stable_writes"] == PAGES
 
 
 @pytest.fixture
