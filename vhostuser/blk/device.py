@@ -183,8 +183,26 @@ class BlkDevice(Device):
             raise ProtocolError(Request.SET_CONFIG, "CONFIG_WCE not negotiated")
         if data[0] > 1:
             raise ProtocolError(Request.SET_CONFIG, f"writeback value {data[0]}")
+        was_writeback = self._blk.lim.writeback
         self._blk.lim.writeback = bool(data[0])
+        if was_writeback and not data[0]:
+            self._sync_before_write_through()
         log.info("write cache %s", "write-back" if data[0] else "write-through")
+
+    def _sync_before_write_through(self) -> None:
+        """A write the C file back-end did just before the switch, under
+        write-back, can reach the driver after the switch is acknowledged:
+        its used entry is published at the end of the worker's round, which
+        may come after this reply. Its data is already written, so one sync
+        started after the switch makes it stable before the driver can see
+        it. (A sync on the control plane's thread: switching the cache mode
+        is rare, and the guest waits for the reply anyway.)"""
+        if self._kind == lib.VU_BLK_BACKEND_FILE and self._blk.fd >= 0:
+            try:
+                os.fdatasync(self._blk.fd)
+            except OSError as exc:
+                raise ProtocolError(Request.SET_CONFIG,
+                                    f"sync before write-through failed: {exc}") from exc
 
     def on_features(self, features: int) -> None:
         lim = self._blk.lim
