@@ -27,19 +27,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import (PY, SETUPS, Backend, blkload, make_image, metric_of,  # noqa: E402
-                       parse_size, prefill, scratch_dir)
+from bench.run import (PY, SETUPS, WORKLOADS, Backend, blkload, make_image,  # noqa: E402
+                       metric_of, parse_size, prefill, scratch_dir)
 
-WORKLOADS = [  # name, blkload arguments, metric, higher is better
-    ("randread-4k-qd32", dict(rw="randread", bs="4k", qd=32), "iops", True),
-    ("randread-4k-qd1", dict(rw="randread", bs="4k", qd=1), "p50", False),
-    ("randwrite-4k-qd32", dict(rw="randwrite", bs="4k", qd=32), "iops", True),
-    ("randrw-4k-qd32-flush64", dict(rw="randrw", bs="4k", qd=32, rwmixread=70, flush_every=64),
-     "iops", True),
-    ("randwrite-4k-qd32-wt", dict(rw="randwrite", bs="4k", qd=32, write_through=True), "iops",
-     True),
-    ("write-128k-qd8", dict(rw="write", bs="128k", qd=8), "mbps", True),
-]
+# Run by default (--only picks any of bench/run.py's workloads); their
+# blkload arguments and metric are run.py's, so both measure the same thing.
+DEFAULT_WORKLOADS = ("randread-4k-qd32", "randread-4k-qd1", "randwrite-4k-qd32",
+                     "randrw-4k-qd32-flush64", "randwrite-4k-qd32-wt", "write-128k-qd8")
 BACKENDS = {
     "ram": lambda img, size: ["--ramdisk", str(size)],
     "file": lambda img, size: ["--blk-file", img],
@@ -86,7 +80,12 @@ def main(argv=None) -> int:
     scratch = scratch_dir(SETUPS[args.setup])
     img = str(scratch / "disk.img")
     make_image(SETUPS[args.setup], img, size)
-    workloads = [w for w in WORKLOADS if not args.only or w[0] in args.only.split(",")]
+    names = args.only.split(",") if args.only else DEFAULT_WORKLOADS
+    by_name = {w.name: w for w in WORKLOADS}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        p.error(f"unknown workloads {unknown}; bench/run.py has {sorted(by_name)}")
+    workloads = [by_name[n] for n in names]
     base_tree = build_tree(args.base, Path(tempfile.mkdtemp(prefix="vhu-base-")))
     backends = {}
     try:
@@ -102,7 +101,9 @@ def main(argv=None) -> int:
                 prefill(b)
         ratios: dict[tuple[str, str], list[float]] = {}
         for rep in range(args.reps):
-            for wname, kw, metric, higher in workloads:
+            for w in workloads:
+                wname, kw, metric = w.name, w.kw, w.metric
+                higher = metric != "p50"   # latency: lower is better
                 for kind in args.backends.split(","):
                     sides = ("head", "base") if rep % 2 == 0 else ("base", "head")
                     got = {s: metric_of(blkload(args, backends[(kind, s)], args.seconds, **kw),
