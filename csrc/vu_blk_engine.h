@@ -61,6 +61,9 @@ int vu_blk_complete(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool
 void vu_blk_ram_io(struct vu_blk_dev *b, struct vu_blk_req *r);
 void vu_blk_ram_close(struct vu_blk_dev *b);
 void vu_blk_file_io(struct vu_blk_dev *b, struct vu_blk_req *r);
+/* The same without trying the mapping (the caller just did, and failed: a
+ * second try could only fault again). */
+void vu_blk_file_io_unmapped(struct vu_blk_dev *b, struct vu_blk_req *r);
 /* The file engines' prefetch: a read's source in the page cache's mapping. */
 void vu_blk_file_prefetch(const struct vu_blk_dev *b, const struct vu_blk_req *r);
 /* Full preadv/pwritev at off: retries short transfers and EINTR; 0 or -errno.

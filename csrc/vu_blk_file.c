@@ -168,14 +168,15 @@ static int file_segments(struct vu_blk_dev *b, struct vu_blk_req *r)
     return 0;
 }
 
-/* The I/O of a request, without making it stable (the group commit does). */
-void vu_blk_file_io(struct vu_blk_dev *b, struct vu_blk_req *r)
+/* The I/O of a request, without making it stable (the group commit does);
+ * through the mapping first when via_map. */
+static void file_io(struct vu_blk_dev *b, struct vu_blk_req *r, bool via_map)
 {
     uint64_t off = r->sector * VU_BLK_SECTOR;
     int rc = 0;
     switch (r->type) {
     case VU_BLK_T_IN:
-        if (vu_filemap_read(&b->map, r->iov, r->niov, off, r->data_len) == 0)
+        if (via_map && vu_filemap_read(&b->map, r->iov, r->niov, off, r->data_len) == 0)
             ;   /* copied from the page cache through the mapping */
         else if (b->direct && !vu_blk_iov_aligned(r))
             rc = file_rw_bounce(b->fd, r, off, false);
@@ -183,7 +184,7 @@ void vu_blk_file_io(struct vu_blk_dev *b, struct vu_blk_req *r)
             rc = vu_blk_file_rw(b->fd, r->iov, r->niov, off, false);
         break;
     case VU_BLK_T_OUT:
-        if (vu_filemap_write(&b->map, r->iov, r->niov, off, r->data_len) == 0)
+        if (via_map && vu_filemap_write(&b->map, r->iov, r->niov, off, r->data_len) == 0)
             ;   /* copied into the page cache through the mapping */
         else if (b->direct && !vu_blk_iov_aligned(r))
             rc = file_rw_bounce(b->fd, r, off, true);
@@ -208,6 +209,16 @@ void vu_blk_file_io(struct vu_blk_dev *b, struct vu_blk_req *r)
     r->result = rc ? VU_BLK_S_IOERR : VU_BLK_S_OK;
     if (rc)
         r->reason = VU_BLK_R_IO_FAILED;
+}
+
+void vu_blk_file_io(struct vu_blk_dev *b, struct vu_blk_req *r)
+{
+    file_io(b, r, true);
+}
+
+void vu_blk_file_io_unmapped(struct vu_blk_dev *b, struct vu_blk_req *r)
+{
+    file_io(b, r, false);
 }
 
 /* The first lines of a read's source in the mapping: the copy's first load

@@ -142,7 +142,7 @@ static int io_mode(const struct vu_blk_dev *b, const struct vu_blk_req *r)
 }
 
 /* A read or write that can finish at once (page cache hit, no block) is
- * done here, a read through the mapping if it can: true with r->result set.
+ * done here, through the mapping if it can: true with r->result set.
  * Anything else, including a short transfer, goes on untouched (RWF_NOWAIT
  * transfers nothing or what it could; a partial one is simply redone). */
 static bool try_nowait(struct vu_blk_dev *b, struct vu_blk_req *r)
@@ -257,12 +257,17 @@ static enum vu_blk_start uring_start(struct vu_blk_dev *b, struct vu_vq *vq, str
     int mode = u && async_type(r->type) ? io_mode(b, r) : VU_BLK_IO_INLINE;
     /* Data already in the page cache needs no trip through io_uring's
      * worker threads: try it without blocking. */
-    if (mode == VU_BLK_IO_NOWAIT && !try_nowait(b, r))
+    bool tried_map = mode == VU_BLK_IO_NOWAIT;
+    if (tried_map && !try_nowait(b, r))
         mode = io_mode(b, r);   /* a miss, or NOWAIT just turned out unsupported */
     if (mode != VU_BLK_IO_INLINE && r->result == VU_BLK_S_PENDING && submit_async(b, u, r))
         return VU_BLK_TAKEN;
-    if (r->result == VU_BLK_S_PENDING)
-        vu_blk_file_io(b, r);
+    if (r->result == VU_BLK_S_PENDING) {
+        if (tried_map)
+            vu_blk_file_io_unmapped(b, r);
+        else
+            vu_blk_file_io(b, r);
+    }
     return VU_BLK_DONE;
 }
 

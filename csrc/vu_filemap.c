@@ -1,4 +1,4 @@
-/* Reads from an in-memory image through a mapping; see vu_filemap.h. */
+/* Reads and writes an image through a mapping of its page cache; see vu_filemap.h. */
 #include "vu_filemap.h"
 #include "vu_qos.h"   /* vu_now_ns */
 
@@ -122,29 +122,28 @@ void vu_filemap_recheck_guard(void)
     guard_known = false;
 }
 
-__attribute__((noinline)) static void copy_to_iov(const struct iovec *iov, uint32_t niov, const uint8_t *src, uint64_t len)
+/* Copies len bytes between the mapping at file and iov: into the file when
+ * to_file, out of it otherwise. */
+__attribute__((noinline)) static void copy_iov(uint8_t *file, const struct iovec *iov,
+                                              uint32_t niov, uint64_t len, bool to_file)
 {
     for (uint32_t i = 0; i < niov && len > 0; i++) {
         size_t n = iov[i].iov_len < len ? iov[i].iov_len : (size_t)len;
-        memcpy(iov[i].iov_base, src, n);
-        src += n;
+        if (to_file)
+            memcpy(file, iov[i].iov_base, n);
+        else
+            memcpy(iov[i].iov_base, file, n);
+        file += n;
         len -= n;
     }
 }
 
-__attribute__((noinline)) static void copy_from_iov(uint8_t *dst, const struct iovec *iov, uint32_t niov, uint64_t len)
-{
-    for (uint32_t i = 0; i < niov && len > 0; i++) {
-        size_t n = iov[i].iov_len < len ? iov[i].iov_len : (size_t)len;
-        memcpy(dst, iov[i].iov_base, n);
-        dst += n;
-        len -= n;
-    }
-}
-
-/* Copies len bytes from src into iov; false if it faulted. Nothing here
+/* copy_iov under the guard; false if it faulted. A fault may come from
+ * either side: the file's page (shrunk, evicted and unreadable, no space for
+ * a hole: ENOSPC is a SIGBUS through a mapping) or the guest's. Nothing here
  * changes after sigsetjmp, so nothing is clobbered by the jump back. */
-static bool guarded_copy(const struct iovec *iov, uint32_t niov, const uint8_t *src, uint64_t len)
+static bool guarded_copy(uint8_t *file, const struct iovec *iov, uint32_t niov, uint64_t len,
+                         bool to_file)
 {
     sigjmp_buf env;
     if (sigsetjmp(env, 0)) {
@@ -152,27 +151,9 @@ static bool guarded_copy(const struct iovec *iov, uint32_t niov, const uint8_t *
         return false;
     }
     guard = &env;
-    __atomic_signal_fence(__ATOMIC_SEQ_CST);   /* armed before the first load */
-    copy_to_iov(iov, niov, src, len);
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);   /* armed before the first access */
+    copy_iov(file, iov, niov, len, to_file);
     __atomic_signal_fence(__ATOMIC_SEQ_CST);   /* disarmed after the last one */
-    guard = NULL;
-    return true;
-}
-
-/* The same the other way: iov into dst (the mapping). A fault may come from
- * either side: the file's page (shrunk, no space for a hole: ENOSPC is a
- * SIGBUS through a mapping) or the guest's. */
-static bool guarded_store(uint8_t *dst, const struct iovec *iov, uint32_t niov, uint64_t len)
-{
-    sigjmp_buf env;
-    if (sigsetjmp(env, 0)) {
-        __atomic_signal_fence(__ATOMIC_SEQ_CST);
-        return false;
-    }
-    guard = &env;
-    __atomic_signal_fence(__ATOMIC_SEQ_CST);
-    copy_from_iov(dst, iov, niov, len);
-    __atomic_signal_fence(__ATOMIC_SEQ_CST);
     guard = NULL;
     return true;
 }
@@ -311,7 +292,7 @@ static bool usable(struct vu_filemap *m, uint64_t off, uint64_t len)
         guard_known = true;
     }
     if (m->recheck &&
-        __atomic_add_fetch(&m->reads, 1, __ATOMIC_RELAXED) % VU_FILEMAP_CLOCK_EVERY == 0) {
+        __atomic_add_fetch(&m->uses, 1, __ATOMIC_RELAXED) % VU_FILEMAP_CLOCK_EVERY == 0) {
         uint64_t now = vu_now_ns();
         if (now - __atomic_load_n(&m->checked_ns, __ATOMIC_RELAXED) >= VU_FILEMAP_RECHECK_NS) {
             __atomic_store_n(&m->checked_ns, now, __ATOMIC_RELAXED);
@@ -342,7 +323,7 @@ int vu_filemap_read(struct vu_filemap *m, const struct iovec *iov, uint32_t niov
         __atomic_fetch_add(&m->fallback_reads, 1, __ATOMIC_RELAXED);
         return -1;
     }
-    if (!guarded_copy(iov, niov, m->base + off, len)) {
+    if (!guarded_copy((uint8_t *)m->base + off, iov, niov, len, false)) {
         faulted(m, off, len);
         __atomic_fetch_add(&m->fallback_reads, 1, __ATOMIC_RELAXED);
         return -1;
@@ -356,7 +337,7 @@ int vu_filemap_write(struct vu_filemap *m, const struct iovec *iov, uint32_t nio
 {
     if (!m->writable || !usable(m, off, len))
         return -1;
-    if (!guarded_store((uint8_t *)m->base + off, iov, niov, len)) {
+    if (!guarded_copy((uint8_t *)m->base + off, iov, niov, len, true)) {
         faulted(m, off, len);
         return -1;
     }

@@ -20,7 +20,7 @@
  *  - on a disk file system the kernel may drop pages from the page cache;
  *    a copy from a dropped page would wait for the disk in the worker. So
  *    what mincore() said is forgotten every VU_FILEMAP_RECHECK_NS (the
- *    clock is looked at every VU_FILEMAP_CLOCK_EVERY reads), and a chunk is
+ *    clock is looked at every VU_FILEMAP_CLOCK_EVERY reads or writes), and a chunk is
  *    used only while it was seen whole in memory since. Pages go with time,
  *    not with reads: by a count of reads a fast guest re-asked mincore()
  *    about a 1 GiB image every 14 ms (4% of a cached read's cost), a slow
@@ -34,7 +34,7 @@
 
 #define VU_FILEMAP_CHUNK_SHIFT 21   /* 2 MiB: one mincore() call decides for 512 pages */
 #define VU_FILEMAP_RECHECK_NS 100000000ull  /* residency forgotten this often (disk file systems) */
-#define VU_FILEMAP_CLOCK_EVERY 256          /* reads between looks at the clock */
+#define VU_FILEMAP_CLOCK_EVERY 256          /* reads and writes between looks at the clock */
 
 struct vu_filemap {
     const uint8_t *base;    /* NULL: not mapped, every read goes to preadv */
@@ -46,7 +46,7 @@ struct vu_filemap {
     uint64_t mapped_writes, faults;          /* the same; faults: copies cut short by SIGBUS */
     bool writable;          /* mapped PROT_WRITE: the descriptor is O_RDWR */
     bool recheck;           /* the kernel may drop pages: forget residency now and then */
-    uint64_t reads;         /* counts to VU_FILEMAP_CLOCK_EVERY (recheck) */
+    uint64_t uses;          /* reads and writes tried, counts to VU_FILEMAP_CLOCK_EVERY */
     uint64_t checked_ns;    /* when residency was last forgotten (recheck) */
 };
 
