@@ -202,6 +202,38 @@ def test_config_wce_switched_while_writes_run(blk_client, tmp_path, disk_class, 
     assert [kinds[r.sector] for r in batches["after"]] == [Kind.WRITE] * 32
 
 
+class HeldWriteDisk(CacheDisk):
+    """An async write() that waits until the test lets it finish."""
+
+    def __init__(self):
+        super().__init__()
+        self.started, self.release = threading.Event(), threading.Event()
+
+    async def write(self, offset, bufs):
+        self.started.set()
+        while not self.release.is_set():
+            await asyncio.sleep(0.001)
+        super().write(offset, bufs)
+
+
+def test_an_async_write_ending_after_the_switch_to_write_through_is_stable(blk_client):
+    """Begun under write-back, finished after the driver switched to
+    write-through: the driver sees it complete in write-through mode, so it
+    is stable by then (a flush runs before its completion)."""
+    disk = HeldWriteDisk()
+    with blk_client(BlkDevice(disk)) as (srv, blk):
+        with blk.mem.scratch():
+            req = BlkRequest.write(0, pattern(5, 4096))
+            blk.submit([req])
+            assert disk.started.wait(10)
+            blk.set_writeback(False)
+            disk.release.set()
+            [done] = blk.reap(1, timeout=10)
+        assert done is req and req.ok
+        assert disk.events == ["write", "flush"]
+        assert disk.stable_at(0, 4096) == pattern(5, 4096)
+
+
 def test_default_write_zeroes_awaits_an_async_write(blk_client):
     class AsyncOnly(BlockBackend):
         def __init__(self):

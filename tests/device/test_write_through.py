@@ -15,7 +15,7 @@ import time
 import pytest
 
 from kernel_trace import Ext4Trace, TraceUnavailable, unsynced
-from vhostuser.blk import BlkDevice, FileBackend, RamBackend
+from vhostuser.blk import BlkDevice, BlockBackend, FileBackend, RamBackend
 from vhostuser.blk.spec import CONFIG_WRITEBACK_OFFSET
 from vhostuser.frontend import BlkClient, Frontend
 from vhostuser.frontend.blk import BLK_FEATURES, BlkFeature, BlkRequest, BlkType
@@ -194,12 +194,37 @@ def test_flushes_in_flight_together_share_syncs_each_covering_what_completed_bef
         device.close()
 
 
-@pytest.mark.parametrize("aio", ["io_uring", "sync"])
+class PwriteDisk(BlockBackend):
+    """A Python back-end as the docs show one: pwritev, flush an fdatasync
+    (write_fua is the base class's write then flush)."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def read(self, offset, bufs) -> None:
+        os.preadv(self.fd, bufs, offset)
+
+    def write(self, offset, bufs) -> None:
+        os.pwritev(self.fd, bufs, offset)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@pytest.mark.parametrize("aio", ["io_uring", "sync", "python"])
 def test_switch_to_write_through_while_writes_run(tmp_path, traced, aio):
     """CONFIG_WCE: writeback set to 0 while writes are in flight. Every write
-    the driver sees complete after the switch was acknowledged is stable."""
+    the driver sees complete after the switch was acknowledged is stable:
+    for the C file back-end and for a Python one ("python")."""
     image, trace = traced
-    device = BlkDevice(FileBackend(image), aio=aio)
+    device = (BlkDevice(PwriteDisk(image)) if aio == "python"
+              else BlkDevice(FileBackend(image), aio=aio))
     path = str(tmp_path / "blk.sock")
     try:
         with BackgroundServer(device, path):

@@ -184,7 +184,14 @@ class BlkDevice(Device):
         if data[0] > 1:
             raise ProtocolError(Request.SET_CONFIG, f"writeback value {data[0]}")
         was_writeback = self._blk.lim.writeback
-        self._blk.lim.writeback = bool(data[0])
+        # Under the device lock: no worker is inside a handler run, so each
+        # request either was completed and published before the switch, or
+        # reads the new mode (a Python back-end's write picks write or
+        # write_fua before it runs, and its completion is published at the
+        # end of the run: without the lock a write begun under write-back
+        # could reach the driver after the reply, unsynced).
+        with self.session.dataplane.locked():
+            self._blk.lim.writeback = bool(data[0])
         if was_writeback and not data[0]:
             self._sync_before_write_through()
         log.info("write cache %s", "write-back" if data[0] else "write-through")
@@ -583,6 +590,14 @@ class BlkDevice(Device):
             cancelled = None
             try:
                 self._ignored(method, await awaitable)
+                if method == "write" and not self._blk.lim.writeback:
+                    # Begun under write-back, ending after the switch to
+                    # write-through (write_config runs on this loop too):
+                    # stable before the driver sees it complete.
+                    flushed = self.backend.flush()
+                    if inspect.isawaitable(flushed):
+                        flushed = await flushed
+                    self._ignored("flush", flushed)
                 status = BlkStatus.OK
             except asyncio.CancelledError as exc:
                 # The loop is going away (exit): answer, so the request is
