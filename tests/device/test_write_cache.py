@@ -216,14 +216,19 @@ class HeldWriteDisk(CacheDisk):
         super().write(offset, bufs)
 
 
-def test_an_async_write_ending_after_the_switch_to_write_through_is_stable(blk_client):
+@pytest.mark.parametrize("op", ["write", "write_zeroes"])
+def test_an_async_write_ending_after_the_switch_to_write_through_is_stable(blk_client, op):
     """Begun under write-back, finished after the driver switched to
     write-through: the driver sees it complete in write-through mode, so it
-    is stable by then (a flush runs before its completion)."""
+    is stable by then (a flush runs before its completion). Write-zeroes
+    (the default one, through the async write) likewise."""
     disk = HeldWriteDisk()
+    disk.stable[:4096] = pattern(6, 4096)
+    want = pattern(5, 4096) if op == "write" else bytes(4096)
     with blk_client(BlkDevice(disk)) as (srv, blk):
         with blk.mem.scratch():
-            req = BlkRequest.write(0, pattern(5, 4096))
+            req = (BlkRequest.write(0, want) if op == "write"
+                   else BlkRequest.write_zeroes([(0, 8)]))
             blk.submit([req])
             assert disk.started.wait(10)
             blk.set_writeback(False)
@@ -231,7 +236,7 @@ def test_an_async_write_ending_after_the_switch_to_write_through_is_stable(blk_c
             [done] = blk.reap(1, timeout=10)
         assert done is req and req.ok
         assert disk.events == ["write", "flush"]
-        assert disk.stable_at(0, 4096) == pattern(5, 4096)
+        assert disk.stable_at(0, 4096) == want
 
 
 def test_default_write_zeroes_awaits_an_async_write(blk_client):

@@ -475,7 +475,8 @@ class BlkDevice(Device):
         be: BlockBackend = self.backend
         # Zeroes are a write: in write-through mode stable before completion.
         # (Discarded ranges have no defined content to keep.)
-        stable = r.type == BlkType.WRITE_ZEROES and not self._blk.lim.writeback
+        zeroes = r.type == BlkType.WRITE_ZEROES
+        stable = zeroes and not self._blk.lim.writeback
         name = _METHODS[r.type]
         calls = []
         for i in range(r.nsegs):
@@ -495,7 +496,9 @@ class BlkDevice(Device):
             async def wait_all():
                 for c in pending:
                     self._ignored(name, await c)
-                if stable:
+                # The mode now decides: a switch to write-through while the
+                # zeroes were written makes them stable before completion.
+                if zeroes and not self._blk.lim.writeback:
                     flushed = be.flush()
                     if inspect.isawaitable(flushed):
                         flushed = await flushed
