@@ -119,7 +119,7 @@ sanitizer_tests() {
             tests/device/test_blk_metrics_qos.py tests/device/test_blk_device.py \
             tests/device/test_blk_mapped_reads.py tests/device/test_adaptive_poll.py \
             tests/device/test_memory_lifetime.py tests/device/test_write_through.py \
-            tests/device/test_mapped_writes.py \
+            tests/device/test_mapped_writes.py tests/device/test_write_cache.py \
             -k "not never_runs_dry")
     local rc=$?
     rm -rf "$build"

@@ -4,10 +4,16 @@
  * once completes at the end of the round; what it leaves PENDING it
  * completes later itself with vu_blk_finish(notify). */
 #include "vu_blk_engine.h"
+#include "vu_dev.h"
 #include "vu_memory.h"
 
-/* Defined by cffi (extern "Python+C"): runs n parsed requests in Python. */
+/* Defined by cffi (extern "Python+C"): runs n parsed requests in Python;
+ * returns how many writes it did in write-back mode. */
 int vu_blk_py_batch(void *ctx, struct vu_vq *vq, struct vu_blk_req **reqs, int n);
+/* The same batch after a switch to write-through: its write-back writes are
+ * made stable (or failed, or left PENDING to complete after an async
+ * flush). */
+int vu_blk_py_settle(void *ctx, struct vu_vq *vq, struct vu_blk_req **reqs, int n);
 
 /* Each call into Python costs microseconds: more requests per call than the
  * C engines' rounds (vu_blk_dev.py_batch: fewer, for A/B). */
@@ -32,7 +38,25 @@ static int python_end_round(struct vu_blk_dev *b, struct vu_vq *vq)
         return 0;
     b->py_round_len[q] = 0;
     struct vu_blk_req **reqs = b->py_round[q];
-    vu_blk_py_batch(b->py_ctx, vq, reqs, n);
+    /* Without the device lock: a back-end method that blocks (storage that
+     * stopped answering) must not block the control plane too, which takes
+     * the lock to stop, disable or reset a ring, or to change the memory
+     * table. Meanwhile these requests hold their elements and guest memory
+     * (detached if the front-end takes it back); their completion below goes
+     * through the ring's own lock, which publishes, holds or drops it as the
+     * ring is by then; the handler looks at the ring's state again. */
+    vu_dev_unlock(vq->dev);
+    int written_back = vu_blk_py_batch(b->py_ctx, vq, reqs, n);
+    vu_dev_rdlock(vq->dev);
+    if (written_back > 0 && !__atomic_load_n(&b->lim.writeback, __ATOMIC_ACQUIRE)) {
+        /* The driver switched to write-through while the batch ran, and its
+         * reply may already be out: what the batch wrote in write-back mode
+         * is made stable before it is published. From here on the lock is
+         * held until it is, so a later switch waits for that. */
+        vu_dev_unlock(vq->dev);
+        vu_blk_py_settle(b->py_ctx, vq, reqs, n);
+        vu_dev_rdlock(vq->dev);
+    }
     /* r->result stays PENDING for what Python completes later: the two
      * never both complete a request. */
     int done = 0;

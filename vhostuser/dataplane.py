@@ -84,7 +84,7 @@ class DataPlane:
         self._key = int(ffi.cast("uintptr_t", self._dev))
         native.device_names[self._key] = name
         #: memoryviews over guest buffers for Python code (keep their mapping)
-        self.views = GuestViews()
+        self.views = GuestViews(installed=self._installed_memory)
         self.queues = [Queue(self._dev.vqs[i], self.views) for i in range(num_queues)]
         self._kick = [None] * num_queues
         self._call = [None] * num_queues
@@ -109,6 +109,11 @@ class DataPlane:
     def memory(self) -> MemoryTable:
         """The installed region table (never changed in place)."""
         return MemoryTable(self._dev.mem)
+
+    def _installed_memory(self):
+        """The table new requests use (NULL once closed)."""
+        dev = self._dev
+        return dev.mem if dev != ffi.NULL else ffi.NULL
 
     def replace_memory(self, table: MemoryTable) -> list[int]:
         """Installs ``table`` (built with MemoryTable.create or copy) for new

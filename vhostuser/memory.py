@@ -89,20 +89,24 @@ class MemoryTable:
 class GuestViews:
     """memoryviews over guest buffers, each keeping its mapping alive.
 
-    One per data plane. Worker threads create views while the device lock
-    is held for reading; :meth:`forget` runs under the write lock when the
-    table changes, so the cache never hands out a mapping the installed
-    table no longer has.
+    One per data plane. The view of a whole mapping is cached (per mapping
+    id) only while its table is the installed one: ``installed`` returns the
+    table new requests use (None: every table counts as installed).
+    :meth:`forget` runs when the table changes, after the new one is
+    installed, so the cache never keeps a mapping the installed table no
+    longer has pinned, although a Python batch (which runs without the
+    device lock) may still be making views of an older request's table.
     """
 
-    def __init__(self):
+    def __init__(self, installed=None):
         self._by_map: dict[int, memoryview] = {}
+        self._installed = installed
         self._off = ffi.new("uint64_t *")
         # The out-parameter above is shared: worker threads of one device
-        # may build views at the same time.
+        # may build views at the same time; forget() takes it too.
         self._lock = threading.Lock()
 
-    def _whole(self, m) -> memoryview:
+    def _whole(self, m, cache: bool) -> memoryview:
         """The view of mapping ``m`` that pins it (made once per table)."""
         mid = m.id
         whole = self._by_map.get(mid)
@@ -110,8 +114,12 @@ class GuestViews:
             lib.vu_map_get(m)
             base = ffi.gc(ffi.cast("uint8_t *", m.base), _unpinner(m))
             whole = memoryview(ffi.buffer(base, m.len))
-            self._by_map[mid] = whole
+            if cache:
+                self._by_map[mid] = whole
         return whole
+
+    def _cacheable(self, mem) -> bool:
+        return self._installed is None or mem == self._installed()
 
     def view(self, mem, ptr, length: int) -> memoryview:
         with self._lock:
@@ -119,13 +127,14 @@ class GuestViews:
             if m == ffi.NULL:
                 raise ValueError("buffer outside every mapping of its table")
             off = self._off[0]
-            return self._whole(m)[off:off + length]
+            return self._whole(m, self._cacheable(mem))[off:off + length]
 
     def iov(self, mem, iov, first: int, count: int) -> list[memoryview]:
         """Views of iov[first:first+count] (translated through ``mem``)."""
         out = []
         with self._lock:
             offp = self._off
+            cache = self._cacheable(mem)
             for i in range(first, first + count):
                 v = iov[i]
                 n = v.iov_len
@@ -133,13 +142,14 @@ class GuestViews:
                 if m == ffi.NULL:
                     raise ValueError("buffer outside every mapping of its table")
                 off = offp[0]
-                out.append(self._whole(m)[off:off + n])
+                out.append(self._whole(m, cache)[off:off + n])
         return out
 
     def forget(self) -> None:
         """The table changed: views made from now on pin the new mappings;
         those already handed out keep theirs until they are gone."""
-        self._by_map.clear()
+        with self._lock:
+            self._by_map.clear()
 
 
 def _unpinner(m):

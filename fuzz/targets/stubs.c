@@ -20,6 +20,12 @@ int vu_blk_py_batch(void *ctx, struct vu_vq *vq, struct vu_blk_req **reqs, int n
     abort();
 }
 
+int vu_blk_py_settle(void *ctx, struct vu_vq *vq, struct vu_blk_req **reqs, int n)
+{
+    (void)ctx; (void)vq; (void)reqs; (void)n;
+    abort();
+}
+
 int vu_net_py_tx(void *ctx, unsigned qp, struct vu_net_frame **frames, int n)
 {
     (void)ctx; (void)qp; (void)frames; (void)n;

@@ -287,3 +287,150 @@ def test_completion_while_the_ring_is_stopped_is_published_when_it_restarts(tmp_
     finally:
         device.close()
         mem.close()
+
+
+class BlockingGateBackend(GateBackend):
+    """The same with a plain read(): a read of sector 0 blocks the queue's
+    worker thread until the gate opens."""
+
+    def read(self, offset, bufs):
+        if offset == 0:
+            self.gate = threading.Event()
+            self.arrived.set()
+            try:
+                assert self.gate.wait(60)
+                for b in bufs:
+                    b[:] = LATE * len(b)
+            finally:
+                self.finished.set()
+            return
+        for b in bufs:
+            b[:] = self.disk[offset:offset + len(b)]
+            offset += len(b)
+
+    def open_gate(self):
+        self.gate.set()
+
+
+@pytest.mark.parametrize("scenario", ["same-table", "other-table", "rem-mem-reg", "reset",
+                                      "stop"])
+def test_a_blocked_plain_method_holds_up_no_front_end_message(tmp_path, other_disk, scenario):
+    """A plain (not async) read() that blocks its worker, as storage that
+    stopped answering does: the front-end's messages are answered all the
+    same, within the drain timeout (a Python batch runs without the device
+    lock the control plane takes). When the read returns, its answer goes
+    where a late async one's goes, and the device serves on."""
+    backend = BlockingGateBackend()
+    device = BlkDevice(backend)
+    device.drain_timeout = 0.2
+    path = str(tmp_path / "gate.sock")
+    mem = GuestMemory([(0, 2 * MiB), (BUFS_GPA, MiB)], name="blocked")
+    spare = GuestMemory([(64 * MiB, MiB)], name="spare")
+    try:
+        with BackgroundServer(device, path) as srv:
+            fe = Frontend.connect(path)
+            blk = BlkClient.setup(fe, memory=mem)
+            vq = blk.queues[0]
+            gpas = held_read(blk, mem)
+            assert backend.arrived.wait(10)
+            started = time.monotonic()
+            if scenario == "stop":
+                fe.get_vring_base(0)
+            else:
+                change(scenario, fe, mem, spare)
+            assert time.monotonic() - started < 5
+            other_disk.write(0, b"o" * 512)              # served meanwhile
+            assert other_disk.read(0, 512) == b"o" * 512
+
+            backend.open_gate()
+            assert backend.finished.wait(10)
+            if scenario == "same-table":
+                assert [u.token for u in vq.wait(1)] == ["held"]
+                assert mem.read(gpas["status"], 1)[0] == BlkStatus.OK
+                assert mem.read(gpas["data"], 4096) == LATE * 4096
+            elif scenario in ("other-table", "rem-mem-reg"):
+                # The buffers were taken back: the answer reaches only the
+                # ring, which lives on in region 0.
+                assert [u.token for u in vq.wait(1)] == ["held"]
+                assert mem.read(gpas["status"], 1) == b"\xff"
+                assert mem.read(gpas["data"], 4096) == bytes(4096)
+            elif scenario == "stop":
+                # The buffers are still the guest's; the used entry waits for
+                # the ring to start again (as the async case above shows).
+                wait_for(lambda: mem.read(gpas["status"], 1)[0] == BlkStatus.OK, what="status")
+                assert mem.read(gpas["data"], 4096) == LATE * 4096
+                time.sleep(0.1)
+                assert vq.poll() == []
+            else:
+                # Reset: the answer is an orphan's, nothing of it arrives.
+                time.sleep(0.1)
+                assert vq.poll() == []
+                assert mem.read(gpas["status"], 1) == b"\xff"
+                assert mem.read(gpas["data"], 4096) == bytes(4096)
+            if scenario in ("same-table", "other-table", "rem-mem-reg"):
+                if scenario == "other-table":
+                    fe.memory = None      # the client's own allocations can't follow
+                else:
+                    blk.write(8, b"n" * 4096)
+                    assert blk.read(8, 4096) == b"n" * 4096
+            fe.close()
+            with Frontend.connect(path) as fe2:
+                blk2 = BlkClient.setup(fe2)
+                blk2.write(16, b"z" * 512)
+                assert blk2.read(16, 512) == b"z" * 512
+            assert srv.error is None
+    finally:
+        device.close()
+        mem.close()
+        spare.close()
+
+
+def mappings_of(name: str) -> int:
+    with open("/proc/self/maps") as f:
+        return sum(name in line for line in f)
+
+
+def test_a_batch_running_across_a_table_change_leaves_no_old_mapping_pinned(tmp_path):
+    """A Python batch runs without the device lock: the table may change
+    between its requests. Views it then makes of the old table's mappings
+    (for the requests after the blocked one) serve those requests, and are
+    not kept in the view cache, which would pin the old mapping after every
+    request using it is gone."""
+    backend = BlockingGateBackend()
+    device = BlkDevice(backend)
+    device.drain_timeout = 0.2
+    path = str(tmp_path / "gate.sock")
+    mem = GuestMemory([(0, 2 * MiB), (BUFS_GPA, MiB)], name="batchtable")
+    detached_before = detached_mappings()
+    try:
+        with BackgroundServer(device, path):
+            with Frontend.connect(path) as fe:
+                blk = BlkClient.setup(fe, memory=mem)
+                vq = blk.queues[0]
+                # Two reads in one batch, buffers in region 1: the first
+                # blocks, the second's views are made after it returns.
+                for sector, token in ((0, "held"), (8, "next")):
+                    hdr = mem.alloc(OUTHDR.size, 16, region=1)
+                    mem.write(hdr, OUTHDR.pack(BlkType.IN, 0, sector))
+                    data = mem.alloc(4096, 512, region=1)
+                    status = mem.alloc(1, 1, region=1)
+                    vq.add([Buffer(hdr, OUTHDR.size, False), Buffer(data, 4096, True),
+                            Buffer(status, 1, True)], token)
+                vq.notify()
+                assert backend.arrived.wait(10)
+                fe.remove_mem_region(mem, 1)            # detached while the batch holds it
+                assert detached_mappings() > detached_before
+                backend.open_gate()
+                got = set()
+                deadline = time.monotonic() + 10
+                while len(got) < 2 and time.monotonic() < deadline:
+                    got.update(u.token for u in vq.wait(1))
+                assert got == {"held", "next"}          # the ring is in region 0
+                gc.collect()
+                wait_for(lambda: detached_mappings() <= detached_before,
+                         what="the detached mapping unmapped")
+                blk.write(16, b"w" * 512)
+                assert blk.read(16, 512) == b"w" * 512
+    finally:
+        device.close()
+        mem.close()

@@ -239,6 +239,49 @@ def test_an_async_write_ending_after_the_switch_to_write_through_is_stable(blk_c
         assert disk.stable_at(0, 4096) == want
 
 
+class HeldPlainWriteDisk(CacheDisk):
+    """A plain write() that blocks its queue's worker until the test lets
+    it finish (the batch runs without the device lock meanwhile)."""
+
+    def __init__(self):
+        super().__init__()
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def write(self, offset, bufs):
+        self.started.set()
+        assert self.release.wait(30)
+        super().write(offset, bufs)
+
+
+class HeldPlainWriteAsyncFlushDisk(HeldPlainWriteDisk):
+    async def flush(self):
+        await asyncio.sleep(0.001)
+        super().flush()
+
+
+@pytest.mark.parametrize("disk_class", [HeldPlainWriteDisk, HeldPlainWriteAsyncFlushDisk])
+def test_a_plain_write_running_across_the_switch_to_write_through_is_stable(blk_client,
+                                                                           disk_class):
+    """A plain write() chosen in write-back mode is still running when the
+    driver switches to write-through (the switch doesn't wait for it): the
+    flush (plain or async) runs before its completion is published."""
+    disk = disk_class()
+    with blk_client(BlkDevice(disk)) as (srv, blk):
+        with blk.mem.scratch():
+            req = BlkRequest.write(0, pattern(7, 4096))
+            blk.submit([req])
+            assert disk.started.wait(10)
+            blk.set_writeback(False)
+            assert disk.events == []                    # still running
+            disk.release.set()
+            [done] = blk.reap(1, timeout=10)
+        assert done is req and req.ok
+        assert disk.events == ["write", "flush"]
+        assert disk.stable_at(0, 4096) == pattern(7, 4096)
+        blk.write(8, pattern(8, 4096))                  # write-through from here on
+        assert disk.stable_at(8, 4096) == pattern(8, 4096)
+
+
 def test_default_write_zeroes_awaits_an_async_write(blk_client):
     class AsyncOnly(BlockBackend):
         def __init__(self):

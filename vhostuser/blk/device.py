@@ -33,6 +33,7 @@ F = BlkFeature
 #: bucket counts everything slower.
 LATENCY_BOUNDS_US = tuple(1 << i for i in range(lib.VU_BLK_LAT_BUCKETS - 1)) + (float("inf"),)
 _IN, _OUT, _OK = int(BlkType.IN), int(BlkType.OUT), int(BlkStatus.OK)
+_ZEROES = int(BlkType.WRITE_ZEROES)
 _UNSUPP = int(BlkStatus.UNSUPP)
 #: The back-end method behind each request type (write-through writes: write_fua).
 _METHODS = {BlkType.IN: "read", BlkType.OUT: "write", BlkType.FLUSH: "flush",
@@ -114,6 +115,8 @@ class BlkDevice(Device):
         # Views over guest buffers: the connected data plane's (on_connect);
         # this one serves a device driven without a session (the ring lab).
         self._views = GuestViews()
+        # Per queue: the last batch's writes done in write-back mode (indices).
+        self._written_back: dict[int, list[int]] = {}
         # Requests of a Python back-end still running on the event loop; they
         # may outlive their session, and their completion needs self._blk.
         self._late = 0
@@ -453,9 +456,10 @@ class BlkDevice(Device):
             self._blk = ffi.NULL
 
     # -- Python back-ends ------------------------------------------------------
-    def _run_request(self, r) -> object:
-        """Executes one parsed request other than a read or a write; returns
-        what the back-end returned (an awaitable when it is async)."""
+    def _run_request(self, r, writeback: bool) -> object:
+        """Executes one parsed request other than a read or a write, in the
+        cache mode `writeback`; returns what the back-end returned (an
+        awaitable when it is async)."""
         t = r.type
         be: BlockBackend = self.backend
         if t == BlkType.FLUSH:
@@ -468,15 +472,15 @@ class BlkDevice(Device):
             _fill(r, LIFETIME.pack(*_checked_lifetime(be)))
             return None
         if t in (BlkType.DISCARD, BlkType.WRITE_ZEROES):
-            return self._segments(r)
+            return self._segments(r, writeback)
         raise Unsupported(f"request type {t}")
 
-    def _segments(self, r):
+    def _segments(self, r, writeback: bool):
         be: BlockBackend = self.backend
         # Zeroes are a write: in write-through mode stable before completion.
         # (Discarded ranges have no defined content to keep.)
         zeroes = r.type == BlkType.WRITE_ZEROES
-        stable = zeroes and not self._blk.lim.writeback
+        stable = zeroes and not writeback
         name = _METHODS[r.type]
         calls = []
         for i in range(r.nsegs):
@@ -523,7 +527,11 @@ class BlkDevice(Device):
                            "exception to fail it)", type(self.backend).__name__, method,
                            reprlib.repr(value))
 
-    def _python_batch(self, vq, reqs, n: int) -> None:
+    def _python_batch(self, vq, reqs, n: int) -> int:
+        """Runs a round's requests; returns how many writes (and write-zeroes)
+        ran in write-back mode and are done: if the driver switched to
+        write-through meanwhile, the C side has them made stable
+        (_settle_write_back) before it publishes them."""
         # Per request in the guest's hot path: the batch is described in one
         # C call (type, offset, where the data is), statuses go back in one;
         # a read or write in one buffer of a mapping already seen is a slice
@@ -537,11 +545,13 @@ class BlkDevice(Device):
         desc = ffi.new("struct vu_blk_pydesc[]", n)
         lib.vu_blk_py_describe(reqs, n, desc)
         status = bytearray(n)
+        written_back = []
         for i, (t, niov, offset, map_id, map_off, length) in enumerate(
                 _PYDESC.iter_unpack(ffi.buffer(desc))):
-            # The cache mode when the request arrives decides; CONFIG_WCE
-            # may change it between two requests of one batch.
-            write = cached_write if lim.writeback else stable_write
+            # The cache mode when the request runs decides; CONFIG_WCE may
+            # change it between two requests of one batch.
+            writeback = lim.writeback
+            write = cached_write if writeback else stable_write
             try:
                 if t == _IN or t == _OUT:
                     whole = by_map.get(map_id) if map_id else None
@@ -552,7 +562,7 @@ class BlkDevice(Device):
                         bufs = views.iov(r.elem.mem, r.iov, 0, r.niov)
                     outcome = (read if t == _IN else write)(offset, bufs)
                 else:
-                    outcome = self._run_request(reqs[i])
+                    outcome = self._run_request(reqs[i], writeback)
             except Unsupported as exc:
                 log.debug("block back-end: %s at sector %d unsupported: %s", _op(t),
                           reqs[i].sector, exc)
@@ -563,6 +573,8 @@ class BlkDevice(Device):
                 status[i] = BlkStatus.IOERR
                 continue
             if outcome is None:
+                if writeback and (t == _OUT or t == _ZEROES):
+                    written_back.append(i)
                 continue        # status[i] is 0: OK
             method = "write_fua" if t == _OUT and write is stable_write else _op(t)
             if inspect.isawaitable(outcome):
@@ -571,6 +583,33 @@ class BlkDevice(Device):
             else:
                 self._ignored(method, outcome)
         lib.vu_blk_py_set_results(reqs, n, ffi.from_buffer(status))
+        self._written_back[vq.index] = written_back
+        return len(written_back)
+
+    def _settle_write_back(self, vq, reqs) -> None:
+        """The driver switched to write-through while this queue's batch ran
+        (the batch runs without the device lock): the writes it did in
+        write-back mode are done but not yet published, and must be stable
+        before the driver sees them complete. One flush() covers them; an
+        async one completes them when it finishes."""
+        which = [reqs[i] for i in self._written_back.pop(vq.index, ())]
+        if not which:
+            return
+        try:
+            flushed = self.backend.flush()
+        except Exception as exc:
+            for r in which:
+                self._failed(exc, vq, r)
+                r.result = BlkStatus.IOERR
+            return
+        if not inspect.isawaitable(flushed):
+            self._ignored("flush", flushed)
+            return
+        # Awaited once on the loop, by each request's completion.
+        shared = asyncio.run_coroutine_threadsafe(_awaited(flushed), self._loop)
+        for r in which:
+            r.result = _PENDING
+            self._complete_later(vq, r, asyncio.wrap_future(shared, loop=self._loop), "flush")
 
     def _failed(self, exc: Exception, vq, r) -> None:
         """An I/O error (a remote store gone, a disk failing, a back-end that
@@ -702,16 +741,37 @@ def _fill(r, data: bytes) -> None:
         pos += n
 
 
+async def _awaited(awaitable):
+    return await awaitable
+
+
 @ffi.def_extern()
 def vu_blk_py_batch(ctx, vq, reqs, n):
     device: BlkDevice = ffi.from_handle(ctx)
     try:
-        device._python_batch(vq, reqs, n)
+        return device._python_batch(vq, reqs, n)
     except Exception as exc:
         device._log.log(("batch", type(exc)), logging.ERROR, "Python block batch failed: %s: %s",
                         type(exc).__name__, exc, exc_info=exc, source=vq.index)
         for i in range(n):
             if reqs[i].result == lib.VU_BLK_S_PENDING:
+                reqs[i].result = BlkStatus.IOERR
+        return 0
+
+
+@ffi.def_extern()
+def vu_blk_py_settle(ctx, vq, reqs, n):
+    device: BlkDevice = ffi.from_handle(ctx)
+    try:
+        device._settle_write_back(vq, reqs)
+    except Exception as exc:
+        # Not known stable: none of the batch's write-back writes may
+        # complete as if they were.
+        device._log.log(("settle", type(exc)), logging.ERROR,
+                        "Python block batch: flush after the switch to write-through failed: "
+                        "%s: %s", type(exc).__name__, exc, exc_info=exc, source=vq.index)
+        for i in range(n):
+            if reqs[i].type in (_OUT, _ZEROES) and reqs[i].result != _PENDING:
                 reqs[i].result = BlkStatus.IOERR
     return 0
 
