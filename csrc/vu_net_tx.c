@@ -9,6 +9,7 @@
  * place, valid during that call). Chains go back to the driver in ring
  * order, one flush and notification per burst. */
 #include "vu_net_internal.h"
+#include "vu_dev.h"
 #include "vu_iov.h"
 
 #include <linux/virtio_net.h>
@@ -232,12 +233,22 @@ int net_transmit(struct vu_net_dev *n, struct vu_vq *vq, uint32_t qp)
         }
         if (looped || lb.locked)
             loop_back_burst(n, qp, loop, loop_len, looped, &lb);
+        bool stopped = false;
         if (nbatch) {
+            /* Without the device lock, as the blk Python batch: a transmit
+             * method that blocks must not block the control plane's ring
+             * and memory changes too. The frames' elements hold their guest
+             * memory meanwhile; their push below goes through the ring's
+             * own lock, which publishes, holds or drops them as the ring
+             * is by then. (inject() takes the lock itself.) */
+            vu_dev_unlock(vq->dev);
             vu_net_py_tx(n->py_ctx, qp, batch, nbatch);
+            vu_dev_rdlock(vq->dev);
             for (int i = 0; i < nbatch; i++) {
                 st->tx_packets++;
                 st->tx_bytes += batch[i]->len;
             }
+            stopped = !vq->enabled || vq->broken || !vq->started;
         }
         vu_vq_push_burst(vq, done, NULL, ndone);
         if (cnt) {
@@ -250,8 +261,8 @@ int net_transmit(struct vu_net_dev *n, struct vu_vq *vq, uint32_t qp)
             vu_vq_flush(n->rxq[qp]);
             vu_vq_notify(n->rxq[qp]);
         }
-        if (rc < 0)
-            return VU_HANDLED_SOME;
+        if (rc < 0 || stopped)
+            return VU_HANDLED_SOME;   /* stopped: nothing more is taken from it */
         if (cnt == NET_BATCH)
             continue;
         if (!vu_vq_set_notification(vq, true))

@@ -4,6 +4,8 @@ log_suppressed); a value it returns, or an async transmit(), is said once."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import pytest
 
@@ -110,3 +112,46 @@ def test_an_os_error_in_transmit_is_one_line(tmp_path, caplog, monkeypatch):
     assert lines[0] == ("Python network back-end: transmit of 1 frame (queue pair 0) failed: "
                         "[Errno 113] No route to host")
     assert "Traceback" not in caplog.text
+
+
+class Blocking(NetBackend):
+    """A transmit() that blocks its worker until the test lets it return,
+    as a back-end whose uplink stopped answering does."""
+
+    def __init__(self):
+        super().__init__()
+        self.arrived, self.release = threading.Event(), threading.Event()
+        self.batches = 0
+
+    def transmit(self, queue_pair, frames):
+        self.batches += 1
+        if self.batches == 1:
+            self.arrived.set()
+            assert self.release.wait(30)
+
+
+def test_a_blocked_transmit_holds_up_no_front_end_message(tmp_path):
+    """The worker runs transmit() without the device lock: stopping the
+    ring is answered within the drain timeout, not when transmit returns,
+    and the device serves the next front-end."""
+    backend = Blocking()
+    device = NetDevice(backend)
+    device.drain_timeout = 0.2
+    path = str(tmp_path / "net.sock")
+    try:
+        with BackgroundServer(device, path) as srv:
+            with Frontend.setup(path, queues=2) as fe:
+                mem = fe.memory
+                buf = mem.alloc(12 + len(FRAME))
+                mem.write(buf, bytes(12) + FRAME)
+                fe.queues[1].submit([(buf, 12 + len(FRAME))])
+                assert backend.arrived.wait(10)
+                started = time.monotonic()
+                fe.get_vring_base(1)
+                assert time.monotonic() - started < 5
+                backend.release.set()
+            send(path, 3)                       # a new front-end: served
+            assert backend.batches == 4
+            assert srv.error is None
+    finally:
+        device.close()
