@@ -53,11 +53,17 @@ class GateBackend(BlockBackend):
             self.arrived.set()
             try:
                 await self.gate.wait()
-                for b in bufs:
-                    b[:] = LATE * len(b)
+                self.answer_late(bufs)
             finally:
                 self.finished.set()
             return
+        self.answer(offset, bufs)
+
+    def answer_late(self, bufs):
+        for b in bufs:
+            b[:] = LATE * len(b)
+
+    def answer(self, offset, bufs):
         for b in bufs:
             b[:] = self.disk[offset:offset + len(b)]
             offset += len(b)
@@ -109,18 +115,27 @@ def other_disk(tmp_path):
     device.close()
 
 
-def held_read(blk: BlkClient, mem: GuestMemory) -> dict:
-    """A read of sector 0 whose every buffer lies in region 1."""
+def held_read(blk: BlkClient, mem: GuestMemory, sector: int = 0, token: str = "held",
+              notify: bool = True) -> dict:
+    """A read of `sector` whose every buffer lies in region 1."""
     hdr = mem.alloc(OUTHDR.size, 16, region=1)
-    mem.write(hdr, OUTHDR.pack(BlkType.IN, 0, 0))
+    mem.write(hdr, OUTHDR.pack(BlkType.IN, 0, sector))
     data = mem.alloc(4096, 512, region=1)
     mem.fill(data, 4096, 0)
     status = mem.alloc(1, 1, region=1)
     mem.write(status, b"\xff")
     blk.queues[0].add([Buffer(hdr, OUTHDR.size, False), Buffer(data, 4096, True),
-                       Buffer(status, 1, True)], "held")
-    blk.queues[0].notify()
+                       Buffer(status, 1, True)], token)
+    if notify:
+        blk.queues[0].notify()
     return {"data": data, "status": status}
+
+
+def serves_a_new_front_end(path: str) -> None:
+    with Frontend.connect(path) as fe:
+        blk = BlkClient.setup(fe)
+        blk.write(16, b"z" * 512)
+        assert blk.read(16, 512) == b"z" * 512
 
 
 def change(scenario: str, fe: Frontend, mem: GuestMemory, spare: GuestMemory) -> None:
@@ -228,11 +243,7 @@ def test_held_request_survives_memory_change(tmp_path, other_disk, scenario, ans
             assert other_disk.read(0, 512) == b"o" * 512
             if scenario not in ("disconnect",):
                 fe.close()
-            # A new connection to the same device is served.
-            with Frontend.connect(path) as fe2:
-                blk2 = BlkClient.setup(fe2)
-                blk2.write(16, b"z" * 512)
-                assert blk2.read(16, 512) == b"z" * 512
+            serves_a_new_front_end(path)
             assert srv.error is None
     finally:
         device.close()
@@ -299,14 +310,11 @@ class BlockingGateBackend(GateBackend):
             self.arrived.set()
             try:
                 assert self.gate.wait(60)
-                for b in bufs:
-                    b[:] = LATE * len(b)
+                self.answer_late(bufs)
             finally:
                 self.finished.set()
             return
-        for b in bufs:
-            b[:] = self.disk[offset:offset + len(b)]
-            offset += len(b)
+        self.answer(offset, bufs)
 
     def open_gate(self):
         self.gate.set()
@@ -374,20 +382,12 @@ def test_a_blocked_plain_method_holds_up_no_front_end_message(tmp_path, other_di
                     blk.write(8, b"n" * 4096)
                     assert blk.read(8, 4096) == b"n" * 4096
             fe.close()
-            with Frontend.connect(path) as fe2:
-                blk2 = BlkClient.setup(fe2)
-                blk2.write(16, b"z" * 512)
-                assert blk2.read(16, 512) == b"z" * 512
+            serves_a_new_front_end(path)
             assert srv.error is None
     finally:
         device.close()
         mem.close()
         spare.close()
-
-
-def mappings_of(name: str) -> int:
-    with open("/proc/self/maps") as f:
-        return sum(name in line for line in f)
 
 
 def test_a_batch_running_across_a_table_change_leaves_no_old_mapping_pinned(tmp_path):
@@ -409,14 +409,8 @@ def test_a_batch_running_across_a_table_change_leaves_no_old_mapping_pinned(tmp_
                 vq = blk.queues[0]
                 # Two reads in one batch, buffers in region 1: the first
                 # blocks, the second's views are made after it returns.
-                for sector, token in ((0, "held"), (8, "next")):
-                    hdr = mem.alloc(OUTHDR.size, 16, region=1)
-                    mem.write(hdr, OUTHDR.pack(BlkType.IN, 0, sector))
-                    data = mem.alloc(4096, 512, region=1)
-                    status = mem.alloc(1, 1, region=1)
-                    vq.add([Buffer(hdr, OUTHDR.size, False), Buffer(data, 4096, True),
-                            Buffer(status, 1, True)], token)
-                vq.notify()
+                held_read(blk, mem, 0, "held", notify=False)
+                held_read(blk, mem, 8, "next")
                 assert backend.arrived.wait(10)
                 fe.remove_mem_region(mem, 1)            # detached while the batch holds it
                 assert detached_mappings() > detached_before
