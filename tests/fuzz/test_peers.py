@@ -14,7 +14,7 @@ import shutil
 import pytest
 
 from vhostuser.cli.fuzz import main
-from vhostuser.fuzz import cores
+from vhostuser.fuzz import cores, triage
 from vhostuser.fuzz.replay import Reproducer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -84,7 +84,8 @@ def check_reproducers(directory, argv, tmp_path, capsys):
         use_core = needs_core and not cores.usable()
         # Some of these crashes race the peer's own threads (DPDK's forwarding
         # core must touch the ring inside a window): a few tries, each either
-        # the recorded failure or no failure at all, never another one.
+        # the recorded failure or no failure at all (or a crash without a
+        # known site), never another one; one of them the recorded failure.
         for attempt in range(ATTEMPTS):
             rc = replay(path, argv, tmp_path, core_dumps=use_core)
             got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -92,11 +93,18 @@ def check_reproducers(directory, argv, tmp_path, capsys):
                 continue
             assert got["verdict"]["verdict"] == recorded.verdict.value, (path, got)
             if use_core or not needs_core:
+                if (got["verdict"]["signature"].endswith(triage.WILD_PC)
+                        and not recorded.signature.endswith(triage.WILD_PC)):
+                    # A bug that overwrites the stack (qsd's coroutine stack)
+                    # sometimes leaves gdb no frame to name: that crash says
+                    # nothing about its site, so it neither matches nor
+                    # refutes the recorded one. Another try.
+                    continue
                 assert got["same_signature"], (path, got["verdict"]["signature"],
                                                recorded.signature)
             break
         else:
-            pytest.fail(f"{path}: no failure in {ATTEMPTS} replays")
+            pytest.fail(f"{path}: the recorded failure not seen in {ATTEMPTS} replays")
 
 
 def short_campaign(name, tmp_path, capsys, cases):

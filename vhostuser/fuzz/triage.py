@@ -28,6 +28,8 @@ NOISE_FRAME = re.compile(r"^(__interceptor_|__asan|__ubsan|__sanitizer|__libc_|_
                          r"|__pthread_kill|pthread_kill|__restore_rt|_start$|start_thread$|clone3?$)")
 FRAMES = 3
 MAX = 200
+# The site of a crash whose backtrace names no frame at all.
+WILD_PC = "pc outside any code (stack or function pointer overwritten?)"
 
 
 def normalise(text: str, socket_path: str | None = None) -> str:
@@ -67,7 +69,7 @@ def crash_site(lines: Sequence[str], backtrace: Sequence[str] = (),
     if frames:
         return "in " + " < ".join(frames)
     if backtrace:       # a backtrace without one known frame: a jump into the wild
-        return "pc outside any code (stack or function pointer overwritten?)"
+        return WILD_PC
     for i, line in enumerate(lines):
         m = PY_FATAL.search(line)
         if m:
