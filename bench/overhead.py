@@ -27,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import (PY, SETUPS, WORKLOADS, Backend, blkload, make_image,  # noqa: E402
-                       metric_of, parse_size, prefill, scratch_dir)
+from bench.run import (HIGHER_IS_BETTER, PY, SETUPS, WORKLOADS, Backend, blkload,  # noqa: E402
+                       make_image, metric_of, parse_size, prefill, scratch_dir)
 
 # Run by default (--only picks any of bench/run.py's workloads); their
 # blkload arguments and metric are run.py's, so both measure the same thing.
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         for rep in range(args.reps):
             for w in workloads:
                 wname, kw, metric = w.name, w.kw, w.metric
-                higher = metric != "p50"   # latency: lower is better
+                higher = HIGHER_IS_BETTER[metric]
                 for kind in args.backends.split(","):
                     sides = ("head", "base") if rep % 2 == 0 else ("base", "head")
                     got = {s: metric_of(blkload(args, backends[(kind, s)], args.seconds, **kw),
