@@ -72,3 +72,17 @@ def children(pid: int) -> list[int]:
             if int(fields[1]) == pid:
                 out.append(int(entry))
     return out
+
+
+def fd_targets(pid: int) -> list[str]:
+    """What each of the process's open fds points at (/proc/PID/fd links).
+    An fd closed between the listing and its readlink is left out: the
+    program may still be closing a client's fds when this looks."""
+    fd_dir = f"/proc/{pid}/fd"
+    targets = []
+    for fd in os.listdir(fd_dir):
+        try:
+            targets.append(os.readlink(f"{fd_dir}/{fd}"))
+        except FileNotFoundError:
+            continue
+    return targets

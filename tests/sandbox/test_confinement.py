@@ -18,7 +18,7 @@ from vhostuser.manage import ControlError
 from vhostuser.sandbox import policy
 from vhostuser_devkit.daemon import DaemonProcess
 from vhostuser_devkit.program import BackendProgram
-from vhostuser_devkit.sandbox import (caps, children, ids, proc_status, view,
+from vhostuser_devkit.sandbox import (caps, children, fd_targets, ids, proc_status, view,
                                        wait_sandboxed)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,8 +72,7 @@ def test_blk_as_nobody_from_outside(tmp_path, image):
         helper = proc_status(helpers[0])
         assert helper["Seccomp"] == "0" and ids(helper, "Uid") == {0}
         # the queues' io_uring rings were made before the filter
-        rings = [fd for fd in os.listdir(f"/proc/{prog.pid}/fd")
-                 if os.readlink(f"/proc/{prog.pid}/fd/{fd}") == "anon_inode:[io_uring]"]
+        rings = [t for t in fd_targets(prog.pid) if t == "anon_inode:[io_uring]"]
         assert len(rings) == 2, prog.output()
         assert prog.terminate() == 0, prog.output()
         assert "Traceback" not in prog.output()
