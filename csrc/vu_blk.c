@@ -273,7 +273,7 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         /* The Python engine runs its batch without the device lock: the
          * ring may have been disabled, stopped or broken meanwhile, and then
          * nothing more is taken from it. */
-        if (!vq->enabled || vq->broken || !vq->started)
+        if (!vu_vq_serving(vq))
             return did ? VU_HANDLED_SOME : VU_HANDLED_NONE;
         /* Throttled: notifications stay off, the timer wakes the queue. */
         if (throttled)

@@ -92,12 +92,6 @@ static inline int net_rx_drop(struct vu_net_dev *n, uint32_t qp, int why)
     return why;
 }
 
-/* A receive queue frames may go into now. */
-static inline bool net_rx_usable(const struct vu_vq *vq)
-{
-    return vq && vq->started && vq->enabled && !vq->broken;
-}
-
 /* Queue pair qp's staging buffer (a whole frame and its header), made on
  * first use: NULL if there is no memory for it. */
 static inline uint8_t *net_bounce(struct vu_net_dev *n, uint32_t qp)

@@ -70,7 +70,7 @@ int vu_net_rx_deliver(struct vu_net_dev *n, uint32_t qp, const struct vu_net_hdr
     if (qp >= VU_NET_MAX_QP)
         return VU_NET_D_IO;
     struct vu_vq *vq = n->rxq[qp];
-    if (!net_rx_usable(vq))
+    if (!vu_vq_serving(vq))
         return net_rx_drop(n, qp, VU_NET_D_DISABLED);
     if (len > VU_NET_MAX_FRAME)
         return net_rx_drop(n, qp, VU_NET_D_TOO_LONG);
@@ -130,7 +130,7 @@ static int inject_many(struct vu_net_dev *n, uint32_t qp, int count, inject_src_
     int delivered = 0;
     vu_dev_rdlock(vq->dev);
     pthread_mutex_lock(&n->rx_lock[qp]);
-    if (!net_rx_usable(vq)) {
+    if (!vu_vq_serving(vq)) {
         st->rx_dropped[VU_NET_D_DISABLED] += (uint64_t)count;
     } else {
         uint64_t bytes = 0;

@@ -102,7 +102,7 @@ static void loop_take_bufs(struct vu_net_dev *n, uint32_t qp, struct loop_bufs *
     struct vu_vq *rx = n->rxq[qp];
     lb->got = 0;
     lb->locked = false;
-    if (!net_rx_usable(rx))
+    if (!vu_vq_serving(rx))
         return;
     pthread_mutex_lock(&n->rx_lock[qp]);
     lb->locked = true;
@@ -248,7 +248,7 @@ int net_transmit(struct vu_net_dev *n, struct vu_vq *vq, uint32_t qp)
                 st->tx_packets++;
                 st->tx_bytes += batch[i]->len;
             }
-            stopped = !vq->enabled || vq->broken || !vq->started;
+            stopped = !vu_vq_serving(vq);
         }
         vu_vq_push_burst(vq, done, NULL, ndone);
         if (cnt) {

@@ -167,6 +167,13 @@ struct vu_vq {
     uint64_t stat_popped, stat_pushed, stat_notifies, stat_kicks;
 };
 
+/* A ring chains may be taken from and frames given to: started, enabled
+ * and not broken. A caller that dropped the device lock asks again. */
+static inline bool vu_vq_serving(const struct vu_vq *vq)
+{
+    return vq && vq->started && vq->enabled && !vq->broken;
+}
+
 struct vu_vq *vu_vq_new(struct vu_dev *dev, uint32_t index);
 void vu_vq_free(struct vu_vq *vq);
 /* Back to the freshly created state (rings unmapped, fds forgotten, not
