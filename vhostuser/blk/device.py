@@ -503,10 +503,7 @@ class BlkDevice(Device):
                 # The mode now decides: a switch to write-through while the
                 # zeroes were written makes them stable before completion.
                 if zeroes and not self._blk.lim.writeback:
-                    flushed = be.flush()
-                    if inspect.isawaitable(flushed):
-                        flushed = await flushed
-                    self._ignored("flush", flushed)
+                    await self._flush_to_end()
             return wait_all()
         if not stable:
             return None
@@ -515,6 +512,14 @@ class BlkDevice(Device):
             return flushed
         self._ignored("flush", flushed)
         return None
+
+    async def _flush_to_end(self) -> None:
+        """The back-end's flush(), plain or async, run to its end: for an
+        async request that must be stable before it completes."""
+        flushed = self.backend.flush()
+        if inspect.isawaitable(flushed):
+            flushed = await flushed
+        self._ignored("flush", flushed)
 
     def _ignored(self, method: str, value) -> None:
         """A back-end method returned a value: the request succeeds all the
@@ -636,10 +641,7 @@ class BlkDevice(Device):
                     # Begun under write-back, ending after the switch to
                     # write-through (write_config runs on this loop too):
                     # stable before the driver sees it complete.
-                    flushed = self.backend.flush()
-                    if inspect.isawaitable(flushed):
-                        flushed = await flushed
-                    self._ignored("flush", flushed)
+                    await self._flush_to_end()
                 status = BlkStatus.OK
             except asyncio.CancelledError as exc:
                 # The loop is going away (exit): answer, so the request is
