@@ -6,12 +6,13 @@ from the spec, not taken from vhostuser.frontend, so the two cross-check.
 """
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
 
 from vhostuser.frontend import (Buffer, GuestMemory, PackedRing, RingFull, RingProtocolError,
-                                SplitRing)
+                                SplitRing, Virtqueue)
 from vhostuser.protocol import need_event, pack_packed_vring_base, unpack_packed_vring_base
 
 NEXT, WRITE, INDIRECT = 1, 2, 4
@@ -403,3 +404,109 @@ def test_packed_resumes_from_a_base(mem):
     assert unpack_packed_vring_base(ring.base) == (1, True)
     with pytest.raises(ValueError):
         PackedRing(mem, 4, base=pack_packed_vring_base(4, True))
+
+
+def test_wait_sleeps_only_after_a_recheck_that_found_nothing(mem):
+    """A device (libvhost-user's) that completes a chain just after the
+    driver read used->idx checks it against the used_event of before: no
+    call. The driver's collect then moves used_event past what it took, so
+    it must look at the ring once more before it sleeps (qemu-storage-daemon
+    left 2 of 8 completions uncalled that way, a CI run at a609947)."""
+    ring = SplitRing(mem, 8, event_idx=True)
+    vq = Virtqueue(0, ring)
+    dev = SplitDevice(mem, ring)
+    for _ in range(3):
+        ring.add([(0x1000, 1)])
+    ring.publish()
+    heads = [dev.pop()[0] for _ in range(3)]
+    used_event = ring.avail_gpa + 4 + 2 * 8
+    signalled = [0]
+
+    def complete(head):
+        dev.push(head, 0)
+        old, signalled[0] = signalled[0], dev.used_idx
+        if need_event(u16(mem, used_event), dev.used_idx, old):
+            os.eventfd_write(vq.call_fd, 1)
+
+    complete(heads[0])
+    assert vq.take_calls() == 1         # that call is taken; none is pending
+    later, seen, read_used_idx = heads[1:], set(), ring.read_used_idx
+
+    def read_then_device_completes():
+        value = read_used_idx()
+        if later and value not in seen:
+            seen.add(value)
+            complete(later.pop(0))
+        return value
+    ring.read_used_idx = read_then_device_completes
+    try:
+        assert [u.id for u in vq.wait(3, timeout=2)] == heads
+    finally:
+        vq.close()
+
+
+# ---- memory ordering -----------------------------------------------------------
+# Each side stores its index and then loads the other side's event; x86 lets
+# that load pass the store, and then both sides can read the other's old
+# value and sleep (the device waiting for a kick, the driver for a call).
+# A stress run cannot make that lose deterministically, so these check that
+# a full barrier sits between each such store and load.
+
+def _record_accesses(monkeypatch, ring, module, accessors):
+    """Logs the ring's ``accessors`` calls and the module's barriers, in order."""
+    log = []
+    monkeypatch.setattr(module, "memory_barrier", lambda: log.append("fence"))
+    for name in accessors:
+        method = getattr(ring, name)
+
+        def logged(*args, _name=name, _method=method):
+            log.append(_name)
+            return _method(*args)
+        monkeypatch.setattr(ring, name, logged)
+    return log
+
+
+def _fence_between(log, store, load):
+    first_load = log.index(load)
+    last_store = max(i for i, name in enumerate(log[:first_load]) if name == store)
+    return "fence" in log[last_store + 1:first_load]
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_split_fences_between_index_stores_and_event_loads(mem, monkeypatch, event_idx):
+    from vhostuser.frontend import split
+    ring = SplitRing(mem, 8, event_idx=event_idx)
+    kick_check = "read_avail_event" if event_idx else "read_used_flags"
+    call_ask = "set_used_event" if event_idx else "set_avail_flags"
+    log = _record_accesses(monkeypatch, ring, split,
+                           ["set_avail_idx", kick_check, call_ask, "read_used_idx",
+                            "read_used_elem"])
+    dev = SplitDevice(mem, ring)
+    ring.add([(0x1000, 1)])
+    ring.publish()
+    ring.needs_kick()
+    assert _fence_between(log, "set_avail_idx", kick_check)
+    log.clear()
+    ring.enable_notifications()
+    dev.push(dev.pop()[0], 0)
+    assert len(ring.collect()) == 1
+    assert _fence_between(log, call_ask, "read_used_idx")
+    assert _fence_between(log, "read_used_idx", "read_used_elem")
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_packed_fences_between_flag_stores_and_event_loads(mem, monkeypatch, event_idx):
+    from vhostuser.frontend import packed
+    ring = PackedRing(mem, 8, event_idx=event_idx)
+    log = _record_accesses(monkeypatch, ring, packed,
+                           ["write_desc", "write_desc_flags", "read_device_event",
+                            "write_driver_event", "read_desc"])
+    ring.add([(0x1000, 1)])
+    ring.publish()
+    ring.needs_kick()
+    assert _fence_between(log, "write_desc", "write_desc_flags")
+    assert _fence_between(log, "write_desc_flags", "read_device_event")
+    log.clear()
+    ring.enable_notifications()
+    ring.collect()
+    assert _fence_between(log, "write_driver_event", "read_desc")

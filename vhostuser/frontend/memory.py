@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import mmap
 import os
+import threading
 from dataclasses import dataclass, field
 
 from .. import protocol
@@ -19,6 +20,42 @@ from .connection import FrontendError
 
 class GuestMemoryError(FrontendError):
     """A guest address is not backed by any region, or memory ran out."""
+
+
+def _full_fence():
+    """A callable that runs a sequentially consistent fence."""
+    try:
+        libatomic = ctypes.CDLL("libatomic.so.1")
+    except OSError:
+        libatomic = None
+    if libatomic is not None:
+        fence = libatomic.atomic_thread_fence
+        fence.argtypes, fence.restype = [ctypes.c_int], None
+        seq_cst = 5     # memory_order_seq_cst
+        return lambda: fence(seq_cst)
+    # Without libatomic (gcc's runtime, so almost never): an uncontended lock
+    # taken and dropped runs locked read-modify-writes, full barriers on x86.
+    lock = threading.Lock()
+
+    def fence_by_lock() -> None:
+        lock.acquire()
+        lock.release()
+    return fence_by_lock
+
+
+_fence = _full_fence()
+
+
+def memory_barrier() -> None:
+    """A full memory barrier between this thread's shared-memory accesses
+    before and after it.
+
+    Python orders nothing between two stores or loads into an mmap, and x86
+    lets a load pass an earlier store. A driver that stores avail->idx and then
+    loads avail_event (or stores used_event and then loads used->idx) without
+    one can read the old value while the device, which did fence, read ours
+    old too: the device then waits for a kick and the driver for a call."""
+    _fence()
 
 
 def store16(mm: mmap.mmap, offset: int, value: int) -> None:

@@ -13,7 +13,7 @@ from ..protocol import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, EVENT_SUPPRE
                         PACKED_EVENT_ALIGN, PACKED_EVENT_WRAP, RING_EVENT_FLAGS_DESC,
                         RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE, RING_U16, need_event,
                         pack_packed_vring_base, unpack_packed_vring_base)
-from .memory import GuestMemory, store16, store32
+from .memory import GuestMemory, memory_barrier, store16, store32
 from .virtqueue import DriverRing, RingFull, RingProtocolError, Used, as_buffers
 
 FLAGS_OFF = 14          # flags is the last field of a packed descriptor
@@ -168,6 +168,8 @@ class PackedRing(DriverRing):
     def publish(self) -> int:
         """Makes added chains available by writing their heads' flags, the
         first chain last so the device sees the batch whole."""
+        if self._pending:
+            memory_barrier()    # the descriptors before the flags that offer them
         for slot, flags in reversed(self._pending):
             self.write_desc_flags(slot, flags)
         self._pending.clear()
@@ -182,6 +184,8 @@ class PackedRing(DriverRing):
         added = new - old + (0 if old_wrap == new_wrap else self.size)
         if not added:
             return False
+        # Read the device's event after our flag stores (see memory_barrier).
+        memory_barrier()
         off_wrap, flags = self.read_device_event()
         if flags != RING_EVENT_FLAGS_DESC or not self.event_idx:
             return flags != RING_EVENT_FLAGS_DISABLE
@@ -198,6 +202,8 @@ class PackedRing(DriverRing):
             _, length, ident, flags = self.read_desc(self.next_used)
             if not is_used(flags, self.used_wrap):
                 break
+            memory_barrier()    # id and len after the flags that say they are written
+            _, length, ident, _ = self.read_desc(self.next_used)
             chain = self._chains.pop(ident, None)
             if chain is None:
                 raise RingProtocolError(f"used descriptor at slot {self.next_used} names id "
@@ -218,6 +224,7 @@ class PackedRing(DriverRing):
                                     RING_EVENT_FLAGS_DESC)
         else:
             self.write_driver_event(0, RING_EVENT_FLAGS_ENABLE)
+        memory_barrier()    # the caller's re-check of the ring comes after this store
 
     def disable_notifications(self) -> None:
         self._notifications = False

@@ -11,7 +11,7 @@ from ..protocol import (AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC
                         RING_U16, SPLIT_AVAIL_ALIGN, SPLIT_DESC, SPLIT_DESC_ALIGN,
                         SPLIT_USED_ALIGN, USED_ELEM, USED_F_NO_NOTIFY, need_event,
                         split_avail_size, split_used_size)
-from .memory import GuestMemory, store16
+from .memory import GuestMemory, memory_barrier, store16
 from .virtqueue import DriverRing, RingFull, RingProtocolError, Used, as_buffers
 
 # Byte offsets inside the avail and used rings.
@@ -163,6 +163,7 @@ class SplitRing(DriverRing):
 
     def publish(self) -> int:
         """Makes every added chain visible (one avail->idx store); returns idx."""
+        memory_barrier()    # the chains and ring entries before the index
         self.set_avail_idx(self.avail_idx)
         self.published_idx = self.avail_idx
         return self.published_idx
@@ -174,6 +175,9 @@ class SplitRing(DriverRing):
         self.kicked_idx = new
         if old == new:
             return False
+        # The device may have just gone to sleep with an avail_event (or
+        # flags) that asks for this kick: read it after our idx store.
+        memory_barrier()
         if self.event_idx:
             return need_event(self.read_avail_event(), new, old)
         return not self.read_used_flags() & USED_F_NO_NOTIFY
@@ -184,6 +188,8 @@ class SplitRing(DriverRing):
         used_idx = self.read_used_idx()
         if ((used_idx - self.last_used_idx) & 0xFFFF) > self.size:
             raise RingProtocolError(f"used idx jumped from {self.last_used_idx} to {used_idx}")
+        if used_idx != self.last_used_idx:
+            memory_barrier()    # the elements after the index that covers them
         while self.last_used_idx != used_idx and (limit is None or len(done) < limit):
             head, length = self.read_used_elem(self.last_used_idx)
             chain = self._chains.pop(head, None)
@@ -205,6 +211,9 @@ class SplitRing(DriverRing):
             self.set_used_event(self.last_used_idx)
         else:
             self.set_avail_flags(0)
+        # A caller re-checks the used ring next: that load must not pass
+        # the store, or a completion the device did not call for is missed.
+        memory_barrier()
 
     def disable_notifications(self) -> None:
         self._notifications = False

@@ -215,10 +215,13 @@ class Virtqueue:
         while len(done) < count:
             self.ring.enable_notifications()
             # Re-check after enabling: a completion that raced the enable
-            # may not be notified.
-            done += self.ring.collect()
-            if len(done) >= count:
-                break
+            # may not be notified. Sleep only when that finds nothing: what
+            # it takes moves the event on (used_event), and a completion
+            # the device made meanwhile was checked against the old one.
+            fresh = self.ring.collect()
+            if fresh:
+                done += fresh
+                continue
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not select.select([self.call_fd], [], [], remaining)[0]:
                 self._backlog = done
