@@ -26,6 +26,7 @@ In Python::
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 import os
@@ -190,6 +191,14 @@ class Sandbox:
 
 def _load_libraries(kinds) -> None:
     """Shared libraries a kind loads on first use, loaded now."""
+    # glibc loads libgcc_s when a thread first unwinds: pthread_exit, which
+    # CPython calls on a thread that wants the GIL once the interpreter is
+    # exiting (a queue worker returning from a Python back-end). In the
+    # view it is not there, and glibc aborts the process instead.
+    try:
+        ctypes.CDLL("libgcc_s.so.1")
+    except OSError as exc:
+        log.info("sandbox: libgcc_s not loaded: %s", exc)
     if "nbd" in kinds:
         from ..blk import libnbd
         try:
