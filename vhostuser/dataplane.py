@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -92,6 +93,7 @@ class DataPlane:
         self._log_fd: int | None = None
         self._handles: list[object] = []   # keeps cffi handles alive
         self._workers = []
+        self._stopping = threading.Lock()
         groups = (num_queues + queues_per_worker - 1) // queues_per_worker
         for _ in range(groups):
             w = lib.vu_worker_new(poll_us)
@@ -355,10 +357,12 @@ class DataPlane:
 
     # -- teardown -------------------------------------------------------------
     def stop_workers(self) -> None:
-        """Joins the worker threads; no handler runs after this."""
-        for w in self._workers:
-            lib.vu_worker_free(w)
-        self._workers = []
+        """Joins the worker threads; no handler runs after this, whichever
+        thread calls it (a second caller waits for the first's join)."""
+        with self._stopping:
+            for w in self._workers:
+                lib.vu_worker_free(w)
+            self._workers = []
 
     def close(self) -> int:
         """Joins the workers and lets the C device go. Requests still in

@@ -10,9 +10,11 @@ logged and the connection closed. Nothing a front-end sends can raise past
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 
 from . import protocol
@@ -33,6 +35,11 @@ log = logging.getLogger(__name__)
 #: stays safe either way (dataplane.py); only their answers are lost, and a
 #: front-end with inflight tracking resubmits them.
 DRAIN_TIMEOUT = 30.0
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def drain_timeout(device: Device) -> float:
@@ -94,8 +101,41 @@ class Session:
                 # guest memory and the rings, which close() frees: wait first.
                 if self.dataplane.inflight():
                     await self.stop("disconnect")
+                await self._stop_workers_off_loop()
             finally:
                 self.close()
+
+    async def _stop_workers_off_loop(self) -> None:
+        """Joins the queues' workers from a thread of its own. A Python
+        back-end's plain method still blocked in one (storage that stopped
+        answering) holds up this session's end until it returns, since its
+        rings and guest memory are freed only then, but not the event loop:
+        the other exports of a vhostuser-daemon and its control socket go
+        on. If this is cancelled, close() joins them on the loop instead."""
+        loop = asyncio.get_running_loop()
+        joined = loop.create_future()
+
+        def join() -> None:
+            try:
+                self.dataplane.stop_workers()
+            finally:
+                with contextlib.suppress(RuntimeError):    # the loop is gone
+                    loop.call_soon_threadsafe(_resolve, joined)
+
+        joiner = threading.Thread(target=join, name=f"{self.name} stop", daemon=True)
+        joiner.start()
+        waiting = drain_timeout(self.device)
+        try:
+            await asyncio.wait_for(asyncio.shield(joined), waiting)
+        except asyncio.TimeoutError:
+            log.warning("%s: a queue worker is still inside the back-end %gs after the "
+                        "disconnect (a method that has not returned); the device takes a new "
+                        "front-end once it does", self.name, waiting)
+            await joined
+        # It has only to return now. Left running, it could meet the
+        # interpreter's exit, which ends such threads with pthread_exit:
+        # that needs libgcc_s, which a sandboxed program can't load.
+        joiner.join()
 
     async def dispatch(self, msg: Message) -> bool:
         """Handles one message; False when the connection must close."""

@@ -198,6 +198,11 @@ class Server:
                     sandbox_access.unlink_socket(self.path)
             self._listener = None
 
+    @property
+    def serving(self) -> bool:
+        """Whether a connection's session is still being served (or torn down)."""
+        return bool(self._tasks)
+
     async def wait_closed(self) -> None:
         """After :meth:`close`: waits until every connection's session has
         torn down (workers joined, rings freed), so the device may be closed."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 from vhostuser.blk import BlockBackend
 from vhostuser.net import NetBackend
@@ -99,3 +100,38 @@ class FailingNet(NetBackend):
 
     def transmit(self, queue_pair, frames):
         raise OSError(113, "No route to host")
+
+
+class GatedDisk(BlockBackend):
+    """A RAM disk whose plain read() of sector ``stuck_sector`` blocks until
+    the file ``gate`` exists (storage that stopped answering, in a worker
+    thread); at most ``limit_s`` seconds, so a failing test ends."""
+
+    def __init__(self, size: str | int, gate: str, stuck_sector: str | int = "64",
+                 limit_s: str | int = "60", closed_mark: str = ""):
+        self._data = bytearray(int(size))
+        self.gate = gate
+        self.closed_mark = closed_mark
+        self.stuck_offset = int(stuck_sector) * 512
+        self.limit = float(limit_s)
+
+    def size(self) -> int:
+        return len(self._data)
+
+    def read(self, offset, bufs):
+        if offset == self.stuck_offset:
+            deadline = time.monotonic() + self.limit
+            while not os.path.exists(self.gate) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        for b in bufs:
+            b[:] = self._data[offset:offset + len(b)]
+            offset += len(b)
+
+    def write(self, offset, bufs):
+        for b in bufs:
+            self._data[offset:offset + len(b)] = b
+            offset += len(b)
+
+    def close(self):
+        if self.closed_mark:
+            open(self.closed_mark, "w").close()

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
 
-from vhostuser.frontend import BlkRequest, Buffer, Frontend, GuestMemory
+from vhostuser.frontend import (BackendClosed, BlkRequest, Buffer, Frontend, FrontendTimeout,
+                                GuestMemory)
 from vhostuser.frontend.device import DEFAULT_FEATURES
 from vhostuser.net import NetFeature
 from vhostuser.net.spec import HDR
@@ -191,3 +193,101 @@ def test_describe_says_when_io_uring_was_not_used(pydaemon):
         pydaemon.ctl("remove", "t0")
     finally:
         os.unlink(image)
+
+
+def test_plain_method_blocked_at_disconnect_holds_up_only_its_export(workdir):
+    """A plain read() still blocked in its queue's worker when the front-end
+    goes: the disconnect waits for it to return (that worker's rings and the
+    memory its request points into are freed only then), but off the event
+    loop, so the daemon's other export and its control socket go on
+    answering meanwhile; the export takes a front-end again afterwards."""
+    gate = os.path.join(workdir, "gate")
+    d = DaemonProcess(workdir, cwd=REPO, backends=WITH_PYTHON,
+                      env={"VHOSTUSER_DRAIN_TIMEOUT": "0.5"})
+    try:
+        d.call("add", type="blk", name="stuck", socket=d.path("s.sock"),
+               backend=f"{MODULE}:GatedDisk", backend_opt={"size": 4 * MIB, "gate": gate})
+        d.call("add", type="blk", name="ok", socket=d.path("o.sock"), ramdisk="4M")
+        with blk_frontend(d.path("s.sock")) as blk:
+            blk.submit([BlkRequest.read(64, 4096)])      # the sector GatedDisk blocks on
+            deadline = time.monotonic() + 10
+            while d.call("stats", name="stuck")["totals"]["inflight"] < 1:
+                assert time.monotonic() < deadline, d.output()
+                time.sleep(0.05)
+        # Disconnected: the drain timeout passes, then the session waits for
+        # the worker, whose read() still blocks.
+        deadline = time.monotonic() + 10
+        while "still in flight after 0.5s" not in d.output():
+            assert time.monotonic() < deadline, d.output()
+            time.sleep(0.05)
+        with blk_frontend(d.path("o.sock")) as blk:
+            blk.write(8, b"o" * 4096)
+            assert blk.read(8, 4096) == b"o" * 4096
+        assert {e["name"] for e in d.call("list")} == {"stuck", "ok"}
+        assert os.path.exists(d.path("s.sock"))
+        while "still inside the back-end" not in d.output():
+            assert time.monotonic() < deadline, d.output()
+            time.sleep(0.05)
+        assert not os.path.exists(gate)                 # so the read still blocks
+
+        open(gate, "w").close()                        # the store answers again
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with blk_frontend(d.path("s.sock")) as blk:
+                    blk.write(8, b"s" * 4096)
+                    assert blk.read(8, 4096) == b"s" * 4096
+                break
+            except (BackendClosed, FrontendTimeout):
+                # refused while the old session still tears down
+                assert time.monotonic() < deadline, d.output()
+                time.sleep(0.2)
+    finally:
+        open(gate, "w").close()
+        rc = d.terminate()
+    assert rc == 0, d.output()
+    assert "Traceback" not in d.output(), d.output()
+
+
+def test_remove_of_an_export_whose_plain_method_blocks(workdir):
+    """vhostuser-ctl remove of a disk whose plain read() blocks in its
+    worker: the export goes after the drain timeouts, the daemon's other
+    export serves on, and the device (the back-end's close() with it) goes
+    once the read returns, not before (its worker still runs in it)."""
+    gate, closed = os.path.join(workdir, "gate"), os.path.join(workdir, "closed")
+    d = DaemonProcess(workdir, cwd=REPO, backends=WITH_PYTHON,
+                      env={"VHOSTUSER_DRAIN_TIMEOUT": "0.5"})
+    try:
+        d.call("add", type="blk", name="stuck", socket=d.path("s.sock"),
+               backend=f"{MODULE}:GatedDisk",
+               backend_opt={"size": 4 * MIB, "gate": gate, "closed_mark": closed})
+        d.call("add", type="blk", name="ok", socket=d.path("o.sock"), ramdisk="4M")
+        with blk_frontend(d.path("s.sock")) as blk:
+            blk.submit([BlkRequest.read(64, 4096)])      # the sector GatedDisk blocks on
+            deadline = time.monotonic() + 10
+            while d.call("stats", name="stuck")["totals"]["inflight"] < 1:
+                assert time.monotonic() < deadline, d.output()
+                time.sleep(0.05)
+            started = time.monotonic()
+            d.ctl("remove", "stuck")
+            assert time.monotonic() - started < 10, d.output()
+        assert [e["name"] for e in d.call("list")] == ["ok"]
+        with blk_frontend(d.path("o.sock")) as blk:
+            blk.write(8, b"o" * 4096)
+            assert blk.read(8, 4096) == b"o" * 4096
+        assert not os.path.exists(closed), "closed while its worker was inside read()"
+
+        open(gate, "w").close()
+        deadline = time.monotonic() + 20
+        while not os.path.exists(closed):
+            assert time.monotonic() < deadline, d.output()
+            time.sleep(0.05)
+        with blk_frontend(d.path("o.sock")) as blk:
+            assert blk.read(8, 4096) == b"o" * 4096
+    finally:
+        open(gate, "w").close()
+        rc = d.terminate()
+    output = d.output()
+    assert rc == 0, output
+    assert "Traceback" not in output, output
+    assert "device closed after its last session ended" in output, output

@@ -199,8 +199,10 @@ async def _serve_until_sigterm(servers: list[Server], on_sighup=None) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    # Let closing sessions run their teardown.
-    await asyncio.sleep(0)
+    # Closing sessions join their workers off the loop: the device may be
+    # closed (by our caller) only once no worker runs in it.
+    for s in servers:
+        await s.wait_closed()
 
 
 def run(servers: list[Server], *, on_sighup=None) -> int:

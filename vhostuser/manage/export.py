@@ -8,13 +8,17 @@ import logging
 
 from ..device import Device
 from ..errors import VhostUserError
+from ..handler import drain_timeout
 from ..server import Server, SocketPlaceError
-from .errors import BackendFailed, SocketInUse
+from .errors import BackendFailed, BadState, SocketInUse
 from .specs import ExportSpec
 
 log = logging.getLogger(__name__)
 
 RUNNING, STOPPED, STOPPING, FAILED = "running", "stopped", "stopping", "failed"
+
+#: closes deferred until a lingering session ends (kept so they are not collected)
+_closing: set[asyncio.Task] = set()
 
 
 class Export:
@@ -32,6 +36,7 @@ class Export:
         self.failure: str | None = None     # why the server stopped on its own
         self.connections = 0                # front-ends served, over restarts
         self._task: asyncio.Task | None = None
+        self._lingering: Server | None = None   # stopped, a session still ending
 
     @property
     def name(self) -> str:
@@ -44,6 +49,10 @@ class Export:
 
     def start(self) -> None:
         """Listens on the socket and serves in a task of the running loop."""
+        if self._lingering is not None and self._lingering.serving:
+            # Its worker still runs in the device: a second session would too.
+            raise BadState(f"{self.name}: the last front-end's session is still ending (a "
+                           f"back-end call has not returned)")
         try:
             server = Server(self.device, path=self.spec.socket_path,
                             socket_mode=self.spec.socket_mode, socket_gid=self.spec.socket_gid)
@@ -88,7 +97,12 @@ class Export:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         server.close()
-        await server.wait_closed()
+        if not await self._sessions_end(server):
+            # A queue worker is still inside a plain back-end method: its
+            # session (and the device under it) go when that returns.
+            log.warning("export %s: a queue worker is still inside the back-end; the export "
+                        "is stopped, its device is closed once that call returns", self.name)
+            self._lingering = server
         self.connections += server.connections
         self.server = None
         self._task = None
@@ -99,15 +113,41 @@ class Export:
     def total_connections(self) -> int:
         return self.connections + (self.server.connections if self.server else 0)
 
-    def close(self) -> None:
-        """Frees the device and its back-end; only after stop()."""
-        self.device.close()
+    async def _sessions_end(self, server: Server) -> bool:
+        """Waits for the server's sessions to end; False if one is still
+        waiting for a worker after the time its requests in flight get."""
+        waiting = asyncio.ensure_future(server.wait_closed())
+        # stop() drained once; the session's own end drains once more.
+        done, _ = await asyncio.wait({waiting}, timeout=2 * drain_timeout(self.device) + 1)
+        if not done:
+            waiting.cancel()
+        return bool(done)
 
     async def aclose(self) -> None:
-        """close() on the event loop: a disk's back-end is flushed (awaited
-        here) before it is closed."""
+        """Frees the device and its back-end (a disk's is flushed first,
+        awaited here); only after stop(). With a session still ending (see
+        stop()), once it has."""
+        if self._close_later():
+            return
         aclose = getattr(self.device, "aclose", None)
         if aclose is not None:
             await aclose()
         else:
             self.device.close()
+
+    def _close_later(self) -> bool:
+        """Defers aclose() until the lingering session ended; True if it did.
+        The device's workers may still run until then."""
+        server, self._lingering = self._lingering, None
+        if server is None or not server.serving:
+            return False
+
+        async def after_sessions():
+            await server.wait_closed()
+            await self.aclose()
+            log.info("export %s: device closed after its last session ended", self.name)
+        task = asyncio.get_running_loop().create_task(after_sessions(),
+                                                      name=f"close {self.name}")
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+        return True
