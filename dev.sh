@@ -120,7 +120,7 @@ sanitizer_tests() {
             tests/device/test_blk_mapped_reads.py tests/device/test_adaptive_poll.py \
             tests/device/test_memory_lifetime.py tests/device/test_write_through.py \
             tests/device/test_mapped_writes.py tests/device/test_write_cache.py \
-            tests/device/test_net_backend_contract.py \
+            tests/device/test_net_backend_contract.py tests/device/test_generic_device.py \
             -k "not never_runs_dry")
     local rc=$?
     rm -rf "$build"

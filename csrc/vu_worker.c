@@ -101,8 +101,8 @@ static int serve_queue(struct vu_vq *vq, bool polling)
         (void)r;
         vq->stat_kicks++;
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (result != VU_HANDLED_MORE && vq->started && vq->handler && vq->enabled &&
-            !vq->broken && vu_vq_has_avail(vq))
+        if (result != VU_HANDLED_MORE && vq->handler && vu_vq_serving(vq) &&
+            vu_vq_has_avail(vq))
             result = VU_HANDLED_MORE;
     }
     if (result == VU_HANDLED_MORE)
@@ -430,12 +430,22 @@ int vu_py_handler(void *ctx, struct vu_vq *vq)
         while (n < VU_PY_BATCH && (rc = vu_vq_pop(vq, &elems[n])) == 1)
             n++;
         if (n) {
+            /* Without the device lock, as the blk and net Python paths: a
+             * handler that blocks must not block the control plane, which
+             * takes the lock to stop, reset or remap rings. The elements
+             * hold their guest memory meanwhile (detached if the front-end
+             * takes it back); pushes go through the ring's own lock, which
+             * publishes, holds or drops them as the ring is by then. */
+            vu_dev_unlock(vq->dev);
             vu_py_batch(ctx, vq, elems, n);
+            vu_dev_rdlock(vq->dev);
             vu_vq_flush(vq);
             vu_vq_notify(vq);
         }
         if (rc < 0)
             return VU_HANDLED_SOME;  /* queue broken: nothing more until reset */
+        if (!vu_vq_serving(vq))      /* disabled, stopped or broken meanwhile */
+            return round || n ? VU_HANDLED_SOME : VU_HANDLED_NONE;
         if (n == VU_PY_BATCH)
             continue;
         if (!vu_vq_set_notification(vq, true))

@@ -159,6 +159,13 @@ class Queue:
         """Pops one chain (for handlers that pull themselves). Raises
         QueueError when the ring is malformed; the queue is then broken."""
         out = ffi.new("struct vu_elem **")
-        rc = lib.vu_vq_pop(self._vq, out)
+        # Translating the chain reads the memory table, which the control
+        # plane replaces under the write lock; batches run without the lock.
+        dev = self._vq.dev
+        lib.vu_dev_rdlock(dev)
+        try:
+            rc = lib.vu_vq_pop(self._vq, out)
+        finally:
+            lib.vu_dev_unlock(dev)
         check(rc, f"queue {self.index}")
         return Element(self, out[0]) if rc == 1 else None

@@ -155,3 +155,57 @@ def test_frontend_setup_waits_for_a_backend_still_starting(tmp_path):
     finally:
         timer.join()
         server.stop()
+
+
+class GatedEcho(EchoDevice):
+    """Echo whose batch blocks while it holds a chain starting with 0xFF,
+    until the gate opens (a Python handler stuck in a blocking call)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.gate, self.arrived, self.finished = (threading.Event() for _ in range(3))
+
+    def handle_batch(self, queue, elements):
+        gated = any(e.read_all()[:1] == b"\xff" for e in elements)
+        if gated:
+            self.arrived.set()
+            self.gate.wait(20)
+        super().handle_batch(queue, elements)
+        if gated:
+            self.finished.set()
+
+
+@pytest.mark.parametrize("message", ["set_mem_table", "get_vring_base", "reset"])
+def test_a_blocked_batch_holds_up_no_front_end_message(serve, message):
+    """The worker runs a Python batch without the device lock: messages that
+    take it (a memory table, stopping a ring, a reset) are answered while a
+    handler blocks, the other queue is served meanwhile, and the blocked
+    batch's completion goes where the ring is by then."""
+    device = GatedEcho(num_queues=2)
+    device.drain_timeout = 0.2
+    with serve(device) as (srv, fe):
+        mem, vqs = setup(fe, packed=False)
+        src, dst = mem.alloc(16), mem.alloc(16)
+        mem.write(src, b"\xff" * 16)
+        mem.write(dst, bytes(16))
+        vqs[0].submit([Buffer(src, 16), Buffer(dst, 16, True)], "gated")
+        assert device.arrived.wait(10)
+        if message == "set_mem_table":
+            fe.set_mem_table(mem)                      # the same table again
+        elif message == "get_vring_base":
+            fe.get_vring_base(0)
+        else:
+            fe.reset()
+        if message != "reset":
+            assert len(echo(mem, vqs[1], [b"other"])) == 1
+        device.gate.set()
+        assert device.finished.wait(10)
+        if message == "set_mem_table":
+            assert [u.token for u in vqs[0].wait(1)] == ["gated"]
+            assert mem.read(dst, 16) == b"\xff" * 16
+            assert len(echo(mem, vqs[0], [b"after"])) == 1
+        else:
+            # Stopped: the used entry waits for the ring to start again.
+            # Reset: the chain is an orphan and its completion only frees it.
+            assert vqs[0].poll() == []
+        assert srv.error is None
