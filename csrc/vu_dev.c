@@ -122,6 +122,9 @@ int vu_dev_orphan_requests(struct vu_dev *dev)
 
 uint32_t vu_dev_close(struct vu_dev *dev)
 {
+    /* The write lock: a completion from another thread either finishes
+     * before this or finds the device closing (vu_vq_complete_unlocked). */
+    vu_dev_wrlock(dev);
     lock_queues(dev);
     uint32_t pending = 0;
     for (uint32_t q = 0; q < dev->nqueues; q++) {
@@ -155,6 +158,7 @@ uint32_t vu_dev_close(struct vu_dev *dev)
     dev->closing = pending > 0;
     __atomic_store_n(&dev->close_pending, pending, __ATOMIC_RELEASE);
     unlock_queues(dev);
+    vu_dev_unlock(dev);
     vu_mem_retire(old, NULL);
     if (!pending)
         vu_dev_destroy(dev);

@@ -666,7 +666,7 @@ void vu_vq_signal(struct vu_vq *vq)
     }
 }
 
-int vu_vq_complete(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
+static int complete(struct vu_vq *vq, struct vu_elem *elem, uint32_t len, bool notify)
 {
     bool destroy = false;
     pthread_mutex_lock(&vq->lock);
@@ -683,8 +683,30 @@ int vu_vq_complete(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
         vu_dev_destroy(vq->dev);
         return 0;
     }
-    if (live)
+    if (live && notify)
         vu_vq_notify(vq);
+    return rc;
+}
+
+int vu_vq_complete(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
+{
+    return complete(vq, elem, len, true);
+}
+
+int vu_vq_complete_unlocked(struct vu_vq *vq, struct vu_elem *elem, uint32_t len, bool notify)
+{
+    struct vu_dev *dev = vq->dev;
+    vu_dev_rdlock(dev);
+    if (dev->closing) {
+        /* Closed (vu_dev_close ran under the write lock): nothing changes
+         * the rings any more, and this orphan's completion may be the one
+         * that frees the device, lock included. */
+        vu_dev_unlock(dev);
+        return complete(vq, elem, len, false);
+    }
+    /* Not closing, so not freed by this completion. */
+    int rc = complete(vq, elem, len, notify);
+    vu_dev_unlock(dev);
     return rc;
 }
 

@@ -232,6 +232,12 @@ void vu_vq_notify(struct vu_vq *vq);
 void vu_vq_signal(struct vu_vq *vq);
 /* push + flush + notify, for completions outside the worker's batch. */
 int vu_vq_complete(struct vu_vq *vq, struct vu_elem *elem, uint32_t len);
+/* push + flush (+ notify) from a thread that does not hold the device lock
+ * (a Python batch, which runs without it, or any other thread): takes the
+ * read lock, so the ring is not remapped, stopped or its dirty log swapped
+ * meanwhile, and publishes at once, so a stop that follows counts only
+ * completions the driver can see. */
+int vu_vq_complete_unlocked(struct vu_vq *vq, struct vu_elem *elem, uint32_t len, bool notify);
 /* Driver notifications on (after a batch) or off (while draining). Enabling
  * returns true when more buffers arrived meanwhile. */
 bool vu_vq_set_notification(struct vu_vq *vq, bool enable);

@@ -76,19 +76,23 @@ class Element:
     def complete(self, written: int = 0, *, notify: bool | None = None) -> None:
         """Returns the chain to the driver, ``written`` bytes filled in.
 
-        Inside a batch handler the push is flushed and notified once for the
-        whole batch; from anywhere else (async back-ends) it is published and
-        the guest notified at once.
+        Inside a batch handler it is published at once and the guest
+        notified once for the whole batch; from anywhere else (async
+        back-ends) it is published and the guest notified at once.
         """
         if self._done:
             raise ValueError(f"element {self.id} on queue {self.queue.index} completed twice")
         self._done = True
         if notify is None:
             notify = not self.queue._in_batch
-        if notify:
-            rc = lib.vu_vq_complete(self.queue._vq, self._elem, written)
-        else:
-            rc = lib.vu_vq_push(self.queue._vq, self._elem, written)
+        vq = self.queue._vq
+        # Under the device read lock, published at once: a batch runs
+        # without the lock, and the control plane remaps the ring, swaps the
+        # dirty log or stops the ring under the write lock. A push left
+        # unpublished when GET_VRING_BASE stops the ring would be counted
+        # in the base it answers and then never reach the used ring.
+        # (Inside a batch the batch's end notifies.)
+        rc = lib.vu_vq_complete_unlocked(vq, self._elem, written, notify)
         check(rc, f"queue {self.queue.index}: complete element {self.id}")
 
     @property

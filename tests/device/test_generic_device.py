@@ -209,3 +209,50 @@ def test_a_blocked_batch_holds_up_no_front_end_message(serve, message):
             # Reset: the chain is an orphan and its completion only frees it.
             assert vqs[0].poll() == []
         assert srv.error is None
+
+
+class AnswersThenBlocks(EchoDevice):
+    """Completes its batch, then blocks before returning (bookkeeping after
+    the answers, a slow log call) until the gate opens."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.gate, self.answered, self.finished = (threading.Event() for _ in range(3))
+
+    def handle_batch(self, queue, elements):
+        super().handle_batch(queue, elements)
+        self.answered.set()
+        self.gate.wait(20)
+        self.finished.set()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_completion_made_before_a_stop_reaches_the_ring(serve, packed):
+    """A batch completes a chain and goes on running when GET_VRING_BASE
+    stops the ring: the base counts the chain as taken, so its used entry
+    must be in the ring the driver resumes from (it was pushed but left for
+    the batch's end to publish, and a stopped ring publishes nothing)."""
+    device = AnswersThenBlocks(num_queues=1)
+    device.drain_timeout = 5
+    with serve(device) as (srv, fe):
+        mem, (vq,) = setup(fe, packed=packed, queues=1)
+        src, dst = mem.alloc(16), mem.alloc(16)
+        mem.write(src, b"\xaa" * 16)
+        vq.submit([Buffer(src, 16), Buffer(dst, 16, True)], "answered")
+        assert device.answered.wait(10)
+        base = fe.get_vring_base(0)         # nothing in flight: answered at once
+        device.gate.set()
+        assert device.finished.wait(10)
+        assert [u.token for u in vq.poll()] == ["answered"]
+        assert mem.read(dst, 16) == b"\xaa" * 16
+        ring = vq.ring
+        fe.set_vring_base(0, base)
+        fe.set_vring_addr(0, desc=mem.uva(ring.desc_gpa), used=mem.uva(ring.device_gpa),
+                          avail=mem.uva(ring.driver_gpa))
+        fe.set_vring_kick(0, vq.kick_fd)
+        fe.set_vring_call(0, vq.call_fd)
+        fe.set_vring_enable(0, True)
+        device.gate.clear()
+        device.gate.set()
+        assert len(echo(mem, vq, [b"resumed"])) == 1
+        assert srv.error is None
