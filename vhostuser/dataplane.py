@@ -94,6 +94,9 @@ class DataPlane:
         self._handles: list[object] = []   # keeps cffi handles alive
         self._workers = []
         self._stopping = threading.Lock()
+        self._queues_per_worker = queues_per_worker
+        self._started = False
+        self._closed = False        # before the workers: a failed one closes what was made
         groups = (num_queues + queues_per_worker - 1) // queues_per_worker
         for _ in range(groups):
             w = lib.vu_worker_new(poll_us)
@@ -103,9 +106,6 @@ class DataPlane:
             if adaptive_poll_us is not None:
                 lib.vu_worker_set_adaptive_poll(w, adaptive_poll_us)
             self._workers.append(w)
-        self._queues_per_worker = queues_per_worker
-        self._started = False
-        self._closed = False
 
     @property
     def memory(self) -> MemoryTable:
