@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import time
 from pathlib import Path
@@ -291,3 +292,37 @@ def test_remove_of_an_export_whose_plain_method_blocks(workdir):
     assert rc == 0, output
     assert "Traceback" not in output, output
     assert "device closed after its last session ended" in output, output
+
+
+def test_exit_closes_a_device_whose_plain_method_blocked_once_it_returns(workdir):
+    """SIGTERM while a plain read() blocks in its worker: the daemon stops
+    its exports, then waits for that call and runs the back-end's close()
+    (which is where a back-end makes what it caches stable) before it
+    exits, with status 0."""
+    gate, closed = os.path.join(workdir, "gate"), os.path.join(workdir, "closed")
+    d = DaemonProcess(workdir, cwd=REPO, backends=WITH_PYTHON,
+                      env={"VHOSTUSER_DRAIN_TIMEOUT": "0.5"})
+    try:
+        d.call("add", type="blk", name="stuck", socket=d.path("s.sock"),
+               backend=f"{MODULE}:GatedDisk",
+               backend_opt={"size": 4 * MIB, "gate": gate, "closed_mark": closed})
+        with blk_frontend(d.path("s.sock")) as blk:
+            blk.submit([BlkRequest.read(64, 4096)])      # the sector GatedDisk blocks on
+            deadline = time.monotonic() + 10
+            while d.call("stats", name="stuck")["totals"]["inflight"] < 1:
+                assert time.monotonic() < deadline, d.output()
+                time.sleep(0.05)
+            d.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while "waiting for a back-end call to return" not in d.output():
+                assert time.monotonic() < deadline, d.output()
+                assert d.proc.poll() is None, d.output()
+                time.sleep(0.05)
+        assert d.proc.poll() is None and not os.path.exists(closed), d.output()
+        open(gate, "w").close()
+        assert d.proc.wait(20) == 0, d.output()
+        assert os.path.exists(closed), d.output()
+    finally:
+        open(gate, "w").close()
+        d.terminate()
+    assert "Traceback" not in d.output(), d.output()

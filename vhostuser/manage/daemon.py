@@ -27,7 +27,7 @@ from . import checks, describe
 from . import remote_sources  # noqa: F401 (registers the "nbd" and "rbd" disk kinds)
 from .errors import (BackendFailed, BadState, ExportExists, NoSuchExport, NotSupported,
                      SocketInUse)
-from .export import FAILED, RUNNING, STOPPED, Export
+from .export import FAILED, RUNNING, STOPPED, Export, deferred_closes
 from .specs import build_device, check_name, parse_spec, qos_limits
 from ..sandbox import access as sandbox_access
 
@@ -159,6 +159,7 @@ class Daemon:
                     log.error("export %s: stop failed: %s", export.name, result)
                 await export.aclose()
             self.exports.clear()
+            await deferred_closes()
 
     # -- changes to a running export ------------------------------------------------------
     def resize(self, name: Any, size: Any) -> dict:

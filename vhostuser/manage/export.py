@@ -21,6 +21,16 @@ RUNNING, STOPPED, STOPPING, FAILED = "running", "stopped", "stopping", "failed"
 _closing: set[asyncio.Task] = set()
 
 
+async def deferred_closes() -> None:
+    """Waits for the device closes deferred by stop() (at exit: a back-end's
+    flush() and close() must still run once its blocked call returns)."""
+    while _closing:
+        names = ", ".join(sorted(t.get_name() for t in _closing))
+        log.warning("waiting for a back-end call to return before the device closes (%s)",
+                    names)
+        await asyncio.wait(set(_closing))
+
+
 class Export:
     """A named device and the server that serves it (None while stopped).
 
