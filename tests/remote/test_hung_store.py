@@ -7,11 +7,13 @@ orphans whose guest memory is detached, and the daemon's other export goes
 on serving. When the server wakes up (SIGCONT) nothing crashes either.
 """
 import os
+import shutil
+import subprocess
 import time
 
 import pytest
 
-from vhostuser.frontend import BlkClient, Frontend
+from vhostuser.frontend import BackendClosed, BlkClient, Frontend, FrontendTimeout
 from vhostuser.frontend.blk import BlkRequest
 from vhostuser_devkit.daemon import DaemonProcess
 from vhostuser_devkit.nbd import NbdServer, require_tools
@@ -75,3 +77,115 @@ def test_remove_of_an_export_whose_store_hangs(workdir, nbd_image):
     assert rc == 0, output
     assert "Traceback" not in output, output
     assert "still in flight after 0.5s" in output, output
+
+
+class FreezableFs:
+    """ext4 on a loop device, mounted at ``mnt``: freeze() makes every write
+    to it block in the kernel until thaw(), as storage that stopped
+    answering does (reads of cached pages still work)."""
+
+    def __init__(self, workdir: str):
+        self.image = os.path.join(workdir, "fs.img")
+        self.mnt = os.path.join(workdir, "mnt")
+        self.loop = None
+        self.mounted = self.frozen = False
+
+    def setup(self) -> "FreezableFs":
+        tools = ("losetup", "mkfs.ext4", "mount", "umount", "fsfreeze")
+        if os.geteuid() != 0 or not all(shutil.which(t) for t in tools):
+            pytest.skip("needs root, losetup, mkfs.ext4, mount and fsfreeze")
+        with open(self.image, "wb") as f:
+            f.truncate(64 * MIB)
+        made = subprocess.run(["losetup", "-f", "--show", self.image], capture_output=True,
+                              text=True)
+        if made.returncode != 0:
+            pytest.skip(f"no loop device: {made.stderr.strip()}")
+        self.loop = made.stdout.strip()
+        subprocess.run(["mkfs.ext4", "-q", "-F", self.loop], check=True, capture_output=True)
+        os.mkdir(self.mnt)
+        mounted = subprocess.run(["mount", self.loop, self.mnt], capture_output=True, text=True)
+        if mounted.returncode != 0:
+            pytest.skip(f"can't mount a loop device here: {mounted.stderr.strip()}")
+        self.mounted = True
+        return self
+
+    def freeze(self) -> None:
+        subprocess.run(["fsfreeze", "-f", self.mnt], check=True)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        if self.frozen:
+            subprocess.run(["fsfreeze", "-u", self.mnt], check=True)
+            self.frozen = False
+
+    def remove(self) -> None:
+        self.thaw()
+        if self.mounted:
+            subprocess.run(["umount", "-l", self.mnt], capture_output=True)
+        if self.loop:
+            subprocess.run(["losetup", "-d", self.loop], capture_output=True)
+
+
+@pytest.fixture
+def freezable_fs(workdir):
+    fs = FreezableFs(workdir)
+    try:
+        yield fs.setup()
+    finally:
+        fs.remove()
+
+
+@pytest.mark.xfail(strict=True, raises=FrontendTimeout, reason=(
+    "known, not fixed: the C file back-end's worker does a buffered write "
+    "(pwritev) with the device read lock held; on a frozen file system it "
+    "blocks in the kernel (sb_start_write), and the disconnect's teardown, "
+    "which takes the write lock on the event loop, blocks the whole daemon "
+    "until the thaw"))
+def test_disconnect_from_a_disk_whose_file_system_froze(workdir, freezable_fs):
+    """A disk image on a file system that freezes under a write (the C file
+    back-end, io_uring): the front-end goes away, and while the write waits
+    for the thaw the daemon's other export and its control socket answer;
+    after the thaw the disk serves a new front-end."""
+    image = os.path.join(freezable_fs.mnt, "disk.img")
+    with open(image, "wb") as f:
+        f.truncate(16 * MIB)
+    daemon = DaemonProcess(workdir, env={"VHOSTUSER_DRAIN_TIMEOUT": "0.5"},
+                           allow_dirs=(freezable_fs.mnt,))
+    try:
+        daemon.call("add", type="blk", name="frozen", socket=daemon.path("f.sock"),
+                    blk_file=image)
+        daemon.call("add", type="blk", name="ok", socket=daemon.path("o.sock"), ramdisk="4M")
+        with Frontend.connect(daemon.path("f.sock")) as fe:
+            blk = BlkClient.setup(fe)
+            blk.write(0, b"w" * 4096)
+            freezable_fs.freeze()
+            blk.submit([BlkRequest.write(64, b"x" * 65536)])
+            deadline = time.monotonic() + 10
+            while daemon.call("stats", name="frozen")["totals"]["inflight"] < 1:
+                assert time.monotonic() < deadline, daemon.output()
+                time.sleep(0.05)
+        deadline = time.monotonic() + 10
+        while "f.sock#1: front-end disconnected" not in daemon.output():
+            assert time.monotonic() < deadline, daemon.output()
+            time.sleep(0.05)
+        # The session's teardown waits for the write (its guest memory is
+        # unmapped only after): the rest of the daemon must not.
+        io_works(daemon.path("o.sock"))
+        assert {e["name"] for e in daemon.call("list")} == {"frozen", "ok"}
+        assert freezable_fs.frozen
+
+        freezable_fs.thaw()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                io_works(daemon.path("f.sock"))
+                break
+            except (BackendClosed, FrontendTimeout):
+                assert time.monotonic() < deadline, daemon.output()
+                time.sleep(0.2)
+    finally:
+        freezable_fs.thaw()
+        rc = daemon.terminate()
+    output = daemon.output()
+    assert rc == 0, output
+    assert "Traceback" not in output, output
