@@ -245,13 +245,7 @@ def test_a_completion_made_before_a_stop_reaches_the_ring(serve, packed):
         assert device.finished.wait(10)
         assert [u.token for u in vq.poll()] == ["answered"]
         assert mem.read(dst, 16) == b"\xaa" * 16
-        ring = vq.ring
-        fe.set_vring_base(0, base)
-        fe.set_vring_addr(0, desc=mem.uva(ring.desc_gpa), used=mem.uva(ring.device_gpa),
-                          avail=mem.uva(ring.driver_gpa))
-        fe.set_vring_kick(0, vq.kick_fd)
-        fe.set_vring_call(0, vq.call_fd)
-        fe.set_vring_enable(0, True)
+        fe.resume_queue(vq, base, mem=mem)
         device.gate.clear()
         device.gate.set()
         assert len(echo(mem, vq, [b"resumed"])) == 1

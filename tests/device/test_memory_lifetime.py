@@ -282,14 +282,7 @@ def test_completion_while_the_ring_is_stopped_is_published_when_it_restarts(tmp_
                 wait_for(lambda: device._late == 0, what="the late completion")
                 time.sleep(0.1)
                 assert vq.poll() == []              # stopped: nothing published
-                ring = vq.ring
-                fe.set_vring_num(0, ring.size)
-                fe.set_vring_base(0, base)
-                fe.set_vring_addr(0, desc=mem.uva(ring.desc_gpa), used=mem.uva(ring.device_gpa),
-                                  avail=mem.uva(ring.driver_gpa))
-                fe.set_vring_kick(0, vq.kick_fd)
-                fe.set_vring_call(0, vq.call_fd)
-                fe.set_vring_enable(0, True)
+                fe.resume_queue(vq, base, mem=mem)
                 assert [u.token for u in vq.wait(1)] == ["held"]
                 assert mem.read(gpas["status"], 1)[0] == BlkStatus.OK
                 assert mem.read(gpas["data"], 4096) == LATE * 4096

@@ -6,6 +6,7 @@ add-blk``/``add-net`` take ``--backend``. Driven over the control socket
 front-end."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -196,57 +197,79 @@ def test_describe_says_when_io_uring_was_not_used(pydaemon):
         os.unlink(image)
 
 
+# -- a plain method that blocks (GatedDisk: read() of sector 64 waits for a file)
+
+def wait_until(condition, d: DaemonProcess, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, d.output()
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def gated_daemon(workdir, *, closed_mark: str = ""):
+    """A daemon with the export "stuck" (GatedDisk, gate file ``gate``) and
+    the ramdisk "ok"; yields (daemon, gate). The gate opens at the end
+    whatever happened, so no read stays blocked."""
+    gate = os.path.join(workdir, "gate")
+    d = DaemonProcess(workdir, cwd=REPO, backends=WITH_PYTHON,
+                      env={"VHOSTUSER_DRAIN_TIMEOUT": "0.5"})
+    try:
+        d.call("add", type="blk", name="stuck", socket=d.path("s.sock"),
+               backend=f"{MODULE}:GatedDisk",
+               backend_opt={"size": 4 * MIB, "gate": gate, "closed_mark": closed_mark})
+        d.call("add", type="blk", name="ok", socket=d.path("o.sock"), ramdisk="4M")
+        yield d, gate
+    finally:
+        open(gate, "w").close()
+        d.terminate()
+
+
+@contextlib.contextmanager
+def read_blocked_in_worker(d: DaemonProcess):
+    """A front-end of "stuck" with a read blocked in the queue's worker;
+    it disconnects when the block ends."""
+    with blk_frontend(d.path("s.sock")) as blk:
+        blk.submit([BlkRequest.read(64, 4096)])      # the sector GatedDisk blocks on
+        wait_until(lambda: d.call("stats", name="stuck")["totals"]["inflight"] >= 1, d)
+        yield blk
+
+
+def io_works(path: str, byte: bytes) -> None:
+    with blk_frontend(path) as blk:
+        blk.write(8, byte * 4096)
+        assert blk.read(8, 4096) == byte * 4096
+
+
 def test_plain_method_blocked_at_disconnect_holds_up_only_its_export(workdir):
     """A plain read() still blocked in its queue's worker when the front-end
     goes: the disconnect waits for it to return (that worker's rings and the
     memory its request points into are freed only then), but off the event
     loop, so the daemon's other export and its control socket go on
     answering meanwhile; the export takes a front-end again afterwards."""
-    gate = os.path.join(workdir, "gate")
-    d = DaemonProcess(workdir, cwd=REPO, backends=WITH_PYTHON,
-                      env={"VHOSTUSER_DRAIN_TIMEOUT": "0.5"})
-    try:
-        d.call("add", type="blk", name="stuck", socket=d.path("s.sock"),
-               backend=f"{MODULE}:GatedDisk", backend_opt={"size": 4 * MIB, "gate": gate})
-        d.call("add", type="blk", name="ok", socket=d.path("o.sock"), ramdisk="4M")
-        with blk_frontend(d.path("s.sock")) as blk:
-            blk.submit([BlkRequest.read(64, 4096)])      # the sector GatedDisk blocks on
-            deadline = time.monotonic() + 10
-            while d.call("stats", name="stuck")["totals"]["inflight"] < 1:
-                assert time.monotonic() < deadline, d.output()
-                time.sleep(0.05)
+    with gated_daemon(workdir) as (d, gate):
+        with read_blocked_in_worker(d):
+            pass
         # Disconnected: the drain timeout passes, then the session waits for
         # the worker, whose read() still blocks.
-        deadline = time.monotonic() + 10
-        while "still in flight after 0.5s" not in d.output():
-            assert time.monotonic() < deadline, d.output()
-            time.sleep(0.05)
-        with blk_frontend(d.path("o.sock")) as blk:
-            blk.write(8, b"o" * 4096)
-            assert blk.read(8, 4096) == b"o" * 4096
+        wait_until(lambda: "still in flight after 0.5s" in d.output(), d)
+        io_works(d.path("o.sock"), b"o")
         assert {e["name"] for e in d.call("list")} == {"stuck", "ok"}
         assert os.path.exists(d.path("s.sock"))
-        while "still inside the back-end" not in d.output():
-            assert time.monotonic() < deadline, d.output()
-            time.sleep(0.05)
+        wait_until(lambda: "still inside the back-end" in d.output(), d)
         assert not os.path.exists(gate)                 # so the read still blocks
 
         open(gate, "w").close()                        # the store answers again
         deadline = time.monotonic() + 20
         while True:
             try:
-                with blk_frontend(d.path("s.sock")) as blk:
-                    blk.write(8, b"s" * 4096)
-                    assert blk.read(8, 4096) == b"s" * 4096
+                io_works(d.path("s.sock"), b"s")
                 break
             except (BackendClosed, FrontendTimeout):
                 # refused while the old session still tears down
                 assert time.monotonic() < deadline, d.output()
                 time.sleep(0.2)
-    finally:
-        open(gate, "w").close()
-        rc = d.terminate()
-    assert rc == 0, d.output()
+    assert d.proc.returncode == 0, d.output()
     assert "Traceback" not in d.output(), d.output()
 
 
@@ -255,41 +278,21 @@ def test_remove_of_an_export_whose_plain_method_blocks(workdir):
     worker: the export goes after the drain timeouts, the daemon's other
     export serves on, and the device (the back-end's close() with it) goes
     once the read returns, not before (its worker still runs in it)."""
-    gate, closed = os.path.join(workdir, "gate"), os.path.join(workdir, "closed")
-    d = DaemonProcess(workdir, cwd=REPO, backends=WITH_PYTHON,
-                      env={"VHOSTUSER_DRAIN_TIMEOUT": "0.5"})
-    try:
-        d.call("add", type="blk", name="stuck", socket=d.path("s.sock"),
-               backend=f"{MODULE}:GatedDisk",
-               backend_opt={"size": 4 * MIB, "gate": gate, "closed_mark": closed})
-        d.call("add", type="blk", name="ok", socket=d.path("o.sock"), ramdisk="4M")
-        with blk_frontend(d.path("s.sock")) as blk:
-            blk.submit([BlkRequest.read(64, 4096)])      # the sector GatedDisk blocks on
-            deadline = time.monotonic() + 10
-            while d.call("stats", name="stuck")["totals"]["inflight"] < 1:
-                assert time.monotonic() < deadline, d.output()
-                time.sleep(0.05)
+    closed = os.path.join(workdir, "closed")
+    with gated_daemon(workdir, closed_mark=closed) as (d, gate):
+        with read_blocked_in_worker(d):
             started = time.monotonic()
             d.ctl("remove", "stuck")
             assert time.monotonic() - started < 10, d.output()
         assert [e["name"] for e in d.call("list")] == ["ok"]
-        with blk_frontend(d.path("o.sock")) as blk:
-            blk.write(8, b"o" * 4096)
-            assert blk.read(8, 4096) == b"o" * 4096
+        io_works(d.path("o.sock"), b"o")
         assert not os.path.exists(closed), "closed while its worker was inside read()"
 
         open(gate, "w").close()
-        deadline = time.monotonic() + 20
-        while not os.path.exists(closed):
-            assert time.monotonic() < deadline, d.output()
-            time.sleep(0.05)
-        with blk_frontend(d.path("o.sock")) as blk:
-            assert blk.read(8, 4096) == b"o" * 4096
-    finally:
-        open(gate, "w").close()
-        rc = d.terminate()
+        wait_until(lambda: os.path.exists(closed), d, timeout=20)
+        io_works(d.path("o.sock"), b"p")
     output = d.output()
-    assert rc == 0, output
+    assert d.proc.returncode == 0, output
     assert "Traceback" not in output, output
     assert "device closed after its last session ended" in output, output
 
@@ -299,30 +302,14 @@ def test_exit_closes_a_device_whose_plain_method_blocked_once_it_returns(workdir
     its exports, then waits for that call and runs the back-end's close()
     (which is where a back-end makes what it caches stable) before it
     exits, with status 0."""
-    gate, closed = os.path.join(workdir, "gate"), os.path.join(workdir, "closed")
-    d = DaemonProcess(workdir, cwd=REPO, backends=WITH_PYTHON,
-                      env={"VHOSTUSER_DRAIN_TIMEOUT": "0.5"})
-    try:
-        d.call("add", type="blk", name="stuck", socket=d.path("s.sock"),
-               backend=f"{MODULE}:GatedDisk",
-               backend_opt={"size": 4 * MIB, "gate": gate, "closed_mark": closed})
-        with blk_frontend(d.path("s.sock")) as blk:
-            blk.submit([BlkRequest.read(64, 4096)])      # the sector GatedDisk blocks on
-            deadline = time.monotonic() + 10
-            while d.call("stats", name="stuck")["totals"]["inflight"] < 1:
-                assert time.monotonic() < deadline, d.output()
-                time.sleep(0.05)
+    closed = os.path.join(workdir, "closed")
+    with gated_daemon(workdir, closed_mark=closed) as (d, gate):
+        with read_blocked_in_worker(d):
             d.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 20
-            while "waiting for a back-end call to return" not in d.output():
-                assert time.monotonic() < deadline, d.output()
-                assert d.proc.poll() is None, d.output()
-                time.sleep(0.05)
+            wait_until(lambda: "waiting for a back-end call to return" in d.output()
+                       or d.proc.poll() is not None, d, timeout=20)
         assert d.proc.poll() is None and not os.path.exists(closed), d.output()
         open(gate, "w").close()
         assert d.proc.wait(20) == 0, d.output()
         assert os.path.exists(closed), d.output()
-    finally:
-        open(gate, "w").close()
-        d.terminate()
     assert "Traceback" not in d.output(), d.output()

@@ -256,16 +256,7 @@ class Frontend:
             indirect_entries=indirect_entries)
         q = Virtqueue(index, ring, err=err)
         try:
-            self.set_vring_num(index, size)
-            self.set_vring_base(index, ring.base)
-            self.set_vring_addr(index, desc=mem.uva(ring.desc_gpa), used=mem.uva(ring.device_gpa),
-                                avail=mem.uva(ring.driver_gpa))
-            self.set_vring_kick(index, q.kick_fd)
-            self.set_vring_call(index, q.call_fd)
-            if err:
-                self.set_vring_err(index, q.err_fd)
-            if enable and self.features & bit(Feature.PROTOCOL_FEATURES):
-                self.set_vring_enable(index, True)
+            self._hand_over(q, mem, ring.base, enable=enable)
         except BaseException:
             q.close()
             raise
@@ -274,6 +265,28 @@ class Frontend:
             old.close()
         self.queues[index] = q
         return q
+
+    def resume_queue(self, q: Virtqueue, base: int, *, mem: GuestMemory | None = None) -> None:
+        """Hands a ring stopped with GET_VRING_BASE back to the back-end at
+        ``base``, with the same ring memory and eventfds (as QEMU restarts a
+        ring after a stop); ``mem`` defaults to the memory table's."""
+        self._hand_over(q, mem or self.memory, base)
+
+    def _hand_over(self, q: Virtqueue, mem: GuestMemory, base: int, *,
+                   enable: bool = True) -> None:
+        """SET_VRING_NUM, BASE, ADDR, KICK, CALL (ERR if the queue has an
+        error eventfd) and, with protocol features, SET_VRING_ENABLE."""
+        ring, index = q.ring, q.index
+        self.set_vring_num(index, ring.size)
+        self.set_vring_base(index, base)
+        self.set_vring_addr(index, desc=mem.uva(ring.desc_gpa), used=mem.uva(ring.device_gpa),
+                            avail=mem.uva(ring.driver_gpa))
+        self.set_vring_kick(index, q.kick_fd)
+        self.set_vring_call(index, q.call_fd)
+        if q.err_fd is not None:
+            self.set_vring_err(index, q.err_fd)
+        if enable and self.features & bit(Feature.PROTOCOL_FEATURES):
+            self.set_vring_enable(index, True)
 
     def stop_queue(self, index: int) -> int:
         """GET_VRING_BASE, then forgets the queue; returns the base."""
