@@ -105,9 +105,11 @@ class PackedRing(DriverRing):
         store16(mm, base + PACKED_DESC.size * slot + FLAGS_OFF, flags)
 
     def read_desc(self, slot: int) -> tuple[int, int, int, int]:
-        """(addr, len, id, flags); flags read first, as a driver must."""
+        """(addr, len, id, flags); flags read first, as a driver must, and
+        the rest after a barrier: what the flags say is written, is."""
         mm, base = self._desc
         flags = RING_U16.unpack_from(mm, base + PACKED_DESC.size * slot + FLAGS_OFF)[0]
+        memory_barrier()
         addr, length, ident, _ = PACKED_DESC.unpack_from(mm, base + PACKED_DESC.size * slot)
         return addr, length, ident, flags
 
@@ -202,8 +204,6 @@ class PackedRing(DriverRing):
             _, length, ident, flags = self.read_desc(self.next_used)
             if not is_used(flags, self.used_wrap):
                 break
-            memory_barrier()    # id and len after the flags that say they are written
-            _, length, ident, _ = self.read_desc(self.next_used)
             chain = self._chains.pop(ident, None)
             if chain is None:
                 raise RingProtocolError(f"used descriptor at slot {self.next_used} names id "
