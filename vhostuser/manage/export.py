@@ -126,12 +126,13 @@ class Export:
     async def _sessions_end(self, server: Server) -> bool:
         """Waits for the server's sessions to end; False if one is still
         waiting for a worker after the time its requests in flight get."""
-        waiting = asyncio.ensure_future(server.wait_closed())
         # stop() drained once; the session's own end drains once more.
-        done, _ = await asyncio.wait({waiting}, timeout=2 * drain_timeout(self.device) + 1)
-        if not done:
-            waiting.cancel()
-        return bool(done)
+        # (A timeout cancels only the waiting, not the sessions.)
+        try:
+            await asyncio.wait_for(server.wait_closed(), 2 * drain_timeout(self.device) + 1)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def aclose(self) -> None:
         """Frees the device and its back-end (a disk's is flushed first,
