@@ -89,7 +89,7 @@ void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r)
         vu_blk_ram_io(b, r);
         return;
     case VU_BLK_BACKEND_FILE:
-        vu_blk_file_io(b, r);
+        vu_blk_file_io(b, r, true);
         if (r->result == VU_BLK_S_OK && vu_blk_needs_stable(b, r) && fdatasync(b->fd) < 0) {
             r->result = VU_BLK_S_IOERR;
             r->reason = VU_BLK_R_IO_FAILED;
@@ -175,8 +175,9 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
     uint32_t q = vq->index % VU_BLK_MAX_QUEUES;
     vu_blk_qos_woken(b, q);
     bool did = eng->reap && eng->reap(b, vq) > 0;
-    /* A disabled or broken ring only finishes what it already started. */
-    if (!vq->enabled || vq->broken) {
+    /* A disabled, stopped or broken ring only finishes what it already
+     * started (asked after the reap, which may drop the device lock). */
+    if (!vu_vq_serving(vq)) {
         if (did) {
             vu_vq_flush(vq);
             vu_vq_notify(vq);
@@ -270,9 +271,9 @@ int vu_blk_handler(void *ctx, struct vu_vq *vq)
         }
         if (rc < 0)
             return VU_HANDLED_SOME;
-        /* The Python engine runs its batch without the device lock: the
-         * ring may have been disabled, stopped or broken meanwhile, and then
-         * nothing more is taken from it. */
+        /* end_round ran what may block without the device lock (a Python
+         * batch, file I/O): the ring may have been disabled, stopped or
+         * broken meanwhile, and then nothing more is taken from it. */
         if (!vu_vq_serving(vq))
             return did ? VU_HANDLED_SOME : VU_HANDLED_NONE;
         /* Throttled: notifications stay off, the timer wakes the queue. */

@@ -67,9 +67,11 @@ struct vu_blk_dev {
     struct vu_qos qos;
     int qos_timer[VU_BLK_MAX_QUEUES];        /* timerfd that wakes a throttled queue */
     struct vu_worker *timer_worker[VU_BLK_MAX_QUEUES];
-    /* PYTHON: the requests of the queue's current round, handed over at its end */
-    struct vu_blk_req *py_round[VU_BLK_MAX_QUEUES][VU_BLK_PY_BATCH_MAX];
-    uint8_t py_round_len[VU_BLK_MAX_QUEUES];
+    /* The requests of the queue's current round that its engine runs at the
+     * round's end, without the device lock: the Python batch, or the file
+     * engines' I/O that may wait for the storage. */
+    struct vu_blk_req *round[VU_BLK_MAX_QUEUES][VU_BLK_PY_BATCH_MAX];
+    uint8_t round_len[VU_BLK_MAX_QUEUES];
 };
 
 struct vu_blk_dev *vu_blk_new(int backend);

@@ -5,7 +5,8 @@
  * The handler pops and parses requests; an engine does their I/O:
  *   RAM      vu_blk_ram.c     memcpy to and from an anonymous mapping
  *   file     vu_blk_file.c    preadv/pwritev (or the page cache's mapping)
- *                             in the queue's worker
+ *                             in the queue's worker, what may block without
+ *                             the device lock
  *   io_uring vu_blk_uring.c   the file through io_uring, trying page-cache
  *                             hits in the worker first
  *   Python   vu_blk_python.c  batches handed to the Python back-end
@@ -29,7 +30,8 @@ struct vu_blk_engine {
     /* Requests per round of the handler. NULL: VU_BLK_ROUND. */
     int (*round_size)(const struct vu_blk_dev *b);
     /* At the start of the handler: completes what finished since; returns
-     * how many requests. NULL: nothing ever finishes late. */
+     * how many requests. May drop the device lock, as end_round. NULL:
+     * nothing ever finishes late. */
     int (*reap)(struct vu_blk_dev *b, struct vu_vq *vq);
     /* A parsed request whose result is PENDING (GET_ID excepted: the device
      * answers it from its configuration, except with a Python back-end). */
@@ -39,7 +41,9 @@ struct vu_blk_engine {
      * or block). NULL: nothing to prefetch. */
     void (*prefetch)(const struct vu_blk_dev *b, const struct vu_blk_req *r);
     /* After a round's requests started: sends what start() holds; returns
-     * how many requests it completed. NULL: nothing to do. */
+     * how many requests it completed. May drop the device lock meanwhile
+     * (what may block runs without it); the handler then looks at the
+     * ring's state again. NULL: nothing to do. */
     int (*end_round)(struct vu_blk_dev *b, struct vu_vq *vq);
 };
 
@@ -60,10 +64,29 @@ int vu_blk_complete(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool
 
 void vu_blk_ram_io(struct vu_blk_dev *b, struct vu_blk_req *r);
 void vu_blk_ram_close(struct vu_blk_dev *b);
-void vu_blk_file_io(struct vu_blk_dev *b, struct vu_blk_req *r);
-/* The same without trying the mapping (the caller just did, and failed: a
- * second try could only fault again). */
-void vu_blk_file_io_unmapped(struct vu_blk_dev *b, struct vu_blk_req *r);
+/* Through the mapping first when via_map (false: the caller just tried, and
+ * a second try could only fault again). May wait for the storage. */
+void vu_blk_file_io(struct vu_blk_dev *b, struct vu_blk_req *r, bool via_map);
+
+/* The file engines' I/O that may wait for the storage (vu_blk_file.c,
+ * "Storage that stops answering") ---------------------------------------------- */
+
+/* A copy through the mapping that can't wait for the storage: a read of
+ * resident pages, a write into an image in memory. True with r->result set. */
+bool vu_blk_file_copy(struct vu_blk_dev *b, struct vu_blk_req *r);
+/* Holds r until the round's end, where vu_blk_file_run_held does its I/O. */
+void vu_blk_file_hold(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *r);
+/* A held request's I/O, run without the device lock. It sets r->result, or
+ * leaves it PENDING when it handed r to the queue's io_uring (owned by the
+ * queue's worker, so usable without the lock). */
+typedef void (*vu_blk_held_io_fn)(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *r);
+/* Drops the device lock (the worker's, held while its handler runs), sends
+ * what u (the queue's io_uring, or NULL) has queued, runs io on each held
+ * request and sends what that queued, takes the lock again and completes
+ * them (or puts write-through writes in their group). Returns how many
+ * completed. */
+int vu_blk_file_run_held(struct vu_blk_dev *b, struct vu_vq *vq, vu_blk_held_io_fn io,
+                         struct vu_uring *u);
 /* The file engines' prefetch: a read's source in the page cache's mapping. */
 void vu_blk_file_prefetch(const struct vu_blk_dev *b, const struct vu_blk_req *r);
 /* Full preadv/pwritev at off: retries short transfers and EINTR; 0 or -errno.

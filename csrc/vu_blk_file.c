@@ -2,6 +2,7 @@
  * queue's worker (reads of cached pages copied from a mapping of the file,
  * vu_filemap.c). Also the synchronous fallback of the io_uring engine. */
 #include "vu_blk_engine.h"
+#include "vu_dev.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -170,7 +171,7 @@ static int file_segments(struct vu_blk_dev *b, struct vu_blk_req *r)
 
 /* The I/O of a request, without making it stable (the group commit does);
  * through the mapping first when via_map. */
-static void file_io(struct vu_blk_dev *b, struct vu_blk_req *r, bool via_map)
+void vu_blk_file_io(struct vu_blk_dev *b, struct vu_blk_req *r, bool via_map)
 {
     uint64_t off = r->sector * VU_BLK_SECTOR;
     int rc = 0;
@@ -211,14 +212,80 @@ static void file_io(struct vu_blk_dev *b, struct vu_blk_req *r, bool via_map)
         r->reason = VU_BLK_R_IO_FAILED;
 }
 
-void vu_blk_file_io(struct vu_blk_dev *b, struct vu_blk_req *r)
+/* Storage that stops answering --------------------------------------------------
+ *
+ * What may wait in the kernel for the storage (a write into a frozen file
+ * system, a fault on its pages, anything on a dying disk) runs without the
+ * device lock, which the queue's worker holds while its handler runs: the
+ * control plane takes that lock to stop or reset a ring, change the memory
+ * table or end the session, and must not wait for storage that may never
+ * answer. Such a request is held until the end of the handler's round and
+ * done there with the lock dropped, as the Python engine runs its batch
+ * (vu_blk_python.c). Meanwhile it holds its element and guest memory
+ * (detached if the front-end takes it back); the file and its mapping live
+ * as long as the device, which is freed only after the workers stop. Under
+ * the lock again it completes through the ring as the ring is by then (a
+ * stopped ring holds the answer until it starts again), and the handler
+ * looks at the ring's state again. Only a copy that can't wait for storage,
+ * from resident pages or into an image in memory, is done at once. */
+
+_Static_assert(VU_BLK_ROUND <= VU_BLK_PY_BATCH_MAX, "a round's held requests fit b->round");
+
+bool vu_blk_file_copy(struct vu_blk_dev *b, struct vu_blk_req *r)
 {
-    file_io(b, r, true);
+    uint64_t off = r->sector * VU_BLK_SECTOR;
+    if (r->type == VU_BLK_T_IN) {
+        if (vu_filemap_read(&b->map, r->iov, r->niov, off, r->data_len))
+            return false;
+    } else if (r->type == VU_BLK_T_OUT && b->map.in_memory) {
+        if (vu_filemap_write(&b->map, r->iov, r->niov, off, r->data_len))
+            return false;
+        vu_filemap_written(&b->map, off, r->data_len);
+    } else {
+        return false;
+    }
+    r->result = VU_BLK_S_OK;
+    return true;
 }
 
-void vu_blk_file_io_unmapped(struct vu_blk_dev *b, struct vu_blk_req *r)
+void vu_blk_file_hold(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *r)
 {
-    file_io(b, r, false);
+    uint32_t q = vq->index % VU_BLK_MAX_QUEUES;
+    b->round[q][b->round_len[q]++] = r;   /* at most VU_BLK_ROUND: the file engines' round */
+}
+
+int vu_blk_file_run_held(struct vu_blk_dev *b, struct vu_vq *vq, vu_blk_held_io_fn io,
+                         struct vu_uring *u)
+{
+    uint32_t q = vq->index % VU_BLK_MAX_QUEUES;
+    int n = b->round_len[q];
+    if (!n && !(u && u->queued))
+        return 0;
+    b->round_len[q] = 0;
+    /* Only this queue's worker uses the array and the ring: they stay as
+     * they are unlocked. */
+    struct vu_blk_req **held = b->round[q];
+    vu_dev_unlock(vq->dev);
+    /* io_uring_enter too: a kernel may wait in it for a frozen file
+     * system's write protection. The round's misses go to the storage
+     * first, while the held I/O runs. */
+    if (u && u->queued)
+        vu_uring_submit(u);
+    for (int i = 0; i < n; i++)
+        io(b, vq, held[i]);
+    if (u && u->queued)
+        vu_uring_submit(u);   /* held writes that missed */
+    vu_dev_rdlock(vq->dev);
+    int done = 0;
+    uint64_t now = vu_now_ns();
+    for (int i = 0; i < n; i++) {
+        struct vu_blk_req *r = held[i];
+        if (r->result == VU_BLK_S_PENDING || vu_blk_stable_hold(b, q, r))
+            continue;   /* in io_uring now, or completes after its group's sync */
+        vu_blk_complete(vq, r, r->result, false, now);
+        done++;
+    }
+    return done;
 }
 
 /* The first lines of a read's source in the mapping: the copy's first load
@@ -240,17 +307,27 @@ void vu_blk_file_prefetch(const struct vu_blk_dev *b, const struct vu_blk_req *r
         __builtin_prefetch(src + 64, 0, 3);
 }
 
-static enum vu_blk_start file_start(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *r)
+/* A held request of the file engine: reads tried the mapping already, and
+ * so did writes into an image in memory. */
+static void file_held_io(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *r)
 {
     (void)vq;
-    vu_blk_file_io(b, r);
-    return VU_BLK_DONE;
+    vu_blk_file_io(b, r, r->type == VU_BLK_T_OUT && !b->map.in_memory);
 }
 
-/* The round's write-through writes: one fdatasync for them all. */
+static enum vu_blk_start file_start(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *r)
+{
+    if (vu_blk_file_copy(b, r))
+        return VU_BLK_DONE;
+    vu_blk_file_hold(b, vq, r);
+    return VU_BLK_TAKEN;
+}
+
+/* The round's held I/O, then one fdatasync for its write-through writes. */
 static int file_end_round(struct vu_blk_dev *b, struct vu_vq *vq)
 {
-    return vu_blk_stable_commit(b, vq, NULL);
+    int done = vu_blk_file_run_held(b, vq, file_held_io, NULL);
+    return done + vu_blk_stable_commit(b, vq, NULL);
 }
 
 const struct vu_blk_engine vu_blk_file_engine = {

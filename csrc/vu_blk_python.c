@@ -26,18 +26,18 @@ static int python_round(const struct vu_blk_dev *b)
 static enum vu_blk_start python_start(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *r)
 {
     uint32_t q = vq->index % VU_BLK_MAX_QUEUES;
-    b->py_round[q][b->py_round_len[q]++] = r;   /* the round holds at most python_round() */
+    b->round[q][b->round_len[q]++] = r;   /* the round holds at most python_round() */
     return VU_BLK_TAKEN;
 }
 
 static int python_end_round(struct vu_blk_dev *b, struct vu_vq *vq)
 {
     uint32_t q = vq->index % VU_BLK_MAX_QUEUES;
-    int n = b->py_round_len[q];
+    int n = b->round_len[q];
     if (!n)
         return 0;
-    b->py_round_len[q] = 0;
-    struct vu_blk_req **reqs = b->py_round[q];
+    b->round_len[q] = 0;
+    struct vu_blk_req **reqs = b->round[q];
     /* Without the device lock: a back-end method that blocks (storage that
      * stopped answering) must not block the control plane too, which takes
      * the lock to stop, disable or reset a ring, or to change the memory

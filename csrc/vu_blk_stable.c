@@ -9,6 +9,7 @@
  * per FLUSH contending for the same inode. Each group is owned by its
  * queue's worker. */
 #include "vu_blk_engine.h"
+#include "vu_dev.h"
 
 #include <unistd.h>
 
@@ -73,7 +74,11 @@ int vu_blk_stable_commit(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_uring
     if (!u) {
         struct vu_blk_req *list = g->waiting;
         g->waiting = NULL;
+        /* At the round's end, without the device lock: a sync may wait for
+         * storage that never answers (vu_blk_file.c). */
+        vu_dev_unlock(vq->dev);
         bool synced = fdatasync(b->fd) == 0;
+        vu_dev_rdlock(vq->dev);
         st->stable_syncs++;
         return finish_group(b, vq, list, synced, vu_now_ns());
     }

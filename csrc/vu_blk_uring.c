@@ -36,6 +36,7 @@
  * A file system that refuses RWF_NOWAIT for one direction only loses it for
  * that direction. */
 #include "vu_blk_engine.h"
+#include "vu_dev.h"
 #include "vu_worker.h"
 
 #include <errno.h>
@@ -188,18 +189,25 @@ static bool submit_async(struct vu_blk_dev *b, struct vu_uring *u, struct vu_blk
     return true;
 }
 
-/* Applies one completion to its request (short transfers are finished
- * here, synchronously). */
-static void apply_cqe(struct vu_blk_dev *b, struct io_uring_cqe *cqe, struct vu_blk_req *r)
+/* Applies one completion to its request. A short transfer is finished here,
+ * synchronously and without the device lock (it may wait for the storage;
+ * the handler looks at the ring again after reaping). */
+static void apply_cqe(struct vu_blk_dev *b, struct vu_vq *vq, struct io_uring_cqe *cqe,
+                      struct vu_blk_req *r)
 {
     if (cqe->res < 0) {
         r->reason = VU_BLK_R_IO_FAILED;
     } else if ((uint64_t)cqe->res < r->data_len) {
         uint64_t done = (uint64_t)cqe->res;
-        if (vu_blk_request_slice(r, r->iov, r->niov, done, r->data_len - done) ||
-            vu_blk_file_rw(b->fd, r->iov, r->niov, r->sector * VU_BLK_SECTOR + done,
-                           r->type == VU_BLK_T_OUT))
+        if (vu_blk_request_slice(r, r->iov, r->niov, done, r->data_len - done)) {
             r->reason = VU_BLK_R_IO_FAILED;
+        } else {
+            vu_dev_unlock(vq->dev);
+            if (vu_blk_file_rw(b->fd, r->iov, r->niov, r->sector * VU_BLK_SECTOR + done,
+                               r->type == VU_BLK_T_OUT))
+                r->reason = VU_BLK_R_IO_FAILED;
+            vu_dev_rdlock(vq->dev);
+        }
     }
     r->result = r->reason == VU_BLK_R_IO_FAILED ? VU_BLK_S_IOERR : VU_BLK_S_OK;
     if (r->result == VU_BLK_S_OK && r->type == VU_BLK_T_OUT)
@@ -229,7 +237,7 @@ static int reap_ring(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_uring *u)
             continue;
         }
         struct vu_blk_req *r = (struct vu_blk_req *)(uintptr_t)tag;
-        apply_cqe(b, cqe, r);
+        apply_cqe(b, vq, cqe, r);
         vu_uring_seen(u);
         if (!vu_blk_stable_hold(b, q, r)) {
             vu_blk_complete(vq, r, r->result, false, now);
@@ -255,35 +263,47 @@ static enum vu_blk_start uring_start(struct vu_blk_dev *b, struct vu_vq *vq, str
         return VU_BLK_TAKEN;
     }
     int mode = u && async_type(r->type) ? io_mode(b, r) : VU_BLK_IO_INLINE;
-    /* Data already in the page cache needs no trip through io_uring's
-     * worker threads: try it without blocking. */
-    bool tried_map = mode == VU_BLK_IO_NOWAIT;
-    if (tried_map && !try_nowait(b, r))
+    if (r->type == VU_BLK_T_IN && mode != VU_BLK_IO_URING) {
+        /* Data already in the page cache needs no trip through io_uring's
+         * worker threads: read it without blocking. */
+        if (mode == VU_BLK_IO_NOWAIT ? try_nowait(b, r) : vu_blk_file_copy(b, r))
+            return VU_BLK_DONE;
         mode = io_mode(b, r);   /* a miss, or NOWAIT just turned out unsupported */
-    if (mode != VU_BLK_IO_INLINE && r->result == VU_BLK_S_PENDING && submit_async(b, u, r))
-        return VU_BLK_TAKEN;
-    if (r->result == VU_BLK_S_PENDING) {
-        if (tried_map)
-            vu_blk_file_io_unmapped(b, r);
-        else
-            vu_blk_file_io(b, r);
     }
-    return VU_BLK_DONE;
+    bool to_ring = mode == VU_BLK_IO_URING || (mode == VU_BLK_IO_NOWAIT && r->type == VU_BLK_T_IN);
+    if (to_ring && submit_async(b, u, r))
+        return VU_BLK_TAKEN;
+    /* Writes (tried without blocking there first, where the file system
+     * can) and what the worker does itself may wait for the storage. */
+    vu_blk_file_hold(b, vq, r);
+    return VU_BLK_TAKEN;
+}
+
+/* A held request, without the device lock: a write in NOWAIT mode is tried
+ * without blocking first, and a miss goes to io_uring; the rest is done
+ * here. Reads tried the mapping already. */
+static void uring_held_io(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req *r)
+{
+    bool write_nowait = r->type == VU_BLK_T_OUT && io_mode(b, r) == VU_BLK_IO_NOWAIT;
+    if (write_nowait) {
+        if (try_nowait(b, r))
+            return;
+        struct vu_uring *u = ring_of(b, vq);
+        if (u && io_mode(b, r) != VU_BLK_IO_INLINE && submit_async(b, u, r))
+            return;   /* PENDING: io_uring completes it */
+    }
+    vu_blk_file_io(b, r, r->type == VU_BLK_T_OUT && !write_nowait);
 }
 
 static int uring_end_round(struct vu_blk_dev *b, struct vu_vq *vq)
 {
     struct vu_uring *u = ring_of(b, vq);
-    int done = 0;
-    if (u && u->queued) {
-        vu_uring_submit(u);
-        /* What io_uring could do at once (page-cache hits) completed inside
-         * that system call: answered in this round. Their signals are
-         * drained first (a completion posted after that signals again, so
-         * none is lost). */
-        if (vu_uring_peek(u))
-            done = reap_ring(b, vq, u);
-    }
+    int done = vu_blk_file_run_held(b, vq, uring_held_io, u);
+    /* What io_uring could do at once (page-cache hits) completed inside
+     * the submission: answered in this round. Their signals are drained
+     * first (a completion posted after that signals again, so none is lost). */
+    if (u && vu_uring_peek(u))
+        done += reap_ring(b, vq, u);
     /* One sync for the write-through writes of this round (and those that
      * waited for the previous sync): group commit. */
     return done + vu_blk_stable_commit(b, vq, u);

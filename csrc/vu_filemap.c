@@ -222,6 +222,7 @@ int vu_filemap_open(struct vu_filemap *m, int fd)
     m->resident = resident;
     m->sparse = sparse;
     m->recheck = !in_memory;
+    m->in_memory = in_memory;
     m->checked_ns = vu_now_ns();
     return 0;
 }

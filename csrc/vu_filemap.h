@@ -46,6 +46,7 @@ struct vu_filemap {
     uint64_t mapped_writes, faults;          /* the same; faults: copies cut short by SIGBUS */
     bool writable;          /* mapped PROT_WRITE: the descriptor is O_RDWR */
     bool recheck;           /* the kernel may drop pages: forget residency now and then */
+    bool in_memory;         /* tmpfs or ramfs: a copy through it never waits for storage */
     uint64_t uses;          /* reads and writes tried, counts to VU_FILEMAP_CLOCK_EVERY */
     uint64_t checked_ns;    /* when residency was last forgotten (recheck) */
 };

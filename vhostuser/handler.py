@@ -106,18 +106,21 @@ class Session:
                 self.close()
 
     async def _stop_workers_off_loop(self) -> None:
-        """Joins the queues' workers from a thread of its own. A Python
-        back-end's plain method still blocked in one (storage that stopped
-        answering) holds up this session's end until it returns, since its
-        rings and guest memory are freed only then, but not the event loop:
-        the other exports of a vhostuser-daemon and its control socket go
-        on. If this is cancelled, close() joins them on the loop instead."""
+        """Joins the queues' workers, then waits for the device's I/O still
+        in flight (io_uring), from a thread of its own. Storage that stopped
+        answering (a Python back-end's plain method blocked in a worker, a
+        C file back-end's write into a frozen file system) holds up this
+        session's end until it returns, since its rings and guest memory are
+        freed only then, but not the event loop: the other exports of a
+        vhostuser-daemon and its control socket go on. If this is
+        cancelled, close() does both on the loop instead."""
         loop = asyncio.get_running_loop()
         joined = loop.create_future()
 
         def join() -> None:
             try:
                 self.dataplane.stop_workers()
+                self.device.quiesce()
             finally:
                 with contextlib.suppress(RuntimeError):    # the loop is gone
                     loop.call_soon_threadsafe(_resolve, joined)
@@ -129,8 +132,8 @@ class Session:
             await asyncio.wait_for(asyncio.shield(joined), waiting)
         except asyncio.TimeoutError:
             log.warning("%s: a queue worker is still inside the back-end %gs after the "
-                        "disconnect (a method that has not returned); the device takes a new "
-                        "front-end once it does", self.name, waiting)
+                        "disconnect (a method or I/O that has not returned); the device takes "
+                        "a new front-end once it does", self.name, waiting)
             await joined
         # It has only to return now. Left running, it could meet the
         # interpreter's exit, which ends such threads with pthread_exit:
@@ -548,6 +551,7 @@ class Session:
         failed, so the device is always free for the next front-end."""
         self.closed = True
         try:
+            # Both done already, off the loop, unless the session was cancelled.
             self.dataplane.stop_workers()
             self.device.quiesce()      # before guest memory is unmapped
             orphans = self.dataplane.close()

@@ -218,6 +218,15 @@ class Lab:
         self.write(self.desc_gpa(q, first_pos) + 14, struct.pack("<H", first_flags))
 
     # -- device side ------------------------------------------------------------
+    def run_handler(self, handler, ctx, q: int = 0) -> int:
+        """Runs a queue handler as a worker does: with the device's read lock
+        held (an engine may drop it around I/O that can block)."""
+        lib.vu_dev_rdlock(self.dev)
+        try:
+            return handler(ctx, self.vq(q))
+        finally:
+            lib.vu_dev_unlock(self.dev)
+
     def pop(self, q: int):
         out = ffi.new("struct vu_elem **")
         rc = lib.vu_vq_pop(self.vq(q), out)

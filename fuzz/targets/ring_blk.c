@@ -91,9 +91,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     vq->enabled = true;
 
+    /* As a worker runs it: with the device's read lock held. */
+    vu_dev_rdlock(dev);
     for (int i = 0; i < 4; i++)
         if (vu_blk_handler(blk, vq) != VU_HANDLED_MORE)
             break;
+    vu_dev_unlock(dev);
 
     if (!vq->broken && vq->inflight != 0) {
         fprintf(stderr, "ring_blk: %u chains left in flight on a healthy queue\n", vq->inflight);

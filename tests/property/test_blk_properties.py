@@ -67,7 +67,7 @@ def test_any_request_gets_a_valid_answer_and_bad_ones_change_nothing(batch):
             disk_before = bytes(ffi.buffer(blk_ram(blk), CAPACITY * 512))
             head = lab.add_split_chain(0, bufs)
             lab.publish_split(0, [head])
-            lib.vu_blk_handler(blk, vq)
+            lab.run_handler(lib.vu_blk_handler, blk)
             if not writable:
                 assert vq.broken           # no status byte: only this queue stops
                 return

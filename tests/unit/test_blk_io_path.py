@@ -91,7 +91,7 @@ def serve(lab, dev, status_gpa, timeout=10.0) -> tuple[int, int]:
     calls = 0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        lib.vu_blk_handler(dev.b, vq)
+        lab.run_handler(lib.vu_blk_handler, dev.b)
         calls += 1
         if lab.read(status_gpa, 1)[0] != 0xFF:
             return lab.read(status_gpa, 1)[0], calls

@@ -218,7 +218,7 @@ def test_handler_breaks_only_on_missing_status_and_serves_after_reset(lab, blk):
         heads.append(lab.add_split_chain(0, bufs))
     lab.write(status_gpas[3], b"\xee")
     lab.publish_split(0, heads)
-    lib.vu_blk_handler(blk, vq)
+    lab.run_handler(lib.vu_blk_handler, blk)
     assert lab.read(status_gpas[0], 1)[0] == S.OK
     assert lab.read(status_gpas[1], 1)[0] == S.UNSUPP
     assert vq.broken and vq.error == lib.VU_ERR_ZERO_CHAIN
@@ -256,7 +256,7 @@ def test_file_backend_through_io_uring_keeps_many_requests_in_flight(lab, tmp_pa
             heads.append(lab.add_split_chain(0, [(h, 16, False), (d, 4096, False), (s, 1, True)]))
             status_gpas.append(s)
         lab.publish_split(0, heads)
-        lib.vu_blk_handler(b, vq)
+        lab.run_handler(lib.vu_blk_handler, b)
         # All submitted in one go and none waited for: what is not in flight
         # any more io_uring finished before the round ended (the handler
         # answers those at once; under ASan's slower worker that is often
@@ -267,7 +267,7 @@ def test_file_backend_through_io_uring_keeps_many_requests_in_flight(lab, tmp_pa
         deadline = time.monotonic() + 10
         while len(completed) < 16 and time.monotonic() < deadline:
             time.sleep(0.01)
-            lib.vu_blk_handler(b, vq)
+            lab.run_handler(lib.vu_blk_handler, b)
             completed += lab.used_split(0)
         assert sorted(h for h, _ in completed) == sorted(heads)
         assert all(lab.read(s, 1)[0] == S.OK for s in status_gpas)
@@ -287,7 +287,7 @@ def test_unanswerable_chain_does_not_stay_in_flight(lab, blk):
     h = lab.alloc(16)
     lab.write(h, hdr(T.IN))
     lab.publish_split(0, [lab.add_split_chain(0, [(h, 16, False)])])
-    lib.vu_blk_handler(blk, vq)
+    lab.run_handler(lib.vu_blk_handler, blk)
     assert vq.broken and lib.vu_vq_inflight(vq) == 0
 
 
@@ -317,5 +317,5 @@ def run_handler_read(lab, b, sector):
     bufs = [(lab.alloc(16), 16, False), (lab.alloc(512), 512, True), (lab.alloc(1), 1, True)]
     lab.write(bufs[0][0], hdr(T.IN, sector))
     lab.publish_split(0, [lab.add_split_chain(0, bufs)])
-    lib.vu_blk_handler(b, vq)
+    lab.run_handler(lib.vu_blk_handler, b)
     return lab.read(bufs[2][0], 1)[0], None, bufs

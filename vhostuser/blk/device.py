@@ -187,12 +187,13 @@ class BlkDevice(Device):
         if data[0] > 1:
             raise ProtocolError(Request.SET_CONFIG, f"writeback value {data[0]}")
         was_writeback = self._blk.lim.writeback
-        # Under the device lock: no worker is inside a handler run, so each
-        # request either was completed and published before the switch, or
-        # reads the new mode (a Python back-end's write picks write or
-        # write_fua before it runs, and its completion is published at the
-        # end of the run: without the lock a write begun under write-back
-        # could reach the driver after the reply, unsynced).
+        # Under the device lock: no worker is between reading the mode for
+        # a request and pushing its completion (a write that ran with the
+        # lock dropped, a Python batch or file I/O that may block, reads the
+        # mode after it took the lock again), so each request was either
+        # completed under the old mode before the switch or reads the new
+        # one. A completion pushed but not yet published is made stable
+        # below.
         with self.session.dataplane.locked():
             self._blk.lim.writeback = bool(data[0])
         if was_writeback and not data[0]:
@@ -203,9 +204,9 @@ class BlkDevice(Device):
         """A write the C file back-end did just before the switch, under
         write-back, can reach the driver after the switch is acknowledged:
         its used entry is published at the end of the worker's round, which
-        may come after this reply. Its data is already written, so one sync
-        started after the switch makes it stable before the driver can see
-        it. (A sync on the control plane's thread: switching the cache mode
+        may come after this reply (the round may drop the lock for I/O
+        before it ends). Its data is already written, so one sync started
+        after the switch makes it stable before the driver can see it. (A sync on the control plane's thread: switching the cache mode
         is rare, and the guest waits for the reply anyway.)"""
         if self._kind == lib.VU_BLK_BACKEND_FILE and self._blk.fd >= 0:
             try:
