@@ -78,6 +78,11 @@ class Device:
         """SET_CONFIG from the driver. Read-only by default."""
         raise ProtocolError(Request.SET_CONFIG, f"config space is read-only (offset {offset})")
 
+    async def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        """SET_CONFIG as the session runs it, before its reply: write_config,
+        plus what a device must await after it (off the event loop)."""
+        self.write_config(offset, data, flags)
+
     # -- serving ------------------------------------------------------------
     def queue_handler(self, queue: Queue) -> BatchHandler | NativeHandler:
         """What serves ``queue``: a Python batch handler or a C handler."""

@@ -462,7 +462,7 @@ class Session:
         data = msg.payload[protocol.CONFIG_HEADER.size:]
         if size != len(data):
             raise ProtocolError(msg.request, f"size {size} but {len(data)} bytes of payload")
-        self.device.write_config(offset, data, flags)
+        await self.device.set_config(offset, data, flags)
 
     async def _on_send_rarp(self, msg):
         self.device.send_rarp(msg.payload[:6])

@@ -186,19 +186,24 @@ class BlkDevice(Device):
             raise ProtocolError(Request.SET_CONFIG, "CONFIG_WCE not negotiated")
         if data[0] > 1:
             raise ProtocolError(Request.SET_CONFIG, f"writeback value {data[0]}")
-        was_writeback = self._blk.lim.writeback
         # Under the device lock: no worker is between reading the mode for
         # a request and pushing its completion (a write that ran with the
         # lock dropped, a Python batch or file I/O that may block, reads the
         # mode after it took the lock again), so each request was either
         # completed under the old mode before the switch or reads the new
-        # one. A completion pushed but not yet published is made stable
-        # below.
+        # one. A completion pushed but not yet published is made stable by
+        # set_config, which runs this.
         with self.session.dataplane.locked():
             self._blk.lim.writeback = bool(data[0])
-        if was_writeback and not data[0]:
-            self._sync_before_write_through()
         log.info("write cache %s", "write-back" if data[0] else "write-through")
+
+    async def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        was_writeback = self._blk.lim.writeback
+        self.write_config(offset, data, flags)
+        if was_writeback and not self._blk.lim.writeback:
+            # In a thread: storage that stopped answering holds up this
+            # session's reply, not the daemon's event loop.
+            await asyncio.to_thread(self._sync_before_write_through)
 
     def _sync_before_write_through(self) -> None:
         """A write the C file back-end did just before the switch, under
@@ -206,8 +211,8 @@ class BlkDevice(Device):
         its used entry is published at the end of the worker's round, which
         may come after this reply (the round may drop the lock for I/O
         before it ends). Its data is already written, so one sync started
-        after the switch makes it stable before the driver can see it. (A sync on the control plane's thread: switching the cache mode
-        is rare, and the guest waits for the reply anyway.)"""
+        after the switch, before the reply, makes it stable before the
+        driver can see it."""
         if self._kind == lib.VU_BLK_BACKEND_FILE and self._blk.fd >= 0:
             try:
                 os.fdatasync(self._blk.fd)
