@@ -23,7 +23,8 @@
  *    only misses go to io_uring. Other writes likewise with
  *    pwritev2(RWF_NOWAIT) where the file system can (XFS, btrfs); ext4
  *    refuses buffered RWF_NOWAIT writes (EOPNOTSUPP), and there the worker
- *    writes into the page cache itself (nowait_fallback): io_uring would
+ *    writes into the page cache itself (nowait_fallback; at the round's
+ *    end without the device lock, vu_blk_file.c): io_uring would
  *    punt every such write to an io-wq thread, which on a quiet machine
  *    halved write IOPS (bench/RESULTS.md, fs rows, -winline against the
  *    default of before) without a better tail, although a buffered ext4
@@ -270,7 +271,8 @@ static enum vu_blk_start uring_start(struct vu_blk_dev *b, struct vu_vq *vq, str
             return VU_BLK_DONE;
         mode = io_mode(b, r);   /* a miss, or NOWAIT just turned out unsupported */
     }
-    bool to_ring = mode == VU_BLK_IO_URING || (mode == VU_BLK_IO_NOWAIT && r->type == VU_BLK_T_IN);
+    bool to_ring = u && (mode == VU_BLK_IO_URING ||
+                         (mode == VU_BLK_IO_NOWAIT && r->type == VU_BLK_T_IN));
     if (to_ring && submit_async(b, u, r))
         return VU_BLK_TAKEN;
     /* Writes (tried without blocking there first, where the file system

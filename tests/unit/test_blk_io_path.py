@@ -4,6 +4,7 @@ the right bytes, and that a file system refusing RWF_NOWAIT for writes
 (ext4's buffered writes) takes it away from writes only."""
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -237,3 +238,47 @@ def test_o_direct_with_unaligned_buffers_is_bounced_not_failed(lab, tmp_path, fi
     s, d = request(lab, T.IN, 24, offset=36)
     assert serve(lab, dev, s)[0] == S.OK
     assert lab.read(d, 4096) == data
+
+
+@pytest.mark.parametrize("read_io,write_io", [(NOWAIT, NOWAIT), (URING, URING)])
+def test_a_queue_without_an_io_uring_ring_does_its_io_in_the_worker(tmp_path, read_io, write_io):
+    """io_uring on, but the queue gets no ring (a sandbox whose pool of rings
+    made before its filter is empty): every request is done in the worker.
+    A read that missed the page cache used to be handed to the missing ring.
+    In a child process: sealing the pool is for the whole process."""
+    script = f"""
+import os, sys
+sys.path[:0] = [{os.path.dirname(__file__)!r}]
+from test_blk_io_path import CAPACITY, FileDev, T, S, request, serve
+from pathlib import Path
+from vhostuser.native import lib
+from vhostuser_devkit.ringlab import Lab
+image = Path({str(tmp_path)!r}) / "sparse.img"
+with open(image, "wb") as f:
+    f.truncate(CAPACITY * 512)          # holes: never resident, reads miss the mapping
+dev = FileDev.__new__(FileDev)
+dev.fd = os.open(image, os.O_RDWR)
+dev.b = lib.vu_blk_new(lib.VU_BLK_BACKEND_FILE)
+lib.vu_blk_set_file(dev.b, dev.fd, False)
+assert lib.vu_blk_set_uring(dev.b, True) >= 0
+assert lib.vu_blk_set_io_path(dev.b, {read_io}, {write_io}) == 0
+dev.b.lim.capacity = CAPACITY
+dev.b.lim.writeback = True
+lib.vu_uring_pool_seal()                # no ring can be made from here on
+assert lib.vu_uring_pool_size() == 0
+lab = Lab(nqueues=1, size=64, prepare=lib.vu_blk_prepare_queue)
+s, _ = request(lab, T.OUT, 16, data=b"w" * 4096)
+assert serve(lab, dev, s)[0] == S.OK
+s, d = request(lab, T.IN, 16)
+assert serve(lab, dev, s)[0] == S.OK
+assert lab.read(d, 4096) == b"w" * 4096
+s, d = request(lab, T.IN, 64)
+assert serve(lab, dev, s)[0] == S.OK
+assert lab.read(d, 4096) == bytes(4096)
+lab.close()
+dev.close()
+print("served")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "served" in r.stdout, (r.returncode, r.stdout, r.stderr)
