@@ -271,8 +271,19 @@ int vu_blk_file_run_held(struct vu_blk_dev *b, struct vu_vq *vq, vu_blk_held_io_
      * first, while the held I/O runs. */
     if (u && u->queued)
         vu_uring_submit(u);
-    for (int i = 0; i < n; i++)
-        io(b, vq, held[i]);
+    for (int i = 0; i < n; i++) {
+        struct vu_blk_req *r = held[i];
+        if (vu_vq_orphaned(vq, r->elem)) {
+            /* A reset or disconnect gave up waiting for it (an earlier one
+             * blocked): its guest memory may be detached, private zeroes
+             * by now, which it must not write to the image. Completing it
+             * only releases it. */
+            r->result = VU_BLK_S_IOERR;
+            r->reason = VU_BLK_R_IO_FAILED;
+            continue;
+        }
+        io(b, vq, r);
+    }
     if (u && u->queued)
         vu_uring_submit(u);   /* held writes that missed */
     vu_dev_rdlock(vq->dev);

@@ -307,11 +307,37 @@ int vu_vq_remap(struct vu_vq *vq)
     return rc;
 }
 
+static bool ring_live(const struct vu_vq *vq)
+{
+    return vq->started && rings_mapped(vq);
+}
+
 void vu_vq_stop(struct vu_vq *vq)
 {
     pthread_mutex_lock(&vq->lock);
+    /* Completions pushed and not flushed yet (a worker may drop the device
+     * lock for I/O between its pushes and its flush) are published first:
+     * the index GET_VRING_BASE returns counts them as used, and a restart
+     * would write over them. */
+    bool published = ring_live(vq) && vq->pending_used;
+    if (published) {
+        if (vq->packed)
+            vu_packed_flush(vq);
+        else
+            vu_split_flush(vq);
+    }
     vq->started = false;
     pthread_mutex_unlock(&vq->lock);
+    if (published)
+        vu_vq_signal(vq);
+}
+
+bool vu_vq_orphaned(struct vu_vq *vq, const struct vu_elem *elem)
+{
+    pthread_mutex_lock(&vq->lock);
+    bool orphan = elem->orphan;
+    pthread_mutex_unlock(&vq->lock);
+    return orphan;
 }
 
 /* Defined by cffi (extern "Python+C"): writes the one log line a broken
@@ -616,11 +642,6 @@ int vu_vq_push_burst(struct vu_vq *vq, struct vu_elem *const *elems, const uint3
     if (destroy)
         vu_dev_destroy(vq->dev);
     return rc;
-}
-
-static bool ring_live(const struct vu_vq *vq)
-{
-    return vq->started && rings_mapped(vq);
 }
 
 void vu_vq_flush(struct vu_vq *vq)

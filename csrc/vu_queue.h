@@ -196,8 +196,11 @@ uint32_t vu_vq_get_base(struct vu_vq *vq);
  * reset, bring it back. */
 int vu_vq_start(struct vu_vq *vq);
 /* Stops taking chains; completions of those in flight are held until the
- * ring starts again. */
+ * ring starts again (those pushed already are published now). */
 void vu_vq_stop(struct vu_vq *vq);
+/* Whether elem became an orphan (a reset or the device's close gave up
+ * waiting for it): its guest memory may be detached by now. */
+bool vu_vq_orphaned(struct vu_vq *vq, const struct vu_elem *elem);
 /* Re-translates the ring addresses of a running ring after a memory table
  * change; breaks the ring if they no longer translate. */
 int vu_vq_remap(struct vu_vq *vq);

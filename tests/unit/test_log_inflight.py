@@ -197,3 +197,35 @@ def test_an_inflight_mapping_someone_else_exports_is_reported_not_leaked_silentl
     view.release()
     area.close_mapping()               # once the export is gone, it unmaps
     assert area._map.closed
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_stop_publishes_completions_pushed_and_not_yet_flushed(packed):
+    """A worker may drop the device lock for I/O between pushing a round's
+    completions and flushing them; a GET_VRING_BASE meanwhile counts them as
+    used, so the stop publishes them (and signals) instead of leaving them
+    for a restart to write over."""
+    lab = Lab(nqueues=1, packed=packed, size=16)
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        vq = lab.vq(0)
+        vq.call_fd = call
+        buf = lab.alloc(8)
+        if packed:
+            lab.add_packed_chain(0, [(buf, 8, True)], buf_id=3)
+        else:
+            lab.publish_split(0, [lab.add_split_chain(0, [(buf, 8, True)])])
+        rc, e = lab.pop(0)
+        assert rc == 1
+        assert lib.vu_vq_push(vq, e, 8) == 0
+        lib.vu_vq_stop(vq)
+        if packed:
+            flags = struct.unpack("<H", lab.read(lab.desc_gpa(0, 0) + 14, 2))[0]
+            assert flags & 0x8080 == 0x8080          # AVAIL == USED == wrap: used
+        else:
+            assert [h for h, _ in lab.used_split(0)] == [e.id]
+        assert os.eventfd_read(call) == 1
+    finally:
+        vq.call_fd = -1
+        os.close(call)
+        lab.close()
