@@ -73,16 +73,50 @@ static uint32_t elems_using(struct vu_dev *dev, const struct vu_mem *mem)
     return n;
 }
 
+/* What in-flight elements translated with `mem` read (queue locks held):
+ * the data a late write must still find once the mapping is detached.
+ * NULL with *n 0 when there is none, or no memory for the list (the pages
+ * are then zero, as they always were before). */
+static struct iovec *readable_buffers(struct vu_dev *dev, const struct vu_mem *mem, uint32_t *n)
+{
+    uint32_t total = 0;
+    *n = 0;
+    for (uint32_t q = 0; q < dev->nqueues; q++) {
+        struct vu_vq *vq = dev->vqs[q];
+        for (uint32_t i = 0; vq->inflight && i < vq->pool_size; i++) {
+            const struct vu_elem *e = &vq->elems[i];
+            if (e->in_flight && !e->held && e->mem == mem)
+                total += e->out_num;
+        }
+    }
+    struct iovec *keep = total ? malloc(total * sizeof(*keep)) : NULL;
+    if (!keep)
+        return NULL;
+    for (uint32_t q = 0; q < dev->nqueues; q++) {
+        struct vu_vq *vq = dev->vqs[q];
+        for (uint32_t i = 0; vq->inflight && i < vq->pool_size; i++) {
+            const struct vu_elem *e = &vq->elems[i];
+            if (e->in_flight && !e->held && e->mem == mem) {
+                memcpy(&keep[*n], e->iov, e->out_num * sizeof(*keep));
+                *n += e->out_num;
+            }
+        }
+    }
+    return keep;
+}
+
 void vu_dev_install_mem(struct vu_dev *dev, struct vu_mem *mem)
 {
     lock_queues(dev);
     struct vu_mem *old = dev->mem;
-    uint32_t users = old ? elems_using(dev, old) : 0;
+    uint32_t users = old ? elems_using(dev, old) : 0, nkeep = 0;
     if (users)
         __atomic_add_fetch(&old->pins, users, __ATOMIC_RELAXED);
+    struct iovec *keep = users ? readable_buffers(dev, old, &nkeep) : NULL;
     dev->mem = mem;
     unlock_queues(dev);
-    vu_mem_retire(old, mem);
+    vu_mem_retire(old, mem, keep, nkeep);
+    free(keep);
 }
 
 uint32_t vu_dev_inflight(struct vu_dev *dev)
@@ -151,15 +185,17 @@ uint32_t vu_dev_close(struct vu_dev *dev)
         }
     }
     struct vu_mem *old = dev->mem;
-    uint32_t users = old ? elems_using(dev, old) : 0;
+    uint32_t users = old ? elems_using(dev, old) : 0, nkeep = 0;
     if (users)
         __atomic_add_fetch(&old->pins, users, __ATOMIC_RELAXED);
+    struct iovec *keep = users ? readable_buffers(dev, old, &nkeep) : NULL;
     dev->mem = NULL;
     dev->closing = pending > 0;
     __atomic_store_n(&dev->close_pending, pending, __ATOMIC_RELEASE);
     unlock_queues(dev);
     vu_dev_unlock(dev);
-    vu_mem_retire(old, NULL);
+    vu_mem_retire(old, NULL, keep, nkeep);
+    free(keep);
     if (!pending)
         vu_dev_destroy(dev);
     return pending;

@@ -52,16 +52,46 @@ static struct vu_map *map_new(uint8_t *base, size_t len)
     return map;
 }
 
-/* Private zero pages over the guest's: whatever still points here keeps
- * working, and nothing reaches the front-end's memory through it any more.
- * MAP_FIXED replaces the old mapping atomically, so a concurrent access
- * sees either the guest's page or ours, never a hole. */
-static void map_detach(struct vu_map *map)
+/* Private pages over the guest's: whatever still points here keeps working,
+ * and nothing reaches the front-end's memory through it any more. They are
+ * zero but for the bytes of `keep` inside the mapping, copied from the
+ * guest's pages first: what requests in flight still read (a late write
+ * stores the guest's data, not zeroes). The new pages replace the old in
+ * one step (MAP_FIXED, or mremap of the filled copy), so a concurrent
+ * access sees either the guest's page or ours, never a hole. */
+static void map_detach(struct vu_map *map, const struct iovec *keep, uint32_t nkeep)
 {
     if (map->detached)
         return;
-    void *p = mmap(map->base, map->len, PROT_READ | PROT_WRITE,
-                   MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    uintptr_t lo = (uintptr_t)map->base, hi = lo + map->len;
+    uint8_t *copy = NULL;
+    for (uint32_t i = 0; i < nkeep; i++) {
+        uintptr_t start = (uintptr_t)keep[i].iov_base, end = start + keep[i].iov_len;
+        if (start < lo)
+            start = lo;
+        if (end > hi)
+            end = hi;
+        if (start >= end)
+            continue;
+        if (!copy) {
+            copy = mmap(NULL, map->len, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (copy == MAP_FAILED) {
+                copy = NULL;
+                break;   /* zeroes, as without anything to keep */
+            }
+        }
+        memcpy(copy + (start - lo), (const void *)start, end - start);
+    }
+    void *p;
+    if (copy) {
+        p = mremap(copy, map->len, map->len, MREMAP_MAYMOVE | MREMAP_FIXED, map->base);
+        if (p == MAP_FAILED)
+            munmap(copy, map->len);
+    } else {
+        p = mmap(map->base, map->len, PROT_READ | PROT_WRITE,
+                 MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    }
     if (p == MAP_FAILED) {
         /* Out of address-space bookkeeping: keep the pages rather than
          * leave a hole something could fault on. */
@@ -159,7 +189,8 @@ static bool table_has_map(const struct vu_mem *mem, const struct vu_map *map)
     return false;
 }
 
-void vu_mem_retire(struct vu_mem *old, const struct vu_mem *now)
+void vu_mem_retire(struct vu_mem *old, const struct vu_mem *now, const struct iovec *keep,
+                   uint32_t nkeep)
 {
     if (!old)
         return;
@@ -171,7 +202,7 @@ void vu_mem_retire(struct vu_mem *old, const struct vu_mem *now)
         if (table_has_map(now, map))
             continue;
         if (held || __atomic_load_n(&map->refs, __ATOMIC_ACQUIRE) > 1)
-            map_detach(map);
+            map_detach(map, keep, nkeep);
     }
     vu_mem_unpin(old);
 }

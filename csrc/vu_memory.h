@@ -7,9 +7,11 @@
  *   when it retires the table), or while someone pinned it.
  * - When a table is retired, its mappings that the new table does not share
  *   are *detached*: anonymous private memory replaces them at the same
- *   address. A late completion then writes into memory of our own, never
- *   into memory the front-end has taken back, and nothing faults. The
- *   address range is unmapped with the mapping's last reference.
+ *   address, holding a copy of what requests in flight read there. A late
+ *   completion then writes into memory of our own, never into memory the
+ *   front-end has taken back, a late write stores the guest's data, and
+ *   nothing faults. The address range is unmapped with the mapping's last
+ *   reference.
  */
 #ifndef VU_MEMORY_H
 #define VU_MEMORY_H
@@ -71,8 +73,11 @@ int vu_mem_add_region(struct vu_mem *mem, uint64_t gpa, uint64_t size,
 /* Drops a reference; removes the region with the last one. */
 int vu_mem_remove_region(struct vu_mem *mem, uint64_t gpa, uint64_t size);
 /* `old` is no longer installed (`now` is, possibly NULL): detaches its
- * mappings that `now` does not share, then drops the installed pin. */
-void vu_mem_retire(struct vu_mem *old, const struct vu_mem *now);
+ * mappings that `now` does not share, then drops the installed pin. The
+ * bytes of `keep` (what requests in flight still read) keep their contents
+ * in the private pages that replace the guest's. */
+void vu_mem_retire(struct vu_mem *old, const struct vu_mem *now, const struct iovec *keep,
+                   uint32_t nkeep);
 
 /* Mappings, for Python's views. */
 void vu_map_get(struct vu_map *map);

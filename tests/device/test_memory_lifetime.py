@@ -421,3 +421,66 @@ def test_a_batch_running_across_a_table_change_leaves_no_old_mapping_pinned(tmp_
     finally:
         device.close()
         mem.close()
+
+
+class WriteGateBackend(GateBackend):
+    """Writes of sector 0 wait for the gate, then store what their buffers
+    hold by then."""
+
+    async def write(self, offset, bufs):
+        if offset != 0:
+            GateBackend.write(self, offset, bufs)
+            return
+        self.loop = asyncio.get_running_loop()
+        self.gate = asyncio.Event()
+        self.arrived.set()
+        try:
+            await self.gate.wait()
+            GateBackend.write(self, offset, bufs)
+        finally:
+            self.finished.set()
+
+
+@pytest.mark.parametrize("scenario", ["other-table", "rem-mem-reg", "reset", "disconnect"])
+def test_a_late_write_stores_the_guests_data_after_its_memory_is_detached(tmp_path, scenario):
+    """A write still under way when the front-end takes its memory back (or
+    the session gives up on it) stores the data the guest gave it: the
+    private pages that replace the guest's hold a copy of what requests in
+    flight read, not zeroes, and what the guest puts in its pages afterwards
+    does not reach the write either."""
+    backend = WriteGateBackend()
+    device = BlkDevice(backend)
+    device.drain_timeout = 0.2
+    path = str(tmp_path / "gate.sock")
+    mem = GuestMemory([(0, 2 * MiB), (BUFS_GPA, MiB)], name="latewrite")
+    spare = GuestMemory([(64 * MiB, MiB)], name="spare")
+    try:
+        with BackgroundServer(device, path) as srv:
+            fe = Frontend.connect(path)
+            blk = BlkClient.setup(fe, memory=mem)
+            hdr = mem.alloc(OUTHDR.size, 16, region=1)
+            mem.write(hdr, OUTHDR.pack(BlkType.OUT, 0, 0))
+            data = mem.alloc(4096, 512, region=1)
+            mem.write(data, b"W" * 4096)
+            status = mem.alloc(1, 1, region=1)
+            mem.write(status, b"\xff")
+            blk.queues[0].add([Buffer(hdr, OUTHDR.size, False), Buffer(data, 4096, False),
+                               Buffer(status, 1, True)], "held")
+            blk.queues[0].notify()
+            assert backend.arrived.wait(10)
+            held_at = buffers_mapping(device)
+            change(scenario, fe, mem, spare)
+            memfd = f"/memfd:latewrite@{BUFS_GPA:#x} "
+            wait_for(lambda: memfd not in mapping_at(held_at), what="detach")
+            mem.write(data, b"G" * 4096)      # the guest's page, reused: not the write's
+            backend.open_gate()
+            assert backend.finished.wait(10)
+            assert bytes(backend.disk[:4096]) == b"W" * 4096
+            if scenario != "disconnect":
+                fe.close()
+            serves_a_new_front_end(path)
+            assert srv.error is None
+    finally:
+        device.close()
+        mem.close()
+        spare.close()
