@@ -72,6 +72,7 @@ class Session:
                                    adaptive_poll_us=device.adaptive_poll_us, name=conn.name)
         self.backend_channel: BackendConnection | None = None
         self._backend_lock = asyncio.Lock()
+        self._ending_io = threading.Lock()     # _end_io, from either thread
         self._loop = asyncio.get_running_loop()
         self.inflight: InflightArea | None = None
         self._handlers = {r: getattr(self, "_on_" + r.name.lower(), None) for r in Request}
@@ -119,8 +120,7 @@ class Session:
 
         def join() -> None:
             try:
-                self.dataplane.stop_workers()
-                self.device.quiesce()
+                self._end_io()
             finally:
                 with contextlib.suppress(RuntimeError):    # the loop is gone
                     loop.call_soon_threadsafe(_resolve, joined)
@@ -546,14 +546,21 @@ class Session:
             log.error("%s: back-end channel: %s", self.name, exc or type(exc).__name__)
 
     # -- teardown ----------------------------------------------------------------------
+    def _end_io(self) -> None:
+        """Joins the workers, then waits for the device's I/O still in
+        flight, before guest memory is unmapped. Any thread; a second caller
+        (close() after a cancelled join) waits for the first, so the two
+        never drain the device's io_uring rings at once."""
+        with self._ending_io:
+            self.dataplane.stop_workers()
+            self.device.quiesce()
+
     def close(self) -> None:
         """Tears the session down; every step runs even if one before it
         failed, so the device is always free for the next front-end."""
         self.closed = True
         try:
-            # Both done already, off the loop, unless the session was cancelled.
-            self.dataplane.stop_workers()
-            self.device.quiesce()      # before guest memory is unmapped
+            self._end_io()      # done already, off the loop, unless cancelled
             orphans = self.dataplane.close()
             if orphans:
                 log.warning("%s: %d requests still running at disconnect: their guest memory "
