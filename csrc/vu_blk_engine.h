@@ -84,9 +84,9 @@ typedef void (*vu_blk_held_io_fn)(struct vu_blk_dev *b, struct vu_vq *vq, struct
  * what u (the queue's io_uring, or NULL) has queued, runs io on each held
  * request and sends what that queued, takes the lock again and completes
  * them (or puts write-through writes in their group). Returns how many
- * completed. */
+ * completed; *sent (if not NULL): whether anything went to u. */
 int vu_blk_file_run_held(struct vu_blk_dev *b, struct vu_vq *vq, vu_blk_held_io_fn io,
-                         struct vu_uring *u);
+                         struct vu_uring *u, bool *sent);
 /* The file engines' prefetch: a read's source in the page cache's mapping. */
 void vu_blk_file_prefetch(const struct vu_blk_dev *b, const struct vu_blk_req *r);
 /* Full preadv/pwritev at off: retries short transfers and EINTR; 0 or -errno.

@@ -255,10 +255,12 @@ void vu_blk_file_hold(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req 
 }
 
 int vu_blk_file_run_held(struct vu_blk_dev *b, struct vu_vq *vq, vu_blk_held_io_fn io,
-                         struct vu_uring *u)
+                         struct vu_uring *u, bool *sent)
 {
     uint32_t q = vq->index % VU_BLK_MAX_QUEUES;
     int n = b->round_len[q];
+    if (sent)
+        *sent = false;
     if (!n && !(u && u->queued))
         return 0;
     b->round_len[q] = 0;
@@ -269,11 +271,12 @@ int vu_blk_file_run_held(struct vu_blk_dev *b, struct vu_vq *vq, vu_blk_held_io_
     /* io_uring_enter too: a kernel may wait in it for a frozen file
      * system's write protection. The round's misses go to the storage
      * first, while the held I/O runs. */
-    if (u && u->queued)
+    bool submitted = u && u->queued;
+    if (submitted)
         vu_uring_submit(u);
     for (int i = 0; i < n; i++) {
         struct vu_blk_req *r = held[i];
-        if (vu_vq_orphaned(vq, r->elem)) {
+        if (vu_vq_orphaned(r->elem)) {
             /* A reset or disconnect gave up waiting for it (an earlier one
              * blocked): its guest memory may be detached, private zeroes
              * by now, which it must not write to the image. Completing it
@@ -284,9 +287,13 @@ int vu_blk_file_run_held(struct vu_blk_dev *b, struct vu_vq *vq, vu_blk_held_io_
         }
         io(b, vq, r);
     }
-    if (u && u->queued)
+    if (u && u->queued) {
         vu_uring_submit(u);   /* held writes that missed */
+        submitted = true;
+    }
     vu_dev_rdlock(vq->dev);
+    if (sent)
+        *sent = submitted;
     int done = 0;
     uint64_t now = vu_now_ns();
     for (int i = 0; i < n; i++) {
@@ -337,7 +344,7 @@ static enum vu_blk_start file_start(struct vu_blk_dev *b, struct vu_vq *vq, stru
 /* The round's held I/O, then one fdatasync for its write-through writes. */
 static int file_end_round(struct vu_blk_dev *b, struct vu_vq *vq)
 {
-    int done = vu_blk_file_run_held(b, vq, file_held_io, NULL);
+    int done = vu_blk_file_run_held(b, vq, file_held_io, NULL, NULL);
     return done + vu_blk_stable_commit(b, vq, NULL);
 }
 

@@ -332,12 +332,11 @@ void vu_vq_stop(struct vu_vq *vq)
         vu_vq_signal(vq);
 }
 
-bool vu_vq_orphaned(struct vu_vq *vq, const struct vu_elem *elem)
+bool vu_vq_orphaned(const struct vu_elem *elem)
 {
-    pthread_mutex_lock(&vq->lock);
-    bool orphan = elem->orphan;
-    pthread_mutex_unlock(&vq->lock);
-    return orphan;
+    /* Without the queue lock (a held request's I/O asks it each time): an
+     * element in flight stops being an orphan only when it is released. */
+    return __atomic_load_n(&elem->orphan, __ATOMIC_ACQUIRE);
 }
 
 /* Defined by cffi (extern "Python+C"): writes the one log line a broken
@@ -408,7 +407,7 @@ static bool elem_release(struct vu_vq *vq, struct vu_elem *e)
 void vu_vq_orphan(struct vu_vq *vq, struct vu_elem *e)
 {
     if (e->in_flight && !e->orphan) {
-        e->orphan = 1;
+        __atomic_store_n(&e->orphan, 1, __ATOMIC_RELEASE);   /* vu_vq_orphaned reads it unlocked */
         vq->norphans++;
     }
 }

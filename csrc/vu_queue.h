@@ -200,7 +200,7 @@ int vu_vq_start(struct vu_vq *vq);
 void vu_vq_stop(struct vu_vq *vq);
 /* Whether elem became an orphan (a reset or the device's close gave up
  * waiting for it): its guest memory may be detached by now. */
-bool vu_vq_orphaned(struct vu_vq *vq, const struct vu_elem *elem);
+bool vu_vq_orphaned(const struct vu_elem *elem);
 /* Re-translates the ring addresses of a running ring after a memory table
  * change; breaks the ring if they no longer translate. */
 int vu_vq_remap(struct vu_vq *vq);
