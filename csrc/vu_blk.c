@@ -32,7 +32,14 @@ void vu_blk_quiesce(struct vu_blk_dev *b)
     /* Written but never synced: not stable, so not answered (the front-end
      * resubmits them if it tracks inflight requests). */
     for (uint32_t q = 0; q < VU_BLK_MAX_QUEUES; q++)
-        vu_blk_stable_drop(&b->group[q], false);
+        vu_blk_stable_drop(b, &b->group[q], false);
+}
+
+void vu_blk_drop(struct vu_blk_dev *b, struct vu_blk_req *r)
+{
+    /* The queue's worker, the only writer of started[], is stopped. */
+    b->started[r->queue % VU_BLK_MAX_QUEUES]--;
+    vu_vq_discard(r->elem->vq, r->elem);
 }
 
 void vu_blk_free(struct vu_blk_dev *b)

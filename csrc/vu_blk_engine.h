@@ -54,6 +54,10 @@ extern const struct vu_blk_engine vu_blk_python_engine;
 
 /* Completion (vu_blk.c) ----------------------------------------------------- */
 
+/* At disconnect, with the workers stopped: r is released unanswered (never
+ * stable, so never acknowledged) and no longer counted in flight. */
+void vu_blk_drop(struct vu_blk_dev *b, struct vu_blk_req *r);
+
 /* Writes status, counts the request and returns its chain. notify: from
  * outside q's worker (other statistics, flush and signal at once). now 0:
  * the caller records the latency. */
@@ -123,7 +127,7 @@ int vu_blk_stable_synced(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_g
 #define VU_BLK_TAG_GROUP 1u
 /* At disconnect: a group's requests in flight or waiting are dropped, not
  * answered (never stable, so never acknowledged). */
-void vu_blk_stable_drop(struct vu_blk_group *group, bool syncing);
+void vu_blk_stable_drop(struct vu_blk_dev *b, struct vu_blk_group *group, bool syncing);
 
 /* QoS (vu_blk_qos.c) ------------------------------------------------------------- */
 

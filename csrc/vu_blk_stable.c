@@ -106,7 +106,7 @@ int vu_blk_stable_synced(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_g
     return finish_group(b, vq, list, res >= 0, now);
 }
 
-void vu_blk_stable_drop(struct vu_blk_group *g, bool syncing)
+void vu_blk_stable_drop(struct vu_blk_dev *b, struct vu_blk_group *g, bool syncing)
 {
     struct vu_blk_req *list;
     if (syncing) {
@@ -120,6 +120,6 @@ void vu_blk_stable_drop(struct vu_blk_group *g, bool syncing)
     while (list) {
         struct vu_blk_req *r = list;
         list = r->next;
-        vu_vq_discard(r->elem->vq, r->elem);
+        vu_blk_drop(b, r);
     }
 }

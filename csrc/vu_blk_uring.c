@@ -324,21 +324,21 @@ const struct vu_blk_engine vu_blk_uring_engine = {
 
 static void drop_cqe(void *arg, struct io_uring_cqe *cqe)
 {
-    (void)arg;
+    struct vu_blk_dev *b = arg;
     if (cqe->user_data & VU_BLK_TAG_GROUP) {
         vu_blk_stable_drop(
-            (struct vu_blk_group *)(uintptr_t)(cqe->user_data & ~(uint64_t)VU_BLK_TAG_GROUP), true);
+            b, (struct vu_blk_group *)(uintptr_t)(cqe->user_data & ~(uint64_t)VU_BLK_TAG_GROUP),
+            true);
         return;
     }
-    struct vu_blk_req *r = (struct vu_blk_req *)(uintptr_t)cqe->user_data;
-    vu_vq_discard(r->elem->vq, r->elem);
+    vu_blk_drop(b, (struct vu_blk_req *)(uintptr_t)cqe->user_data);
 }
 
 void vu_blk_uring_quiesce(struct vu_blk_dev *b)
 {
     for (uint32_t q = 0; q < VU_BLK_MAX_QUEUES; q++) {
         if (b->rings[q]) {
-            vu_uring_drain(b->rings[q], drop_cqe, NULL);
+            vu_uring_drain(b->rings[q], drop_cqe, b);
             b->ring_worker[q] = NULL;   /* that worker and its epoll go away */
         }
     }

@@ -225,11 +225,13 @@ def test_a_reset_while_a_write_waits_for_a_frozen_file_system(workdir, freezable
             assert time.monotonic() - started < 10
             freezable_fs.thaw()
         # The orphans end by the session's end at the latest (one waiting
-        # for its group's sync in io_uring is dropped by the teardown).
+        # for its group's sync in io_uring is dropped by the teardown, and
+        # no longer counted in flight).
         deadline = time.monotonic() + 10
-        while daemon.call("stats", name="frozen")["connected"]:
+        while (stats := daemon.call("stats", name="frozen"))["connected"]:
             assert time.monotonic() < deadline, daemon.output()
             time.sleep(0.05)
+        assert stats["totals"]["inflight"] == 0, stats
         with open(image, "rb") as f:
             data = f.read(MIB)
         assert data[:4096] == b"x" * 4096
