@@ -35,7 +35,9 @@ struct vu_elem {
 };
 
 /* Device-side handler of a queue, run in the queue's worker thread with the
- * device lock held for reading. Returns one of these. */
+ * device lock held for reading. It may drop the lock around what can block
+ * (a back-end's I/O), and then asks vu_vq_serving() again before it takes
+ * more from the ring. Returns one of these. */
 enum { VU_HANDLED_NONE = 0, VU_HANDLED_SOME = 1, VU_HANDLED_MORE = 2 };
 typedef int (*vu_handler_fn)(void *ctx, struct vu_vq *vq);
 
