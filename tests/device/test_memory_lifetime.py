@@ -10,6 +10,7 @@ device and a second device go on serving, and the memory the front-end took
 back is detached while the request holds it and unmapped once it ends.
 """
 import asyncio
+import contextlib
 import gc
 import threading
 import time
@@ -115,6 +116,23 @@ def other_disk(tmp_path):
     device.close()
 
 
+@contextlib.contextmanager
+def gated_device(backend, tmp_path, name: str):
+    """A BlkDevice over ``backend`` with a short drain timeout, its socket
+    path, the guest memory the held requests use (rings in region 0, their
+    buffers in region 1) and a spare region; all closed after."""
+    device = BlkDevice(backend)
+    device.drain_timeout = 0.2
+    mem = GuestMemory([(0, 2 * MiB), (BUFS_GPA, MiB)], name=name)
+    spare = GuestMemory([(64 * MiB, MiB)], name="spare")
+    try:
+        yield device, str(tmp_path / "gate.sock"), mem, spare
+    finally:
+        device.close()
+        mem.close()
+        spare.close()
+
+
 def held_read(blk: BlkClient, mem: GuestMemory, sector: int = 0, token: str = "held",
               notify: bool = True) -> dict:
     """A read of `sector` whose every buffer lies in region 1."""
@@ -165,13 +183,8 @@ SCENARIOS = ["same-table", "other-table", "rem-mem-reg", "reset", "disconnect"]
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_held_request_survives_memory_change(tmp_path, other_disk, scenario, answer):
     backend = GateBackend()
-    device = BlkDevice(backend)
-    device.drain_timeout = 0.2
-    path = str(tmp_path / "gate.sock")
     detached_before = detached_mappings()
-    mem = GuestMemory([(0, 2 * MiB), (BUFS_GPA, MiB)], name="lifetime")
-    spare = GuestMemory([(64 * MiB, MiB)], name="spare")
-    try:
+    with gated_device(backend, tmp_path, "lifetime") as (device, path, mem, spare):
         with BackgroundServer(device, path) as srv:
             fe = Frontend.connect(path)
             blk = BlkClient.setup(fe, memory=mem)
@@ -245,10 +258,6 @@ def test_held_request_survives_memory_change(tmp_path, other_disk, scenario, ans
                 fe.close()
             serves_a_new_front_end(path)
             assert srv.error is None
-    finally:
-        device.close()
-        mem.close()
-        spare.close()
     # A request never answered was given up at exit: nothing it kept
     # mapped is left behind either.
     gc.collect()
@@ -322,12 +331,7 @@ def test_a_blocked_plain_method_holds_up_no_front_end_message(tmp_path, other_di
     lock the control plane takes). When the read returns, its answer goes
     where a late async one's goes, and the device serves on."""
     backend = BlockingGateBackend()
-    device = BlkDevice(backend)
-    device.drain_timeout = 0.2
-    path = str(tmp_path / "gate.sock")
-    mem = GuestMemory([(0, 2 * MiB), (BUFS_GPA, MiB)], name="blocked")
-    spare = GuestMemory([(64 * MiB, MiB)], name="spare")
-    try:
+    with gated_device(backend, tmp_path, "blocked") as (device, path, mem, spare):
         with BackgroundServer(device, path) as srv:
             fe = Frontend.connect(path)
             blk = BlkClient.setup(fe, memory=mem)
@@ -377,10 +381,6 @@ def test_a_blocked_plain_method_holds_up_no_front_end_message(tmp_path, other_di
             fe.close()
             serves_a_new_front_end(path)
             assert srv.error is None
-    finally:
-        device.close()
-        mem.close()
-        spare.close()
 
 
 def test_a_batch_running_across_a_table_change_leaves_no_old_mapping_pinned(tmp_path):
@@ -449,12 +449,7 @@ def test_a_late_write_stores_the_guests_data_after_its_memory_is_detached(tmp_pa
     flight read, not zeroes, and what the guest puts in its pages afterwards
     does not reach the write either."""
     backend = WriteGateBackend()
-    device = BlkDevice(backend)
-    device.drain_timeout = 0.2
-    path = str(tmp_path / "gate.sock")
-    mem = GuestMemory([(0, 2 * MiB), (BUFS_GPA, MiB)], name="latewrite")
-    spare = GuestMemory([(64 * MiB, MiB)], name="spare")
-    try:
+    with gated_device(backend, tmp_path, "latewrite") as (device, path, mem, spare):
         with BackgroundServer(device, path) as srv:
             fe = Frontend.connect(path)
             blk = BlkClient.setup(fe, memory=mem)
@@ -480,7 +475,3 @@ def test_a_late_write_stores_the_guests_data_after_its_memory_is_detached(tmp_pa
                 fe.close()
             serves_a_new_front_end(path)
             assert srv.error is None
-    finally:
-        device.close()
-        mem.close()
-        spare.close()
