@@ -278,9 +278,9 @@ int vu_blk_file_run_held(struct vu_blk_dev *b, struct vu_vq *vq, vu_blk_held_io_
         struct vu_blk_req *r = held[i];
         if (vu_vq_orphaned(r->elem)) {
             /* A reset or disconnect gave up waiting for it (an earlier one
-             * blocked): its guest memory may be detached, private zeroes
-             * by now, which it must not write to the image. Completing it
-             * only releases it. */
+             * blocked), and the front-end may resubmit it: started now, it
+             * could land after that, or after a newer write to the same
+             * blocks. Completing it only releases it. */
             r->result = VU_BLK_S_IOERR;
             r->reason = VU_BLK_R_IO_FAILED;
             continue;
