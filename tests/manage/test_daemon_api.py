@@ -28,7 +28,7 @@ def test_python_api_lifecycle(workdir):
             await d.add_blk("d0", os.path.join(workdir, "other.sock"), ramdisk="1M")
         with pytest.raises(errors.SocketInUse):
             await d.add_blk("d1", sock, ramdisk="1M")
-        assert d.resize("d0", "8M")["capacity_sectors"] == 8 * MIB // 512
+        assert (await d.resize("d0", "8M"))["capacity_sectors"] == 8 * MIB // 512
         assert d.set_qos("d0", QosLimits(iops=500))["qos"]["iops"] == 500
         assert d.set_read_only("d0", True)["read_only"] is True
         assert d.describe("d0")["device"]["read_only"] is True
@@ -109,7 +109,7 @@ def test_registered_blk_source_is_a_spec_key(workdir, zero_source):
         assert data == bytes(4096) and capacity == 4 * MIB // 512
         assert d.describe("z")["device"]["backend"] == "ZeroDisk"
         with pytest.raises(errors.NotSupported):
-            d.resize("z", "8M")                         # a Python back-end resizes itself
+            await d.resize("z", "8M")                   # a Python back-end resizes itself
         await d.close()
     run(main())
 

@@ -9,12 +9,14 @@ on serving. When the server wakes up (SIGCONT) nothing crashes either.
 import os
 import shutil
 import subprocess
+import threading
 import time
 
 import pytest
 
 from vhostuser.frontend import BackendClosed, BlkClient, Frontend, FrontendTimeout
-from vhostuser.frontend.blk import BlkRequest
+from vhostuser.frontend.blk import BlkError, BlkRequest
+from vhostuser.manage.client import ControlClient
 from vhostuser_devkit.daemon import DaemonProcess
 from vhostuser_devkit.nbd import NbdServer, require_tools
 
@@ -237,6 +239,58 @@ def test_a_reset_while_a_write_waits_for_a_frozen_file_system(workdir, freezable
         assert data[:4096] == b"x" * 4096
         assert data[32768:32768 + 4096] == b"p" * 4096
         io_works(daemon.path("f.sock"))
+    finally:
+        freezable_fs.thaw()
+        rc = daemon.terminate()
+    exited_cleanly(daemon, rc)
+
+
+@pytest.mark.parametrize("new_size", [8 * MIB, 32 * MIB], ids=["shrink", "grow"])
+def test_resize_of_a_disk_whose_file_system_froze(workdir, freezable_fs, new_size):
+    """`vhostuser-ctl resize` of a disk whose file system froze: the image's
+    ftruncate waits for the thaw, and only that resize waits. Meanwhile the
+    control socket, the daemon's other export and the disk's own front-end
+    (reads of cached data) are served; a shrink is in force for new requests
+    at once. After the thaw the image has the new size and the disk says so.
+    (The ftruncate used to run on the event loop with the device lock held:
+    the whole daemon stopped until the thaw.)"""
+    image = os.path.join(freezable_fs.mnt, "disk.img")
+    with open(image, "wb") as f:
+        f.write(b"p" * (16 * MIB))
+    daemon = DaemonProcess(workdir, allow_dirs=(freezable_fs.mnt,))
+    try:
+        daemon.call("add", type="blk", name="frozen", socket=daemon.path("f.sock"),
+                    blk_file=image)
+        daemon.call("add", type="blk", name="ok", socket=daemon.path("o.sock"), ramdisk="4M")
+        with Frontend.connect(daemon.path("f.sock"), timeout=10) as fe:
+            blk = BlkClient.setup(fe)
+            assert blk.read(0, 4096) == b"p" * 4096
+            freezable_fs.freeze()
+            answers = []
+            resize = threading.Thread(target=lambda: answers.append(
+                daemon.ctl("resize", "frozen", str(new_size), check=False)))
+            resize.start()
+            time.sleep(1.0)                     # it is inside ftruncate, waiting
+            assert resize.is_alive() and freezable_fs.frozen, answers
+            with ControlClient(daemon.control, timeout=5) as c:
+                described = c.call("describe", {"name": "frozen"})["device"]
+                assert {e["name"] for e in c.call("list")} == {"frozen", "ok"}
+            io_works(daemon.path("o.sock"))
+            assert blk.read(0, 4096) == b"p" * 4096
+            if new_size < 16 * MIB:
+                assert described["capacity_sectors"] == new_size // 512, described
+                with pytest.raises(BlkError):
+                    blk.read(new_size // 512, 4096)
+            else:
+                assert described["capacity_sectors"] == 16 * MIB // 512, described
+            freezable_fs.thaw()
+            resize.join(30)
+            assert not resize.is_alive()
+            assert answers[0].returncode == 0, answers[0].stderr
+            assert os.path.getsize(image) == new_size
+            assert daemon.call("describe", name="frozen")["device"]["capacity_sectors"] \
+                == new_size // 512
+            assert blk.read(0, 4096) == b"p" * 4096
     finally:
         freezable_fs.thaw()
         rc = daemon.terminate()

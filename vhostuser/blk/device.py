@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import operator
@@ -122,6 +123,7 @@ class BlkDevice(Device):
         self._late = 0
         self._late_lock = threading.Lock()   # counted in workers, uncounted on the loop
         self._closing = False
+        self._resizing = asyncio.Lock()      # aresize(): one ftruncate at a time
         # Failed requests come at request rate when a store is down: logged
         # rate-limited, with per-queue counts of the lines held back.
         self._log = LogLimiter(log)
@@ -264,12 +266,11 @@ class BlkDevice(Device):
 
     def resize(self, size_bytes: int | None = None) -> bool:
         """Grows or shrinks the disk (None: re-read the back-end's size) and
-        tells the guest. Returns whether the guest was told."""
+        tells the guest. Returns whether the guest was told. An image
+        file's ftruncate runs in the caller: on an event loop, use
+        :meth:`aresize`."""
         if size_bytes is not None:
-            if size_bytes <= 0 or size_bytes % SECTOR:
-                raise ValueError(f"size {size_bytes} is not a positive multiple of {SECTOR}")
-            if not isinstance(self.backend, (FileBackend, RamBackend)):
-                raise ValueError("a Python back-end resizes itself, then calls resize()")
+            self._check_new_size(size_bytes)
 
         def apply() -> None:
             if isinstance(self.backend, FileBackend) and size_bytes is not None:
@@ -280,13 +281,49 @@ class BlkDevice(Device):
                 self.backend.size_bytes = size_bytes
             self._refresh_capacity()
 
-        session = self.session
-        if session is not None:
-            with session.dataplane.locked():
-                apply()
-        else:
+        with self._no_worker_checking():
             apply()
         return self.notify_config_change()
+
+    async def aresize(self, size_bytes: int) -> bool:
+        """resize(size_bytes) for the event loop. An image file's ftruncate,
+        which a file system that stopped answering (frozen, a dying disk)
+        holds for as long as it likes, runs in a thread without the device
+        lock: only this call waits for it, not the loop nor the guest's
+        other requests. A shrink is in force for new requests before the
+        file shrinks, a growth once the file grew."""
+        self._check_new_size(size_bytes)
+        if not isinstance(self.backend, FileBackend):
+            return self.resize(size_bytes)
+        async with self._resizing:
+            if size_bytes < self.capacity * SECTOR:
+                with self._no_worker_checking():
+                    self._blk.lim.capacity = self.config.capacity = size_bytes // SECTOR
+            # Its own fd: close() may close the back-end's meanwhile, and
+            # the number be reused for another file.
+            fd = os.dup(self.backend.fd)
+            try:
+                await asyncio.to_thread(os.ftruncate, fd, size_bytes)
+            finally:
+                os.close(fd)
+                if not self._closing:
+                    # Whatever ftruncate did (it may have failed), the size
+                    # the file has now is the disk's.
+                    with self._no_worker_checking():
+                        self._refresh_capacity()
+            return self.notify_config_change()
+
+    def _check_new_size(self, size_bytes: int) -> None:
+        if size_bytes <= 0 or size_bytes % SECTOR:
+            raise ValueError(f"size {size_bytes} is not a positive multiple of {SECTOR}")
+        if not isinstance(self.backend, (FileBackend, RamBackend)):
+            raise ValueError("a Python back-end resizes itself, then calls resize()")
+
+    def _no_worker_checking(self):
+        """The device lock while a front-end is there: no worker is taking
+        requests from a ring or checking them against the size."""
+        session = self.session
+        return session.dataplane.locked() if session is not None else contextlib.nullcontext()
 
     def stats(self) -> dict[str, int]:
         """The counters of :meth:`metrics` summed over the queues."""

@@ -3,14 +3,15 @@ devices, each on its own vhost-user socket) in one asyncio event loop,
 added, changed and removed while the others keep serving.
 
 Every method runs on the daemon's event loop; lifecycle changes (add,
-remove, stop, start, close) are coroutines, the rest are plain calls. Each
-checks all of its arguments before it changes anything, and refuses with a
+remove, stop, start, close) and resize are coroutines, the rest are plain
+calls. Each checks all of its arguments before it changes anything, and
+refuses with a
 :class:`~vhostuser.manage.errors.ManageError` subclass::
 
     daemon = Daemon()
     await daemon.add({"type": "blk", "name": "disk0", "socket_path": "/run/vm1/disk0.sock",
                       "blk_file": "/var/lib/images/vm1.img", "queues": 2})
-    daemon.resize("disk0", 20 << 30)
+    await daemon.resize("disk0", 20 << 30)
     await daemon.remove("disk0")
 """
 from __future__ import annotations
@@ -162,13 +163,15 @@ class Daemon:
             await deferred_closes()
 
     # -- changes to a running export ------------------------------------------------------
-    def resize(self, name: Any, size: Any) -> dict:
+    async def resize(self, name: Any, size: Any) -> dict:
         """New disk size in bytes (or "20G"); the connected guest is told
-        over the back-end channel."""
+        over the back-end channel. An image file's ftruncate runs in a
+        thread (a file system that stopped answering holds up this resize
+        only)."""
         export, device = self._blk(name, "resize")
         size_bytes = checks.as_size(size, "size", multiple=512)
         try:
-            told = device.resize(size_bytes)
+            told = await device.aresize(size_bytes)
         except ValueError as exc:
             raise NotSupported(f"resize {export.name}: {exc}") from None
         except OSError as exc:
