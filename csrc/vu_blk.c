@@ -18,6 +18,8 @@ struct vu_blk_dev *vu_blk_new(int backend)
         return NULL;
     b->backend = backend;
     b->fd = -1;
+    for (uint32_t q = 0; q <= VU_BLK_MAX_QUEUES; q++)
+        b->sync_fd[q] = -1;
     b->punch_hole = true;
     pthread_mutex_init(&b->async_lock, NULL);
     vu_qos_init(&b->qos);
@@ -97,7 +99,7 @@ void vu_blk_execute(struct vu_blk_dev *b, struct vu_blk_req *r)
         return;
     case VU_BLK_BACKEND_FILE:
         vu_blk_file_io(b, r, true);
-        if (r->result == VU_BLK_S_OK && vu_blk_needs_stable(b, r) && fdatasync(b->fd) < 0) {
+        if (r->result == VU_BLK_S_OK && vu_blk_needs_stable(b, r) && vu_blk_sync(b, r->queue)) {
             r->result = VU_BLK_S_IOERR;
             r->reason = VU_BLK_R_IO_FAILED;
         }

@@ -42,6 +42,13 @@ struct vu_blk_dev {
     int backend;
     int fd;                 /* FILE */
     bool direct;            /* FILE opened O_DIRECT: bounce unaligned buffers */
+    /* FILE: the open file of the image each queue syncs through (-1: fd);
+     * [VU_BLK_MAX_QUEUES] is the control plane's. The kernel reports a
+     * failed writeback once per open file, then calls the pages clean: two
+     * queues syncing one open file would see it once between them, and the
+     * other would call the lost data stable. Borrowed, like fd. */
+    int sync_fd[VU_BLK_MAX_QUEUES + 1];
+    int sync_error;         /* FILE: errno of the first failed sync, 0: none (atomic) */
     bool punch_hole;        /* FILE: fallocate punch-hole works here */
     bool secure_erase;      /* FILE on a block device that does BLKSECDISCARD */
     struct vu_filemap map;  /* FILE (not O_DIRECT): reads copy from the page cache */
@@ -86,6 +93,15 @@ int vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct);
  * regular file: overwriting it erases nothing on an SSD or a copy-on-write
  * file system. */
 bool vu_blk_can_secure_erase(struct vu_blk_dev *b);
+/* FILE back-end: the open file of the image (borrowed) that the syncs of
+ * queue `slot` go through; slot VU_BLK_MAX_QUEUES is the control plane's. */
+void vu_blk_set_sync_fd(struct vu_blk_dev *b, uint32_t slot, int fd);
+/* FILE back-end: one fdatasync of the image through slot's open file.
+ * Returns 0, or -errno: of this sync, or of the device's first failed sync
+ * (after which none succeeds: see vu_blk_stable.c). */
+int vu_blk_sync(struct vu_blk_dev *b, uint32_t slot);
+/* errno of the device's first failed sync; 0 if none failed. */
+int vu_blk_sync_error(struct vu_blk_dev *b);
 /* FILE back-end: asynchronous I/O through io_uring (false: in the worker),
  * with the default I/O path for where the file lives (see vu_blk_uring.c,
  * "Choosing the I/O path"). Returns 0; 1 when the file is in memory (tmpfs,

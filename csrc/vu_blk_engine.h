@@ -107,6 +107,12 @@ void vu_blk_uring_close(struct vu_blk_dev *b);
 
 /* Write-through group commit (vu_blk_stable.c) ---------------------------------- */
 
+/* The open file queue (or control slot) `slot` syncs through. */
+int vu_blk_sync_fd(const struct vu_blk_dev *b, uint32_t slot);
+/* The outcome of a sync that returned res (0 or -errno) as the guest must
+ * see it: a failure is kept, and fails every later sync of the device. */
+int vu_blk_sync_outcome(struct vu_blk_dev *b, int res);
+
 /* Whether r, its I/O done, must wait for a sync before it completes; if so
  * it joins queue q's group and true is returned. */
 bool vu_blk_stable_hold(struct vu_blk_dev *b, uint32_t q, struct vu_blk_req *r);

@@ -195,8 +195,7 @@ void vu_blk_file_io(struct vu_blk_dev *b, struct vu_blk_req *r, bool via_map)
             vu_filemap_written(&b->map, off, r->data_len);
         break;
     case VU_BLK_T_FLUSH:
-        if (fdatasync(b->fd) < 0)
-            rc = -errno;
+        rc = vu_blk_sync(b, r->queue);
         break;
     case VU_BLK_T_DISCARD:
     case VU_BLK_T_WRITE_ZEROES:

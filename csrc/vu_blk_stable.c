@@ -11,7 +11,55 @@
 #include "vu_blk_engine.h"
 #include "vu_dev.h"
 
+#include <errno.h>
 #include <unistd.h>
+
+/* Syncs that fail ------------------------------------------------------------------
+ *
+ * When the kernel fails to write back a page it reports the error to the
+ * next fsync of each open file once, and calls the page clean: a later
+ * fdatasync returns 0 over data that never reached the storage. So the
+ * first failure is kept, and every later sync of the device fails with it
+ * (as QEMU's file-posix does once a flush failed), without syncing: what
+ * was acknowledged before it is not known to be stable, and no sync can
+ * make it so. Each queue syncs through an open file of its own (sync_fd),
+ * so a failure one queue's sync takes is reported to another's running at
+ * the same time too, not only to the next one. */
+void vu_blk_set_sync_fd(struct vu_blk_dev *b, uint32_t slot, int fd)
+{
+    if (slot <= VU_BLK_MAX_QUEUES)
+        b->sync_fd[slot] = fd;
+}
+
+int vu_blk_sync_fd(const struct vu_blk_dev *b, uint32_t slot)
+{
+    int fd = slot <= VU_BLK_MAX_QUEUES ? b->sync_fd[slot] : -1;
+    return fd >= 0 ? fd : b->fd;
+}
+
+int vu_blk_sync_error(struct vu_blk_dev *b)
+{
+    return __atomic_load_n(&b->sync_error, __ATOMIC_ACQUIRE);
+}
+
+int vu_blk_sync_outcome(struct vu_blk_dev *b, int res)
+{
+    if (res < 0) {
+        int none = 0;
+        __atomic_compare_exchange_n(&b->sync_error, &none, -res, false, __ATOMIC_ACQ_REL,
+                                    __ATOMIC_ACQUIRE);
+    }
+    int failed = vu_blk_sync_error(b);
+    return failed ? -failed : 0;
+}
+
+int vu_blk_sync(struct vu_blk_dev *b, uint32_t slot)
+{
+    int failed = vu_blk_sync_error(b);
+    if (failed)
+        return -failed;
+    return vu_blk_sync_outcome(b, fdatasync(vu_blk_sync_fd(b, slot)) < 0 ? -errno : 0);
+}
 
 /* A request that changes data and, in write-through mode, must be stable
  * before it completes (discard is a hint: dropping it is allowed). The mode
@@ -77,17 +125,23 @@ int vu_blk_stable_commit(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_uring
         /* At the round's end, without the device lock: a sync may wait for
          * storage that never answers (vu_blk_file.c). */
         vu_dev_unlock(vq->dev);
-        bool synced = fdatasync(b->fd) == 0;
+        bool synced = vu_blk_sync(b, vq->index) == 0;
         vu_dev_rdlock(vq->dev);
         st->stable_syncs++;
         return finish_group(b, vq, list, synced, vu_now_ns());
+    }
+    if (vu_blk_sync_error(b)) {
+        /* No sync can make them stable now. */
+        struct vu_blk_req *list = g->waiting;
+        g->waiting = NULL;
+        return finish_group(b, vq, list, false, vu_now_ns());
     }
     if (u->pending + u->queued + 1 > u->entries)
         return 0;       /* ring full: the next completion makes room and comes back here */
     struct io_uring_sqe *sqe = vu_uring_sqe(u);
     sqe->opcode = IORING_OP_FSYNC;
     sqe->fsync_flags = IORING_FSYNC_DATASYNC;
-    sqe->fd = b->fd;
+    sqe->fd = vu_blk_sync_fd(b, vq->index);
     sqe->user_data = (uint64_t)(uintptr_t)g | VU_BLK_TAG_GROUP;
     g->syncing = g->waiting;
     g->waiting = NULL;
@@ -103,7 +157,7 @@ int vu_blk_stable_synced(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_g
     struct vu_blk_req *list = g->syncing;
     g->syncing = NULL;
     g->sync_inflight = false;
-    return finish_group(b, vq, list, res >= 0, now);
+    return finish_group(b, vq, list, vu_blk_sync_outcome(b, res < 0 ? res : 0) == 0, now);
 }
 
 void vu_blk_stable_drop(struct vu_blk_dev *b, struct vu_blk_group *g, bool syncing)

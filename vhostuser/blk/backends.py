@@ -35,6 +35,8 @@ class FileBackend:
     read_only: bool = False
     direct: bool = False
     fd: int = field(default=-1, init=False)
+    #: more open files of the image, for syncs (see open_sync_files)
+    sync_fds: list[int] = field(default_factory=list, init=False)
 
     def open(self) -> None:
         flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
@@ -55,7 +57,28 @@ class FileBackend:
     def size(self) -> int:
         return os.lseek(self.fd, 0, os.SEEK_END)
 
+    def open_sync_files(self, count: int) -> list[int]:
+        """``count`` more open files of the image, for syncs only: the
+        kernel reports a failed writeback once per open file, so each
+        syncing thread needs its own to be told (csrc/vu_blk_stable.c).
+        Opened by path, and checked to be the same file as ``fd``."""
+        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
+        want = os.fstat(self.fd)
+        try:
+            while len(self.sync_fds) < count:
+                fd = sandbox_access.open_image(self.path, flags)
+                self.sync_fds.append(fd)
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+                    raise BackendError(f"{self.path}: replaced by another file while opened")
+        except OSError as exc:
+            raise BackendError(f"{self.path}: opening it again to sync: {exc.strerror}") from None
+        return self.sync_fds[:count]
+
     def close(self) -> None:
+        for fd in self.sync_fds:
+            os.close(fd)
+        self.sync_fds.clear()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

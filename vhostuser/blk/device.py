@@ -60,13 +60,21 @@ class BlkDevice(Device):
     def __init__(self, backend: FileBackend | RamBackend | BlockBackend, *, num_queues: int = 1,
                  serial: str = "", read_only: bool | None = None, poll_us: int = 0,
                  aio: str = "io_uring"):
+        if num_queues > lib.VU_BLK_MAX_QUEUES:
+            raise ValueError(f"a blk device has at most {lib.VU_BLK_MAX_QUEUES} queues, "
+                             f"not {num_queues}")
         super().__init__(num_queues, poll_us=poll_us)
         self.backend = backend
         self.read_only = backend.read_only if read_only is None else read_only
+        sync_fds: list[int] = []
         if isinstance(backend, FileBackend):
             kind = lib.VU_BLK_BACKEND_FILE
             if backend.fd < 0:
                 backend.open()
+            if not backend.read_only:
+                # Each queue's syncs, and the control plane's, through an
+                # open file of their own: each is told of a failed writeback.
+                sync_fds = backend.open_sync_files(num_queues + 1)
         elif isinstance(backend, RamBackend):
             kind = lib.VU_BLK_BACKEND_RAM
         elif isinstance(backend, BlockBackend):
@@ -91,6 +99,9 @@ class BlkDevice(Device):
                             backend.path, os.strerror(-mapped))
             # memcpy from a mapping of its page cache (tmpfs, local disk file systems)
             self.mapped_reads = mapped == 1
+            for slot, fd in enumerate(sync_fds):
+                lib.vu_blk_set_sync_fd(self._blk, slot if slot < num_queues
+                                       else lib.VU_BLK_MAX_QUEUES, fd)
             if aio == "io_uring":
                 # Many requests in flight per queue; without io_uring (old
                 # kernel, seccomp) the workers do the I/O themselves.
@@ -216,11 +227,10 @@ class BlkDevice(Device):
         after the switch, before the reply, makes it stable before the
         driver can see it."""
         if self._kind == lib.VU_BLK_BACKEND_FILE and self._blk.fd >= 0:
-            try:
-                os.fdatasync(self._blk.fd)
-            except OSError as exc:
+            rc = lib.vu_blk_sync(self._blk, lib.VU_BLK_MAX_QUEUES)
+            if rc < 0:
                 raise ProtocolError(Request.SET_CONFIG,
-                                    f"sync before write-through failed: {exc}") from exc
+                                    f"sync before write-through failed: {os.strerror(-rc)}")
 
     def on_features(self, features: int) -> None:
         lim = self._blk.lim
@@ -263,6 +273,15 @@ class BlkDevice(Device):
     def capacity(self) -> int:
         """Disk size in 512-byte sectors."""
         return self._blk.lim.capacity
+
+    @property
+    def sync_error(self) -> int:
+        """errno of the image's first failed sync, 0 if none failed. After
+        one, every FLUSH and write-through write fails: the kernel reports
+        a lost write once, and nothing written before it is known stable."""
+        if self._kind != lib.VU_BLK_BACKEND_FILE or self._blk == ffi.NULL:
+            return 0
+        return lib.vu_blk_sync_error(self._blk)
 
     def resize(self, size_bytes: int | None = None) -> bool:
         """Grows or shrinks the disk (None: re-read the back-end's size) and

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             device = BlkDevice(backend, num_queues=args.queues, serial=args.serial,
                                read_only=args.read_only or None, poll_us=args.poll_us,
                                aio=args.aio or "io_uring")
-        except (BackendError, OSError) as exc:
+        except (BackendError, OSError, ValueError) as exc:
             raise common.UsageError(str(exc)) from None
         try:
             device.set_qos(QosLimits(iops=args.iops, bps=args.bps,

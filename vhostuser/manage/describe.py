@@ -7,6 +7,7 @@ tears down sessions, so a session seen here is not freed halfway through.
 from __future__ import annotations
 
 import enum
+import os
 
 from ..blk import BlkDevice, BlkFeature, FileBackend, RamBackend
 from ..blk.device import LATENCY_BOUNDS_US
@@ -97,6 +98,7 @@ def device_settings(device: Device) -> dict:
             "read_only": device.read_only, "queues": device.num_queues,
             "qos": device.qos.as_dict(), "aio": device.aio,
             "aio_requested": device.aio_requested, "aio_note": device.aio_note,
+            "sync_error": os.strerror(device.sync_error) if device.sync_error else None,
             "backend": ("file" if isinstance(backend, FileBackend)
                         else "ramdisk" if isinstance(backend, RamBackend)
                         else type(backend).__name__),
