@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define VHOST_F_LOG_ALL 26
@@ -219,6 +220,12 @@ int vu_dev_set_log(struct vu_dev *dev, int fd, uint64_t size, uint64_t offset)
 {
     if (size == 0 || size > (1ULL << 40) || offset + size < offset)
         return -VU_ERR_INVAL;
+    /* A log past the end of its file is SIGBUS on the first dirty page. */
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return -VU_ERR_INVAL;
+    if (S_ISREG(st.st_mode) && offset + size > (uint64_t)st.st_size)
+        return -VU_ERR_REGION_BEYOND_FD;
     long page = sysconf(_SC_PAGESIZE);
     uint64_t slack = offset % (uint64_t)page;
     size_t len = (size_t)(size + slack);

@@ -72,6 +72,14 @@ def vu_py_batch(ctx, vq, elems, n):
     return 0
 
 
+def _nonblocking(fd: int | None) -> None:
+    """The front-end's eventfds are read and written on the event loop and
+    in workers holding the device lock: a full counter (write) or a kick the
+    front-end read back itself (read) must not block there."""
+    if fd is not None:
+        os.set_blocking(fd, False)
+
+
 class DataPlane:
     """C device (``struct vu_dev``), its queues and the worker threads."""
 
@@ -91,6 +99,8 @@ class DataPlane:
         self._call = [None] * num_queues
         self._err = [None] * num_queues
         self._log_fd: int | None = None
+        self._inflight_queue_size = 0
+        self._inflight_rings: set[int] = set()   # rings pointed into the inflight area
         self._handles: list[object] = []   # keeps cffi handles alive
         self._workers = []
         self._stopping = threading.Lock()
@@ -208,6 +218,7 @@ class DataPlane:
 
     def set_kick(self, index: int, fd: int | None) -> None:
         """fd None: the front-end asked us to poll the ring (no kick fd)."""
+        _nonblocking(fd)
         vq = self._dev.vqs[index]
         with self.locked():
             rc = lib.vu_worker_set_kick(self._worker_of(index), vq,
@@ -221,6 +232,7 @@ class DataPlane:
         """SET_VRING_CALL. The new fd is signalled once: a completion the
         driver was never told about (a back-end that died between publishing
         it and signalling) would otherwise hang it forever."""
+        _nonblocking(fd)
         vq = self._dev.vqs[index]
         with self.locked():
             vq.call_fd = -1 if fd is None else fd
@@ -231,6 +243,7 @@ class DataPlane:
             lib.vu_vq_signal(vq)
 
     def set_err(self, index: int, fd: int | None) -> None:
+        _nonblocking(fd)
         with self.locked():
             self._dev.vqs[index].err_fd = -1 if fd is None else fd
         old, self._err[index] = self._err[index], fd
@@ -263,10 +276,16 @@ class DataPlane:
         """Points each ring at its region of the inflight area (stopped rings
         only: a started one keeps what it has)."""
         with self.locked():
-            for i in range(min(area.num_queues, len(self.queues))):
+            running = [q.index for q in self.queues if q.started]
+            if running:
+                raise ValueError(f"inflight area while rings {running} run")
+            for i in range(len(self.queues)):
                 ptr = area.queue_region(i)
-                if ptr is not None:
-                    check(lib.vu_vq_set_inflight(self._dev.vqs[i], ptr), f"ring {i}: inflight")
+                check(lib.vu_vq_set_inflight(self._dev.vqs[i], ffi.NULL if ptr is None else ptr),
+                      f"ring {i}: inflight")
+            self._inflight_queue_size = area.queue_size
+            self._inflight_rings = {i for i in range(len(self.queues))
+                                    if area.queue_region(i) is not None}
 
     def start_queue(self, index: int, *, enable: bool | None = None) -> None:
         """Starts the ring (SET_VRING_KICK). A ring whose addresses don't
@@ -276,6 +295,11 @@ class DataPlane:
         vq = self._dev.vqs[index]
         with self.locked():
             if not vq.started:
+                if index in self._inflight_rings and vq.size > self._inflight_queue_size:
+                    log.warning("ring %d: %d entries, its inflight region has room for %d; "
+                                "not tracked", index, vq.size, self._inflight_queue_size)
+                    lib.vu_vq_set_inflight(vq, ffi.NULL)
+                    self._inflight_rings.discard(index)
                 rc = lib.vu_vq_start(vq)
                 if rc in (-lib.VU_ERR_RING_UNMAPPED, -lib.VU_ERR_BAD_BASE):
                     lib.vu_vq_break(vq, -rc, vq.desc_addr)
@@ -315,7 +339,8 @@ class DataPlane:
         orphans (their completion publishes nothing)."""
         self.stop_queue(index)
         with self.locked():
-            lib.vu_vq_reset(self._dev.vqs[index])
+            lib.vu_vq_reset(self._dev.vqs[index])      # forgets its inflight region too
+            self._inflight_rings.discard(index)
 
     def orphan_requests(self) -> int:
         """Every request still in flight becomes an orphan, and guest memory
@@ -349,6 +374,7 @@ class DataPlane:
             os.close(fd)
 
     def set_log_call(self, fd: int | None) -> None:
+        _nonblocking(fd)
         with self.locked():
             self._dev.log_call_fd = -1 if fd is None else fd
         old, self._log_fd = self._log_fd, fd

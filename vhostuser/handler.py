@@ -471,7 +471,12 @@ class Session:
         self.device.set_mtu(self._u64(msg))
 
     async def _on_set_backend_req_fd(self, msg):
-        sock = socket.socket(fileno=msg.take_fd())
+        fd = msg.take_fd()
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            raise
         if sock.family != socket.AF_UNIX:
             sock.close()
             raise ProtocolError(msg.request, "back-end channel is not a unix socket")
@@ -504,12 +509,18 @@ class Session:
             log.warning("%s: inflight area not used: %s; requests in flight at a crash "
                         "will not be resubmitted", self.name, exc)
             return
+        try:
+            # Every ring now points into the new area or nowhere, or (a ring
+            # running) nothing changed: only then may the old one go.
+            self.dataplane.set_inflight(area)
+        except BaseException:
+            area.close_mapping()
+            raise
         if self.inflight is not None:
-            self.inflight.close()
+            self.inflight.close_mapping()
         self.inflight = area
         log.info("%s: inflight area of %d bytes for %d queues of %d", self.name, size,
                  num_queues, queue_size)
-        self.dataplane.set_inflight(area)
 
     # -- back-end channel -----------------------------------------------------------
     def notify_config_change(self) -> bool:

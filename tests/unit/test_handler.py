@@ -4,6 +4,7 @@ where negotiated, otherwise the connection is closed; the process and other
 connections keep serving, and every fd we sent but the back-end did not keep
 is closed."""
 import array
+import mmap
 import os
 import socket
 import struct
@@ -13,6 +14,8 @@ import pytest
 
 from vhostuser import protocol
 from vhostuser.device import EchoDevice
+from vhostuser.inflight import queue_region_size
+from vhostuser.native import ffi
 from vhostuser.protocol import Feature, ProtocolFeature, Request, bit, bits
 from vhostuser.testing.server import BackgroundServer
 
@@ -327,3 +330,144 @@ def test_unusable_inflight_area_is_ignored_not_fatal(client):
     finally:
         os.close(fd)
     assert client.call_u64(R.GET_QUEUE_NUM) == 2
+
+
+# -- fds and areas a front-end hands over that can't be trusted ----------------------
+# (each of these crashed the process or blocked its event loop before)
+
+GUEST_UVA = 0x7f0000000000
+
+
+def guest_memory(client, size=4 << 20):
+    fd = os.memfd_create("guest")
+    os.ftruncate(fd, size)
+    assert client.acked(R.SET_MEM_TABLE, protocol.pack_memory_table(
+        [protocol.MemRegion(0, size, GUEST_UVA, 0)]), fds=[fd]) == 0
+    return fd, mmap.mmap(fd, size)
+
+
+def start_ring(client, index, num, kick=None, log_addr=0, flags=0):
+    """A split ring at guest address 0 (descriptors), started by its kick."""
+    avail = 16 * num
+    used = (avail + 6 + 2 * num + 4095) & ~4095
+    assert client.acked(R.SET_VRING_NUM, struct.pack("<II", index, num)) == 0
+    assert client.acked(R.SET_VRING_ADDR, protocol.VRING_ADDR.pack(
+        index, flags, GUEST_UVA, GUEST_UVA + used, GUEST_UVA + avail, log_addr)) == 0
+    assert client.acked(R.SET_VRING_BASE, struct.pack("<II", index, 0)) == 0
+    kick = os.eventfd(0) if kick is None else kick
+    assert client.acked(R.SET_VRING_KICK, struct.pack("<Q", index), fds=[kick]) == 0
+    return kick
+
+
+def inflight_area(client, num_queues, queue_size, size=None):
+    size = num_queues * queue_region_size(queue_size) if size is None else size
+    fd = os.memfd_create("inflight")
+    os.ftruncate(fd, size)
+    try:
+        return client.acked(R.SET_INFLIGHT_FD,
+                            protocol.INFLIGHT.pack(size, 0, num_queues, queue_size), fds=[fd])
+    finally:
+        os.close(fd)
+
+
+def test_a_ring_larger_than_its_inflight_region_is_not_tracked(served, client):
+    """An area for 1-entry rings, then a ring of 32768: it runs untracked
+    (the C side would write 32768 entries into a region of 1)."""
+    client.enable_reply_ack(ProtocolFeature.INFLIGHT_SHMFD)
+    assert inflight_area(client, 1, 1, size=4096) == 0
+    _, mem = guest_memory(client)
+    os.close(start_ring(client, 0, 32768))
+    assert client.call_u64(R.GET_QUEUE_NUM) == 2
+    assert served.device.session.dataplane.queues[0].started
+
+
+def test_a_second_inflight_area_leaves_no_ring_pointing_into_the_first(served, client):
+    """The second area covers fewer queues: ring 1 must not keep its
+    pointer into the first area, which is unmapped."""
+    client.enable_reply_ack(ProtocolFeature.INFLIGHT_SHMFD)
+    assert inflight_area(client, 2, 256) == 0
+    assert inflight_area(client, 1, 256) == 0
+    vqs = served.device.session.dataplane._dev.vqs
+    assert vqs[1].inflight_area == ffi.NULL
+    assert vqs[0].inflight_area != ffi.NULL
+    _, mem = guest_memory(client)
+    os.close(start_ring(client, 1, 256))
+    assert client.call_u64(R.GET_QUEUE_NUM) == 2
+
+
+def test_an_inflight_area_while_a_ring_runs_is_refused_and_the_old_one_kept(served, client):
+    client.enable_reply_ack(ProtocolFeature.INFLIGHT_SHMFD)
+    assert inflight_area(client, 1, 256) == 0
+    _, mem = guest_memory(client)
+    kick = start_ring(client, 0, 256)
+    assert inflight_area(client, 1, 256) != 0
+    client.send(R.GET_VRING_BASE, struct.pack("<II", 0, 0))
+    client.recv()
+    # restarting the ring rebuilds its state from the area it still has
+    assert client.acked(R.SET_VRING_KICK, struct.pack("<Q", 0), fds=[kick]) == 0
+    assert client.call_u64(R.GET_QUEUE_NUM) == 2
+    os.close(kick)
+
+
+def test_a_dirty_log_larger_than_its_fd_is_refused(served, client):
+    """Mapped as announced, its first dirty page past the file's end would
+    be SIGBUS in a worker."""
+    client.enable_reply_ack(ProtocolFeature.LOG_SHMFD)
+    client.send(R.SET_FEATURES, struct.pack("<Q", bit(Feature.PROTOCOL_FEATURES)
+                                            | bit(Feature.LOG_ALL)))
+    log_fd = os.memfd_create("log")
+    os.ftruncate(log_fd, 4096)
+    try:
+        assert client.acked(R.SET_LOG_BASE, protocol.LOG.pack(1 << 30, 0), fds=[log_fd]) != 0
+        assert client.acked(R.SET_LOG_BASE, protocol.LOG.pack(4096, 0), fds=[log_fd]) == 0
+    finally:
+        os.close(log_fd)
+    assert client.call_u64(R.GET_QUEUE_NUM) == 2
+
+
+def test_a_backend_channel_that_is_no_socket_is_refused_and_closed(served, client):
+    client.enable_reply_ack(ProtocolFeature.BACKEND_REQ)
+    r, w = os.pipe()
+    try:
+        before = open_fds()
+        for _ in range(20):
+            assert client.acked(R.SET_BACKEND_REQ_FD, fds=[r]) != 0
+        time.sleep(0.1)
+        assert open_fds() <= before
+        os.close(r)
+        with pytest.raises(BrokenPipeError):     # no reader left: the back-end's copy is gone
+            os.write(w, b"x")
+    finally:
+        os.close(w)
+
+
+def test_a_full_call_eventfd_does_not_block_the_event_loop(served, client):
+    """SET_VRING_CALL signals the new fd once; a counter at its maximum
+    would make that write wait for the front-end to read it."""
+    client.enable_reply_ack()
+    call = os.eventfd(0)
+    os.eventfd_write(call, 0xfffffffffffffffe)
+    try:
+        assert client.acked(R.SET_VRING_CALL, struct.pack("<Q", 0), fds=[call]) == 0
+        assert client.call_u64(R.GET_QUEUE_NUM) == 2
+    finally:
+        os.close(call)
+
+
+def test_the_front_ends_eventfds_are_made_non_blocking(served, client):
+    """Kick, call, error and log-call fds: a worker holding the device lock
+    reads a kick the front-end may have read back itself, and writes calls
+    into counters the front-end may have filled; neither may wait."""
+    client.enable_reply_ack(ProtocolFeature.LOG_SHMFD)
+    fds = {name: os.eventfd(0) for name in ("kick", "call", "err", "log")}
+    try:
+        assert client.acked(R.SET_VRING_CALL, struct.pack("<Q", 0), fds=[fds["call"]]) == 0
+        assert client.acked(R.SET_VRING_ERR, struct.pack("<Q", 0), fds=[fds["err"]]) == 0
+        assert client.acked(R.SET_LOG_FD, struct.pack("<Q", 0), fds=[fds["log"]]) == 0
+        _, mem = guest_memory(client)
+        start_ring(client, 0, 8, kick=fds["kick"])
+        for name, fd in fds.items():
+            assert not os.get_blocking(fd), name
+    finally:
+        for fd in fds.values():
+            os.close(fd)
