@@ -106,7 +106,7 @@ static struct iovec *readable_buffers(struct vu_dev *dev, const struct vu_mem *m
     return keep;
 }
 
-void vu_dev_install_mem(struct vu_dev *dev, struct vu_mem *mem)
+static void install_mem(struct vu_dev *dev, struct vu_mem *mem, bool orphaning)
 {
     lock_queues(dev);
     struct vu_mem *old = dev->mem;
@@ -116,8 +116,13 @@ void vu_dev_install_mem(struct vu_dev *dev, struct vu_mem *mem)
     struct iovec *keep = users ? readable_buffers(dev, old, &nkeep) : NULL;
     dev->mem = mem;
     unlock_queues(dev);
-    vu_mem_retire(old, mem, keep, nkeep);
+    vu_mem_retire(old, mem, keep, nkeep, orphaning);
     free(keep);
+}
+
+void vu_dev_install_mem(struct vu_dev *dev, struct vu_mem *mem)
+{
+    install_mem(dev, mem, false);
 }
 
 uint32_t vu_dev_inflight(struct vu_dev *dev)
@@ -151,7 +156,7 @@ int vu_dev_orphan_requests(struct vu_dev *dev)
     struct vu_mem *fresh = vu_mem_reseat(dev->mem, &err);
     if (!fresh)
         return err;
-    vu_dev_install_mem(dev, fresh);
+    install_mem(dev, fresh, true);
     return (int)exposed;
 }
 
@@ -195,7 +200,7 @@ uint32_t vu_dev_close(struct vu_dev *dev)
     __atomic_store_n(&dev->close_pending, pending, __ATOMIC_RELEASE);
     unlock_queues(dev);
     vu_dev_unlock(dev);
-    vu_mem_retire(old, NULL, keep, nkeep);
+    vu_mem_retire(old, NULL, keep, nkeep, true);
     free(keep);
     if (!pending)
         vu_dev_destroy(dev);

@@ -189,8 +189,30 @@ static bool table_has_map(const struct vu_mem *mem, const struct vu_map *map)
     return false;
 }
 
+/* Whether `now` still maps every page of the file that `map` holds (the
+ * front-end split, merged or moved regions over the same memory): those
+ * pages are still the guest's, and what a late request writes through
+ * `map` must reach them. */
+static bool table_has_pages(const struct vu_mem *now, const struct vu_map *map)
+{
+    uint64_t at = map->file_off, end = map->file_off + map->len;
+    while (at < end) {
+        uint64_t next = at;
+        for (uint32_t i = 0; now && i < now->nregions; i++) {
+            const struct vu_map *m = now->regions[i].map;
+            if (m->file_dev == map->file_dev && m->file_ino == map->file_ino && !m->detached &&
+                m->file_off <= at && at < m->file_off + m->len && m->file_off + m->len > next)
+                next = m->file_off + m->len;
+        }
+        if (next == at)
+            return false;
+        at = next;
+    }
+    return true;
+}
+
 void vu_mem_retire(struct vu_mem *old, const struct vu_mem *now, const struct iovec *keep,
-                   uint32_t nkeep)
+                   uint32_t nkeep, bool orphaning)
 {
     if (!old)
         return;
@@ -199,7 +221,7 @@ void vu_mem_retire(struct vu_mem *old, const struct vu_mem *now, const struct io
     bool held = __atomic_load_n(&old->pins, __ATOMIC_ACQUIRE) > 1;
     for (uint32_t i = 0; i < old->nregions; i++) {
         struct vu_map *map = old->regions[i].map;
-        if (table_has_map(now, map))
+        if (table_has_map(now, map) || (!orphaning && table_has_pages(now, map)))
             continue;
         if (held || __atomic_load_n(&map->refs, __ATOMIC_ACQUIRE) > 1)
             map_detach(map, keep, nkeep);

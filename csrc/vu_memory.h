@@ -73,11 +73,14 @@ int vu_mem_add_region(struct vu_mem *mem, uint64_t gpa, uint64_t size,
 /* Drops a reference; removes the region with the last one. */
 int vu_mem_remove_region(struct vu_mem *mem, uint64_t gpa, uint64_t size);
 /* `old` is no longer installed (`now` is, possibly NULL): detaches its
- * mappings that `now` does not share, then drops the installed pin. The
- * bytes of `keep` (what requests in flight still read) keep their contents
- * in the private pages that replace the guest's. */
+ * mappings that `now` does not share, then drops the installed pin. A
+ * mapping of pages that `now` maps too (regions split, merged or moved)
+ * stays the guest's unless `orphaning` (requests given up on must not reach
+ * the guest's memory at all). The bytes of `keep` (what requests in flight
+ * still read) keep their contents in the private pages that replace the
+ * guest's. */
 void vu_mem_retire(struct vu_mem *old, const struct vu_mem *now, const struct iovec *keep,
-                   uint32_t nkeep);
+                   uint32_t nkeep, bool orphaning);
 
 /* Mappings, for Python's views. */
 void vu_map_get(struct vu_map *map);

@@ -166,6 +166,16 @@ def change(scenario: str, fe: Frontend, mem: GuestMemory, spare: GuestMemory) ->
         fe.request(Request.SET_MEM_TABLE,
                    protocol.pack_memory_table([r.to_wire() for r in regions]),
                    [r.fd for r in regions])
+    elif scenario == "split-table":
+        # The same pages again, region 1 as two regions (QEMU splits and
+        # merges sections): still the guest's memory.
+        r0, r1 = mem.regions
+        w1 = r1.to_wire()
+        half = w1.size // 2
+        wires = [r0.to_wire(), protocol.MemRegion(w1.gpa, half, w1.uva, w1.mmap_offset),
+                 protocol.MemRegion(w1.gpa + half, half, w1.uva + half, w1.mmap_offset + half)]
+        fe.request(Request.SET_MEM_TABLE, protocol.pack_memory_table(wires),
+                   [r0.fd, r1.fd, r1.fd])
     elif scenario == "rem-mem-reg":
         fe.remove_mem_region(mem, 1)
     elif scenario == "reset":
@@ -176,7 +186,9 @@ def change(scenario: str, fe: Frontend, mem: GuestMemory, spare: GuestMemory) ->
         raise ValueError(scenario)
 
 
-SCENARIOS = ["same-table", "other-table", "rem-mem-reg", "reset", "disconnect"]
+SCENARIOS = ["same-table", "split-table", "other-table", "rem-mem-reg", "reset", "disconnect"]
+#: the held request's buffers are still the guest's after these
+SAME_PAGES = ("same-table", "split-table")
 
 
 @pytest.mark.parametrize("answer", ["late", "never"])
@@ -198,7 +210,7 @@ def test_held_request_survives_memory_change(tmp_path, other_disk, scenario, ans
             # Nothing waits for the held request longer than the drain timeout.
             assert time.monotonic() - started < 5
             memfd = f"/memfd:lifetime@{BUFS_GPA:#x} "
-            if scenario == "same-table":
+            if scenario in SAME_PAGES:
                 assert memfd in mapping_at(held_at)
             else:
                 # What the front-end took back (or everything, at a reset or
@@ -208,7 +220,7 @@ def test_held_request_survives_memory_change(tmp_path, other_disk, scenario, ans
                 assert mapping_at(held_at), "detached, not unmapped, while still held"
                 assert detached_mappings() > detached_before
 
-            if scenario in ("same-table", "other-table", "rem-mem-reg"):
+            if scenario in (*SAME_PAGES, "other-table", "rem-mem-reg"):
                 # The new table is in force for new requests at once, with the
                 # old request still held: I/O through region 0 (and the new
                 # region) works on the same connection.
@@ -234,7 +246,7 @@ def test_held_request_survives_memory_change(tmp_path, other_disk, scenario, ans
                 backend.open_gate()
                 assert backend.finished.wait(10)
                 wait_for(lambda: device._late == 0, what="the late completion")
-                if scenario == "same-table":
+                if scenario in SAME_PAGES:
                     # Still the guest's memory and ring: the answer arrives.
                     used = blk.queues[0].wait(1)
                     assert [u.token for u in used] == ["held"]
