@@ -96,7 +96,7 @@ void vu_blk_file_prefetch(const struct vu_blk_dev *b, const struct vu_blk_req *r
 /* Full preadv/pwritev at off: retries short transfers and EINTR; 0 or -errno.
  * Consumes iov. */
 int vu_blk_file_rw(int fd, struct iovec *iov, uint32_t niov, uint64_t off, bool write_op);
-/* O_DIRECT takes only sector-aligned buffers. */
+/* O_DIRECT takes only buffers aligned to the storage's logical block. */
 bool vu_blk_iov_aligned(const struct vu_blk_req *r);
 
 /* io_uring (vu_blk_uring.c) --------------------------------------------------- */

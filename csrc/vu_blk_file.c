@@ -23,10 +23,28 @@ static bool probe_secure_erase(int fd)
     return fstat(fd, &st) == 0 && S_ISBLK(st.st_mode) && ioctl(fd, BLKSECDISCARD, range) == 0;
 }
 
+/* The smallest block O_DIRECT reads here, in sectors: the storage's logical
+ * block (a 4096-byte-sector disk refuses 512-byte I/O with EINVAL). Asked
+ * by trying, which works on block devices and files alike, in a sandbox
+ * too; a read at a block-aligned offset past the end just returns 0. */
+static uint32_t probe_direct_block(int fd)
+{
+    void *buf;
+    if (posix_memalign(&buf, 4096, 4096))
+        return 1;
+    uint32_t bytes = VU_BLK_SECTOR;
+    for (; bytes < 4096; bytes *= 2)
+        if (pread(fd, buf, bytes, bytes) >= 0 || errno != EINVAL)
+            break;
+    free(buf);
+    return bytes / VU_BLK_SECTOR;
+}
+
 int vu_blk_set_file(struct vu_blk_dev *b, int fd, bool direct)
 {
     b->fd = fd;
     b->direct = direct;
+    b->lim.block_sectors = direct ? probe_direct_block(fd) : 1;
     b->secure_erase = probe_secure_erase(fd);
     vu_filemap_close(&b->map);
     /* O_DIRECT asks to bypass the cache: don't read it through a mapping. */
@@ -70,8 +88,10 @@ int vu_blk_file_rw(int fd, struct iovec *iov, uint32_t niov, uint64_t off, bool 
 
 bool vu_blk_iov_aligned(const struct vu_blk_req *r)
 {
+    uint32_t block_sectors = r->dev->lim.block_sectors;
+    uintptr_t mask = (uintptr_t)VU_BLK_SECTOR * (block_sectors > 1 ? block_sectors : 1) - 1;
     for (uint32_t i = 0; i < r->niov; i++)
-        if (((uintptr_t)r->iov[i].iov_base | r->iov[i].iov_len) & 511)
+        if (((uintptr_t)r->iov[i].iov_base | r->iov[i].iov_len) & mask)
             return false;
     return true;
 }

@@ -47,6 +47,16 @@ static int fail(struct vu_blk_req *r, uint8_t status, uint8_t reason)
     return 0;
 }
 
+/* A read or write of `bytes` at `sector` in whole logical blocks: 0, or the
+ * reason it is not. */
+static int block_misfit(const struct vu_blk_limits *lim, uint64_t sector, uint64_t bytes)
+{
+    uint64_t per_block = lim->block_sectors > 1 ? lim->block_sectors : 1;
+    if (bytes % (VU_BLK_SECTOR * per_block))
+        return VU_BLK_R_UNALIGNED_LEN;
+    return sector % per_block ? VU_BLK_R_UNALIGNED_SECTOR : 0;
+}
+
 /* sector + nsectors within capacity, without overflow. */
 static bool in_range(const struct vu_blk_limits *lim, uint64_t sector, uint64_t nsectors)
 {
@@ -147,13 +157,14 @@ int vu_blk_request_parse(const struct vu_blk_limits *lim, bool lifetime, struct 
     uint64_t readable = e->out_len - HDR_LEN;   /* data the driver sent */
     uint64_t writable = e->in_len - 1;          /* room for data we return */
     struct iovec *in_iov = e->iov + e->out_num;
+    int misfit;
 
     switch (r->type) {
     case VU_BLK_T_IN:
         if (readable)
             return fail(r, VU_BLK_S_IOERR, VU_BLK_R_WRONG_DIRECTION);
-        if (writable % VU_BLK_SECTOR)
-            return fail(r, VU_BLK_S_IOERR, VU_BLK_R_UNALIGNED_LEN);
+        if ((misfit = block_misfit(lim, r->sector, writable)))
+            return fail(r, VU_BLK_S_IOERR, misfit);
         if (!in_range(lim, r->sector, writable / VU_BLK_SECTOR))
             return fail(r, VU_BLK_S_IOERR, VU_BLK_R_OUT_OF_RANGE);
         return take_data(r, in_iov, e->in_num, 0, writable);
@@ -162,8 +173,8 @@ int vu_blk_request_parse(const struct vu_blk_limits *lim, bool lifetime, struct 
             return fail(r, VU_BLK_S_IOERR, VU_BLK_R_READ_ONLY);
         if (writable)
             return fail(r, VU_BLK_S_IOERR, VU_BLK_R_WRONG_DIRECTION);
-        if (readable % VU_BLK_SECTOR)
-            return fail(r, VU_BLK_S_IOERR, VU_BLK_R_UNALIGNED_LEN);
+        if ((misfit = block_misfit(lim, r->sector, readable)))
+            return fail(r, VU_BLK_S_IOERR, misfit);
         if (!in_range(lim, r->sector, readable / VU_BLK_SECTOR))
             return fail(r, VU_BLK_S_IOERR, VU_BLK_R_OUT_OF_RANGE);
         return take_data(r, e->iov, e->out_num, HDR_LEN, readable);

@@ -21,7 +21,7 @@ enum vu_blk_reason {
     VU_BLK_R_NONE = 0, VU_BLK_R_SHORT_HEADER, VU_BLK_R_WRONG_DIRECTION, VU_BLK_R_UNALIGNED_LEN,
     VU_BLK_R_OUT_OF_RANGE, VU_BLK_R_READ_ONLY, VU_BLK_R_UNKNOWN_TYPE, VU_BLK_R_NOT_NEGOTIATED,
     VU_BLK_R_BAD_SEGMENTS, VU_BLK_R_TOO_MANY_SEGMENTS, VU_BLK_R_SEGMENT_TOO_LARGE,
-    VU_BLK_R_BAD_FLAGS, VU_BLK_R_IO_FAILED, VU_BLK_R_NO_ID_ROOM,
+    VU_BLK_R_BAD_FLAGS, VU_BLK_R_IO_FAILED, VU_BLK_R_NO_ID_ROOM, VU_BLK_R_UNALIGNED_SECTOR,
 };
 
 struct vu_blk_seg {        /* virtio_blk_discard_write_zeroes */
@@ -60,6 +60,9 @@ struct vu_blk_limits {
     bool writeback;                    /* config space writeback (WCE) */
     bool discard, write_zeroes, secure_erase;  /* negotiated */
     bool write_zeroes_unmap;
+    /* The storage's logical block in sectors (O_DIRECT on a 4096-byte-sector
+     * disk: 8): reads and writes start and end on one. 0 means 1. */
+    uint32_t block_sectors;
     char serial[VU_BLK_ID_BYTES];
 };
 

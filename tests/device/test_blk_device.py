@@ -2,6 +2,7 @@
 the library's front-end: C file back-end (io_uring and sync), RAM disk, the
 Python back-end API with the examples, read-only disks, resize."""
 import os
+import subprocess
 import tempfile
 
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from examples.cow_overlay import CowOverlay
 from examples.sparse_dict import SparseDictDisk
 from examples.trace_disk import TracingDisk
-from vhostuser.blk import BlkDevice, BlkFeature, BlockBackend, FileBackend, RamBackend, Unsupported
+from vhostuser.blk import (BackendError, BlkDevice, BlkFeature, BlockBackend, FileBackend,
+                           RamBackend, Unsupported)
 from vhostuser.frontend import BlkRequest, BlkStatus
 from vhostuser.testing.server import BackgroundServer
 from vhostuser_devkit.patterns import pattern
@@ -299,3 +301,58 @@ def test_python_batches_of_many_requests_one_and_many_buffers(blk_client):
     split = [c for c in backend.calls if c[0] == "read" and c[2] == [512] * 8]
     assert len(split) == 20
     assert ("write", 0, [1024] * 4) in backend.calls and ("write", 8 * 512, [4096]) in backend.calls
+
+
+@pytest.fixture
+def disk_4kn(tmp_path):
+    """A block device with 4096-byte logical sectors (a loop device over a
+    file, made with `losetup -b 4096`), 8 MiB."""
+    backing = tmp_path / "4kn.img"
+    with open(backing, "wb") as f:
+        f.truncate(8 * MIB)
+    if os.geteuid() != 0:
+        pytest.skip("needs root for losetup")
+    made = subprocess.run(["losetup", "-b", "4096", "-f", "--show", str(backing)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"no loop device: {made.stderr.strip()}")
+    loop = made.stdout.strip()
+    try:
+        yield loop
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+
+
+@pytest.mark.parametrize("aio", ["io_uring", "sync"])
+def test_direct_io_on_4096_byte_sectors_tells_the_guest_and_refuses_smaller(blk_client,
+                                                                             disk_4kn, aio):
+    """O_DIRECT on storage whose logical block is 4096 bytes: the device
+    says blk_size 4096 (so a guest does I/O in whole blocks), serves those,
+    from unaligned guest buffers too (bounced), and fails smaller or
+    misplaced I/O with IOERR, going on serving. (It said 512 before, and a
+    guest's 512-byte reads, such as its partition table's at sector 1,
+    failed.)"""
+    dev = BlkDevice(FileBackend(disk_4kn, direct=True), aio=aio)
+    with blk_client(dev) as (srv, blk):
+        assert blk.config.blk_size == 4096 and blk.config.physical_block_exp == 0
+        data = pattern(7, 8192)
+        assert blk.execute([BlkRequest.write(8, data)])[0].ok
+        assert blk.read(8, 8192) == data
+        misfits = blk.execute([BlkRequest.read(1, 512), BlkRequest.read(8, 512),
+                               BlkRequest.write(4, pattern(3, 4096))])
+        assert [r.status for r in misfits] == [BlkStatus.IOERR] * 3
+        assert blk.read(8, 8192) == data
+    with open(disk_4kn, "rb") as f:
+        f.seek(8 * 512)
+        assert f.read(8192) == data
+
+
+def test_direct_io_on_512_byte_sectors_keeps_blk_size_512(blk_client, image):
+    try:
+        dev = BlkDevice(FileBackend(str(image), direct=True))
+    except BackendError as exc:
+        pytest.skip(f"no O_DIRECT where the tests run: {exc}")
+    with blk_client(dev) as (srv, blk):
+        assert blk.config.blk_size == 512
+        assert blk.execute([BlkRequest.write(1, pattern(1, 512))])[0].ok
+        assert blk.read(1, 512) == pattern(1, 512)

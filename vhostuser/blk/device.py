@@ -139,6 +139,14 @@ class BlkDevice(Device):
         # rate-limited, with per-queue counts of the lines held back.
         self._log = LogLimiter(log)
         self.config = BlkConfig(capacity=0, num_queues=num_queues)
+        block_sectors = self._blk.lim.block_sectors
+        if block_sectors > 1:
+            # O_DIRECT on storage with larger logical blocks: the guest is
+            # told, so it reads and writes in whole ones (others fail).
+            self.config.blk_size = block_sectors * SECTOR
+            # physical block (blk_size << exp): 4096 bytes at least, as always
+            self.config.physical_block_exp = max(0, (4096 // self.config.blk_size).bit_length()
+                                                 - 1)
         try:
             self._refresh_capacity()
         except BaseException:
