@@ -51,10 +51,11 @@ static int fail(struct vu_blk_req *r, uint8_t status, uint8_t reason)
  * reason it is not. */
 static int block_misfit(const struct vu_blk_limits *lim, uint64_t sector, uint64_t bytes)
 {
+    /* a power of two (vu_blk_file.c probes 1, 2, 4 or 8): masks, no division */
     uint64_t per_block = lim->block_sectors > 1 ? lim->block_sectors : 1;
-    if (bytes % (VU_BLK_SECTOR * per_block))
+    if (bytes & (VU_BLK_SECTOR * per_block - 1))
         return VU_BLK_R_UNALIGNED_LEN;
-    return sector % per_block ? VU_BLK_R_UNALIGNED_SECTOR : 0;
+    return sector & (per_block - 1) ? VU_BLK_R_UNALIGNED_SECTOR : 0;
 }
 
 /* sector + nsectors within capacity, without overflow. */
