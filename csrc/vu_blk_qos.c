@@ -29,7 +29,7 @@ bool vu_blk_qos_sleep(struct vu_blk_dev *b, struct vu_vq *vq, uint64_t wait_ns)
             return false;
     }
     if (b->timer_worker[q] != vq->worker) {
-        if (vu_worker_add_event_fd(vq->worker, vq, b->qos_timer[q]) < 0)
+        if (vu_worker_add_event_fd(vq->worker, vq, b->qos_timer[q], false) < 0)
             return false;
         b->timer_worker[q] = vq->worker;
     }

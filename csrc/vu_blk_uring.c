@@ -114,7 +114,7 @@ static struct vu_uring *queue_ring(struct vu_blk_dev *b, struct vu_vq *vq)
         b->rings[q] = u;
     }
     if (b->ring_worker[q] != vq->worker && vq->worker) {
-        if (vu_worker_add_event_fd(vq->worker, vq, b->rings[q]->efd) == 0)
+        if (vu_worker_add_event_fd(vq->worker, vq, b->rings[q]->efd, false) == 0)
             b->ring_worker[q] = vq->worker;
     }
     return b->rings[q];

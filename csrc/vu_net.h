@@ -75,6 +75,8 @@ struct vu_net_dev *vu_net_new(int backend);
 void vu_net_free(struct vu_net_dev *n);
 /* After SET_FEATURES: header size and what the guest may send. */
 void vu_net_set_features(struct vu_net_dev *n, uint64_t features);
+/* The session's workers are gone: forget whose epoll watched the TAPs. */
+void vu_net_forget_workers(struct vu_net_dev *n);
 
 /* Validates a transmitted chain: 0 and *hdr filled, or a vu_net_drop. */
 int vu_net_check_tx(struct vu_net_dev *n, struct vu_elem *e, struct vu_net_hdr *hdr);

@@ -47,12 +47,14 @@ static int tap_receive(struct vu_net_dev *n, uint32_t qp, struct vu_vq *vq)
     if (!buf)
         return VU_HANDLED_NONE;
     int got = 0;
+    bool drained = false;
     for (int i = 0; i < NET_BATCH * 4; i++) {
         ssize_t r = read(fd, buf, VU_NET_MAX_FRAME + n->hdr_len);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
-            break;     /* EAGAIN: drained */
+            drained = true;     /* EAGAIN (or an error: nothing more to read) */
+            break;
         }
         if ((size_t)r < n->hdr_len + ETH_HLEN) {
             net_rx_drop(n, qp, VU_NET_D_SHORT);
@@ -68,15 +70,20 @@ static int tap_receive(struct vu_net_dev *n, uint32_t qp, struct vu_vq *vq)
         vu_vq_flush(vq);
         vu_vq_notify(vq);
     }
+    /* Watched edge-triggered: what is left wakes nobody, so come back. */
+    if (!drained)
+        return VU_HANDLED_MORE;
     return got ? VU_HANDLED_SOME : VU_HANDLED_NONE;
 }
 
 int net_tap_poll(struct vu_net_dev *n, uint32_t qp, struct vu_vq *vq)
 {
     /* The TAP's readiness wakes the worker that serves the queue now (a new
-     * session or a queue moved to another worker: watched from there). */
+     * session or a queue moved to another worker: watched from there), on
+     * each arrival only: while the ring is stopped nobody reads the TAP, and
+     * a level-triggered fd would wake the worker without end. */
     if (n->tap_fds[qp] >= 0 && n->tap_worker[qp] != vq->worker && vq->worker) {
-        if (vu_worker_add_event_fd(vq->worker, vq, n->tap_fds[qp]) == 0)
+        if (vu_worker_add_event_fd(vq->worker, vq, n->tap_fds[qp], true) == 0)
             n->tap_worker[qp] = vq->worker;
     }
     return tap_receive(n, qp, vq);

@@ -290,6 +290,7 @@ static int pop_resubmit(struct vu_vq *vq, struct vu_elem **out)
     e->id = id;
     e->ndescs = num;
     e->inflight_head = head;
+    e->resubmitted = 1;
     *out = e;
     return 1;
 }

@@ -371,6 +371,7 @@ struct vu_elem *vu_elem_get(struct vu_vq *vq)
     e->in_flight = 0;
     e->held = 0;
     e->orphan = 0;
+    e->resubmitted = 0;
     /* No reference taken: the device counts the elements still using a
      * table when it retires it (vu_dev_install_mem). */
     e->mem = vq->dev->mem;
@@ -566,7 +567,10 @@ int vu_vq_unpop(struct vu_vq *vq, struct vu_elem *elem)
             vu_dev_destroy(vq->dev);
         return -VU_ERR_BAD_USED_ID;
     }
-    if (vq->packed) {
+    if (elem->resubmitted) {
+        /* never took a ring entry: back on the resubmit list, still marked */
+        vq->resubmit_pos--;
+    } else if (vq->packed) {
         if (vq->inflight_packed)
             vu_packed_inflight_unpop(vq, elem);
         /* step back over the descriptors this buffer used */

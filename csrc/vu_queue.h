@@ -28,6 +28,7 @@ struct vu_elem {
     /* In flight across a reset or the device's close: its answer has no
      * ring to go to, so completing it only releases it. */
     uint8_t orphan;
+    uint8_t resubmitted; /* popped from the inflight resubmit list */
     uint32_t held_len;
     struct vu_mem *mem;  /* the table its buffers were translated with */
     struct vu_vq *vq;

@@ -146,8 +146,12 @@ static int pop_head(struct vu_vq *vq, uint16_t head, struct vu_elem **out)
 
 int vu_split_pop(struct vu_vq *vq, struct vu_elem **out)
 {
-    if (vq->resubmit_pos < vq->resubmit_num)
-        return pop_head(vq, vq->resubmit[vq->resubmit_pos++], out);
+    if (vq->resubmit_pos < vq->resubmit_num) {
+        int rc = pop_head(vq, vq->resubmit[vq->resubmit_pos++], out);
+        if (rc == 1)
+            (*out)->resubmitted = 1;
+        return rc;
+    }
     return vu_split_pop_burst(vq, out, 1);
 }
 

@@ -395,9 +395,10 @@ int vu_worker_set_kick(struct vu_worker *w, struct vu_vq *vq, int fd, bool polle
     return 0;
 }
 
-int vu_worker_add_event_fd(struct vu_worker *w, struct vu_vq *vq, int fd)
+int vu_worker_add_event_fd(struct vu_worker *w, struct vu_vq *vq, int fd, bool edge)
 {
-    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)(uintptr_t)vq | EVENT_FD_TAG};
+    struct epoll_event ev = {.events = EPOLLIN | (edge ? EPOLLET : 0),
+                             .data.u64 = (uint64_t)(uintptr_t)vq | EVENT_FD_TAG};
     if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
         if (errno != EEXIST)
             return -VU_ERR_SYS;

@@ -120,3 +120,33 @@ def test_after_close_a_late_rarp_does_not_reach_the_back_end(tmp_path):
     device.close()
     device.send_rarp(MAC)
     assert not backend.rarp.wait(0.3)
+
+
+def test_rarps_while_transmit_is_busy_take_one_thread_and_the_last_mac_wins(tmp_path):
+    """Each SEND_RARP used to start a thread waiting for queue pair 0's
+    transmit(): a front-end could pile up any number. Now one waits, and
+    announces the MAC of the latest."""
+    backend = Overlaps()
+    device = NetDevice(backend)
+    path = str(tmp_path / "net.sock")
+    try:
+        with BackgroundServer(device, path):
+            with Frontend.setup(path, queues=2,
+                                protocol_features=DEFAULT_PROTOCOL_FEATURES
+                                | bit(ProtocolFeature.RARP)) as fe:
+                send_frame(fe, FRAME)
+                assert backend.holding.wait(10)      # the worker is inside transmit()
+                before = threading.active_count()
+                for i in range(200):
+                    mac = MAC[:5] + bytes([i])
+                    fe.send_raw(Request.SEND_RARP, VERSION | FLAG_NEED_REPLY, mac + bytes(2))
+                    assert fe.recv_raw().u64() == 0
+                assert threading.active_count() - before <= 1
+                backend.release.set()
+                assert backend.rarp.wait(10)
+                fe.queues[1].wait(1, timeout=10)
+        rarps = [f for f in backend.frames if f[12:14] == b"\x80\x35"]
+        assert [r[6:12] for r in rarps] == [MAC[:5] + bytes([199])]
+    finally:
+        backend.release.set()
+        device.close()

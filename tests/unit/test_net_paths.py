@@ -3,6 +3,7 @@ headers are validated and bad frames dropped and counted; received frames
 fill guest buffers with a correct header (num_buffers with mergeable
 buffers); no room means drop and count, with the buffers left for later."""
 
+import struct
 import time
 
 import pytest
@@ -277,3 +278,48 @@ def test_loopback_leaves_receive_buffers_of_dropped_frames_for_the_next_ones(lab
     finally:
         dev._net.rxq[0] = ffi.NULL
         dev.close()
+
+
+def test_a_resubmitted_receive_buffer_given_back_is_neither_lost_nor_used_twice():
+    """Receive buffers the front-end handed over as in flight (an inflight
+    area after a reconnect) are popped from the resubmit list, not the
+    ring. One too small for a frame is given back: it used to step the
+    ring's index back (which its pop never advanced) and forget its mark,
+    so it was never completed and another chain was completed twice."""
+    lab = Lab(nqueues=2, size=16)
+    for q in range(2):
+        lab.vq(q).enabled = True
+    vq = lab.vq(0)
+    lib.vu_vq_stop(vq)
+    small, big = lab.alloc(64), lab.alloc(2048)
+    a = lab.add_split_chain(0, [(small, 64, True)])
+    b = lab.add_split_chain(0, [(big, 2048, True)])
+    lab.publish_split(0, [a, b])
+    # QueueRegionSplit (vhost-user.rst): a and b in flight, a older
+    region = ffi.new("uint8_t[]", 16 + 16 * 16)
+    struct.pack_into("<QHHHH", ffi.buffer(region), 0, 0, 1, 16, 0, 0)
+    for head, counter in ((a, 1), (b, 2)):
+        struct.pack_into("<B5xHQ", ffi.buffer(region), 16 + 16 * head, 1, 0, counter)
+    assert lib.vu_vq_set_inflight(vq, region) == 0
+    assert lib.vu_vq_start(vq) == 0
+    vq.enabled = True
+    dev = NetDevice(Recorder())
+    dev.on_features(bits(Feature.VERSION_1))          # no mergeable buffers
+    dev._net.rxq[0] = vq
+    try:
+        lib.vu_dev_rdlock(lab.dev)
+        try:
+            # 200 bytes don't fit a (64 with the 12-byte header): a goes
+            # back; then one frame that fits a, one that fits b
+            results = [lib.vu_net_rx_deliver(dev._net, 0, ffi.NULL, frame(n), n)
+                       for n in (200, 40, 60)]
+        finally:
+            lib.vu_dev_unlock(lab.dev)
+        lib.vu_vq_flush(vq)
+        used = lab.used_split(0)
+        assert results == [lib.VU_NET_D_TOO_LONG, 0, 0]
+        assert sorted(used) == sorted([(a, 12 + 40), (b, 12 + 60)]), used
+    finally:
+        dev._net.rxq[0] = ffi.NULL
+        dev.close()
+        lab.close()

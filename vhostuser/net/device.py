@@ -100,6 +100,9 @@ class NetDevice(Device):
         # A Python back-end's transmit() for one queue pair: the worker's
         # calls and a RARP announcement never overlap.
         self._tx_locks = [threading.Lock() for _ in range(queue_pairs)]
+        # the RARP announcement a thread will send (None: no thread waiting)
+        self._rarp_frame: bytes | None = None
+        self._rarp_lock = threading.Lock()
         self._closed = False
         # A failing transmit() fails every batch: logged rate-limited, and
         # counted per queue pair (under its transmit lock).
@@ -165,13 +168,21 @@ class NetDevice(Device):
         else:
             # Queue pair 0's worker may be inside transmit() right now, and
             # the event loop must not wait for back-end code: a thread of
-            # its own takes its turn.
-            threading.Thread(target=self._python_announce, args=(frame,),
-                             name="vhostuser-rarp", daemon=True).start()
+            # its own takes its turn. One at a time: while it waits, later
+            # announcements only replace the frame it will send (a front-end
+            # could otherwise start a thread per message).
+            with self._rarp_lock:
+                waiting = self._rarp_frame is not None
+                self._rarp_frame = frame
+            if not waiting:
+                threading.Thread(target=self._python_announce, name="vhostuser-rarp",
+                                 daemon=True).start()
 
-    def _python_announce(self, frame: bytes) -> None:
+    def _python_announce(self) -> None:
         with self._tx_locks[0]:
-            if self._closed:
+            with self._rarp_lock:
+                frame, self._rarp_frame = self._rarp_frame, None
+            if self._closed or frame is None:
                 return
             self._transmit(0, [Frame([memoryview(frame)], bytes(12), len(frame))],
                            "a RARP announcement")
@@ -242,6 +253,8 @@ class NetDevice(Device):
         with self._attach_lock:
             for i in range(self.queue_pairs):
                 self._net.rxq[i] = ffi.NULL
+            if self._net != ffi.NULL:
+                lib.vu_net_forget_workers(self._net)
 
     def on_disconnect(self, session) -> None:
         if self._kind == lib.VU_NET_BACKEND_SWITCH:
