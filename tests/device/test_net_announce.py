@@ -2,6 +2,7 @@
 over a socket: offered only by back-ends with a network to announce to,
 refused cleanly by the others, and for a Python back-end delivered through
 transmit() without overlapping the queue pair's own calls."""
+import contextlib
 import threading
 
 import pytest
@@ -87,8 +88,11 @@ class Overlaps(NetBackend):
                 self.active[queue_pair] -= 1
 
 
-def test_a_rarp_waits_for_the_queue_pairs_transmit_and_does_not_block_the_loop(tmp_path):
-    backend = Overlaps()
+@contextlib.contextmanager
+def held_in_transmit(tmp_path, backend: "Overlaps"):
+    """A front-end with RARP whose first frame the worker holds inside
+    transmit() until backend.release; yields the front-end. The device is
+    closed after."""
     device = NetDevice(backend)
     path = str(tmp_path / "net.sock")
     try:
@@ -98,20 +102,26 @@ def test_a_rarp_waits_for_the_queue_pairs_transmit_and_does_not_block_the_loop(t
                                 | bit(ProtocolFeature.RARP)) as fe:
                 send_frame(fe, FRAME)
                 assert backend.holding.wait(10)      # the worker is inside transmit()
-                # Acked while the worker still holds transmit(): the event
-                # loop did not wait for it.
-                assert send_rarp(fe) == 0
-                assert fe.request(Request.GET_FEATURES).u64()
-                assert not backend.rarp.wait(0.3)    # its turn comes after
-                backend.release.set()
-                assert backend.rarp.wait(10)
-                fe.queues[1].wait(1, timeout=10)
-        assert backend.most == 1, "two transmit() calls for queue pair 0 overlapped"
-        rarp = backend.frames[-1]
-        assert rarp[:6] == b"\xff" * 6 and rarp[6:12] == MAC
+                yield fe
     finally:
         backend.release.set()
         device.close()
+
+
+def test_a_rarp_waits_for_the_queue_pairs_transmit_and_does_not_block_the_loop(tmp_path):
+    backend = Overlaps()
+    with held_in_transmit(tmp_path, backend) as fe:
+        # Acked while the worker still holds transmit(): the event loop did
+        # not wait for it.
+        assert send_rarp(fe) == 0
+        assert fe.request(Request.GET_FEATURES).u64()
+        assert not backend.rarp.wait(0.3)    # its turn comes after
+        backend.release.set()
+        assert backend.rarp.wait(10)
+        fe.queues[1].wait(1, timeout=10)
+    assert backend.most == 1, "two transmit() calls for queue pair 0 overlapped"
+    rarp = backend.frames[-1]
+    assert rarp[:6] == b"\xff" * 6 and rarp[6:12] == MAC
 
 
 def test_after_close_a_late_rarp_does_not_reach_the_back_end(tmp_path):
@@ -127,26 +137,15 @@ def test_rarps_while_transmit_is_busy_take_one_thread_and_the_last_mac_wins(tmp_
     transmit(): a front-end could pile up any number. Now one waits, and
     announces the MAC of the latest."""
     backend = Overlaps()
-    device = NetDevice(backend)
-    path = str(tmp_path / "net.sock")
-    try:
-        with BackgroundServer(device, path):
-            with Frontend.setup(path, queues=2,
-                                protocol_features=DEFAULT_PROTOCOL_FEATURES
-                                | bit(ProtocolFeature.RARP)) as fe:
-                send_frame(fe, FRAME)
-                assert backend.holding.wait(10)      # the worker is inside transmit()
-                before = threading.active_count()
-                for i in range(200):
-                    mac = MAC[:5] + bytes([i])
-                    fe.send_raw(Request.SEND_RARP, VERSION | FLAG_NEED_REPLY, mac + bytes(2))
-                    assert fe.recv_raw().u64() == 0
-                assert threading.active_count() - before <= 1
-                backend.release.set()
-                assert backend.rarp.wait(10)
-                fe.queues[1].wait(1, timeout=10)
-        rarps = [f for f in backend.frames if f[12:14] == b"\x80\x35"]
-        assert [r[6:12] for r in rarps] == [MAC[:5] + bytes([199])]
-    finally:
+    with held_in_transmit(tmp_path, backend) as fe:
+        before = threading.active_count()
+        for i in range(200):
+            mac = MAC[:5] + bytes([i])
+            fe.send_raw(Request.SEND_RARP, VERSION | FLAG_NEED_REPLY, mac + bytes(2))
+            assert fe.recv_raw().u64() == 0
+        assert threading.active_count() - before <= 1
         backend.release.set()
-        device.close()
+        assert backend.rarp.wait(10)
+        fe.queues[1].wait(1, timeout=10)
+    rarps = [f for f in backend.frames if f[12:14] == b"\x80\x35"]
+    assert [r[6:12] for r in rarps] == [MAC[:5] + bytes([199])]
