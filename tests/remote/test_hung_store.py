@@ -40,6 +40,25 @@ def io_works(path: str) -> None:
         assert blk.read(8, 4096) == data
 
 
+def wait_in_flight(daemon: DaemonProcess, name: str, count: int) -> None:
+    """Returns once export `name` counts `count` requests in flight."""
+    deadline = time.monotonic() + 10
+    while daemon.call("stats", name=name)["totals"]["inflight"] < count:
+        assert time.monotonic() < deadline, daemon.output()
+        time.sleep(0.05)
+
+
+def write_held_by_the_freeze(daemon: DaemonProcess, freezable_fs, fe: Frontend) -> BlkClient:
+    """Export "frozen"'s front-end: one write, then the file system
+    freezes under a 64 KiB write, in flight when this returns."""
+    blk = BlkClient.setup(fe)
+    blk.write(0, b"w" * 4096)
+    freezable_fs.freeze()
+    blk.submit([BlkRequest.write(64, b"x" * 65536)])
+    wait_in_flight(daemon, "frozen", 1)
+    return blk
+
+
 def exited_cleanly(daemon: DaemonProcess, rc: int) -> str:
     """Asserts the daemon exited 0 without a traceback; returns its output."""
     output = daemon.output()
@@ -61,10 +80,7 @@ def test_remove_of_an_export_whose_store_hangs(workdir, nbd_image):
         blk.write(0, b"w" * 4096)           # the store answers ...
         server.pause()                      # ... until now
         blk.submit([BlkRequest.write(16, b"x" * 65536), BlkRequest.read(0, 4096)])
-        deadline = time.monotonic() + 10
-        while daemon.call("stats", name="hung")["totals"]["inflight"] < 2:
-            assert time.monotonic() < deadline, daemon.output()
-            time.sleep(0.05)
+        wait_in_flight(daemon, "hung", 2)
 
         started = time.monotonic()
         daemon.ctl("remove", "hung")
@@ -116,6 +132,13 @@ class FreezableFs:
         self.mounted = True
         return self
 
+    def image_file(self, size: int) -> str:
+        """A sparse disk image of `size` bytes on it."""
+        image = os.path.join(self.mnt, "disk.img")
+        with open(image, "wb") as f:
+            f.truncate(size)
+        return image
+
     def freeze(self) -> None:
         subprocess.run(["fsfreeze", "-f", self.mnt], check=True)
         self.frozen = True
@@ -131,6 +154,13 @@ class FreezableFs:
             subprocess.run(["umount", "-l", self.mnt], capture_output=True)
         if self.loop:
             subprocess.run(["losetup", "-d", self.loop], capture_output=True)
+
+
+def daemon_beside(workdir: str, freezable_fs: FreezableFs) -> DaemonProcess:
+    """A daemon that may open images on the file system, and gives up
+    waiting for requests in flight after half a second."""
+    return DaemonProcess(workdir, env={"VHOSTUSER_DRAIN_TIMEOUT": "0.5"},
+                         allow_dirs=(freezable_fs.mnt,))
 
 
 @pytest.fixture
@@ -153,11 +183,8 @@ def test_disconnect_from_a_disk_whose_file_system_froze(workdir, freezable_fs, a
     event loop, stopped the whole daemon until the thaw. An O_DIRECT write
     waits in an io_uring worker thread instead, and the queue worker's exit
     waits for it.)"""
-    image = os.path.join(freezable_fs.mnt, "disk.img")
-    with open(image, "wb") as f:
-        f.truncate(16 * MIB)
-    daemon = DaemonProcess(workdir, env={"VHOSTUSER_DRAIN_TIMEOUT": "0.5"},
-                           allow_dirs=(freezable_fs.mnt,))
+    image = freezable_fs.image_file(16 * MIB)
+    daemon = daemon_beside(workdir, freezable_fs)
     try:
         daemon.call("add", type="blk", name="frozen", socket=daemon.path("f.sock"),
                     blk_file=image, aio=aio, direct=direct)
@@ -165,14 +192,7 @@ def test_disconnect_from_a_disk_whose_file_system_froze(workdir, freezable_fs, a
         settings = daemon.call("describe", name="frozen")["device"]
         assert settings["aio"] == aio, settings
         with Frontend.connect(daemon.path("f.sock")) as fe:
-            blk = BlkClient.setup(fe)
-            blk.write(0, b"w" * 4096)
-            freezable_fs.freeze()
-            blk.submit([BlkRequest.write(64, b"x" * 65536)])
-            deadline = time.monotonic() + 10
-            while daemon.call("stats", name="frozen")["totals"]["inflight"] < 1:
-                assert time.monotonic() < deadline, daemon.output()
-                time.sleep(0.05)
+            write_held_by_the_freeze(daemon, freezable_fs, fe)
         # The session's teardown waits for the write (its guest memory is
         # unmapped only after), first for the drain timeout, then for as long
         # as it takes: the rest of the daemon must not.
@@ -209,8 +229,7 @@ def test_a_reset_while_a_write_waits_for_a_frozen_file_system(workdir, freezable
     image = os.path.join(freezable_fs.mnt, "disk.img")
     with open(image, "wb") as f:
         f.write(b"p" * MIB)
-    daemon = DaemonProcess(workdir, env={"VHOSTUSER_DRAIN_TIMEOUT": "0.5"},
-                           allow_dirs=(freezable_fs.mnt,))
+    daemon = daemon_beside(workdir, freezable_fs)
     try:
         daemon.call("add", type="blk", name="frozen", socket=daemon.path("f.sock"),
                     blk_file=image, aio=aio)
@@ -218,10 +237,7 @@ def test_a_reset_while_a_write_waits_for_a_frozen_file_system(workdir, freezable
             blk = BlkClient.setup(fe)
             freezable_fs.freeze()
             blk.submit([BlkRequest.write(0, b"x" * 4096), BlkRequest.write(64, b"y" * 4096)])
-            deadline = time.monotonic() + 10
-            while daemon.call("stats", name="frozen")["totals"]["inflight"] < 2:
-                assert time.monotonic() < deadline, daemon.output()
-                time.sleep(0.05)
+            wait_in_flight(daemon, "frozen", 2)
             started = time.monotonic()
             fe.reset()
             assert time.monotonic() - started < 10
@@ -295,3 +311,4 @@ def test_resize_of_a_disk_whose_file_system_froze(workdir, freezable_fs, new_siz
         freezable_fs.thaw()
         rc = daemon.terminate()
     exited_cleanly(daemon, rc)
+
