@@ -312,3 +312,37 @@ def test_resize_of_a_disk_whose_file_system_froze(workdir, freezable_fs, new_siz
         rc = daemon.terminate()
     exited_cleanly(daemon, rc)
 
+
+def process_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.xfail(strict=True, reason="known bug, not fixed yet: the io_uring eventfd of a "
+                   "stopped ring is watched level-triggered and nobody reaps its completions "
+                   "until the ring restarts, so the worker wakes without end")
+def test_a_completion_after_the_ring_stopped_does_not_spin_the_worker(workdir, freezable_fs):
+    """An O_DIRECT write waits in io_uring for a frozen file system; the
+    front-end stops the ring (GET_VRING_BASE gives up waiting after the
+    drain timeout); the thaw then completes the write. Until the ring
+    restarts, its worker must not spin (it took a whole CPU)."""
+    image = freezable_fs.image_file(16 * MIB)
+    daemon = daemon_beside(workdir, freezable_fs)
+    try:
+        daemon.call("add", type="blk", name="frozen", socket=daemon.path("f.sock"),
+                    blk_file=image, aio="io_uring", direct=True)
+        with Frontend.connect(daemon.path("f.sock")) as fe:
+            write_held_by_the_freeze(daemon, freezable_fs, fe)
+            fe.stop_queue(0)
+            freezable_fs.thaw()
+            time.sleep(0.5)
+            before = process_cpu_seconds(daemon.proc.pid)
+            time.sleep(2.0)
+            used = process_cpu_seconds(daemon.proc.pid) - before
+            # (spinning, it used the whole 2 s)
+            assert used < 0.5, f"{used:.2f} s of CPU in 2 s with the ring stopped"
+    finally:
+        freezable_fs.thaw()
+        rc = daemon.terminate()
+    exited_cleanly(daemon, rc)
