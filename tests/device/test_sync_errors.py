@@ -35,15 +35,6 @@ def lost_writes(tmp_path):
         fs.remove()
 
 
-def run(requests, blk, queue=0):
-    with blk.mem.scratch():
-        blk.submit(requests, queue=queue)
-        left = len(requests)
-        while left:
-            left -= len(blk.reap(queue=queue))
-    return requests
-
-
 def serve(tmp_path, fs, body, **device_args):
     device = BlkDevice(FileBackend(fs.image), **device_args)
     path = str(tmp_path / "blk.sock")
@@ -61,13 +52,14 @@ def test_no_flush_succeeds_after_one_failed(tmp_path, lost_writes, aio):
     FLUSH after that fails too, although the kernel reports the loss once.
     Before arm() the same steps succeed (the control)."""
     def body(blk, device):
-        before = run([BlkRequest.write(0, b"a" * KIB4)], blk) + run([BlkRequest.flush()], blk)
+        before = (blk.execute([BlkRequest.write(0, b"a" * KIB4)])
+                  + blk.execute([BlkRequest.flush()]))
         assert all(r.ok for r in before), before
         assert lost_writes.on_disk(0, KIB4) == b"a" * KIB4
         lost_writes.arm()
-        (write,) = run([BlkRequest.write(8, b"W" * KIB4)], blk)
+        (write,) = blk.execute([BlkRequest.write(8, b"W" * KIB4)])
         assert write.ok                         # write-back: in the page cache
-        flushes = [run([BlkRequest.flush()], blk)[0] for _ in range(3)]
+        flushes = [blk.execute([BlkRequest.flush()])[0] for _ in range(3)]
         return flushes, device.sync_error
 
     flushes, error = serve(tmp_path, lost_writes, body, aio=aio)
@@ -84,7 +76,7 @@ def test_a_write_through_write_fails_when_a_flush_took_the_error(tmp_path, lost_
     def body(blk, device):
         blk.set_writeback(False)
         lost_writes.arm()
-        return run([BlkRequest.write(16, b"T" * KIB4), BlkRequest.flush()], blk)
+        return blk.execute([BlkRequest.write(16, b"T" * KIB4), BlkRequest.flush()])
 
     write, flush = serve(tmp_path, lost_writes, body, aio="sync")
     assert lost_writes.on_disk(16 * 512, KIB4) != b"T" * KIB4
@@ -101,11 +93,11 @@ def test_each_queue_is_told_of_the_loss(tmp_path, lost_writes, aio):
     through an open file of its own and each open file is told."""
     def body(blk, device):
         lost_writes.arm()
-        (write,) = run([BlkRequest.write(24, b"Q" * KIB4)], blk, queue=0)
+        (write,) = blk.execute([BlkRequest.write(24, b"Q" * KIB4)], queue=0)
         assert write.ok
         with pytest.raises(OSError):
             os.fdatasync(device.backend.fd)
-        (flush,) = run([BlkRequest.flush()], blk, queue=1)
+        (flush,) = blk.execute([BlkRequest.flush()], queue=1)
         return flush
 
     flush = serve(tmp_path, lost_writes, body, aio=aio, num_queues=2)
