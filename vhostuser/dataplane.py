@@ -99,8 +99,7 @@ class DataPlane:
         self._call = [None] * num_queues
         self._err = [None] * num_queues
         self._log_fd: int | None = None
-        self._inflight_queue_size = 0
-        self._inflight_rings: set[int] = set()   # rings pointed into the inflight area
+        self._inflight_queue_size = 0    # entries each ring's inflight region has room for
         self._handles: list[object] = []   # keeps cffi handles alive
         self._workers = []
         self._stopping = threading.Lock()
@@ -284,8 +283,6 @@ class DataPlane:
                 check(lib.vu_vq_set_inflight(self._dev.vqs[i], ffi.NULL if ptr is None else ptr),
                       f"ring {i}: inflight")
             self._inflight_queue_size = area.queue_size
-            self._inflight_rings = {i for i in range(len(self.queues))
-                                    if area.queue_region(i) is not None}
 
     def start_queue(self, index: int, *, enable: bool | None = None) -> None:
         """Starts the ring (SET_VRING_KICK). A ring whose addresses don't
@@ -295,11 +292,10 @@ class DataPlane:
         vq = self._dev.vqs[index]
         with self.locked():
             if not vq.started:
-                if index in self._inflight_rings and vq.size > self._inflight_queue_size:
+                if vq.inflight_area != ffi.NULL and vq.size > self._inflight_queue_size:
                     log.warning("ring %d: %d entries, its inflight region has room for %d; "
                                 "not tracked", index, vq.size, self._inflight_queue_size)
                     lib.vu_vq_set_inflight(vq, ffi.NULL)
-                    self._inflight_rings.discard(index)
                 rc = lib.vu_vq_start(vq)
                 if rc in (-lib.VU_ERR_RING_UNMAPPED, -lib.VU_ERR_BAD_BASE):
                     lib.vu_vq_break(vq, -rc, vq.desc_addr)
@@ -339,8 +335,7 @@ class DataPlane:
         orphans (their completion publishes nothing)."""
         self.stop_queue(index)
         with self.locked():
-            lib.vu_vq_reset(self._dev.vqs[index])      # forgets its inflight region too
-            self._inflight_rings.discard(index)
+            lib.vu_vq_reset(self._dev.vqs[index])
 
     def orphan_requests(self) -> int:
         """Every request still in flight becomes an orphan, and guest memory
