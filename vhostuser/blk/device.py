@@ -265,8 +265,10 @@ class BlkDevice(Device):
         return NativeHandler(lib.vu_blk_handler, self._blk, keepalive=self,
                              prepare=lib.vu_blk_prepare_queue)
 
-    def _refresh_capacity(self) -> None:
-        size = self.backend.size()
+    def _refresh_capacity(self, size: int | None = None) -> None:
+        """The disk's size from the back-end's (or `size` bytes)."""
+        if size is None:
+            size = self.backend.size()
         if self._kind == lib.VU_BLK_BACKEND_PYTHON:
             size = _checked_size(self.backend, size)
         elif size % SECTOR:
@@ -325,7 +327,7 @@ class BlkDevice(Device):
         async with self._resizing:
             if size_bytes < self.capacity * SECTOR:
                 with self._no_worker_checking():
-                    self._blk.lim.capacity = self.config.capacity = size_bytes // SECTOR
+                    self._refresh_capacity(size_bytes)
             # Its own fd: close() may close the back-end's meanwhile, and
             # the number be reused for another file.
             fd = os.dup(self.backend.fd)
