@@ -76,7 +76,9 @@ int vu_net_handler(void *ctx, struct vu_vq *vq)
 {
     struct vu_net_dev *n = ctx;
     uint32_t qp = vq->index / 2;
-    if (qp >= VU_NET_MAX_QP)
+    /* Called on a stopped ring when its TAP fires: the frames wait in the
+     * TAP (watched edge-triggered) until the ring runs again. */
+    if (qp >= VU_NET_MAX_QP || !vq->started)
         return VU_HANDLED_NONE;
     if (vq->index % 2 == 0) {
         /* Receive queue: remember it for deliveries; pull from the TAP. */

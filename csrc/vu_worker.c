@@ -69,6 +69,11 @@ static uint64_t now_us(void)
  * (vq is at least 8-byte aligned), so the worker does not read the fd. */
 #define EVENT_FD_TAG 1u
 #define KICK_SOFT 2u
+/* A handler-owned fd fired: its handler runs even on a stopped ring, since
+ * only the handler can drain the fd (io_uring completions that arrive after
+ * the ring stopped would otherwise keep a level-triggered fd readable and
+ * the worker awake without end). */
+#define KICK_EVENT 4u
 
 /* Runs vq's handler if it may run. Returns the handler's VU_HANDLED_*
  * (VU_HANDLED_NONE when it did not run). */
@@ -83,7 +88,9 @@ static int serve_queue(struct vu_vq *vq, bool polling)
     /* Disabled or broken rings still get their handler when kicked: it may
      * have requests in flight to finish (the handler decides what it may do). */
     bool may_pop = vq->enabled && !vq->broken;
-    if (vq->started && vq->handler && (may_pop || kicked)) {
+    if (!vq->started && vq->handler && (kicked & KICK_EVENT)) {
+        result = vq->handler(vq->handler_ctx, vq);
+    } else if (vq->started && vq->handler && (may_pop || kicked)) {
         if (kicked || vu_vq_has_avail(vq)) {
             if (polling && !vq->polling)
                 vu_vq_start_polling(vq);
@@ -185,7 +192,7 @@ static void dispatch_events(struct vu_worker *w, struct epoll_event *evs, int n)
         uint64_t data = evs[i].data.u64;
         struct vu_vq *vq = (struct vu_vq *)(uintptr_t)(data & ~(uint64_t)EVENT_FD_TAG);
         if (data & EVENT_FD_TAG) {
-            __atomic_or_fetch(&vq->kicked, KICK_SOFT, __ATOMIC_RELEASE);
+            __atomic_or_fetch(&vq->kicked, KICK_SOFT | KICK_EVENT, __ATOMIC_RELEASE);
         } else if (!vq) {
             uint64_t v;
             ssize_t r = read(w->wake_fd, &v, sizeof(v));

@@ -48,10 +48,12 @@ void vu_worker_remove_queue(struct vu_worker *w, struct vu_vq *vq);
 /* Call after vq->kick_fd changed (old fd still open): re-registers it. */
 int vu_worker_set_kick(struct vu_worker *w, struct vu_vq *vq, int fd, bool polled);
 /* Also wakes vq's handler when fd (an eventfd the handler drains itself,
- * e.g. io_uring completions) becomes readable. `edge`: only when more
- * arrives (EPOLLET), for an fd that may stay readable while the handler
- * can't run (a TAP whose receive ring is stopped); such a handler drains
- * it, or returns VU_HANDLED_MORE to come back for the rest. */
+ * e.g. io_uring completions) becomes readable, on a stopped ring too: the
+ * handler must then drain it (or leave it to an `edge` fd) without popping.
+ * `edge`: only when more arrives (EPOLLET), for an fd that may stay
+ * readable while the handler can't take from it (a TAP whose receive ring
+ * is stopped); such a handler drains it, or returns VU_HANDLED_MORE to
+ * come back for the rest. */
 int vu_worker_add_event_fd(struct vu_worker *w, struct vu_vq *vq, int fd, bool edge);
 /* Makes the worker look at vq soon (in-band VRING_KICK, ring start). */
 void vu_worker_kick(struct vu_worker *w, struct vu_vq *vq);

@@ -319,9 +319,6 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, not fixed yet: the io_uring eventfd of a "
-                   "stopped ring is watched level-triggered and nobody reaps its completions "
-                   "until the ring restarts, so the worker wakes without end")
 def test_a_completion_after_the_ring_stopped_does_not_spin_the_worker(workdir, freezable_fs):
     """An O_DIRECT write waits in io_uring for a frozen file system; the
     front-end stops the ring (GET_VRING_BASE gives up waiting after the
