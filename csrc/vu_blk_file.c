@@ -88,8 +88,7 @@ int vu_blk_file_rw(int fd, struct iovec *iov, uint32_t niov, uint64_t off, bool 
 
 bool vu_blk_iov_aligned(const struct vu_blk_req *r)
 {
-    uint32_t block_sectors = r->dev->lim.block_sectors;
-    uintptr_t mask = (uintptr_t)VU_BLK_SECTOR * (block_sectors > 1 ? block_sectors : 1) - 1;
+    uintptr_t mask = (uintptr_t)vu_blk_block_bytes(&r->dev->lim) - 1;
     for (uint32_t i = 0; i < r->niov; i++)
         if (((uintptr_t)r->iov[i].iov_base | r->iov[i].iov_len) & mask)
             return false;

@@ -52,10 +52,10 @@ static int fail(struct vu_blk_req *r, uint8_t status, uint8_t reason)
 static int block_misfit(const struct vu_blk_limits *lim, uint64_t sector, uint64_t bytes)
 {
     /* a power of two (vu_blk_file.c probes 1, 2, 4 or 8): masks, no division */
-    uint64_t per_block = lim->block_sectors > 1 ? lim->block_sectors : 1;
-    if (bytes & (VU_BLK_SECTOR * per_block - 1))
+    uint64_t block = vu_blk_block_bytes(lim);
+    if (bytes & (block - 1))
         return VU_BLK_R_UNALIGNED_LEN;
-    return sector & (per_block - 1) ? VU_BLK_R_UNALIGNED_SECTOR : 0;
+    return sector & (block / VU_BLK_SECTOR - 1) ? VU_BLK_R_UNALIGNED_SECTOR : 0;
 }
 
 /* sector + nsectors within capacity, without overflow. */

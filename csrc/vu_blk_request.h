@@ -66,6 +66,12 @@ struct vu_blk_limits {
     char serial[VU_BLK_ID_BYTES];
 };
 
+/* The logical block in bytes (block_sectors 0 counts as 1). */
+static inline uint64_t vu_blk_block_bytes(const struct vu_blk_limits *lim)
+{
+    return (uint64_t)VU_BLK_SECTOR * (lim->block_sectors > 1 ? lim->block_sectors : 1);
+}
+
 /* Parses e into r against lim; `lifetime`: GET_LIFETIME can be answered
  * (only a Python back-end knows it). Returns 0 with r->result PENDING (ready
  * to execute) or final (IOERR/UNSUPP decided), or -VU_ERR_ZERO_CHAIN when
