@@ -61,7 +61,7 @@ struct vu_blk_dev {
     uint8_t read_io, write_io;   /* VU_BLK_IO_* */
     uint8_t nowait_fallback[2];  /* [0] reads, [1] writes: NOWAIT unsupported -> this */
     struct vu_uring *rings[VU_BLK_MAX_QUEUES];
-    struct vu_worker *ring_worker[VU_BLK_MAX_QUEUES];  /* whose epoll has its eventfd */
+    uint64_t ring_worker[VU_BLK_MAX_QUEUES];  /* id of the worker whose epoll has its eventfd */
     struct vu_blk_group group[VU_BLK_MAX_QUEUES];
     /* Statistics: stats[q] is written only by q's worker; completions from
      * other threads (Python back-ends' coroutines) go to async_stats under
@@ -73,7 +73,7 @@ struct vu_blk_dev {
     uint64_t throttled[VU_BLK_MAX_QUEUES];   /* times the queue waited for QoS tokens */
     struct vu_qos qos;
     int qos_timer[VU_BLK_MAX_QUEUES];        /* timerfd that wakes a throttled queue */
-    struct vu_worker *timer_worker[VU_BLK_MAX_QUEUES];
+    uint64_t timer_worker[VU_BLK_MAX_QUEUES];  /* the same for qos_timer */
     /* The requests of the queue's current round that its engine runs at the
      * round's end, without the device lock: the Python batch, or the file
      * engines' I/O that may wait for the storage. */

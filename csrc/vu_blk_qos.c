@@ -28,10 +28,10 @@ bool vu_blk_qos_sleep(struct vu_blk_dev *b, struct vu_vq *vq, uint64_t wait_ns)
         if (b->qos_timer[q] < 0)
             return false;
     }
-    if (b->timer_worker[q] != vq->worker) {
+    if (b->timer_worker[q] != vq->worker->id) {
         if (vu_worker_add_event_fd(vq->worker, vq, b->qos_timer[q], false) < 0)
             return false;
-        b->timer_worker[q] = vq->worker;
+        b->timer_worker[q] = vq->worker->id;
     }
     struct itimerspec when = {.it_value = {.tv_sec = (time_t)(wait_ns / 1000000000ull),
                                            .tv_nsec = (long)(wait_ns % 1000000000ull)}};

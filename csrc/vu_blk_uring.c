@@ -113,9 +113,9 @@ static struct vu_uring *queue_ring(struct vu_blk_dev *b, struct vu_vq *vq)
             return NULL;
         b->rings[q] = u;
     }
-    if (b->ring_worker[q] != vq->worker && vq->worker) {
+    if (vq->worker && b->ring_worker[q] != vq->worker->id) {
         if (vu_worker_add_event_fd(vq->worker, vq, b->rings[q]->efd, false) == 0)
-            b->ring_worker[q] = vq->worker;
+            b->ring_worker[q] = vq->worker->id;
     }
     return b->rings[q];
 }
@@ -339,7 +339,7 @@ void vu_blk_uring_quiesce(struct vu_blk_dev *b)
     for (uint32_t q = 0; q < VU_BLK_MAX_QUEUES; q++) {
         if (b->rings[q]) {
             vu_uring_drain(b->rings[q], drop_cqe, b);
-            b->ring_worker[q] = NULL;   /* that worker and its epoll go away */
+            b->ring_worker[q] = 0;   /* that worker and its epoll go away */
         }
     }
 }

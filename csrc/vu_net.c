@@ -41,12 +41,6 @@ void vu_net_set_features(struct vu_net_dev *n, uint64_t f)
         net_tap_set_offload(n, f);
 }
 
-void vu_net_forget_workers(struct vu_net_dev *n)
-{
-    for (int i = 0; i < VU_NET_MAX_QP; i++)
-        n->tap_worker[i] = NULL;
-}
-
 /* Switch port ----------------------------------------------------------------------- */
 
 /* n->port is read by the transmitting worker without a lock: one pointer,

@@ -63,7 +63,7 @@ struct vu_net_dev {
     struct vu_vq *rxq[VU_NET_MAX_QP];   /* the current session's receive queues */
     pthread_mutex_t rx_lock[VU_NET_MAX_QP];  /* one frame at a time per receive queue */
     uint8_t *bounce[VU_NET_MAX_QP];     /* receive staging, one per queue pair */
-    struct vu_worker *tap_worker[VU_NET_MAX_QP];
+    uint64_t tap_worker[VU_NET_MAX_QP];  /* id of the worker whose epoll has the TAP fd */
     struct vu_net_frame *frames[VU_NET_MAX_QP];
     uint32_t frames_num[VU_NET_MAX_QP];
     struct vu_net_stats stats[VU_NET_MAX_QP];
@@ -76,7 +76,6 @@ void vu_net_free(struct vu_net_dev *n);
 /* After SET_FEATURES: header size and what the guest may send. */
 void vu_net_set_features(struct vu_net_dev *n, uint64_t features);
 /* The session's workers are gone: forget whose epoll watched the TAPs. */
-void vu_net_forget_workers(struct vu_net_dev *n);
 
 /* Validates a transmitted chain: 0 and *hdr filled, or a vu_net_drop. */
 int vu_net_check_tx(struct vu_net_dev *n, struct vu_elem *e, struct vu_net_hdr *hdr);

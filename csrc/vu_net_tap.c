@@ -82,9 +82,9 @@ int net_tap_poll(struct vu_net_dev *n, uint32_t qp, struct vu_vq *vq)
      * session or a queue moved to another worker: watched from there), on
      * each arrival only: while the ring is stopped nobody reads the TAP, and
      * a level-triggered fd would wake the worker without end. */
-    if (n->tap_fds[qp] >= 0 && n->tap_worker[qp] != vq->worker && vq->worker) {
+    if (n->tap_fds[qp] >= 0 && vq->worker && n->tap_worker[qp] != vq->worker->id) {
         if (vu_worker_add_event_fd(vq->worker, vq, n->tap_fds[qp], true) == 0)
-            n->tap_worker[qp] = vq->worker;
+            n->tap_worker[qp] = vq->worker->id;
     }
     return tap_receive(n, qp, vq);
 }

@@ -801,9 +801,12 @@ uint32_t vu_vq_inflight(struct vu_vq *vq)
 void vu_log_elem_write(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
 {
     struct iovec *iov = elem->iov + elem->out_num;
+    /* The table the buffers were translated with (pinned while in flight):
+     * one installed since may map the same guest pages at other addresses. */
+    struct vu_mem *mem = elem->mem ? elem->mem : vq->dev->mem;
     for (uint32_t i = 0; i < elem->in_num && len > 0; i++) {
         uint32_t chunk = iov[i].iov_len < len ? (uint32_t)iov[i].iov_len : len;
-        uint64_t gpa = vu_hva_to_gpa(vq->dev->mem, iov[i].iov_base);
+        uint64_t gpa = vu_hva_to_gpa(mem, iov[i].iov_base);
         if (gpa != UINT64_MAX)
             vu_log_write(vq->dev, gpa, chunk);
         len -= chunk;

@@ -28,6 +28,8 @@ struct vu_worker *vu_worker_new(uint32_t poll_us)
     if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->wake_fd, &ev) < 0)
         goto fail;
     pthread_mutex_init(&w->lock, NULL);
+    static uint64_t last_id;
+    w->id = __atomic_add_fetch(&last_id, 1, __ATOMIC_RELAXED);
     w->poll_us = poll_us;
     vu_worker_set_adaptive_poll(w, VU_ADAPTIVE_POLL_US);
     return w;

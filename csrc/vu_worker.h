@@ -8,6 +8,9 @@
 #define VU_WORKER_MAX_QUEUES 64
 
 struct vu_worker {
+    /* Never reused while the process lives, unlike the address of a freed
+     * worker: what remembers "this fd is in that worker's epoll" keeps it. */
+    uint64_t id;
     pthread_t thread;
     bool running;
     int epfd;

@@ -42,6 +42,7 @@ class Lab:
         self.size = size
         self.maps = []
         self.uva = {}
+        self.region_fds = []    # kept for remap_same_pages()
         for i in range(NREGIONS):
             fd = os.memfd_create(f"lab{i}")
             os.ftruncate(fd, REGION)
@@ -49,7 +50,7 @@ class Lab:
             gpa = GPA_BASE + i * REGION
             uva = 0x7000_0000_0000 + i * 4 * REGION   # scattered user addresses
             assert lib.vu_mem_add_region(self.dev.mem, gpa, REGION, uva, 0, fd, ffi.NULL) == 0
-            os.close(fd)
+            self.region_fds.append(fd)
             self.maps.append((gpa, m))
             self.uva[gpa] = uva
         features = bit(Feature.VERSION_1)
@@ -68,6 +69,20 @@ class Lab:
             self.start(q)
 
     # -- memory ------------------------------------------------------------
+    def remap_same_pages(self) -> None:
+        """Installs a new memory table over the same guest pages, mapped
+        again at new host addresses (as QEMU re-sends SET_MEM_TABLE when its
+        sections split or merge), and points the rings at it."""
+        new = lib.vu_mem_new()
+        for i, fd in enumerate(self.region_fds):
+            gpa = GPA_BASE + i * REGION
+            assert lib.vu_mem_add_region(new, gpa, REGION, self.uva[gpa], 0, fd, ffi.NULL) == 0
+        lib.vu_dev_wrlock(self.dev)
+        lib.vu_dev_install_mem(self.dev, new)
+        for q in range(len(self.rings)):
+            assert lib.vu_vq_remap(self.vq(q)) == 0
+        lib.vu_dev_unlock(self.dev)
+
     def _locate(self, gpa: int):
         for base, m in self.maps:
             if base <= gpa < base + REGION:
@@ -251,6 +266,9 @@ class Lab:
     def close(self) -> None:
         lib.vu_dev_close(self.dev)
         self.dev = ffi.NULL
+        for fd in self.region_fds:
+            os.close(fd)
+        self.region_fds = []
         for _, m in self.maps:
             try:
                 m.close()

@@ -161,3 +161,26 @@ def test_limits_change_at_run_time(two_disks):
     assert counts["slow"] <= 50 * 1.0 + 1 + 8 + 8
     assert counts["free"] >= 4 * counts["slow"]
     assert dev.qos == QosLimits()
+
+
+def test_a_throttled_queue_wakes_in_every_session(tmp_path):
+    """A throttled queue sleeps on its QoS timer in its worker's epoll. Each
+    session has a new worker, often at the address the last one was freed
+    from: the timer must be put in the new epoll all the same (a device
+    that remembered the worker by its address did not, and the queue slept
+    for ever)."""
+    dev = BlkDevice(RamBackend(4 * MiB))
+    dev.set_qos(QosLimits(iops=50, iops_burst=1))
+    path = str(tmp_path / "q.sock")
+    try:
+        with BackgroundServer(dev, path):
+            for session in range(8):
+                with Frontend.connect(path, timeout=5) as fe:
+                    c = BlkClient.setup(fe)
+                    throttled = dev.metrics()[0]["throttled"]
+                    reqs = c.execute([BlkRequest.read(8 * i, 4096) for i in range(8)],
+                                     depth=8, timeout=5)
+                    assert all(r.ok for r in reqs), session
+                    assert dev.metrics()[0]["throttled"] > throttled, session
+    finally:
+        dev.close()

@@ -9,7 +9,7 @@ import pytest
 from vhostuser.inflight import InflightArea, queue_region_size
 from vhostuser.native import lib
 from vhostuser.protocol import Feature, bit
-from vhostuser_devkit.ringlab import GPA_BASE, Lab
+from vhostuser_devkit.ringlab import GPA_BASE, REGION, Lab
 
 PAGE = 4096
 
@@ -57,6 +57,27 @@ def test_writes_and_used_ring_are_logged_only_with_log_all():
         lib.vu_vq_flush(lab.vq(0))
         base = GPA_BASE // PAGE
         assert dirty_pages(log) == {base + 5, base + 1}
+    finally:
+        lab.close()
+
+
+def test_a_completion_popped_before_a_table_change_is_logged():
+    """The buffer's guest address comes from the table it was translated
+    with: the table installed since maps the same pages at other host
+    addresses, and through it the page would not be marked dirty (a
+    migration would miss the data)."""
+    lab = Lab(nqueues=1)
+    try:
+        log = make_log(lab, (GPA_BASE + (16 << 20)) // PAGE // 8)
+        lib.vu_dev_set_features(lab.dev, lab.dev.features | bit(Feature.LOG_ALL))
+        buf = GPA_BASE + 5 * REGION + 2 * PAGE                # in region 5
+        lab.publish_split(0, [lab.add_split_chain(0, [(buf, PAGE, True)])])
+        rc, e = lab.pop(0)
+        assert rc == 1
+        lab.remap_same_pages()
+        assert lib.vu_vq_push(lab.vq(0), e, PAGE) == 0
+        lib.vu_vq_flush(lab.vq(0))
+        assert buf // PAGE in dirty_pages(log)
     finally:
         lab.close()
 

@@ -253,8 +253,6 @@ class NetDevice(Device):
         with self._attach_lock:
             for i in range(self.queue_pairs):
                 self._net.rxq[i] = ffi.NULL
-            if self._net != ffi.NULL:
-                lib.vu_net_forget_workers(self._net)
 
     def on_disconnect(self, session) -> None:
         if self._kind == lib.VU_NET_BACKEND_SWITCH:
