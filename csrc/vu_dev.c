@@ -207,9 +207,10 @@ uint32_t vu_dev_close(struct vu_dev *dev)
     return pending;
 }
 
-bool vu_dev_orphan_done(struct vu_dev *dev)
+void vu_dev_orphans_finished(struct vu_dev *dev, uint32_t n)
 {
-    return __atomic_sub_fetch(&dev->close_pending, 1, __ATOMIC_ACQ_REL) == 0;
+    if (n && __atomic_sub_fetch(&dev->close_pending, n, __ATOMIC_ACQ_REL) == 0)
+        vu_dev_destroy(dev);
 }
 
 void vu_dev_wrlock(struct vu_dev *dev) { pthread_rwlock_wrlock(&dev->lock); }

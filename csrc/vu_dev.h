@@ -34,9 +34,9 @@ struct vu_dev *vu_dev_new(uint32_t nqueues);
  * completions publish nothing, and the last one frees the device. Returns
  * how many were still in flight (0: freed now). */
 uint32_t vu_dev_close(struct vu_dev *dev);
-/* An orphan finished: true when the device must now be freed (the caller
- * does it with vu_dev_destroy after releasing its queue lock). */
-bool vu_dev_orphan_done(struct vu_dev *dev);
+/* n orphans of the closed device finished; the last one frees it. Called
+ * without any of its locks, by a thread done with its queues. */
+void vu_dev_orphans_finished(struct vu_dev *dev, uint32_t n);
 void vu_dev_destroy(struct vu_dev *dev);
 void vu_dev_wrlock(struct vu_dev *dev);
 void vu_dev_unlock(struct vu_dev *dev);

@@ -240,18 +240,20 @@ static int alloc_pool(struct vu_vq *vq)
     return 0;
 }
 
-static int push_locked(struct vu_vq *vq, struct vu_elem *elem, uint32_t len, bool *destroy);
+static int push_locked(struct vu_vq *vq, struct vu_elem *elem, uint32_t len,
+                       uint32_t *finished);
 
-/* Publishes what completed while the ring was stopped. */
+/* Publishes what completed while the ring was stopped (none is an orphan:
+ * a held element stops being one, see vu_vq_orphan). */
 static void publish_held(struct vu_vq *vq)
 {
     for (uint32_t i = 0; vq->nheld && i < vq->pool_size; i++) {
         struct vu_elem *e = &vq->elems[i];
         if (e->in_flight && e->held) {
-            bool destroy = false;
+            uint32_t finished = 0;
             e->held = 0;
             vq->nheld--;
-            push_locked(vq, e, e->held_len, &destroy);
+            push_locked(vq, e, e->held_len, &finished);
         }
     }
     if (vq->packed)
@@ -384,8 +386,10 @@ void vu_elem_put(struct vu_vq *vq, struct vu_elem *e)
 }
 
 /* Takes an in-flight element out of flight without publishing anything
- * (queue lock held). True when that was the last orphan of a closed device,
- * which the caller must then destroy once it let go of the lock. */
+ * (queue lock held). True when it was an orphan of a closed device: the
+ * caller counts it with vu_dev_orphans_finished() once it let go of the
+ * lock and stopped touching the queue (the count reaching 0 frees the
+ * device, queues included, and another thread may bring it there). */
 static bool elem_release(struct vu_vq *vq, struct vu_elem *e)
 {
     struct vu_dev *dev = vq->dev;
@@ -402,7 +406,7 @@ static bool elem_release(struct vu_vq *vq, struct vu_elem *e)
         vu_mem_unpin(e->mem);       /* a retired table counted this element */
     e->mem = NULL;
     vu_elem_put(vq, e);
-    return orphan && dev->closing && vu_dev_orphan_done(dev);
+    return orphan && dev->closing;
 }
 
 void vu_vq_orphan(struct vu_vq *vq, struct vu_elem *e)
@@ -545,14 +549,14 @@ int vu_vq_discard(struct vu_vq *vq, struct vu_elem *elem)
 {
     pthread_mutex_lock(&vq->lock);
     int rc = -VU_ERR_BAD_USED_ID;
-    bool destroy = false;
+    bool finished = false;
     if (elem_valid(vq, elem)) {
-        destroy = elem_release(vq, elem);
+        finished = elem_release(vq, elem);
         rc = 0;
     }
+    struct vu_dev *dev = vq->dev;
     pthread_mutex_unlock(&vq->lock);
-    if (destroy)
-        vu_dev_destroy(vq->dev);
+    vu_dev_orphans_finished(dev, finished);
     return rc;
 }
 
@@ -561,10 +565,10 @@ int vu_vq_unpop(struct vu_vq *vq, struct vu_elem *elem)
     pthread_mutex_lock(&vq->lock);
     if (!elem_valid(vq, elem) || elem->orphan || !vq->started) {
         /* Nothing to step back over: a reset or a stop came in between. */
-        bool destroy = elem_valid(vq, elem) && elem_release(vq, elem);
+        bool finished = elem_valid(vq, elem) && elem_release(vq, elem);
+        struct vu_dev *dev = vq->dev;
         pthread_mutex_unlock(&vq->lock);
-        if (destroy)
-            vu_dev_destroy(vq->dev);
+        vu_dev_orphans_finished(dev, finished);
         return -VU_ERR_BAD_USED_ID;
     }
     if (elem->resubmitted) {
@@ -593,14 +597,15 @@ int vu_vq_unpop(struct vu_vq *vq, struct vu_elem *elem)
 
 /* Completes elem: published on a running ring, held on a stopped one,
  * released without a trace for an orphan or a ring that lost its memory. */
-static int push_locked(struct vu_vq *vq, struct vu_elem *elem, uint32_t len, bool *destroy)
+static int push_locked(struct vu_vq *vq, struct vu_elem *elem, uint32_t len,
+                       uint32_t *finished)
 {
     if (!elem_valid(vq, elem))
         return -VU_ERR_BAD_USED_ID;
     if (len > elem->in_len)
         len = (uint32_t)elem->in_len;  /* never claim more than the driver gave */
     if (elem->orphan || (vq->started && !rings_mapped(vq))) {
-        *destroy = elem_release(vq, elem);
+        *finished += elem_release(vq, elem);
         return 0;
     }
     if (!vq->started) {
@@ -622,28 +627,28 @@ static int push_locked(struct vu_vq *vq, struct vu_elem *elem, uint32_t len, boo
 
 int vu_vq_push(struct vu_vq *vq, struct vu_elem *elem, uint32_t len)
 {
-    bool destroy = false;
+    uint32_t finished = 0;
     pthread_mutex_lock(&vq->lock);
-    int rc = push_locked(vq, elem, len, &destroy);
+    int rc = push_locked(vq, elem, len, &finished);
+    struct vu_dev *dev = vq->dev;
     pthread_mutex_unlock(&vq->lock);
-    if (destroy)
-        vu_dev_destroy(vq->dev);
+    vu_dev_orphans_finished(dev, finished);
     return rc;
 }
 
 int vu_vq_push_burst(struct vu_vq *vq, struct vu_elem *const *elems, const uint32_t *lens, int n)
 {
     int rc = 0;
-    bool destroy = false;
+    uint32_t finished = 0;
     pthread_mutex_lock(&vq->lock);
     for (int i = 0; i < n; i++) {
-        int r = push_locked(vq, elems[i], lens ? lens[i] : 0, &destroy);
+        int r = push_locked(vq, elems[i], lens ? lens[i] : 0, &finished);
         if (r && !rc)
             rc = r;
     }
+    struct vu_dev *dev = vq->dev;
     pthread_mutex_unlock(&vq->lock);
-    if (destroy)
-        vu_dev_destroy(vq->dev);
+    vu_dev_orphans_finished(dev, finished);
     return rc;
 }
 
@@ -692,19 +697,20 @@ void vu_vq_signal(struct vu_vq *vq)
 
 static int complete(struct vu_vq *vq, struct vu_elem *elem, uint32_t len, bool notify)
 {
-    bool destroy = false;
+    uint32_t finished = 0;
     pthread_mutex_lock(&vq->lock);
-    int rc = push_locked(vq, elem, len, &destroy);
-    bool live = rc == 0 && !destroy && ring_live(vq);
+    int rc = push_locked(vq, elem, len, &finished);
+    bool live = rc == 0 && !finished && ring_live(vq);
     if (live) {
         if (vq->packed)
             vu_packed_flush(vq);
         else
             vu_split_flush(vq);
     }
+    struct vu_dev *dev = vq->dev;
     pthread_mutex_unlock(&vq->lock);
-    if (destroy) {
-        vu_dev_destroy(vq->dev);
+    if (finished) {
+        vu_dev_orphans_finished(dev, finished);
         return 0;
     }
     if (live && notify)
