@@ -74,11 +74,14 @@ static uint32_t elems_using(struct vu_dev *dev, const struct vu_mem *mem)
     return n;
 }
 
-/* What in-flight elements translated with `mem` read (queue locks held):
- * the data a late write must still find once the mapping is detached.
- * NULL with *n 0 when there is none, or no memory for the list (the pages
- * are then zero, as they always were before). */
-static struct iovec *readable_buffers(struct vu_dev *dev, const struct vu_mem *mem, uint32_t *n)
+/* What in-flight elements read (queue locks held): the data a late write
+ * must still find once its mapping is detached. Every element's, whatever
+ * table it was translated with: a table re-sent unchanged shares its
+ * mappings with the one before, so retiring one detaches the other's too
+ * (vu_mem_retire keeps only the buffers inside what it detaches). NULL with
+ * *n 0 when there is none, or no memory for the list (the pages are then
+ * zero, as they always were before). */
+static struct iovec *readable_buffers(struct vu_dev *dev, uint32_t *n)
 {
     uint32_t total = 0;
     *n = 0;
@@ -86,7 +89,7 @@ static struct iovec *readable_buffers(struct vu_dev *dev, const struct vu_mem *m
         struct vu_vq *vq = dev->vqs[q];
         for (uint32_t i = 0; vq->inflight && i < vq->pool_size; i++) {
             const struct vu_elem *e = &vq->elems[i];
-            if (e->in_flight && !e->held && e->mem == mem)
+            if (e->in_flight && !e->held)
                 total += e->out_num;
         }
     }
@@ -97,13 +100,37 @@ static struct iovec *readable_buffers(struct vu_dev *dev, const struct vu_mem *m
         struct vu_vq *vq = dev->vqs[q];
         for (uint32_t i = 0; vq->inflight && i < vq->pool_size; i++) {
             const struct vu_elem *e = &vq->elems[i];
-            if (e->in_flight && !e->held && e->mem == mem) {
+            if (e->in_flight && !e->held) {
                 memcpy(&keep[*n], e->iov, e->out_num * sizeof(*keep));
                 *n += e->out_num;
             }
         }
     }
     return keep;
+}
+
+/* Detaches every mapping the orphans' tables hold (queue locks held; none
+ * is the installed table's): a table re-sent over the same pages left the
+ * older one reaching the guest's memory. */
+static void detach_orphans_memory(struct vu_dev *dev)
+{
+    uint32_t nkeep = 0;
+    struct iovec *keep = NULL;
+    bool collected = false;
+    for (uint32_t q = 0; q < dev->nqueues; q++) {
+        struct vu_vq *vq = dev->vqs[q];
+        for (uint32_t i = 0; vq->norphans && i < vq->pool_size; i++) {
+            struct vu_elem *e = &vq->elems[i];
+            if (!e->in_flight || !e->orphan || !vu_mem_reaches_guest(e->mem))
+                continue;
+            if (!collected) {
+                keep = readable_buffers(dev, &nkeep);
+                collected = true;
+            }
+            vu_mem_detach_all(e->mem, keep, nkeep);
+        }
+    }
+    free(keep);
 }
 
 static void install_mem(struct vu_dev *dev, struct vu_mem *mem, bool orphaning)
@@ -113,7 +140,7 @@ static void install_mem(struct vu_dev *dev, struct vu_mem *mem, bool orphaning)
     uint32_t users = old ? elems_using(dev, old) : 0, nkeep = 0;
     if (users)
         __atomic_add_fetch(&old->pins, users, __ATOMIC_RELAXED);
-    struct iovec *keep = users ? readable_buffers(dev, old, &nkeep) : NULL;
+    struct iovec *keep = old ? readable_buffers(dev, &nkeep) : NULL;
     dev->mem = mem;
     unlock_queues(dev);
     vu_mem_retire(old, mem, keep, nkeep, orphaning);
@@ -144,19 +171,27 @@ int vu_dev_orphan_requests(struct vu_dev *dev)
             if (!e->in_flight || e->held)
                 continue;
             vu_vq_orphan(vq, e);
-            exposed += e->mem == dev->mem;
+            /* Not only through the installed table: one re-sent since may
+             * map the same pages anew (regions split or merged), and the
+             * one the orphan holds then still reaches them. */
+            exposed += vu_mem_reaches_guest(e->mem);
         }
     }
     unlock_queues(dev);
-    if (exposed == 0 || !dev->mem || dev->mem->nregions == 0)
-        return (int)exposed;
-    /* What the orphans hold is detached; new requests get the same guest
-     * memory through new mappings. */
-    int err = 0;
-    struct vu_mem *fresh = vu_mem_reseat(dev->mem, &err);
-    if (!fresh)
-        return err;
-    install_mem(dev, fresh, true);
+    if (exposed == 0)
+        return 0;
+    /* New requests get the same guest memory through new mappings, so what
+     * the orphans hold can all be detached. */
+    if (dev->mem && dev->mem->nregions) {
+        int err = 0;
+        struct vu_mem *fresh = vu_mem_reseat(dev->mem, &err);
+        if (!fresh)
+            return err;
+        install_mem(dev, fresh, true);
+    }
+    lock_queues(dev);
+    detach_orphans_memory(dev);
+    unlock_queues(dev);
     return (int)exposed;
 }
 
@@ -194,8 +229,9 @@ uint32_t vu_dev_close(struct vu_dev *dev)
     uint32_t users = old ? elems_using(dev, old) : 0, nkeep = 0;
     if (users)
         __atomic_add_fetch(&old->pins, users, __ATOMIC_RELAXED);
-    struct iovec *keep = users ? readable_buffers(dev, old, &nkeep) : NULL;
+    struct iovec *keep = old ? readable_buffers(dev, &nkeep) : NULL;
     dev->mem = NULL;
+    detach_orphans_memory(dev);
     dev->closing = pending > 0;
     __atomic_store_n(&dev->close_pending, pending, __ATOMIC_RELEASE);
     unlock_queues(dev);

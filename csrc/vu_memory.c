@@ -189,6 +189,20 @@ static bool table_has_map(const struct vu_mem *mem, const struct vu_map *map)
     return false;
 }
 
+bool vu_mem_reaches_guest(const struct vu_mem *mem)
+{
+    for (uint32_t i = 0; mem && i < mem->nregions; i++)
+        if (!mem->regions[i].map->detached)
+            return true;
+    return false;
+}
+
+void vu_mem_detach_all(struct vu_mem *mem, const struct iovec *keep, uint32_t nkeep)
+{
+    for (uint32_t i = 0; mem && i < mem->nregions; i++)
+        map_detach(mem->regions[i].map, keep, nkeep);
+}
+
 /* Whether `now` still maps every page of the file that `map` holds (the
  * front-end split, merged or moved regions over the same memory): those
  * pages are still the guest's, and what a late request writes through

@@ -58,6 +58,13 @@ void vu_mem_unpin(struct vu_mem *mem);
 /* A copy sharing every mapping (for ADD/REM_MEM_REG: the installed table is
  * never changed in place), pinned once; NULL without memory. */
 struct vu_mem *vu_mem_copy(const struct vu_mem *src);
+/* Whether some mapping of mem still reaches the guest's pages (is not
+ * detached). */
+bool vu_mem_reaches_guest(const struct vu_mem *mem);
+/* Detaches every mapping of mem (keeping the bytes of `keep` as
+ * vu_mem_retire does): for a table only requests given up on still hold,
+ * whose mappings the installed table no longer has. */
+void vu_mem_detach_all(struct vu_mem *mem, const struct iovec *keep, uint32_t nkeep);
 /* A copy whose mappings are new views of the same guest pages (mremap), so
  * that retiring `src` detaches what requests still hold without taking the
  * memory away from new requests. NULL with *err set when it can't. */

@@ -453,13 +453,17 @@ class WriteGateBackend(GateBackend):
             self.finished.set()
 
 
+@pytest.mark.parametrize("resent", [False, True], ids=["", "after-resent-table"])
 @pytest.mark.parametrize("scenario", ["other-table", "rem-mem-reg", "reset", "disconnect"])
-def test_a_late_write_stores_the_guests_data_after_its_memory_is_detached(tmp_path, scenario):
+def test_a_late_write_stores_the_guests_data_after_its_memory_is_detached(tmp_path, scenario,
+                                                                         resent):
     """A write still under way when the front-end takes its memory back (or
     the session gives up on it) stores the data the guest gave it: the
     private pages that replace the guest's hold a copy of what requests in
     flight read, not zeroes, and what the guest puts in its pages afterwards
-    does not reach the write either."""
+    does not reach the write either. Also when the table was re-sent
+    unchanged in between (QEMU does it routinely): the write then holds the
+    table before, which shares its mappings with the one retired."""
     backend = WriteGateBackend()
     with gated_device(backend, tmp_path, "latewrite") as (device, path, mem, spare):
         with BackgroundServer(device, path) as srv:
@@ -476,6 +480,8 @@ def test_a_late_write_stores_the_guests_data_after_its_memory_is_detached(tmp_pa
             blk.queues[0].notify()
             assert backend.arrived.wait(10)
             held_at = buffers_mapping(device)
+            if resent:
+                change("same-table", fe, mem, spare)
             change(scenario, fe, mem, spare)
             memfd = f"/memfd:latewrite@{BUFS_GPA:#x} "
             wait_for(lambda: memfd not in mapping_at(held_at), what="detach")
@@ -484,6 +490,38 @@ def test_a_late_write_stores_the_guests_data_after_its_memory_is_detached(tmp_pa
             assert backend.finished.wait(10)
             assert bytes(backend.disk[:4096]) == b"W" * 4096
             if scenario != "disconnect":
+                fe.close()
+            serves_a_new_front_end(path)
+            assert srv.error is None
+
+
+@pytest.mark.parametrize("end", ["reset", "disconnect"])
+@pytest.mark.parametrize("resend", SAME_PAGES)
+def test_giving_up_detaches_an_orphan_popped_before_the_table_was_resent(tmp_path, resend,
+                                                                         end):
+    """A request popped before the front-end re-sent its table (the same
+    pages, maybe split into other regions) holds the table before, which
+    still reaches the guest's pages. A reset or a disconnect that gives up
+    on it must detach them all the same: nothing of its late answer may
+    reach the guest's buffers after that."""
+    backend = GateBackend()
+    with gated_device(backend, tmp_path, "resent") as (device, path, mem, spare):
+        with BackgroundServer(device, path) as srv:
+            fe = Frontend.connect(path)
+            blk = BlkClient.setup(fe, memory=mem)
+            gpas = held_read(blk, mem)
+            assert backend.arrived.wait(10)
+            held_at = buffers_mapping(device)
+            change(resend, fe, mem, spare)
+            change(end, fe, mem, spare)     # given up on: an orphan now
+            memfd = f"/memfd:resent@{BUFS_GPA:#x} "
+            wait_for(lambda: memfd not in mapping_at(held_at), what="detach")
+            backend.open_gate()
+            assert backend.finished.wait(10)
+            wait_for(lambda: device._late == 0, what="the late completion")
+            assert mem.read(gpas["status"], 1) == b"\xff"
+            assert mem.read(gpas["data"], 4096) == bytes(4096)
+            if end != "disconnect":
                 fe.close()
             serves_a_new_front_end(path)
             assert srv.error is None
