@@ -163,23 +163,42 @@ uint32_t vu_dev_inflight(struct vu_dev *dev)
 int vu_dev_orphan_requests(struct vu_dev *dev)
 {
     lock_queues(dev);
-    uint32_t exposed = 0;   /* orphans whose memory the guest still has */
     for (uint32_t q = 0; q < dev->nqueues; q++) {
         struct vu_vq *vq = dev->vqs[q];
         for (uint32_t i = 0; vq->inflight && i < vq->pool_size; i++) {
             struct vu_elem *e = &vq->elems[i];
+            if (e->in_flight && !e->held)
+                vu_vq_orphan(vq, e);
+        }
+    }
+    unlock_queues(dev);
+    return vu_dev_detach_orphans(dev);
+}
+
+int vu_dev_detach_orphans(struct vu_dev *dev)
+{
+    lock_queues(dev);
+    uint32_t exposed = 0, live = 0;
+    for (uint32_t q = 0; q < dev->nqueues; q++) {
+        struct vu_vq *vq = dev->vqs[q];
+        for (uint32_t i = 0; vq->inflight && i < vq->pool_size; i++) {
+            const struct vu_elem *e = &vq->elems[i];
             if (!e->in_flight || e->held)
                 continue;
-            vu_vq_orphan(vq, e);
             /* Not only through the installed table: one re-sent since may
              * map the same pages anew (regions split or merged), and the
              * one the orphan holds then still reaches them. */
-            exposed += vu_mem_reaches_guest(e->mem);
+            if (e->orphan)
+                exposed += vu_mem_reaches_guest(e->mem);
+            else
+                live++;
         }
     }
     unlock_queues(dev);
     if (exposed == 0)
         return 0;
+    if (live)
+        return -VU_ERR_INFLIGHT_BUSY;
     /* New requests get the same guest memory through new mappings, so what
      * the orphans hold can all be detached. */
     if (dev->mem && dev->mem->nregions) {

@@ -47,12 +47,17 @@ void vu_dev_set_features(struct vu_dev *dev, uint64_t features);
  * is detached (vu_memory.h). Call with the device locked for writing, then
  * re-translate running rings. */
 void vu_dev_install_mem(struct vu_dev *dev, struct vu_mem *mem);
-/* Every request in flight becomes an orphan (vu_vq_orphan), and if any of
- * them still reaches the guest's memory through the installed table, the
- * table is reseated: what they hold is detached while new requests see the
- * same guest memory through new mappings. Device locked for writing.
- * Returns how many orphans were exposed, or -vu_err when reseating failed. */
+/* Every request in flight becomes an orphan (vu_vq_orphan), and what they
+ * hold is detached (vu_dev_detach_orphans). Device locked for writing.
+ * Returns how many orphans still reached the guest's memory, or -vu_err
+ * when reseating failed. */
 int vu_dev_orphan_requests(struct vu_dev *dev);
+/* Detaches what orphans hold from the guest's memory, reseating the
+ * installed table for new requests. Only while no request in flight is
+ * anything but an orphan or held (the others share the mappings; then
+ * -VU_ERR_INFLIGHT_BUSY). Device locked for writing. Returns how many
+ * orphans still reached the guest's memory, or -vu_err. */
+int vu_dev_detach_orphans(struct vu_dev *dev);
 /* Requests in flight on every queue. */
 uint32_t vu_dev_inflight(struct vu_dev *dev);
 /* Maps the dirty log; replaces the previous one. */

@@ -202,11 +202,18 @@ int vu_vq_set_base(struct vu_vq *vq, uint32_t num)
     return 0;
 }
 
-uint32_t vu_vq_get_base(struct vu_vq *vq)
+/* The base as SET/GET_VRING_BASE encode it, for the layout negotiated
+ * (vq->packed is set only when the ring starts). */
+static uint32_t base_of(const struct vu_vq *vq, bool packed)
 {
-    if (vq->packed)
+    if (packed)
         return (uint32_t)(vq->last_avail_idx & 0x7fff) | ((uint32_t)vq->avail_wrap << 15);
     return vq->last_avail_idx;
+}
+
+uint32_t vu_vq_get_base(struct vu_vq *vq)
+{
+    return base_of(vq, vq->packed);
 }
 
 static int alloc_pool(struct vu_vq *vq)
@@ -329,9 +336,41 @@ void vu_vq_stop(struct vu_vq *vq)
             vu_split_flush(vq);
     }
     vq->started = false;
+    vq->stop_known = true;
+    vq->stop_base = base_of(vq, vq->packed);
+    vq->stop_desc = vq->desc_addr;
+    vq->stop_avail = vq->avail_addr;
+    vq->stop_used = vq->used_addr;
     pthread_mutex_unlock(&vq->lock);
     if (published)
         vu_vq_signal(vq);
+}
+
+uint32_t vu_vq_forget_if_restarted(struct vu_vq *vq)
+{
+    bool packed = vq->dev->features & (1ULL << VIRTIO_F_RING_PACKED);
+    pthread_mutex_lock(&vq->lock);
+    uint32_t orphaned = 0;
+    bool moved = base_of(vq, packed) != vq->stop_base || vq->desc_addr != vq->stop_desc ||
+                 vq->avail_addr != vq->stop_avail || vq->used_addr != vq->stop_used;
+    if (!vq->started && vq->stop_known && moved && vq->inflight > vq->norphans) {
+        for (uint32_t i = 0; i < vq->pool_size; i++) {
+            struct vu_elem *e = &vq->elems[i];
+            if (!e->in_flight || e->orphan)
+                continue;
+            if (e->held) {
+                elem_release(vq, e);     /* not an orphan: nothing to count */
+            } else {
+                vu_vq_orphan(vq, e);
+                orphaned++;
+            }
+        }
+        /* Answers go where the new driver's ring starts (see set_base). */
+        vq->used_idx = vq->last_avail_idx;
+        vq->used_wrap = vq->avail_wrap;
+    }
+    pthread_mutex_unlock(&vq->lock);
+    return orphaned;
 }
 
 bool vu_vq_orphaned(const struct vu_elem *elem)

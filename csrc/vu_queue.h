@@ -94,6 +94,11 @@ struct vu_vq {
     uint16_t size;
     bool packed, event_idx, indirect, log_used;
     uint64_t desc_addr, avail_addr, used_addr, log_addr;  /* as the front-end sent them */
+    /* Where the ring was when it last stopped (GET_VRING_BASE): a restart
+     * elsewhere is a new driver's ring (vu_vq_forget_if_restarted). */
+    bool stop_known;
+    uint32_t stop_base;
+    uint64_t stop_desc, stop_avail, stop_used;
     int kick_fd, call_fd, err_fd;
     bool kick_polled;        /* SET_VRING_KICK with the no-fd bit: poll the ring */
     bool started, enabled, broken;
@@ -201,6 +206,13 @@ int vu_vq_start(struct vu_vq *vq);
 /* Stops taking chains; completions of those in flight are held until the
  * ring starts again (those pushed already are published now). */
 void vu_vq_stop(struct vu_vq *vq);
+/* A stopped ring set up again at another base or other addresses than it
+ * stopped at belongs to a new driver: the guest reset the device (QEMU
+ * sends no RESET_DEVICE when a guest reboots, only new rings). What the
+ * old driver is owed must reach neither: held answers are dropped, chains
+ * still in flight become orphans. Returns how many orphans this made.
+ * Before vu_vq_start, device locked for writing. */
+uint32_t vu_vq_forget_if_restarted(struct vu_vq *vq);
 /* Whether elem became an orphan (a reset or the device's close gave up
  * waiting for it): its guest memory may be detached by now. */
 bool vu_vq_orphaned(const struct vu_elem *elem);

@@ -296,6 +296,7 @@ class DataPlane:
                     log.warning("ring %d: %d entries, its inflight region has room for %d; "
                                 "not tracked", index, vq.size, self._inflight_queue_size)
                     lib.vu_vq_set_inflight(vq, ffi.NULL)
+                self._forget_if_restarted(index)
                 rc = lib.vu_vq_start(vq)
                 if rc in (-lib.VU_ERR_RING_UNMAPPED, -lib.VU_ERR_BAD_BASE):
                     lib.vu_vq_break(vq, -rc, vq.desc_addr)
@@ -308,6 +309,26 @@ class DataPlane:
         # if spurious (libvhost-user does the same).
         lib.vu_vq_signal(vq)
         self.kick(index)
+
+    def _forget_if_restarted(self, index: int) -> None:
+        """A ring set up again elsewhere than it stopped is a new driver's
+        (the guest reset the device): what the old one is owed must reach
+        neither its ring nor its memory (vu_vq_forget_if_restarted).
+        Device locked for writing."""
+        given_up = lib.vu_vq_forget_if_restarted(self._dev.vqs[index])
+        if not given_up:
+            return
+        log.warning("ring %d set up again at another base or address (the guest reset the "
+                    "device): %d requests of its old driver still running are given up",
+                    index, given_up)
+        rc = lib.vu_dev_detach_orphans(self._dev)
+        if rc == -lib.VU_ERR_INFLIGHT_BUSY:
+            log.warning("ring %d: other rings still have requests in the same memory: the "
+                        "given-up requests write to the guest's buffers until they end", index)
+            return
+        check(rc, "detaching given-up requests")
+        self.views.forget()
+        self.remap_started()
 
     def set_enabled(self, index: int, enabled: bool) -> None:
         with self.locked():

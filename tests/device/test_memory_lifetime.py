@@ -314,6 +314,53 @@ def test_completion_while_the_ring_is_stopped_is_published_when_it_restarts(tmp_
         mem.close()
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("answer", ["before-restart", "after-restart"])
+def test_a_ring_started_over_gets_no_answer_owed_to_the_old_driver(tmp_path, answer, packed):
+    """A guest that reboots gets new rings (base 0, new addresses) and QEMU
+    sends no RESET_DEVICE. A request GET_VRING_BASE gave up on belongs to
+    the old driver: its answer never reaches the new ring (a used entry the
+    driver never made available breaks it: Linux marks the device broken).
+    One that ends after the new ring started does not reach the buffers the
+    new driver may use for something else either. (One that ended while
+    the ring was stopped wrote its buffers then, as it must when the same
+    ring resumes after a VM stop: nothing could tell the two apart yet.)"""
+    backend = GateBackend()
+    device = BlkDevice(backend)
+    device.drain_timeout = 0.2
+    path = str(tmp_path / "gate.sock")
+    mem = GuestMemory([(0, 2 * MiB), (BUFS_GPA, MiB)], name="fresh")
+    try:
+        with BackgroundServer(device, path) as srv:
+            with Frontend.connect(path) as fe:
+                blk = BlkClient.setup(fe, memory=mem, packed=packed)
+                gpas = held_read(blk, mem)
+                assert backend.arrived.wait(10)
+                fe.stop_queue(0)                     # gives up after the drain timeout
+                if answer == "before-restart":
+                    backend.open_gate()
+                    assert backend.finished.wait(10)
+                    wait_for(lambda: device._late == 0, what="the late completion")
+                vq = fe.setup_queue(0, 128, mem=mem)     # the new driver's ring
+                if answer == "after-restart":
+                    backend.open_gate()
+                    assert backend.finished.wait(10)
+                    wait_for(lambda: device._late == 0, what="the late completion")
+                time.sleep(0.2)
+                assert vq.poll() == []
+                if answer == "after-restart":
+                    assert mem.read(gpas["status"], 1) == b"\xff"
+                    assert mem.read(gpas["data"], 4096) == bytes(4096)
+                blk.queues[0] = vq
+                blk.write(8, b"r" * 512)            # the new ring serves
+                assert blk.read(8, 512) == b"r" * 512
+            serves_a_new_front_end(path)
+            assert srv.error is None
+    finally:
+        device.close()
+        mem.close()
+
+
 class BlockingGateBackend(GateBackend):
     """The same with a plain read(): a read of sector 0 blocks the queue's
     worker thread until the gate opens."""
