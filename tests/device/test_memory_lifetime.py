@@ -149,6 +149,20 @@ def held_read(blk: BlkClient, mem: GuestMemory, sector: int = 0, token: str = "h
     return {"data": data, "status": status}
 
 
+def answer_late(backend, device) -> None:
+    """Lets the held request finish, and waits until the device is done
+    with its completion."""
+    backend.open_gate()
+    assert backend.finished.wait(10)
+    wait_for(lambda: device._late == 0, what="the late completion")
+
+
+def assert_untouched(mem: GuestMemory, gpas: dict) -> None:
+    """Nothing of the held read's answer reached the guest's buffers."""
+    assert mem.read(gpas["status"], 1) == b"\xff"
+    assert mem.read(gpas["data"], 4096) == bytes(4096)
+
+
 def serves_a_new_front_end(path: str) -> None:
     with Frontend.connect(path) as fe:
         blk = BlkClient.setup(fe)
@@ -243,9 +257,7 @@ def test_held_request_survives_memory_change(tmp_path, other_disk, scenario, ans
                     assert spare.read(data, 512) == b"n" * 512
 
             if answer == "late":
-                backend.open_gate()
-                assert backend.finished.wait(10)
-                wait_for(lambda: device._late == 0, what="the late completion")
+                answer_late(backend, device)
                 if scenario in SAME_PAGES:
                     # Still the guest's memory and ring: the answer arrives.
                     used = blk.queues[0].wait(1)
@@ -254,8 +266,7 @@ def test_held_request_survives_memory_change(tmp_path, other_disk, scenario, ans
                     assert mem.read(gpas["data"], 4096) == LATE * 4096
                 else:
                     # Taken back (or reset): nothing of the answer reaches it.
-                    assert mem.read(gpas["status"], 1) == b"\xff"
-                    assert mem.read(gpas["data"], 4096) == bytes(4096)
+                    assert_untouched(mem, gpas)
                     if scenario in ("other-table", "rem-mem-reg"):
                         # The ring lives on in region 0: the driver gets its
                         # descriptor back, so nothing waits for it forever.
@@ -298,9 +309,7 @@ def test_completion_while_the_ring_is_stopped_is_published_when_it_restarts(tmp_
                 started = time.monotonic()
                 base = fe.get_vring_base(0)
                 assert time.monotonic() - started < 5
-                backend.open_gate()
-                assert backend.finished.wait(10)
-                wait_for(lambda: device._late == 0, what="the late completion")
+                answer_late(backend, device)
                 time.sleep(0.1)
                 assert vq.poll() == []              # stopped: nothing published
                 fe.resume_queue(vq, base, mem=mem)
@@ -338,19 +347,14 @@ def test_a_ring_started_over_gets_no_answer_owed_to_the_old_driver(tmp_path, ans
                 assert backend.arrived.wait(10)
                 fe.stop_queue(0)                     # gives up after the drain timeout
                 if answer == "before-restart":
-                    backend.open_gate()
-                    assert backend.finished.wait(10)
-                    wait_for(lambda: device._late == 0, what="the late completion")
+                    answer_late(backend, device)
                 vq = fe.setup_queue(0, 128, mem=mem)     # the new driver's ring
                 if answer == "after-restart":
-                    backend.open_gate()
-                    assert backend.finished.wait(10)
-                    wait_for(lambda: device._late == 0, what="the late completion")
+                    answer_late(backend, device)
                 time.sleep(0.2)
                 assert vq.poll() == []
                 if answer == "after-restart":
-                    assert mem.read(gpas["status"], 1) == b"\xff"
-                    assert mem.read(gpas["data"], 4096) == bytes(4096)
+                    assert_untouched(mem, gpas)
                 blk.queues[0] = vq
                 blk.write(8, b"r" * 512)            # the new ring serves
                 assert blk.read(8, 512) == b"r" * 512
@@ -416,8 +420,7 @@ def test_a_blocked_plain_method_holds_up_no_front_end_message(tmp_path, other_di
                 # The buffers were taken back: the answer reaches only the
                 # ring, which lives on in region 0.
                 assert [u.token for u in vq.wait(1)] == ["held"]
-                assert mem.read(gpas["status"], 1) == b"\xff"
-                assert mem.read(gpas["data"], 4096) == bytes(4096)
+                assert_untouched(mem, gpas)
             elif scenario == "stop":
                 # The buffers are still the guest's; the used entry waits for
                 # the ring to start again (as the async case above shows).
@@ -429,8 +432,7 @@ def test_a_blocked_plain_method_holds_up_no_front_end_message(tmp_path, other_di
                 # Reset: the answer is an orphan's, nothing of it arrives.
                 time.sleep(0.1)
                 assert vq.poll() == []
-                assert mem.read(gpas["status"], 1) == b"\xff"
-                assert mem.read(gpas["data"], 4096) == bytes(4096)
+                assert_untouched(mem, gpas)
             if scenario in ("same-table", "other-table", "rem-mem-reg"):
                 if scenario == "other-table":
                     fe.memory = None      # the client's own allocations can't follow
@@ -563,11 +565,8 @@ def test_giving_up_detaches_an_orphan_popped_before_the_table_was_resent(tmp_pat
             change(end, fe, mem, spare)     # given up on: an orphan now
             memfd = f"/memfd:resent@{BUFS_GPA:#x} "
             wait_for(lambda: memfd not in mapping_at(held_at), what="detach")
-            backend.open_gate()
-            assert backend.finished.wait(10)
-            wait_for(lambda: device._late == 0, what="the late completion")
-            assert mem.read(gpas["status"], 1) == b"\xff"
-            assert mem.read(gpas["data"], 4096) == bytes(4096)
+            answer_late(backend, device)
+            assert_untouched(mem, gpas)
             if end != "disconnect":
                 fe.close()
             serves_a_new_front_end(path)
