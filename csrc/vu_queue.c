@@ -250,6 +250,15 @@ static int alloc_pool(struct vu_vq *vq)
 static int push_locked(struct vu_vq *vq, struct vu_elem *elem, uint32_t len,
                        uint32_t *finished);
 
+/* Publishes the used entries pushed since the last flush (queue lock held). */
+static void flush_locked(struct vu_vq *vq)
+{
+    if (vq->packed)
+        vu_packed_flush(vq);
+    else
+        vu_split_flush(vq);
+}
+
 /* Publishes what completed while the ring was stopped (none is an orphan:
  * a held element stops being one, see vu_vq_orphan). */
 static void publish_held(struct vu_vq *vq)
@@ -263,10 +272,7 @@ static void publish_held(struct vu_vq *vq)
             push_locked(vq, e, e->held_len, &finished);
         }
     }
-    if (vq->packed)
-        vu_packed_flush(vq);
-    else
-        vu_split_flush(vq);
+    flush_locked(vq);
 }
 
 int vu_vq_start(struct vu_vq *vq)
@@ -329,12 +335,8 @@ void vu_vq_stop(struct vu_vq *vq)
      * the index GET_VRING_BASE returns counts them as used, and a restart
      * would write over them. */
     bool published = ring_live(vq) && vq->pending_used;
-    if (published) {
-        if (vq->packed)
-            vu_packed_flush(vq);
-        else
-            vu_split_flush(vq);
-    }
+    if (published)
+        flush_locked(vq);
     vq->started = false;
     vq->stop_known = true;
     vq->stop_base = base_of(vq, vq->packed);
@@ -694,12 +696,8 @@ int vu_vq_push_burst(struct vu_vq *vq, struct vu_elem *const *elems, const uint3
 void vu_vq_flush(struct vu_vq *vq)
 {
     pthread_mutex_lock(&vq->lock);
-    if (ring_live(vq)) {
-        if (vq->packed)
-            vu_packed_flush(vq);
-        else
-            vu_split_flush(vq);
-    }
+    if (ring_live(vq))
+        flush_locked(vq);
     pthread_mutex_unlock(&vq->lock);
 }
 
@@ -740,12 +738,8 @@ static int complete(struct vu_vq *vq, struct vu_elem *elem, uint32_t len, bool n
     pthread_mutex_lock(&vq->lock);
     int rc = push_locked(vq, elem, len, &finished);
     bool live = rc == 0 && !finished && ring_live(vq);
-    if (live) {
-        if (vq->packed)
-            vu_packed_flush(vq);
-        else
-            vu_split_flush(vq);
-    }
+    if (live)
+        flush_locked(vq);
     struct vu_dev *dev = vq->dev;
     pthread_mutex_unlock(&vq->lock);
     if (finished) {
