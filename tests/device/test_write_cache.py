@@ -259,12 +259,23 @@ class HeldPlainWriteAsyncFlushDisk(HeldPlainWriteDisk):
         super().flush()
 
 
-@pytest.mark.parametrize("disk_class", [HeldPlainWriteDisk, HeldPlainWriteAsyncFlushDisk])
+class HeldPlainWriteReturningLength(HeldPlainWriteDisk):
+    """Returns the bytes written, a value the contract says is ignored."""
+
+    def write(self, offset, bufs):
+        super().write(offset, bufs)
+        return sum(len(b) for b in bufs)
+
+
+@pytest.mark.parametrize("disk_class", [HeldPlainWriteDisk, HeldPlainWriteAsyncFlushDisk,
+                                        HeldPlainWriteReturningLength])
 def test_a_plain_write_running_across_the_switch_to_write_through_is_stable(blk_client,
                                                                            disk_class):
     """A plain write() chosen in write-back mode is still running when the
     driver switches to write-through (the switch doesn't wait for it): the
-    flush (plain or async) runs before its completion is published."""
+    flush (plain or async) runs before its completion is published. Also
+    when write() returns a value: it is ignored, the write is done all the
+    same and needs the flush as much."""
     disk = disk_class()
     with blk_client(BlkDevice(disk)) as (srv, blk):
         with blk.mem.scratch():

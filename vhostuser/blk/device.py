@@ -649,16 +649,16 @@ class BlkDevice(Device):
                 self._failed(exc, vq, reqs[i])
                 status[i] = BlkStatus.IOERR
                 continue
-            if outcome is None:
-                if writeback and (t == _OUT or t == _ZEROES):
-                    written_back.append(i)
-                continue        # status[i] is 0: OK
-            method = "write_fua" if t == _OUT and write is stable_write else _op(t)
-            if inspect.isawaitable(outcome):
-                self._complete_later(vq, reqs[i], outcome, method)   # r.result stays PENDING
-                status[i] = _PENDING
-            else:
+            if outcome is not None:
+                method = "write_fua" if t == _OUT and write is stable_write else _op(t)
+                if inspect.isawaitable(outcome):
+                    self._complete_later(vq, reqs[i], outcome, method)  # r.result stays PENDING
+                    status[i] = _PENDING
+                    continue
                 self._ignored(method, outcome)
+            # Done now, whatever it returned: status[i] is 0 (OK).
+            if writeback and (t == _OUT or t == _ZEROES):
+                written_back.append(i)
         lib.vu_blk_py_set_results(reqs, n, ffi.from_buffer(status))
         self._written_back[vq.index] = written_back
         return len(written_back)
