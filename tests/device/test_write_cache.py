@@ -133,6 +133,24 @@ def test_without_flush_negotiated_every_write_is_stable(blk_client):
         assert disk.stable_at(8, 8192) == pattern(3, 8192)
 
 
+def test_set_features_again_keeps_the_mode_the_driver_chose(blk_client):
+    """QEMU sends SET_FEATURES again at each vhost_dev_start (VM stop/cont,
+    LOG_ALL toggled for migration). The driver that chose write-through
+    sends no FLUSH, so the device must not fall back to write-back then;
+    only a reset (or other cache features) sets the initial mode again."""
+    disk = CacheDisk()
+    with blk_client(BlkDevice(disk)) as (srv, blk):
+        blk.set_writeback(False)
+        features = blk.fe.features
+        blk.fe.set_features(features)                   # as at vhost_dev_start
+        assert blk.read_config().writeback == 0
+        blk.write(16, pattern(3, 4096))
+        assert disk.stable_at(16, 4096) == pattern(3, 4096)
+        blk.fe.reset()
+        blk.fe.set_features(features)
+        assert blk.read_config().writeback == 1         # FLUSH: write-back after a reset
+
+
 def test_an_overridden_write_fua_is_what_runs(blk_client):
     disk = DsyncDisk()
     with blk_client(BlkDevice(disk)) as (srv, blk):

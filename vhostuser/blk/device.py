@@ -163,6 +163,8 @@ class BlkDevice(Device):
         lim.write_zeroes_unmap = kind != lib.VU_BLK_BACKEND_RAM
         self.config.write_zeroes_may_unmap = int(lim.write_zeroes_unmap)
         lim.writeback = True
+        # FLUSH and CONFIG_WCE as last negotiated (None: not since a reset).
+        self._cache_features: int | None = None
         self._qos = QosLimits()
         self._close_flushed = False
         path = os.environ.get("VHOSTUSER_BLK_IO_PATH")
@@ -245,12 +247,19 @@ class BlkDevice(Device):
         lim.discard = bool(features & (1 << F.DISCARD))
         lim.write_zeroes = bool(features & (1 << F.WRITE_ZEROES))
         lim.secure_erase = bool(features & (1 << F.SECURE_ERASE))
-        # FLUSH without CONFIG_WCE: write-back; neither: writes must be stable
-        # when completed (virtio 1.4, 5.2.6.5).
-        lim.writeback = bool(features & (1 << F.FLUSH))
+        # QEMU sends SET_FEATURES again at each vhost_dev_start (stop/cont,
+        # migration): the mode the driver chose through CONFIG_WCE stays
+        # until a reset or a change of the cache features.
+        cache_bits = features & bits(F.FLUSH, F.CONFIG_WCE)
+        if cache_bits != self._cache_features:
+            self._cache_features = cache_bits
+            # Initially write-back iff FLUSH; without it writes must be
+            # stable when completed (virtio 1.4, 5.2.5 and 5.2.6.5).
+            lim.writeback = bool(features & (1 << F.FLUSH))
 
     def on_reset(self) -> None:
         self.on_features(0)
+        self._cache_features = None       # the next SET_FEATURES sets the mode afresh
 
     def quiesce(self) -> None:
         lib.vu_blk_quiesce(self._blk)
