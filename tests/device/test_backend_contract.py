@@ -11,6 +11,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -143,6 +145,64 @@ def test_a_bug_in_the_backend_gets_one_traceback(blk_client, caplog, monkeypatch
     assert errors[0].getMessage() == "block back-end failed on read at sector 0: KeyError: 'oops'"
     assert errors[0].exc_info is not None
     assert caplog.text.count("Traceback") == 1
+
+
+class Garbage:
+    """A return value that makes inspect.isawaitable() raise."""
+
+    @property
+    def __class__(self):
+        raise ValueError("garbage")
+
+
+class LateAndGarbage(Disk):
+    """read() at sector 0: async, done after its batch; at 8: garbage; at
+    32: async and slow (a new request on the element sector 0 had)."""
+
+    def __init__(self):
+        super().__init__()
+        self.slow_done = threading.Event()
+
+    def read(self, offset, bufs):
+        if offset == 0:
+            async def later():
+                await asyncio.sleep(0.5)
+                for b in bufs:
+                    b[:] = b"L" * len(b)
+            return later()
+        if offset == 8 * 512:
+            return Garbage()
+        if offset == 32 * 512:
+            async def slow():
+                await asyncio.sleep(2)
+                for b in bufs:
+                    b[:] = b"S" * len(b)
+                self.slow_done.set()
+            return slow()
+        return super().read(offset, bufs)
+
+
+def test_each_request_of_a_failing_batch_completes_exactly_once(blk_client):
+    """A failure after an earlier request of the batch was handed to the
+    event loop (here inspect.isawaitable raising on a hostile return value)
+    fails that request alone. The one handed over is the loop's: it was
+    also answered IOERR by the batch, so completed twice -- its status byte
+    rewritten after the guest saw it, and the element, reused by then,
+    completed early for the next request."""
+    disk = LateAndGarbage()
+    with blk_client(BlkDevice(disk)) as (srv, blk):
+        reqs = [BlkRequest.read(0, 4096), BlkRequest.read(8, 4096)]
+        blk.submit(reqs)                                # one batch
+        blk.reap(2, timeout=5)
+        assert [r.status for r in reqs] == [BlkStatus.OK, BlkStatus.IOERR]
+        assert reqs[0].data == b"L" * 4096
+        new = BlkRequest.read(32, 4096)                 # on the element reqs[0] had
+        blk.submit([new])
+        assert blk.reap(1, timeout=10) == [new]
+        assert disk.slow_done.is_set(), "completed before its back-end method finished"
+        assert new.data == b"S" * 4096
+        time.sleep(0.5)
+        assert blk.mem.read(reqs[0].gpas["status"], 1)[0] == BlkStatus.OK
 
 
 @pytest.mark.parametrize("size, why", [

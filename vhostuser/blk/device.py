@@ -35,7 +35,7 @@ F = BlkFeature
 LATENCY_BOUNDS_US = tuple(1 << i for i in range(lib.VU_BLK_LAT_BUCKETS - 1)) + (float("inf"),)
 _IN, _OUT, _OK = int(BlkType.IN), int(BlkType.OUT), int(BlkStatus.OK)
 _ZEROES = int(BlkType.WRITE_ZEROES)
-_UNSUPP = int(BlkStatus.UNSUPP)
+_UNSUPP, _IOERR = int(BlkStatus.UNSUPP), int(BlkStatus.IOERR)
 #: The back-end method behind each request type (write-through writes: write_fua).
 _METHODS = {BlkType.IN: "read", BlkType.OUT: "write", BlkType.FLUSH: "flush",
             BlkType.DISCARD: "discard", BlkType.WRITE_ZEROES: "write_zeroes",
@@ -618,6 +618,25 @@ class BlkDevice(Device):
         ran in write-back mode and are done: if the driver switched to
         write-through meanwhile, the C side has them made stable
         (_settle_write_back) before it publishes them."""
+        status = bytearray([_IOERR]) * n     # a request not reached fails
+        written_back: list[int] = []
+        try:
+            self._run_batch(vq, reqs, n, status, written_back)
+        except BaseException:
+            # Cut short: no settle follows, so they are not known stable.
+            for i in written_back:
+                status[i] = _IOERR
+            raise
+        finally:
+            # Those handed to the event loop stay PENDING: it completes them.
+            lib.vu_blk_py_set_results(reqs, n, ffi.from_buffer(status))
+        self._written_back[vq.index] = written_back
+        return len(written_back)
+
+    def _run_batch(self, vq, reqs, n: int, status: bytearray, written_back: list) -> None:
+        """_python_batch's requests, each answered in `status` (_PENDING:
+        handed to the event loop), the write-back writes done listed in
+        `written_back`."""
         # Per request in the guest's hot path: the batch is described in one
         # C call (type, offset, where the data is), statuses go back in one;
         # a read or write in one buffer of a mapping already seen is a slice
@@ -630,14 +649,14 @@ class BlkDevice(Device):
         by_map = views._by_map
         desc = ffi.new("struct vu_blk_pydesc[]", n)
         lib.vu_blk_py_describe(reqs, n, desc)
-        status = bytearray(n)
-        written_back = []
         for i, (t, niov, offset, map_id, map_off, length) in enumerate(
                 _PYDESC.iter_unpack(ffi.buffer(desc))):
             # The cache mode when the request runs decides; CONFIG_WCE may
             # change it between two requests of one batch.
             writeback = lim.writeback
             write = cached_write if writeback else stable_write
+            # All of it in the try: whatever fails, this request alone fails,
+            # and none handed to the loop is answered here too.
             try:
                 if t == _IN or t == _OUT:
                     whole = by_map.get(map_id) if map_id else None
@@ -649,6 +668,13 @@ class BlkDevice(Device):
                     outcome = (read if t == _IN else write)(offset, bufs)
                 else:
                     outcome = self._run_request(reqs[i], writeback)
+                if outcome is not None:
+                    method = "write_fua" if t == _OUT and write is stable_write else _op(t)
+                    if inspect.isawaitable(outcome):
+                        self._complete_later(vq, reqs[i], outcome, method)
+                        status[i] = _PENDING      # the loop's from here on
+                        continue
+                    self._ignored(method, outcome)
             except Unsupported as exc:
                 log.debug("block back-end: %s at sector %d unsupported: %s", _op(t),
                           reqs[i].sector, exc)
@@ -656,21 +682,11 @@ class BlkDevice(Device):
                 continue
             except Exception as exc:
                 self._failed(exc, vq, reqs[i])
-                status[i] = BlkStatus.IOERR
-                continue
-            if outcome is not None:
-                method = "write_fua" if t == _OUT and write is stable_write else _op(t)
-                if inspect.isawaitable(outcome):
-                    self._complete_later(vq, reqs[i], outcome, method)  # r.result stays PENDING
-                    status[i] = _PENDING
-                    continue
-                self._ignored(method, outcome)
-            # Done now, whatever it returned: status[i] is 0 (OK).
+                continue                          # status[i] is IOERR
+            # Done now, whatever it returned.
+            status[i] = _OK
             if writeback and (t == _OUT or t == _ZEROES):
                 written_back.append(i)
-        lib.vu_blk_py_set_results(reqs, n, ffi.from_buffer(status))
-        self._written_back[vq.index] = written_back
-        return len(written_back)
 
     def _settle_write_back(self, vq, reqs) -> None:
         """The driver switched to write-through while this queue's batch ran
@@ -834,11 +850,10 @@ def vu_blk_py_batch(ctx, vq, reqs, n):
     try:
         return device._python_batch(vq, reqs, n)
     except Exception as exc:
+        # Every request is answered already (_python_batch's finally), those
+        # handed to the event loop by it.
         device._log.log(("batch", type(exc)), logging.ERROR, "Python block batch failed: %s: %s",
                         type(exc).__name__, exc, exc_info=exc, source=vq.index)
-        for i in range(n):
-            if reqs[i].result == lib.VU_BLK_S_PENDING:
-                reqs[i].result = BlkStatus.IOERR
         return 0
 
 
