@@ -147,6 +147,34 @@ def test_a_bug_in_the_backend_gets_one_traceback(blk_client, caplog, monkeypatch
     assert caplog.text.count("Traceback") == 1
 
 
+class Boom(BaseException):
+    """A library's own BaseException, not an Exception."""
+
+
+@pytest.mark.parametrize("exc", [Boom, SystemExit, KeyboardInterrupt, asyncio.CancelledError])
+@pytest.mark.parametrize("cls", [Disk, AsyncDisk])
+def test_a_base_exception_fails_the_request_rather_than_hanging(blk_client, caplog, cls, exc):
+    """Only Exception was caught: a method raising another BaseException
+    left its request in flight for ever. It is an I/O error now, logged with
+    its traceback. On the event loop KeyboardInterrupt and SystemExit then
+    stop the loop (as asyncio has them do); in a queue worker there is no
+    one to raise them to."""
+    disk = cls()
+    disk.raises = {"read": exc("read gone wrong")}
+    dev = BlkDevice(disk)
+    dev.drain_timeout = 1.0
+    with blk_client(dev) as (srv, blk):
+        with blk.mem.scratch():
+            req = BlkRequest.read(0, 4096)
+            blk.submit([req])
+            assert blk.reap(1, timeout=5) == [req]      # FrontendTimeout if it hangs
+        assert req.status == BlkStatus.IOERR
+    stops_the_loop = cls is AsyncDisk and exc in (SystemExit, KeyboardInterrupt)
+    assert isinstance(srv.error, exc) if stops_the_loop else srv.error is None
+    if exc is not asyncio.CancelledError:
+        assert "block back-end failed on read at sector 0" in caplog.text
+
+
 class Garbage:
     """A return value that makes inspect.isawaitable() raise."""
 

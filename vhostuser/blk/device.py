@@ -680,7 +680,8 @@ class BlkDevice(Device):
                           reqs[i].sector, exc)
                 status[i] = _UNSUPP
                 continue
-            except Exception as exc:
+            except BaseException as exc:
+                # Even SystemExit: a queue worker has no one to pass it to.
                 self._failed(exc, vq, reqs[i])
                 continue                          # status[i] is IOERR
             # Done now, whatever it returned.
@@ -699,7 +700,7 @@ class BlkDevice(Device):
             return
         try:
             flushed = self.backend.flush()
-        except Exception as exc:
+        except BaseException as exc:
             for r in which:
                 self._failed(exc, vq, r)
                 r.result = BlkStatus.IOERR
@@ -713,7 +714,7 @@ class BlkDevice(Device):
             r.result = _PENDING
             self._complete_later(vq, r, asyncio.wrap_future(shared, loop=self._loop), "flush")
 
-    def _failed(self, exc: Exception, vq, r) -> None:
+    def _failed(self, exc: BaseException, vq, r) -> None:
         """An I/O error (a remote store gone, a disk failing, a back-end that
         says so with BackendError) is one line; anything else is a bug in
         the back-end: its traceback. Rate-limited: during an outage every
@@ -731,7 +732,7 @@ class BlkDevice(Device):
         session = self.session
 
         async def run():
-            cancelled = None
+            reraise = None
             try:
                 self._ignored(method, await awaitable)
                 if method == "write" and not self._blk.lim.writeback:
@@ -743,14 +744,16 @@ class BlkDevice(Device):
             except asyncio.CancelledError as exc:
                 # The loop is going away (exit): answer, so the request is
                 # released rather than left in flight forever.
-                status, cancelled = BlkStatus.IOERR, exc
+                status, reraise = BlkStatus.IOERR, exc
             except Unsupported as exc:
                 log.debug("block back-end: %s at sector %d unsupported: %s", _op(r.type),
                           r.sector, exc)
                 status = BlkStatus.UNSUPP
-            except Exception as exc:
+            except BaseException as exc:
                 self._failed(exc, vq, r)
                 status = BlkStatus.IOERR
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    reraise = exc       # the loop stops for them, once this is answered
             if session is None or session.closed:
                 # Its session gave up waiting: the request is an orphan, and
                 # completing it only releases it (nothing reaches the guest;
@@ -763,8 +766,8 @@ class BlkDevice(Device):
             with self._late_lock:
                 self._late -= 1
             self._free_if_idle()
-            if cancelled is not None:
-                raise cancelled
+            if reraise is not None:
+                raise reraise
         if self._loop is None:
             raise RuntimeError("async back-end needs the device's event loop")
         with self._late_lock:
@@ -849,7 +852,7 @@ def vu_blk_py_batch(ctx, vq, reqs, n):
     device: BlkDevice = ffi.from_handle(ctx)
     try:
         return device._python_batch(vq, reqs, n)
-    except Exception as exc:
+    except BaseException as exc:    # a C thread's callback: nothing to raise it to
         # Every request is answered already (_python_batch's finally), those
         # handed to the event loop by it.
         device._log.log(("batch", type(exc)), logging.ERROR, "Python block batch failed: %s: %s",
@@ -862,7 +865,7 @@ def vu_blk_py_settle(ctx, vq, reqs, n):
     device: BlkDevice = ffi.from_handle(ctx)
     try:
         device._settle_write_back(vq, reqs)
-    except Exception as exc:
+    except BaseException as exc:
         # Not known stable: none of the batch's write-back writes may
         # complete as if they were.
         device._log.log(("settle", type(exc)), logging.ERROR,
