@@ -147,6 +147,30 @@ def test_a_bug_in_the_backend_gets_one_traceback(blk_client, caplog, monkeypatch
     assert caplog.text.count("Traceback") == 1
 
 
+class AsyncFlushDisk(AsyncDisk):
+    async def flush(self):
+        await asyncio.sleep(0)
+        return self._outcome("flush")
+
+
+WRITE_THROUGH = BLK_FEATURES & ~bit(BlkFeature.FLUSH) & ~bit(BlkFeature.CONFIG_WCE)
+
+
+@pytest.mark.parametrize("cls", [Disk, AsyncDisk, AsyncFlushDisk])
+def test_a_write_whose_stabilising_flush_is_unsupported_is_an_io_error(blk_client, cls):
+    """In write-through mode a write is made stable by flush() (default
+    write_fua, write-zeroes). A flush() raising Unsupported answered the
+    WRITE with UNSUPP, as if writes were not supported; the write is
+    supported, its durability failed: IOERR. Only the request's own method
+    raising Unsupported gives UNSUPP."""
+    disk = cls()
+    disk.raises = {"flush": Unsupported("no flush here")}
+    with blk_client(BlkDevice(disk), features=WRITE_THROUGH) as (srv, blk):
+        reqs = blk.execute([BlkRequest.write(0, b"x" * 512), BlkRequest.write_zeroes([(8, 8)])])
+        assert [r.status for r in reqs] == [BlkStatus.IOERR] * 2
+        assert srv.device.stats()["unsupported"] == 0
+
+
 class Boom(BaseException):
     """A library's own BaseException, not an Exception."""
 

@@ -157,7 +157,7 @@ class BlockBackend:
         written = self.write(offset, bufs)
         if inspect.isawaitable(written):
             return _then_flush(self, written)
-        return self.flush()
+        return stabilising_flush(self)
 
     def discard(self, offset: int, length: int) -> None:
         """Forget the range (a hint). Offered to the guest only if overridden."""
@@ -199,6 +199,30 @@ class BlockBackend:
 
 async def _then_flush(backend: BlockBackend, written) -> None:
     await written
-    flushed = backend.flush()
+    flushed = stabilising_flush(backend)
     if inspect.isawaitable(flushed):
         await flushed
+
+
+def stabilising_flush(backend: BlockBackend):
+    """backend.flush() run to make a write stable before it completes (a
+    coroutine when flush() is async). Its Unsupported is an I/O error: the
+    write is a supported request, its data just can't be made stable."""
+    try:
+        flushed = backend.flush()
+    except Unsupported as exc:
+        raise _not_stable(exc) from None
+    if inspect.isawaitable(flushed):
+        return _awaited_stabilising(flushed)
+    return flushed
+
+
+async def _awaited_stabilising(flushed):
+    try:
+        return await flushed
+    except Unsupported as exc:
+        raise _not_stable(exc) from None
+
+
+def _not_stable(exc: Unsupported) -> BackendError:
+    return BackendError(f"flush() to make a write stable is unsupported: {exc}")

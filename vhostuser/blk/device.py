@@ -22,7 +22,8 @@ from ..native import check, ffi, lib
 from ..protocol import Request, bits
 from ..queue import Queue
 from ..qos import QosLimits
-from .backends import BackendError, BlockBackend, FileBackend, RamBackend, Unsupported
+from .backends import (BackendError, BlockBackend, FileBackend, RamBackend, Unsupported,
+                       stabilising_flush)
 from .spec import (CONFIG_WRITEBACK_OFFSET, ID_BYTES, LIFETIME, SECTOR, BlkConfig, BlkFeature,
                    BlkStatus, BlkType)
 
@@ -588,7 +589,7 @@ class BlkDevice(Device):
             return wait_all()
         if not stable:
             return None
-        flushed = be.flush()
+        flushed = stabilising_flush(be)
         if inspect.isawaitable(flushed):
             return flushed
         self._ignored("flush", flushed)
@@ -597,7 +598,7 @@ class BlkDevice(Device):
     async def _flush_to_end(self) -> None:
         """The back-end's flush(), plain or async, run to its end: for an
         async request that must be stable before it completes."""
-        flushed = self.backend.flush()
+        flushed = stabilising_flush(self.backend)
         if inspect.isawaitable(flushed):
             flushed = await flushed
         self._ignored("flush", flushed)
@@ -699,7 +700,7 @@ class BlkDevice(Device):
         if not which:
             return
         try:
-            flushed = self.backend.flush()
+            flushed = stabilising_flush(self.backend)
         except BaseException as exc:
             for r in which:
                 self._failed(exc, vq, r)
