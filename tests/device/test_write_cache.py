@@ -8,6 +8,7 @@ cache, flush() moves the cache to ``stable``, which is what a power cut
 would leave. Reads see both, as a real cache does.
 """
 import asyncio
+import concurrent.futures
 import threading
 import time
 
@@ -17,12 +18,14 @@ from vhostuser.blk import BlkDevice, BlkFeature, BlockBackend
 from vhostuser.blk.record import RecordingBackend
 from vhostuser.blk.recordlog import Kind, RecordLog
 from vhostuser.frontend import BlkRequest, FeatureError, FrontendTimeout
-from vhostuser.protocol import bits
+from vhostuser.frontend.blk import BLK_FEATURES
+from vhostuser.protocol import bit, bits
 from vhostuser_devkit.patterns import pattern
 from vhostuser.testing.server import BackgroundServer
 
 SECTOR = 512
 DISK = 1 << 20
+WRITE_THROUGH = BLK_FEATURES & ~bit(BlkFeature.FLUSH) & ~bit(BlkFeature.CONFIG_WCE)
 
 
 class CacheDisk(BlockBackend):
@@ -338,6 +341,59 @@ def test_default_write_zeroes_awaits_an_async_write(blk_client):
         assert bytes(disk.data[4096:4096 + 3 * (1 << 20)]) == bytes(3 << 20)
         assert bytes(disk.data[4096 + (3 << 20):4096 + (3 << 20) + 512]) == b"\xee" * 512
         assert bytes(disk.data[7000 * 512:7008 * 512]) == bytes(4096)
+
+
+class AsyncWritePlainFlushDisk(CacheDisk):
+    """Async read() and write(); a plain flush() (an fsync of a slow store)
+    that blocks until the test lets it finish."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_flush, self.release = threading.Event(), threading.Event()
+
+    async def read(self, offset, bufs):
+        super().read(offset, bufs)
+
+    async def write(self, offset, bufs):
+        super().write(offset, bufs)
+
+    def flush(self):
+        self.in_flush.set()
+        assert self.release.wait(30)
+        super().flush()
+
+
+def loop_answers(loop, within=2.0) -> bool:
+    try:
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(within)
+        return True
+    except concurrent.futures.TimeoutError:
+        return False
+
+
+@pytest.mark.parametrize("kind", ["flush-request", "write-through-write", "write-zeroes"])
+def test_a_blocking_plain_flush_never_blocks_the_event_loop(blk_client, kind):
+    """A plain method runs in its queue's worker, so one that blocks holds
+    up that queue only. The flush that makes an async write (the default
+    write_fua, after an async write()) or write-zeroes stable ran on the
+    event loop: a blocking one froze the control plane, other disks and
+    every async request. It runs in a thread now."""
+    disk = AsyncWritePlainFlushDisk()
+    features = {} if kind == "flush-request" else {"features": WRITE_THROUGH}
+    with blk_client(BlkDevice(disk), **features) as (srv, blk):
+        with blk.mem.scratch():
+            req = {"flush-request": BlkRequest.flush(),
+                   "write-through-write": BlkRequest.write(0, pattern(1, 4096)),
+                   "write-zeroes": BlkRequest.write_zeroes([(0, 8)])}[kind]
+            blk.submit([req])
+            assert disk.in_flush.wait(10)
+            try:
+                answers = loop_answers(srv.loop)
+            finally:
+                disk.release.set()
+            assert blk.reap(1, timeout=10) == [req] and req.ok
+        assert answers, f"{kind}: the back-end's plain flush() blocks the event loop"
+        assert disk.events[-1] == "flush"
 
 
 # -- flush before close -----------------------------------------------------------------

@@ -7,6 +7,7 @@ memory, and may be plain or ``async`` functions.
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 import stat
@@ -199,9 +200,7 @@ class BlockBackend:
 
 async def _then_flush(backend: BlockBackend, written) -> None:
     await written
-    flushed = stabilising_flush(backend)
-    if inspect.isawaitable(flushed):
-        await flushed
+    await stabilising_flush_on_loop(backend)
 
 
 def stabilising_flush(backend: BlockBackend):
@@ -214,6 +213,18 @@ def stabilising_flush(backend: BlockBackend):
         raise _not_stable(exc) from None
     if inspect.isawaitable(flushed):
         return _awaited_stabilising(flushed)
+    return flushed
+
+
+async def stabilising_flush_on_loop(backend: BlockBackend):
+    """stabilising_flush() for a request finishing on the event loop; returns
+    what flush() returned. A plain flush() runs in a thread: it may block
+    (storage that stopped answering), and the loop serves everything else."""
+    if inspect.iscoroutinefunction(backend.flush):
+        return await stabilising_flush(backend)
+    flushed = await asyncio.to_thread(stabilising_flush, backend)
+    if inspect.isawaitable(flushed):
+        flushed = await flushed
     return flushed
 
 

@@ -23,7 +23,7 @@ from ..protocol import Request, bits
 from ..queue import Queue
 from ..qos import QosLimits
 from .backends import (BackendError, BlockBackend, FileBackend, RamBackend, Unsupported,
-                       stabilising_flush)
+                       stabilising_flush, stabilising_flush_on_loop)
 from .spec import (CONFIG_WRITEBACK_OFFSET, ID_BYTES, LIFETIME, SECTOR, BlkConfig, BlkFeature,
                    BlkStatus, BlkType)
 
@@ -596,12 +596,9 @@ class BlkDevice(Device):
         return None
 
     async def _flush_to_end(self) -> None:
-        """The back-end's flush(), plain or async, run to its end: for an
-        async request that must be stable before it completes."""
-        flushed = stabilising_flush(self.backend)
-        if inspect.isawaitable(flushed):
-            flushed = await flushed
-        self._ignored("flush", flushed)
+        """The back-end's flush(), plain (in a thread) or async, run to its
+        end: for an async request that must be stable before it completes."""
+        self._ignored("flush", await stabilising_flush_on_loop(self.backend))
 
     def _ignored(self, method: str, value) -> None:
         """A back-end method returned a value: the request succeeds all the
