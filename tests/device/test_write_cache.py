@@ -446,6 +446,48 @@ def test_close_from_another_thread_flushes_on_the_serving_loop(tmp_path):
     assert disk.stable_at(0, 512) == pattern(5, 512)
 
 
+def test_close_from_another_loop_flushes_on_the_device_loop(tmp_path):
+    """As an application's own asyncio main closing a device served by a
+    loop in another thread: the flush ran as a task on the caller's loop,
+    not the device's, and was cancelled half-way when that loop ended
+    (asyncio.run returning), the back-end closed all the same."""
+    disk = AsyncCacheDisk()
+    loops = []
+    real_flush = disk.flush
+
+    async def flush():
+        loops.append(asyncio.get_running_loop())
+        await asyncio.sleep(0.05)                       # a store takes a moment
+        await real_flush()
+    disk.flush = flush
+    device = BlkDevice(disk)
+    path = str(tmp_path / "o.sock")
+    with BackgroundServer(device, path) as srv:
+        _disconnected(device, path)
+
+        async def app_main():
+            device.close()
+        asyncio.run(app_main())
+        assert loops == [srv.loop]
+        assert disk.events[-2:] == ["flush", "close"]
+        assert disk.stable_at(0, 512) == pattern(5, 512)
+
+
+def test_close_in_a_coroutine_then_the_loop_ends_still_flushes():
+    """close() in the program's asyncio main (a finally after serving), with
+    no device loop: main returns and asyncio.run cancels what is left; the
+    flush close() left behind was cancelled, the back-end closed unflushed."""
+    disk = AsyncCacheDisk()
+    device = BlkDevice(disk)
+    disk.cache[0] = pattern(9, 512)                     # an acknowledged write-back write
+
+    async def main():
+        device.close()
+    asyncio.run(main())
+    assert disk.events[-2:] == ["flush", "close"]
+    assert disk.stable_at(0, 512) == pattern(9, 512)
+
+
 def test_aclose_on_the_loop_awaits_the_flush(tmp_path):
     """As vhostuser-daemon removes an export."""
     disk = AsyncCacheDisk()

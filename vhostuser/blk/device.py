@@ -168,6 +168,7 @@ class BlkDevice(Device):
         self._cache_features: int | None = None
         self._qos = QosLimits()
         self._close_flushed = False
+        self._close_pending: list = []      # close() on a running loop: what it left running
         path = os.environ.get("VHOSTUSER_BLK_IO_PATH")
         if path and kind == lib.VU_BLK_BACKEND_FILE:
             # For measuring one choice against another (bench/README.md).
@@ -463,12 +464,13 @@ class BlkDevice(Device):
 
         A Python back-end's flush() runs before its close(), so nothing
         acknowledged stays in its cache: an async flush() is awaited on the
-        device's event loop while that runs elsewhere, else on a loop of its
-        own. Called on a running event loop, close() can't wait; it leaves
-        the flush and the back-end's close() to a task there (await aclose()
-        instead). An async flush() that doesn't finish within the drain
-        timeout (a hung store) is given up, as requests in flight are.
-        Closing again does nothing."""
+        device's event loop while that runs, else on the caller's, else on
+        a loop of its own. Called on a running event loop, close() can't
+        wait; it leaves the flush and the back-end's close() to a task, and
+        a loop that ends meanwhile still lets them finish (await aclose()
+        to wait at once). An async flush() that doesn't finish within the
+        drain timeout (a hung store) is given up, as requests in flight
+        are. Closing again does nothing."""
         if self._closing:
             return
         flush = self._take_close_flush()
@@ -480,16 +482,30 @@ class BlkDevice(Device):
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if running is not None:
-            running.create_task(self._flush_then_close(flush))
-        elif self._loop is not None and self._loop.is_running():
-            asyncio.run_coroutine_threadsafe(self._flush_then_close(flush), self._loop).result()
+        if self._loop is not None and self._loop.is_running():
+            self._flush_then_close_on_device_loop(flush, running)
+        elif running is not None:
+            # Kept: a loop holds its tasks only weakly.
+            self._close_pending = [running.create_task(self._flush_then_close(flush))]
         else:
             loop = asyncio.new_event_loop()
             try:
                 loop.run_until_complete(self._flush_then_close(flush))
             finally:
                 loop.close()
+
+    def _flush_then_close_on_device_loop(self, flush, running) -> None:
+        """There, where the back-end's async state lives, whoever calls;
+        waited for unless the caller runs a loop (`running`)."""
+        done = asyncio.run_coroutine_threadsafe(self._flush_then_close(flush), self._loop)
+        if running is None:
+            done.result()
+            return
+        self._close_pending = [done]
+        if running is not self._loop:
+            # The caller's loop, should it end first, waits for it as it ends.
+            waiting = asyncio.wrap_future(done, loop=running)
+            self._close_pending.append(running.create_task(_despite_cancel(waiting)))
 
     async def aclose(self) -> None:
         """close() from a coroutine on the event loop: awaits the back-end's
@@ -517,7 +533,15 @@ class BlkDevice(Device):
 
     async def _flush_then_close(self, flush) -> None:
         try:
-            await _settle(flush, "flush before close", drain_timeout(self))
+            try:
+                await _settle(flush, "flush before close", drain_timeout(self))
+            except asyncio.CancelledError:
+                # The loop is ending and cancels what is left (asyncio.run
+                # does, once): acknowledged writes must not stay cached, so
+                # the flush runs again, to its end, before the loop closes.
+                await _settle(stabilising_flush_on_loop(self.backend), "flush before close",
+                              drain_timeout(self))
+                raise
         finally:
             self._close_backend()
 
@@ -783,6 +807,22 @@ async def _settle(awaitable, what: str, timeout: float) -> None:
                   "store still caches may be lost)", what, timeout)
     except Exception as exc:
         log.error("block back-end: %s failed: %s", what, exc)
+
+
+async def _despite_cancel(future: asyncio.Future) -> None:
+    """Awaits `future` to its end even when cancelled meanwhile (a loop
+    that ends cancels what is left: the flush of acknowledged writes must
+    not be lost), then raises the CancelledError."""
+    cancelled = None
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError as exc:
+            if future.cancelled():
+                raise
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
 
 
 def _op(t: int) -> str:
