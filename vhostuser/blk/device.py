@@ -771,6 +771,10 @@ class BlkDevice(Device):
                 log.debug("block back-end: %s at sector %d unsupported: %s", _op(r.type),
                           r.sector, exc)
                 status = BlkStatus.UNSUPP
+            except GeneratorExit:
+                # The coroutine is closed (its loop was destroyed with it
+                # pending, at exit): nothing may run on, as before.
+                raise
             except BaseException as exc:
                 self._failed(exc, vq, r)
                 status = BlkStatus.IOERR
