@@ -124,7 +124,9 @@ class _Command:
         self.conn: _Connection | None = None    # the handle it is in flight on
         self.cookie = 0
         self.done = False
-        self.expired = False
+        # Why it must not be sent again (its timeout, a cancellation, the
+        # back-end's close): what it fails with if its connection is lost.
+        self.expired: BaseException | None = None
 
 
 class _Connection:
@@ -565,8 +567,8 @@ class NbdBackend(BlockBackend):
 
     def _requeue(self, cmd: _Command) -> None:
         cmd.conn = None
-        if cmd.expired:
-            self._finish(cmd, self._timeout_error())
+        if cmd.expired is not None:
+            self._finish(cmd, cmd.expired)
         elif not cmd.done:
             self._waiting.appendleft(cmd)
 
@@ -577,7 +579,7 @@ class NbdBackend(BlockBackend):
         req.timer = None
         pending = [c for c in req.commands if not c.done]
         for cmd in pending:
-            cmd.expired = True
+            cmd.expired = self._timeout_error()
         for cmd in pending:
             if cmd.done:
                 continue
@@ -593,19 +595,20 @@ class NbdBackend(BlockBackend):
                 self._finish(cmd, self._timeout_error())
 
     def _abandon(self, req: _Request) -> None:
+        cancelled = NbdError("request cancelled")
         for cmd in req.commands:
-            cmd.expired = True
+            cmd.expired = cancelled
         for cmd in req.commands:
             if cmd.done:
                 continue
             if cmd.conn is not None:
-                self._lost(cmd.conn, NbdError("request cancelled"))
+                self._lost(cmd.conn, cancelled)
             else:
                 try:
                     self._waiting.remove(cmd)
                 except ValueError:
                     pass
-                self._finish(cmd, NbdError("request cancelled"))
+                self._finish(cmd, cancelled)
 
     def _lost(self, conn: _Connection, reason: BaseException) -> None:
         """Drops a broken connection; its unanswered commands go again."""
@@ -739,9 +742,10 @@ class NbdBackend(BlockBackend):
             self._conns[slot] = None
         orphans.extend(self._waiting)
         self._waiting.clear()
+        closed = NbdError(f"{self.uri}: back-end closed")
         for cmd in orphans:
-            cmd.expired = True
-            self._finish(cmd, NbdError(f"{self.uri}: back-end closed"))
+            cmd.expired = closed
+            self._finish(cmd, closed)
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
