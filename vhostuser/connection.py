@@ -79,8 +79,9 @@ class BackendConnection:
             except OSError as exc:
                 raise ConnectionClosed(f"{self.name}: {exc}") from exc
             fds.extend(_fds_from_ancillary(anc))
-            if flags & socket.MSG_CTRUNC:
-                # More fds than any message may carry: the peer is broken.
+            if flags & socket.MSG_CTRUNC or len(fds) > protocol.MAX_FDS:
+                # More fds than any message may carry (in one recvmsg or
+                # over all of those of one message): the peer is broken.
                 raise FramingError(None, f"more than {protocol.MAX_FDS} fds on one message")
             if not data:
                 raise ConnectionClosed(self.name if not buf else f"{self.name}: truncated message")

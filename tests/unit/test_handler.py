@@ -211,6 +211,36 @@ def test_too_many_fds_for_call_are_closed(served, client):
         os.close(fd)
 
 
+def test_fds_over_the_recvmsgs_of_one_message_are_limited(served):
+    """A front-end sending one message byte by byte, each byte with 8 fds,
+    gets no more than MAX_FDS of them held: the count is over the whole
+    message, not per recvmsg (where MSG_CTRUNC alone limited it), so one
+    partial message cannot pin thousands of fds. The connection is closed
+    and every fd received for that message with it."""
+    c = RawClient(served.path)
+    before = len(open_fds())
+    src = [os.eventfd(0) for _ in range(8)]
+    try:
+        header = protocol.pack_header(R.SET_OWNER, protocol.VERSION, 200)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", src).tobytes())]
+        try:
+            for b in header + bytes(50):       # 12 header bytes, then payload bytes
+                c.sock.sendmsg([bytes([b])], anc)
+                time.sleep(0.002)
+        except OSError:                        # the back-end hung up: what we want
+            pass
+        time.sleep(0.5)
+        held = len(open_fds()) - before - len(src)
+        assert held <= protocol.MAX_FDS, f"back-end holds {held} fds for one partial message"
+        assert c.closed_by_peer()
+        time.sleep(0.2)
+        assert len(open_fds()) - before - len(src) <= 0
+    finally:
+        for fd in src:
+            os.close(fd)
+        c.close()
+
+
 def test_truncated_message_closes_only_that_connection(served):
     victim = RawClient(served.path)
     victim.send(R.SET_FEATURES, b"\0\0", size=8)   # promises 8 bytes, sends 2
