@@ -17,6 +17,7 @@ SPLIT_DESC = 16         # DescStateSplit
 PACKED_HEADER = 32      # QueueRegionPacked up to desc[], 8-byte aligned
 PACKED_DESC = 32        # DescStatePacked
 ALIGN = 64
+_MAX_FILE_OFFSET = (1 << 63) - 1   # off_t: a range past it cannot be mapped
 
 
 def queue_region_size(queue_size: int) -> int:
@@ -64,6 +65,10 @@ class InflightArea:
                                  f"of {queue_size} need {need}")
             if offset % mmap.PAGESIZE:
                 raise ValueError(f"inflight offset {offset} not page aligned")
+            if size + offset > _MAX_FILE_OFFSET:
+                # mmap would raise OverflowError: no file has such a range.
+                raise ValueError(f"inflight area of {size} bytes at offset {offset} "
+                                 "lies past any file's end")
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, offset=offset)
         finally:
             os.close(fd)

@@ -362,6 +362,23 @@ def test_unusable_inflight_area_is_ignored_not_fatal(client):
     assert client.call_u64(R.GET_QUEUE_NUM) == 2
 
 
+def test_inflight_area_past_any_file_end_is_ignored_not_fatal(client):
+    """An inflight area with an offset (or size) of 2**63 or more is ignored
+    like any other unusable area (acked, session goes on): mmap raised
+    OverflowError for it, which was not caught, and the session died as an
+    internal error without a reply."""
+    client.enable_reply_ack(ProtocolFeature.INFLIGHT_SHMFD)
+    fd = os.memfd_create("inflight")
+    os.ftruncate(fd, 4096)
+    try:
+        for size, offset in ((4096, 1 << 63), (1 << 63, 0), ((1 << 64) - 4096, 4096)):
+            assert client.acked(R.SET_INFLIGHT_FD,
+                                protocol.INFLIGHT.pack(size, offset, 1, 16), fds=[fd]) == 0
+    finally:
+        os.close(fd)
+    assert client.call_u64(R.GET_QUEUE_NUM) == 2
+
+
 # -- fds and areas a front-end hands over that can't be trusted ----------------------
 # (each of these crashed the process or blocked its event loop before)
 
