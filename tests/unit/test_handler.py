@@ -379,6 +379,29 @@ def test_inflight_area_past_any_file_end_is_ignored_not_fatal(client):
     assert client.call_u64(R.GET_QUEUE_NUM) == 2
 
 
+def test_net_set_mtu_of_one_front_end_ends_with_its_session(tmp_path):
+    """The MTU a front-end sets with NET_SET_MTU is dropped when it
+    disconnects: the next session's guest reads the configured MTU (1500)
+    in config space. Before, the device-wide MTU stayed 68 for good, and the
+    next guest's larger frames were dropped."""
+    from vhostuser.net.backends import SinkBackend
+    from vhostuser.net.device import NetDevice
+    dev = NetDevice(SinkBackend(), mtu=1500)
+    with BackgroundServer(dev, str(tmp_path / "net.sock")) as srv:
+        a = RawClient(srv.path)
+        a.enable_reply_ack(ProtocolFeature.MTU)
+        assert a.acked(R.NET_SET_MTU, struct.pack("<Q", 68)) == 0
+        assert dev.mtu == 68
+        a.close()
+        time.sleep(0.5)
+        b = RawClient(srv.path)
+        try:
+            assert b.call_u64(R.GET_QUEUE_NUM) == 2
+            assert dev.mtu == 1500, f"second session starts with MTU {dev.mtu}"
+        finally:
+            b.close()
+
+
 # -- fds and areas a front-end hands over that can't be trusted ----------------------
 # (each of these crashed the process or blocked its event loop before)
 

@@ -194,6 +194,16 @@ def test_net_set_mtu_bounds(dev):
             dev.set_mtu(bad)
 
 
+def test_net_set_mtu_holds_until_reset(dev):
+    """A front-end's NET_SET_MTU is undone by a reset: the MTU configured
+    at construction (the operator's mtu=) is what the next driver sees in
+    config space, not the last front-end's choice."""
+    dev.set_mtu(68)
+    assert dev.mtu == 68
+    dev.on_reset()
+    assert dev.mtu == 1500
+
+
 # -- the C sink and loopback back-ends (no Python per frame) --------------------
 
 def c_device(lab, backend):

@@ -78,6 +78,9 @@ class NetDevice(Device):
             raise MemoryError("vu_net_new")
         self._handle = ffi.new_handle(self)
         self._net.py_ctx = self._handle
+        # What the operator configured: a front-end's NET_SET_MTU holds for
+        # its session only (restored at reset and disconnect).
+        self._configured_mtu = mtu
         self._net.mtu = mtu
         if kind == lib.VU_NET_BACKEND_TAP:
             for i, fd in enumerate(backend.fds):
@@ -150,6 +153,7 @@ class NetDevice(Device):
 
     def on_reset(self) -> None:
         lib.vu_net_set_features(self._net, 0)
+        self._net.mtu = self._configured_mtu
 
     def set_mtu(self, mtu: int) -> None:
         if not 68 <= mtu <= 65535:
@@ -258,6 +262,7 @@ class NetDevice(Device):
         if self._kind == lib.VU_NET_BACKEND_SWITCH:
             self.backend.detach()
         self._forget_queues()
+        self._net.mtu = self._configured_mtu
         super().on_disconnect(session)
 
     def inject(self, frame: bytes, queue_pair: int = 0) -> bool:
