@@ -17,6 +17,7 @@ from .connection import BackendConnection
 from .device import Device
 from .errors import SocketInUse, SocketPlaceError, VhostUserError
 from .handler import Session
+from .loglimit import LogLimiter
 from . import unixsock
 from .sandbox import access as sandbox_access
 
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 
 #: How long a new front-end waits for the previous connection to end.
 RECONNECT_GRACE = 2.0
+# accept() errors that pass: out of fds or memory for now, or a connection
+# that went away before we took it. Serving goes on after a pause.
+_TRANSIENT_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                                      errno.ECONNABORTED, errno.EPROTO})
+ACCEPT_BACKOFF = (0.1, 1.0)     # first and longest pause after one of them
 
 
 def parse_socket_mode(text: str) -> int:
@@ -95,6 +101,7 @@ class Server:
         self._tasks: set[asyncio.Task] = set()
         self._slot = asyncio.Lock()     # held by the one session being served
         self.connections = 0
+        self._accept_log = LogLimiter(log)
 
     @property
     def name(self) -> str:
@@ -118,13 +125,24 @@ class Server:
             self.open()
         self._listener.setblocking(False)
         loop = asyncio.get_running_loop()
+        backoff = ACCEPT_BACKOFF[0]
         while not self._closing:
             try:
                 sock, _ = await loop.sock_accept(self._listener)
-            except (OSError, asyncio.CancelledError):
+            except (OSError, asyncio.CancelledError) as exc:
                 if self._closing:
                     return
+                if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ACCEPT_ERRORS:
+                    # e.g. a burst of connections using up our fds: those
+                    # end, and the listener must still be there then.
+                    self._accept_log.log("accept", logging.WARNING,
+                                         "%s: accept failed (%s); retrying in %.1f s",
+                                         self.name, exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(2 * backoff, ACCEPT_BACKOFF[1])
+                    continue
                 raise
+            backoff = ACCEPT_BACKOFF[0]
             # Keep accepting meanwhile; each connection waits its turn.
             task = asyncio.create_task(self._serve_in_turn(sock))
             self._tasks.add(task)

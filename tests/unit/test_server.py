@@ -129,3 +129,64 @@ def test_background_server_raises_when_it_cannot_listen(tmp_path):
         assert time.monotonic() - started < 5
     finally:
         live.close()
+
+
+_FEW_FDS_SERVER = r'''
+import asyncio, os, resource, sys
+from vhostuser.device import EchoDevice
+from vhostuser.testing import server as ts
+if os.environ.get("PLAIN_ASYNCIO"):
+    ts.new_event_loop = asyncio.new_event_loop      # the loop used where uvloop is absent
+resource.setrlimit(resource.RLIMIT_NOFILE, (96, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+srv = ts.BackgroundServer(EchoDevice(num_queues=2), sys.argv[1]).start()
+print("ready", flush=True)
+sys.stdin.readline()
+print("error:", repr(srv.error), flush=True)
+'''
+
+
+@pytest.mark.parametrize("plain_asyncio", [False, True])
+def test_running_out_of_fds_in_accept_does_not_end_serving(tmp_path, plain_asyncio):
+    """A burst of connections that uses up the back-end's fds (each waits
+    up to RECONNECT_GRACE s for its turn) makes accept() fail with EMFILE;
+    once they are gone, a front-end is served again. Before, the first
+    EMFILE ended serve() for good: nobody accepted any more (the CLI exited,
+    a daemon export went FAILED)."""
+    import subprocess
+    import sys
+    path = str(tmp_path / "e.sock")
+    env = dict(os.environ, **({"PLAIN_ASYNCIO": "1"} if plain_asyncio else {}))
+    p = subprocess.Popen([sys.executable, "-c", _FEW_FDS_SERVER, path], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        burst = []
+        deadline = time.time() + 3
+        while len(burst) < 150 and time.time() < deadline:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+            except BlockingIOError:          # backlog full: let it accept
+                s.close()
+                time.sleep(0.01)
+                continue
+            burst.append(s)
+        assert len(burst) > 96               # more than the back-end has fds for
+        time.sleep(1.0)
+        for s in burst:
+            s.close()
+        time.sleep(3.0)                      # every burst connection is gone
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.settimeout(3)
+        try:
+            try:
+                c.connect(path)
+            except (BlockingIOError, socket.timeout):
+                pytest.fail("nobody accepts any more: the listen backlog stays full")
+            assert get_queue_num(c) == 2
+        finally:
+            c.close()
+    finally:
+        out, _ = p.communicate("\n", timeout=20)
+    assert "error: None" in out, out
