@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 #: stays safe either way (dataplane.py); only their answers are lost, and a
 #: front-end with inflight tracking resubmits them.
 DRAIN_TIMEOUT = 30.0
+#: How long a message on the back-end channel may wait for the front-end to
+#: take it (and a CONFIG_CHANGE_MSG for its REPLY_ACK).
+BACKEND_CHANNEL_TIMEOUT = 10.0
 
 
 def _resolve(future: asyncio.Future) -> None:
@@ -72,6 +75,10 @@ class Session:
                                    adaptive_poll_us=device.adaptive_poll_us, name=conn.name)
         self.backend_channel: BackendConnection | None = None
         self._backend_lock = asyncio.Lock()
+        # A config change queued and not yet being sent: later ones are
+        # coalesced into it (the front-end reads the whole config anyway).
+        self._config_pending = False
+        self._config_lock = threading.Lock()
         self._ending_io = threading.Lock()     # _end_io, from either thread
         self._loop = asyncio.get_running_loop()
         self.inflight: InflightArea | None = None
@@ -528,6 +535,10 @@ class Session:
         channel to send it on. Callable from any thread."""
         if self.backend_channel is None or not self._has_protocol(ProtocolFeature.CONFIG):
             return False
+        with self._config_lock:
+            if self._config_pending:
+                return True     # the one queued tells of this change too
+            self._config_pending = True
         coro = self._send_config_change()
         try:
             running = asyncio.get_running_loop()
@@ -542,14 +553,34 @@ class Session:
     async def _send_config_change(self) -> None:
         # Not awaited by the caller: the front-end typically answers with a
         # GET_CONFIG on the main socket before it acks, which needs our loop.
-        channel = self.backend_channel
+        # At most one waits here besides the one being sent: a change after
+        # this one's send began needs a message of its own.
         need_reply = self._has_protocol(ProtocolFeature.REPLY_ACK)
         flags = protocol.VERSION | (protocol.FLAG_NEED_REPLY if need_reply else 0)
+        channel = None
         try:
             async with self._backend_lock:
-                await channel.send(protocol.BackendRequest.CONFIG_CHANGE_MSG, b"", flags=flags)
+                with self._config_lock:
+                    self._config_pending = False
+                channel = self.backend_channel
+                if channel is None:
+                    return
+                try:
+                    await asyncio.wait_for(
+                        channel.send(protocol.BackendRequest.CONFIG_CHANGE_MSG, b"", flags=flags),
+                        BACKEND_CHANNEL_TIMEOUT)
+                except asyncio.TimeoutError:
+                    # Part of the message may be out: the channel's framing
+                    # is lost, so it goes, and later changes go unannounced.
+                    log.error("%s: back-end channel: the front-end took no config change "
+                              "for %.0f s; dropped, and the channel closed", self.name,
+                              BACKEND_CHANNEL_TIMEOUT)
+                    channel.close()
+                    if self.backend_channel is channel:
+                        self.backend_channel = None
+                    return
                 if need_reply:
-                    reply = await asyncio.wait_for(channel.recv(), 10)
+                    reply = await asyncio.wait_for(channel.recv(), BACKEND_CHANNEL_TIMEOUT)
                     reply.close_fds()
                     if len(reply.payload) == 8 and protocol.U64.unpack(reply.payload)[0]:
                         log.warning("%s: front-end refused the config change", self.name)

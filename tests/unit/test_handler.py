@@ -320,6 +320,57 @@ def test_config_change_goes_over_the_backend_channel(served, client):
         ours.close()
 
 
+def _backend_channel_that_nobody_reads(client):
+    """Sets up a back-end channel (CONFIG, no REPLY_ACK) whose front-end
+    end is never read; returns that end."""
+    client.send(R.GET_FEATURES)
+    client.recv()
+    pf = bit(ProtocolFeature.BACKEND_REQ) | bit(ProtocolFeature.CONFIG)
+    client.send(R.SET_PROTOCOL_FEATURES, struct.pack("<Q", pf))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.send(R.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
+    theirs.close()
+    assert client.call_u64(R.GET_QUEUE_NUM) == 2
+    return ours
+
+
+def test_config_changes_to_a_front_end_that_never_reads_are_coalesced(served, client):
+    """Config changes queued for a front-end that never reads its back-end
+    channel are coalesced: at most one waits besides the one being sent,
+    so 5000 changes leave at most three tasks on the loop. Before, each made
+    a task blocked on the back-end lock for as long as the session lived."""
+    import asyncio
+    ours = _backend_channel_that_nobody_reads(client)
+    try:
+        base = served.call(lambda: len(asyncio.all_tasks()))
+        for _ in range(5000):
+            served.call(served.device.notify_config_change)
+        time.sleep(0.5)
+        pending = served.call(lambda: len(asyncio.all_tasks())) - base
+        # the one being sent (and the task wait_for runs its send in), one queued
+        assert pending <= 3, f"{pending} config-change tasks pending on the loop"
+    finally:
+        ours.close()
+
+
+def test_a_config_change_the_front_end_never_takes_is_dropped(served, client, monkeypatch):
+    """A config change that cannot be sent within BACKEND_CHANNEL_TIMEOUT
+    (the front-end reads nothing, its socket buffer is full) is dropped and
+    the back-end channel closed (part of the message may be out); the
+    session goes on, and later changes report there is no channel. Before,
+    the send waited forever, holding the back-end lock."""
+    from vhostuser import handler
+    monkeypatch.setattr(handler, "BACKEND_CHANNEL_TIMEOUT", 0.3)
+    ours = _backend_channel_that_nobody_reads(client)
+    try:
+        deadline = time.time() + 10
+        while served.call(served.device.notify_config_change):
+            assert time.time() < deadline, "the back-end channel is never given up"
+        assert client.call_u64(R.GET_QUEUE_NUM) == 2
+    finally:
+        ours.close()
+
+
 def test_front_end_reconnecting_at_once_is_served(served):
     # QEMU reconnects as soon as it closed: the newcomer must not be refused
     # just because we have not yet noticed the old connection end.
