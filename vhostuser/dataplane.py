@@ -378,8 +378,12 @@ class DataPlane:
                 broken.append(q.index)
         return broken
 
-    def inflight(self) -> int:
-        return lib.vu_dev_inflight(self._dev)
+    def inflight(self, index: int | None = None) -> int:
+        """Requests in flight on ring ``index`` (every ring if None), not
+        counting those answered and held or given up on (orphans)."""
+        if index is None:
+            return lib.vu_dev_inflight(self._dev)
+        return lib.vu_vq_inflight(self._dev.vqs[index])
 
     # -- dirty log ----------------------------------------------------------
     def set_log(self, fd: int, size: int, offset: int) -> None:

@@ -245,17 +245,18 @@ class Session:
             self.dataplane.set_enabled(i, False)
         await self._drain(what)
 
-    async def _drain(self, what: str) -> bool:
-        """Waits until no chain is in flight (async back-ends finish first),
-        at most the device's drain timeout. False when some still are."""
+    async def _drain(self, what: str, index: int | None = None) -> bool:
+        """Waits until no chain is in flight on ring ``index`` (on any ring
+        if None; async back-ends finish first), at most the device's drain
+        timeout. False when some still are."""
         timeout = drain_timeout(self.device)
         deadline = time.monotonic() + timeout
-        while self.dataplane.inflight():
+        while self.dataplane.inflight(index):
             if time.monotonic() > deadline:
                 log.error("%s: %d requests still in flight after %gs before %s; going on "
                           "without them (their memory stays mapped until they end, detached "
                           "where the front-end takes it back)", self.name,
-                          self.dataplane.inflight(), timeout, what)
+                          self.dataplane.inflight(index), timeout, what)
                 return False
             await asyncio.sleep(0.001)
         return True
@@ -301,6 +302,10 @@ class Session:
         await self._reset_device()
 
     async def _reset_device(self) -> None:
+        # As in stop(): a ring still taking requests could keep the drain
+        # from ever seeing none in flight.
+        for i in range(self.device.num_queues):
+            self.dataplane.set_enabled(i, False)
         await self._drain("reset")
         for i in range(self.device.num_queues):
             self.dataplane.reset_queue(i)
@@ -407,7 +412,9 @@ class Session:
         # Take nothing more from the ring and finish what is in flight, so
         # the index we return is exact.
         self.dataplane.set_enabled(index, False)
-        await self._drain(f"stopping ring {index}")
+        # Only this ring's requests: another ring's slow one must not hold
+        # up the stop of this one.
+        await self._drain(f"stopping ring {index}", index)
         base = self.dataplane.stop_queue(index)
         log.info("%s: ring %d stopped at %d", self.name, index, base)
         await self.conn.reply(msg, protocol.VRING_STATE.pack(index, base))

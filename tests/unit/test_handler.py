@@ -491,6 +491,112 @@ def inflight_area(client, num_queues, queue_size, size=None):
         os.close(fd)
 
 
+class HoldingRing1(EchoDevice):
+    """Echoes, except that requests of ring 1 are held (a slow back-end)
+    until the test completes them."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.held = []
+
+    def handle_batch(self, queue, elements):
+        if queue.index == 1:
+            self.held.extend(elements)
+        else:
+            super().handle_batch(queue, elements)
+
+
+def test_stopping_an_idle_ring_does_not_wait_for_another_rings_requests(tmp_path):
+    """GET_VRING_BASE of an idle ring answers at once while another ring has
+    a request in flight: the drain counts only the stopped ring's requests.
+    Before, it waited for every ring's, so an idle ring's stop took the
+    whole drain timeout (30 s by default) behind a slow request elsewhere."""
+    dev = HoldingRing1(num_queues=2)
+    dev.drain_timeout = 3.0
+    with BackgroundServer(dev, str(tmp_path / "d.sock")) as srv:
+        c = RawClient(srv.path)
+        try:
+            c.enable_reply_ack()
+            fd, mem = guest_memory(c)
+            num = 8
+            kick = start_ring(c, 1, num)
+            assert c.acked(R.SET_VRING_ENABLE, struct.pack("<II", 1, 1)) == 0
+            mem[0:16] = struct.pack("<QIHH", 0x10000, 16, 0, 0)      # desc 0
+            avail = 16 * num
+            mem[avail:avail + 6] = struct.pack("<HHH", 0, 1, 0)      # avail idx 1, ring[0]=0
+            os.eventfd_write(kick, 1)
+            deadline = time.time() + 5
+            while not dev.held and time.time() < deadline:
+                time.sleep(0.01)
+            assert dev.held
+            t0 = time.monotonic()
+            c.send(R.GET_VRING_BASE, struct.pack("<II", 0, 0))
+            c.recv()
+            elapsed = time.monotonic() - t0
+            assert elapsed < 1.0, f"stopping idle ring 0 took {elapsed:.1f}s"
+        finally:
+            for e in dev.held:
+                srv.call(lambda e=e: e.complete(0))
+            c.close()
+            os.close(fd)
+            os.close(kick)
+
+
+def test_a_reset_takes_no_new_request_while_it_drains(tmp_path):
+    """RESET_DEVICE takes every ring out of service before it waits for
+    the requests in flight: a request made available on a running ring
+    during the drain is not taken (it would be answered into a ring the
+    driver is resetting, and a guest that keeps submitting leaves no moment
+    with nothing in flight). Before, the rings stayed enabled while it
+    drained."""
+    dev = HoldingRing1(num_queues=2)
+    dev.drain_timeout = 1.5
+    with BackgroundServer(dev, str(tmp_path / "d.sock")) as srv:
+        c = RawClient(srv.path)
+        kick1 = kick0 = None
+        try:
+            c.enable_reply_ack(ProtocolFeature.RESET_DEVICE)
+            fd, mem = guest_memory(c)
+            num = 8
+            kick1 = start_ring(c, 1, num)
+            # ring 0 at guest address 1 MiB: descriptors, avail, used
+            r0 = 1 << 20
+            avail0, used0 = r0 + 16 * num, r0 + 4096
+            assert c.acked(R.SET_VRING_NUM, struct.pack("<II", 0, num)) == 0
+            assert c.acked(R.SET_VRING_ADDR, protocol.VRING_ADDR.pack(
+                0, 0, GUEST_UVA + r0, GUEST_UVA + used0, GUEST_UVA + avail0, 0)) == 0
+            assert c.acked(R.SET_VRING_BASE, struct.pack("<II", 0, 0)) == 0
+            kick0 = os.eventfd(0)
+            assert c.acked(R.SET_VRING_KICK, struct.pack("<Q", 0), fds=[kick0]) == 0
+            for ring in (0, 1):
+                assert c.acked(R.SET_VRING_ENABLE, struct.pack("<II", ring, 1)) == 0
+            # one request on ring 1, held by the device
+            mem[0:16] = struct.pack("<QIHH", 0x10000, 16, 0, 0)
+            mem[16 * num:16 * num + 6] = struct.pack("<HHH", 0, 1, 0)
+            os.eventfd_write(kick1, 1)
+            deadline = time.time() + 5
+            while not dev.held and time.time() < deadline:
+                time.sleep(0.01)
+            assert dev.held
+            c.send(R.RESET_DEVICE, flags=protocol.VERSION | protocol.FLAG_NEED_REPLY)
+            time.sleep(0.3)                                  # the reset is draining
+            mem[r0:r0 + 16] = struct.pack("<QIHH", 0x20000, 16, 0, 0)
+            mem[avail0:avail0 + 6] = struct.pack("<HHH", 0, 1, 0)
+            os.eventfd_write(kick0, 1)
+            _, reply = c.recv()
+            assert struct.unpack("<Q", reply)[0] == 0
+            used_idx = struct.unpack_from("<H", mem, used0 + 2)[0]
+            assert used_idx == 0, "ring 0 took and answered a request during the reset"
+        finally:
+            for e in dev.held:
+                srv.call(lambda e=e: e.complete(0))
+            c.close()
+            os.close(fd)
+            for k in (kick0, kick1):
+                if k is not None:
+                    os.close(k)
+
+
 def test_a_ring_larger_than_its_inflight_region_is_not_tracked(served, client):
     """An area for 1-entry rings, then a ring of 32768: it runs untracked
     (the C side would write 32768 entries into a region of 1)."""
