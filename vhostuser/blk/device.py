@@ -557,9 +557,15 @@ class BlkDevice(Device):
             self._free_if_idle()
 
     def _free_if_idle(self) -> None:
-        if self._closing and not self._late and self._blk != ffi.NULL:
-            lib.vu_blk_free(self._blk)
-            self._blk = ffi.NULL
+        # Both close() (any thread) and the last async completion (the loop)
+        # come here: one of them takes the device, under the lock, and frees
+        # it (cffi lets go of the GIL during the call: a check then free
+        # without the lock let both free it).
+        with self._late_lock:
+            if not self._closing or self._late or self._blk == ffi.NULL:
+                return
+            blk, self._blk = self._blk, ffi.NULL
+        lib.vu_blk_free(blk)
 
     # -- Python back-ends ------------------------------------------------------
     def _run_request(self, r, writeback: bool) -> object:
