@@ -2,7 +2,8 @@
 OSD on a sparse file) that the module starts, driven by our front-end:
 data round trips checked with the ``rbd`` tool, read-only images, and the
 cluster going away mid-I/O (the guest gets I/O errors in bounded time, the
-process keeps serving, nothing acknowledged is lost).
+process keeps serving, nothing acknowledged is lost). close() is also
+checked with librbd replaced by a fake (no cluster needed).
 
 Needs Debian's ceph-mon and ceph-osd packages; skipped without them, or if
 the cluster can't start here (the reason quotes the daemons' logs), unless
@@ -14,6 +15,7 @@ import itertools
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -456,3 +458,89 @@ def test_killed_osd_gives_io_errors_and_a_restarted_one_has_every_acknowledged_w
     finally:
         if ceph.osd.poll() is not None:
             ceph.start_osd()
+
+
+# -- close, librbd replaced by a fake ---------------------------------------------------
+
+class FakeLibrbd:
+    """Just what a read and close() use; completes what
+    rbd_aio_wait_for_complete waits for, as librbd does once the OSDs
+    answer."""
+
+    def __init__(self, ffi):
+        self.ffi, self.next = ffi, 1
+        self.started, self.completed = [], []
+
+    def rbd_aio_create_completion(self, arg, cb, comp):
+        comp[0] = self.ffi.cast("rbd_completion_t", self.next)
+        self.next += 1
+        return 0
+
+    def rbd_aio_read(self, image, off, length, buf, c):
+        self.started.append(c)
+        return 0
+
+    def rbd_aio_wait_for_complete(self, c):
+        self.waited_in = threading.current_thread()
+        self.completed.append(c)
+        return 0
+
+    def rbd_poll_io_events(self, image, events, n):
+        k = 0
+        while self.completed and k < n:
+            events[k] = self.completed.pop(0)
+            k += 1
+        return k
+
+    def rbd_aio_get_return_value(self, c):
+        return 0
+
+    def rbd_aio_release(self, c):
+        pass
+
+    def rbd_close(self, image):
+        return 0
+
+
+def fake_rbd_backend(timeout):
+    from vhostuser.blk import rbd
+    be = rbd.RbdBackend.__new__(rbd.RbdBackend)
+    be.lib = FakeLibrbd(rbd.ffi)
+    be.pool, be.namespace, be.image_name = "p", None, "i"
+    be.read_only = False
+    be.timeout = timeout
+    be._cluster = be._ioctx = None
+    be._image = object()
+    be._pending = {}
+    be._loop = None
+    be._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    be._events = rbd.ffi.new("rbd_completion_t[]", rbd._POLL_BATCH)
+    be.cache_enabled = False
+    be.timeouts = 0
+    return be
+
+
+@pytest.mark.parametrize("timeout", [None, 1.0])
+def test_requests_librbd_completed_during_close_are_answered(timeout):
+    """close() on the device's loop (BlkDevice._close_backend) waits for
+    librbd's completions; it reaped them without answering, so a request
+    waiting for one never ended (timeout None: the device was never freed)
+    or failed with RbdTimeout although librbd succeeded. It succeeds now,
+    and the wait runs off the loop."""
+    be = fake_rbd_backend(timeout)
+
+    async def main():
+        task = asyncio.ensure_future(be.read(0, [memoryview(bytearray(4096))]))
+        await asyncio.sleep(0.05)
+        assert be.lib.started                   # in librbd's hands
+        be.close()
+        done, _ = await asyncio.wait([task], timeout=3)
+        assert done, "request never answered after close()"
+        task.result()
+    asyncio.run(main())
+    assert be.lib.waited_in is not threading.current_thread()
+    deadline = time.monotonic() + 5
+    while be._efd != -1:                        # closed, in close()'s thread
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert be.pending() == 0

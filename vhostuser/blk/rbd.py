@@ -145,6 +145,8 @@ class RbdBackend(BlockBackend):
     ``options``: further librados/librbd settings.
     """
 
+    _closing = False        # close() was called
+
     def __init__(self, image: str, pool: str = "rbd", *, namespace: str | None = None,
                  conf: str | None = None, mon_host: str | None = None,
                  client_id: str = "admin", keyring: str | None = None,
@@ -365,21 +367,21 @@ class RbdBackend(BlockBackend):
             os.read(self._efd, 8)
         except BlockingIOError:
             pass
-        self._reap(answer=True)
+        self._reap(self._image, _answer)
 
-    def _reap(self, answer: bool) -> int:
-        """Collects finished completions and releases them; with ``answer``
-        (on the loop), wakes the requests still waiting for them."""
+    def _reap(self, image, answer) -> int:
+        """Collects the completions librbd finished for ``image`` and releases
+        them; ``answer(future, rv)`` wakes each request still waiting."""
         lib, events, found = self.lib, self._events, 0
         while True:
-            n = lib.rbd_poll_io_events(self._image, events, _POLL_BATCH)
+            n = lib.rbd_poll_io_events(image, events, _POLL_BATCH)
             for i in range(max(n, 0)):
                 c = events[i]
                 rv = lib.rbd_aio_get_return_value(c)
                 entry = self._pending.pop(int(ffi.cast("uintptr_t", c)), None)
                 lib.rbd_aio_release(c)
-                if answer and entry is not None and not entry.future.done():
-                    entry.future.set_result(rv)
+                if entry is not None:
+                    answer(entry.future, rv)
             found += max(n, 0)
             if n < _POLL_BATCH:
                 return found
@@ -391,21 +393,42 @@ class RbdBackend(BlockBackend):
     # -- teardown ----------------------------------------------------------------------
     def close(self) -> None:
         """Waits for librbd to finish what it holds (bounded by librados'
-        timeouts), then closes the image and disconnects."""
-        lib = self.lib
-        if self._image is not None:
+        timeouts), answers the requests still waiting for it, then closes
+        the image and disconnects. Called on the event loop requests librbd
+        still holds run on, it returns at once and waits in a thread: that
+        loop must go on (for their answers, among the rest). Closing again
+        does nothing."""
+        if self._closing:
+            return
+        self._closing = True
+        their_loop = self._loop
+        image, self._image = self._image, None      # no new request starts
+        if image is not None:
             self._unwatch_completions()
+        try:
+            answers_need_this_loop = (their_loop is not None and bool(self._pending)
+                                      and asyncio.get_running_loop() is their_loop)
+        except RuntimeError:
+            answers_need_this_loop = False
+        if not answers_need_this_loop:
+            self._close_now(image)
+            return
+        threading.Thread(target=self._close_now, args=(image,),
+                         name=f"rbd-close:{self.name}").start()
+
+    def _close_now(self, image) -> None:
+        lib = self.lib
+        if image is not None:
             for entry in list(self._pending.values()):
                 lib.rbd_aio_wait_for_complete(entry.completion)
-            self._reap(answer=False)
+            self._reap(image, _answer_from_any_thread)
             if self._pending:
                 # Not seen in practice; never release what librbd may still use.
                 log.warning("RBD image %s: %d completions never reported", self.name,
                             len(self._pending))
-            rc = lib.rbd_close(self._image)
+            rc = lib.rbd_close(image)
             if rc < 0:
                 log.warning("closing RBD image %s: %s", self.name, os.strerror(-rc))
-            self._image = None
         if self._efd >= 0:
             os.close(self._efd)
             self._efd = -1
@@ -434,6 +457,27 @@ class RbdBackend(BlockBackend):
                 done.set()
             loop.call_soon_threadsafe(remove)
             done.wait(5)
+
+
+def _answer(future: asyncio.Future, rv: int) -> None:
+    """On the future's loop: the request's result, unless it has one."""
+    if not future.done():
+        future.set_result(rv)
+
+
+def _answer_from_any_thread(future: asyncio.Future, rv: int) -> None:
+    loop = future.get_loop()
+    try:
+        here = asyncio.get_running_loop() is loop
+    except RuntimeError:
+        here = False
+    if here:
+        _answer(future, rv)
+        return
+    try:
+        loop.call_soon_threadsafe(_answer, future, rv)
+    except RuntimeError:
+        pass        # its loop is closed: nobody waits for it any more
 
 
 def _check(rc: int, exc_type: type, what: str) -> int:
