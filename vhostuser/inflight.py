@@ -7,8 +7,10 @@ died can be resubmitted. Layout per queue: ``QueueRegionSplit`` or
 """
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
+import stat
 
 from .native import ffi
 
@@ -44,9 +46,13 @@ class InflightArea:
         if not 1 <= num_queues <= 256 or not 1 <= queue_size <= 32768:
             raise ValueError(f"inflight area for {num_queues} queues of {queue_size}")
         size = num_queues * queue_region_size(queue_size)
-        fd = os.memfd_create("vhostuser-inflight", os.MFD_CLOEXEC)
+        fd = os.memfd_create("vhostuser-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            # The front-end gets this fd: shrunk under our mapping, the
+            # rings' next write there would be SIGBUS in a queue worker.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                        | fcntl.F_SEAL_SEAL)
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED)
         except OSError:
             os.close(fd)
@@ -69,6 +75,12 @@ class InflightArea:
                 # mmap would raise OverflowError: no file has such a range.
                 raise ValueError(f"inflight area of {size} bytes at offset {offset} "
                                  "lies past any file's end")
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and offset + size > st.st_size:
+                # Mapped anyway, its pages past the end would be SIGBUS in a
+                # queue worker at the rings' first write there.
+                raise ValueError(f"inflight area of {size} bytes at offset {offset} "
+                                 f"beyond its file's {st.st_size} bytes")
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, offset=offset)
         finally:
             os.close(fd)

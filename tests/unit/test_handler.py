@@ -413,6 +413,40 @@ def test_unusable_inflight_area_is_ignored_not_fatal(client):
     assert client.call_u64(R.GET_QUEUE_NUM) == 2
 
 
+def test_inflight_area_beyond_its_file_is_not_used(served, client):
+    """An area the front-end says is larger than its file is ignored (acked,
+    session goes on): mapped as announced, the rings' first write past the
+    file's end would be SIGBUS in a queue worker, the whole process gone."""
+    client.enable_reply_ack(ProtocolFeature.INFLIGHT_SHMFD)
+    size = 2 * queue_region_size(128)
+    fd = os.memfd_create("inflight")
+    os.ftruncate(fd, 4096)
+    try:
+        assert client.acked(R.SET_INFLIGHT_FD, protocol.INFLIGHT.pack(size, 0, 2, 128),
+                            fds=[fd]) == 0
+    finally:
+        os.close(fd)
+    assert served.device.session.inflight is None
+    assert client.call_u64(R.GET_QUEUE_NUM) == 2
+
+
+def test_the_inflight_area_we_create_cannot_be_resized_under_us(client):
+    """The front-end gets the fd of the area we map (GET_INFLIGHT_FD): it is
+    sealed, so shrinking it, which would make the rings' writes SIGBUS, fails."""
+    client.enable_reply_ack(ProtocolFeature.INFLIGHT_SHMFD)
+    client.send(R.GET_INFLIGHT_FD, protocol.INFLIGHT.pack(0, 0, 2, 128),
+                flags=protocol.VERSION)
+    msg, anc, _, _ = client.sock.recvmsg(64, socket.CMSG_SPACE(4))
+    mmap_size = protocol.INFLIGHT.unpack_from(msg, protocol.HEADER_SIZE)[0]
+    fd = array.array("i", anc[0][2])[0]
+    try:
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)
+        assert os.fstat(fd).st_size == mmap_size
+    finally:
+        os.close(fd)
+
+
 def test_inflight_area_past_any_file_end_is_ignored_not_fatal(client):
     """An inflight area with an offset (or size) of 2**63 or more is ignored
     like any other unusable area (acked, session goes on): mmap raised
