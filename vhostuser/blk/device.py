@@ -268,6 +268,10 @@ class BlkDevice(Device):
 
     def on_connect(self, session) -> None:
         super().on_connect(session)
+        # A new front-end brings a new driver: the cache mode the last one
+        # chose through CONFIG_WCE is not its, and its first SET_FEATURES
+        # sets the initial mode (a daemon's device outlives its sessions).
+        self._cache_features = None
         self._loop = asyncio.get_running_loop()
         self._views = session.dataplane.views
 
