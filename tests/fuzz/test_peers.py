@@ -100,6 +100,13 @@ def check_reproducers(directory, argv, tmp_path, capsys):
                     # nothing about its site, so it neither matches nor
                     # refutes the recorded one. Another try.
                     continue
+                if not got["same_signature"] and recorded.verdict.value == "CRASHED" \
+                        and "vu-panic" in os.path.basename(path):
+                    # After vu_panic, qsd's libvhost-user tears down while its
+                    # dispatch still runs: the same bug faults in vu_deinit or
+                    # in vu_dispatch as the threads fall (seen in CI at
+                    # e0bb393). Another try; the recorded site must still come.
+                    continue
                 assert got["same_signature"], (path, got["verdict"]["signature"],
                                                recorded.signature)
             break
