@@ -445,17 +445,26 @@ def _disconnected(device, path):
         time.sleep(0.01)
 
 
-def test_close_from_another_thread_flushes_on_the_serving_loop(tmp_path):
-    """As a program that serves on a loop in one thread and closes the
-    device from another."""
+def flush_loop_recording_disk(delay: float = 0.0):
+    """An AsyncCacheDisk whose flush() notes the loop it runs on (after
+    `delay` seconds, as a store taking a moment); returns it and that list."""
     disk = AsyncCacheDisk()
     loops = []
     real_flush = disk.flush
 
     async def flush():
         loops.append(asyncio.get_running_loop())
+        if delay:
+            await asyncio.sleep(delay)
         await real_flush()
     disk.flush = flush
+    return disk, loops
+
+
+def test_close_from_another_thread_flushes_on_the_serving_loop(tmp_path):
+    """As a program that serves on a loop in one thread and closes the
+    device from another."""
+    disk, loops = flush_loop_recording_disk()
     device = BlkDevice(disk)
     path = str(tmp_path / "t.sock")
     with BackgroundServer(device, path) as srv:
@@ -471,15 +480,7 @@ def test_close_from_another_loop_flushes_on_the_device_loop(tmp_path):
     loop in another thread: the flush ran as a task on the caller's loop,
     not the device's, and was cancelled half-way when that loop ended
     (asyncio.run returning), the back-end closed all the same."""
-    disk = AsyncCacheDisk()
-    loops = []
-    real_flush = disk.flush
-
-    async def flush():
-        loops.append(asyncio.get_running_loop())
-        await asyncio.sleep(0.05)                       # a store takes a moment
-        await real_flush()
-    disk.flush = flush
+    disk, loops = flush_loop_recording_disk(delay=0.05)     # a store takes a moment
     device = BlkDevice(disk)
     path = str(tmp_path / "o.sock")
     with BackgroundServer(device, path) as srv:
