@@ -111,26 +111,17 @@ static struct iovec *readable_buffers(struct vu_dev *dev, uint32_t *n)
 
 /* Detaches every mapping the orphans' tables hold (queue locks held; none
  * is the installed table's): a table re-sent over the same pages left the
- * older one reaching the guest's memory. */
-static void detach_orphans_memory(struct vu_dev *dev)
+ * older one reaching the guest's memory. `keep` is readable_buffers(). */
+static void detach_orphans_memory(struct vu_dev *dev, const struct iovec *keep, uint32_t nkeep)
 {
-    uint32_t nkeep = 0;
-    struct iovec *keep = NULL;
-    bool collected = false;
     for (uint32_t q = 0; q < dev->nqueues; q++) {
         struct vu_vq *vq = dev->vqs[q];
         for (uint32_t i = 0; vq->norphans && i < vq->pool_size; i++) {
             struct vu_elem *e = &vq->elems[i];
-            if (!e->in_flight || !e->orphan || !vu_mem_reaches_guest(e->mem))
-                continue;
-            if (!collected) {
-                keep = readable_buffers(dev, &nkeep);
-                collected = true;
-            }
-            vu_mem_detach_all(e->mem, keep, nkeep);
+            if (e->in_flight && e->orphan && vu_mem_reaches_guest(e->mem))
+                vu_mem_detach_all(e->mem, keep, nkeep);
         }
     }
-    free(keep);
 }
 
 static void install_mem(struct vu_dev *dev, struct vu_mem *mem, bool orphaning)
@@ -209,8 +200,11 @@ int vu_dev_detach_orphans(struct vu_dev *dev)
         install_mem(dev, fresh, true);
     }
     lock_queues(dev);
-    detach_orphans_memory(dev);
+    uint32_t nkeep = 0;
+    struct iovec *keep = readable_buffers(dev, &nkeep);
+    detach_orphans_memory(dev, keep, nkeep);
     unlock_queues(dev);
+    free(keep);
     return (int)exposed;
 }
 
@@ -248,9 +242,10 @@ uint32_t vu_dev_close(struct vu_dev *dev)
     uint32_t users = old ? elems_using(dev, old) : 0, nkeep = 0;
     if (users)
         __atomic_add_fetch(&old->pins, users, __ATOMIC_RELAXED);
-    struct iovec *keep = old ? readable_buffers(dev, &nkeep) : NULL;
+    /* One list serves both: the orphans' tables and the retired one. */
+    struct iovec *keep = readable_buffers(dev, &nkeep);
     dev->mem = NULL;
-    detach_orphans_memory(dev);
+    detach_orphans_memory(dev, keep, nkeep);
     dev->closing = pending > 0;
     __atomic_store_n(&dev->close_pending, pending, __ATOMIC_RELEASE);
     unlock_queues(dev);
