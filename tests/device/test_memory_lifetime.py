@@ -14,6 +14,7 @@ import contextlib
 import gc
 import threading
 import time
+import typing
 
 import pytest
 
@@ -134,19 +135,48 @@ def gated_device(backend, tmp_path, name: str):
 
 
 def held_read(blk: BlkClient, mem: GuestMemory, sector: int = 0, token: str = "held",
-              notify: bool = True) -> dict:
-    """A read of `sector` whose every buffer lies in region 1."""
+              notify: bool = True, write: bytes | None = None) -> dict:
+    """A read of `sector` (a write of `write` there) whose every buffer lies
+    in region 1."""
     hdr = mem.alloc(OUTHDR.size, 16, region=1)
-    mem.write(hdr, OUTHDR.pack(BlkType.IN, 0, sector))
+    mem.write(hdr, OUTHDR.pack(BlkType.IN if write is None else BlkType.OUT, 0, sector))
     data = mem.alloc(4096, 512, region=1)
-    mem.fill(data, 4096, 0)
+    if write is None:
+        mem.fill(data, 4096, 0)
+    else:
+        mem.write(data, write)
     status = mem.alloc(1, 1, region=1)
     mem.write(status, b"\xff")
-    blk.queues[0].add([Buffer(hdr, OUTHDR.size, False), Buffer(data, 4096, True),
+    blk.queues[0].add([Buffer(hdr, OUTHDR.size, False), Buffer(data, 4096, write is None),
                        Buffer(status, 1, True)], token)
     if notify:
         blk.queues[0].notify()
     return {"data": data, "status": status}
+
+
+class Held(typing.NamedTuple):
+    device: BlkDevice
+    path: str
+    mem: GuestMemory
+    spare: GuestMemory
+    srv: BackgroundServer
+    fe: Frontend
+    blk: BlkClient
+    gpas: dict          # the held request's data and status buffers
+    held_at: int        # an address in the back-end's mapping of them
+
+
+@contextlib.contextmanager
+def one_request_held(backend, tmp_path, name: str, write: bytes | None = None,
+                     packed: bool = False):
+    """gated_device over `backend`, served, with a front-end whose read of
+    sector 0 (write of `write`) the back-end holds at its gate."""
+    with gated_device(backend, tmp_path, name) as (device, path, mem, spare):
+        with BackgroundServer(device, path) as srv, Frontend.connect(path) as fe:
+            blk = BlkClient.setup(fe, memory=mem, packed=packed)
+            gpas = held_read(blk, mem, write=write)
+            assert backend.arrived.wait(10)
+            yield Held(device, path, mem, spare, srv, fe, blk, gpas, buffers_mapping(device))
 
 
 def answer_late(backend, device) -> None:
@@ -210,77 +240,72 @@ SAME_PAGES = ("same-table", "split-table")
 def test_held_request_survives_memory_change(tmp_path, other_disk, scenario, answer):
     backend = GateBackend()
     detached_before = detached_mappings()
-    with gated_device(backend, tmp_path, "lifetime") as (device, path, mem, spare):
-        with BackgroundServer(device, path) as srv:
-            fe = Frontend.connect(path)
-            blk = BlkClient.setup(fe, memory=mem)
-            gpas = held_read(blk, mem)
-            assert backend.arrived.wait(10)
-            held_at = buffers_mapping(device)
-            assert f"/memfd:lifetime@{BUFS_GPA:#x} " in mapping_at(held_at)
+    with one_request_held(backend, tmp_path, "lifetime") as held:
+        device, path, mem, spare, srv, fe, blk, gpas, held_at = held
+        assert f"/memfd:lifetime@{BUFS_GPA:#x} " in mapping_at(held_at)
 
-            started = time.monotonic()
-            change(scenario, fe, mem, spare)
-            # Nothing waits for the held request longer than the drain timeout.
-            assert time.monotonic() - started < 5
-            memfd = f"/memfd:lifetime@{BUFS_GPA:#x} "
+        started = time.monotonic()
+        change(scenario, fe, mem, spare)
+        # Nothing waits for the held request longer than the drain timeout.
+        assert time.monotonic() - started < 5
+        memfd = f"/memfd:lifetime@{BUFS_GPA:#x} "
+        if scenario in SAME_PAGES:
+            assert memfd in mapping_at(held_at)
+        else:
+            # What the front-end took back (or everything, at a reset or
+            # disconnect) is detached while the request holds it: the
+            # back-end's mapping there no longer reaches the guest's pages.
+            wait_for(lambda: memfd not in mapping_at(held_at), what="detach")
+            assert mapping_at(held_at), "detached, not unmapped, while still held"
+            assert detached_mappings() > detached_before
+
+        if scenario in (*SAME_PAGES, "other-table", "rem-mem-reg"):
+            # The new table is in force for new requests at once, with the
+            # old request still held: I/O through region 0 (and the new
+            # region) works on the same connection.
+            blk.write(8, b"n" * 4096)
+            assert blk.read(8, 4096) == b"n" * 4096
+            if scenario == "other-table":
+                fe.memory = None
+                req_mem = spare
+                data = req_mem.alloc(512, 512)
+                hdr = mem.alloc(OUTHDR.size, 16, region=0)
+                mem.write(hdr, OUTHDR.pack(BlkType.IN, 0, 8))
+                status = mem.alloc(1, 1, region=0)
+                mem.write(status, b"\xff")
+                blk.queues[0].add([Buffer(hdr, OUTHDR.size, False),
+                                   Buffer(data, 512, True), Buffer(status, 1, True)], "new")
+                blk.queues[0].notify()
+                used = blk.queues[0].wait(1)
+                assert [u.token for u in used] == ["new"]
+                assert mem.read(status, 1) == b"\0"
+                assert spare.read(data, 512) == b"n" * 512
+
+        if answer == "late":
+            answer_late(backend, device)
             if scenario in SAME_PAGES:
-                assert memfd in mapping_at(held_at)
+                # Still the guest's memory and ring: the answer arrives.
+                used = blk.queues[0].wait(1)
+                assert [u.token for u in used] == ["held"]
+                assert mem.read(gpas["status"], 1)[0] == BlkStatus.OK
+                assert mem.read(gpas["data"], 4096) == LATE * 4096
             else:
-                # What the front-end took back (or everything, at a reset or
-                # disconnect) is detached while the request holds it: the
-                # back-end's mapping there no longer reaches the guest's pages.
-                wait_for(lambda: memfd not in mapping_at(held_at), what="detach")
-                assert mapping_at(held_at), "detached, not unmapped, while still held"
-                assert detached_mappings() > detached_before
+                # Taken back (or reset): nothing of the answer reaches it.
+                assert_untouched(mem, gpas)
+                if scenario in ("other-table", "rem-mem-reg"):
+                    # The ring lives on in region 0: the driver gets its
+                    # descriptor back, so nothing waits for it forever.
+                    assert [u.token for u in blk.queues[0].wait(1)] == ["held"]
+            # Once the request is gone, so is what it kept mapped.
+            wait_for(lambda: detached_mappings() <= detached_before, what="unmap")
 
-            if scenario in (*SAME_PAGES, "other-table", "rem-mem-reg"):
-                # The new table is in force for new requests at once, with the
-                # old request still held: I/O through region 0 (and the new
-                # region) works on the same connection.
-                blk.write(8, b"n" * 4096)
-                assert blk.read(8, 4096) == b"n" * 4096
-                if scenario == "other-table":
-                    fe.memory = None
-                    req_mem = spare
-                    data = req_mem.alloc(512, 512)
-                    hdr = mem.alloc(OUTHDR.size, 16, region=0)
-                    mem.write(hdr, OUTHDR.pack(BlkType.IN, 0, 8))
-                    status = mem.alloc(1, 1, region=0)
-                    mem.write(status, b"\xff")
-                    blk.queues[0].add([Buffer(hdr, OUTHDR.size, False),
-                                       Buffer(data, 512, True), Buffer(status, 1, True)], "new")
-                    blk.queues[0].notify()
-                    used = blk.queues[0].wait(1)
-                    assert [u.token for u in used] == ["new"]
-                    assert mem.read(status, 1) == b"\0"
-                    assert spare.read(data, 512) == b"n" * 512
-
-            if answer == "late":
-                answer_late(backend, device)
-                if scenario in SAME_PAGES:
-                    # Still the guest's memory and ring: the answer arrives.
-                    used = blk.queues[0].wait(1)
-                    assert [u.token for u in used] == ["held"]
-                    assert mem.read(gpas["status"], 1)[0] == BlkStatus.OK
-                    assert mem.read(gpas["data"], 4096) == LATE * 4096
-                else:
-                    # Taken back (or reset): nothing of the answer reaches it.
-                    assert_untouched(mem, gpas)
-                    if scenario in ("other-table", "rem-mem-reg"):
-                        # The ring lives on in region 0: the driver gets its
-                        # descriptor back, so nothing waits for it forever.
-                        assert [u.token for u in blk.queues[0].wait(1)] == ["held"]
-                # Once the request is gone, so is what it kept mapped.
-                wait_for(lambda: detached_mappings() <= detached_before, what="unmap")
-
-            # The other device never noticed.
-            other_disk.write(0, b"o" * 512)
-            assert other_disk.read(0, 512) == b"o" * 512
-            if scenario not in ("disconnect",):
-                fe.close()
-            serves_a_new_front_end(path)
-            assert srv.error is None
+        # The other device never noticed.
+        other_disk.write(0, b"o" * 512)
+        assert other_disk.read(0, 512) == b"o" * 512
+        if scenario not in ("disconnect",):
+            fe.close()
+        serves_a_new_front_end(path)
+        assert srv.error is None
     # A request never answered was given up at exit: nothing it kept
     # mapped is left behind either.
     gc.collect()
@@ -295,32 +320,21 @@ def test_completion_while_the_ring_is_stopped_is_published_when_it_restarts(tmp_
     ring starts again (as QEMU restarts it after a VM stop): published then,
     so the driver, which still waits for it, gets it."""
     backend = GateBackend()
-    device = BlkDevice(backend)
-    device.drain_timeout = 0.2
-    path = str(tmp_path / "gate.sock")
-    mem = GuestMemory([(0, 2 * MiB), (BUFS_GPA, MiB)], name="stopped")
-    try:
-        with BackgroundServer(device, path):
-            with Frontend.connect(path) as fe:
-                blk = BlkClient.setup(fe, memory=mem, packed=packed)
-                gpas = held_read(blk, mem)
-                assert backend.arrived.wait(10)
-                vq = blk.queues[0]
-                started = time.monotonic()
-                base = fe.get_vring_base(0)
-                assert time.monotonic() - started < 5
-                answer_late(backend, device)
-                time.sleep(0.1)
-                assert vq.poll() == []              # stopped: nothing published
-                fe.resume_queue(vq, base, mem=mem)
-                assert [u.token for u in vq.wait(1)] == ["held"]
-                assert mem.read(gpas["status"], 1)[0] == BlkStatus.OK
-                assert mem.read(gpas["data"], 4096) == LATE * 4096
-                blk.write(8, b"r" * 512)
-                assert blk.read(8, 512) == b"r" * 512
-    finally:
-        device.close()
-        mem.close()
+    with one_request_held(backend, tmp_path, "stopped", packed=packed) as held:
+        device, path, mem, spare, srv, fe, blk, gpas, held_at = held
+        vq = blk.queues[0]
+        started = time.monotonic()
+        base = fe.get_vring_base(0)
+        assert time.monotonic() - started < 5
+        answer_late(backend, device)
+        time.sleep(0.1)
+        assert vq.poll() == []              # stopped: nothing published
+        fe.resume_queue(vq, base, mem=mem)
+        assert [u.token for u in vq.wait(1)] == ["held"]
+        assert mem.read(gpas["status"], 1)[0] == BlkStatus.OK
+        assert mem.read(gpas["data"], 4096) == LATE * 4096
+        blk.write(8, b"r" * 512)
+        assert blk.read(8, 512) == b"r" * 512
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
@@ -335,34 +349,24 @@ def test_a_ring_started_over_gets_no_answer_owed_to_the_old_driver(tmp_path, ans
     the ring was stopped wrote its buffers then, as it must when the same
     ring resumes after a VM stop: nothing could tell the two apart yet.)"""
     backend = GateBackend()
-    device = BlkDevice(backend)
-    device.drain_timeout = 0.2
-    path = str(tmp_path / "gate.sock")
-    mem = GuestMemory([(0, 2 * MiB), (BUFS_GPA, MiB)], name="fresh")
-    try:
-        with BackgroundServer(device, path) as srv:
-            with Frontend.connect(path) as fe:
-                blk = BlkClient.setup(fe, memory=mem, packed=packed)
-                gpas = held_read(blk, mem)
-                assert backend.arrived.wait(10)
-                fe.stop_queue(0)                     # gives up after the drain timeout
-                if answer == "before-restart":
-                    answer_late(backend, device)
-                vq = fe.setup_queue(0, 128, mem=mem)     # the new driver's ring
-                if answer == "after-restart":
-                    answer_late(backend, device)
-                time.sleep(0.2)
-                assert vq.poll() == []
-                if answer == "after-restart":
-                    assert_untouched(mem, gpas)
-                blk.queues[0] = vq
-                blk.write(8, b"r" * 512)            # the new ring serves
-                assert blk.read(8, 512) == b"r" * 512
-            serves_a_new_front_end(path)
-            assert srv.error is None
-    finally:
-        device.close()
-        mem.close()
+    with one_request_held(backend, tmp_path, "fresh", packed=packed) as held:
+        device, path, mem, spare, srv, fe, blk, gpas, held_at = held
+        fe.stop_queue(0)                     # gives up after the drain timeout
+        if answer == "before-restart":
+            answer_late(backend, device)
+        vq = fe.setup_queue(0, 128, mem=mem)     # the new driver's ring
+        if answer == "after-restart":
+            answer_late(backend, device)
+        time.sleep(0.2)
+        assert vq.poll() == []
+        if answer == "after-restart":
+            assert_untouched(mem, gpas)
+        blk.queues[0] = vq
+        blk.write(8, b"r" * 512)            # the new ring serves
+        assert blk.read(8, 512) == b"r" * 512
+        fe.close()
+        serves_a_new_front_end(path)
+        assert srv.error is None
 
 
 class BlockingGateBackend(GateBackend):
@@ -394,54 +398,50 @@ def test_a_blocked_plain_method_holds_up_no_front_end_message(tmp_path, other_di
     lock the control plane takes). When the read returns, its answer goes
     where a late async one's goes, and the device serves on."""
     backend = BlockingGateBackend()
-    with gated_device(backend, tmp_path, "blocked") as (device, path, mem, spare):
-        with BackgroundServer(device, path) as srv:
-            fe = Frontend.connect(path)
-            blk = BlkClient.setup(fe, memory=mem)
-            vq = blk.queues[0]
-            gpas = held_read(blk, mem)
-            assert backend.arrived.wait(10)
-            started = time.monotonic()
-            if scenario == "stop":
-                fe.get_vring_base(0)
-            else:
-                change(scenario, fe, mem, spare)
-            assert time.monotonic() - started < 5
-            other_disk.write(0, b"o" * 512)              # served meanwhile
-            assert other_disk.read(0, 512) == b"o" * 512
+    with one_request_held(backend, tmp_path, "blocked") as held:
+        device, path, mem, spare, srv, fe, blk, gpas, held_at = held
+        vq = blk.queues[0]
+        started = time.monotonic()
+        if scenario == "stop":
+            fe.get_vring_base(0)
+        else:
+            change(scenario, fe, mem, spare)
+        assert time.monotonic() - started < 5
+        other_disk.write(0, b"o" * 512)              # served meanwhile
+        assert other_disk.read(0, 512) == b"o" * 512
 
-            backend.open_gate()
-            assert backend.finished.wait(10)
-            if scenario == "same-table":
-                assert [u.token for u in vq.wait(1)] == ["held"]
-                assert mem.read(gpas["status"], 1)[0] == BlkStatus.OK
-                assert mem.read(gpas["data"], 4096) == LATE * 4096
-            elif scenario in ("other-table", "rem-mem-reg"):
-                # The buffers were taken back: the answer reaches only the
-                # ring, which lives on in region 0.
-                assert [u.token for u in vq.wait(1)] == ["held"]
-                assert_untouched(mem, gpas)
-            elif scenario == "stop":
-                # The buffers are still the guest's; the used entry waits for
-                # the ring to start again (as the async case above shows).
-                wait_for(lambda: mem.read(gpas["status"], 1)[0] == BlkStatus.OK, what="status")
-                assert mem.read(gpas["data"], 4096) == LATE * 4096
-                time.sleep(0.1)
-                assert vq.poll() == []
+        backend.open_gate()
+        assert backend.finished.wait(10)
+        if scenario == "same-table":
+            assert [u.token for u in vq.wait(1)] == ["held"]
+            assert mem.read(gpas["status"], 1)[0] == BlkStatus.OK
+            assert mem.read(gpas["data"], 4096) == LATE * 4096
+        elif scenario in ("other-table", "rem-mem-reg"):
+            # The buffers were taken back: the answer reaches only the
+            # ring, which lives on in region 0.
+            assert [u.token for u in vq.wait(1)] == ["held"]
+            assert_untouched(mem, gpas)
+        elif scenario == "stop":
+            # The buffers are still the guest's; the used entry waits for
+            # the ring to start again (as the async case above shows).
+            wait_for(lambda: mem.read(gpas["status"], 1)[0] == BlkStatus.OK, what="status")
+            assert mem.read(gpas["data"], 4096) == LATE * 4096
+            time.sleep(0.1)
+            assert vq.poll() == []
+        else:
+            # Reset: the answer is an orphan's, nothing of it arrives.
+            time.sleep(0.1)
+            assert vq.poll() == []
+            assert_untouched(mem, gpas)
+        if scenario in ("same-table", "other-table", "rem-mem-reg"):
+            if scenario == "other-table":
+                fe.memory = None      # the client's own allocations can't follow
             else:
-                # Reset: the answer is an orphan's, nothing of it arrives.
-                time.sleep(0.1)
-                assert vq.poll() == []
-                assert_untouched(mem, gpas)
-            if scenario in ("same-table", "other-table", "rem-mem-reg"):
-                if scenario == "other-table":
-                    fe.memory = None      # the client's own allocations can't follow
-                else:
-                    blk.write(8, b"n" * 4096)
-                    assert blk.read(8, 4096) == b"n" * 4096
-            fe.close()
-            serves_a_new_front_end(path)
-            assert srv.error is None
+                blk.write(8, b"n" * 4096)
+                assert blk.read(8, 4096) == b"n" * 4096
+        fe.close()
+        serves_a_new_front_end(path)
+        assert srv.error is None
 
 
 def test_a_batch_running_across_a_table_change_leaves_no_old_mapping_pinned(tmp_path):
@@ -514,34 +514,21 @@ def test_a_late_write_stores_the_guests_data_after_its_memory_is_detached(tmp_pa
     unchanged in between (QEMU does it routinely): the write then holds the
     table before, which shares its mappings with the one retired."""
     backend = WriteGateBackend()
-    with gated_device(backend, tmp_path, "latewrite") as (device, path, mem, spare):
-        with BackgroundServer(device, path) as srv:
-            fe = Frontend.connect(path)
-            blk = BlkClient.setup(fe, memory=mem)
-            hdr = mem.alloc(OUTHDR.size, 16, region=1)
-            mem.write(hdr, OUTHDR.pack(BlkType.OUT, 0, 0))
-            data = mem.alloc(4096, 512, region=1)
-            mem.write(data, b"W" * 4096)
-            status = mem.alloc(1, 1, region=1)
-            mem.write(status, b"\xff")
-            blk.queues[0].add([Buffer(hdr, OUTHDR.size, False), Buffer(data, 4096, False),
-                               Buffer(status, 1, True)], "held")
-            blk.queues[0].notify()
-            assert backend.arrived.wait(10)
-            held_at = buffers_mapping(device)
-            if resent:
-                change("same-table", fe, mem, spare)
-            change(scenario, fe, mem, spare)
-            memfd = f"/memfd:latewrite@{BUFS_GPA:#x} "
-            wait_for(lambda: memfd not in mapping_at(held_at), what="detach")
-            mem.write(data, b"G" * 4096)      # the guest's page, reused: not the write's
-            backend.open_gate()
-            assert backend.finished.wait(10)
-            assert bytes(backend.disk[:4096]) == b"W" * 4096
-            if scenario != "disconnect":
-                fe.close()
-            serves_a_new_front_end(path)
-            assert srv.error is None
+    with one_request_held(backend, tmp_path, "latewrite", write=b"W" * 4096) as held:
+        device, path, mem, spare, srv, fe, blk, gpas, held_at = held
+        if resent:
+            change("same-table", fe, mem, spare)
+        change(scenario, fe, mem, spare)
+        memfd = f"/memfd:latewrite@{BUFS_GPA:#x} "
+        wait_for(lambda: memfd not in mapping_at(held_at), what="detach")
+        mem.write(gpas["data"], b"G" * 4096)  # the guest's page, reused: not the write's
+        backend.open_gate()
+        assert backend.finished.wait(10)
+        assert bytes(backend.disk[:4096]) == b"W" * 4096
+        if scenario != "disconnect":
+            fe.close()
+        serves_a_new_front_end(path)
+        assert srv.error is None
 
 
 @pytest.mark.parametrize("end", ["reset", "disconnect"])
@@ -554,20 +541,15 @@ def test_giving_up_detaches_an_orphan_popped_before_the_table_was_resent(tmp_pat
     on it must detach them all the same: nothing of its late answer may
     reach the guest's buffers after that."""
     backend = GateBackend()
-    with gated_device(backend, tmp_path, "resent") as (device, path, mem, spare):
-        with BackgroundServer(device, path) as srv:
-            fe = Frontend.connect(path)
-            blk = BlkClient.setup(fe, memory=mem)
-            gpas = held_read(blk, mem)
-            assert backend.arrived.wait(10)
-            held_at = buffers_mapping(device)
-            change(resend, fe, mem, spare)
-            change(end, fe, mem, spare)     # given up on: an orphan now
-            memfd = f"/memfd:resent@{BUFS_GPA:#x} "
-            wait_for(lambda: memfd not in mapping_at(held_at), what="detach")
-            answer_late(backend, device)
-            assert_untouched(mem, gpas)
-            if end != "disconnect":
-                fe.close()
-            serves_a_new_front_end(path)
-            assert srv.error is None
+    with one_request_held(backend, tmp_path, "resent") as held:
+        device, path, mem, spare, srv, fe, blk, gpas, held_at = held
+        change(resend, fe, mem, spare)
+        change(end, fe, mem, spare)     # given up on: an orphan now
+        memfd = f"/memfd:resent@{BUFS_GPA:#x} "
+        wait_for(lambda: memfd not in mapping_at(held_at), what="detach")
+        answer_late(backend, device)
+        assert_untouched(mem, gpas)
+        if end != "disconnect":
+            fe.close()
+        serves_a_new_front_end(path)
+        assert srv.error is None
