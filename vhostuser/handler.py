@@ -562,37 +562,59 @@ class Session:
         # GET_CONFIG on the main socket before it acks, which needs our loop.
         # At most one waits here besides the one being sent: a change after
         # this one's send began needs a message of its own.
+        async with self._backend_lock:
+            with self._config_lock:
+                self._config_pending = False
+            ack = await self._backend_request(protocol.BackendRequest.CONFIG_CHANGE_MSG)
+        if ack:
+            log.warning("%s: front-end refused the config change", self.name)
+
+    async def _backend_request(self, request: protocol.BackendRequest,
+                               payload: bytes = b"") -> int | None:
+        """Sends ``request`` on the back-end channel and, with REPLY_ACK,
+        waits for its ack. Returns the ack's value (0 without REPLY_ACK),
+        None when there is no channel or it failed. Replies carry no id of
+        their own: after a timeout, a late one would be read as the next
+        request's, so any request that fails to complete in step closes the
+        channel. Called with the back-end lock held."""
+        channel = self.backend_channel
+        if channel is None:
+            return None
         need_reply = self._has_protocol(ProtocolFeature.REPLY_ACK)
         flags = protocol.VERSION | (protocol.FLAG_NEED_REPLY if need_reply else 0)
-        channel = None
         try:
-            async with self._backend_lock:
-                with self._config_lock:
-                    self._config_pending = False
-                channel = self.backend_channel
-                if channel is None:
-                    return
-                try:
-                    await asyncio.wait_for(
-                        channel.send(protocol.BackendRequest.CONFIG_CHANGE_MSG, b"", flags=flags),
-                        BACKEND_CHANNEL_TIMEOUT)
-                except asyncio.TimeoutError:
-                    # Part of the message may be out: the channel's framing
-                    # is lost, so it goes, and later changes go unannounced.
-                    log.error("%s: back-end channel: the front-end took no config change "
-                              "for %.0f s; dropped, and the channel closed", self.name,
-                              BACKEND_CHANNEL_TIMEOUT)
-                    channel.close()
-                    if self.backend_channel is channel:
-                        self.backend_channel = None
-                    return
-                if need_reply:
-                    reply = await asyncio.wait_for(channel.recv(), BACKEND_CHANNEL_TIMEOUT)
-                    reply.close_fds()
-                    if len(reply.payload) == 8 and protocol.U64.unpack(reply.payload)[0]:
-                        log.warning("%s: front-end refused the config change", self.name)
-        except (ConnectionClosed, FramingError, asyncio.TimeoutError, OSError) as exc:
-            log.error("%s: back-end channel: %s", self.name, exc or type(exc).__name__)
+            await asyncio.wait_for(channel.send(request, payload, flags=flags),
+                                   BACKEND_CHANNEL_TIMEOUT)
+            if not need_reply:
+                return 0
+            reply = await asyncio.wait_for(channel.recv(), BACKEND_CHANNEL_TIMEOUT)
+            reply.close_fds()
+            return self._backend_ack(request, reply)
+        except asyncio.TimeoutError:
+            self._drop_backend_channel(channel, f"the front-end did not answer "
+                                       f"{request.name} within {BACKEND_CHANNEL_TIMEOUT:g} s")
+        except (ConnectionClosed, ProtocolError, OSError) as exc:     # FramingError too
+            self._drop_backend_channel(channel, f"{request.name}: "
+                                       f"{exc or type(exc).__name__}")
+        return None
+
+    @staticmethod
+    def _backend_ack(request: protocol.BackendRequest, reply: Message) -> int:
+        """The value of ``reply`` as the ack of ``request``."""
+        if (reply.request != request or not reply.flags & protocol.FLAG_REPLY
+                or len(reply.payload) != protocol.U64.size):
+            # (reply.request numbers a back-end request, not a Request)
+            raise ProtocolError(None, f"reply {reply.request} is no ack of {request.name} "
+                                f"(flags {reply.flags:#x}, {len(reply.payload)} bytes)")
+        return protocol.U64.unpack(reply.payload)[0]
+
+    def _drop_backend_channel(self, channel: BackendConnection, why: str) -> None:
+        # Part of a message may be out, or a reply still due: the channel
+        # is out of step for good, and later requests go unsent.
+        log.error("%s: back-end channel: %s; closed", self.name, why)
+        channel.close()
+        if self.backend_channel is channel:
+            self.backend_channel = None
 
     # -- teardown ----------------------------------------------------------------------
     def _end_io(self) -> None:

@@ -4,6 +4,7 @@ where negotiated, otherwise the connection is closed; the process and other
 connections keep serving, and every fd we sent but the back-end did not keep
 is closed."""
 import array
+import contextlib
 import mmap
 import os
 import socket
@@ -367,6 +368,62 @@ def test_a_config_change_the_front_end_never_takes_is_dropped(served, client, mo
         while served.call(served.device.notify_config_change):
             assert time.time() < deadline, "the back-end channel is never given up"
         assert client.call_u64(R.GET_QUEUE_NUM) == 2
+    finally:
+        ours.close()
+
+
+def _backend_channel_with_acks(client):
+    """Sets up a back-end channel with REPLY_ACK and CONFIG; returns the
+    front-end's end of it."""
+    client.enable_reply_ack(ProtocolFeature.BACKEND_REQ, ProtocolFeature.CONFIG)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    assert client.acked(R.SET_BACKEND_REQ_FD, fds=[theirs.fileno()]) == 0
+    theirs.close()
+    ours.settimeout(5)
+    return ours
+
+
+def _read_backend_request(ours):
+    request, flags, size = protocol.HEADER.unpack(ours.recv(12, socket.MSG_WAITALL))
+    assert request == protocol.BackendRequest.CONFIG_CHANGE_MSG and size == 0
+    assert flags & protocol.FLAG_NEED_REPLY
+    return request
+
+
+def test_a_backend_request_whose_ack_times_out_closes_the_channel(served, client, monkeypatch):
+    """Acks carry no request id: after one timed out, a late ack would be
+    taken for the next request's. So the channel closes, and later changes
+    report there is none. Before, it stayed open and out of step."""
+    from vhostuser import handler
+    monkeypatch.setattr(handler, "BACKEND_CHANNEL_TIMEOUT", 0.3)
+    ours = _backend_channel_with_acks(client)
+    try:
+        assert served.call(served.device.notify_config_change) is True
+        request = _read_backend_request(ours)
+        time.sleep(0.6)
+        # the late ack (if our end still takes it), then the channel is found closed
+        with contextlib.suppress(BrokenPipeError):
+            ours.sendall(protocol.pack_header(request, protocol.VERSION | protocol.FLAG_REPLY, 8)
+                         + struct.pack("<Q", 0))
+        assert ours.recv(1) == b""
+        assert served.call(served.device.notify_config_change) is False
+        assert client.call_u64(R.GET_QUEUE_NUM) == 2
+    finally:
+        ours.close()
+
+
+def test_a_backend_reply_that_is_no_ack_of_the_request_closes_the_channel(served, client):
+    """A reply for another request (or no reply at all) means the two ends
+    are out of step: the channel closes rather than guess."""
+    ours = _backend_channel_with_acks(client)
+    try:
+        assert served.call(served.device.notify_config_change) is True
+        _read_backend_request(ours)
+        ours.sendall(protocol.pack_header(protocol.BackendRequest.VRING_CALL,
+                                          protocol.VERSION | protocol.FLAG_REPLY, 8)
+                     + struct.pack("<Q", 0))
+        assert ours.recv(1) == b""
+        assert served.call(served.device.notify_config_change) is False
     finally:
         ours.close()
 
