@@ -70,6 +70,8 @@ class Session:
         self.owner = False
         self.status = 0
         self.closed = False
+        # stop() ran: the session is ending, and rings stay out of service.
+        self.stopping = False
         self.dataplane = DataPlane(device.num_queues, queues_per_worker=device.queues_per_worker,
                                    poll_us=device.poll_us,
                                    adaptive_poll_us=device.adaptive_poll_us, name=conn.name)
@@ -240,7 +242,9 @@ class Session:
         """Takes no new requests from any ring and waits for those in flight
         (a graceful exit, or the front-end went away). Without taking the
         rings out of service first, a guest that keeps writing leaves no
-        moment with nothing in flight."""
+        moment with nothing in flight. The front-end is still read
+        meanwhile; no ring is enabled again (_may_enable)."""
+        self.stopping = True
         for i in range(self.device.num_queues):
             self.dataplane.set_enabled(i, False)
         await self._drain(what)
@@ -262,8 +266,16 @@ class Session:
         return True
 
     def _rings_enabled_at_start(self) -> bool:
-        # Without PROTOCOL_FEATURES a ring starts enabled (vhost-user.rst, "Ring states").
-        return not self.features & bit(Feature.PROTOCOL_FEATURES)
+        # Without PROTOCOL_FEATURES a ring starts enabled (vhost-user.rst,
+        # "Ring states"), unless the session is stopping.
+        return not self.features & bit(Feature.PROTOCOL_FEATURES) and not self.stopping
+
+    def _may_enable(self, msg: Message, index: int) -> None:
+        # A ring enabled while stop() drains would keep the drain from
+        # ever seeing none in flight, and run requests on a back-end that
+        # is being closed.
+        if self.stopping:
+            raise ProtocolError(msg.request, f"ring {index}: the back-end is stopping")
 
     # -- feature negotiation ---------------------------------------------------
     async def _on_get_features(self, msg):
@@ -452,6 +464,8 @@ class Session:
         index, num = self._state(msg)
         if num > 1:
             raise ProtocolError(msg.request, f"enable value {num}")
+        if num:
+            self._may_enable(msg, index)
         self.dataplane.set_enabled(index, bool(num))
 
     async def _on_vring_kick(self, msg):

@@ -688,6 +688,68 @@ def test_a_reset_takes_no_new_request_while_it_drains(tmp_path):
                     os.close(k)
 
 
+def test_a_ring_is_not_enabled_again_while_a_stop_drains(tmp_path):
+    """A daemon's stop (Session.stop) takes every ring out of service and
+    waits for the requests in flight, while the session goes on reading
+    the front-end: a SET_VRING_ENABLE then is refused and the ring stays
+    disabled. Before, it enabled the ring again, so the drain could wait
+    its whole timeout and new requests ran on a back-end being closed."""
+    import asyncio
+    dev = HoldingRing1(num_queues=2)
+    dev.drain_timeout = 3.0
+    with BackgroundServer(dev, str(tmp_path / "d.sock")) as srv:
+        c = RawClient(srv.path)
+        kick = None
+        try:
+            c.enable_reply_ack()
+            fd, mem = guest_memory(c)
+            num = 8
+            kick = start_ring(c, 1, num)
+            assert c.acked(R.SET_VRING_ENABLE, struct.pack("<II", 1, 1)) == 0
+            mem[0:16] = struct.pack("<QIHH", 0x10000, 16, 0, 0)
+            mem[16 * num:16 * num + 6] = struct.pack("<HHH", 0, 1, 0)
+            os.eventfd_write(kick, 1)
+            deadline = time.time() + 5
+            while not dev.held and time.time() < deadline:
+                time.sleep(0.01)
+            assert dev.held
+            session = dev.session
+            stopping = asyncio.run_coroutine_threadsafe(session.stop("exit"), srv.loop)
+            time.sleep(0.2)                                  # the stop is draining
+            assert not stopping.done()
+            assert c.acked(R.SET_VRING_ENABLE, struct.pack("<II", 1, 1)) != 0
+            assert not session.dataplane.queues[1].enabled
+            for e in dev.held:
+                srv.call(lambda e=e: e.complete(0))
+            dev.held.clear()
+            stopping.result(5)
+            assert not session.dataplane.queues[1].enabled
+        finally:
+            for e in dev.held:
+                srv.call(lambda e=e: e.complete(0))
+            c.close()
+            os.close(fd)
+            if kick is not None:
+                os.close(kick)
+
+
+def test_a_ring_started_after_a_stop_is_not_enabled(served, client):
+    """Without PROTOCOL_FEATURES a ring starts enabled at its kick, except
+    once the session is stopping: that would enable it behind stop()."""
+    import asyncio
+    client.enable_reply_ack()
+    assert client.acked(R.SET_FEATURES, struct.pack("<Q", 0)) == 0
+    fd, _ = guest_memory(client)
+    try:
+        session = served.device.session
+        asyncio.run_coroutine_threadsafe(session.stop("exit"), served.loop).result(5)
+        os.close(start_ring(client, 0, 8))
+        assert session.dataplane.queues[0].started
+        assert not session.dataplane.queues[0].enabled
+    finally:
+        os.close(fd)
+
+
 def test_a_ring_larger_than_its_inflight_region_is_not_tracked(served, client):
     """An area for 1-entry rings, then a ring of 32768: it runs untracked
     (the C side would write 32768 entries into a region of 1)."""
