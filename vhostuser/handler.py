@@ -38,6 +38,9 @@ DRAIN_TIMEOUT = 30.0
 #: How long a message on the back-end channel may wait for the front-end to
 #: take it (and a CONFIG_CHANGE_MSG for its REPLY_ACK).
 BACKEND_CHANNEL_TIMEOUT = 10.0
+#: The features a front-end may change while rings run: QEMU turns dirty
+#: logging on and off with SET_FEATURES around a migration.
+RUNTIME_FEATURES = bit(Feature.LOG_ALL)
 
 
 def _resolve(future: asyncio.Future) -> None:
@@ -286,10 +289,22 @@ class Session:
         offered = self.device.features() | bit(Feature.PROTOCOL_FEATURES)
         if features & ~offered:
             raise ProtocolError(msg.request, f"features {features & ~offered:#x} were not offered")
+        self._check_running_features(msg, features)
         self.features = features
         self.features_set = True
         self.dataplane.set_features(features)
         self.device.on_features(features)
+
+    def _check_running_features(self, msg: Message, features: int) -> None:
+        # A running ring and the device read the features without a lock
+        # (a net header's length, offloads, the ring's layout): changed
+        # under them, the data plane misreads what the guest wrote. The
+        # spec sets features before rings start; at a stop they may change.
+        changed = (features ^ self.features) & ~RUNTIME_FEATURES
+        running = [q.index for q in self.dataplane.queues if q.started]
+        if changed and running:
+            raise ProtocolError(msg.request, f"features {changed:#x} changed while rings "
+                                f"{running} run")
 
     async def _on_get_protocol_features(self, msg):
         await self.conn.reply_u64(msg, self.device.protocol_features())
