@@ -363,3 +363,52 @@ def test_an_image_with_a_partial_last_sector_is_served_with_a_warning(tmp_path, 
         dev.close()
     assert (f"{path}: the last 100 bytes are not a whole 512-byte sector; the guest sees the "
             f"disk without them") in warnings(caplog)
+
+
+class FailingLifetime(Lifetime):
+    """lifetime() raising `self.error` when set (storage that can't be asked)."""
+
+    def __init__(self, value, error=None):
+        super().__init__(value)
+        self.error = error
+
+    def lifetime(self):
+        if self.error is not None:
+            raise self.error
+        return super().lifetime()
+
+
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"), KeyError("bug")])
+def test_a_raising_lifetime_fails_only_its_request(blk_client, error):
+    """lifetime() raising in a GET_LIFETIME request fails that request
+    with IOERR; the connection goes on serving."""
+    features = DEFAULT_FEATURES | BLK_FEATURES | bit(BlkFeature.LIFETIME)
+    backend = FailingLifetime((1, 2, 3))
+    with blk_client(BlkDevice(backend), features=features) as (srv, blk):
+        backend.error = error
+        assert lifetime_request(blk).status == BlkStatus.IOERR
+        [req] = blk.execute([BlkRequest.read(0, 512)])
+        assert req.status == BlkStatus.OK
+        backend.error = None
+        assert LIFETIME.unpack(lifetime_request(blk).data) == (1, 2, 3)
+        assert srv.error is None
+
+
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"), KeyError("bug")])
+def test_a_lifetime_raising_at_negotiation_is_offered_and_fails_its_requests(
+        blk_client, caplog, error):
+    """device_features() asks lifetime() whether to offer LIFETIME: its
+    exception failed GET_FEATURES and closed the connection. The feature
+    is offered (lifetime() is overridden) and each GET_LIFETIME request
+    fails while lifetime() raises."""
+    features = DEFAULT_FEATURES | BLK_FEATURES | bit(BlkFeature.LIFETIME)
+    backend = FailingLifetime((1, 2, 3), error)
+    dev = BlkDevice(backend)
+    assert dev.device_features() & bit(BlkFeature.LIFETIME)
+    with blk_client(dev, features=features) as (srv, blk):
+        assert srv.device.session.features & bit(BlkFeature.LIFETIME)
+        assert lifetime_request(blk).status == BlkStatus.IOERR
+        backend.error = None
+        assert LIFETIME.unpack(lifetime_request(blk).data) == (1, 2, 3)
+        assert srv.error is None
+    assert "FailingLifetime.lifetime() failed" in caplog.text

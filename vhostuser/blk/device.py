@@ -189,8 +189,22 @@ class BlkDevice(Device):
             if feature == F.DISCARD:
                 return self.backend.supports("discard")
             if feature == F.LIFETIME:
-                return self.backend.lifetime() is not None
+                return self._offers_lifetime()
         return feature != F.LIFETIME
+
+    def _offers_lifetime(self) -> bool:
+        """Whether a Python back-end has lifetime metrics. Its lifetime()
+        failing now is its storage failing, not a protocol error: the
+        negotiation goes on, the feature is offered if lifetime() is the
+        back-end's own, and GET_LIFETIME requests fail while it raises."""
+        try:
+            return self.backend.lifetime() is not None
+        except Exception as exc:
+            self._log.log(("offer", "lifetime"), logging.WARNING,
+                          "block back-end: %s.lifetime() failed: %s: %s; LIFETIME offered, "
+                          "its requests fail while it does", type(self.backend).__name__,
+                          type(exc).__name__, exc)
+            return self.backend.supports("lifetime")
 
     def device_features(self) -> int:
         wanted = [F.SIZE_MAX, F.SEG_MAX, F.BLK_SIZE, F.TOPOLOGY, F.FLUSH, F.CONFIG_WCE, F.MQ,
