@@ -7,6 +7,8 @@ in the metrics."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import inspect
 import logging
 import os
 import subprocess
@@ -412,3 +414,80 @@ def test_a_lifetime_raising_at_negotiation_is_offered_and_fails_its_requests(
         assert LIFETIME.unpack(lifetime_request(blk).data) == (1, 2, 3)
         assert srv.error is None
     assert "FailingLifetime.lifetime() failed" in caplog.text
+
+
+class Running:
+    """An awaitable whose operation runs already (in a thread) and ends
+    `seconds` later; awaiting it waits for that."""
+
+    def __init__(self, seconds=0.3):
+        self.done = threading.Event()
+        threading.Timer(seconds, self.done.set).start()
+
+    def __await__(self):
+        while not self.done.is_set():
+            yield from asyncio.sleep(0.01).__await__()
+
+
+class SegmentDisk(Disk):
+    """discard() and write_zeroes() give, per call in turn, what `plan`
+    says: "running" (a Running), "coroutine" (one not started),
+    "raising coroutine", or "raise"."""
+
+    def __init__(self, plan):
+        super().__init__()
+        self.plan = list(plan)
+        self.made = []                  # what each call returned
+        self.ran = []                   # the coroutines that ran
+
+    def _segment(self):
+        what = self.plan.pop(0)
+        if what == "raise":
+            raise OSError(5, "segment failed")
+        if what == "running":
+            made = Running()
+        else:
+            made = self._coroutine(len(self.made), what == "raising coroutine")
+        self.made.append(made)
+        return made
+
+    async def _coroutine(self, index, fails):
+        self.ran.append(index)
+        await asyncio.sleep(0)
+        if fails:
+            raise OSError(5, "segment failed")
+
+    def discard(self, offset, length):
+        return self._segment()
+
+    def write_zeroes(self, offset, length, unmap):
+        return self._segment()
+
+
+def segments_request(kind):
+    segs = [(0, 8), (8, 8), (16, 8)]
+    return BlkRequest.discard(segs) if kind == "discard" else BlkRequest.write_zeroes(segs)
+
+
+@pytest.mark.parametrize("kind", ["discard", "write_zeroes"])
+@pytest.mark.parametrize("plan", [["running", "coroutine", "raise"],
+                                  ["raising coroutine", "running", "coroutine"]])
+def test_a_failing_segment_settles_the_others_before_the_answer(blk_client, recwarn, kind,
+                                                                plan):
+    """A segment's method failing (raising at once, or its coroutine
+    raising) failed the request at once: what earlier segments had
+    started still ran after the guest saw IOERR, and their coroutines not
+    yet run were never awaited. The request fails once what is running
+    has ended; the coroutines not started are closed, not run."""
+    disk = SegmentDisk(plan)
+    with blk_client(BlkDevice(disk)) as (srv, blk):
+        [req] = blk.execute([segments_request(kind)])
+        assert req.status == BlkStatus.IOERR
+        running = [m for m in disk.made if isinstance(m, Running)]
+        assert running and all(m.done.is_set() for m in running), "answered while running"
+        for i, made in enumerate(disk.made):
+            if not isinstance(made, Running):
+                assert inspect.getcoroutinestate(made) == inspect.CORO_CLOSED
+                assert (i in disk.ran) == (plan[i] == "raising coroutine")
+    gc.collect()
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]

@@ -613,13 +613,18 @@ class BlkDevice(Device):
         stable = zeroes and not writeback
         name = _METHODS[r.type]
         calls = []
-        for i in range(r.nsegs):
-            seg = r.segs[i]
-            off, length = seg.sector * SECTOR, seg.num_sectors * SECTOR
-            if r.type == BlkType.DISCARD:
-                calls.append(be.discard(off, length))
-            else:
-                calls.append(be.write_zeroes(off, length, bool(seg.flags & 1)))
+        try:
+            for i in range(r.nsegs):
+                seg = r.segs[i]
+                off, length = seg.sector * SECTOR, seg.num_sectors * SECTOR
+                if r.type == BlkType.DISCARD:
+                    calls.append(be.discard(off, length))
+                else:
+                    calls.append(be.write_zeroes(off, length, bool(seg.flags & 1)))
+        except BaseException as exc:
+            # What earlier segments started ends before the guest sees
+            # the failure.
+            return _failing_after([c for c in calls if inspect.isawaitable(c)], exc)
         pending = []
         for c in calls:
             if inspect.isawaitable(c):
@@ -628,8 +633,13 @@ class BlkDevice(Device):
                 self._ignored(name, c)
         if pending:
             async def wait_all():
-                for c in pending:
-                    self._ignored(name, await c)
+                for i, c in enumerate(pending):
+                    try:
+                        value = await c
+                    except BaseException:
+                        await _settled(pending[i + 1:])
+                        raise
+                    self._ignored(name, value)
                 # The mode now decides: a switch to write-through while the
                 # zeroes were written makes them stable before completion.
                 if zeroes and not self._blk.lim.writeback:
@@ -862,6 +872,45 @@ def _discard(awaitable) -> None:
     close = getattr(awaitable, "close", None)
     if close is not None:
         close()
+
+
+def _unstarted(awaitable) -> bool:
+    """A coroutine that never ran: closing it leaves nothing half done."""
+    return (inspect.iscoroutine(awaitable)
+            and inspect.getcoroutinestate(awaitable) == inspect.CORO_CREATED)
+
+
+async def _settled(awaitables) -> None:
+    """The rest of a request that failed: coroutines not started are
+    closed, not run; what runs already is awaited to its end (its own
+    failure adds nothing to the request's, and is logged at DEBUG)."""
+    for a in awaitables:
+        if _unstarted(a):
+            a.close()
+            continue
+        try:
+            await a
+        except Exception as exc:
+            log.debug("block back-end: after the request failed, another part of it "
+                      "failed too: %s: %s", type(exc).__name__, exc)
+
+
+def _failing_after(awaitables: list, exc: BaseException):
+    """`exc` for a request that has `awaitables` started: raised at once
+    when none of them runs (those not started are closed), else raised by
+    the coroutine returned once they are settled, so that nothing of the
+    request runs on after the guest sees its status."""
+    running = [a for a in awaitables if not _unstarted(a)]
+    for a in awaitables:
+        if _unstarted(a):
+            a.close()
+    if not running:
+        raise exc
+
+    async def fail():
+        await _settled(running)
+        raise exc
+    return fail()
 
 
 def _checked_size(backend: BlockBackend, size) -> int:
