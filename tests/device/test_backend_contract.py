@@ -7,6 +7,7 @@ in the metrics."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import inspect
 import logging
@@ -491,3 +492,88 @@ def test_a_failing_segment_settles_the_others_before_the_answer(blk_client, recw
                 assert (i in disk.ran) == (plan[i] == "raising coroutine")
     gc.collect()
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+class ExecutorDisk(Disk):
+    """Plain methods that hand their work to an executor and return its
+    concurrent.futures.Future; the work ends `delay` seconds later, and is
+    listed in `done` then. `fail`: methods whose work raises OSError."""
+
+    def __init__(self, delay=0.2):
+        super().__init__()
+        self.pool = concurrent.futures.ThreadPoolExecutor(2)
+        self.delay = delay
+        self.done = []
+        self.fail = set()
+
+    def _later(self, name, work, *args):
+        def run():
+            time.sleep(self.delay)
+            if name in self.fail:
+                raise OSError(5, f"{name} failed")
+            work(*args)
+            self.done.append(name)
+        return self.pool.submit(run)
+
+    def read(self, offset, bufs):
+        return self._later("read", Disk.read, self, offset, bufs)
+
+    def write(self, offset, bufs):
+        return self._later("write", Disk.write, self, offset, bufs)
+
+    def flush(self):
+        return self._later("flush", lambda: None)
+
+    def discard(self, offset, length):
+        return self._later("discard", lambda: None)
+
+    def write_zeroes(self, offset, length, unmap):
+        return self._later("write_zeroes", lambda: None)
+
+    def close(self):
+        self.done.append("close")
+        self.pool.shutdown()
+
+
+def test_a_future_from_an_executor_is_waited_for(blk_client, caplog):
+    """A plain method returning a concurrent.futures.Future was taken as
+    done, its Future warned about as a return value: the guest saw reads
+    complete before their data was there, writes before they were
+    written. Each request completes when its Future does."""
+    disk = ExecutorDisk()
+    with blk_client(BlkDevice(disk)) as (srv, blk):
+        [w] = blk.execute([BlkRequest.write(8, b"w" * 512)])
+        assert w.status == BlkStatus.OK and disk.done == ["write"]
+        [r] = blk.execute([BlkRequest.read(8, 512)])
+        assert r.status == BlkStatus.OK and r.data == b"w" * 512
+        for req, name in ((BlkRequest.flush(), "flush"),
+                          (BlkRequest.discard([(0, 8), (8, 8)]), "discard"),
+                          (BlkRequest.write_zeroes([(0, 8)]), "write_zeroes")):
+            [done] = blk.execute([req])
+            assert done.status == BlkStatus.OK and disk.done[-1] == name
+        disk.fail = {"read", "write"}
+        reqs = blk.execute([BlkRequest.read(0, 512), BlkRequest.write(0, b"x" * 512)])
+        assert [q.status for q in reqs] == [BlkStatus.IOERR] * 2
+    assert "returned <Future" not in caplog.text
+    assert "block back-end: read at sector 0 failed: [Errno 5] read failed" in caplog.text
+
+
+def test_a_future_makes_a_write_through_write_stable_before_it_completes(blk_client):
+    """In write-through mode the default write_fua() is write() then
+    flush(): write()'s Future was not waited for, flush() ran at once."""
+    disk = ExecutorDisk()
+    with blk_client(BlkDevice(disk), features=WRITE_THROUGH) as (srv, blk):
+        [w] = blk.execute([BlkRequest.write(0, b"w" * 512)])
+        assert w.status == BlkStatus.OK
+        assert disk.done == ["write", "flush"]
+        disk.done.clear()
+        [z] = blk.execute([BlkRequest.write_zeroes([(8, 8)])])
+        assert z.status == BlkStatus.OK and disk.done == ["write_zeroes", "flush"]
+
+
+def test_a_future_of_the_close_flush_is_waited_for():
+    """close() flushes first: a flush() returning a Future was taken as
+    done, and close() followed before it ended."""
+    disk = ExecutorDisk()
+    BlkDevice(disk).close()
+    assert disk.done == ["flush", "close"]

@@ -8,6 +8,7 @@ memory, and may be plain or ``async`` functions.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import os
 import stat
@@ -124,6 +125,10 @@ class BlockBackend:
     bytes at ``offset`` onwards, ``write`` stores them there. They are valid
     only until the method returns (or its coroutine finishes).
 
+    A plain request method may also return a :class:`concurrent.futures.Future`
+    (work handed to an executor): the request completes when it does, as
+    for a coroutine.
+
     The write cache contract (virtio 1.4, 5.2.6): in write-back mode the
     device calls :meth:`write`, whose data may sit in a cache until
     :meth:`flush`; in write-through mode it calls :meth:`write_fua`, which
@@ -155,8 +160,8 @@ class BlockBackend:
         it when the storage can make one write stable for less (O_DSYNC,
         NBD's FUA flag). Returns a coroutine when either call does.
         """
-        written = self.write(offset, bufs)
-        if inspect.isawaitable(written):
+        written = awaitable_result(self.write(offset, bufs))
+        if written is not None:
             return _then_flush(self, written)
         return stabilising_flush(self)
 
@@ -172,17 +177,18 @@ class BlockBackend:
         chunk = memoryview(bytes(min(length, ZERO_CHUNK)))
         for done in range(0, length, len(chunk)):
             n = min(len(chunk), length - done)
-            written = self.write(offset + done, [chunk[:n]])
-            if inspect.isawaitable(written):
+            written = awaitable_result(self.write(offset + done, [chunk[:n]]))
+            if written is not None:
                 return self._zeroes_async(written, offset, length, done + n, chunk)
         return None
 
-    async def _zeroes_async(self, pending, offset: int, length: int, start: int,
+    async def _zeroes_async(self, first, offset: int, length: int, start: int,
                             chunk: memoryview) -> None:
-        await pending
+        await first
         for done in range(start, length, len(chunk)):
-            written = self.write(offset + done, [chunk[:min(len(chunk), length - done)]])
-            if inspect.isawaitable(written):
+            n = min(len(chunk), length - done)
+            written = awaitable_result(self.write(offset + done, [chunk[:n]]))
+            if written is not None:
                 await written
 
     def lifetime(self) -> tuple[int, int, int] | None:
@@ -198,6 +204,32 @@ class BlockBackend:
         return getattr(type(self), method) is not getattr(BlockBackend, method)
 
 
+def awaitable_result(outcome):
+    """What a back-end method returned, as something to await while its
+    work still runs: an awaitable as it is, a concurrent.futures.Future (a
+    plain method that handed the work to an executor) as an awaitable of
+    its own; None when the method is done (`outcome` is a plain value)."""
+    if inspect.isawaitable(outcome):
+        return outcome
+    if isinstance(outcome, concurrent.futures.Future):
+        return _Waiting(outcome)
+    return None
+
+
+class _Waiting:
+    """A concurrent.futures.Future awaited on whichever event loop awaits
+    this (not a coroutine: it is never closed unawaited, as its work runs
+    already)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: concurrent.futures.Future):
+        self.future = future
+
+    def __await__(self):
+        return asyncio.wrap_future(self.future).__await__()
+
+
 async def _then_flush(backend: BlockBackend, written) -> None:
     await written
     await stabilising_flush_on_loop(backend)
@@ -211,8 +243,9 @@ def stabilising_flush(backend: BlockBackend):
         flushed = backend.flush()
     except Unsupported as exc:
         raise _not_stable(exc) from None
-    if inspect.isawaitable(flushed):
-        return _awaited_stabilising(flushed)
+    waiting = awaitable_result(flushed)
+    if waiting is not None:
+        return _awaited_stabilising(waiting)
     return flushed
 
 

@@ -23,7 +23,7 @@ from ..protocol import Request, bits
 from ..queue import Queue
 from ..qos import QosLimits
 from .backends import (BackendError, BlockBackend, FileBackend, RamBackend, Unsupported,
-                       stabilising_flush, stabilising_flush_on_loop)
+                       awaitable_result, stabilising_flush, stabilising_flush_on_loop)
 from .spec import (CONFIG_WRITEBACK_OFFSET, ID_BYTES, LIFETIME, SECTOR, BlkConfig, BlkFeature,
                    BlkStatus, BlkType)
 
@@ -547,7 +547,7 @@ class BlkDevice(Device):
         except Exception as exc:
             log.error("block back-end: flush before close failed: %s", exc)
             return None
-        return outcome if inspect.isawaitable(outcome) else None
+        return awaitable_result(outcome)
 
     async def _flush_then_close(self, flush) -> None:
         try:
@@ -624,20 +624,22 @@ class BlkDevice(Device):
         except BaseException as exc:
             # What earlier segments started ends before the guest sees
             # the failure.
-            return _failing_after([c for c in calls if inspect.isawaitable(c)], exc)
-        pending = []
+            started = [w for w in map(awaitable_result, calls) if w is not None]
+            return _failing_after(started, exc)
+        waiting = []
         for c in calls:
-            if inspect.isawaitable(c):
-                pending.append(c)
+            w = awaitable_result(c)
+            if w is not None:
+                waiting.append(w)
             elif c is not None:
                 self._ignored(name, c)
-        if pending:
+        if waiting:
             async def wait_all():
-                for i, c in enumerate(pending):
+                for i, w in enumerate(waiting):
                     try:
-                        value = await c
+                        value = await w
                     except BaseException:
-                        await _settled(pending[i + 1:])
+                        await _settled(waiting[i + 1:])
                         raise
                     self._ignored(name, value)
                 # The mode now decides: a switch to write-through while the
@@ -648,8 +650,9 @@ class BlkDevice(Device):
         if not stable:
             return None
         flushed = stabilising_flush(be)
-        if inspect.isawaitable(flushed):
-            return flushed
+        waiting = awaitable_result(flushed)
+        if waiting is not None:
+            return waiting
         self._ignored("flush", flushed)
         return None
 
@@ -726,8 +729,9 @@ class BlkDevice(Device):
                     outcome = self._run_request(reqs[i], writeback)
                 if outcome is not None:
                     method = "write_fua" if t == _OUT and write is stable_write else _op(t)
-                    if inspect.isawaitable(outcome):
-                        self._complete_later(vq, reqs[i], outcome, method)
+                    waiting = awaitable_result(outcome)
+                    if waiting is not None:
+                        self._complete_later(vq, reqs[i], waiting, method)
                         status[i] = _PENDING      # the loop's from here on
                         continue
                     self._ignored(method, outcome)
@@ -761,11 +765,12 @@ class BlkDevice(Device):
                 self._failed(exc, vq, r)
                 r.result = BlkStatus.IOERR
             return
-        if not inspect.isawaitable(flushed):
+        waiting = awaitable_result(flushed)
+        if waiting is None:
             self._ignored("flush", flushed)
             return
         # Awaited once on the loop, by each request's completion.
-        shared = asyncio.run_coroutine_threadsafe(_awaited(flushed), self._loop)
+        shared = asyncio.run_coroutine_threadsafe(_awaited(waiting), self._loop)
         for r in which:
             r.result = _PENDING
             self._complete_later(vq, r, asyncio.wrap_future(shared, loop=self._loop), "flush")

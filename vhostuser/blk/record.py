@@ -23,9 +23,8 @@ Reads go straight through, unlogged.
 from __future__ import annotations
 
 import importlib
-import inspect
 
-from .backends import BackendError, BlockBackend
+from .backends import BackendError, BlockBackend, awaitable_result
 from .recordlog import Kind, LogWriter
 
 
@@ -97,8 +96,9 @@ class RecordingBackend(BlockBackend):
         except BaseException:
             self._log.done(op, False)
             raise
-        if inspect.isawaitable(outcome):
-            return self._finish_async(op, outcome)
+        waiting = awaitable_result(outcome)
+        if waiting is not None:
+            return self._finish_async(op, waiting)
         self._log.done(op, True)
         return outcome
 
