@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import array
+import concurrent.futures
 import inspect
 import logging
 import os
@@ -212,15 +213,17 @@ class NetDevice(Device):
             return
         if outcome is None:
             return
-        if inspect.isawaitable(outcome):
+        if inspect.isawaitable(outcome) or isinstance(outcome, concurrent.futures.Future):
+            # Work that runs on after the call would read frames the guest
+            # may have reused by then.
             close = getattr(outcome, "close", None)
             if close is not None:
                 close()         # no "never awaited" warning per batch
             self._tx_errors[qp] += 1
             self._log.once("async", logging.ERROR,
-                           "network back-end: %s.transmit() is async and is not run; it must be "
-                           "a plain method (frames are valid during the call only)",
-                           type(self.backend).__name__)
+                           "network back-end: %s.transmit() is async or returned a Future; it "
+                           "must do its work in the call (frames are valid during the call "
+                           "only)", type(self.backend).__name__)
         else:
             self._log.once("return", logging.WARNING,
                            "network back-end: %s.transmit() returned %s; return values are "
