@@ -70,6 +70,9 @@ class Session:
         self.protocol_features = 0
         self.protocol_features_set = False     # SET_PROTOCOL_FEATURES received
         self.features_set = False
+        # What GET_FEATURES answered: SET_FEATURES is checked against the
+        # same (a Python back-end's lifetime() may change its mind between).
+        self._offered: int | None = None
         self.owner = False
         self.status = 0
         self.closed = False
@@ -281,12 +284,17 @@ class Session:
             raise ProtocolError(msg.request, f"ring {index}: the back-end is stopping")
 
     # -- feature negotiation ---------------------------------------------------
+    def _offered_features(self) -> int:
+        if self._offered is None:
+            self._offered = self.device.features() | bit(Feature.PROTOCOL_FEATURES)
+        return self._offered
+
     async def _on_get_features(self, msg):
-        await self.conn.reply_u64(msg, self.device.features() | bit(Feature.PROTOCOL_FEATURES))
+        await self.conn.reply_u64(msg, self._offered_features())
 
     async def _on_set_features(self, msg):
         features = self._u64(msg)
-        offered = self.device.features() | bit(Feature.PROTOCOL_FEATURES)
+        offered = self._offered_features()
         if features & ~offered:
             raise ProtocolError(msg.request, f"features {features & ~offered:#x} were not offered")
         self._check_running_features(msg, features)
@@ -343,6 +351,7 @@ class Session:
             log.warning("%s: %d requests orphaned by the reset", self.name, orphans)
         self.features = 0
         self.features_set = False
+        self._offered = None
         self.status = 0
         self.dataplane.set_features(0)
         self.device.on_reset()

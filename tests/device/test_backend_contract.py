@@ -577,3 +577,23 @@ def test_a_future_of_the_close_flush_is_waited_for():
     disk = ExecutorDisk()
     BlkDevice(disk).close()
     assert disk.done == ["flush", "close"]
+
+
+class ChangingLifetime(Lifetime):
+    """lifetime() has metrics when first asked, none afterwards."""
+
+    def lifetime(self):
+        value, self.value = self.value, None
+        return value
+
+
+def test_set_features_is_checked_against_what_get_features_offered(blk_client):
+    """A back-end's lifetime() changing its answer between GET_FEATURES and
+    SET_FEATURES does not make the front-end's acknowledgement of what it
+    was offered a protocol error."""
+    features = DEFAULT_FEATURES | BLK_FEATURES | bit(BlkFeature.LIFETIME)
+    with blk_client(BlkDevice(ChangingLifetime((1, 2, 3))), features=features) as (srv, blk):
+        assert srv.device.session.features & bit(BlkFeature.LIFETIME)
+        [req] = blk.execute([BlkRequest.read(0, 512)])
+        assert req.status == BlkStatus.OK
+        assert srv.error is None
