@@ -7,3 +7,4 @@
 #include "vu_blk.h"
 #include "vu_net.h"
 #include "vu_switch.h"
+#include "vu_fault.h"

@@ -3,6 +3,7 @@
  * vu_filemap.c). Also the synchronous fallback of the io_uring engine. */
 #include "vu_blk_engine.h"
 #include "vu_dev.h"
+#include "vu_fault.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -272,6 +273,24 @@ void vu_blk_file_hold(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_blk_req 
     b->round[q][b->round_len[q]++] = r;   /* at most VU_BLK_ROUND: the file engines' round */
 }
 
+/* Whether a queued io_uring entry may still start: a request orphaned since
+ * it was queued (the device lock was dropped meanwhile) must not, for the
+ * reason run_held gives. A group's sync always may. */
+static bool may_start(uint64_t tag)
+{
+    if (tag & VU_BLK_TAG_GROUP)
+        return true;
+    return !vu_vq_orphaned(((struct vu_blk_req *)(uintptr_t)tag)->elem);
+}
+
+/* Submits what u has queued; an orphan's entry goes as a no-op, whose
+ * completion only releases it (apply_cqe does not redo its I/O). */
+static void submit_queued(struct vu_uring *u)
+{
+    vu_uring_void_queued(u, may_start);
+    vu_uring_submit(u);
+}
+
 int vu_blk_file_run_held(struct vu_blk_dev *b, struct vu_vq *vq, vu_blk_held_io_fn io,
                          struct vu_uring *u, bool *sent)
 {
@@ -286,12 +305,14 @@ int vu_blk_file_run_held(struct vu_blk_dev *b, struct vu_vq *vq, vu_blk_held_io_
      * they are unlocked. */
     struct vu_blk_req **held = b->round[q];
     vu_dev_unlock(vq->dev);
+    if (__builtin_expect(vu_fault_round_unlocked != NULL, 0))
+        vu_fault_round_unlocked();
     /* io_uring_enter too: a kernel may wait in it for a frozen file
      * system's write protection. The round's misses go to the storage
      * first, while the held I/O runs. */
     bool submitted = u && u->queued;
     if (submitted)
-        vu_uring_submit(u);
+        submit_queued(u);
     for (int i = 0; i < n; i++) {
         struct vu_blk_req *r = held[i];
         if (vu_vq_orphaned(r->elem)) {
@@ -306,7 +327,7 @@ int vu_blk_file_run_held(struct vu_blk_dev *b, struct vu_vq *vq, vu_blk_held_io_
         io(b, vq, r);
     }
     if (u && u->queued) {
-        vu_uring_submit(u);   /* held writes that missed */
+        submit_queued(u);   /* held writes that missed */
         submitted = true;
     }
     vu_dev_rdlock(vq->dev);

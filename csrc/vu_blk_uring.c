@@ -196,9 +196,12 @@ static bool submit_async(struct vu_blk_dev *b, struct vu_uring *u, struct vu_blk
 static void apply_cqe(struct vu_blk_dev *b, struct vu_vq *vq, struct io_uring_cqe *cqe,
                       struct vu_blk_req *r)
 {
-    if (cqe->res < 0) {
+    bool short_io = cqe->res >= 0 && (uint64_t)cqe->res < r->data_len;
+    /* An orphan's rest is not redone: it was given up on, and the front-end
+     * may have resubmitted it (a no-op'd entry, submit_queued, is short too). */
+    if (cqe->res < 0 || (short_io && vu_vq_orphaned(r->elem))) {
         r->reason = VU_BLK_R_IO_FAILED;
-    } else if ((uint64_t)cqe->res < r->data_len) {
+    } else if (short_io) {
         uint64_t done = (uint64_t)cqe->res;
         if (vu_blk_request_slice(r, r->iov, r->niov, done, r->data_len - done)) {
             r->reason = VU_BLK_R_IO_FAILED;

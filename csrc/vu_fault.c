@@ -15,6 +15,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+void (*vu_fault_round_unlocked)(void);
+
 static pthread_once_t parsed = PTHREAD_ONCE_INIT;
 static uint64_t exit_before_notify;   /* 0: off */
 static uint64_t notifications;

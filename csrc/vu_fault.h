@@ -23,4 +23,10 @@ void vu_fault_before_notify(void);
  * Tests only: nothing else sets the variable. */
 void vu_fault_worker_start(void);
 
+/* Tests only: when not NULL, called by a file engine's round once it
+ * dropped the device lock and before it submits what it queued to io_uring,
+ * where a control-plane thread may come in (reset a ring, end the session).
+ * Nothing else sets it. */
+extern void (*vu_fault_round_unlocked)(void);
+
 #endif

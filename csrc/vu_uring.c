@@ -133,6 +133,19 @@ struct io_uring_sqe *vu_uring_sqe(struct vu_uring *u)
     return sqe;
 }
 
+void vu_uring_void_queued(struct vu_uring *u, bool (*keep)(uint64_t user_data))
+{
+    for (unsigned i = 0; i < u->queued; i++) {
+        struct io_uring_sqe *sqe = &u->sqes[(*u->sq_tail + i) & *u->sq_mask];
+        uint64_t tag = sqe->user_data;
+        if (keep(tag))
+            continue;
+        memset(sqe, 0, sizeof(*sqe));
+        sqe->opcode = IORING_OP_NOP;
+        sqe->user_data = tag;
+    }
+}
+
 int vu_uring_submit(struct vu_uring *u)
 {
     if (!u->queued)

@@ -26,6 +26,9 @@ int vu_uring_init(struct vu_uring *u, unsigned entries);
 void vu_uring_exit(struct vu_uring *u);
 /* Next free submission entry, zeroed; NULL when the ring is full. */
 struct io_uring_sqe *vu_uring_sqe(struct vu_uring *u);
+/* Turns each prepared entry whose user_data `keep` refuses into a no-op,
+ * before it is submitted: its completion still comes, with res 0. */
+void vu_uring_void_queued(struct vu_uring *u, bool (*keep)(uint64_t user_data));
 /* Submits everything prepared. */
 int vu_uring_submit(struct vu_uring *u);
 /* Next completion or NULL; call vu_uring_seen after using it. */

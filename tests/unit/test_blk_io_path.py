@@ -10,7 +10,7 @@ import time
 import pytest
 
 from vhostuser.blk.spec import OUTHDR, BlkStatus, BlkType
-from vhostuser.native import lib
+from vhostuser.native import ffi, lib
 from vhostuser_devkit.ringlab import Lab
 
 S = BlkStatus
@@ -251,7 +251,7 @@ import os, sys
 sys.path[:0] = [{os.path.dirname(__file__)!r}]
 from test_blk_io_path import CAPACITY, FileDev, T, S, request, serve
 from pathlib import Path
-from vhostuser.native import lib
+from vhostuser.native import ffi, lib
 from vhostuser_devkit.ringlab import Lab
 image = Path({str(tmp_path)!r}) / "sparse.img"
 with open(image, "wb") as f:
@@ -282,3 +282,51 @@ print("served")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "served" in r.stdout, (r.returncode, r.stdout, r.stderr)
+
+
+@pytest.fixture
+def round_unlocked():
+    """Sets the test hook vu_fault_round_unlocked (csrc/vu_fault.h) to fn for
+    the test: it runs where a file engine's round dropped the device lock,
+    before what it queued goes to io_uring."""
+    keep = []
+
+    def install(fn):
+        cb = ffi.callback("void(void)", fn)
+        keep.append(cb)
+        lib.vu_fault_round_unlocked = cb
+    yield install
+    lib.vu_fault_round_unlocked = ffi.NULL
+
+
+def test_a_write_orphaned_before_its_io_uring_entry_is_submitted_never_reaches_the_file(
+        lab, tmp_path, filedev, round_unlocked):
+    """The control plane gives up on the requests in flight (a reset, a
+    disconnect) while the worker's round has its io_uring entries queued but
+    not yet submitted. A write orphaned then must not start: the front-end
+    may resubmit it, and the stale copy could land after a newer write. It
+    used to be submitted anyway; its entry now goes as a no-op, and that
+    no-op's short completion is not redone synchronously either."""
+    dev = filedev()
+    assert lib.vu_blk_set_io_path(dev.b, URING, URING) == 0
+    orphaned = []
+
+    def reset():
+        lib.vu_dev_wrlock(lab.dev)
+        lib.vu_vq_reset(lab.vq(0))          # what was in flight is an orphan now
+        orphaned.append((lab.vq(0).inflight, lib.vu_vq_inflight(lab.vq(0))))
+        lib.vu_dev_unlock(lab.dev)
+    round_unlocked(reset)
+    request(lab, T.OUT, 16, b"X" * 4096)
+    vq = lab.vq(0)
+    vq.enabled = True
+    deadline = time.monotonic() + 10
+    lab.run_handler(lib.vu_blk_handler, dev.b)
+    round_unlocked(lambda: None)
+    while vq.inflight and time.monotonic() < deadline:
+        lab.run_handler(lib.vu_blk_handler, dev.b)
+        time.sleep(0.005)
+    assert orphaned == [(1, 0)]                  # in flight, an orphan
+    assert vq.inflight == 0                      # its completion released it
+    with open(dev_path(tmp_path), "rb") as f:
+        assert f.read() == pattern()
