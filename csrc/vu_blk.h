@@ -62,6 +62,7 @@ struct vu_blk_dev {
     uint8_t nowait_fallback[2];  /* [0] reads, [1] writes: NOWAIT unsupported -> this */
     struct vu_uring *rings[VU_BLK_MAX_QUEUES];
     uint64_t ring_worker[VU_BLK_MAX_QUEUES];  /* id of the worker whose epoll has its eventfd */
+    bool ring_failure_logged[VU_BLK_MAX_QUEUES];  /* its io_uring_enter failed for good */
     struct vu_blk_group group[VU_BLK_MAX_QUEUES];
     /* Statistics: stats[q] is written only by q's worker; completions from
      * other threads (Python back-ends' coroutines) go to async_stats under

@@ -120,10 +120,13 @@ static struct vu_uring *queue_ring(struct vu_blk_dev *b, struct vu_vq *vq)
     return b->rings[q];
 }
 
-/* The ring queue_ring made for vq (the handler's reap called it first). */
+/* The ring queue_ring made for vq (the handler's reap called it first),
+ * for new I/O: NULL when io_uring_enter failed on it for good, and the
+ * queue's I/O is done synchronously from then on. */
 static struct vu_uring *ring_of(struct vu_blk_dev *b, struct vu_vq *vq)
 {
-    return vq->index < VU_BLK_MAX_QUEUES ? b->rings[vq->index] : NULL;
+    struct vu_uring *u = vq->index < VU_BLK_MAX_QUEUES ? b->rings[vq->index] : NULL;
+    return u && !u->failed ? u : NULL;
 }
 
 static bool async_type(uint32_t type)
@@ -196,13 +199,15 @@ static bool submit_async(struct vu_blk_dev *b, struct vu_uring *u, struct vu_blk
 static void apply_cqe(struct vu_blk_dev *b, struct vu_vq *vq, struct io_uring_cqe *cqe,
                       struct vu_blk_req *r)
 {
-    bool short_io = cqe->res >= 0 && (uint64_t)cqe->res < r->data_len;
+    /* Refused by a failed ring (vu_uring_submit): done here, all of it. */
+    int res = cqe->res == -ECANCELED ? 0 : cqe->res;
+    bool short_io = res >= 0 && (uint64_t)res < r->data_len;
     /* An orphan's rest is not redone: it was given up on, and the front-end
      * may have resubmitted it (a no-op'd entry, submit_queued, is short too). */
-    if (cqe->res < 0 || (short_io && vu_vq_orphaned(r->elem))) {
+    if (res < 0 || (short_io && vu_vq_orphaned(r->elem))) {
         r->reason = VU_BLK_R_IO_FAILED;
     } else if (short_io) {
-        uint64_t done = (uint64_t)cqe->res;
+        uint64_t done = (uint64_t)res;
         if (vu_blk_request_slice(r, r->iov, r->niov, done, r->data_len - done)) {
             r->reason = VU_BLK_R_IO_FAILED;
         } else {
@@ -218,16 +223,34 @@ static void apply_cqe(struct vu_blk_dev *b, struct vu_vq *vq, struct io_uring_cq
         vu_filemap_written(&b->map, r->sector * VU_BLK_SECTOR, r->data_len);
 }
 
+/* Defined by cffi (extern "Python+C"): the one log line a queue's ring
+ * gets when io_uring_enter fails on it for good. */
+void vu_on_uring_failed(struct vu_dev *dev, uint32_t index, int err);
+
+/* A group's sync the failed ring refused: done here, without the device
+ * lock (it may wait for the storage). */
+static int sync_refused(struct vu_blk_dev *b, struct vu_vq *vq)
+{
+    vu_dev_unlock(vq->dev);
+    int res = vu_blk_sync(b, vq->index);
+    vu_dev_rdlock(vq->dev);
+    return res;
+}
+
 /* Completes what io_uring finished; returns how many requests. */
 static int reap_ring(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_uring *u)
 {
+    uint32_t q = vq->index % VU_BLK_MAX_QUEUES;
+    if (u->failed && !b->ring_failure_logged[q]) {
+        b->ring_failure_logged[q] = true;
+        vu_on_uring_failed(vq->dev, vq->index, u->failed);
+    }
     uint64_t v;
     ssize_t rd = read(u->efd, &v, sizeof(v));   /* EFD_NONBLOCK */
     (void)rd;
     int done = 0;
     uint64_t now = 0;   /* one clock read for what this call completes: it is flushed together */
     struct io_uring_cqe *cqe;
-    uint32_t q = vq->index % VU_BLK_MAX_QUEUES;
     while ((cqe = vu_uring_peek(u))) {
         uint64_t tag = cqe->user_data;
         int res = cqe->res;
@@ -235,6 +258,8 @@ static int reap_ring(struct vu_blk_dev *b, struct vu_vq *vq, struct vu_uring *u)
             now = vu_now_ns();
         if (tag & VU_BLK_TAG_GROUP) {
             vu_uring_seen(u);
+            if (res == -ECANCELED)
+                res = sync_refused(b, vq);
             struct vu_blk_group *g =
                 (struct vu_blk_group *)(uintptr_t)(tag & ~(uint64_t)VU_BLK_TAG_GROUP);
             done += vu_blk_stable_synced(b, vq, g, res, now);
@@ -315,7 +340,8 @@ static int uring_end_round(struct vu_blk_dev *b, struct vu_vq *vq)
         done += reap_ring(b, vq, u);
     /* One sync for the write-through writes of this round (and those that
      * waited for the previous sync): group commit. */
-    return done + vu_blk_stable_commit(b, vq, u);
+    /* ring_of again: the ring may have failed in this round. */
+    return done + vu_blk_stable_commit(b, vq, ring_of(b, vq));
 }
 
 const struct vu_blk_engine vu_blk_uring_engine = {

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 void (*vu_fault_round_unlocked)(void);
+int vu_fault_uring_enter_errno;
 
 static pthread_once_t parsed = PTHREAD_ONCE_INIT;
 static uint64_t exit_before_notify;   /* 0: off */

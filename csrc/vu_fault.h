@@ -29,4 +29,8 @@ void vu_fault_worker_start(void);
  * Nothing else sets it. */
 extern void (*vu_fault_round_unlocked)(void);
 
+/* Tests only: when not 0, every io_uring_enter fails with this errno, as
+ * on a kernel that refuses the ring for good. */
+extern int vu_fault_uring_enter_errno;
+
 #endif

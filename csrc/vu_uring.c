@@ -1,7 +1,9 @@
 /* io_uring through raw system calls. */
 #include "vu_uring.h"
+#include "vu_fault.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -18,6 +20,10 @@ static int sys_setup(unsigned entries, struct io_uring_params *p)
 
 static int sys_enter(int fd, unsigned submit, unsigned complete, unsigned flags)
 {
+    if (__builtin_expect(vu_fault_uring_enter_errno != 0, 0)) {
+        errno = vu_fault_uring_enter_errno;
+        return -1;
+    }
     return (int)syscall(__NR_io_uring_enter, fd, submit, complete, flags, NULL, 0);
 }
 
@@ -81,6 +87,9 @@ int vu_uring_init(struct vu_uring *u, unsigned entries)
     u->cq_tail = (unsigned *)(cq + p.cq_off.tail);
     u->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
     u->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+    u->refused = calloc(p.sq_entries, sizeof(*u->refused));
+    if (!u->refused)
+        goto fail;
     u->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (u->efd < 0 || sys_register(fd, IORING_REGISTER_EVENTFD, &u->efd, 1) < 0)
         goto fail;
@@ -115,6 +124,7 @@ void vu_uring_exit(struct vu_uring *u)
         close(u->fd);
     if (u->efd >= 0)
         close(u->efd);
+    free(u->refused);
     memset(u, 0, sizeof(*u));
     u->fd = u->efd = -1;
 }
@@ -146,6 +156,25 @@ void vu_uring_void_queued(struct vu_uring *u, bool (*keep)(uint64_t user_data))
     }
 }
 
+/* The last `left` entries of the submission queue, which the kernel did
+ * not take: out of the queue again (it reads the tail only inside
+ * io_uring_enter, so none of them can run later), each completed here with
+ * -ECANCELED. The worker is woken for them as for the kernel's. */
+static void refuse(struct vu_uring *u, unsigned left)
+{
+    unsigned tail = *u->sq_tail - left;
+    for (unsigned i = 0; i < left; i++) {
+        struct io_uring_cqe *cqe = &u->refused[u->nrefused++];
+        cqe->user_data = u->sqes[(tail + i) & *u->sq_mask].user_data;
+        cqe->res = -ECANCELED;
+        cqe->flags = 0;
+    }
+    __atomic_store_n(u->sq_tail, tail, __ATOMIC_RELEASE);
+    uint64_t one = 1;
+    ssize_t w = write(u->efd, &one, sizeof(one));
+    (void)w;
+}
+
 int vu_uring_submit(struct vu_uring *u)
 {
     if (!u->queued)
@@ -155,30 +184,54 @@ int vu_uring_submit(struct vu_uring *u)
     u->queued = 0;
     u->pending += n;
     unsigned left = n;
-    while (left) {
+    while (left && !u->failed) {
         int rc = sys_enter(u->fd, left, 0, 0);
         if (rc < 0) {
             if (errno == EINTR || errno == EAGAIN || errno == EBUSY)
                 continue;
-            return -errno;
+            u->failed = errno;   /* for good: asking again would fail again */
+            break;
         }
         left -= (unsigned)rc;
     }
-    return 0;
+    if (left)
+        refuse(u, left);
+    return u->failed ? -u->failed : 0;
 }
 
 struct io_uring_cqe *vu_uring_peek(struct vu_uring *u)
 {
     unsigned head = *u->cq_head;
-    if (head == __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE))
+    u->refused_peeked = false;
+    if (head != __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE))
+        return &u->cqes[head & *u->cq_mask];
+    if (!u->nrefused)
         return NULL;
-    return &u->cqes[head & *u->cq_mask];
+    u->refused_peeked = true;
+    return &u->refused[u->nrefused - 1];
 }
 
 void vu_uring_seen(struct vu_uring *u)
 {
-    __atomic_store_n(u->cq_head, *u->cq_head + 1, __ATOMIC_RELEASE);
+    if (u->refused_peeked)
+        u->nrefused--;
+    else
+        __atomic_store_n(u->cq_head, *u->cq_head + 1, __ATOMIC_RELEASE);
+    u->refused_peeked = false;
     u->pending--;
+}
+
+/* Waits for the kernel's next completion. A ring whose io_uring_enter
+ * fails waits on its eventfd instead (completions are posted all the same),
+ * a while at most: the eventfd may have been read already. */
+static void wait_cqe(struct vu_uring *u)
+{
+    if (!u->failed && sys_enter(u->fd, 0, 1, IORING_ENTER_GETEVENTS) >= 0)
+        return;
+    if (!u->failed && errno == EINTR)
+        return;
+    struct pollfd p = {.fd = u->efd, .events = POLLIN};
+    poll(&p, 1, 10);
 }
 
 void vu_uring_drain(struct vu_uring *u, void (*fn)(void *arg, struct io_uring_cqe *), void *arg)
@@ -187,7 +240,7 @@ void vu_uring_drain(struct vu_uring *u, void (*fn)(void *arg, struct io_uring_cq
     while (u->pending) {
         struct io_uring_cqe *cqe = vu_uring_peek(u);
         if (!cqe) {
-            sys_enter(u->fd, 0, 1, IORING_ENTER_GETEVENTS);
+            wait_cqe(u);
             continue;
         }
         fn(arg, cqe);
@@ -279,7 +332,7 @@ void vu_uring_put(struct vu_uring *u)
 {
     if (!u)
         return;
-    if (vu_uring_sealed() && u->fd >= 0 && !u->pending && !u->queued) {
+    if (vu_uring_sealed() && u->fd >= 0 && !u->pending && !u->queued && !u->failed) {
         pthread_mutex_lock(&pool_lock);
         bool ok = pool_push(u);
         pthread_mutex_unlock(&pool_lock);

@@ -19,6 +19,12 @@ struct vu_uring {
     unsigned queued;         /* prepared, not yet submitted */
     unsigned pending;        /* submitted, completion not reaped */
     bool restricted;         /* only the block back-end's operations (5.10+) */
+    int failed;              /* errno io_uring_enter failed with for good, or 0 */
+    /* Entries the kernel never took (a failed ring): their completions,
+     * res -ECANCELED, handed out by vu_uring_peek after the kernel's. */
+    struct io_uring_cqe *refused;
+    unsigned nrefused;
+    bool refused_peeked;     /* vu_uring_seen consumes one of them */
 };
 
 /* 0, or -errno (io_uring not available: the caller falls back to sync I/O). */
@@ -29,7 +35,10 @@ struct io_uring_sqe *vu_uring_sqe(struct vu_uring *u);
 /* Turns each prepared entry whose user_data `keep` refuses into a no-op,
  * before it is submitted: its completion still comes, with res 0. */
 void vu_uring_void_queued(struct vu_uring *u, bool (*keep)(uint64_t user_data));
-/* Submits everything prepared. */
+/* Submits everything prepared: 0, or -errno when io_uring_enter failed
+ * other than EINTR, EAGAIN or EBUSY. The ring is failed from then on
+ * (u->failed): what the kernel did not take, then and later, completes
+ * with res -ECANCELED, signalled on efd, for the caller to do otherwise. */
 int vu_uring_submit(struct vu_uring *u);
 /* Next completion or NULL; call vu_uring_seen after using it. */
 struct io_uring_cqe *vu_uring_peek(struct vu_uring *u);

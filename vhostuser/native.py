@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from . import errors
 
@@ -58,3 +59,10 @@ def vu_on_queue_broken(dev, index, err, detail):
     name = device_names.get(int(ffi.cast("uintptr_t", dev)), "device")
     _log.error("%s: queue %d broken: %s (%s, value %#x); it stays stopped until the device "
                "is reset", name, index, error_name(err), strerror(err), detail)
+
+
+@ffi.def_extern()
+def vu_on_uring_failed(dev, index, err):
+    name = device_names.get(int(ffi.cast("uintptr_t", dev)), "device")
+    _log.error("%s: queue %d: io_uring_enter failed (%s); the queue's I/O is done "
+               "synchronously from now on", name, index, os.strerror(err))

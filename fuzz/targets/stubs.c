@@ -39,3 +39,9 @@ void vu_on_queue_broken(struct vu_dev *dev, unsigned index, int err, unsigned lo
 {
     (void)dev; (void)index; (void)err; (void)detail;
 }
+
+/* A ring whose io_uring_enter failed for good: nothing to report either. */
+void vu_on_uring_failed(struct vu_dev *dev, unsigned index, int err)
+{
+    (void)dev; (void)index; (void)err;
+}
