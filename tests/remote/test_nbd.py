@@ -477,6 +477,51 @@ def test_close_fails_waiting_requests_and_cancelling_lets_go_of_buffers(servers)
     asyncio.run(asyncio.wait_for(scenario(), 20))
 
 
+async def _back_after_restart(backend, srv):
+    """Kills and restarts srv: the back-end's connection breaks; returns
+    once a read went through on the new one."""
+    conn = backend._conns[0]
+    srv.kill()
+    while conn.h != ffi.NULL:          # the loop noticed: the connection is dropped
+        await asyncio.sleep(0.01)
+    srv.start()
+    await backend.read(0, [memoryview(bytearray(512))])
+
+
+@pytest.mark.parametrize("multi_conn", [False, True])
+def test_flush_after_losing_unflushed_writes_fails_once_without_multi_conn(
+        servers, image, caplog, multi_conn):
+    """A flush covers only the writes its own connection completed, unless
+    the server offers multi-conn. Writes acknowledged on a connection lost
+    before a flush went: the next flush can't vouch for them and fails,
+    once. Writes a flush had covered before the loss don't count."""
+    no_mc = {} if multi_conn else {"filters": ("multi-conn",),
+                                   "plugin_args": ("multi-conn-mode=disable",)}
+    srv = servers("nbdkit", image=image, **no_mc)
+    backend = NbdBackend(srv.uri, timeout=10)
+    assert backend.caps.multi_conn == multi_conn
+
+    async def scenario():
+        await backend.write(0, [memoryview(pattern(10, 4096))])        # acknowledged
+        await _back_after_restart(backend, srv)
+        if not multi_conn:
+            with pytest.raises(NbdError, match="may not be durable"):
+                await backend.flush()
+        await backend.flush()                   # reported once: clean again
+        await backend.write(0, [memoryview(pattern(11, 4096))])
+        await backend.flush()                   # covered before the loss
+        await backend.write_fua(8192, [memoryview(pattern(12, 4096))])  # durable as answered
+        await _back_after_restart(backend, srv)
+        await backend.flush()
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        backend.close()
+    lost = [r for r in caplog.records if "no flush covered" in r.getMessage()]
+    assert len(lost) == (0 if multi_conn else 1)
+    assert image_bytes(image, 0, 4096) == pattern(11, 4096)
+
+
 def test_deadline_error_is_a_timeout(servers):
     srv = servers("nbdkit")
     backend = NbdBackend(srv.uri, timeout=0.5)

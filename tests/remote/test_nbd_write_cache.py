@@ -20,9 +20,11 @@ import time
 import pytest
 
 from vhostuser.blk import BlkDevice
+from vhostuser.blk.libnbd import ffi
 from vhostuser.blk.nbd import NbdBackend
 from vhostuser.blk.record import RecordingBackend
 from vhostuser.blk.recordlog import Kind, RecordLog
+from vhostuser.frontend import BlkRequest, BlkStatus
 from vhostuser_devkit.nbd import NbdServer, require_tools
 from vhostuser_devkit.patterns import pattern
 from vhostuser.testing.server import served_disk
@@ -196,3 +198,30 @@ def test_server_without_fua_gets_a_flush_the_guest_waits_for(where):
         srv.kill()
     assert [k for k, _ in recorded(where["rlog"])] == [Kind.WRITE, Kind.FUA, Kind.FUA,
                                                        Kind.FLUSH]
+
+
+def test_guest_flush_after_losing_unflushed_writes_is_an_io_error_once(where):
+    """The server (no multi-conn) restarts between the guest's write-back
+    write and its flush: a flush on the new connection doesn't cover that
+    write, so the guest's flush fails, once; the data is still read back."""
+    srv = NbdServer.nbdkit(["file", where["image"], "multi-conn-mode=disable"],
+                           unix=where["server"], filters=("multi-conn",)).start()
+    try:
+        backend = NbdBackend(srv.uri, timeout=10)
+        assert not backend.caps.multi_conn
+        with served_disk(BlkDevice(backend), where["dev"]) as (_, blk):
+            blk.write(0, pattern(1, 4096))                 # acknowledged, not flushed
+            conn = backend._conns[0]
+            srv.kill()
+            deadline = time.monotonic() + 5
+            while conn.h != ffi.NULL:                       # the loss is seen
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            srv.start()
+            [first] = blk.execute([BlkRequest.flush()], timeout=30)
+            assert first.status == BlkStatus.IOERR
+            [second] = blk.execute([BlkRequest.flush()], timeout=30)
+            assert second.ok
+            assert blk.read(0, 4096) == pattern(1, 4096)
+    finally:
+        srv.kill()

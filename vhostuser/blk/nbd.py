@@ -26,6 +26,16 @@ FUA, and is otherwise followed by an NBD flush, the guest answered only
 after that; a server that offers neither is taken to write through (the
 protocol gives no way to ask it for more).
 
+A flush covers only the writes its own connection completed, unless the
+server offers NBD_FLAG_CAN_MULTI_CONN (a cache shared by its connections).
+Without that, writes the guest was told of on a connection that was lost
+before a flush covered them may or may not be durable, and no later flush
+can tell: the next flush (sent all the same, for what it does cover) fails
+with an I/O error, as do those already waiting, and an error is logged.
+Only once: the flushes after that succeed, as a file system's fsync()
+reports a lost writeback once. Writes with FUA, and writes a flush had
+covered before the loss, don't count.
+
 Limits: a command given up on (hung server, dropped connection) may still
 be carried out by the server later, as with any NBD client. Without TLS
 libnbd touches guest buffers only with send()/recv(), so memory unmapped
@@ -36,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import select
 import threading
@@ -116,7 +127,7 @@ class _Request:
 class _Command:
     """One NBD command; ``buf`` keeps the guest buffer's cdata referenced."""
     __slots__ = ("request", "op", "offset", "length", "buf", "at", "flags", "conn", "cookie",
-                 "done", "expired")
+                 "done", "expired", "covers")
 
     def __init__(self, request, op, offset, length, buf=None, at=0, flags=0):
         self.request, self.op, self.offset, self.length = request, op, offset, length
@@ -127,6 +138,7 @@ class _Command:
         # Why it must not be sent again (its timeout, a cancellation, the
         # back-end's close): what it fails with if its connection is lost.
         self.expired: BaseException | None = None
+        self.covers = 0     # a flush: its connection's `written` when it was sent
 
 
 class _Connection:
@@ -150,6 +162,20 @@ class _Connection:
         self.fd = -1
         self.reading = self.writing = False
         self.connect_timer: asyncio.TimerHandle | None = None
+        # Writes (trims, zeroes) answered OK without FUA, and how many of
+        # those the flushes answered so far cover: more written than
+        # flushed, and they may sit in a cache of this connection alone.
+        self.written = self.flushed = 0
+
+    def note_done(self, cmd: "_Command") -> None:
+        """Counts an OK reply towards what a flush does or must cover."""
+        if cmd.op == _FLUSH:
+            self.flushed = max(self.flushed, cmd.covers)
+        elif cmd.op != _READ and not cmd.flags & libnbd.CMD_FLAG_FUA:
+            self.written += 1
+
+    def unflushed(self) -> bool:
+        return self.written > self.flushed
 
     def start_connect(self, uri: str) -> None:
         if libnbd.lib().nbd_aio_connect_uri(self.h, uri.encode()) < 0:
@@ -294,6 +320,9 @@ class NbdBackend(BlockBackend):
         self._down_since: float | None = None     # since when no connection is up
         self._offline_timer: asyncio.TimerHandle | None = None
         self._offline = False       # down for `timeout`: requests fail at once
+        # Connections lost with writes no flush covered (without multi-conn),
+        # and how many of those a failed flush has reported.
+        self._unflushed_losses = self._losses_reported = 0
         try:
             for slot in range(1, connections):
                 conn = _Connection(slot)
@@ -336,9 +365,20 @@ class NbdBackend(BlockBackend):
     async def flush(self) -> None:
         # A server that offers no flush has nothing to make durable.
         if self.caps.flush and not self.read_only:
+            seen = self._losses_reported
             req = _Request()
             req.commands.append(_Command(req, _FLUSH, 0, 0))
             await self._run(req)
+            self._check_losses(seen)
+
+    def _check_losses(self, seen: int) -> None:
+        """Fails a flush that can't cover writes lost with their connection
+        since before it was asked for, unless a flush reported them since."""
+        if self._unflushed_losses <= seen:
+            return
+        self._losses_reported = self._unflushed_losses
+        raise NbdError(f"{self.uri}: flush failed: writes completed on a lost connection "
+                       "may not be durable (the server doesn't offer multi-conn)", errno.EIO)
 
     async def discard(self, offset: int, length: int) -> None:
         self._check_writable()
@@ -489,6 +529,7 @@ class NbdBackend(BlockBackend):
             cookie = lb.nbd_aio_pwrite(h, cmd.buf + cmd.at, cmd.length, cmd.offset, cb,
                                        cmd.flags)
         elif op == _FLUSH:
+            cmd.covers = conn.written
             cookie = lb.nbd_aio_flush(h, cb, 0)
         elif op == _TRIM:
             cookie = lb.nbd_aio_trim(h, cmd.length, cmd.offset, cb, cmd.flags)
@@ -536,6 +577,7 @@ class NbdBackend(BlockBackend):
                 continue
             cmd.conn = None
             if ok == 1:
+                conn.note_done(cmd)
                 self._finish(cmd, None)
                 continue
             exc = libnbd.last_error(f"{_OP_NAMES[cmd.op]} at {cmd.offset}")
@@ -617,6 +659,7 @@ class NbdBackend(BlockBackend):
         orphans = list(conn.inflight.values())
         conn.inflight.clear()
         conn.close()
+        self._note_unflushed(conn)
         for cmd in reversed(orphans):
             self._requeue(cmd)
         log.warning("%s: connection %d lost (%s); %d command(s) waiting to be sent again",
@@ -629,6 +672,16 @@ class NbdBackend(BlockBackend):
             self._ensure_connections()
         else:
             self._schedule_retry()
+
+    def _note_unflushed(self, conn: _Connection) -> None:
+        """Another connection's flush can't make a lost one's writes durable
+        unless the server shares its cache among connections (multi-conn).
+        A server without flush is taken to write through."""
+        if conn.unflushed() and self.caps.flush and not self.caps.multi_conn:
+            self._unflushed_losses += 1
+            log.error("%s: connection %d lost with %d write(s) no flush covered; they may not "
+                      "be durable and the next flush fails", self.uri, conn.slot,
+                      conn.written - conn.flushed)
 
     # -- (re)connecting -------------------------------------------------------------------
     def _ensure_connections(self) -> None:
