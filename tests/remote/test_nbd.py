@@ -22,6 +22,7 @@ import pytest
 
 from vhostuser.blk import BackendError, BlkDevice, BlkFeature
 from vhostuser.blk.libnbd import ffi
+from vhostuser.blk import nbd
 from vhostuser.blk.nbd import NbdBackend, NbdError, NbdTimeout
 from vhostuser.frontend import BlkClient, BlkRequest, BlkStatus, Frontend
 from vhostuser.server import Server
@@ -520,6 +521,51 @@ def test_flush_after_losing_unflushed_writes_fails_once_without_multi_conn(
     lost = [r for r in caplog.records if "no flush covered" in r.getMessage()]
     assert len(lost) == (0 if multi_conn else 1)
     assert image_bytes(image, 0, 4096) == pattern(11, 4096)
+
+
+def test_close_from_another_thread_leaves_the_handles_to_a_blocked_loop(
+        servers, monkeypatch, caplog):
+    """close() from a thread while the event loop that drives the handles
+    is held up (a long callback): closing them there could free a handle
+    the loop is using, so the loop closes them once it runs again, and
+    fails what waits there."""
+    monkeypatch.setattr(nbd, "CLOSE_WAIT", 0.3)
+    closed_on = []
+    real_close = nbd._Connection.close
+
+    def close(conn):
+        if conn.h != ffi.NULL:
+            closed_on.append(threading.get_ident())
+        real_close(conn)
+    monkeypatch.setattr(nbd._Connection, "close", close)
+    srv = servers("nbdkit")
+    backend = NbdBackend(srv.uri, timeout=30)
+    loop = asyncio.new_event_loop()
+    loop.set_debug(True)        # asyncio objects used off their loop raise
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(
+            backend.write(0, [memoryview(pattern(13, 4096))]), loop).result(10)
+        srv.pause()
+        waiting = asyncio.run_coroutine_threadsafe(
+            backend.read(0, [memoryview(bytearray(4096))]), loop)
+        time.sleep(0.2)
+        unblocked = threading.Event()
+        loop.call_soon_threadsafe(unblocked.wait, 5)
+        time.sleep(0.1)
+        backend.close()
+        assert closed_on == [] and backend._conns[0] is not None
+        unblocked.set()
+        with pytest.raises(NbdError, match="closed"):
+            waiting.result(5)
+        assert closed_on == [thread.ident]
+    finally:
+        srv.resume()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+    assert "the event loop didn't run" in caplog.text
 
 
 def test_deadline_error_is_a_timeout(servers):

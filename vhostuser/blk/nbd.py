@@ -73,6 +73,9 @@ MAX_BACKOFF = 1.0
 #: after a back-off, so a server that takes connections and drops them (or
 #: answers ESHUTDOWN) isn't hammered.
 STABLE_AFTER = 1.0
+#: How long close() from another thread waits for the event loop to close
+#: the connections.
+CLOSE_WAIT = 10.0
 
 _READ, _WRITE, _FLUSH, _TRIM, _ZERO = range(5)
 _OP_NAMES = ("read", "write", "flush", "trim", "zero")
@@ -313,6 +316,7 @@ class NbdBackend(BlockBackend):
         self._waiting: collections.deque[_Command] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._teardown = threading.Lock()
         self._backoff = 0.0
         self._retry_timer: asyncio.TimerHandle | None = None
         self._pump_soon = False
@@ -401,24 +405,45 @@ class NbdBackend(BlockBackend):
 
     def close(self) -> None:
         """Fails what is still pending and frees every handle. Safe from any
-        thread; the device calls it once it is done with the back-end."""
+        thread; the device calls it once it is done with the back-end.
+
+        The handles, and the futures of the requests waiting on them,
+        belong to the event loop that drives them: from another thread
+        while that loop runs, they are closed there. If the loop is held up
+        for CLOSE_WAIT seconds, close() returns without them (it may be in
+        the middle of a libnbd call with one) and the loop closes them when
+        it runs again; a loop that stops meanwhile leaves them to us."""
         if self._closed:
             return
         self._closed = True
         loop = self._loop
         if loop is not None and loop.is_running() and not _on_loop(loop):
-            done = threading.Event()
+            self._close_on(loop)
+        else:
+            self._close_all()
 
-            def shutdown():
-                try:
-                    self._close_all()
-                finally:
-                    done.set()
+    def _close_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        done = threading.Event()
+
+        def shutdown():
+            try:
+                self._close_all()
+            finally:
+                done.set()
+        try:
             loop.call_soon_threadsafe(shutdown)
-            if done.wait(10):
+        except RuntimeError:        # closed meanwhile: nothing drives the handles
+            self._close_all()
+            return
+        deadline = time.monotonic() + CLOSE_WAIT
+        while not done.wait(0.05):
+            if not loop.is_running():
+                self._close_all()       # stopped: the handles are ours now
                 return
-            log.warning("%s: event loop didn't close the connections; closing here", self.uri)
-        self._close_all()
+            if time.monotonic() >= deadline:
+                log.error("%s: the event loop didn't run for %gs; it closes the connections "
+                          "when it runs again", self.uri, CLOSE_WAIT)
+                return
 
     # -- building requests ---------------------------------------------------------------
     def _check_writable(self) -> None:
@@ -777,6 +802,13 @@ class NbdBackend(BlockBackend):
 
     # -- teardown ---------------------------------------------------------------------
     def _close_all(self) -> None:
+        # A loop that stopped while close() waited (close() closes then)
+        # may run its queued shutdown later, from another thread: a handle
+        # must be closed once.
+        with self._teardown:
+            self._close_all_locked()
+
+    def _close_all_locked(self) -> None:
         self._closed = True
         for timer in (self._retry_timer, self._offline_timer):
             if timer is not None:
