@@ -568,6 +568,31 @@ def test_close_from_another_thread_leaves_the_handles_to_a_blocked_loop(
     assert "the event loop didn't run" in caplog.text
 
 
+def test_request_sent_before_the_loop_saw_the_server_go_is_sent_again(servers, image):
+    """The server is restarted while the loop is busy: the next read goes
+    on the old connection, whose peer is gone. libnbd takes it and drops
+    the connection as it sends; the read goes again on a new connection,
+    rather than wait for the timeout (or forever without one)."""
+    with open(image, "r+b") as f:
+        f.write(pattern(14, 4096))
+    srv = servers("nbdkit", image=image)
+    backend = NbdBackend(srv.uri, timeout=10)
+
+    async def scenario():
+        await backend.read(0, [memoryview(bytearray(512))])
+        srv.kill()          # the loop doesn't run meanwhile: nothing noticed
+        srv.start()
+        buf = bytearray(4096)
+        t0 = time.monotonic()
+        await backend.read(0, [memoryview(buf)])
+        assert bytes(buf) == pattern(14, 4096)
+        assert time.monotonic() - t0 < 3
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 20))
+    finally:
+        backend.close()
+
+
 def test_deadline_error_is_a_timeout(servers):
     srv = servers("nbdkit")
     backend = NbdBackend(srv.uri, timeout=0.5)

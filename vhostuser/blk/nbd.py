@@ -528,6 +528,10 @@ class NbdBackend(BlockBackend):
             if broken is not None:
                 self._waiting.appendleft(cmd)
                 self._lost(conn, broken)
+            elif conn.dead():
+                # Its server had gone, unseen yet: libnbd took the command
+                # and found out sending it, and wants its fd watched no more.
+                self._lost(conn, NbdError("connection closed while sending"))
             else:
                 conn.watch(self._loop, self._on_event)
 
