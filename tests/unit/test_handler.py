@@ -597,6 +597,19 @@ class HoldingRing1(EchoDevice):
             super().handle_batch(queue, elements)
 
 
+def hold_one_request(dev, mem, num: int, kick: int) -> None:
+    """Makes descriptor 0 (at guest address 0 of the ring starting there,
+    `num` entries) available, kicks, and waits until `dev` holds it."""
+    mem[0:16] = struct.pack("<QIHH", 0x10000, 16, 0, 0)      # desc 0
+    avail = 16 * num
+    mem[avail:avail + 6] = struct.pack("<HHH", 0, 1, 0)      # avail idx 1, ring[0]=0
+    os.eventfd_write(kick, 1)
+    deadline = time.time() + 5
+    while not dev.held and time.time() < deadline:
+        time.sleep(0.01)
+    assert dev.held
+
+
 def test_stopping_an_idle_ring_does_not_wait_for_another_rings_requests(tmp_path):
     """GET_VRING_BASE of an idle ring answers at once while another ring has
     a request in flight: the drain counts only the stopped ring's requests.
@@ -612,14 +625,7 @@ def test_stopping_an_idle_ring_does_not_wait_for_another_rings_requests(tmp_path
             num = 8
             kick = start_ring(c, 1, num)
             assert c.acked(R.SET_VRING_ENABLE, struct.pack("<II", 1, 1)) == 0
-            mem[0:16] = struct.pack("<QIHH", 0x10000, 16, 0, 0)      # desc 0
-            avail = 16 * num
-            mem[avail:avail + 6] = struct.pack("<HHH", 0, 1, 0)      # avail idx 1, ring[0]=0
-            os.eventfd_write(kick, 1)
-            deadline = time.time() + 5
-            while not dev.held and time.time() < deadline:
-                time.sleep(0.01)
-            assert dev.held
+            hold_one_request(dev, mem, num, kick)
             t0 = time.monotonic()
             c.send(R.GET_VRING_BASE, struct.pack("<II", 0, 0))
             c.recv()
@@ -662,13 +668,7 @@ def test_a_reset_takes_no_new_request_while_it_drains(tmp_path):
             for ring in (0, 1):
                 assert c.acked(R.SET_VRING_ENABLE, struct.pack("<II", ring, 1)) == 0
             # one request on ring 1, held by the device
-            mem[0:16] = struct.pack("<QIHH", 0x10000, 16, 0, 0)
-            mem[16 * num:16 * num + 6] = struct.pack("<HHH", 0, 1, 0)
-            os.eventfd_write(kick1, 1)
-            deadline = time.time() + 5
-            while not dev.held and time.time() < deadline:
-                time.sleep(0.01)
-            assert dev.held
+            hold_one_request(dev, mem, num, kick1)
             c.send(R.RESET_DEVICE, flags=protocol.VERSION | protocol.FLAG_NEED_REPLY)
             time.sleep(0.3)                                  # the reset is draining
             mem[r0:r0 + 16] = struct.pack("<QIHH", 0x20000, 16, 0, 0)
@@ -706,13 +706,7 @@ def test_a_ring_is_not_enabled_again_while_a_stop_drains(tmp_path):
             num = 8
             kick = start_ring(c, 1, num)
             assert c.acked(R.SET_VRING_ENABLE, struct.pack("<II", 1, 1)) == 0
-            mem[0:16] = struct.pack("<QIHH", 0x10000, 16, 0, 0)
-            mem[16 * num:16 * num + 6] = struct.pack("<HHH", 0, 1, 0)
-            os.eventfd_write(kick, 1)
-            deadline = time.time() + 5
-            while not dev.held and time.time() < deadline:
-                time.sleep(0.01)
-            assert dev.held
+            hold_one_request(dev, mem, num, kick)
             session = dev.session
             stopping = asyncio.run_coroutine_threadsafe(session.stop("exit"), srv.loop)
             time.sleep(0.2)                                  # the stop is draining
