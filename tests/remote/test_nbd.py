@@ -523,6 +523,33 @@ def test_flush_after_losing_unflushed_writes_fails_once_without_multi_conn(
     assert image_bytes(image, 0, 4096) == pattern(11, 4096)
 
 
+def test_a_loss_while_a_flush_runs_fails_the_next_flush_too(servers, image):
+    """A connection lost while a flush was under way, with a write the
+    guest was told of after that flush was asked for: the flush under way
+    fails (it can't vouch for what it covers either), and so does the next
+    one, which the guest sends for that write. Only then is it clean."""
+    srv = servers("nbdkit", image=image)
+    backend = NbdBackend(srv.uri, timeout=10)
+    run = backend._run
+
+    async def losing_while_it_runs(req):
+        await run(req)
+        backend._unflushed_losses += 1      # as _lost counts one, meanwhile
+    backend._run = losing_while_it_runs
+
+    async def scenario():
+        with pytest.raises(NbdError, match="may not be durable"):
+            await backend.flush()
+        backend._run = run
+        with pytest.raises(NbdError, match="may not be durable"):
+            await backend.flush()
+        await backend.flush()
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        backend.close()
+
+
 def test_close_from_another_thread_leaves_the_handles_to_a_blocked_loop(
         servers, monkeypatch, caplog):
     """close() from a thread while the event loop that drives the handles

@@ -369,18 +369,22 @@ class NbdBackend(BlockBackend):
     async def flush(self) -> None:
         # A server that offers no flush has nothing to make durable.
         if self.caps.flush and not self.read_only:
-            seen = self._losses_reported
+            seen, before = self._losses_reported, self._unflushed_losses
             req = _Request()
             req.commands.append(_Command(req, _FLUSH, 0, 0))
             await self._run(req)
-            self._check_losses(seen)
+            self._check_losses(seen, before)
 
-    def _check_losses(self, seen: int) -> None:
-        """Fails a flush that can't cover writes lost with their connection
-        since before it was asked for, unless a flush reported them since."""
+    def _check_losses(self, seen: int, before: int) -> None:
+        """Fails a flush if writes were lost with their connection since the
+        last flush that reported such a loss (`seen`, when this one was
+        asked for). It reports only the losses from `before` it was asked
+        for: a write acknowledged after that, lost meanwhile, was never its
+        to cover, and the guest's next flush, which must cover it, fails
+        too."""
         if self._unflushed_losses <= seen:
             return
-        self._losses_reported = self._unflushed_losses
+        self._losses_reported = max(self._losses_reported, before)
         raise NbdError(f"{self.uri}: flush failed: writes completed on a lost connection "
                        "may not be durable (the server doesn't offer multi-conn)", errno.EIO)
 
@@ -412,7 +416,7 @@ class NbdBackend(BlockBackend):
         while that loop runs, they are closed there. If the loop is held up
         for CLOSE_WAIT seconds, close() returns without them (it may be in
         the middle of a libnbd call with one) and the loop closes them when
-        it runs again; a loop that stops meanwhile leaves them to us."""
+        it runs again; a loop closed meanwhile leaves them to us."""
         if self._closed:
             return
         self._closed = True
@@ -437,8 +441,10 @@ class NbdBackend(BlockBackend):
             return
         deadline = time.monotonic() + CLOSE_WAIT
         while not done.wait(0.05):
-            if not loop.is_running():
-                self._close_all()       # stopped: the handles are ours now
+            if loop.is_closed():
+                # Only closed: a loop merely stopped may run again (asyncio.run
+                # does, to cancel its tasks) and use the handles then.
+                self._close_all()
                 return
             if time.monotonic() >= deadline:
                 log.error("%s: the event loop didn't run for %gs; it closes the connections "
