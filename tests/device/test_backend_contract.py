@@ -579,6 +579,19 @@ def test_a_future_of_the_close_flush_is_waited_for():
     assert disk.done == ["flush", "close"]
 
 
+def test_a_cancelled_future_of_the_close_flush_is_a_failed_flush(caplog):
+    """A flush() whose Future is cancelled (its executor shut down with
+    cancel_futures) fails the flush: close() logs it and goes on, as for
+    any failed flush; the CancelledError escaped from close()."""
+    class CancelledFlush(Disk):
+        def flush(self):
+            future = concurrent.futures.Future()
+            future.cancel()
+            return future
+    BlkDevice(CancelledFlush()).close()
+    assert "block back-end: flush before close failed: it was cancelled" in caplog.text
+
+
 class ChangingLifetime(Lifetime):
     """lifetime() has metrics when first asked, none afterwards."""
 

@@ -848,6 +848,13 @@ async def _settle(awaitable, what: str, timeout: float) -> None:
     except asyncio.TimeoutError:
         log.error("block back-end: %s not done after %gs; going on without it (writes the "
                   "store still caches may be lost)", what, timeout)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise                   # we are cancelled, not the back-end's call
+        # The back-end's own call was cancelled (an executor shut down with
+        # cancel_futures): a failure of that call like any other.
+        log.error("block back-end: %s failed: it was cancelled", what)
     except Exception as exc:
         log.error("block back-end: %s failed: %s", what, exc)
 
