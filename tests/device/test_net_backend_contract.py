@@ -106,6 +106,35 @@ def test_what_transmit_returns_is_said_once(tmp_path, caplog, backend, said):
     assert "never awaited" not in caplog.text
 
 
+def test_a_future_already_running_is_waited_for_before_the_frames_go_back(tmp_path):
+    """A transmit() whose executor already runs the work it returned: the
+    frames go back to the guest only once that work ended (it reads them)."""
+    class Running(NetBackend):
+        def __init__(self):
+            self.pool = concurrent.futures.ThreadPoolExecutor(1)
+            self.calls = self.finished = 0
+
+        def transmit(self, queue_pair, frames):
+            self.calls += 1
+            started = threading.Event()
+
+            def work():
+                started.set()
+                time.sleep(0.05)
+                self.finished += 1
+            future = self.pool.submit(work)
+            started.wait(5)
+            return future
+    backend = Running()
+    device = NetDevice(backend)
+    path = str(tmp_path / "net.sock")
+    with BackgroundServer(device, path):
+        send(path, 5)
+        assert backend.calls and backend.finished == backend.calls
+    device.close()
+    backend.pool.shutdown()
+
+
 def test_an_os_error_in_transmit_is_one_line(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(loglimit, "INTERVAL", 3600)
 

@@ -215,10 +215,12 @@ class NetDevice(Device):
             return
         if inspect.isawaitable(outcome) or isinstance(outcome, concurrent.futures.Future):
             # Work that runs on after the call would read frames the guest
-            # may have reused by then.
+            # may have reused by then (or memory the front-end took back).
             close = getattr(outcome, "close", None)
             if close is not None:
                 close()         # no "never awaited" warning per batch
+            elif isinstance(outcome, concurrent.futures.Future) and not outcome.cancel():
+                concurrent.futures.wait([outcome])   # running: the frames outlive it
             self._tx_errors[qp] += 1
             self._log.once("async", logging.ERROR,
                            "network back-end: %s.transmit() is async or returned a Future; it "
