@@ -610,6 +610,18 @@ def hold_one_request(dev, mem, num: int, kick: int) -> None:
     assert dev.held
 
 
+def ring1_holding_a_request(client, dev, num: int = 8):
+    """Guest memory, ring 1 started and enabled (REPLY_ACK on), and one
+    request on it that `dev` holds. Returns the memory's fd, the memory and
+    ring 1's kick eventfd."""
+    client.enable_reply_ack()
+    fd, mem = guest_memory(client)
+    kick = start_ring(client, 1, num)
+    assert client.acked(R.SET_VRING_ENABLE, struct.pack("<II", 1, 1)) == 0
+    hold_one_request(dev, mem, num, kick)
+    return fd, mem, kick
+
+
 def test_stopping_an_idle_ring_does_not_wait_for_another_rings_requests(tmp_path):
     """GET_VRING_BASE of an idle ring answers at once while another ring has
     a request in flight: the drain counts only the stopped ring's requests.
@@ -620,12 +632,7 @@ def test_stopping_an_idle_ring_does_not_wait_for_another_rings_requests(tmp_path
     with BackgroundServer(dev, str(tmp_path / "d.sock")) as srv:
         c = RawClient(srv.path)
         try:
-            c.enable_reply_ack()
-            fd, mem = guest_memory(c)
-            num = 8
-            kick = start_ring(c, 1, num)
-            assert c.acked(R.SET_VRING_ENABLE, struct.pack("<II", 1, 1)) == 0
-            hold_one_request(dev, mem, num, kick)
+            fd, mem, kick = ring1_holding_a_request(c, dev)
             t0 = time.monotonic()
             c.send(R.GET_VRING_BASE, struct.pack("<II", 0, 0))
             c.recv()
@@ -701,12 +708,7 @@ def test_a_ring_is_not_enabled_again_while_a_stop_drains(tmp_path):
         c = RawClient(srv.path)
         kick = None
         try:
-            c.enable_reply_ack()
-            fd, mem = guest_memory(c)
-            num = 8
-            kick = start_ring(c, 1, num)
-            assert c.acked(R.SET_VRING_ENABLE, struct.pack("<II", 1, 1)) == 0
-            hold_one_request(dev, mem, num, kick)
+            fd, mem, kick = ring1_holding_a_request(c, dev)
             session = dev.session
             stopping = asyncio.run_coroutine_threadsafe(session.stop("exit"), srv.loop)
             time.sleep(0.2)                                  # the stop is draining
