@@ -127,3 +127,90 @@ def test_python_backend_with_a_bad_size_is_a_backend_error(workdir):
         assert d.list() == [] and not os.path.exists(f"{workdir}/s.sock")
         await d.close()
     run(main())
+
+
+def test_adding_a_remote_disk_whose_server_does_not_answer_leaves_the_loop_serving(workdir):
+    """Opening an NBD (or RBD) disk waits for the network: up to its
+    remote_timeout for a server that took the connection and says nothing.
+    Meanwhile the event loop goes on (it serves every other export's
+    front-end messages and remote completions, and the control socket)."""
+    import socket
+    import time
+
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent_path = os.path.join(workdir, "silent-nbd.sock")
+    silent.bind(silent_path)
+    silent.listen(4)            # connections are queued, never answered
+
+    async def main():
+        d = Daemon()
+        await d.add_blk("local", os.path.join(workdir, "l.sock"), ramdisk="1M")
+        longest = 0.0
+        ticking = True
+
+        async def tick():
+            nonlocal longest
+            last = time.monotonic()
+            while ticking:
+                await asyncio.sleep(0.02)
+                now = time.monotonic()
+                longest = max(longest, now - last)
+                last = now
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(errors.BackendFailed):
+            await d.add_blk("remote", os.path.join(workdir, "r.sock"),
+                            nbd=f"nbd+unix:///?socket={silent_path}", remote_timeout=2)
+        assert time.monotonic() - started >= 1.5       # it did wait for the server
+        ticking = False
+        await ticker
+        assert longest < 0.5, f"the event loop stood still for {longest:.2f}s"
+        assert [e["name"] for e in d.list()] == ["local"]
+        assert not os.path.exists(os.path.join(workdir, "r.sock"))
+        await d.close()
+    try:
+        run(main())
+    finally:
+        silent.close()
+
+
+def test_an_add_cancelled_while_its_remote_disk_opens_closes_that_disk(workdir):
+    """The daemon stopping (its control clients cancelled) while an add
+    waits for a blocking source: the back-end opened after all is closed,
+    not left connected, and nothing is added."""
+    import threading
+
+    release, closed = threading.Event(), threading.Event()
+
+    class SlowDisk(ZeroDisk):
+        def close(self):
+            closed.set()
+
+    def open_slowly(value, settings):
+        release.wait(10)
+        return SlowDisk(MIB)
+    source = specs.Source("slow", lambda v, spec: as_str(v, "slow"), open_slowly, blocking=True)
+    specs.register_blk_source(source)
+
+    async def main():
+        d = Daemon()
+        add = asyncio.create_task(d.add({"type": "blk", "name": "s", "slow": "x",
+                                         "socket_path": f"{workdir}/s.sock"}))
+        await asyncio.sleep(0.1)
+        add.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await add
+        release.set()
+        for _ in range(200):
+            if closed.is_set():
+                break
+            await asyncio.sleep(0.01)
+        assert closed.is_set()
+        assert d.list() == [] and not os.path.exists(f"{workdir}/s.sock")
+        await d.close()
+    try:
+        run(main())
+    finally:
+        release.set()
+        del specs.BLK_SOURCES["slow"]

@@ -29,7 +29,7 @@ from . import remote_sources  # noqa: F401 (registers the "nbd" and "rbd" disk k
 from .errors import (BackendFailed, BadState, ExportExists, NoSuchExport, NotSupported,
                      SocketInUse)
 from .export import FAILED, RUNNING, STOPPED, Export, deferred_closes
-from .specs import build_device, check_name, parse_spec, qos_limits
+from .specs import abuild_device, check_name, parse_spec, qos_limits
 from ..sandbox import access as sandbox_access
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ class Daemon:
             for other in self.exports.values():
                 if _path_key(other.spec.socket_path) == key:
                     raise SocketInUse(f"{parsed.socket_path} is the socket of export {other.name}")
-            device = build_device(parsed)
+            # An NBD or RBD disk connects first: in a thread (specs.Source.blocking).
+            device = await abuild_device(parsed)
             export = Export(parsed, device)
             try:
                 export.start()

@@ -57,9 +57,9 @@ def _optional_path(key: str):
 register_blk_source(Source("nbd", _check_nbd, _open_nbd, options={
     "remote_timeout": (_remote_timeout, 30.0),
     "nbd_connections": (lambda v, spec: checks.as_int(v, "nbd_connections", 1, 16), 1),
-}))
+}, blocking=True))
 register_blk_source(Source("rbd", _check_rbd, _open_rbd, options={
     "remote_timeout": (_remote_timeout, 30.0),
     "rbd_conf": (_optional_path("rbd_conf"), None),
     "rbd_id": (lambda v, spec: checks.as_str(v, "rbd_id", max_len=256), "admin"),
-}))
+}, blocking=True))

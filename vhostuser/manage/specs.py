@@ -14,9 +14,12 @@ is a valid spec.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
 import stat
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,6 +34,8 @@ from ..unixsock import MAX_SOCKET_PATH
 from ..sandbox import access as sandbox_access
 from . import checks
 from .errors import BackendFailed, BadArgument
+
+log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 MAX_RAMDISK = 1 << 40
@@ -49,11 +54,15 @@ class Source:
     settings)`` returns the back-end object (raising BackendError,
     NetBackendError or OSError when it can't). ``options`` are further spec
     keys only this source takes, each with its check and default.
+    ``blocking``: open() waits on the network (connecting, negotiating),
+    as long as its timeout lets it; the daemon runs it in a thread, so its
+    event loop goes on serving the other exports meanwhile.
     """
     key: str
     check: Check
     open: Callable[[Any, dict], object]
     options: dict[str, tuple[Check, Any]] = field(default_factory=dict)
+    blocking: bool = False
 
 
 #: Block back-end kinds by spec key. Add more with register_blk_source.
@@ -381,12 +390,82 @@ def _canonical_keys(spec: dict, aliases: dict[str, str]) -> dict:
 def build_device(spec: ExportSpec) -> Device:
     """Opens the back-end and makes the device; BackendFailed if it can't,
     with whatever was opened closed again."""
-    sources = BLK_SOURCES if spec.type == "blk" else NET_SOURCES
-    source = sources[spec.source]
-    s = spec.settings
-    backend = None
+    return _make_device(spec, _open_backend(spec))
+
+
+async def abuild_device(spec: ExportSpec) -> Device:
+    """build_device() on an event loop: a blocking source's open() (a
+    network connection) runs in a thread, the loop meanwhile serving on.
+    The thread is one of its own that ends with the open (an idle pool
+    thread started before the sandbox is entered would keep what the
+    sandbox takes from the process's threads). Cancelled meanwhile, the
+    back-end the thread still opens is closed."""
+    if not _source(spec).blocking:
+        return build_device(spec)
+    loop = asyncio.get_running_loop()
+    opening = loop.create_future()
+
+    def settle(backend, exc) -> None:
+        if opening.cancelled():
+            if backend is not None:
+                _close_opened(backend)
+        elif exc is not None:
+            opening.set_exception(exc)
+        else:
+            opening.set_result(backend)
+
+    def run() -> None:
+        backend = exc = None
+        try:
+            backend = _open_backend(spec)
+        except BaseException as e:      # noqa: BLE001 (handed to the awaiting task)
+            exc = e
+        try:
+            loop.call_soon_threadsafe(settle, backend, exc)
+        except RuntimeError:            # the loop is closed: nobody waits any more
+            if backend is not None:
+                _close_opened(backend)
+
+    thread = threading.Thread(target=run, name=f"open {spec.name}", daemon=True)
+    thread.start()
     try:
-        backend = source.open(s[source.key], s)
+        backend = await opening
+    finally:
+        if not opening.done():
+            opening.cancel()            # settle() closes what the thread opens
+    thread.join()                       # ending already: it has handed over its result
+    return _make_device(spec, backend)
+
+
+def _source(spec: ExportSpec) -> Source:
+    return (BLK_SOURCES if spec.type == "blk" else NET_SOURCES)[spec.source]
+
+
+def _open_backend(spec: ExportSpec):
+    source = _source(spec)
+    try:
+        return source.open(spec.settings[source.key], spec.settings)
+    except (BackendError, NetBackendError, OSError, ValueError, MemoryError) as exc:
+        raise BackendFailed(f"{spec.name}: {exc}") from None
+
+
+def _close_backend(backend) -> None:
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()
+
+
+def _close_opened(backend) -> None:
+    """A back-end opened for an add that was cancelled meanwhile."""
+    try:
+        _close_backend(backend)
+    except Exception as exc:
+        log.error("closing a back-end opened for a cancelled add: %s", exc)
+
+
+def _make_device(spec: ExportSpec, backend) -> Device:
+    s = spec.settings
+    try:
         if spec.type == "blk":
             device = BlkDevice(backend, num_queues=s["queues"], serial=s["serial"],
                                read_only=s["read_only"], poll_us=s["poll_us"],
@@ -397,10 +476,7 @@ def build_device(spec: ExportSpec) -> Device:
             device = NetDevice(backend, queue_pairs=s["queues"], mac=parse_mac(s["mac"]),
                                mtu=s["mtu"], poll_us=s["poll_us"], in_order=s["in_order"])
     except (BackendError, NetBackendError, OSError, ValueError, MemoryError) as exc:
-        if backend is not None:
-            close = getattr(backend, "close", None)
-            if close is not None:
-                close()
+        _close_backend(backend)
         raise BackendFailed(f"{spec.name}: {exc}") from None
     device.queues_per_worker = s["queues_per_thread"]
     device.adaptive_poll_us = s["adaptive_poll_us"]
