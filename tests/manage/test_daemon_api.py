@@ -214,3 +214,41 @@ def test_an_add_cancelled_while_its_remote_disk_opens_closes_that_disk(workdir):
     finally:
         release.set()
         del specs.BLK_SOURCES["slow"]
+
+
+def test_close_flushes_and_closes_every_disk_when_one_close_fails(workdir):
+    """At exit a back-end whose close() raises is logged: the disks after
+    it are still flushed (their acknowledged writes made stable) and closed."""
+    done: list[str] = []
+
+    class BadClose(ZeroDisk):
+        def close(self):
+            raise OSError(5, "store gone")
+
+    class Recorded(ZeroDisk):
+        def write(self, offset, bufs):
+            pass
+
+        async def flush(self):
+            done.append("flush")
+
+        def close(self):
+            done.append("close")
+
+    made = {"bad": BadClose, "good": Recorded}
+    source = specs.Source("made", lambda v, spec: as_str(v, "made"),
+                          lambda v, settings: made[v](MIB))
+    specs.register_blk_source(source)
+
+    async def main():
+        d = Daemon()
+        for name in ("bad", "good"):
+            await d.add({"type": "blk", "name": name, "made": name,
+                         "socket_path": f"{workdir}/{name}.sock"})
+        await d.close()
+        assert done == ["flush", "close"]
+        assert d.list() == []
+    try:
+        run(main())
+    finally:
+        del specs.BLK_SOURCES["made"]

@@ -159,7 +159,13 @@ class Daemon:
             for export, result in zip(exports, results):
                 if isinstance(result, BaseException):
                     log.error("export %s: stop failed: %s", export.name, result)
-                await export.aclose()
+                # One back-end's close() failing must not leave the others
+                # unflushed and open.
+                try:
+                    await export.aclose()
+                except Exception as exc:
+                    log.error("export %s: close failed: %s: %s", export.name,
+                              type(exc).__name__, exc)
             self.exports.clear()
             await deferred_closes()
 
