@@ -252,3 +252,54 @@ def test_close_flushes_and_closes_every_disk_when_one_close_fails(workdir):
         run(main())
     finally:
         del specs.BLK_SOURCES["made"]
+
+
+def test_a_remove_cut_short_by_the_daemon_stopping_still_flushes_and_closes(workdir):
+    """SIGTERM while a remove flushes the disk: the control socket closing
+    cancels the remove's request, and the daemon's close must still see
+    that flush to its end and close the back-end (acknowledged writes in
+    its cache are made stable), though the export is no longer listed."""
+    import json
+
+    from vhostuser.manage.control import ControlServer
+
+    done: list[str] = []
+
+    class SlowFlush(ZeroDisk):
+        def write(self, offset, bufs):
+            pass
+
+        async def flush(self):
+            done.append("flush")
+            await asyncio.sleep(0.5)
+            done.append("flushed")
+
+        def close(self):
+            done.append("close")
+
+    source = specs.Source("slowflush", lambda v, spec: as_str(v, "slowflush"),
+                          lambda v, settings: SlowFlush(MIB))
+    specs.register_blk_source(source)
+
+    async def main():
+        d = Daemon()
+        control = ControlServer(d, os.path.join(workdir, "ctl.sock"))
+        await control.start()
+        await d.add({"type": "blk", "name": "s", "slowflush": "x",
+                     "socket_path": f"{workdir}/s.sock"})
+        reader, writer = await asyncio.open_unix_connection(os.path.join(workdir, "ctl.sock"))
+        writer.write(json.dumps({"cmd": "remove", "args": {"name": "s"}}).encode() + b"\n")
+        await writer.drain()
+        for _ in range(200):
+            if done:
+                break
+            await asyncio.sleep(0.01)
+        assert done == ["flush"]
+        await control.close()           # as serve() does on SIGTERM
+        await d.close()
+        writer.close()
+        assert done == ["flush", "flushed", "close"]
+    try:
+        run(main())
+    finally:
+        del specs.BLK_SOURCES["slowflush"]

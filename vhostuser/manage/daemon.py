@@ -124,7 +124,9 @@ class Daemon:
             export = self.get(name)
             await export.stop("removed")
             del self.exports[export.name]
-            await export.aclose()
+            # No longer listed: close() would not close it if this were cut
+            # short now, so the close goes on without us (deferred_closes()).
+            await asyncio.shield(export.close_in_background())
         log.info("export %s removed", export.name)
         return {"name": export.name, "removed": True}
 

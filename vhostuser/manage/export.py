@@ -146,6 +146,16 @@ class Export:
         else:
             self.device.close()
 
+    def close_in_background(self) -> asyncio.Task:
+        """aclose() in a task of its own, which deferred_closes() waits
+        for: a caller cancelled meanwhile (a remove whose control client the
+        daemon's exit cancels) leaves it running, so the device is still
+        flushed and closed."""
+        task = asyncio.get_running_loop().create_task(self.aclose(), name=f"close {self.name}")
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+        return task
+
     def _close_later(self) -> bool:
         """Defers aclose() until the lingering session ended; True if it did.
         The device's workers may still run until then."""
