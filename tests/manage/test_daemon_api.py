@@ -303,3 +303,50 @@ def test_a_remove_cut_short_by_the_daemon_stopping_still_flushes_and_closes(work
         run(main())
     finally:
         del specs.BLK_SOURCES["slowflush"]
+
+
+def test_sighup_while_a_shrink_truncates_keeps_the_new_size(workdir, image, monkeypatch):
+    """SIGHUP re-reads image sizes. Arriving while a resize's ftruncate
+    runs (the image still at its old size), it must not give the guest the
+    old size back: writes there would be acknowledged, then cut off by the
+    truncate."""
+    import threading
+
+    from vhostuser.cli.daemon import reread_sizes
+
+    gate = threading.Event()
+    real_ftruncate = os.ftruncate
+
+    def slow_ftruncate(fd, size):
+        gate.wait(10)
+        real_ftruncate(fd, size)
+    monkeypatch.setattr(os, "ftruncate", slow_ftruncate)
+
+    async def main():
+        d = Daemon()
+        await d.add_blk("f", os.path.join(workdir, "f.sock"), file=image)
+        device = d.get("f").device
+        assert device.capacity == 8 * MIB // 512
+        resize = asyncio.create_task(d.resize("f", "4M"))
+        await asyncio.sleep(0.1)
+        assert device.capacity == 4 * MIB // 512      # in force before the file shrinks
+        reread_sizes(d)                                 # SIGHUP: the file still has 8 MiB
+        await asyncio.sleep(0.1)
+        assert device.capacity == 4 * MIB // 512
+        gate.set()
+        assert (await resize)["capacity_sectors"] == 4 * MIB // 512
+        assert os.path.getsize(image) == 4 * MIB
+        # SIGHUP still follows a change made outside, after the resize.
+        with open(image, "r+b") as f:
+            f.truncate(6 * MIB)
+        reread_sizes(d)
+        for _ in range(100):
+            if device.capacity == 6 * MIB // 512:
+                break
+            await asyncio.sleep(0.01)
+        assert device.capacity == 6 * MIB // 512
+        await d.close()
+    try:
+        run(main())
+    finally:
+        gate.set()

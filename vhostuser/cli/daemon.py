@@ -85,6 +85,14 @@ def reread_sizes(daemon: Daemon) -> None:
     for export in daemon.exports.values():
         device = export.device
         if isinstance(device, BlkDevice) and isinstance(device.backend, FileBackend):
+            resizing = getattr(device, "_resizing", None)
+            if resizing is not None and resizing.locked():
+                # A resize's ftruncate runs: the file has not its new size
+                # yet (a shrink's old size back would let the guest write
+                # where the truncate then cuts). That resize re-reads the
+                # size when it ends, and tells the guest.
+                common.log.info("%s: a resize is running; it re-reads the size", export.name)
+                continue
             try:
                 if device.backend.size() != device.capacity * 512:
                     told = device.resize()
