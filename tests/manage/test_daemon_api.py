@@ -350,3 +350,17 @@ def test_sighup_while_a_shrink_truncates_keeps_the_new_size(workdir, image, monk
         run(main())
     finally:
         gate.set()
+
+
+def test_image_key_names_the_storage_two_exports_could_share(workdir, image):
+    from vhostuser.manage.daemon import _image_key
+
+    link = os.path.join(workdir, "link.img")
+    os.symlink(image, link)
+
+    def key(**spec):
+        return _image_key(specs.parse_spec({"type": "blk", "name": "x",
+                                            "socket_path": f"{workdir}/x.sock", **spec}))
+    assert key(file=image) == key(file=link) == ("blk_file", os.path.realpath(image))
+    assert key(rbd="pool/img") == ("rbd", "pool/img")
+    assert key(ramdisk="1M") is None

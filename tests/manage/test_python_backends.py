@@ -19,6 +19,7 @@ import pytest
 from vhostuser.frontend import (BackendClosed, BlkRequest, Buffer, Frontend, FrontendTimeout,
                                 GuestMemory)
 from vhostuser.frontend.device import DEFAULT_FEATURES
+from vhostuser.manage.client import ControlError
 from vhostuser.net import NetFeature
 from vhostuser.net.spec import HDR
 from vhostuser.protocol import bit
@@ -312,4 +313,33 @@ def test_exit_closes_a_device_whose_plain_method_blocked_once_it_returns(workdir
         open(gate, "w").close()
         assert d.proc.wait(20) == 0, d.output()
         assert os.path.exists(closed), d.output()
+    assert "Traceback" not in d.output(), d.output()
+
+
+def test_a_removed_export_still_ending_is_not_added_again(workdir):
+    """A disk removed while a back-end call blocks in its worker is closed
+    only once that call returns. Adding it again meanwhile (same name,
+    socket or image) would let a new guest use the image while the old
+    session's call, a write perhaps, still lands in it afterwards: refused
+    as bad-state, as start of a stopped export is then; accepted once the
+    old device closed. (A Python back-end's image is its own business: the
+    same class under another name and socket is another disk.)"""
+    closed = os.path.join(workdir, "closed")
+    with gated_daemon(workdir, closed_mark=closed) as (d, gate):
+        spec = {"type": "blk", "name": "stuck", "socket": d.path("s.sock"),
+                "backend": f"{MODULE}:GatedDisk",
+                "backend_opt": {"size": 4 * MIB, "gate": gate}}
+        with read_blocked_in_worker(d):
+            d.ctl("remove", "stuck")
+        for changed in ({}, {"socket": d.path("s2.sock")}, {"name": "other"}):
+            with pytest.raises(ControlError) as err:
+                d.call("add", **{**spec, **changed})
+            assert err.value.code == "bad-state", err.value
+            assert "still ending" in err.value.message
+        assert [e["name"] for e in d.call("list")] == ["ok"]
+        open(gate, "w").close()
+        wait_until(lambda: os.path.exists(closed), d, timeout=20)
+        wait_until(lambda: "device closed after its last session ended" in d.output(), d)
+        d.call("add", **spec)
+        io_works(d.path("s.sock"), b"n")
     assert "Traceback" not in d.output(), d.output()

@@ -43,6 +43,18 @@ def _path_key(path: str) -> str:
     return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
+def _image_key(spec) -> tuple | None:
+    """What a disk's storage is, where two exports could share it: an image
+    file (by its real path), an NBD or RBD image; None otherwise (a RAM
+    disk, a Python back-end's own storage, a network interface)."""
+    if spec.type != "blk" or spec.source not in ("blk_file", "nbd", "rbd"):
+        return None
+    value = spec.settings[spec.source]
+    if spec.source == "blk_file":
+        value = os.path.realpath(value)
+    return spec.source, value
+
+
 class Daemon:
     """Named exports served from one event loop."""
 
@@ -55,6 +67,8 @@ class Daemon:
         # Lifecycle changes one at a time: a remove that is draining must
         # not race an add of the same name or socket.
         self._lifecycle = asyncio.Lock()
+        # Removed, their device still waiting for a session in the back-end.
+        self._ending: list[Export] = []
 
     def reserve_path(self, path: str) -> None:
         self.reserved_paths.add(_path_key(path))
@@ -92,6 +106,7 @@ class Daemon:
             for other in self.exports.values():
                 if _path_key(other.spec.socket_path) == key:
                     raise SocketInUse(f"{parsed.socket_path} is the socket of export {other.name}")
+            self._refuse_while_ending(parsed, key)
             # An NBD or RBD disk connects first: in a thread (specs.Source.blocking).
             device = await abuild_device(parsed)
             export = Export(parsed, device)
@@ -103,6 +118,20 @@ class Daemon:
             self.exports[parsed.name] = export
         log.info("export %s added (%s on %s)", parsed.name, parsed.type, parsed.socket_path)
         return self.describe(parsed.name)
+
+    def _refuse_while_ending(self, parsed, key: str) -> None:
+        """BadState if a removed export whose device is still in use (a
+        back-end call that has not returned) had this name, socket or image:
+        served again now, the old session's call (a write) could still land
+        in the image under the new front-end."""
+        self._ending = [e for e in self._ending if e.ending]
+        image = _image_key(parsed)
+        for old in self._ending:
+            if (old.name == parsed.name or _path_key(old.spec.socket_path) == key
+                    or (image is not None and _image_key(old.spec) == image)):
+                raise BadState(f"{parsed.name}: export {old.name}, removed, is still ending (a "
+                               "back-end call has not returned); its name, socket and image "
+                               "are free once its device closed")
 
     async def add_blk(self, name: str, socket_path: str, **settings) -> dict:
         """add() of a disk: ``blk_file=PATH``, ``ramdisk=SIZE``,
@@ -126,7 +155,11 @@ class Daemon:
             del self.exports[export.name]
             # No longer listed: close() would not close it if this were cut
             # short now, so the close goes on without us (deferred_closes()).
-            await asyncio.shield(export.close_in_background())
+            try:
+                await asyncio.shield(export.close_in_background())
+            finally:
+                if export.ending:
+                    self._ending.append(export)
         log.info("export %s removed", export.name)
         return {"name": export.name, "removed": True}
 

@@ -47,10 +47,16 @@ class Export:
         self.connections = 0                # front-ends served, over restarts
         self._task: asyncio.Task | None = None
         self._lingering: Server | None = None   # stopped, a session still ending
+        self._deferred_close: asyncio.Task | None = None    # see _close_later()
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def ending(self) -> bool:
+        """Closed, but the device waits for a session still in the back-end."""
+        return self._deferred_close is not None and not self._deferred_close.done()
 
     @property
     def connected(self) -> bool:
@@ -169,6 +175,7 @@ class Export:
             log.info("export %s: device closed after its last session ended", self.name)
         task = asyncio.get_running_loop().create_task(after_sessions(),
                                                       name=f"close {self.name}")
+        self._deferred_close = task
         _closing.add(task)
         task.add_done_callback(_closing.discard)
         return True
