@@ -364,3 +364,36 @@ def test_image_key_names_the_storage_two_exports_could_share(workdir, image):
     assert key(file=image) == key(file=link) == ("blk_file", os.path.realpath(image))
     assert key(rbd="pool/img") == ("rbd", "pool/img")
     assert key(ramdisk="1M") is None
+
+
+def test_an_export_removed_while_it_resizes_answers_the_resize_plainly(workdir, image,
+                                                                         monkeypatch):
+    """remove while a resize's ftruncate runs (it is not held up by it):
+    the resize is then answered no-such-export, not an internal error
+    from reading the size of a closed device."""
+    import threading
+
+    gate = threading.Event()
+    real_ftruncate = os.ftruncate
+
+    def slow_ftruncate(fd, size):
+        gate.wait(10)
+        real_ftruncate(fd, size)
+    monkeypatch.setattr(os, "ftruncate", slow_ftruncate)
+
+    async def main():
+        d = Daemon()
+        await d.add_blk("f", os.path.join(workdir, "f.sock"), file=image)
+        first = asyncio.create_task(d.resize("f", "12M"))
+        second = asyncio.create_task(d.resize("f", "4M"))     # waits for the first
+        await asyncio.sleep(0.1)
+        await d.remove("f")
+        gate.set()
+        for resize in (first, second):
+            with pytest.raises(errors.NoSuchExport, match="removed"):
+                await resize
+        await d.close()
+    try:
+        run(main())
+    finally:
+        gate.set()

@@ -212,14 +212,24 @@ class Daemon:
         only)."""
         export, device = self._blk(name, "resize")
         size_bytes = checks.as_size(size, "size", multiple=512)
+        # Not under the lifecycle lock (a hung ftruncate must not hold up a
+        # remove): the export may go while this waits, its device closed.
         try:
             told = await device.aresize(size_bytes)
-        except ValueError as exc:
-            raise NotSupported(f"resize {export.name}: {exc}") from None
-        except OSError as exc:
-            raise BackendFailed(f"resize {export.name}: {exc.strerror or exc}") from None
+        except Exception as exc:
+            self._check_still_there(export, "resize")
+            if isinstance(exc, ValueError):
+                raise NotSupported(f"resize {export.name}: {exc}") from None
+            if isinstance(exc, OSError):
+                raise BackendFailed(f"resize {export.name}: {exc.strerror or exc}") from None
+            raise
+        self._check_still_there(export, "resize")
         return {"name": export.name, "size": device.capacity * 512,
                 "capacity_sectors": device.capacity, "guest_notified": told}
+
+    def _check_still_there(self, export: Export, what: str) -> None:
+        if self.exports.get(export.name) is not export:
+            raise NoSuchExport(f"{what} {export.name}: the export was removed meanwhile")
 
     def set_read_only(self, name: Any, read_only: Any) -> dict:
         """Refuses (or allows again) the guest's writes, at once."""
