@@ -397,3 +397,59 @@ def test_an_export_removed_while_it_resizes_answers_the_resize_plainly(workdir, 
         run(main())
     finally:
         gate.set()
+
+
+def test_other_lifecycle_commands_go_on_while_a_remote_disk_connects(workdir):
+    """An add waiting for its NBD or RBD server (up to remote_timeout, an
+    hour at most) holds up no remove, stop or add of another export; its
+    own name and socket stay taken meanwhile, and a daemon closed
+    meanwhile adds nothing afterwards."""
+    import threading
+
+    release = threading.Event()
+    closed: list[str] = []
+
+    class SlowDisk(ZeroDisk):
+        def close(self):
+            closed.append("closed")
+
+    def open_slowly(value, settings):
+        release.wait(10)
+        return SlowDisk(MIB)
+    source = specs.Source("slow2", lambda v, spec: as_str(v, "slow2"), open_slowly,
+                          blocking=True)
+    specs.register_blk_source(source)
+    slow = {"type": "blk", "name": "s", "slow2": "x", "socket_path": f"{workdir}/s.sock"}
+
+    async def main():
+        d = Daemon()
+        await d.add_blk("a", f"{workdir}/a.sock", ramdisk="1M")
+        adding = asyncio.create_task(d.add(slow))
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(d.stop("a"), 2)
+        await asyncio.wait_for(d.remove("a"), 2)
+        await asyncio.wait_for(d.add_blk("b", f"{workdir}/b.sock", ramdisk="1M"), 2)
+        with pytest.raises(errors.ExportExists):
+            await asyncio.wait_for(d.add_blk("s", f"{workdir}/other.sock", ramdisk="1M"), 2)
+        with pytest.raises(errors.SocketInUse):
+            await asyncio.wait_for(d.add_blk("c", f"{workdir}/s.sock", ramdisk="1M"), 2)
+        release.set()
+        assert (await adding)["state"] == "running"
+        assert [e["name"] for e in d.list()] == ["b", "s"]
+
+        # closed while an add connects: that add ends refused, its disk closed
+        release.clear()
+        adding = asyncio.create_task(d.add({**slow, "name": "t",
+                                            "socket_path": f"{workdir}/t.sock"}))
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(d.close(), 5)
+        release.set()
+        with pytest.raises(errors.BadState, match="closed"):
+            await adding
+        assert d.list() == [] and not os.path.exists(f"{workdir}/t.sock")
+        assert closed == ["closed", "closed"]          # s at close, t refused
+    try:
+        run(main())
+    finally:
+        release.set()
+        del specs.BLK_SOURCES["slow2"]

@@ -69,6 +69,9 @@ class Daemon:
         self._lifecycle = asyncio.Lock()
         # Removed, their device still waiting for a session in the back-end.
         self._ending: list[Export] = []
+        # Being added, their back-end opening: name -> socket path key.
+        self._opening: dict[str, str] = {}
+        self._closed = False        # close() ran: nothing is added any more
 
     def reserve_path(self, path: str) -> None:
         self.reserved_paths.add(_path_key(path))
@@ -98,26 +101,49 @@ class Daemon:
         if refused:
             raise NotSupported(f"{parsed.name}: {refused}")
         async with self._lifecycle:
-            if parsed.name in self.exports:
-                raise ExportExists(f"an export named {parsed.name!r} exists")
+            self._refuse_taken(parsed)
+            # Name and socket taken while the back-end opens, without the
+            # lock: an NBD or RBD disk waits for its server (in a thread,
+            # specs.Source.blocking) up to its remote_timeout, and no other
+            # export's remove, stop or add waits for that.
             key = _path_key(parsed.socket_path)
-            if key in self.reserved_paths:
-                raise SocketInUse(f"{parsed.socket_path} is the daemon's control socket")
-            for other in self.exports.values():
-                if _path_key(other.spec.socket_path) == key:
-                    raise SocketInUse(f"{parsed.socket_path} is the socket of export {other.name}")
-            self._refuse_while_ending(parsed, key)
-            # An NBD or RBD disk connects first: in a thread (specs.Source.blocking).
+            self._opening[parsed.name] = key
+        try:
             device = await abuild_device(parsed)
-            export = Export(parsed, device)
             try:
-                export.start()
+                async with self._lifecycle:
+                    if self._closed:
+                        raise BadState(f"{parsed.name}: the daemon closed while the disk "
+                                       "was opened")
+                    export = Export(parsed, device)
+                    export.start()
+                    self.exports[parsed.name] = export
             except BaseException:
                 device.close()
                 raise
-            self.exports[parsed.name] = export
+        finally:
+            del self._opening[parsed.name]
         log.info("export %s added (%s on %s)", parsed.name, parsed.type, parsed.socket_path)
         return self.describe(parsed.name)
+
+    def _refuse_taken(self, parsed) -> None:
+        """ManageError if the name or socket is an export's (or one being
+        added), or the daemon is closed."""
+        if self._closed:
+            raise BadState(f"{parsed.name}: the daemon is closed")
+        if parsed.name in self.exports or parsed.name in self._opening:
+            raise ExportExists(f"an export named {parsed.name!r} exists")
+        key = _path_key(parsed.socket_path)
+        if key in self.reserved_paths:
+            raise SocketInUse(f"{parsed.socket_path} is the daemon's control socket")
+        for other in self.exports.values():
+            if _path_key(other.spec.socket_path) == key:
+                raise SocketInUse(f"{parsed.socket_path} is the socket of export {other.name}")
+        for name, other_key in self._opening.items():
+            if other_key == key:
+                raise SocketInUse(f"{parsed.socket_path} is the socket of export {name} "
+                                  "(being added)")
+        self._refuse_while_ending(parsed, key)
 
     def _refuse_while_ending(self, parsed, key: str) -> None:
         """BadState if a removed export whose device is still in use (a
@@ -187,6 +213,7 @@ class Daemon:
         """Stops every export (each finishing its requests in flight) and
         closes their devices."""
         async with self._lifecycle:
+            self._closed = True
             exports = list(self.exports.values())
             # Concurrently: a slow drain of one must not delay the others.
             results = await asyncio.gather(*(e.stop("exit") for e in exports),
