@@ -258,13 +258,12 @@ static int add_desc(struct vu_vq *vq, struct vu_elem *e, const struct vring_pack
 
 /* A request that was in flight when the previous back-end died, rebuilt
  * from the copies the inflight region kept of its descriptors. */
-static int pop_resubmit(struct vu_vq *vq, struct vu_elem **out)
+static int pop_resubmit(struct vu_vq *vq, uint16_t head, struct vu_elem **out)
 {
     struct vu_inflight_packed *r = vq->inflight_packed;
-    uint16_t head = vq->resubmit[vq->resubmit_pos++];
     struct vu_elem *e = vu_elem_get(vq);
     if (!e)
-        return 0;
+        return 0;   /* taken off the list only once popped */
     uint64_t detail = 0;
     int rc = vu_elem_reserve(e, 4);
     uint16_t j = head, id = 0, num = r->desc[head].num;
@@ -291,14 +290,16 @@ static int pop_resubmit(struct vu_vq *vq, struct vu_elem **out)
     e->ndescs = num;
     e->inflight_head = head;
     e->resubmitted = 1;
+    vq->resubmit_pos++;
     *out = e;
     return 1;
 }
 
 int vu_packed_pop(struct vu_vq *vq, struct vu_elem **out)
 {
-    if (vq->inflight_packed && vq->resubmit_pos < vq->resubmit_num)
-        return pop_resubmit(vq, out);
+    uint16_t head;
+    if (vq->inflight_packed && vu_resubmit_next(vq, &head))
+        return pop_resubmit(vq, head, out);
     uint16_t idx = vq->last_avail_idx;
     bool wrap = vq->avail_wrap;
     uint16_t flags = VU_READ_ONCE(vq->pdesc[idx].flags);

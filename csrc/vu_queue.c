@@ -4,6 +4,7 @@
 #include "vu_dev.h"
 #include "vu_ring_impl.h"
 #include "vu_fault.h"
+#include "vu_worker.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -51,10 +52,12 @@ static void free_pool(struct vu_vq *vq)
 static void free_ring_state(struct vu_vq *vq)
 {
     free(vq->resubmit);
+    free(vq->resubmit_blockers);
     free(vq->batch_heads);
     vq->batch_heads = NULL;
     vq->batch_heads_num = 0;
     vq->resubmit = NULL;
+    vq->resubmit_blockers = NULL;
     vq->resubmit_num = vq->resubmit_pos = 0;
 }
 
@@ -275,6 +278,81 @@ static void publish_held(struct vu_vq *vq)
     flush_locked(vq);
 }
 
+/* The inflight region's entry of elem's request: where the ring's
+ * resubmit list names it (UINT16_MAX when untracked). */
+static uint16_t region_entry(const struct vu_vq *vq, const struct vu_elem *e)
+{
+    return vq->packed ? e->inflight_head : e->id;
+}
+
+/* A request resubmitted at start whose previous execution still runs (an
+ * orphan: the session before ended, or a reset or a new driver gave up on
+ * it, while its back-end still had it) is held back until that one ends:
+ * both at once, the older write could land after a newer one the guest
+ * made once it saw the new copy complete. Queue lock held. */
+static void hold_resubmits_of_orphans(struct vu_vq *vq)
+{
+    bool resubmits = vq->resubmit_blockers && vq->resubmit_pos < vq->resubmit_num;
+    if (vq->resubmit_blockers)
+        memset(vq->resubmit_blockers, 0, vq->size * sizeof(*vq->resubmit_blockers));
+    for (uint32_t i = 0; i < vq->pool_size; i++) {
+        struct vu_elem *e = &vq->elems[i];
+        e->blocks_resubmit = 0;
+        if (!resubmits || !e->in_flight || !e->orphan)
+            continue;
+        uint16_t entry = region_entry(vq, e);
+        if (entry < vq->size) {
+            vq->resubmit_blockers[entry]++;
+            e->blocks_resubmit = 1;
+        }
+    }
+}
+
+/* Index in the resubmit list of the first head that may go now, or
+ * resubmit_num. Also read by the worker without the queue lock (has_avail):
+ * a count seen late only delays the look its release asks for. */
+static uint32_t first_ready_resubmit(const struct vu_vq *vq)
+{
+    uint32_t i = vq->resubmit_pos;
+    if (!vq->resubmit_blockers)
+        return i < vq->resubmit_num ? i : vq->resubmit_num;
+    for (; i < vq->resubmit_num; i++) {
+        uint16_t head = vq->resubmit[i];
+        if (head >= vq->size || !__atomic_load_n(&vq->resubmit_blockers[head], __ATOMIC_RELAXED))
+            return i;
+    }
+    return vq->resubmit_num;
+}
+
+bool vu_resubmit_next(struct vu_vq *vq, uint16_t *head)
+{
+    uint32_t pos = vq->resubmit_pos, i = first_ready_resubmit(vq);
+    if (i >= vq->resubmit_num)
+        return false;
+    /* Those held back stay next, in their order (vu_vq_unpop steps back
+     * over the one popped). */
+    uint16_t ready = vq->resubmit[i];
+    memmove(&vq->resubmit[pos + 1], &vq->resubmit[pos], (i - pos) * sizeof(vq->resubmit[0]));
+    vq->resubmit[pos] = ready;
+    *head = ready;
+    return true;
+}
+
+/* An orphan a resubmitted request waited for ended: when it was the last,
+ * the worker looks at the ring again, as no kick comes for a request the
+ * driver made available long ago (queue lock held; the worker stays while
+ * it is, see vu_worker_free). */
+static void release_resubmit(struct vu_vq *vq, struct vu_elem *e)
+{
+    e->blocks_resubmit = 0;
+    uint16_t entry = region_entry(vq, e);
+    if (!vq->resubmit_blockers || entry >= vq->size || !vq->resubmit_blockers[entry])
+        return;
+    if (__atomic_sub_fetch(&vq->resubmit_blockers[entry], 1, __ATOMIC_RELAXED) == 0 &&
+        vq->started && vq->worker)
+        vu_worker_kick(vq->worker, vq);
+}
+
 int vu_vq_start(struct vu_vq *vq)
 {
     struct vu_dev *dev = vq->dev;
@@ -295,12 +373,18 @@ int vu_vq_start(struct vu_vq *vq)
     rc = alloc_pool(vq);
     if (rc)
         return rc;
+    if (vq->inflight_area && !vq->resubmit_blockers) {
+        vq->resubmit_blockers = calloc(vq->size, sizeof(*vq->resubmit_blockers));
+        if (!vq->resubmit_blockers)
+            return -VU_ERR_NOMEM;
+    }
     pthread_mutex_lock(&vq->lock);
     vq->signalled_used_valid = false;
     if (vq->packed)
         vu_packed_sync(vq);
     else
         vu_split_sync(vq);
+    hold_resubmits_of_orphans(vq);
     vq->pending_used = 0;
     vq->unnotified = 0;
     vq->broken = false;
@@ -415,6 +499,8 @@ struct vu_elem *vu_elem_get(struct vu_vq *vq)
     e->held = 0;
     e->orphan = 0;
     e->resubmitted = 0;
+    e->blocks_resubmit = 0;
+    e->inflight_head = UINT16_MAX;   /* packed: set when the region records it */
     /* No reference taken: the device counts the elements still using a
      * table when it retires it (vu_dev_install_mem). */
     e->mem = vq->dev->mem;
@@ -439,6 +525,8 @@ static bool elem_release(struct vu_vq *vq, struct vu_elem *e)
         vq->nheld--;
     if (orphan)
         vq->norphans--;
+    if (e->blocks_resubmit)
+        release_resubmit(vq, e);
     e->in_flight = 0;
     e->held = 0;
     e->orphan = 0;
@@ -567,7 +655,7 @@ int vu_vq_pop_burst(struct vu_vq *vq, struct vu_elem **out, int max)
         return -VU_ERR_QUEUE_BROKEN;
     int n = 0, rc = 0;
     pthread_mutex_lock(&vq->lock);
-    if (!vq->packed && vq->resubmit_pos >= vq->resubmit_num) {
+    if (!vq->packed && first_ready_resubmit(vq) >= vq->resubmit_num) {
         rc = vu_split_pop_burst(vq, out, max);
         n = rc > 0 ? rc : 0;
     } else {
@@ -821,7 +909,7 @@ bool vu_vq_has_avail(struct vu_vq *vq)
 {
     if (!vq->started || vq->broken)
         return false;
-    if (vq->resubmit_pos < vq->resubmit_num)
+    if (first_ready_resubmit(vq) < vq->resubmit_num)
         return true;
     return vq->packed ? vu_packed_has_avail(vq) : vu_split_has_avail(vq);
 }

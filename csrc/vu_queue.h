@@ -29,6 +29,9 @@ struct vu_elem {
      * ring to go to, so completing it only releases it. */
     uint8_t orphan;
     uint8_t resubmitted; /* popped from the inflight resubmit list */
+    /* An orphan whose request the ring resubmits: the new copy waits until
+     * this one ends (vq->resubmit_blockers counts it). */
+    uint8_t blocks_resubmit;
     uint32_t held_len;
     struct vu_mem *mem;  /* the table its buffers were translated with */
     struct vu_vq *vq;
@@ -152,12 +155,16 @@ struct vu_vq {
     uint64_t inflight_counter;
     uint16_t *resubmit;         /* heads to hand out again after reconnect */
     uint32_t resubmit_num, resubmit_pos;
+    /* Per request (split: head, packed: state entry), the orphans still
+     * running it: its resubmission waits for them, as two copies at once
+     * could land in either order. Written under `lock`. */
+    uint16_t *resubmit_blockers;
     uint16_t batch_num;
 
     /* serving */
     vu_handler_fn handler;
     void *handler_ctx;
-    struct vu_worker *worker;
+    struct vu_worker *worker;   /* cleared under `lock` before the worker goes */
     volatile uint32_t kicked;   /* in-band kick or eventfd fired */
     /* The worker is polling this ring, so turning driver notifications on
      * would only make the driver kick for nothing (a syscall per burst on
@@ -221,7 +228,9 @@ bool vu_vq_orphaned(const struct vu_elem *elem);
 int vu_vq_remap(struct vu_vq *vq);
 
 /* Pops the next available chain. 1: *out filled; 0: ring empty;
- * <0: -vu_err, and the queue is now broken. */
+ * <0: -vu_err, and the queue is now broken. A request resubmitted from the
+ * inflight region waits (is neither popped nor available) while an orphan
+ * still runs it; the orphan's end kicks the worker. */
 int vu_vq_pop(struct vu_vq *vq, struct vu_elem **out);
 /* Up to max chains under one lock (a burst): how many (>0), 0 when the
  * ring is empty, or -vu_err as vu_vq_pop when it failed before the first

@@ -25,6 +25,11 @@ static inline void vu_log_used(struct vu_vq *vq, uint64_t offset, uint64_t len)
         vu_log_used_write(vq, offset, len);
 }
 
+/* The next head of the resubmit list that may go now (none of its orphans
+ * still runs), moved to resubmit_pos; the caller advances resubmit_pos once
+ * it popped it. False when every head left waits (or none is left). */
+bool vu_resubmit_next(struct vu_vq *vq, uint16_t *head);
+
 int vu_split_translate(struct vu_vq *vq);
 void vu_split_sync(struct vu_vq *vq);
 int vu_split_pop(struct vu_vq *vq, struct vu_elem **out);

@@ -146,10 +146,14 @@ static int pop_head(struct vu_vq *vq, uint16_t head, struct vu_elem **out)
 
 int vu_split_pop(struct vu_vq *vq, struct vu_elem **out)
 {
-    if (vq->resubmit_pos < vq->resubmit_num) {
-        int rc = pop_head(vq, vq->resubmit[vq->resubmit_pos++], out);
-        if (rc == 1)
+    uint16_t head;
+    if (vu_resubmit_next(vq, &head)) {
+        /* Taken off the list only once popped: a full pool keeps it there. */
+        int rc = pop_head(vq, head, out);
+        if (rc == 1) {
+            vq->resubmit_pos++;
             (*out)->resubmitted = 1;
+        }
         return rc;
     }
     return vu_split_pop_burst(vq, out, 1);

@@ -335,6 +335,16 @@ int vu_worker_start(struct vu_worker *w)
     return 0;
 }
 
+/* Under the queue lock: a completion on another thread that frees a
+ * resubmitted request kicks the worker under it (vu_queue.c), and must
+ * not find one that is being freed. */
+static void forget_worker(struct vu_vq *vq)
+{
+    pthread_mutex_lock(&vq->lock);
+    vq->worker = NULL;
+    pthread_mutex_unlock(&vq->lock);
+}
+
 void vu_worker_free(struct vu_worker *w)
 {
     if (!w)
@@ -346,7 +356,7 @@ void vu_worker_free(struct vu_worker *w)
     }
     pthread_mutex_lock(&w->lock);
     for (uint32_t i = 0; i < w->nqueues; i++)
-        w->queues[i]->worker = NULL;
+        forget_worker(w->queues[i]);
     pthread_mutex_unlock(&w->lock);
     close(w->epfd);
     close(w->wake_fd);
@@ -383,7 +393,7 @@ void vu_worker_remove_queue(struct vu_worker *w, struct vu_vq *vq)
     __atomic_add_fetch(&w->gen, 1, __ATOMIC_RELEASE);
     if (vq->kick_fd >= 0)
         epoll_ctl(w->epfd, EPOLL_CTL_DEL, vq->kick_fd, NULL);
-    vq->worker = NULL;
+    forget_worker(vq);
     pthread_mutex_unlock(&w->lock);
 }
 

@@ -3,11 +3,12 @@
 import mmap
 import os
 import struct
+import time
 
 import pytest
 
 from vhostuser.inflight import InflightArea, queue_region_size
-from vhostuser.native import lib
+from vhostuser.native import ffi, lib
 from vhostuser.protocol import Feature, bit
 from vhostuser_devkit.ringlab import GPA_BASE, REGION, Lab
 
@@ -82,36 +83,160 @@ def test_a_completion_popped_before_a_table_change_is_logged():
         lab.close()
 
 
+def reconnect(lab: Lab, area: InflightArea, base: int, ended=()) -> None:
+    """The front-end connects again and gives the same inflight area back:
+    queue 0 set up afresh, restarted at ``base`` (its used index). What was
+    in flight became an orphan; those in ``ended`` end before the start."""
+    vq = lab.vq(0)
+    lib.vu_vq_reset(vq)
+    for e in ended:
+        assert lib.vu_vq_push(vq, e, 0) == 0
+    assert lib.vu_vq_set_inflight(vq, area.queue_region(0)) == 0
+    assert lib.vu_vq_set_num(vq, lab.size) == 0
+    r = lab.rings[0]
+    assert lib.vu_vq_set_addr(vq, 0, lab.to_uva(r["desc"]), lab.to_uva(r["used"]),
+                              lab.to_uva(r["avail"]), 0) == 0
+    assert lib.vu_vq_set_base(vq, base) == 0
+    assert lib.vu_vq_start(vq) == 0
+
+
+def split_requests_in_flight(lab: Lab, area: InflightArea, n: int) -> tuple[list, list]:
+    """Queue 0 tracked in ``area``; n requests popped. Returns heads, elements."""
+    vq = lab.vq(0)
+    lib.vu_vq_stop(vq)
+    assert lib.vu_vq_set_inflight(vq, area.queue_region(0)) == 0
+    lab.start(0)
+    heads = [lab.add_split_chain(0, [(lab.alloc(8), 8, True)]) for _ in range(n)]
+    lab.publish_split(0, heads)
+    popped = [lab.pop(0)[1] for _ in range(n)]
+    assert [e.id for e in popped] == heads
+    return heads, popped
+
+
 def test_inflight_requests_are_resubmitted_in_order_after_reconnect():
     lab = Lab(nqueues=1, size=16)
+    area = InflightArea.create(1, 16)
+    try:
+        vq = lab.vq(0)
+        heads, popped = split_requests_in_flight(lab, area, 4)
+        # complete the second one; the back-end then "dies" with 3 in flight
+        lib.vu_vq_push(vq, popped[1], 8)
+        lib.vu_vq_flush(vq)
+
+        # A new back-end (fresh queue state) gets the same area back, once
+        # the old one's requests are over (orphans: their end only releases
+        # them; see the next test for those still running).
+        reconnect(lab, area, 1, ended=[popped[i] for i in (0, 2, 3)])   # at its used index
+        assert vq.resubmit_num == 3
+        again = [lab.pop(0)[1].id for _ in range(3)]
+        assert again == [heads[0], heads[2], heads[3]]       # oldest first, none twice
+        assert lab.pop(0)[0] == 0                             # nothing popped a second time
+    finally:
+        lab.close()
+
+
+def test_a_resubmitted_request_waits_until_its_orphan_ends():
+    """The front-end reconnects and gives the inflight area back while the
+    requests of the session before still run in the back-end (orphans: a
+    write stuck on hung storage, an async back-end's coroutine). Run again
+    alongside, the old write could land after a newer one the guest made
+    once it saw the new copy complete; both copies of a request must never
+    run at once. Each resubmitted request is held back until its orphan
+    ends, the others go, and new requests from the ring are not held up.
+    They all used to be resubmitted at once."""
+    lab = Lab(nqueues=1, size=16)
+    area = InflightArea.create(1, 16)
+    try:
+        vq = lab.vq(0)
+        heads, popped = split_requests_in_flight(lab, area, 3)
+        reconnect(lab, area, 0)
+        assert vq.resubmit_num == 3
+        assert not lib.vu_vq_has_avail(vq)        # nothing for the worker to spin on
+        assert lab.pop(0)[0] == 0
+        fresh = lab.add_split_chain(0, [(lab.alloc(8), 8, True)])
+        lab.publish_split(0, [fresh])
+        rc, e = lab.pop(0)
+        assert rc == 1 and e.id == fresh          # the ring goes on meanwhile
+        assert lab.pop(0)[0] == 0
+
+        assert lib.vu_vq_push(vq, popped[1], 8) == 0    # its old copy ends
+        assert lib.vu_vq_has_avail(vq)
+        rc, again = lab.pop(0)
+        assert rc == 1 and again.id == heads[1]
+        assert lab.pop(0)[0] == 0 and not lib.vu_vq_has_avail(vq)
+        for i in (2, 0):
+            assert lib.vu_vq_push(vq, popped[i], 8) == 0
+        assert [lab.pop(0)[1].id for _ in range(2)] == [heads[0], heads[2]]   # oldest first
+        assert lab.pop(0)[0] == 0                   # none twice
+    finally:
+        lab.close()
+
+
+def test_the_worker_sleeps_while_a_resubmitted_request_waits_and_wakes_when_it_may_go():
+    """The orphan ends on another thread (an async back-end's loop): the
+    worker, asleep since nothing on the ring could go, is woken for the
+    request resubmitted behind it; no kick would come, as the driver made
+    that request available long before. Until then it does not spin."""
+    lab = Lab(nqueues=1, size=16)
+    area = InflightArea.create(1, 16)
+    worker = lib.vu_worker_new(0)
+    got = []
+
+    @ffi.callback("int(void *, struct vu_vq *)")
+    def handler(ctx, vq):
+        before = len(got)
+        while (popped := lab.pop(0))[0] == 1:
+            got.append(popped[1].id)
+        return lib.VU_HANDLED_SOME if len(got) > before else lib.VU_HANDLED_NONE
+
+    try:
+        vq = lab.vq(0)
+        heads, popped = split_requests_in_flight(lab, area, 1)
+        reconnect(lab, area, 0)
+        vq.enabled = True
+        lib.vu_worker_set_adaptive_poll(worker, 0)
+        assert lib.vu_worker_add_queue(worker, vq, handler, ffi.NULL) == 0
+        assert lib.vu_worker_start(worker) == 0
+        lib.vu_worker_kick(worker, vq)
+        time.sleep(0.2)
+        asleep = worker.wakeups
+        time.sleep(0.2)
+        assert worker.wakeups == asleep and got == []
+        assert lib.vu_vq_push(vq, popped[0], 8) == 0       # its old copy ends
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got == heads
+    finally:
+        lib.vu_worker_free(worker)
+        lab.close()
+
+
+def test_a_resubmitted_packed_request_waits_until_its_orphan_ends():
+    """As for split rings: a packed request rebuilt from the inflight area
+    waits while its previous copy still runs."""
+    lab = Lab(nqueues=1, packed=True, size=16)
     area = InflightArea.create(1, 16)
     try:
         vq = lab.vq(0)
         lib.vu_vq_stop(vq)
         assert lib.vu_vq_set_inflight(vq, area.queue_region(0)) == 0
         lab.start(0)
-        bufs = [lab.alloc(8) for _ in range(4)]
-        heads = [lab.add_split_chain(0, [(b, 8, True)]) for b in bufs]
-        lab.publish_split(0, heads)
-        popped = [lab.pop(0)[1] for _ in range(4)]
-        assert [e.id for e in popped] == heads
-        # complete the second one; the back-end then "dies" with 3 in flight
-        lib.vu_vq_push(vq, popped[1], 8)
-        lib.vu_vq_flush(vq)
-
-        # A new back-end (fresh queue state) gets the same area back.
-        lib.vu_vq_reset(vq)
-        assert lib.vu_vq_set_inflight(vq, area.queue_region(0)) == 0
-        assert lib.vu_vq_set_num(vq, 16) == 0
-        r = lab.rings[0]
-        assert lib.vu_vq_set_addr(vq, 0, lab.to_uva(r["desc"]), lab.to_uva(r["used"]),
-                                  lab.to_uva(r["avail"]), 0) == 0
-        assert lib.vu_vq_set_base(vq, 1) == 0   # QEMU restarts from its used index
-        assert lib.vu_vq_start(vq) == 0
-        assert vq.resubmit_num == 3
-        again = [lab.pop(0)[1].id for _ in range(3)]
-        assert again == [heads[0], heads[2], heads[3]]       # oldest first, none twice
-        assert lab.pop(0)[0] == 0                             # nothing popped a second time
+        for i in range(2):
+            lab.add_packed_chain(0, [(lab.alloc(8), 8, True)], buf_id=100 + i)
+        popped = [lab.pop(0)[1] for _ in range(2)]
+        assert [e.id for e in popped] == [100, 101]
+        reconnect(lab, area, 0x8000)
+        assert vq.resubmit_num == 2
+        assert lab.pop(0)[0] == 0 and not lib.vu_vq_has_avail(vq)
+        assert lib.vu_vq_push(vq, popped[1], 8) == 0
+        rc, again = lab.pop(0)
+        assert rc == 1 and again.id == 101
+        assert lab.pop(0)[0] == 0
+        assert lib.vu_vq_push(vq, popped[0], 8) == 0
+        rc, again = lab.pop(0)
+        assert rc == 1 and again.id == 100
+        assert lab.pop(0)[0] == 0
     finally:
         lab.close()
 
@@ -166,15 +291,9 @@ def test_packed_inflight_requests_are_resubmitted_in_order_after_reconnect():
         lib.vu_vq_push(vq, popped[1], 0)        # the one-descriptor chain completes
         lib.vu_vq_flush(vq)
 
-        # The back-end dies; a new one gets the region back.
-        lib.vu_vq_reset(vq)
-        assert lib.vu_vq_set_inflight(vq, area.queue_region(0)) == 0
-        r = lab.rings[0]
-        assert lib.vu_vq_set_num(vq, 16) == 0
-        assert lib.vu_vq_set_addr(vq, 0, lab.to_uva(r["desc"]), lab.to_uva(r["used"]),
-                                  lab.to_uva(r["avail"]), 0) == 0
-        assert lib.vu_vq_set_base(vq, 0x8000 | 1) == 0   # where the front-end thinks it is
-        assert lib.vu_vq_start(vq) == 0
+        # The back-end dies; a new one gets the region back once the old
+        # one's requests are over.
+        reconnect(lab, area, 0x8000 | 1, ended=[popped[i] for i in (0, 2, 3)])
         assert vq.resubmit_num == 3
         again = [lab.pop(0)[1] for _ in range(3)]
         assert [e.id for e in again] == [100, 102, 103]           # oldest first
