@@ -70,7 +70,6 @@ static void rebuild_inflight(struct vu_vq *vq)
 {
     struct vu_inflight_packed *r = vq->inflight_packed;
     uint16_t size = vq->size;
-    vq->resubmit_num = vq->resubmit_pos = 0;
     vq->batch_heads_num = 0;
     if (!vq->batch_heads)
         vq->batch_heads = calloc(size, sizeof(uint16_t));
@@ -82,6 +81,7 @@ static void rebuild_inflight(struct vu_vq *vq)
     }
     if (r->version == 0 || r->desc_num != size) {
         /* a fresh region: every entry free, in a list */
+        vq->resubmit_num = vq->resubmit_pos = 0;
         memset(r->desc, 0, sizeof(r->desc[0]) * size);
         for (uint16_t i = 0; i < size; i++)
             r->desc[i].next = (uint16_t)(i + 1);
@@ -96,9 +96,11 @@ static void rebuild_inflight(struct vu_vq *vq)
     if (vq->inflight > vq->norphans) {
         /* A restart within the session (GET_VRING_BASE gave up waiting):
          * what the region marks is what our own pool still holds, and it
-         * completes on its own; resubmitting it would answer it twice. */
+         * completes on its own; resubmitting it would answer it twice.
+         * Resubmissions not popped yet (waiting for an orphan) stay. */
         return;
     }
+    vq->resubmit_num = vq->resubmit_pos = 0;
     if (r->free_head >= size || r->old_free_head >= size || r->used_idx >= size ||
         r->old_used_idx >= size) {
         drop_inflight(vq);

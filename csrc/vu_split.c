@@ -307,10 +307,10 @@ static int cmp_counter(const void *a, const void *b, void *arg)
 static void rebuild_inflight(struct vu_vq *vq)
 {
     struct vu_inflight_split *r = vq->inflight_region;
-    vq->resubmit_num = vq->resubmit_pos = 0;
     vq->batch_num = 0;
     if (r->version == 0 || r->desc_num != vq->size) {
         /* fresh region: initialise it */
+        vq->resubmit_num = vq->resubmit_pos = 0;
         memset(r->desc, 0, sizeof(r->desc[0]) * vq->size);
         r->version = 1;
         r->desc_num = vq->size;
@@ -322,9 +322,11 @@ static void rebuild_inflight(struct vu_vq *vq)
     if (vq->inflight > vq->norphans) {
         /* A restart within the session (GET_VRING_BASE gave up waiting):
          * what the region marks is what our own pool still holds, and it
-         * completes on its own; resubmitting it would answer it twice. */
+         * completes on its own; resubmitting it would answer it twice.
+         * Resubmissions not popped yet (waiting for an orphan) stay. */
         return;
     }
+    vq->resubmit_num = vq->resubmit_pos = 0;
     if (r->used_idx != vq->used_idx) {
         uint16_t batch = (uint16_t)(vq->used_idx - r->used_idx);
         uint16_t h = r->last_batch_head;

@@ -172,6 +172,47 @@ def test_a_resubmitted_request_waits_until_its_orphan_ends():
         lab.close()
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_resubmitted_request_still_waiting_at_a_stop_is_resubmitted_after_the_restart(packed):
+    """A VM stop and cont while a resubmitted request waits for its orphan
+    and another one runs (GET_VRING_BASE gave up on it): the restart must
+    not forget the waiting one, which was never popped; it used to clear
+    the resubmit list whenever requests of the session were still out."""
+    lab = Lab(nqueues=1, packed=packed, size=16)
+    area = InflightArea.create(1, 16)
+    try:
+        vq = lab.vq(0)
+        lib.vu_vq_stop(vq)
+        assert lib.vu_vq_set_inflight(vq, area.queue_region(0)) == 0
+        lab.start(0)
+        ids = []
+        for i in range(2):
+            buf = (lab.alloc(8), 8, True)
+            if packed:
+                lab.add_packed_chain(0, [buf], buf_id=100 + i)
+                ids.append(100 + i)
+            else:
+                ids.append(lab.add_split_chain(0, [buf]))
+                lab.publish_split(0, ids[-1:])
+        popped = [lab.pop(0)[1] for _ in range(2)]
+        reconnect(lab, area, 0x8000 if packed else 0, ended=[popped[1]])
+        rc, running = lab.pop(0)
+        assert rc == 1 and running.id == ids[1]          # its orphan had ended
+        assert lab.pop(0)[0] == 0                         # ids[0] waits
+        lib.vu_vq_stop(vq)
+        assert lib.vu_vq_set_base(vq, lib.vu_vq_get_base(vq)) == 0
+        assert lib.vu_vq_start(vq) == 0                   # same base, same ring
+        assert lab.pop(0)[0] == 0                         # still waiting
+        assert lib.vu_vq_push(vq, popped[0], 8) == 0      # its orphan ends
+        rc, again = lab.pop(0)
+        assert rc == 1 and again.id == ids[0]
+        assert lib.vu_vq_push(vq, running, 8) == 0
+        assert lib.vu_vq_push(vq, again, 8) == 0
+        assert lab.pop(0)[0] == 0
+    finally:
+        lab.close()
+
+
 def test_the_worker_sleeps_while_a_resubmitted_request_waits_and_wakes_when_it_may_go():
     """The orphan ends on another thread (an async back-end's loop): the
     worker, asleep since nothing on the ring could go, is woken for the
