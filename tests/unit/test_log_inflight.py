@@ -100,12 +100,17 @@ def reconnect(lab: Lab, area: InflightArea, base: int, ended=()) -> None:
     assert lib.vu_vq_start(vq) == 0
 
 
-def split_requests_in_flight(lab: Lab, area: InflightArea, n: int) -> tuple[list, list]:
-    """Queue 0 tracked in ``area``; n requests popped. Returns heads, elements."""
+def start_tracked(lab: Lab, area: InflightArea) -> None:
+    """Queue 0 started again, its requests tracked in ``area``."""
     vq = lab.vq(0)
     lib.vu_vq_stop(vq)
     assert lib.vu_vq_set_inflight(vq, area.queue_region(0)) == 0
     lab.start(0)
+
+
+def split_requests_in_flight(lab: Lab, area: InflightArea, n: int) -> tuple[list, list]:
+    """Queue 0 tracked in ``area``; n requests popped. Returns heads, elements."""
+    start_tracked(lab, area)
     heads = [lab.add_split_chain(0, [(lab.alloc(8), 8, True)]) for _ in range(n)]
     lab.publish_split(0, heads)
     popped = [lab.pop(0)[1] for _ in range(n)]
@@ -182,9 +187,7 @@ def test_a_resubmitted_request_still_waiting_at_a_stop_is_resubmitted_after_the_
     area = InflightArea.create(1, 16)
     try:
         vq = lab.vq(0)
-        lib.vu_vq_stop(vq)
-        assert lib.vu_vq_set_inflight(vq, area.queue_region(0)) == 0
-        lab.start(0)
+        start_tracked(lab, area)
         ids = []
         for i in range(2):
             buf = (lab.alloc(8), 8, True)
@@ -260,9 +263,7 @@ def test_a_resubmitted_packed_request_waits_until_its_orphan_ends():
     area = InflightArea.create(1, 16)
     try:
         vq = lab.vq(0)
-        lib.vu_vq_stop(vq)
-        assert lib.vu_vq_set_inflight(vq, area.queue_region(0)) == 0
-        lab.start(0)
+        start_tracked(lab, area)
         for i in range(2):
             lab.add_packed_chain(0, [(lab.alloc(8), 8, True)], buf_id=100 + i)
         popped = [lab.pop(0)[1] for _ in range(2)]
@@ -314,9 +315,7 @@ def test_packed_inflight_requests_are_resubmitted_in_order_after_reconnect():
     area = InflightArea.create(1, 16)
     try:
         vq = lab.vq(0)
-        lib.vu_vq_stop(vq)
-        assert lib.vu_vq_set_inflight(vq, area.queue_region(0)) == 0
-        lab.start(0)
+        start_tracked(lab, area)
         payloads = [bytes([i + 1]) * (8 + i) for i in range(4)]
         chains = []
         for i, data in enumerate(payloads):
