@@ -2,6 +2,7 @@
 new block back-end kinds (nbd, rbd) plug into."""
 import asyncio
 import os
+import threading
 
 import pytest
 
@@ -179,8 +180,6 @@ def test_an_add_cancelled_while_its_remote_disk_opens_closes_that_disk(workdir):
     """The daemon stopping (its control clients cancelled) while an add
     waits for a blocking source: the back-end opened after all is closed,
     not left connected, and nothing is added."""
-    import threading
-
     release, closed = threading.Event(), threading.Event()
 
     class SlowDisk(ZeroDisk):
@@ -305,15 +304,9 @@ def test_a_remove_cut_short_by_the_daemon_stopping_still_flushes_and_closes(work
         del specs.BLK_SOURCES["slowflush"]
 
 
-def test_sighup_while_a_shrink_truncates_keeps_the_new_size(workdir, image, monkeypatch):
-    """SIGHUP re-reads image sizes. Arriving while a resize's ftruncate
-    runs (the image still at its old size), it must not give the guest the
-    old size back: writes there would be acknowledged, then cut off by the
-    truncate."""
-    import threading
-
-    from vhostuser.cli.daemon import reread_sizes
-
+def held_ftruncate(monkeypatch) -> threading.Event:
+    """os.ftruncate made to wait (10 s at most) until the returned event is
+    set: a resize's ftruncate held while the test acts."""
     gate = threading.Event()
     real_ftruncate = os.ftruncate
 
@@ -321,6 +314,17 @@ def test_sighup_while_a_shrink_truncates_keeps_the_new_size(workdir, image, monk
         gate.wait(10)
         real_ftruncate(fd, size)
     monkeypatch.setattr(os, "ftruncate", slow_ftruncate)
+    return gate
+
+
+def test_sighup_while_a_shrink_truncates_keeps_the_new_size(workdir, image, monkeypatch):
+    """SIGHUP re-reads image sizes. Arriving while a resize's ftruncate
+    runs (the image still at its old size), it must not give the guest the
+    old size back: writes there would be acknowledged, then cut off by the
+    truncate."""
+    from vhostuser.cli.daemon import reread_sizes
+
+    gate = held_ftruncate(monkeypatch)
 
     async def main():
         d = Daemon()
@@ -371,15 +375,7 @@ def test_an_export_removed_while_it_resizes_answers_the_resize_plainly(workdir, 
     """remove while a resize's ftruncate runs (it is not held up by it):
     the resize is then answered no-such-export, not an internal error
     from reading the size of a closed device."""
-    import threading
-
-    gate = threading.Event()
-    real_ftruncate = os.ftruncate
-
-    def slow_ftruncate(fd, size):
-        gate.wait(10)
-        real_ftruncate(fd, size)
-    monkeypatch.setattr(os, "ftruncate", slow_ftruncate)
+    gate = held_ftruncate(monkeypatch)
 
     async def main():
         d = Daemon()
@@ -404,8 +400,6 @@ def test_other_lifecycle_commands_go_on_while_a_remote_disk_connects(workdir):
     hour at most) holds up no remove, stop or add of another export; its
     own name and socket stay taken meanwhile, and a daemon closed
     meanwhile adds nothing afterwards."""
-    import threading
-
     release = threading.Event()
     closed: list[str] = []
 
