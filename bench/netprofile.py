@@ -1,14 +1,24 @@
 #!/usr/bin/env python3
 """Profiles of both sides of the net comparison at once: 64 B both ways
 (testpmd flowgen front-end), one of our back-ends and DPDK's vhost PMD in
-alternating rounds; prints pps and each process's and thread's CPU %, and
-leaves `perf record -e cpu-clock -g` data of the back-end and of the
-front-end per round in --out (read them with `perf report -i FILE`).
+alternating rounds; prints pps, each process's and thread's CPU % and
+testpmd's burst statistics, and leaves `perf record -e cpu-clock -g` data
+of the back-end and of the front-end per round in --out (read them with
+`perf report -i FILE`).
+
+Burst statistics say which side waits for which. The front-end (the same
+testpmd for both back-ends) polls its receive ring and then sends a burst:
+a receive poll that finds nothing, and a send the ring refuses whole (no
+free descriptors: the back-end has not given its transmit buffers back),
+are turns it spent waiting for the back-end. DPDK's back-end (`io`) polls
+the front-end's transmit ring: a poll that finds nothing is a turn it
+waited for the front-end.
 
     python bench/netprofile.py [--rounds 3] [--seconds 4] [--ours vhu-loop-poll]
 """
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -35,6 +45,19 @@ for b in bs.values():
     b.wait_ready()
 for b in bs.values():
     b.front.wait_ready()
+    b.front.cmd("set record-burst-stats on")
+    if b.pmd is not None:
+        b.pmd.cmd("set record-burst-stats on")
+
+
+def bursts(text: str) -> str:
+    """testpmd's burst lines (from `stop`): the share of polls that moved
+    nothing, per direction."""
+    out = []
+    for kind, total, spread in re.findall(r"([RT]X)-bursts : (\d+) \[([^\]]*)\]", text):
+        empty = re.search(r"(\d+)% of 0 pkts", spread)
+        out.append(f"{kind} {int(total):,} bursts, {empty.group(1) if empty else 0}% empty")
+    return "; ".join(out) or "no burst statistics"
 
 def threads_cpu(pid):
     """per-thread utime+stime (ticks) by tid"""
@@ -71,7 +94,11 @@ for rnd in range(a.rounds):
         s1 = front.stats(); t1 = time.monotonic()
         c1 = {"back": cpu_seconds(b.pid), "front": cpu_seconds(front.pid)}
         th1 = {"back": threads_cpu(b.pid), "front": threads_cpu(front.pid)}
-        front.cmd("stop")
+        front_bursts = bursts(front.cmd("stop"))
+        back_bursts = None
+        if b.pmd is not None and b.engine:
+            back_bursts = bursts(b.pmd.cmd("stop"))
+            b.engine = None
         b.idle()
         dt = t1 - t0
         pps = (s1["RX-packets"] - s0["RX-packets"]) / dt
@@ -83,6 +110,9 @@ for rnd in range(a.rounds):
             busy = [(th1[side][t][0], (th1[side][t][1] - th0[side].get(t, ("", 0))[1]) /
                      os.sysconf("SC_CLK_TCK") / dt * 100) for t in th1[side]]
             line += f"\n   {side} threads: " + ", ".join(f"{c} {v:.0f}%" for c, v in busy if v >= 1)
+        line += f"\n   front-end bursts: {front_bursts}"
+        if back_bursts is not None:
+            line += f"\n   back-end bursts: {back_bursts}"
         print(line, flush=True)
 for b in bs.values():
     b.stop()
