@@ -130,6 +130,7 @@ void vu_vq_reset(struct vu_vq *vq)
     vq->elems = keep.elems;
     vq->free_slots = keep.free_slots;
     vq->nfree = keep.nfree;
+    vq->pool_waited = keep.pool_waited;
     vq->pool_size = keep.pool_size;
     vq->inflight = keep.inflight;
     vq->norphans = keep.norphans;
@@ -512,6 +513,34 @@ void vu_elem_put(struct vu_vq *vq, struct vu_elem *e)
     vq->free_slots[vq->nfree++] = e->slot;
 }
 
+/* Asked when the ring has requests: every element is taken (orphans still
+ * running hold them; a driver can't have more requests out than the ring
+ * has entries, so not otherwise), and nothing can be popped. The ring is
+ * then not reported available (the worker sleeps instead of spinning) and
+ * the release that frees one kicks it (pool_freed). Also asked without the
+ * queue lock (the worker's has_avail): the store before the second look
+ * pairs with the release's fence, so either that release sees the wish or
+ * this look sees its element. */
+static bool pool_exhausted(struct vu_vq *vq)
+{
+    if (__atomic_load_n(&vq->nfree, __ATOMIC_RELAXED))
+        return false;
+    __atomic_store_n(&vq->pool_waited, true, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return __atomic_load_n(&vq->nfree, __ATOMIC_RELAXED) == 0;
+}
+
+/* An element went back to an empty pool (queue lock held): a worker that
+ * found it empty looks at the ring again. */
+static void pool_freed(struct vu_vq *vq)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&vq->pool_waited, __ATOMIC_RELAXED) && vq->started && vq->worker) {
+        __atomic_store_n(&vq->pool_waited, false, __ATOMIC_RELAXED);
+        vu_worker_kick(vq->worker, vq);
+    }
+}
+
 /* Takes an in-flight element out of flight without publishing anything
  * (queue lock held). True when it was an orphan of a closed device: the
  * caller counts it with vu_dev_orphans_finished() once it let go of the
@@ -535,6 +564,8 @@ static bool elem_release(struct vu_vq *vq, struct vu_elem *e)
         vu_mem_unpin(e->mem);       /* a retired table counted this element */
     e->mem = NULL;
     vu_elem_put(vq, e);
+    if (vq->nfree == 1)
+        pool_freed(vq);
     return orphan && dev->closing;
 }
 
@@ -878,7 +909,7 @@ bool vu_vq_set_notification(struct vu_vq *vq, bool enable)
         more = vu_vq_has_avail(vq);
     } else {
         vq->notify_deferred = false;
-        more = set_notification_locked(vq, enable);
+        more = set_notification_locked(vq, enable) && !pool_exhausted(vq);
     }
     pthread_mutex_unlock(&vq->lock);
     return more;
@@ -899,7 +930,7 @@ bool vu_vq_stop_polling(struct vu_vq *vq)
     if (vq->notify_deferred) {
         vq->notify_deferred = false;
         if (vq->started && !vq->broken)
-            more = set_notification_locked(vq, true);
+            more = set_notification_locked(vq, true) && !pool_exhausted(vq);
     }
     pthread_mutex_unlock(&vq->lock);
     return more;
@@ -909,9 +940,10 @@ bool vu_vq_has_avail(struct vu_vq *vq)
 {
     if (!vq->started || vq->broken)
         return false;
-    if (first_ready_resubmit(vq) < vq->resubmit_num)
-        return true;
-    return vq->packed ? vu_packed_has_avail(vq) : vu_split_has_avail(vq);
+    bool avail = first_ready_resubmit(vq) < vq->resubmit_num ||
+                 (vq->packed ? vu_packed_has_avail(vq) : vu_split_has_avail(vq));
+    /* Asked second: only requests that wait for an element ask for a kick. */
+    return avail && !pool_exhausted(vq);
 }
 
 uint32_t vu_vq_inflight(struct vu_vq *vq)

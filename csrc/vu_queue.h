@@ -135,6 +135,11 @@ struct vu_vq {
     struct vu_elem *elems;
     uint32_t *free_slots;
     uint32_t nfree;
+    /* The worker found every element taken (orphans of a session before
+     * hold them) with requests on the ring: it sleeps, and the release that
+     * frees an element kicks it, as no kick comes for requests the driver
+     * made available before. Kept over a reset, as the pool is. */
+    bool pool_waited;
     uint32_t pool_size;
     uint32_t inflight;          /* popped, not yet pushed */
     uint32_t nheld;             /* of those, completed but held (ring stopped) */
@@ -273,6 +278,9 @@ void vu_vq_start_polling(struct vu_vq *vq);
 /* The worker stops polling (about to sleep): a deferred enable is done now.
  * Returns true when the ring has buffers the sleep would miss. */
 bool vu_vq_stop_polling(struct vu_vq *vq);
+/* Whether the ring has a request that can be popped now: not while every
+ * element of the pool is taken by orphans (the one released first kicks
+ * the worker then), nor for a resubmission waiting for its orphan. */
 bool vu_vq_has_avail(struct vu_vq *vq);
 /* Marks the queue broken with err and fires the error eventfd. */
 void vu_vq_break(struct vu_vq *vq, int err, uint64_t detail);

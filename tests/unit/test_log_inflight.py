@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from vhostuser.blk.spec import OUTHDR, BlkStatus, BlkType
 from vhostuser.inflight import InflightArea, queue_region_size
 from vhostuser.native import ffi, lib
 from vhostuser.protocol import Feature, bit
@@ -254,6 +255,80 @@ def test_the_worker_sleeps_while_a_resubmitted_request_waits_and_wakes_when_it_m
     finally:
         lib.vu_worker_free(worker)
         lab.close()
+
+
+def thread_cpu_seconds(tid: int) -> float:
+    """User and system time thread ``tid`` of this process has used."""
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_worker_sleeps_while_orphans_hold_every_element_and_wakes_when_one_ends(packed):
+    """The front-end connects again and makes requests available while the
+    requests of the session before still run in the back-end (orphans: a
+    write stuck on hung storage) and hold every element of the queue's pool.
+    Nothing can be popped until one ends, so the worker must sleep, and the
+    orphan's end must wake it, as no kick comes for requests the driver made
+    available long before. The ring used to be reported available with no
+    element to pop it into, and the worker spun at 100% CPU meanwhile."""
+    lab = Lab(nqueues=1, packed=packed, size=16, prepare=lib.vu_blk_prepare_queue)
+    blk = lib.vu_blk_new(lib.VU_BLK_BACKEND_RAM)
+    assert lib.vu_blk_set_ram(blk, 1 << 20) == 0
+    blk.lim.capacity = (1 << 20) // 512
+    worker = lib.vu_worker_new(0)
+    vq = lab.vq(0)
+    try:
+        def chain(i, bufs):
+            if packed:
+                lab.add_packed_chain(0, bufs, buf_id=i)
+            else:
+                lab.publish_split(0, [lab.add_split_chain(0, bufs)])
+
+        for i in range(lab.size):
+            chain(i, [(lab.alloc(8), 8, True)])
+        orphans = [lab.pop(0)[1] for _ in range(lab.size)]
+        assert all(orphans) and lab.pop(0)[0] == 0
+        lib.vu_vq_reset(vq)                       # the session ends, they run on
+        base = lab.rings[0]["desc"]
+        lab.write(base, bytes(0x2000))            # the new driver's ring, fresh
+        lab.rings[0] = lab._ring_layout(0)
+        lab.start(0)
+        statuses = []
+        for i in range(4):
+            h = lab.alloc(16)
+            lab.write(h, OUTHDR.pack(BlkType.IN, 0, i))
+            s = lab.alloc(1)
+            lab.write(s, b"\xff")
+            statuses.append(s)
+            chain(i, [(h, 16, False), (lab.alloc(512), 512, True), (s, 1, True)])
+
+        vq.enabled = True
+        lib.vu_worker_set_adaptive_poll(worker, 0)
+        assert lib.vu_worker_add_queue(worker, vq, lib.vu_blk_handler, blk) == 0
+        before = set(os.listdir("/proc/self/task"))
+        assert lib.vu_worker_start(worker) == 0
+        tid, = set(os.listdir("/proc/self/task")) - before
+        lib.vu_worker_kick(worker, vq)
+        time.sleep(0.2)
+        cpu, wakeups = thread_cpu_seconds(int(tid)), worker.wakeups
+        time.sleep(1)
+        spent = thread_cpu_seconds(int(tid)) - cpu
+        assert spent < 0.2 and worker.wakeups - wakeups < 10, (spent, worker.wakeups - wakeups)
+        assert [lab.read(s, 1) for s in statuses] == [b"\xff"] * 4
+
+        for e in orphans:                         # they end, on another thread
+            assert lib.vu_vq_complete_unlocked(vq, e, 0, True) == 0
+        deadline = time.monotonic() + 5
+        while (any(lab.read(s, 1) == b"\xff" for s in statuses) and
+               time.monotonic() < deadline):
+            time.sleep(0.01)
+        assert [lab.read(s, 1)[0] for s in statuses] == [BlkStatus.OK] * 4
+    finally:
+        lib.vu_worker_free(worker)
+        lab.close()
+        lib.vu_blk_free(blk)
 
 
 def test_a_resubmitted_packed_request_waits_until_its_orphan_ends():
