@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -175,6 +176,10 @@ static void refuse(struct vu_uring *u, unsigned left)
     (void)w;
 }
 
+/* Tries in a row in which the kernel takes nothing (EINTR, EAGAIN, EBUSY,
+ * or none taken) before what is left is refused, this time only. */
+#define SUBMIT_TRIES 8
+
 int vu_uring_submit(struct vu_uring *u)
 {
     if (!u->queued)
@@ -183,16 +188,28 @@ int vu_uring_submit(struct vu_uring *u)
     __atomic_store_n(u->sq_tail, *u->sq_tail + n, __ATOMIC_RELEASE);
     u->queued = 0;
     u->pending += n;
-    unsigned left = n;
+    unsigned left = n, idle = 0;
     while (left && !u->failed) {
         int rc = sys_enter(u->fd, left, 0, 0);
-        if (rc < 0) {
-            if (errno == EINTR || errno == EAGAIN || errno == EBUSY)
-                continue;
+        if (rc < 0 && errno != EINTR && errno != EAGAIN && errno != EBUSY) {
             u->failed = errno;   /* for good: asking again would fail again */
             break;
         }
-        left -= (unsigned)rc;
+        if (rc > 0) {
+            left -= (unsigned)rc;
+            idle = 0;
+            continue;
+        }
+        /* For now: EAGAIN, the kernel could not allocate for them (memory
+         * pressure); EBUSY, its completion queue overflowed, which can't
+         * happen here (at most `entries` submitted and not reaped, and the
+         * queue holds twice that). Their end can't be waited for here (the
+         * caller reaps), so after a few tries what is left is refused as
+         * by a failed ring, done otherwise by the caller, and the ring is
+         * kept for what comes next. */
+        if (++idle >= SUBMIT_TRIES)
+            break;
+        sched_yield();
     }
     if (left)
         refuse(u, left);

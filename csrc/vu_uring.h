@@ -38,7 +38,9 @@ void vu_uring_void_queued(struct vu_uring *u, bool (*keep)(uint64_t user_data));
 /* Submits everything prepared: 0, or -errno when io_uring_enter failed
  * other than EINTR, EAGAIN or EBUSY. The ring is failed from then on
  * (u->failed): what the kernel did not take, then and later, completes
- * with res -ECANCELED, signalled on efd, for the caller to do otherwise. */
+ * with res -ECANCELED, signalled on efd, for the caller to do otherwise.
+ * What it still did not take after a few tries with EINTR, EAGAIN or
+ * EBUSY completes so too, the ring kept (0). */
 int vu_uring_submit(struct vu_uring *u);
 /* Next completion or NULL; call vu_uring_seen after using it. */
 struct io_uring_cqe *vu_uring_peek(struct vu_uring *u);

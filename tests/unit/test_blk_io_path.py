@@ -374,3 +374,53 @@ print("served")
         image = f.read()
     for i, sector in enumerate((16, 32, 48)):
         assert image[sector * 512:sector * 512 + 4096] == bytes([i + 1]) * 4096
+
+
+@pytest.mark.parametrize("err", ["EAGAIN", "EBUSY"])
+def test_an_io_uring_short_of_resources_for_a_while_leaves_the_queue_serving(tmp_path, err):
+    """io_uring_enter refusing submissions for a while with EAGAIN (the
+    kernel could not allocate for them: memory pressure) or EBUSY (its
+    completion queue overflowed; our bound on entries in flight rules that
+    out, but a kernel may say so): what it did not take is done in the
+    worker, a write-through write's group sync included, and the ring is
+    not given up on: used again once the kernel takes entries (here: the
+    next failure, EINVAL, is the one logged). The submission used to be
+    retried without end, the worker spinning in io_uring_enter and its
+    queues stuck. In a child process: a hang there is a timeout."""
+    script = f"""
+import errno, os, sys
+sys.path[:0] = [{os.path.dirname(__file__)!r}]
+from test_blk_io_path import CAPACITY, FileDev, T, S, URING, pattern, request, serve
+from pathlib import Path
+from vhostuser.native import lib
+from vhostuser_devkit.ringlab import Lab
+dev = FileDev(Path({str(tmp_path)!r}) / "disk.img", pattern())
+assert lib.vu_blk_set_io_path(dev.b, URING, URING) == 0
+dev.b.lim.writeback = False             # write-through: a group sync per round
+lab = Lab(nqueues=1, size=64, prepare=lib.vu_blk_prepare_queue)
+lib.vu_fault_uring_enter_errno = errno.{err}
+for i, sector in enumerate((16, 32)):
+    s, _ = request(lab, T.OUT, sector, data=bytes([i + 1]) * 4096)
+    assert serve(lab, dev, s)[0] == S.OK
+    s, d = request(lab, T.IN, sector)
+    assert serve(lab, dev, s)[0] == S.OK
+    assert lab.read(d, 4096) == bytes([i + 1]) * 4096
+s, _ = request(lab, T.FLUSH, 0, length=0)
+assert serve(lab, dev, s)[0] == S.OK
+lib.vu_fault_uring_enter_errno = errno.EINVAL
+s, _ = request(lab, T.OUT, 48, data=bytes([3]) * 4096)
+assert serve(lab, dev, s)[0] == S.OK
+assert lab.vq(0).inflight == 0
+lab.close()
+dev.close()
+print("served")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and "served" in r.stdout, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.count("io_uring_enter failed") == 1, r.stderr
+    assert r.stderr.count("io_uring_enter failed (Invalid argument)") == 1, r.stderr
+    with open(tmp_path / "disk.img", "rb") as f:
+        image = f.read()
+    for i, sector in enumerate((16, 32, 48)):
+        assert image[sector * 512:sector * 512 + 4096] == bytes([i + 1]) * 4096
