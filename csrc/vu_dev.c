@@ -16,7 +16,17 @@ struct vu_dev *vu_dev_new(uint32_t nqueues)
     struct vu_dev *dev = calloc(1, sizeof(*dev));
     if (!dev)
         return NULL;
-    pthread_rwlock_init(&dev->lock, NULL);
+    /* Writers first: busy workers whose rounds overlap would otherwise keep
+     * the lock read-held for as long as the load lasts, and the control
+     * plane (and the front-end waiting for its reply) with it. A waiting
+     * writer holds up new readers, so nothing may take the read lock while
+     * already holding it (none does: each takes it once per round and lets
+     * go before calling out to Python or waiting for I/O). */
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&dev->lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
     dev->log_call_fd = -1;
     dev->mem = vu_mem_new();
     dev->vqs = calloc(nqueues ? nqueues : 1, sizeof(*dev->vqs));

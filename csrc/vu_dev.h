@@ -10,7 +10,8 @@
 struct vu_dev {
     /* Workers hold it for reading while they process a batch; the control
      * plane takes it for writing to change memory, the log or a queue's
-     * configuration, so those never change under a running batch. */
+     * configuration, so those never change under a running batch. A
+     * waiting writer goes first: never take it for reading twice. */
     pthread_rwlock_t lock;
     struct vu_mem *mem;
     uint64_t features;

@@ -1,18 +1,21 @@
 /* Fault injection for tests (vu_fault.h). Parsed once; a process without
  * VHOSTUSER_FAULT pays one predictable branch per notification. */
 #include "vu_fault.h"
+#include "vu_dev.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ptrace.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 void (*vu_fault_round_unlocked)(void);
@@ -110,4 +113,93 @@ void vu_fault_before_notify(void)
         return;
     if (__atomic_add_fetch(&notifications, 1, __ATOMIC_RELAXED) == exit_before_notify)
         _exit(VU_FAULT_EXIT);
+}
+
+/* Readers that never all let go at once (vu_fault.h). Thread i lets go
+ * only when `turn` is i, which its partner sets once it holds the lock
+ * again, so one of them always holds it. */
+#define READERS_PATIENCE_NS 200000000ull
+
+struct reader_arg {
+    struct vu_fault_readers *r;
+    int i;
+};
+
+struct vu_fault_readers {
+    struct vu_dev *dev;
+    pthread_t threads[2];
+    struct reader_arg args[2];
+    int started[2];
+    int ready;          /* atomic: threads holding the lock for the first time */
+    int turn;           /* atomic: which thread lets go next */
+    int stop;           /* atomic */
+    uint64_t taken;     /* atomic */
+};
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void *reader(void *p)
+{
+    struct reader_arg *a = p;
+    struct vu_fault_readers *r = a->r;
+    vu_dev_rdlock(r->dev);
+    __atomic_add_fetch(&r->ready, 1, __ATOMIC_ACQ_REL);
+    while (__atomic_load_n(&r->ready, __ATOMIC_ACQUIRE) < 2 &&
+           !__atomic_load_n(&r->stop, __ATOMIC_ACQUIRE))
+        sched_yield();
+    for (;;) {
+        uint64_t since = mono_ns();
+        while (__atomic_load_n(&r->turn, __ATOMIC_ACQUIRE) != a->i &&
+               !__atomic_load_n(&r->stop, __ATOMIC_ACQUIRE) &&
+               mono_ns() - since < READERS_PATIENCE_NS)
+            sched_yield();
+        if (__atomic_load_n(&r->stop, __ATOMIC_ACQUIRE))
+            break;
+        vu_dev_unlock(r->dev);
+        vu_dev_rdlock(r->dev);
+        __atomic_add_fetch(&r->taken, 1, __ATOMIC_RELAXED);
+        __atomic_store_n(&r->turn, 1 - a->i, __ATOMIC_RELEASE);
+    }
+    vu_dev_unlock(r->dev);
+    return NULL;
+}
+
+uint64_t vu_fault_readers_stop(struct vu_fault_readers *r)
+{
+    if (!r)
+        return 0;
+    __atomic_store_n(&r->stop, 1, __ATOMIC_RELEASE);
+    for (int i = 0; i < 2; i++)
+        if (r->started[i])
+            pthread_join(r->threads[i], NULL);
+    uint64_t taken = __atomic_load_n(&r->taken, __ATOMIC_RELAXED);
+    free(r);
+    return taken;
+}
+
+struct vu_fault_readers *vu_fault_readers_start(struct vu_dev *dev)
+{
+    struct vu_fault_readers *r = calloc(1, sizeof(*r));
+    if (!r)
+        return NULL;
+    r->dev = dev;
+    for (int i = 0; i < 2; i++) {
+        r->args[i] = (struct reader_arg){r, i};
+        if (pthread_create(&r->threads[i], NULL, reader, &r->args[i]) != 0) {
+            vu_fault_readers_stop(r);
+            return NULL;
+        }
+        r->started[i] = 1;
+    }
+    return r;
+}
+
+uint64_t vu_fault_readers_taken(struct vu_fault_readers *r)
+{
+    return __atomic_load_n(&r->taken, __ATOMIC_RELAXED);
 }

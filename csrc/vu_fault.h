@@ -3,6 +3,8 @@
 #ifndef VU_FAULT_H
 #define VU_FAULT_H
 
+#include <stdint.h>
+
 /* VHOSTUSER_FAULT=exit-before-notify:N: the Nth notification of the
  * process (counted from 1) _exits with status VU_FAULT_EXIT after its used
  * index is published and before the call eventfd is written: a back-end
@@ -32,5 +34,17 @@ extern void (*vu_fault_round_unlocked)(void);
 /* Tests only: when not 0, every io_uring_enter fails with this errno, as
  * on a kernel that refuses the ring for good. */
 extern int vu_fault_uring_enter_errno;
+
+/* Tests only: two threads that hold dev's read lock in turn, each taking
+ * it again before the other lets go, so the lock always has a reader (as
+ * busy queue workers may have by chance), until vu_fault_readers_stop,
+ * which returns how many times they took it again. One whose partner has
+ * not got it back within 200 ms (held up by a waiting writer) lets go
+ * anyway, as a worker ends its round. */
+struct vu_dev;
+struct vu_fault_readers;
+struct vu_fault_readers *vu_fault_readers_start(struct vu_dev *dev);
+uint64_t vu_fault_readers_taken(struct vu_fault_readers *r);
+uint64_t vu_fault_readers_stop(struct vu_fault_readers *r);
 
 #endif

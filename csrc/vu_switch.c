@@ -14,9 +14,10 @@
  * delivered. A session detaches its port under it before its queues are
  * freed, so a delivery never touches a freed queue. Deliveries never wait
  * for the destination device's lock (vu_net_port_deliver only tries it):
- * its control plane may hold it for writing, and waiting could deadlock
- * against a worker that holds its own device lock and waits for the switch;
- * the frame is dropped instead. */
+ * its control plane may hold it for writing or wait for it (a waiting
+ * writer goes first, vu_dev_new), and waiting could deadlock against a
+ * worker that holds its own device lock and waits for the switch; the
+ * frame is dropped instead. */
 #include "vu_switch_internal.h"
 #include "vu_iov.h"
 
