@@ -2,6 +2,7 @@
  * VHOSTUSER_FAULT pays one predictable branch per notification. */
 #include "vu_fault.h"
 #include "vu_dev.h"
+#include "vu_net.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -202,4 +203,50 @@ struct vu_fault_readers *vu_fault_readers_start(struct vu_dev *dev)
 uint64_t vu_fault_readers_taken(struct vu_fault_readers *r)
 {
     return __atomic_load_n(&r->taken, __ATOMIC_RELAXED);
+}
+
+/* Concurrent deliveries into one receive queue (vu_fault.h). */
+#define INJECT_THREADS_MAX 8
+
+struct injector {
+    struct vu_net_dev *n;
+    uint32_t qp;
+    const uint8_t *data;
+    uint32_t len;
+    uint64_t each;
+    uint64_t delivered;
+    int *go;            /* atomic: 0 wait, 1 go, -1 give up */
+};
+
+static void *injector(void *p)
+{
+    struct injector *in = p;
+    int go;
+    while ((go = __atomic_load_n(in->go, __ATOMIC_ACQUIRE)) == 0)
+        sched_yield();
+    for (uint64_t i = 0; go > 0 && i < in->each; i++)
+        in->delivered += vu_net_inject(in->n, in->qp, in->data, in->len) == 0;
+    return NULL;
+}
+
+int64_t vu_fault_net_inject_threads(struct vu_net_dev *n, uint32_t qp, const uint8_t *data,
+                                    uint32_t len, int nthreads, uint64_t each)
+{
+    if (nthreads < 1 || nthreads > INJECT_THREADS_MAX)
+        return -1;
+    struct injector in[INJECT_THREADS_MAX];
+    pthread_t threads[INJECT_THREADS_MAX];
+    int go = 0, started = 0;
+    for (; started < nthreads; started++) {
+        in[started] = (struct injector){n, qp, data, len, each, 0, &go};
+        if (pthread_create(&threads[started], NULL, injector, &in[started]) != 0)
+            break;
+    }
+    __atomic_store_n(&go, started == nthreads ? 1 : -1, __ATOMIC_RELEASE);
+    int64_t delivered = 0;
+    for (int i = 0; i < started; i++) {
+        pthread_join(threads[i], NULL);
+        delivered += (int64_t)in[i].delivered;
+    }
+    return started < nthreads ? -1 : delivered;
 }

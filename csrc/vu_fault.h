@@ -47,4 +47,12 @@ struct vu_fault_readers *vu_fault_readers_start(struct vu_dev *dev);
 uint64_t vu_fault_readers_taken(struct vu_fault_readers *r);
 uint64_t vu_fault_readers_stop(struct vu_fault_readers *r);
 
+/* Tests only: nthreads threads (at most 8) at once, each handing `each`
+ * copies of a frame to vu_net_inject on queue pair qp, as the loop's
+ * inject() and a worker's TAP or loopback deliveries do for one queue.
+ * Returns how many were delivered, or -1 if a thread could not start. */
+struct vu_net_dev;
+int64_t vu_fault_net_inject_threads(struct vu_net_dev *n, uint32_t qp, const uint8_t *data,
+                                    uint32_t len, int nthreads, uint64_t each);
+
 #endif

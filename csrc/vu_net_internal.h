@@ -85,10 +85,20 @@ static inline uint32_t net_put_header(struct vu_elem *e, const struct vu_net_hdr
     return net_scatter_flat(e, 0, (const uint8_t *)hdr, hdr_len);
 }
 
+/* Adds to a receive counter. A receive queue gets frames from several
+ * threads (the loop's inject(), a worker's TAP or loopback, the switch),
+ * each counting outside the queue's receive lock or under none: an atomic
+ * add, so none is lost (relaxed: only the sums matter). */
+static inline void net_rx_count(uint64_t *counter, uint64_t n)
+{
+    if (n)
+        __atomic_fetch_add(counter, n, __ATOMIC_RELAXED);
+}
+
 /* Counts a frame the receive side dropped; returns why. */
 static inline int net_rx_drop(struct vu_net_dev *n, uint32_t qp, int why)
 {
-    n->stats[qp].rx_dropped[why]++;
+    net_rx_count(&n->stats[qp].rx_dropped[why], 1);
     return why;
 }
 

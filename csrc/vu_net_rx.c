@@ -86,10 +86,11 @@ int vu_net_rx_deliver(struct vu_net_dev *n, uint32_t qp, const struct vu_net_hdr
     pthread_mutex_unlock(&n->rx_lock[qp]);
     if (why)
         return net_rx_drop(n, qp, why);
-    n->stats[qp].rx_packets++;
-    n->stats[qp].rx_gso += hdr.gso_type != VIRTIO_NET_HDR_GSO_NONE;
-    n->stats[qp].rx_csum_partial += !!(hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM);
-    n->stats[qp].rx_bytes += len;
+    struct vu_net_stats *st = &n->stats[qp];
+    net_rx_count(&st->rx_packets, 1);
+    net_rx_count(&st->rx_gso, hdr.gso_type != VIRTIO_NET_HDR_GSO_NONE);
+    net_rx_count(&st->rx_csum_partial, !!(hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM));
+    net_rx_count(&st->rx_bytes, len);
     return 0;
 }
 
@@ -122,7 +123,8 @@ static int inject_many(struct vu_net_dev *n, uint32_t qp, int count, inject_src_
     if (count <= 0)
         return 0;
     if (qp >= VU_NET_MAX_QP || !n->rxq[qp]) {
-        n->stats[qp < VU_NET_MAX_QP ? qp : 0].rx_dropped[VU_NET_D_DISABLED] += (uint64_t)count;
+        net_rx_count(&n->stats[qp < VU_NET_MAX_QP ? qp : 0].rx_dropped[VU_NET_D_DISABLED],
+                     (uint64_t)count);
         return 0;
     }
     struct vu_vq *vq = n->rxq[qp];
@@ -131,7 +133,7 @@ static int inject_many(struct vu_net_dev *n, uint32_t qp, int count, inject_src_
     vu_dev_rdlock(vq->dev);
     pthread_mutex_lock(&n->rx_lock[qp]);
     if (!vu_vq_serving(vq)) {
-        st->rx_dropped[VU_NET_D_DISABLED] += (uint64_t)count;
+        net_rx_count(&st->rx_dropped[VU_NET_D_DISABLED], (uint64_t)count);
     } else {
         uint64_t bytes = 0;
         for (int i = 0; i < count; i++) {
@@ -142,18 +144,18 @@ static int inject_many(struct vu_net_dev *n, uint32_t qp, int count, inject_src_
             memset(&hdr, 0, sizeof(hdr));
             int why = deliver_locked(n, vq, &hdr, &src, len);
             if (why == VU_NET_D_NO_BUFFERS) {
-                st->rx_dropped[why] += (uint64_t)(count - i);
+                net_rx_count(&st->rx_dropped[why], (uint64_t)(count - i));
                 break;
             }
             if (why) {
-                st->rx_dropped[why]++;
+                net_rx_count(&st->rx_dropped[why], 1);
                 continue;
             }
             delivered++;
             bytes += len;
         }
-        st->rx_packets += (uint64_t)delivered;
-        st->rx_bytes += bytes;
+        net_rx_count(&st->rx_packets, (uint64_t)delivered);
+        net_rx_count(&st->rx_bytes, bytes);
     }
     pthread_mutex_unlock(&n->rx_lock[qp]);
     if (delivered) {

@@ -157,8 +157,8 @@ static void loop_back_burst(struct vu_net_dev *n, uint32_t qp, struct vu_elem **
         vu_vq_push_burst(rx, bufs, used, done);
         pthread_mutex_unlock(&n->rx_lock[qp]);
         lb->locked = false;
-        n->stats[qp].rx_packets += (uint64_t)done;
-        n->stats[qp].rx_bytes += bytes;
+        net_rx_count(&n->stats[qp].rx_packets, (uint64_t)done);
+        net_rx_count(&n->stats[qp].rx_bytes, bytes);
     }
     for (int j = done; j < cnt; j++)
         loop_back(n, qp, tx[j], lens[j]);

@@ -333,3 +333,18 @@ def test_a_resubmitted_receive_buffer_given_back_is_neither_lost_nor_used_twice(
         dev._net.rxq[0] = ffi.NULL
         dev.close()
         lab.close()
+
+
+def test_receive_counters_lose_nothing_to_deliveries_from_several_threads(lab, dev):
+    """The loop's inject() and a worker's TAP or loopback deliveries go into
+    one receive queue from different threads (one frame at a time under the
+    queue's receive lock), and each counts what it delivered or dropped:
+    counted outside that lock without atomics, counts were lost."""
+    data = frame()
+    sent = 0
+    for _ in range(5):      # threads that happen not to overlap lose nothing
+        assert lib.vu_fault_net_inject_threads(dev._net, 0, data, len(data), 4, 500_000) == 0
+        sent += 4 * 500_000
+        if dev.stats()["rx_dropped_no_buffers"] != sent:
+            break
+    assert dev.stats()["rx_dropped_no_buffers"] == sent
