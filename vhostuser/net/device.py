@@ -292,10 +292,9 @@ class NetDevice(Device):
         if type(frames) is FrameBatch:
             if not frames._live:
                 raise StaleFrameError("a frame batch is valid only during transmit()")
+            # The C side counts a queue not attached (atomically: workers
+            # count into the same counters).
             with self._attach_lock:
-                if self._net.rxq[queue_pair] == ffi.NULL:
-                    self._net.stats[queue_pair].rx_dropped[lib.VU_NET_D_DISABLED] += frames._n
-                    return 0
                 return lib.vu_net_inject_frames(self._net, queue_pair, frames._c, frames._n)
         items = frames if isinstance(frames, list) else list(frames)
         if not items:
@@ -316,9 +315,6 @@ class NetDevice(Device):
             iov, niov, keep = _iovecs(items)
             call = (lib.vu_net_inject_iovs, iov, niov)
         with self._attach_lock:
-            if self._net.rxq[queue_pair] == ffi.NULL:
-                self._net.stats[queue_pair].rx_dropped[lib.VU_NET_D_DISABLED] += len(items)
-                return 0
             return call[0](self._net, queue_pair, *call[1:], len(items))
 
     def stats(self) -> dict[str, int]:
