@@ -37,10 +37,53 @@ void vu_blk_quiesce(struct vu_blk_dev *b)
         vu_blk_stable_drop(b, &b->group[q], false);
 }
 
+/* r, parsed, counts in the current barrier parity until it ends. */
+static void barrier_enter(struct vu_blk_dev *b, struct vu_blk_req *r)
+{
+    uint32_t q = r->queue % VU_BLK_MAX_QUEUES;
+    r->barrier = (uint8_t)(VU_READ_ONCE(b->barrier_epoch) & 1);
+    __atomic_add_fetch(&b->barrier_inflight[q][r->barrier], 1, __ATOMIC_RELAXED);
+}
+
+/* r ended (its I/O done): a barrier waiting for it may pass. */
+static void barrier_leave(struct vu_blk_dev *b, struct vu_blk_req *r)
+{
+    __atomic_sub_fetch(&b->barrier_inflight[r->queue % VU_BLK_MAX_QUEUES][r->barrier & 1], 1,
+                       __ATOMIC_RELEASE);
+}
+
+static uint64_t barrier_count(struct vu_blk_dev *b, unsigned parity)
+{
+    uint64_t n = 0;
+    for (uint32_t q = 0; q < VU_BLK_MAX_QUEUES; q++)
+        n += __atomic_load_n(&b->barrier_inflight[q][parity], __ATOMIC_ACQUIRE);
+    return n;
+}
+
+uint64_t vu_blk_barrier_begin(struct vu_blk_dev *b)
+{
+    uint64_t epoch = VU_READ_ONCE(b->barrier_epoch);
+    /* The parity new requests go to from now on still counts those of the
+     * barrier before this one (epoch - 1 and epoch + 1 share it). */
+    if (barrier_count(b, (unsigned)(epoch + 1) & 1))
+        return 0;
+    __atomic_store_n(&b->barrier_epoch, epoch + 1, __ATOMIC_SEQ_CST);
+    return epoch + 1;
+}
+
+uint64_t vu_blk_barrier_pending(struct vu_blk_dev *b, uint64_t epoch)
+{
+    /* A later barrier began only once this one's parity was empty. */
+    if (epoch == 0 || __atomic_load_n(&b->barrier_epoch, __ATOMIC_ACQUIRE) != epoch)
+        return 0;
+    return barrier_count(b, (unsigned)(epoch - 1) & 1);
+}
+
 void vu_blk_drop(struct vu_blk_dev *b, struct vu_blk_req *r)
 {
     /* The queue's worker, the only writer of started[], is stopped. */
     b->started[r->queue % VU_BLK_MAX_QUEUES]--;
+    barrier_leave(b, r);
     vu_vq_discard(r->elem->vq, r->elem);
 }
 
@@ -66,7 +109,13 @@ int vu_blk_prepare_queue(struct vu_vq *vq)
 int vu_blk_parse(struct vu_blk_dev *b, struct vu_elem *e, struct vu_blk_req *r)
 {
     r->dev = b;
-    return vu_blk_request_parse(&b->lim, b->backend == VU_BLK_BACKEND_PYTHON, e, r);
+    int rc = vu_blk_request_parse(&b->lim, b->backend == VU_BLK_BACKEND_PYTHON, e, r);
+    /* Checked against the limits (read-only, capacity) as they are now:
+     * counted until it ends, for a barrier begun after a change to them
+     * (both under the device lock). */
+    if (rc == 0)
+        barrier_enter(b, r);
+    return rc;
 }
 
 /* GET_ID is no I/O: the serial number the control plane set goes into the
@@ -119,6 +168,7 @@ int vu_blk_complete(struct vu_vq *vq, struct vu_blk_req *r, uint8_t status, bool
     struct vu_blk_dev *b = r->dev;
     if (b) {
         uint32_t q = r->queue % VU_BLK_MAX_QUEUES;
+        barrier_leave(b, r);
         if (notify) {   /* not q's worker: the other set, under its lock */
             pthread_mutex_lock(&b->async_lock);
             vu_blk_stats_count(&b->async_stats[q], r, status, now);

@@ -72,6 +72,14 @@ struct vu_blk_dev {
     pthread_mutex_t async_lock;
     uint64_t started[VU_BLK_MAX_QUEUES];     /* popped; minus completed = in flight */
     uint64_t throttled[VU_BLK_MAX_QUEUES];   /* times the queue waited for QoS tokens */
+    /* Barriers (vu_blk_barrier_begin): each request, from its parse to its
+     * completion (or drop), counts in barrier_inflight[its queue][the parity
+     * of barrier_epoch when it was parsed]. barrier_epoch changes only under
+     * the device lock held for writing (workers parse under it for
+     * reading); the counts are atomic, as completions come from other
+     * threads (a Python back-end's coroutines). */
+    uint64_t barrier_epoch;
+    uint64_t barrier_inflight[VU_BLK_MAX_QUEUES][8];  /* [q][0..1]; 8: a cache line a queue */
     struct vu_qos qos;
     int qos_timer[VU_BLK_MAX_QUEUES];        /* timerfd that wakes a throttled queue */
     uint64_t timer_worker[VU_BLK_MAX_QUEUES];  /* the same for qos_timer */
@@ -117,6 +125,18 @@ int vu_blk_set_io_path(struct vu_blk_dev *b, int read_io, int write_io);
  * memory goes away). They are not completed to the driver (with inflight
  * tracking the front-end resubmits them), only released. */
 void vu_blk_quiesce(struct vu_blk_dev *b);
+/* Barriers: waiting until every request taken off a ring before a change
+ * (read-only, a smaller capacity) has ended, its I/O done; those taken
+ * after it, which the change already applies to, are not waited for.
+ * begin: with the device lock held for writing (or no worker running),
+ * after the change; counts the requests parsed from now on apart, and
+ * returns the barrier's number, or 0 while the requests of the barrier
+ * before are still in flight (then wait until vu_blk_barrier_pending(b,
+ * b->barrier_epoch) is 0 and begin again). */
+uint64_t vu_blk_barrier_begin(struct vu_blk_dev *b);
+/* How many requests parsed before barrier `epoch` began are still in
+ * flight (completed nor dropped); 0 once there are none. */
+uint64_t vu_blk_barrier_pending(struct vu_blk_dev *b, uint64_t epoch);
 /* QoS limits for the whole device (0 = unlimited), in force at once. */
 void vu_blk_set_qos(struct vu_blk_dev *b, uint64_t iops, uint64_t bps, uint64_t iops_burst,
                     uint64_t bps_burst);
@@ -125,7 +145,9 @@ int vu_blk_set_ram(struct vu_blk_dev *b, uint64_t size);
 
 /* Parses e into r (no I/O). Returns 0 with r->result PENDING (ready to
  * execute) or final (IOERR/UNSUPP/OK already decided), or -VU_ERR_* when the
- * chain has no status byte: the queue must break. */
+ * chain has no status byte: the queue must break. Set r->queue first: from
+ * a 0 return, r counts in flight for barriers until vu_blk_finish (or a
+ * drop at disconnect). */
 int vu_blk_parse(struct vu_blk_dev *b, struct vu_elem *e, struct vu_blk_req *r);
 /* Executes a parsed request with the C back-end; sets r->result. A write
  * in write-through mode is stable when this returns. */

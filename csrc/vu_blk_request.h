@@ -47,6 +47,7 @@ struct vu_blk_req {
     uint8_t result;           /* VU_BLK_S_*; PENDING until executed */
     uint8_t reason;           /* enum vu_blk_reason */
     uint16_t queue;
+    uint8_t barrier;          /* the barrier parity it counts in (vu_blk_barrier_begin) */
     struct vu_blk_req *next;  /* in a group waiting for its write-through sync */
 };
 

@@ -63,6 +63,24 @@ class SocketPlaceError(VhostUserError):
     code = "socket-place"
 
 
+class RequestsInFlight(VhostUserError, TimeoutError):
+    """A change that must wait for the requests taken before it (a disk
+    made read-only, shrunk) gave up: ``pending`` of them were still in
+    flight after ``timeout`` seconds, and may still reach the storage.
+    ``what`` names the change; whether it stands says the caller's
+    documentation (read-only does: later writes are refused)."""
+
+    code = "in-flight"
+
+    def __init__(self, what: str, pending: int, timeout: float):
+        self.what = what
+        self.pending = pending
+        self.timeout = timeout
+        super().__init__(f"{what}: {pending} request{'s' if pending != 1 else ''} taken before "
+                         f"still in flight after {timeout:g}s; {'they' if pending != 1 else 'it'} "
+                         f"may still reach the storage")
+
+
 class NativeError(VhostUserError):
     """A data-plane call failed; ``code_value`` is the C ``vu_err`` value."""
 

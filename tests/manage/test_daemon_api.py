@@ -1,6 +1,7 @@
 """The Python API (Daemon) in-process, and the back-end registry hook that
 new block back-end kinds (nbd, rbd) plug into."""
 import asyncio
+import contextlib
 import os
 import threading
 
@@ -31,7 +32,7 @@ def test_python_api_lifecycle(workdir):
             await d.add_blk("d1", sock, ramdisk="1M")
         assert (await d.resize("d0", "8M"))["capacity_sectors"] == 8 * MIB // 512
         assert d.set_qos("d0", QosLimits(iops=500))["qos"]["iops"] == 500
-        assert d.set_read_only("d0", True)["read_only"] is True
+        assert (await d.set_read_only("d0", True))["read_only"] is True
         assert d.describe("d0")["device"]["read_only"] is True
         assert [e["name"] for e in d.list()] == ["d0"]
         await d.stop("d0")
@@ -447,3 +448,114 @@ def test_other_lifecycle_commands_go_on_while_a_remote_disk_connects(workdir):
     finally:
         release.set()
         del specs.BLK_SOURCES["slow2"]
+
+
+@contextlib.contextmanager
+def held_write_disk():
+    """A registered block back-end kind ("heldwrite"): its async write()
+    waits, on the daemon's loop, until the test sets the asyncio.Event
+    yielded with the list of what happened ("write started", "write
+    ended")."""
+    events: list[str] = []
+    release = asyncio.Event()
+
+    class HeldWriteDisk(ZeroDisk):
+        async def write(self, offset, bufs):
+            events.append("write started")
+            await release.wait()
+            events.append("write ended")
+
+    specs.register_blk_source(specs.Source("heldwrite", lambda v, spec: as_str(v, "heldwrite"),
+                                           lambda v, settings: HeldWriteDisk(4 * MIB)))
+    try:
+        yield release, events
+    finally:
+        del specs.BLK_SOURCES["heldwrite"]
+
+
+async def until(condition, timeout=10.0):
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not reached in time")
+
+
+def test_set_read_only_answers_once_the_writes_taken_before_have_ended(workdir):
+    """set-read-only on while a write the back-end took before still runs
+    (a Python back-end's, or one in io_uring): it used to answer at once,
+    and the write reached the store afterwards, so an image copied once
+    the disk was read-only was not what the guest wrote. It now answers
+    once that write has ended; writes after it fail."""
+    from vhostuser.frontend import BlkRequest, BlkStatus
+    from vhostuser.manage import control
+
+    with held_write_disk() as (release, events):
+        async def main():
+            d = Daemon()
+            sock = f"{workdir}/h.sock"
+            await d.add({"type": "blk", "name": "h", "socket_path": sock, "heldwrite": "x"})
+            reap = threading.Event()
+
+            def io():
+                with blk_frontend(sock) as blk:
+                    blk.submit([BlkRequest.write(0, b"w" * 4096)])
+                    reap.wait(10)
+                    (first,) = blk.reap(1)
+                    (second,) = blk.execute([BlkRequest.write(8, b"v" * 4096)])
+                    return first.status, second.status
+            guest = asyncio.get_running_loop().run_in_executor(None, io)
+            await until(lambda: events == ["write started"])
+            answer = asyncio.create_task(control.execute(d, "set-read-only",
+                                                         {"name": "h", "read_only": True}))
+            await asyncio.sleep(0.3)
+            assert not answer.done(), "answered with a write taken before still running"
+            release.set()
+            assert await answer == {"name": "h", "read_only": True}
+            assert events == ["write started", "write ended"]
+            reap.set()
+            assert await guest == (BlkStatus.OK, BlkStatus.IOERR)
+            assert events == ["write started", "write ended"]
+            await d.close()
+        run(main())
+
+
+def test_set_read_only_that_times_out_with_a_write_in_flight_says_so(workdir):
+    """A write still running after the drain timeout, even one whose front-end
+    is gone (an orphan): set-read-only answers in-flight, naming it, rather
+    than a success; the disk is read-only all the same. Once the write
+    ended, set-read-only answers at once."""
+    from vhostuser.frontend import BlkRequest
+    from vhostuser.manage import control
+
+    with held_write_disk() as (release, events):
+        async def main():
+            d = Daemon()
+            sock = f"{workdir}/h.sock"
+            await d.add({"type": "blk", "name": "h", "socket_path": sock, "heldwrite": "x"})
+            device = d.get("h").device
+            device.drain_timeout = 0.3
+
+            def io():
+                with blk_frontend(sock) as blk:
+                    blk.submit([BlkRequest.write(0, b"w" * 4096)])
+                    for _ in range(1000):
+                        if events:
+                            break
+                        threading.Event().wait(0.01)
+                # gone with its write in flight: an orphan
+            await asyncio.get_running_loop().run_in_executor(None, io)
+            await until(lambda: not d.describe("h")["connected"])
+            assert events == ["write started"]
+            with pytest.raises(errors.StillInFlight) as info:
+                await control.execute(d, "set-read-only", {"name": "h", "read_only": True})
+            assert info.value.code == "in-flight"
+            assert str(info.value) == ("set-read-only h: read-only now, but read-only: 1 request "
+                                       "taken before still in flight after 0.3s; it may still "
+                                       "reach the storage")
+            assert device.read_only
+            release.set()
+            await until(lambda: events == ["write started", "write ended"])
+            assert await d.set_read_only("h", True) == {"name": "h", "read_only": True}
+            await d.close()
+        run(main())

@@ -10,12 +10,13 @@ import os
 import reprlib
 import struct
 import threading
+import time
 
 
 from ..dataplane import NativeHandler
 from ..memory import GuestViews
 from ..device import Device
-from ..errors import ProtocolError
+from ..errors import ProtocolError, RequestsInFlight
 from ..handler import drain_timeout
 from ..loglimit import LogLimiter
 from ..native import check, ffi, lib
@@ -136,6 +137,7 @@ class BlkDevice(Device):
         self._late_lock = threading.Lock()   # counted in workers, uncounted on the loop
         self._closing = False
         self._resizing = asyncio.Lock()      # aresize(): one ftruncate at a time
+        self._barrier_lock = threading.Lock()   # one barrier begins at a time
         # Failed requests come at request rate when a store is down: logged
         # rate-limited, with per-queue counts of the lines held back.
         self._log = LogLimiter(log)
@@ -392,11 +394,91 @@ class BlkDevice(Device):
                     total[name] = total.get(name, 0) + value
         return total
 
+    # -- barriers ----------------------------------------------------------------
+    def _barrier(self, what: str, timeout: float | None):
+        """Waits until every request taken off a ring before now has ended,
+        its I/O done: those in io_uring, a Python back-end's (running in a
+        batch or on the event loop), orphans of a session gone, write-
+        through writes waiting for their sync. Call it after a change to
+        the limits the workers check requests against (read-only, a smaller
+        capacity): the requests taken after it obey the change and are not
+        waited for. A generator of the pauses (seconds) to sleep between
+        looks, so that blocking and async callers share it (_wait_barrier,
+        _await_barrier). RequestsInFlight after `timeout` seconds (None:
+        the drain timeout) with some still in flight."""
+        if timeout is None:
+            timeout = drain_timeout(self)
+        deadline = time.monotonic() + timeout
+        pause = 0.0005
+        epoch = 0
+        while True:
+            if not epoch:
+                # Under the device lock: no worker is between checking a
+                # request against the limits and counting it.
+                with self._barrier_lock, self._no_worker_checking(), self._late_lock:
+                    if self._blk == ffi.NULL:
+                        return          # freed: nothing of it runs any more
+                    epoch = lib.vu_blk_barrier_begin(self._blk)
+            with self._late_lock:       # the device is freed under it, not while we look
+                if self._blk == ffi.NULL:
+                    return
+                # epoch 0: the barrier before this one still waits (its
+                # requests are counted where ours are to go).
+                pending = lib.vu_blk_barrier_pending(
+                    self._blk, epoch or self._blk.barrier_epoch)
+            if not pending:
+                if epoch:
+                    return
+                continue
+            if time.monotonic() >= deadline:
+                raise RequestsInFlight(what, pending, timeout)
+            yield pause
+            pause = min(pause * 2, 0.02)
+
+    def _wait_barrier(self, what: str, timeout: float | None) -> None:
+        """_barrier for a blocking caller."""
+        for pause in self._barrier(what, timeout):
+            time.sleep(pause)
+
+    async def _await_barrier(self, what: str, timeout: float | None) -> None:
+        """_barrier on the event loop, which serves meanwhile (a Python
+        back-end's requests complete there)."""
+        for pause in self._barrier(what, timeout):
+            await asyncio.sleep(pause)
+
     # -- management (any thread) ---------------------------------------------
-    def set_read_only(self, read_only: bool) -> None:
+    def set_read_only(self, read_only: bool, timeout: float | None = None) -> None:
         """Refuses (or allows again) writes from now on. A connected guest
         keeps the features it negotiated, so its writes fail with IOERR; the
-        next connection is offered VIRTIO_BLK_F_RO."""
+        next connection is offered VIRTIO_BLK_F_RO.
+
+        Made read-only, it returns once every request taken before has
+        ended (io_uring's, a Python back-end's, orphans of a session gone):
+        no write reaches the storage afterwards, so the image can be copied.
+        It blocks meanwhile: on an event loop await :meth:`aset_read_only`
+        (a Python back-end's requests end on the device's loop). After
+        `timeout` seconds (None: the drain timeout) with some still in
+        flight it raises RequestsInFlight; the disk stays read-only."""
+        if read_only:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+            else:
+                raise RuntimeError("set_read_only(True) waits for the writes in flight: on an "
+                                   "event loop, await aset_read_only(True)")
+        self._set_read_only_flag(read_only)
+        if read_only:
+            self._wait_barrier("read-only", timeout)
+
+    async def aset_read_only(self, read_only: bool, timeout: float | None = None) -> None:
+        """set_read_only() for the event loop: awaits the requests taken
+        before it, the loop serving meanwhile."""
+        self._set_read_only_flag(read_only)
+        if read_only:
+            await self._await_barrier("read-only", timeout)
+
+    def _set_read_only_flag(self, read_only: bool) -> None:
         if not read_only and self.backend.read_only:
             raise ValueError("the back-end was opened read-only")
         self.read_only = bool(read_only)

@@ -71,6 +71,7 @@ connected guest gets a config-change notification over the back-end channel
 ``set-read-only`` {name, read_only: bool} -> ``{"name", "read_only"}``. A
 connected guest's writes fail with an I/O error from then on (it keeps the
 features it negotiated); the next front-end is offered VIRTIO_BLK_F_RO.
+Turned on, it answers once every write taken before has ended.
 
 ``set-qos`` {name, iops, bps, iops_burst, bps_burst} (each optional, default 0)
 -> ``{"name", "qos"}``.
@@ -99,7 +100,9 @@ typed or out-of-range argument; missing file), ``no-such-export``,
 socket, or a live process listens there), ``not-supported`` (e.g. resize of
 a net export), ``bad-state`` (stop a stopped export), ``backend-error`` (the
 back-end could not be opened, or refused: set-read-only off on a file opened
-read-only), ``internal-error`` (a bug; the daemon logs it and goes on).
+read-only), ``in-flight`` (set-read-only on: read-only now, but writes taken
+before still ran after the drain timeout), ``internal-error`` (a bug; the
+daemon logs it and goes on).
 """
 from __future__ import annotations
 

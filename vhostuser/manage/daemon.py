@@ -23,11 +23,12 @@ from typing import Any
 
 from .. import __version__
 from ..blk import BlkDevice
+from ..errors import RequestsInFlight
 from ..qos import QosLimits
 from . import checks, describe
 from . import remote_sources  # noqa: F401 (registers the "nbd" and "rbd" disk kinds)
 from .errors import (BackendFailed, BadState, ExportExists, NoSuchExport, NotSupported,
-                     SocketInUse)
+                     SocketInUse, StillInFlight)
 from .export import FAILED, RUNNING, STOPPED, Export, deferred_closes
 from .specs import abuild_device, check_name, parse_spec, qos_limits
 from ..sandbox import access as sandbox_access
@@ -258,14 +259,19 @@ class Daemon:
         if self.exports.get(export.name) is not export:
             raise NoSuchExport(f"{what} {export.name}: the export was removed meanwhile")
 
-    def set_read_only(self, name: Any, read_only: Any) -> dict:
-        """Refuses (or allows again) the guest's writes, at once."""
+    async def set_read_only(self, name: Any, read_only: Any) -> dict:
+        """Refuses (or allows again) the guest's writes, at once. Made
+        read-only, it answers once every write taken before has ended (the
+        image can be copied then); StillInFlight if some are still running
+        after the drain timeout (the disk stays read-only)."""
         export, device = self._blk(name, "set-read-only")
         read_only = checks.as_bool(read_only, "read_only")
         try:
-            device.set_read_only(read_only)
+            await device.aset_read_only(read_only)
         except ValueError as exc:
             raise BackendFailed(f"set-read-only {export.name}: {exc}") from None
+        except RequestsInFlight as exc:
+            raise StillInFlight(f"set-read-only {export.name}: read-only now, but {exc}") from None
         return {"name": export.name, "read_only": device.read_only}
 
     def set_qos(self, name: Any, limits: QosLimits | dict) -> dict:

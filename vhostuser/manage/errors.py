@@ -66,6 +66,14 @@ class BackendFailed(ManageError):
     code = "backend-error"
 
 
+class StillInFlight(ManageError):
+    """A change that waits for the requests taken before it (set-read-only
+    on, a shrinking resize) gave up after the drain timeout with some still
+    in flight. Unlike other refusals it may have changed something: the
+    message says what stands (a read-only disk stays read-only)."""
+    code = "in-flight"
+
+
 class InternalError(ManageError):
     """A bug of ours; logged in full by the daemon."""
     code = "internal-error"
