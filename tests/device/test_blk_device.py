@@ -1,9 +1,12 @@
 """The virtio-blk device end to end over a real vhost-user socket, driven by
 the library's front-end: C file back-end (io_uring and sync), RAM disk, the
 Python back-end API with the examples, read-only disks, resize."""
+import asyncio
+import concurrent.futures
 import os
 import subprocess
 import tempfile
+import threading
 
 import pytest
 
@@ -108,6 +111,88 @@ def test_resize_changes_capacity(blk_client):
         assert blk.read_config().capacity == 2 * MIB // 512
         blk.write(4000, b"z" * 512)          # beyond the old end
         assert blk.read(4000, 512) == b"z" * 512
+
+
+@pytest.fixture
+def held_round():
+    """A queue worker's next file round held where it dropped the device
+    lock, before its I/O goes to io_uring (test hook vu_fault_round_unlocked,
+    csrc/vu_fault.h): yields (held, release), threading.Events: held is set
+    once a round waits, which it does until release is set (10 s at most)."""
+    from vhostuser.native import ffi, lib
+    held, release = threading.Event(), threading.Event()
+
+    def hook():
+        if not held.is_set():
+            held.set()
+            release.wait(10)
+    cb = ffi.callback("void(void)", hook)
+    lib.vu_fault_round_unlocked = cb
+    try:
+        yield held, release
+    finally:
+        release.set()
+        lib.vu_fault_round_unlocked = ffi.NULL
+
+
+@pytest.mark.parametrize("call", ["aresize", "resize"])
+def test_a_shrink_truncates_once_a_write_past_the_new_end_taken_before_has_ended(
+        blk_client, image, held_round, call):
+    """aresize() (or resize(), blocking) to a smaller size while a write
+    past the new end, checked against the old size, is still in flight
+    (queued for io_uring): the ftruncate ran at once and the write landed
+    after it, growing the file again (the disk larger than asked, the data
+    past the end back). The truncate now waits for the requests taken
+    before the shrink."""
+    dev = BlkDevice(FileBackend(str(image)))
+    try:
+        dev.set_io_path(write="uring")
+    except ValueError:
+        dev.close()
+        pytest.skip("io_uring not available")
+    held, release = held_round
+    with blk_client(dev) as (srv, blk):
+        blk.submit([BlkRequest.write(12 * MIB // 512, b"w" * 4096)])
+        assert held.wait(10)
+        if call == "aresize":
+            resize = asyncio.run_coroutine_threadsafe(dev.aresize(4 * MIB), srv.loop)
+        else:
+            resize = concurrent.futures.ThreadPoolExecutor(1).submit(dev.resize, 4 * MIB)
+        with pytest.raises(concurrent.futures.TimeoutError):
+            resize.result(0.3)       # the write taken before still runs
+        assert dev.capacity == 4 * MIB // 512          # in force for new requests
+        release.set()
+        (write,) = blk.reap(1)
+        assert write.status == BlkStatus.OK            # taken before the shrink
+        resize.result(10)
+        assert blk.read_config().capacity == 4 * MIB // 512
+    assert os.path.getsize(image) == 4 * MIB
+
+
+def test_a_shrink_with_a_write_in_flight_past_the_timeout_keeps_the_size(
+        blk_client, image, held_round):
+    """The write taken before still runs when the timeout passes: aresize()
+    raises RequestsInFlight, and neither the file nor the disk shrank."""
+    from vhostuser.errors import RequestsInFlight
+    dev = BlkDevice(FileBackend(str(image)))
+    try:
+        dev.set_io_path(write="uring")
+    except ValueError:
+        dev.close()
+        pytest.skip("io_uring not available")
+    held, release = held_round
+    with blk_client(dev) as (srv, blk):
+        blk.submit([BlkRequest.write(12 * MIB // 512, b"w" * 4096)])
+        assert held.wait(10)
+        resize = asyncio.run_coroutine_threadsafe(dev.aresize(4 * MIB, timeout=0.2), srv.loop)
+        with pytest.raises(RequestsInFlight, match=r"resize to 4194304: 1 request taken before "
+                                                   r"still in flight after 0.2s"):
+            resize.result(10)
+        assert dev.capacity == 16 * MIB // 512
+        release.set()
+        (write,) = blk.reap(1)
+        assert write.status == BlkStatus.OK
+    assert os.path.getsize(image) == 16 * MIB
 
 
 def test_serial_and_write_cache_toggle(blk_client, image):

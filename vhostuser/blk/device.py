@@ -332,6 +332,20 @@ class BlkDevice(Device):
         if size_bytes is not None:
             self._check_new_size(size_bytes)
 
+        if (isinstance(self.backend, FileBackend) and size_bytes is not None
+                and size_bytes < self.capacity * SECTOR):
+            # In force for new requests first; the file shrinks once those
+            # taken before ended (a write past the new end would grow it
+            # again). It blocks meanwhile, as the ftruncate does.
+            with self._no_worker_checking():
+                self._refresh_capacity(size_bytes)
+            try:
+                self._wait_barrier(f"resize to {size_bytes}", None)
+            except RequestsInFlight:
+                with self._no_worker_checking():
+                    self._refresh_capacity()        # the file's size: unchanged
+                raise
+
         def apply() -> None:
             if isinstance(self.backend, FileBackend) and size_bytes is not None:
                 os.ftruncate(self.backend.fd, size_bytes)
@@ -345,24 +359,33 @@ class BlkDevice(Device):
             apply()
         return self.notify_config_change()
 
-    async def aresize(self, size_bytes: int) -> bool:
+    async def aresize(self, size_bytes: int, timeout: float | None = None) -> bool:
         """resize(size_bytes) for the event loop. An image file's ftruncate,
         which a file system that stopped answering (frozen, a dying disk)
         holds for as long as it likes, runs in a thread without the device
         lock: only this call waits for it, not the loop nor the guest's
         other requests. A shrink is in force for new requests before the
-        file shrinks, a growth once the file grew."""
+        file shrinks, a growth once the file grew.
+
+        A shrink truncates once the requests taken before it have ended: a
+        write past the new end still in flight (in io_uring) would land
+        after the truncate and grow the file again, its data back. After
+        `timeout` seconds (None: the drain timeout) with some in flight it
+        raises RequestsInFlight, the file and the disk's size unchanged."""
         self._check_new_size(size_bytes)
         if not isinstance(self.backend, FileBackend):
             return self.resize(size_bytes)
         async with self._resizing:
-            if size_bytes < self.capacity * SECTOR:
+            shrink = size_bytes < self.capacity * SECTOR
+            if shrink:
                 with self._no_worker_checking():
                     self._refresh_capacity(size_bytes)
             # Its own fd: close() may close the back-end's meanwhile, and
             # the number be reused for another file.
             fd = os.dup(self.backend.fd)
             try:
+                if shrink:
+                    await self._await_barrier(f"resize to {size_bytes}", timeout)
                 await asyncio.to_thread(os.ftruncate, fd, size_bytes)
             finally:
                 os.close(fd)

@@ -101,8 +101,8 @@ socket, or a live process listens there), ``not-supported`` (e.g. resize of
 a net export), ``bad-state`` (stop a stopped export), ``backend-error`` (the
 back-end could not be opened, or refused: set-read-only off on a file opened
 read-only), ``in-flight`` (set-read-only on: read-only now, but writes taken
-before still ran after the drain timeout), ``internal-error`` (a bug; the
-daemon logs it and goes on).
+before still ran after the drain timeout; a shrinking resize: the same, the
+size unchanged), ``internal-error`` (a bug; the daemon logs it and goes on).
 """
 from __future__ import annotations
 

@@ -246,6 +246,9 @@ class Daemon:
             told = await device.aresize(size_bytes)
         except Exception as exc:
             self._check_still_there(export, "resize")
+            if isinstance(exc, RequestsInFlight):      # a TimeoutError, an OSError too
+                raise StillInFlight(f"resize {export.name}: the size is unchanged, as {exc}") \
+                    from None
             if isinstance(exc, ValueError):
                 raise NotSupported(f"resize {export.name}: {exc}") from None
             if isinstance(exc, OSError):
