@@ -40,6 +40,7 @@ enum vu_err {
     VU_ERR_BAD_BASE = 27,        /* ring index (SET_VRING_BASE) outside the ring */
     VU_ERR_REGION_BEYOND_FD = 28, /* region extends past the end of its fd */
     VU_ERR_INFLIGHT_BUSY = 29,   /* requests of before a reset still hold the ring's slots */
+    VU_ERR_KICK_FD = 30,         /* kick fd at end of file or unreadable (writer gone) */
     VU_ERR__COUNT
 };
 

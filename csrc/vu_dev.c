@@ -373,6 +373,7 @@ static const char *const err_names[VU_ERR__COUNT] = {
     [VU_ERR_BAD_BASE] = "ring index outside the ring",
     [VU_ERR_REGION_BEYOND_FD] = "memory region extends past the end of its file",
     [VU_ERR_INFLIGHT_BUSY] = "requests from before a reset are still in flight on this ring",
+    [VU_ERR_KICK_FD] = "kick fd at end of file or unreadable (its writer is gone)",
 };
 
 const char *vu_strerror(int err)

@@ -359,6 +359,8 @@ int vu_vq_start(struct vu_vq *vq)
     struct vu_dev *dev = vq->dev;
     if (vq->size == 0)
         return -VU_ERR_QUEUE_NOT_READY;
+    if (vq->kick_eof)
+        return -VU_ERR_KICK_FD;      /* its kick fd ended before it started */
     vq->packed = dev->features & (1ULL << VIRTIO_F_RING_PACKED);
     vq->event_idx = dev->features & (1ULL << VIRTIO_RING_F_EVENT_IDX);
     vq->indirect = dev->features & (1ULL << VIRTIO_RING_F_INDIRECT_DESC);

@@ -104,6 +104,8 @@ struct vu_vq {
     uint64_t stop_desc, stop_avail, stop_used;
     int kick_fd, call_fd, err_fd;
     bool kick_polled;        /* SET_VRING_KICK with the no-fd bit: poll the ring */
+    bool kick_eof;           /* the kick fd ended (worker): no kick comes through it */
+    int kick_errno;          /* why: 0 end of file, else read's errno */
     bool started, enabled, broken;
     int error;               /* vu_err that broke the queue */
     uint64_t error_detail;   /* offending value (index, address, ...) */

@@ -79,7 +79,7 @@ static uint64_t now_us(void)
 
 /* Runs vq's handler if it may run. Returns the handler's VU_HANDLED_*
  * (VU_HANDLED_NONE when it did not run). */
-static int serve_queue(struct vu_vq *vq, bool polling)
+static int serve_queue(struct vu_worker *w, struct vu_vq *vq, bool polling)
 {
     uint32_t kicked = __atomic_exchange_n(&vq->kicked, 0, __ATOMIC_ACQ_REL);
     if (!kicked && !polling && !vq->kick_polled)
@@ -107,7 +107,20 @@ static int serve_queue(struct vu_vq *vq, bool polling)
          * more: its request was published before it was sent. */
         uint64_t v;
         ssize_t r = read(vq->kick_fd, &v, sizeof(v));
-        (void)r;
+        int err = r < 0 ? errno : 0;
+        if (r == 0 || (r < 0 && err != EAGAIN && err != EWOULDBLOCK && err != EINTR)) {
+            /* Readable with no kick to read: a pipe or socket whose writer
+             * is gone (end of file), or an fd no kick can come from.
+             * Watched level-triggered, it would wake us without end: it is
+             * watched no more, and the ring breaks (reported on its error
+             * eventfd and in the log), or, not started yet, fails to start
+             * (vu_vq_start), until a new kick fd comes. */
+            epoll_ctl(w->epfd, EPOLL_CTL_DEL, vq->kick_fd, NULL);
+            vq->kick_eof = true;
+            vq->kick_errno = err;
+            if (vq->started)
+                vu_vq_break(vq, VU_ERR_KICK_FD, (uint64_t)err);
+        }
         vq->stat_kicks++;
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         if (result != VU_HANDLED_MORE && vq->handler && vu_vq_serving(vq) &&
@@ -142,7 +155,7 @@ static int serve_all(struct vu_worker *w, bool polling)
     uint32_t n = w->snap_n;
     int best = VU_HANDLED_NONE;
     for (uint32_t i = 0; i < n; i++) {
-        int r = serve_queue(w->snap[i], polling);
+        int r = serve_queue(w, w->snap[i], polling);
         if (r > best)
             best = r;
     }
@@ -403,6 +416,7 @@ int vu_worker_set_kick(struct vu_worker *w, struct vu_vq *vq, int fd, bool polle
         epoll_ctl(w->epfd, EPOLL_CTL_DEL, vq->kick_fd, NULL);
     vq->kick_fd = fd;
     vq->kick_polled = polled;
+    vq->kick_eof = false;
     if (fd >= 0) {
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = vq};
         if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {

@@ -301,7 +301,17 @@ class DataPlane:
                 if rc in (-lib.VU_ERR_RING_UNMAPPED, -lib.VU_ERR_BAD_BASE):
                     lib.vu_vq_break(vq, -rc, vq.desc_addr)
                     return
+                if rc == -lib.VU_ERR_KICK_FD:
+                    # its kick fd ended already (the worker saw it): no
+                    # kick would come, and a new kick fd starts it
+                    lib.vu_vq_break(vq, -rc, vq.kick_errno)
+                    return
                 check(rc, f"queue {index}: start")
+            elif vq.broken and vq.error == lib.VU_ERR_KICK_FD and not vq.kick_eof:
+                # broken only because its old kick fd ended (the worker saw
+                # it, the ring as it was): the new one is watched (set_kick)
+                vq.broken = False
+                vq.error = 0
             if enable is not None:
                 vq.enabled = enable
         # Whatever was published before we (re)started may never have been

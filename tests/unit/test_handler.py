@@ -847,3 +847,45 @@ def test_the_front_ends_eventfds_are_made_non_blocking(served, client):
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_a_kick_fd_whose_writer_is_gone_breaks_the_ring_instead_of_spinning(served, client, kind):
+    """vhost-user.rst allows a pipe as kick fd. One whose write end is
+    closed (a socket whose peer is) stays readable with nothing to read
+    (end of file): watched level-triggered, it woke the worker without end,
+    at full CPU. The ring breaks instead (error eventfd, logged), and the
+    connection and the other ring go on."""
+    client.enable_reply_ack()
+    if kind == "pipe":
+        kick, writer = os.pipe()
+    else:
+        a, b = socket.socketpair()
+        kick, writer = a.detach(), b.detach()
+    err = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        guest_memory(client)
+        assert client.acked(R.SET_VRING_ERR, struct.pack("<Q", 0), fds=[err]) == 0
+        os.close(writer)
+        start_ring(client, 0, 8, kick=kick)
+        time.sleep(0.2)
+        cpu = time.process_time()
+        time.sleep(1)
+        spent = time.process_time() - cpu
+        assert spent < 0.2, f"{spent:.2f} s of CPU in 1 s with the ring idle"
+        assert os.eventfd_read(err) == 1
+        queue = served.device.session.dataplane.queues[0]
+        assert queue.broken and "VU_ERR_KICK_FD" in queue.error
+        start_ring(client, 1, 8)
+        assert not served.device.session.dataplane.queues[1].broken
+        assert client.call_u64(R.GET_QUEUE_NUM) == 2
+        # a new kick fd brings the ring back
+        new_kick = os.eventfd(0)
+        try:
+            assert client.acked(R.SET_VRING_KICK, struct.pack("<Q", 0), fds=[new_kick]) == 0
+            assert queue.started and not queue.broken
+        finally:
+            os.close(new_kick)
+    finally:
+        os.close(kick)
+        os.close(err)
