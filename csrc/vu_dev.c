@@ -290,7 +290,8 @@ int vu_dev_set_log(struct vu_dev *dev, int fd, uint64_t size, uint64_t offset)
     struct stat st;
     if (fstat(fd, &st) < 0)
         return -VU_ERR_INVAL;
-    if (S_ISREG(st.st_mode) && offset + size > (uint64_t)st.st_size)
+    uint64_t fd_size;
+    if (vu_fd_mappable_size(fd, &st, &fd_size) && offset + size > fd_size)
         return -VU_ERR_REGION_BEYOND_FD;
     long page = sysconf(_SC_PAGESIZE);
     uint64_t slack = offset % (uint64_t)page;

@@ -11,6 +11,8 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -100,6 +102,21 @@ static void map_detach(struct vu_map *map, const struct iovec *keep, uint32_t nk
     madvise(map->base, map->len, MADV_DONTDUMP);
     map->detached = true;
     __atomic_add_fetch(&maps_detached, 1, __ATOMIC_RELAXED);
+}
+
+bool vu_fd_mappable_size(int fd, const struct stat *st, uint64_t *size)
+{
+    if (S_ISREG(st->st_mode)) {
+        *size = (uint64_t)st->st_size;
+        return true;
+    }
+    if (S_ISBLK(st->st_mode)) {
+        /* fstat says 0 for a block device: ask the device. */
+        uint64_t bytes;
+        *size = ioctl(fd, BLKGETSIZE64, &bytes) == 0 ? bytes : 0;
+        return true;
+    }
+    return false;
 }
 
 /* Tables ----------------------------------------------------------------------- */
@@ -291,7 +308,8 @@ int vu_mem_add_region(struct vu_mem *mem, uint64_t gpa, uint64_t size,
     struct stat st;
     if (fstat(fd, &st) < 0)
         return -VU_ERR_INVAL;
-    if (S_ISREG(st.st_mode) && mmap_offset + size > (uint64_t)st.st_size)
+    uint64_t fd_size;
+    if (vu_fd_mappable_size(fd, &st, &fd_size) && mmap_offset + size > fd_size)
         return -VU_ERR_REGION_BEYOND_FD;
 
     /* mmap needs a page-aligned offset: map from the page holding

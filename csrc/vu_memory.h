@@ -98,6 +98,13 @@ struct vu_map *vu_mem_map_of(struct vu_mem *mem, const void *hva, uint64_t len, 
 /* Mappings currently detached and not yet unmapped, process-wide (tests). */
 uint32_t vu_maps_detached(void);
 
+struct stat;
+/* How far `fd` (fstat'ed into `st`) may be mapped: a regular file's size,
+ * a block device's (BLKGETSIZE64; 0 if it can't be told). False for what
+ * has no size to tell (a character device such as /dev/dax): mapped as
+ * announced. A mapping past the end is SIGBUS on first touch. */
+bool vu_fd_mappable_size(int fd, const struct stat *st, uint64_t *size);
+
 /* Host pointer for [gpa, gpa+len) if it lies wholly inside one region, else NULL. */
 void *vu_gpa_to_hva(struct vu_mem *mem, uint64_t gpa, uint64_t len);
 /* Same for front-end user addresses (ring addresses in SET_VRING_ADDR). */

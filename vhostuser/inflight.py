@@ -11,6 +11,7 @@ import fcntl
 import mmap
 import os
 import stat
+import struct
 
 from .native import ffi
 
@@ -20,6 +21,22 @@ PACKED_HEADER = 32      # QueueRegionPacked up to desc[], 8-byte aligned
 PACKED_DESC = 32        # DescStatePacked
 ALIGN = 64
 _MAX_FILE_OFFSET = (1 << 63) - 1   # off_t: a range past it cannot be mapped
+BLKGETSIZE64 = 0x80081272          # linux/fs.h
+
+
+def _mappable_size(fd: int) -> int | None:
+    """How far ``fd`` may be mapped: a regular file's size, a block
+    device's (fstat says 0 for one; 0 if the device can't tell), None for
+    what has no size to tell (vu_fd_mappable_size in csrc/vu_memory.c)."""
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if stat.S_ISBLK(st.st_mode):
+        try:
+            return struct.unpack("=Q", fcntl.ioctl(fd, BLKGETSIZE64, bytes(8)))[0]
+        except OSError:
+            return 0
+    return None
 
 
 def queue_region_size(queue_size: int) -> int:
@@ -75,12 +92,12 @@ class InflightArea:
                 # mmap would raise OverflowError: no file has such a range.
                 raise ValueError(f"inflight area of {size} bytes at offset {offset} "
                                  "lies past any file's end")
-            st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and offset + size > st.st_size:
+            end = _mappable_size(fd)
+            if end is not None and offset + size > end:
                 # Mapped anyway, its pages past the end would be SIGBUS in a
                 # queue worker at the rings' first write there.
                 raise ValueError(f"inflight area of {size} bytes at offset {offset} "
-                                 f"beyond its file's {st.st_size} bytes")
+                                 f"beyond its file's {end} bytes")
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, offset=offset)
         finally:
             os.close(fd)

@@ -9,6 +9,7 @@ import mmap
 import os
 import socket
 import struct
+import subprocess
 import time
 
 import pytest
@@ -889,3 +890,61 @@ def test_a_kick_fd_whose_writer_is_gone_breaks_the_ring_instead_of_spinning(serv
     finally:
         os.close(kick)
         os.close(err)
+
+
+@pytest.fixture
+def small_block_device(tmp_path):
+    """A 1 MiB block device (a loop device over a file), opened read-write."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for losetup")
+    backing = tmp_path / "small.img"
+    with open(backing, "wb") as f:
+        f.truncate(1 << 20)
+    made = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"no loop device: {made.stderr.strip()}")
+    loop = made.stdout.strip()
+    try:
+        fd = os.open(loop, os.O_RDWR)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+
+
+def test_memory_log_and_inflight_area_past_a_block_devices_end_are_refused(
+        served, client, small_block_device):
+    """A block device (guest memory on /dev/pmem0, say) has no size in
+    fstat: a region, dirty log or inflight area past its end was mapped as
+    announced, and the first touch past the end (a ring's index, a dirty
+    page, an inflight entry) was SIGBUS, the whole process gone. Each is
+    refused as past a file's end is; what fits is taken."""
+    fd = small_block_device
+    client.enable_reply_ack(ProtocolFeature.LOG_SHMFD, ProtocolFeature.INFLIGHT_SHMFD)
+    client.send(R.SET_FEATURES, struct.pack("<Q", bit(Feature.PROTOCOL_FEATURES)
+                                            | bit(Feature.LOG_ALL)))
+    table = protocol.pack_memory_table
+
+    assert client.acked(R.SET_MEM_TABLE, table([protocol.MemRegion(0, 4 << 20, GUEST_UVA, 0)]),
+                        fds=[fd]) != 0
+    assert client.acked(R.SET_MEM_TABLE, table([protocol.MemRegion(0, 1 << 20, GUEST_UVA,
+                                                                   4096)]), fds=[fd]) != 0
+    assert len(served.device.session.dataplane.memory) == 0
+    assert client.acked(R.SET_MEM_TABLE, table([protocol.MemRegion(0, 1 << 20, GUEST_UVA, 0)]),
+                        fds=[fd]) == 0
+
+    assert client.acked(R.SET_LOG_BASE, protocol.LOG.pack(2 << 20, 0), fds=[fd]) != 0
+    assert client.acked(R.SET_LOG_BASE, protocol.LOG.pack(4096, 0), fds=[fd]) == 0
+
+    size = 2 * queue_region_size(32768)           # 4 MiB
+    assert client.acked(R.SET_INFLIGHT_FD, protocol.INFLIGHT.pack(size, 0, 2, 32768),
+                        fds=[fd]) == 0
+    assert served.device.session.inflight is None   # not used
+    size = 2 * queue_region_size(128)
+    assert client.acked(R.SET_INFLIGHT_FD, protocol.INFLIGHT.pack(size, 0, 2, 128),
+                        fds=[fd]) == 0
+    assert served.device.session.inflight is not None
+    assert client.call_u64(R.GET_QUEUE_NUM) == 2

@@ -150,6 +150,9 @@ BASE: list[Rule] = [
     *families("socketpair", socket.AF_UNIX),
     # non-blocking sockets (Python and libuv), close-on-exec
     *ioctls(FIONBIO, FIOCLEX, FIONCLEX, FIONREAD),
+    # the size of a block device a front-end maps guest memory, the dirty
+    # log or the inflight area from (fstat has none for it)
+    *ioctls(BLKGETSIZE64),
     # getrlimit(2) is prlimit64 with no new limit
     Rule("prlimit64", (eq(2, 0),)),
     Rule("prctl", (eq(0, PR_SET_NAME),)),
