@@ -351,11 +351,13 @@ int vu_mem_add_region(struct vu_mem *mem, uint64_t gpa, uint64_t size,
     return 0;
 }
 
-int vu_mem_remove_region(struct vu_mem *mem, uint64_t gpa, uint64_t size)
+/* The region is named by its guest address, user address and size
+ * (vhost-user.rst, REM_MEM_REG); its mmap offset is not part of the name. */
+int vu_mem_remove_region(struct vu_mem *mem, uint64_t gpa, uint64_t size, uint64_t uva)
 {
     for (uint32_t i = 0; i < mem->nregions; i++) {
         struct vu_region *r = &mem->regions[i];
-        if (r->gpa == gpa && r->size == size) {
+        if (r->gpa == gpa && r->size == size && r->uva == uva) {
             if (--r->refs > 0)
                 return 0;
             vu_map_put(r->map);

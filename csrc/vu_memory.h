@@ -77,8 +77,9 @@ struct vu_mem *vu_mem_reseat(const struct vu_mem *src, int *err);
 int vu_mem_add_region(struct vu_mem *mem, uint64_t gpa, uint64_t size,
                       uint64_t uva, uint64_t mmap_offset, int fd,
                       const struct vu_mem *reuse);
-/* Drops a reference; removes the region with the last one. */
-int vu_mem_remove_region(struct vu_mem *mem, uint64_t gpa, uint64_t size);
+/* Drops a reference to the region named by gpa, size and uva; removes it
+ * with the last one. */
+int vu_mem_remove_region(struct vu_mem *mem, uint64_t gpa, uint64_t size, uint64_t uva);
 /* `old` is no longer installed (`now` is, possibly NULL): detaches its
  * mappings that `now` does not share, then drops the installed pin. A
  * mapping of pages that `now` maps too (regions split, merged or moved)

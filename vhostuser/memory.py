@@ -71,8 +71,8 @@ class MemoryTable:
             os.close(fd)
 
     def remove(self, region: MemRegion) -> None:
-        check(lib.vu_mem_remove_region(self._mem, region.gpa, region.size),
-              f"region gpa={region.gpa:#x} size={region.size:#x}")
+        check(lib.vu_mem_remove_region(self._mem, region.gpa, region.size, region.uva),
+              f"region gpa={region.gpa:#x} size={region.size:#x} uva={region.uva:#x}")
 
     def view(self, gpa: int, length: int, views: "GuestViews | None" = None) -> memoryview:
         """View of [gpa, gpa+length); raises AddressError if not mapped.

@@ -948,3 +948,26 @@ def test_memory_log_and_inflight_area_past_a_block_devices_end_are_refused(
                         fds=[fd]) == 0
     assert served.device.session.inflight is not None
     assert client.call_u64(R.GET_QUEUE_NUM) == 2
+
+
+def test_rem_mem_reg_must_name_the_regions_user_address_too(served, client):
+    """vhost-user.rst identifies the region REM_MEM_REG removes by its guest
+    address, user address and size: one naming another user address is no
+    region of ours and is refused, the region and a ring in it untouched."""
+    client.enable_reply_ack(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    size = 4 << 20
+    fd = os.memfd_create("guest")
+    os.ftruncate(fd, size)
+    region = protocol.MemRegion(0, size, GUEST_UVA, 0)
+    try:
+        assert client.acked(R.ADD_MEM_REG, protocol.pack_single_region(region), fds=[fd]) == 0
+    finally:
+        os.close(fd)
+    start_ring(client, 0, 8)
+    other = protocol.MemRegion(0, size, GUEST_UVA + size, 0)
+    assert client.acked(R.REM_MEM_REG, protocol.pack_single_region(other)) != 0
+    session = served.device.session
+    assert len(session.dataplane.memory) == 1
+    assert not session.dataplane.queues[0].broken
+    assert client.acked(R.REM_MEM_REG, protocol.pack_single_region(region)) == 0
+    assert len(session.dataplane.memory) == 0
