@@ -167,6 +167,13 @@ int vu_vq_set_num(struct vu_vq *vq, uint32_t num)
             return -VU_ERR_INFLIGHT_BUSY;
         free_pool(vq);
     }
+    if (num != vq->size) {
+        /* The resubmit list, its blockers and the packed batch list are
+         * sized with the ring when it starts and kept over a restart at
+         * the same size: at another size they are made afresh (the
+         * inflight region reads as fresh then anyway, desc_num). */
+        free_ring_state(vq);
+    }
     vq->size = (uint16_t)num;
     return 0;
 }

@@ -10,6 +10,8 @@ import os
 import socket
 import struct
 import subprocess
+import sys
+import tempfile
 import time
 
 import pytest
@@ -971,3 +973,40 @@ def test_rem_mem_reg_must_name_the_regions_user_address_too(served, client):
     assert not session.dataplane.queues[0].broken
     assert client.acked(R.REM_MEM_REG, protocol.pack_single_region(region)) == 0
     assert len(session.dataplane.memory) == 0
+
+
+def _a_tracked_ring_restarted_larger(packed):
+    """Run in a process of its own by the test below (a heap overflow
+    takes the whole process down)."""
+    with tempfile.TemporaryDirectory() as d, \
+            BackgroundServer(EchoDevice(num_queues=2), os.path.join(d, "s.sock")) as srv:
+        client = RawClient(srv.path)
+        client.enable_reply_ack(ProtocolFeature.INFLIGHT_SHMFD)
+        if packed:
+            assert client.acked(R.SET_FEATURES, struct.pack("<Q", bits(
+                Feature.PROTOCOL_FEATURES, Feature.VERSION_1, Feature.RING_PACKED))) == 0
+        assert inflight_area(client, 1, 32768) == 0
+        guest_memory(client)
+        for num in (1, 32768, 2, 4096, 1, 32768):
+            os.close(start_ring(client, 0, num))
+            assert srv.device.session.dataplane.queues[0].started
+            client.send(R.GET_VRING_BASE, struct.pack("<II", 0, 0))
+            assert client.recv()[0] == R.GET_VRING_BASE
+        assert client.call_u64(R.GET_QUEUE_NUM) == 2
+        client.close()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_tracked_ring_restarted_at_a_larger_size_keeps_within_its_buffers(packed):
+    """GET_VRING_BASE, then SET_VRING_NUM larger and a kick, in one session
+    with an inflight area: the ring's resubmit list, its blockers and the
+    packed batch list, sized at the first start, were kept and written at
+    the new size (a memset of the blockers at each start), a heap overflow
+    that took the process down. They are sized afresh with the ring."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    done = subprocess.run([sys.executable, "-c", "import test_handler as t; "
+                           f"t._a_tracked_ring_restarted_larger({packed})"],
+                          env=env, cwd=here, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
