@@ -259,8 +259,9 @@ REQUEST_SPECS: dict[Request, RequestSpec] = {
     R.SET_LOG_BASE: RequestSpec(_exact(LOG.size), fds=(1, 1), reply=True,
                                 protocol_feature=P.LOG_SHMFD),
     # The spec names no feature; the log it reports on exists only with
-    # LOG_SHMFD (and QEMU never sends it).
-    R.SET_LOG_FD: RequestSpec(_exact(8), fds=(1, 1), protocol_feature=P.LOG_SHMFD),
+    # LOG_SHMFD (and QEMU never sends it). Its payload is N/A in the spec
+    # (rust-vmm's front-end sends none); a u64 is taken too.
+    R.SET_LOG_FD: RequestSpec((0, 8), fds=(1, 1), protocol_feature=P.LOG_SHMFD),
     R.SET_VRING_NUM: RequestSpec(_exact(8), vring=True),
     R.SET_VRING_ADDR: RequestSpec(_exact(VRING_ADDR.size), vring=True, needs_memory=True),
     R.SET_VRING_BASE: RequestSpec(_exact(8), vring=True),

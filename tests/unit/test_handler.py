@@ -1010,3 +1010,18 @@ def test_a_tracked_ring_restarted_at_a_larger_size_keeps_within_its_buffers(pack
                            f"t._a_tracked_ring_restarted_larger({packed})"],
                           env=env, cwd=here, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+
+
+def test_set_log_fd_without_a_payload_is_taken(served, client):
+    """vhost-user.rst gives SET_LOG_FD no payload (its eventfd rides as
+    ancillary data): a front-end sending it so was refused as malformed.
+    Taken with no payload, and with the u64 some front-ends send."""
+    client.enable_reply_ack(ProtocolFeature.LOG_SHMFD)
+    for payload in (b"", struct.pack("<Q", 0)):
+        fd = os.eventfd(0)
+        try:
+            assert client.acked(R.SET_LOG_FD, payload, fds=[fd]) == 0
+        finally:
+            os.close(fd)
+        assert served.device.session.dataplane._dev.log_call_fd >= 0
+    assert client.call_u64(R.GET_QUEUE_NUM) == 2
