@@ -28,15 +28,27 @@ sources() {
     case "$1" in
         ring_blk) core
                   echo "$HERE/targets/guest.c $HERE/targets/stubs.c" ;;
+        ring_net) core
+                  echo "$ROOT"/csrc/vu_net*.c
+                  echo "$HERE/targets/guest.c $HERE/targets/stubs.c" ;;
         mem_translate) echo "$ROOT/csrc/vu_memory.c" ;;
         *) echo "unknown target $1" >&2; exit 2 ;;
     esac
 }
 
-TARGETS=${*:-"ring_blk mem_translate"}
+# What a target's oracle watches of the data plane (calls from one csrc file
+# into another, through a __wrap_ of the target's).
+ldflags() {
+    case "$1" in
+        ring_net) echo "-Wl,--wrap=vu_vq_pop,--wrap=vu_vq_pop_burst,--wrap=vu_vq_unpop\
+,--wrap=vu_vq_push,--wrap=vu_vq_push_burst" ;;
+    esac
+}
+
+TARGETS=${*:-"ring_blk ring_net mem_translate"}
 mkdir -p "$OUT"
 for t in $TARGETS; do
     # shellcheck disable=SC2046
-    $CC $CFLAGS -o "$OUT/$t" "$HERE/targets/$t.c" $(sources "$t") -lpthread
+    $CC $CFLAGS -o "$OUT/$t" "$HERE/targets/$t.c" $(sources "$t") $(ldflags "$t") -lpthread
     echo "built $OUT/$t"
 done

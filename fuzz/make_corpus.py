@@ -102,6 +102,79 @@ def ring_blk_seeds():
         yield packed_seed([chain], cfg=SEGMENTS | IND)
 
 
+# ring_net layout (see targets/ring_net.c): a ring area per queue
+RX_RING, TX_RING, NET_DATA = 0x0000, 0x1000, 0x2000
+RING_DRIVER, RING_DEVICE = 0x800, 0xa00
+NET_PACKED, NET_IND, NET_EVENT_IDX, NET_MRG, NET_V1, NET_IN_ORDER, NET_SINK, NET_OFFLOADS = (
+    1, 2, 4, 8, 16, 32, 64, 128)
+NET_HDR = struct.Struct("<BBHHHHH")   # flags, gso_type, hdr_len, gso_size, csum_start/offset, num_buffers
+
+
+def eth_frame(length: int, seq: int) -> bytes:
+    """An IPv4 Ethernet frame of `length` bytes."""
+    head = bytes.fromhex("525400123456") + bytes.fromhex("5254000000") + bytes([seq]) + b"\x08\x00"
+    return (head + bytes((seq + i) & 0xff for i in range(length - len(head))))[:length]
+
+
+def net_seed(cfg: int, frames, rx_bufs, *, split_hdr=False, hdr=b"", sizes=0x44, misc=0) -> bytes:
+    """frames: the transmitted frames; rx_bufs: the receive buffers' sizes.
+    Each frame goes behind a header (hdr, or a zero one of the negotiated
+    size) in one descriptor, or header and frame in two (split_hdr)."""
+    hdr_len = 12 if cfg & (NET_V1 | NET_MRG) else 10
+    packed = bool(cfg & NET_PACKED)
+    image = bytearray(IMAGE)
+    cursor = NET_DATA
+    rx_chains = [[(n, True)] for n in rx_bufs]
+    tx_chains = []
+    for frame in frames:
+        h = (hdr or bytes(hdr_len))[:hdr_len]
+        tx_chains.append([(h, False), (frame, False)] if split_hdr else [(h + frame, False)])
+    for ring, chains in ((RX_RING, rx_chains), (TX_RING, tx_chains)):
+        slot = 0
+        heads = []
+        for ident, chain in enumerate(chains):
+            bufs, cursor = place(image, chain, cursor)
+            heads.append(slot)
+            for i, (gpa, length, w) in enumerate(bufs):
+                last = i + 1 == len(bufs)
+                at = ring + 16 * slot
+                if packed:
+                    flags = P_AVAIL | (WRITE if w else 0) | (0 if last else NEXT)
+                    image[at:at + 16] = PDESC.pack(gpa, length, ident, flags)
+                else:
+                    image[at:at + 16] = DESC.pack(
+                        gpa, length, (WRITE if w else 0) | (0 if last else NEXT), 0 if last else slot + 1)
+                slot += 1
+        if not packed:
+            struct.pack_into("<HH", image, ring + RING_DRIVER, 0, len(heads))
+            for i, head in enumerate(heads):
+                struct.pack_into("<H", image, ring + RING_DRIVER + 4 + 2 * i, head)
+    assert cursor <= 2 * 0x4000, "the seed's buffers overflow regions 0 and 1"
+    base = 0x8000 if packed else 0       # packed: wrap counter 1, as the flags above
+    cfg_bytes = bytes([cfg, sizes]) + struct.pack("<HH", base, base) + bytes([misc])
+    return cfg_bytes + bytes(image).rstrip(b"\0")
+
+
+def ring_net_seeds():
+    frames = [eth_frame(60, 1), eth_frame(590, 2), eth_frame(1514, 3)]
+    for packed in (0, NET_PACKED):
+        # one receive buffer per frame, each big enough
+        yield net_seed(packed | NET_V1 | NET_IN_ORDER, frames, [2048] * 4)
+        # mergeable receive buffers: a frame spans several
+        yield net_seed(packed | NET_V1 | NET_MRG | NET_EVENT_IDX, frames, [512] * 8)
+        # legacy 10-byte header, header and frame in separate descriptors
+        yield net_seed(packed, frames, [1600] * 4, split_hdr=True)
+        # the sink, and a receive ring too small for the frames (drops)
+        yield net_seed(packed | NET_V1 | NET_SINK, frames, [2048] * 2)
+        yield net_seed(packed | NET_V1, frames, [256] * 4)
+        # a checksum-offloaded frame and a TSO one (the TAP's offloads)
+        csum = NET_HDR.pack(1, 0, 0, 0, 34, 16, 0)
+        yield net_seed(packed | NET_V1 | NET_OFFLOADS, [eth_frame(200, 4)], [2048] * 2, hdr=csum)
+        tso = NET_HDR.pack(1, 1, 54, 1448, 34, 16, 0)
+        yield net_seed(packed | NET_V1 | NET_MRG | NET_OFFLOADS, [eth_frame(4000, 5)], [1024] * 8,
+                       hdr=tso, split_hdr=True, misc=2)
+
+
 def mem_translate_seeds():
     def region(gpa_quarter_pages, pages, uva_pages, off_pages, sub=0):
         return struct.pack("<HBHBB", gpa_quarter_pages, pages, uva_pages, off_pages, sub)
@@ -127,5 +200,6 @@ def write(target: str, seeds) -> int:
 
 
 if __name__ == "__main__":
-    for target, seeds in (("ring_blk", ring_blk_seeds()), ("mem_translate", mem_translate_seeds())):
+    for target, seeds in (("ring_blk", ring_blk_seeds()), ("ring_net", ring_net_seeds()),
+                          ("mem_translate", mem_translate_seeds())):
         print(target, write(target, seeds), "seeds")

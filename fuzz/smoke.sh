@@ -5,7 +5,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 "$HERE/build.sh"
-for t in ring_blk mem_translate; do
+for t in ring_blk ring_net mem_translate; do
     log=$(mktemp)
     if ! "$HERE/run.sh" "$t" "${SMOKE_SECONDS:-60}" > "$log" 2>&1; then
         tail -40 "$log"

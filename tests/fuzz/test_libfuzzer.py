@@ -13,7 +13,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FUZZ = os.path.join(REPO, "fuzz")
-TARGETS = ("ring_blk", "mem_translate")
+TARGETS = ("ring_blk", "ring_net", "mem_translate")
 
 pytestmark = pytest.mark.skipif(shutil.which("clang") is None, reason="clang not installed")
 
