@@ -24,7 +24,10 @@ struct src_cursor {
 };
 
 /* Copies up to len bytes from the cursor into e's writable buffers from
- * byte `at`; returns bytes copied. */
+ * byte `at`; returns bytes copied. The source may be guest memory too (a
+ * frame looped back, a transmit batch a Python back-end injects), which
+ * the guest is free to lay over its own receive buffers: memmove, since
+ * overlapping memcpy is undefined. */
 static inline uint32_t net_scatter(struct vu_elem *e, uint32_t at, struct src_cursor *src,
                                    uint32_t len)
 {
@@ -46,7 +49,7 @@ static inline uint32_t net_scatter(struct vu_elem *e, uint32_t at, struct src_cu
                 c = len - done;
             if (c > avail)
                 c = (uint32_t)avail;
-            memcpy(dst, (const uint8_t *)s->iov_base + src->off, c);
+            memmove(dst, (const uint8_t *)s->iov_base + src->off, c);
             dst += c;
             room -= c;
             done += c;

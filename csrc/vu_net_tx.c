@@ -145,8 +145,9 @@ static void loop_back_burst(struct vu_net_dev *n, uint32_t qp, struct vu_elem **
             const uint8_t *frame = (const uint8_t *)t->iov[0].iov_base + n->hdr_len;
             struct iovec *dst = &b->iov[b->out_num];
             net_put_header(b, &hdr, n->hdr_len);
+            /* guest memory to guest memory, which may overlap (net_scatter) */
             if (VU_LIKELY(dst->iov_len >= need))     /* all in the first buffer */
-                memcpy((uint8_t *)dst->iov_base + n->hdr_len, frame, len);
+                memmove((uint8_t *)dst->iov_base + n->hdr_len, frame, len);
             else
                 net_scatter_flat(b, n->hdr_len, frame, len);
             used[done] = need;
