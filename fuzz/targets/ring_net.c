@@ -1,7 +1,10 @@
 /* libFuzzer target: the virtio-net data plane through its production queue
  * handler (vu_net_handler), one queue pair (receive queue 0, transmit queue
  * 1) on split or packed rings, with the LOOPBACK back-end (transmitted
- * frames come back on the receive queue) or the SINK (counted, dropped).
+ * frames come back on the receive queue), the SINK (counted, dropped) or
+ * a Python one stood in for by vu_net_py_tx below (each batch injected
+ * back with vu_net_inject_frames, as NetDevice.inject_many does with a
+ * FrameBatch, or dropped).
  *
  * Input: 7 bytes of configuration, then the guest memory image (both rings,
  * indirect tables, headers, frames, receive buffers), which the fuzzer
@@ -9,7 +12,8 @@
  *   [0] features and back-end (CFG_*)
  *   [1] ring sizes: receive 1 << (b & 7), transmit 1 << ((b >> 4) & 7)
  *   [2,3] receive ring base, [4,5] transmit ring base (little endian)
- *   [6] MTU (b & 3: 1500, 68, 9000, 65535), receive/transmit queue disabled
+ *   [6] MTU (b & 3: 1500, 68, 9000, 65535), receive/transmit queue
+ *       disabled, the Python back-end (with CFG_SINK: one that drops)
  * Image layout (guest-physical = offset): receive ring desc 0x0000, avail
  * (packed: driver event) 0x0800, used (device event) 0x0a00; transmit ring
  * the same at 0x1000; the rest is for buffers.
@@ -52,7 +56,7 @@ enum {
      * frames then take the same paths as any other. */
     CFG_OFFLOADS = 128,
 };
-enum { MISC_RX_DISABLED = 4, MISC_TX_DISABLED = 8 };
+enum { MISC_RX_DISABLED = 4, MISC_TX_DISABLED = 8, MISC_PYTHON = 16 };
 
 static const uint32_t mtus[4] = {1500, 68, 9000, 65535};
 
@@ -161,6 +165,34 @@ int __wrap_vu_vq_push_burst(struct vu_vq *vq, struct vu_elem *const *elems, cons
     return __real_vu_vq_push_burst(vq, elems, lens, n);
 }
 
+/* The Python back-end's transmit(), called without the device lock: the
+ * batch as vu_net_py_describe gives it to Python must add up, then it goes
+ * back to the guest (or nowhere). */
+static bool py_drops;
+static uint64_t py_frames;
+
+int vu_net_py_tx(void *ctx, uint32_t qp, struct vu_net_frame **frames, int n)
+{
+    (void)ctx;
+    struct vu_net_pydesc desc[64];
+    if (n <= 0 || n > 64 || qp != 0)
+        FAIL("a Python batch of %d frames from queue pair %u\n", n, qp);
+    vu_net_py_describe(frames, n, desc);
+    for (int i = 0; i < n; i++) {
+        uint64_t len = 0;
+        for (uint32_t j = 0; j < frames[i]->niov; j++)
+            len += frames[i]->iov[j].iov_len;
+        if (len != frames[i]->len || desc[i].len != frames[i]->len ||
+            desc[i].niov != frames[i]->niov || frames[i]->elem->vq != dev->vqs[1])
+            FAIL("a Python frame of %u bytes in %u iovecs adding up to %llu\n",
+                 frames[i]->len, frames[i]->niov, (unsigned long long)len);
+    }
+    py_frames += (uint64_t)n;
+    if (!py_drops)
+        vu_net_inject_frames(net, qp, frames, n);
+    return 0;
+}
+
 static void setup(void)
 {
     dev = vu_dev_new(2);
@@ -236,7 +268,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (cfg & CFG_OFFLOADS)
         features |= 1ULL << VIRTIO_NET_F_CSUM | 1ULL << VIRTIO_NET_F_HOST_TSO4 |
                     1ULL << VIRTIO_NET_F_HOST_TSO6 | 1ULL << VIRTIO_NET_F_HOST_ECN;
-    net->backend = cfg & CFG_SINK ? VU_NET_BACKEND_SINK : VU_NET_BACKEND_LOOPBACK;
+    bool python = misc & MISC_PYTHON;
+    py_drops = python && (cfg & CFG_SINK);
+    py_frames = 0;
+    net->backend = python ? VU_NET_BACKEND_PYTHON
+                 : cfg & CFG_SINK ? VU_NET_BACKEND_SINK : VU_NET_BACKEND_LOOPBACK;
     vu_dev_set_features(dev, features);
     vu_net_set_features(net, features);
     net->mtu = mtus[misc & 3];
@@ -285,7 +321,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         FAIL("%llu transmit chains, %llu packets + %llu drops\n",
              (unsigned long long)trk[1].pushed, (unsigned long long)st->tx_packets,
              (unsigned long long)tx_drops);
-    if (net->backend == VU_NET_BACKEND_SINK) {
+    if (python && py_frames != st->tx_packets)
+        FAIL("%llu frames given to Python, %llu packets counted\n",
+             (unsigned long long)py_frames, (unsigned long long)st->tx_packets);
+    if (net->backend == VU_NET_BACKEND_SINK || py_drops) {
         if (st->rx_packets || rx_drops || trk[0].pushed)
             FAIL("the sink received something\n");
     } else if (st->rx_packets + rx_drops != st->tx_packets) {
