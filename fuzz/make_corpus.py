@@ -107,7 +107,7 @@ RX_RING, TX_RING, NET_DATA = 0x0000, 0x1000, 0x2000
 RING_DRIVER, RING_DEVICE = 0x800, 0xa00
 NET_PACKED, NET_IND, NET_EVENT_IDX, NET_MRG, NET_V1, NET_IN_ORDER, NET_SINK, NET_OFFLOADS = (
     1, 2, 4, 8, 16, 32, 64, 128)
-PYTHON = 16                           # config byte 6: the Python back-end
+PYTHON, LOG = 16, 32                  # config byte 6: the Python back-end, dirty logging
 NET_HDR = struct.Struct("<BBHHHHH")   # flags, gso_type, hdr_len, gso_size, csum_start/offset, num_buffers
 
 
@@ -171,6 +171,9 @@ def ring_net_seeds():
         # a checksum-offloaded frame and a TSO one (the TAP's offloads)
         csum = NET_HDR.pack(1, 0, 0, 0, 34, 16, 0)
         yield net_seed(packed | NET_V1 | NET_OFFLOADS, [eth_frame(200, 4)], [2048] * 2, hdr=csum)
+        # dirty logging (migration), through the loopback and Python
+        yield net_seed(packed | NET_V1 | NET_MRG, frames, [512] * 8, misc=LOG)
+        yield net_seed(packed | NET_V1, frames, [2048] * 4, misc=PYTHON | LOG)
         # the Python back-end's stand-in: the batch injected back, or dropped
         yield net_seed(packed | NET_V1 | NET_MRG, frames, [512] * 8, split_hdr=True, misc=PYTHON)
         yield net_seed(packed | NET_V1 | NET_SINK, frames, [2048] * 4, misc=PYTHON)

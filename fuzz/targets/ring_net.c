@@ -13,7 +13,8 @@
  *   [1] ring sizes: receive 1 << (b & 7), transmit 1 << ((b >> 4) & 7)
  *   [2,3] receive ring base, [4,5] transmit ring base (little endian)
  *   [6] MTU (b & 3: 1500, 68, 9000, 65535), receive/transmit queue
- *       disabled, the Python back-end (with CFG_SINK: one that drops)
+ *       disabled, the Python back-end (with CFG_SINK: one that drops),
+ *       dirty logging (VHOST_F_LOG_ALL, used rings logged too)
  * Image layout (guest-physical = offset): receive ring desc 0x0000, avail
  * (packed: driver event) 0x0800, used (device event) 0x0a00; transmit ring
  * the same at 0x1000; the rest is for buffers.
@@ -28,7 +29,10 @@
  *  - the counters agree: every transmitted chain is a packet or a drop,
  *    every looped-back packet a received packet or a receive drop, receive
  *    buffers used = packets (one each without MRG_RXBUF), bytes written to
- *    receive buffers = frame bytes plus at most a header each. */
+ *    receive buffers = frame bytes plus at most a header each;
+ *  - with dirty logging, every page of guest memory whose bytes changed is
+ *    marked in the log (checked beyond the rings' pages, where the device
+ *    writes nothing but receive buffers). */
 #include "guest.h"
 #include "vu_dev.h"
 #include "vu_net.h"
@@ -39,6 +43,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #define RX_OFF 0x0000
 #define TX_OFF 0x1000
@@ -56,13 +62,17 @@ enum {
      * frames then take the same paths as any other. */
     CFG_OFFLOADS = 128,
 };
-enum { MISC_RX_DISABLED = 4, MISC_TX_DISABLED = 8, MISC_PYTHON = 16 };
+enum { MISC_RX_DISABLED = 4, MISC_TX_DISABLED = 8, MISC_PYTHON = 16, MISC_LOG = 32 };
+#define LOG_PAGE 4096         /* VU_LOG_PAGE: one bit of the log per page */
+#define LOG_BYTES 4096
+#define DATA_OFF 0x2000       /* the first page the rings don't use */
 
 static const uint32_t mtus[4] = {1500, 68, 9000, 65535};
 
 static struct vu_dev *dev;
 static struct vu_net_dev *net;
 static uint8_t *view;
+static uint8_t before[GUEST_BYTES];   /* guest memory before the handlers ran */
 static bool verbose;    /* RING_NET_VERBOSE=1: each input's counters on stderr */
 
 /* The oracle's view of each queue: chains popped and not yet pushed or put
@@ -201,6 +211,11 @@ static void setup(void)
         abort();
     view = guest_init(dev->mem);
     verbose = getenv("RING_NET_VERBOSE") != NULL;
+    /* the dirty log, as a front-end's SET_LOG_BASE would give it */
+    int fd = memfd_create("fuzz-log", MFD_CLOEXEC);
+    if (fd < 0 || ftruncate(fd, LOG_BYTES) < 0 || vu_dev_set_log(dev, fd, LOG_BYTES, 0))
+        abort();
+    close(fd);
     /* as NetDevice.queue_handler: transmit queues are only read */
     dev->vqs[1]->ignore_write = true;
 }
@@ -208,14 +223,16 @@ static void setup(void)
 /* Sets up and starts one ring; false if it was refused, which only a packed
  * base index outside the ring may cause (and must: see ring_blk). */
 static bool start_ring(struct vu_vq *vq, uint32_t qsize, uint32_t base, uint32_t off,
-                       bool packed)
+                       bool packed, bool log)
 {
     bool base_outside = packed && (base & 0x7fff) >= qsize;
     vu_vq_reset(vq);
     if (vu_vq_set_num(vq, qsize) || vu_vq_set_base(vq, base))
         abort();
-    vu_vq_set_addr(vq, 0, GUEST_UVA_BASE + off, GUEST_UVA_BASE + off + DEVICE_OFF,
-                   GUEST_UVA_BASE + off + DRIVER_OFF, 0);
+    /* VHOST_VRING_F_LOG: used-ring writes logged at the log address, the
+     * used ring's gpa (split) or the descriptor ring's (packed) */
+    vu_vq_set_addr(vq, log ? 1 : 0, GUEST_UVA_BASE + off, GUEST_UVA_BASE + off + DEVICE_OFF,
+                   GUEST_UVA_BASE + off + DRIVER_OFF, packed ? off : off + DEVICE_OFF);
     if (vu_vq_start(vq)) {
         if (base_outside)
             return false;
@@ -265,6 +282,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         features |= 1ULL << VIRTIO_F_VERSION_1;
     if (cfg & CFG_IN_ORDER)
         features |= 1ULL << 35;     /* VIRTIO_F_IN_ORDER */
+    bool log = misc & MISC_LOG;
+    if (log)
+        features |= 1ULL << 26;     /* VHOST_F_LOG_ALL */
     if (cfg & CFG_OFFLOADS)
         features |= 1ULL << VIRTIO_NET_F_CSUM | 1ULL << VIRTIO_NET_F_HOST_TSO4 |
                     1ULL << VIRTIO_NET_F_HOST_TSO6 | 1ULL << VIRTIO_NET_F_HOST_ECN;
@@ -280,9 +300,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     memset(trk, 0, sizeof(trk));
 
     struct vu_vq *rx = dev->vqs[0], *tx = dev->vqs[1];
-    bool rx_started = start_ring(rx, rx_size, rx_base, RX_OFF, packed);
-    if (!start_ring(tx, tx_size, tx_base, TX_OFF, packed))
+    bool rx_started = start_ring(rx, rx_size, rx_base, RX_OFF, packed, log);
+    if (!start_ring(tx, tx_size, tx_base, TX_OFF, packed, log))
         return 0;
+    memset(dev->log, 0, LOG_BYTES);
+    if (log)
+        memcpy(before, view, GUEST_BYTES);
     rx->enabled = rx_started && !(misc & MISC_RX_DISABLED);
     tx->enabled = !(misc & MISC_TX_DISABLED);
     net->rxq[0] = rx;   /* as NetDevice.queue_handler, when the session attaches */
@@ -304,6 +327,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (vq->inflight != 0)
             FAIL("queue %d: the ring counts %u in flight, the oracle none\n", q, vq->inflight);
     }
+    for (size_t off = DATA_OFF; log && off < GUEST_BYTES; off += LOG_PAGE) {
+        uint64_t page = guest_gpa(off) / LOG_PAGE;
+        if (memcmp(view + off, before + off, LOG_PAGE) != 0 &&
+            !(dev->log[page / 8] & (1u << (page % 8))))
+            FAIL("guest page %#llx written but not logged dirty\n",
+                 (unsigned long long)(page * LOG_PAGE));
+    }
     const struct vu_net_stats *st = &net->stats[0];
     uint64_t tx_drops = sum(st->tx_dropped), rx_drops = sum(st->rx_dropped);
     if (verbose) {
@@ -315,7 +345,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         for (int i = 1; i < VU_NET_D__COUNT; i++)
             fprintf(stderr, " %llu/%llu", (unsigned long long)st->tx_dropped[i],
                     (unsigned long long)st->rx_dropped[i]);
-        fprintf(stderr, "; broken %d/%d\n", rx->broken, tx->broken);
+        int dirty = 0;
+        for (int i = 0; i < LOG_BYTES; i++)
+            dirty += __builtin_popcount(dev->log[i]);
+        fprintf(stderr, "; broken %d/%d; %d pages logged\n", rx->broken, tx->broken, dirty);
     }
     if (st->tx_packets + tx_drops != trk[1].pushed)
         FAIL("%llu transmit chains, %llu packets + %llu drops\n",
