@@ -167,7 +167,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         default:
             if (mem->nregions) {
                 struct vu_region *r = &mem->regions[addr % mem->nregions];
-                vu_mem_remove_region(mem, r->gpa, r->size);
+                vu_mem_remove_region(mem, r->gpa, r->size, r->uva);
             }
         }
     }
