@@ -332,15 +332,15 @@ def test_a_write_orphaned_before_its_io_uring_entry_is_submitted_never_reaches_t
         assert f.read() == pattern()
 
 
-def test_an_io_uring_that_fails_for_good_leaves_the_queue_serving_synchronously(tmp_path):
-    """io_uring_enter failing every time with an error other than EINTR,
-    EAGAIN or EBUSY (test hook vu_fault_uring_enter_errno, csrc/vu_fault.h):
-    what the kernel did not take is done in the worker, a write-through
-    write's group sync included, new requests skip the ring, the failure is
-    logged once, and freeing the device does not wait for completions that
-    never come. It used to leave them in flight for ever, and the drain at
-    the end spun on io_uring_enter. In a child process: a hang there is a
-    timeout, not a stuck test run."""
+def serve_with_uring_failing(tmp_path, err: str, sectors, then: str = "", timeout=30):
+    """A child process serves, on an io_uring file device in write-through
+    mode (a group sync per round) whose io_uring_enter fails with errno
+    `err` (test hook vu_fault_uring_enter_errno, csrc/vu_fault.h): a write
+    and its read back at each of `sectors` (the i-th writes byte i + 1),
+    a FLUSH, then the statements in `then`; it checks nothing stays in
+    flight and prints "served". In a child: a hang there is a timeout, not
+    a stuck test run. Returns the child's CompletedProcess, once the image
+    is checked."""
     script = f"""
 import errno, os, sys
 sys.path[:0] = [{os.path.dirname(__file__)!r}]
@@ -350,10 +350,10 @@ from vhostuser.native import lib
 from vhostuser_devkit.ringlab import Lab
 dev = FileDev(Path({str(tmp_path)!r}) / "disk.img", pattern())
 assert lib.vu_blk_set_io_path(dev.b, URING, URING) == 0
-dev.b.lim.writeback = False             # write-through: a group sync per round
+dev.b.lim.writeback = False
 lab = Lab(nqueues=1, size=64, prepare=lib.vu_blk_prepare_queue)
-lib.vu_fault_uring_enter_errno = errno.EINVAL
-for i, sector in enumerate((16, 32, 48)):
+lib.vu_fault_uring_enter_errno = errno.{err}
+for i, sector in enumerate({tuple(sectors)!r}):
     s, _ = request(lab, T.OUT, sector, data=bytes([i + 1]) * 4096)
     assert serve(lab, dev, s)[0] == S.OK
     s, d = request(lab, T.IN, sector)
@@ -361,19 +361,56 @@ for i, sector in enumerate((16, 32, 48)):
     assert lab.read(d, 4096) == bytes([i + 1]) * 4096
 s, _ = request(lab, T.FLUSH, 0, length=0)
 assert serve(lab, dev, s)[0] == S.OK
+{then}
 assert lab.vq(0).inflight == 0
 lab.close()
 dev.close()
 print("served")
 """
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=60)
+                       timeout=timeout)
     assert r.returncode == 0 and "served" in r.stdout, (r.returncode, r.stdout, r.stderr)
-    assert r.stderr.count("io_uring_enter failed (Invalid argument)") == 1, r.stderr
+    return r
+
+
+def assert_written(tmp_path, sectors):
+    """The image holds byte i + 1 at the i-th of `sectors` (4 KiB each)."""
     with open(tmp_path / "disk.img", "rb") as f:
         image = f.read()
-    for i, sector in enumerate((16, 32, 48)):
+    for i, sector in enumerate(sectors):
         assert image[sector * 512:sector * 512 + 4096] == bytes([i + 1]) * 4096
+
+
+def test_an_io_uring_that_fails_for_good_leaves_the_queue_serving_synchronously(tmp_path):
+    """io_uring_enter failing every time with an error other than EINTR,
+    EAGAIN or EBUSY: what the kernel did not take is done in the worker, a
+    write-through write's group sync included, new requests skip the ring,
+    the failure is logged once, and freeing the device does not wait for
+    completions that never come. It used to leave them in flight for ever,
+    and the drain at the end spun on io_uring_enter."""
+    r = serve_with_uring_failing(tmp_path, "EINVAL", (16, 32, 48), timeout=60)
+    assert r.stderr.count("io_uring_enter failed (Invalid argument)") == 1, r.stderr
+    assert_written(tmp_path, (16, 32, 48))
+
+
+@pytest.mark.parametrize("err", ["EAGAIN", "EBUSY"])
+def test_an_io_uring_short_of_resources_for_a_while_leaves_the_queue_serving(tmp_path, err):
+    """io_uring_enter refusing submissions for a while with EAGAIN (the
+    kernel could not allocate for them: memory pressure) or EBUSY (its
+    completion queue overflowed; our bound on entries in flight rules that
+    out, but a kernel may say so): what it did not take is done in the
+    worker, a write-through write's group sync included, and the ring is
+    not given up on: used again once the kernel takes entries (here: the
+    next failure, EINVAL, is the one logged). The submission used to be
+    retried without end, the worker spinning in io_uring_enter and its
+    queues stuck."""
+    then = """lib.vu_fault_uring_enter_errno = errno.EINVAL
+s, _ = request(lab, T.OUT, 48, data=bytes([3]) * 4096)
+assert serve(lab, dev, s)[0] == S.OK"""
+    r = serve_with_uring_failing(tmp_path, err, (16, 32), then)
+    assert r.stderr.count("io_uring_enter failed") == 1, r.stderr
+    assert r.stderr.count("io_uring_enter failed (Invalid argument)") == 1, r.stderr
+    assert_written(tmp_path, (16, 32, 48))
 
 
 @pytest.mark.parametrize("err", ["EAGAIN", "EBUSY"])
