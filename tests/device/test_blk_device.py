@@ -135,6 +135,25 @@ def held_round():
         lib.vu_fault_round_unlocked = ffi.NULL
 
 
+def uring_writes(image) -> BlkDevice:
+    """A device on `image` whose writes go through io_uring (skips the test
+    where there is none)."""
+    dev = BlkDevice(FileBackend(str(image)))
+    try:
+        dev.set_io_path(write="uring")
+    except ValueError:
+        dev.close()
+        pytest.skip("io_uring not available")
+    return dev
+
+
+def hold_a_write_past_4_mib(blk, held) -> None:
+    """A write at 12 MiB, checked against the 16 MiB disk, held by
+    held_round in its round (queued for io_uring, not submitted)."""
+    blk.submit([BlkRequest.write(12 * MIB // 512, b"w" * 4096)])
+    assert held.wait(10)
+
+
 @pytest.mark.parametrize("call", ["aresize", "resize"])
 def test_a_shrink_truncates_once_a_write_past_the_new_end_taken_before_has_ended(
         blk_client, image, held_round, call):
@@ -144,16 +163,10 @@ def test_a_shrink_truncates_once_a_write_past_the_new_end_taken_before_has_ended
     after it, growing the file again (the disk larger than asked, the data
     past the end back). The truncate now waits for the requests taken
     before the shrink."""
-    dev = BlkDevice(FileBackend(str(image)))
-    try:
-        dev.set_io_path(write="uring")
-    except ValueError:
-        dev.close()
-        pytest.skip("io_uring not available")
+    dev = uring_writes(image)
     held, release = held_round
     with blk_client(dev) as (srv, blk):
-        blk.submit([BlkRequest.write(12 * MIB // 512, b"w" * 4096)])
-        assert held.wait(10)
+        hold_a_write_past_4_mib(blk, held)
         if call == "aresize":
             resize = asyncio.run_coroutine_threadsafe(dev.aresize(4 * MIB), srv.loop)
         else:
@@ -174,16 +187,10 @@ def test_a_shrink_with_a_write_in_flight_past_the_timeout_keeps_the_size(
     """The write taken before still runs when the timeout passes: aresize()
     raises RequestsInFlight, and neither the file nor the disk shrank."""
     from vhostuser.errors import RequestsInFlight
-    dev = BlkDevice(FileBackend(str(image)))
-    try:
-        dev.set_io_path(write="uring")
-    except ValueError:
-        dev.close()
-        pytest.skip("io_uring not available")
+    dev = uring_writes(image)
     held, release = held_round
     with blk_client(dev) as (srv, blk):
-        blk.submit([BlkRequest.write(12 * MIB // 512, b"w" * 4096)])
-        assert held.wait(10)
+        hold_a_write_past_4_mib(blk, held)
         resize = asyncio.run_coroutine_threadsafe(dev.aresize(4 * MIB, timeout=0.2), srv.loop)
         with pytest.raises(RequestsInFlight, match=r"resize to 4194304: 1 request taken before "
                                                    r"still in flight after 0.2s"):
