@@ -448,3 +448,53 @@ def test_direct_io_on_512_byte_sectors_keeps_blk_size_512(blk_client, image):
         assert blk.config.blk_size == 512
         assert blk.execute([BlkRequest.write(1, pattern(1, 512))])[0].ok
         assert blk.read(1, 512) == pattern(1, 512)
+
+
+class KeepingDisk(BlockBackend):
+    """Misuses the API: keeps the buffers of each request (async or not)."""
+
+    def __init__(self, is_async=False):
+        self.data = bytearray(MIB)
+        self.kept = []
+        if is_async:
+            self.read, self.write = self._aread, self._awrite
+
+    def size(self):
+        return len(self.data)
+
+    def read(self, offset, bufs):
+        self.kept.append(bufs)
+        for b in bufs:
+            b[:] = self.data[offset:offset + len(b)]
+            offset += len(b)
+
+    def write(self, offset, bufs):
+        self.kept.append(bufs)
+
+    async def _aread(self, offset, bufs):
+        import asyncio
+        await asyncio.sleep(0)
+        KeepingDisk.read(self, offset, bufs)
+
+    async def _awrite(self, offset, bufs):
+        KeepingDisk.write(self, offset, bufs)
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["plain", "async"])
+@pytest.mark.parametrize("segment", [None, 512], ids=["one-buffer", "split"])
+def test_a_buffer_kept_after_its_request_completed_is_released(blk_client, is_async, segment):
+    """docs/python-api.md: bufs are valid only until the method returns (or
+    its coroutine finishes). One kept longer wrote into the guest's memory,
+    which the guest had reused since; it is now released (ValueError)."""
+    backend = KeepingDisk(is_async)
+    with blk_client(BlkDevice(backend)) as (srv, blk):
+        (r,) = blk.execute([BlkRequest.read(0, 2048, segment=segment)])
+        assert r.status == BlkStatus.OK
+        blk.execute([BlkRequest.write(8, bytes(1024), segment=segment)])
+        assert len(backend.kept) == 2
+        for bufs in backend.kept:
+            for b in bufs:
+                with pytest.raises(ValueError):
+                    b[:4] = b"evil"
+                with pytest.raises(ValueError):
+                    bytes(b)

@@ -821,6 +821,11 @@ class BlkDevice(Device):
             write = cached_write if writeback else stable_write
             # All of it in the try: whatever fails, this request alone fails,
             # and none handed to the loop is answered here too.
+            # The views handed to the back-end, released when the request
+            # ends (the guest owns its buffers again after that): one kept
+            # longer raises ValueError rather than reading or writing memory
+            # the guest reused. (Copied: the back-end may change its list.)
+            held = ()
             try:
                 if t == _IN or t == _OUT:
                     whole = by_map.get(map_id) if map_id else None
@@ -829,6 +834,7 @@ class BlkDevice(Device):
                     else:
                         r = reqs[i]
                         bufs = views.iov(r.elem.mem, r.iov, 0, r.niov)
+                    held = bufs.copy()
                     outcome = (read if t == _IN else write)(offset, bufs)
                 else:
                     outcome = self._run_request(reqs[i], writeback)
@@ -836,7 +842,8 @@ class BlkDevice(Device):
                     method = "write_fua" if t == _OUT and write is stable_write else _op(t)
                     waiting = awaitable_result(outcome)
                     if waiting is not None:
-                        self._complete_later(vq, reqs[i], waiting, method)
+                        self._complete_later(vq, reqs[i], waiting, method, held)
+                        held = ()
                         status[i] = _PENDING      # the loop's from here on
                         continue
                     self._ignored(method, outcome)
@@ -849,6 +856,9 @@ class BlkDevice(Device):
                 # Even SystemExit: a queue worker has no one to pass it to.
                 self._failed(exc, vq, reqs[i])
                 continue                          # status[i] is IOERR
+            finally:
+                if held:
+                    _release(held)
             # Done now, whatever it returned.
             status[i] = _OK
             if writeback and (t == _OUT or t == _ZEROES):
@@ -894,7 +904,7 @@ class BlkDevice(Device):
                           "block back-end failed on %s at sector %d: %s: %s", _op(r.type),
                           r.sector, type(exc).__name__, exc, exc_info=exc, source=vq.index)
 
-    def _complete_later(self, vq, r, awaitable, method: str) -> None:
+    def _complete_later(self, vq, r, awaitable, method: str, held=()) -> None:
         session = self.session
 
         async def run():
@@ -931,6 +941,8 @@ class BlkDevice(Device):
                 self._log.log("orphan", logging.WARNING,
                               "block back-end: %s at sector %d finished after its session "
                               "ended; answer dropped", _op(r.type), r.sector, source=vq.index)
+            # Its buffers are the guest's again from here on.
+            _release(held)
             # vq and r stay valid until this call: the element holds them.
             lib.vu_blk_finish(vq, r, status, True)
             with self._late_lock:
@@ -978,6 +990,18 @@ async def _despite_cancel(future: asyncio.Future) -> None:
             cancelled = exc
     if cancelled is not None:
         raise cancelled
+
+
+def _release(views) -> None:
+    """Releases the views a request's back-end method got, once the request
+    ended: using one afterwards raises ValueError. One the back-end still
+    exports (a buffer taken from it and kept) stays; its mapping, in any
+    case, stays until the last view of it is gone (GuestViews)."""
+    for v in views:
+        try:
+            v.release()
+        except BufferError:
+            pass
 
 
 def _op(t: int) -> str:
