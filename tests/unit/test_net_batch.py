@@ -234,6 +234,32 @@ def test_a_frame_used_after_transmit_is_refused(rig):
     assert lab.used_split(0) == []
 
 
+def test_a_frame_looked_at_during_transmit_is_refused_afterwards(rig):
+    """A frame whose views (or data) were read during transmit, kept: its
+    views are released and the frame raises StaleFrameError, rather than
+    reading or writing the buffer the guest may have reused."""
+    lab, efd, make = rig
+
+    def keep(be, qp, frames):
+        for f in frames:
+            be.kept.append((f, f.views, f.tobytes()))
+    dev = make(keep)
+    post_rx(lab, [2048] * 4)
+    sent = frames_of(2)
+    transmit(lab, dev, sent, split_at=30)
+    assert [k[2] for k in dev.backend.kept] == sent
+    for f, views, _data in dev.backend.kept:
+        for use in (lambda: f.tobytes(), lambda: f.views, lambda: dev.inject_many([f])):
+            with pytest.raises(StaleFrameError):
+                use()
+        for v in views:
+            with pytest.raises(ValueError):
+                v[:1] = b"x"
+            with pytest.raises(ValueError):
+                bytes(v)
+    assert lab.used_split(0) == []
+
+
 def test_frames_looked_at_keep_their_values(rig):
     """length and header read during transmit stay readable afterwards."""
     lab, efd, make = rig

@@ -151,9 +151,11 @@ class Frame:
 
     @property
     def views(self) -> list[memoryview]:
-        if self._views is None:
+        if self._batch is not None:
+            # Looked at during transmit or not: the views end with it.
             c = self._check()
-            self._views = self._batch._device._views.iov(c.elem.mem, c.iov, 0, c.niov)
+            if self._views is None:
+                self._views = self._batch._device._views.iov(c.elem.mem, c.iov, 0, c.niov)
         return self._views
 
     @property
@@ -171,9 +173,10 @@ class Frame:
 
     def tobytes(self) -> bytes:
         batch = self._batch
-        if batch is not None and self._views is None:
+        if batch is not None:
             if not batch._live:
                 raise StaleFrameError("a frame's data is valid only during transmit()")
+        if batch is not None and self._views is None:
             _length, niov, base0, len0 = (batch._desc or batch._describe())[self._i]
             if niov == 1:
                 return string_at(base0, len0)     # one copy, straight from guest memory
@@ -226,6 +229,20 @@ class FrameBatch(Sequence):
     def __iter__(self):
         for i in range(self._n):
             yield self._frame(i)
+
+    def _end(self) -> None:
+        """transmit() returned: the frames go back to the guest. The views
+        made of them are released (ValueError on use, rather than touching
+        a buffer the guest may have reused); one the back-end still exports
+        (a buffer taken from it and kept) stays, its mapping pinned."""
+        self._live = False
+        for f in self._frames or ():
+            if f is not None and f._views:
+                for v in f._views:
+                    try:
+                        v.release()
+                    except BufferError:
+                        pass
 
     # helpers for Frame, with the C types at hand
     def _describe(self) -> list:

@@ -372,7 +372,7 @@ class NetDevice(Device):
             with self._tx_locks[qp]:
                 self._transmit(qp, batch)
         finally:
-            batch._live = False
+            batch._end()
 
 
 #: types whose len() is their size in bytes
