@@ -260,6 +260,87 @@ def test_a_frame_looked_at_during_transmit_is_refused_afterwards(rig):
     assert lab.used_split(0) == []
 
 
+class _PausingLib:
+    """vhostuser.net.device's lib, with vu_net_inject_frames held until
+    `go` is set (at most 1 s): an injection racing the end of transmit()."""
+
+    def __init__(self, real, go):
+        self._real, self._go = real, go
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def vu_net_inject_frames(self, *args):
+        self._go.wait(1.0)
+        return self._real.vu_net_inject_frames(*args)
+
+
+def inject_from_another_thread(whole: bool) -> None:
+    """The scenario of the test below (run in a child process: it may
+    crash). Prints the outcome: "stale", or whether what reached the guest
+    is what it sent."""
+    import threading
+
+    import vhostuser.net.device as netdev
+    lab = make_lab()
+    go = threading.Event()
+    netdev.lib = _PausingLib(lib, go)
+    outcome = []
+
+    def inject(frames):
+        try:
+            outcome.append(dev.inject_many(frames if whole else list(frames)))
+        except StaleFrameError:
+            outcome.append("stale")
+
+    threads = []
+
+    def hand_off(be, qp, frames):
+        t = threading.Thread(target=inject, args=(frames,))
+        t.start()
+        threads.append(t)
+    dev = device(lab, Batcher(hand_off))
+    gpas = post_rx(lab, [2048] * 4)
+    sent = frames_of(2)
+    tx = []
+    for f in sent:
+        g = lab.alloc(12 + len(f))
+        lab.write(g, ZERO_HDR + f)
+        tx.append((lab.add_split_chain(1, [(g, 12 + len(f), False)]), g, 12 + len(f)))
+    lab.publish_split(1, [h for h, _, _ in tx])
+    lib.vu_net_handler(dev._net, lab.vq(1))
+    for _, g, n in tx:                     # the guest reuses its buffers
+        lab.write(g, b"R" * n)
+    go.set()
+    threads[0].join(5)
+    assert not threads[0].is_alive()
+    if outcome == ["stale"]:
+        print("stale")
+    else:
+        assert outcome == [2], outcome
+        print("intact" if received(lab, gpas, lab.used_split(0)) == sent else "reused")
+    dev._net.rxq[0] = ffi.NULL
+    dev.close()
+    lab.close()
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["batch", "frames"])
+def test_a_batch_injected_from_another_thread_is_not_read_after_transmit_returned(whole):
+    """A back-end hands its batch to a thread of its own, which injects it
+    while transmit() returns: the frames go back to the guest, which reuses
+    their buffers. The injection either runs before they go back (the
+    batch's end waits for it) or raises StaleFrameError; it read the reused
+    buffers, and the frames' elements, released (segfaults)."""
+    import subprocess
+    import sys
+    script = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+              f"import test_net_batch as t; t.inject_from_another_thread({whole})")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.strip() in ("intact", "stale"), out.stdout
+
+
 def test_frames_looked_at_keep_their_values(rig):
     """length and header read during transmit stay readable afterwards."""
     lab, efd, make = rig

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from ctypes import string_at
 from dataclasses import dataclass, field
@@ -145,43 +146,50 @@ class Frame:
         self._i = 0
 
     def _check(self):
+        """The frame's C side, while its batch lasts (the caller holds the
+        batch's lock: transmit() returning waits for it to let go)."""
         if not self._batch._live:
             raise StaleFrameError("a frame's data is valid only during transmit()")
         return self._c
 
     @property
     def views(self) -> list[memoryview]:
-        if self._batch is not None:
+        batch = self._batch
+        if batch is not None:
             # Looked at during transmit or not: the views end with it.
-            c = self._check()
-            if self._views is None:
-                self._views = self._batch._device._views.iov(c.elem.mem, c.iov, 0, c.niov)
+            with batch._lock:
+                c = self._check()
+                if self._views is None:
+                    self._views = batch._device._views.iov(c.elem.mem, c.iov, 0, c.niov)
         return self._views
 
     @property
     def header(self) -> bytes:
         if self._header is None:
-            self._header = self._batch._header(self._check())
+            with self._batch._lock:
+                self._header = self._batch._header(self._check())
         return self._header
 
     @property
     def length(self) -> int:
         if self._length is None:
-            self._check()
-            self._length = self._batch._describe()[self._i][0]
+            with self._batch._lock:
+                self._check()
+                self._length = self._batch._describe()[self._i][0]
         return self._length
 
     def tobytes(self) -> bytes:
         batch = self._batch
-        if batch is not None:
-            if not batch._live:
-                raise StaleFrameError("a frame's data is valid only during transmit()")
-        if batch is not None and self._views is None:
-            _length, niov, base0, len0 = (batch._desc or batch._describe())[self._i]
-            if niov == 1:
-                return string_at(base0, len0)     # one copy, straight from guest memory
-            return batch._bytes(self._c)
-        return b"".join(bytes(v) for v in self.views)
+        if batch is None:
+            return b"".join(bytes(v) for v in self.views)
+        with batch._lock:
+            c = self._check()
+            if self._views is None:
+                _length, niov, base0, len0 = (batch._desc or batch._describe())[self._i]
+                if niov == 1:
+                    return string_at(base0, len0)     # one copy, straight from guest memory
+                return batch._bytes(c)
+            return b"".join(bytes(v) for v in self._views)
 
 
 class FrameBatch(Sequence):
@@ -190,13 +198,18 @@ class FrameBatch(Sequence):
     (or a list of its frames) to ``inject_many`` to send them on without
     copying them into Python."""
 
-    __slots__ = ("_device", "_c", "_n", "_live", "_frames", "_desc")
+    __slots__ = ("_device", "_c", "_n", "_live", "_frames", "_desc", "_lock")
 
     def __init__(self, device, frames, n: int):
         self._device = device
         self._c = frames            # struct vu_net_frame *[n], the worker's
         self._n = n
         self._live = True
+        # Held while the frames' C side or guest memory is read (from any
+        # thread: a back-end may hand the batch to one of its own): the end
+        # of transmit() waits for it, so nothing reads them once they are
+        # the guest's again (or their elements reused), but StaleFrameError.
+        self._lock = threading.RLock()
         self._frames = None
         self._desc = None
 
@@ -235,7 +248,8 @@ class FrameBatch(Sequence):
         made of them are released (ValueError on use, rather than touching
         a buffer the guest may have reused); one the back-end still exports
         (a buffer taken from it and kept) stays, its mapping pinned."""
-        self._live = False
+        with self._lock:
+            self._live = False
         for f in self._frames or ():
             if f is not None and f._views:
                 for v in f._views:

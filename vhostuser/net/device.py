@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import array
 import concurrent.futures
+import contextlib
 import inspect
 import logging
 import os
@@ -290,15 +291,31 @@ class NetDevice(Device):
         if not 0 <= queue_pair < self.queue_pairs:
             raise ValueError(f"queue pair {queue_pair} out of range")
         if type(frames) is FrameBatch:
-            if not frames._live:
-                raise StaleFrameError("a frame batch is valid only during transmit()")
-            # The C side counts a queue not attached (atomically: workers
-            # count into the same counters).
-            with self._attach_lock:
-                return lib.vu_net_inject_frames(self._net, queue_pair, frames._c, frames._n)
+            # Its lock: the transmit() it came from, maybe on another
+            # thread, returns only once this is done with its frames.
+            with frames._lock:
+                if not frames._live:
+                    raise StaleFrameError("a frame batch is valid only during transmit()")
+                # The C side counts a queue not attached (atomically:
+                # workers count into the same counters).
+                with self._attach_lock:
+                    return lib.vu_net_inject_frames(self._net, queue_pair, frames._c, frames._n)
         items = frames if isinstance(frames, list) else list(frames)
         if not items:
             return 0
+        batches = {id(f._batch): f._batch for f in items
+                   if type(f) is Frame and f._batch is not None}
+        if not batches:
+            return self._inject_items(items, queue_pair)
+        with contextlib.ExitStack() as held:
+            # In one order (of id) whatever the call: two threads injecting
+            # frames of the same batches never wait for each other's.
+            for key in sorted(batches):
+                held.enter_context(batches[key]._lock)
+            return self._inject_items(items, queue_pair)
+
+    def _inject_items(self, items: list, queue_pair: int) -> int:
+        """inject_many() of a list, the locks of its frames' batches held."""
         kinds = {type(f) for f in items}
         if kinds <= _PLAIN_BYTES:
             # bytes objects: laid end to end by join (C speed), one C call
