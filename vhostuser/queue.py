@@ -23,15 +23,28 @@ class QueueStats:
 class Element:
     """One descriptor chain. ``readable``: buffers the driver filled;
     ``writable``: buffers the device fills. Fill them before completing:
-    the guest owns them again after that. (A view kept longer never faults:
-    its mapping stays until the view is gone.)"""
+    the guest owns them again after that, and the views handed out are
+    released then (ValueError on use: not a read or write of memory the
+    guest reused; one still exported, a buffer taken from it and kept,
+    stays, and never faults: its mapping stays until the view is gone)."""
 
-    __slots__ = ("queue", "_elem", "_done")
+    __slots__ = ("queue", "_elem", "_done", "_views")
 
     def __init__(self, queue: "Queue", elem_ptr):
         self.queue = queue
         self._elem = elem_ptr
         self._done = False
+        self._views: list[memoryview] | None = None
+
+    def _handed_out(self, views: list[memoryview]) -> list[memoryview]:
+        if self._done:
+            raise ValueError(f"element {self.id} on queue {self.queue.index} completed: "
+                             f"its buffers are the guest's again")
+        if self._views is None:
+            self._views = list(views)
+        else:
+            self._views.extend(views)
+        return views
 
     @property
     def id(self) -> int:
@@ -40,12 +53,12 @@ class Element:
     @property
     def readable(self) -> list[memoryview]:
         e = self._elem
-        return self.queue._views.iov(e.mem, e.iov, 0, e.out_num)
+        return self._handed_out(self.queue._views.iov(e.mem, e.iov, 0, e.out_num))
 
     @property
     def writable(self) -> list[memoryview]:
         e = self._elem
-        return self.queue._views.iov(e.mem, e.iov, e.out_num, e.in_num)
+        return self._handed_out(self.queue._views.iov(e.mem, e.iov, e.out_num, e.in_num))
 
     @property
     def readable_len(self) -> int:
@@ -83,6 +96,12 @@ class Element:
         if self._done:
             raise ValueError(f"element {self.id} on queue {self.queue.index} completed twice")
         self._done = True
+        views, self._views = self._views, None
+        for view in views or ():
+            try:
+                view.release()
+            except BufferError:
+                pass
         if notify is None:
             notify = not self.queue._in_batch
         vq = self.queue._vq

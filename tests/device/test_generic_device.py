@@ -250,3 +250,34 @@ def test_a_completion_made_before_a_stop_reaches_the_ring(serve, packed):
         device.gate.set()
         assert len(echo(mem, vq, [b"resumed"])) == 1
         assert srv.error is None
+
+
+class KeepingEcho(EchoDevice):
+    """Misuses the API: keeps each element's views past its completion."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.kept = []
+
+    def handle_batch(self, queue, elements):
+        for element in elements:
+            self.kept.append(element.readable + element.writable)
+        super().handle_batch(queue, elements)
+
+
+def test_a_view_kept_after_its_element_completed_is_released(serve):
+    """vhostuser/queue.py: an element's views are the guest's again once it
+    completes. One kept longer read and wrote guest memory the guest had
+    reused since; it is now released (ValueError)."""
+    device = KeepingEcho(num_queues=1)
+    with serve(device) as (srv, fe):
+        mem, (vq,) = setup(fe, packed=False, queues=1)
+        echo(mem, vq, [b"abc" * 100, b"de" * 7])
+        assert len(device.kept) == 2
+        for views in device.kept:
+            assert len(views) == 2
+            for v in views:
+                with pytest.raises(ValueError):
+                    v[:1] = b"x"
+                with pytest.raises(ValueError):
+                    bytes(v)
