@@ -5,6 +5,7 @@ straight over guest memory: no copy between the guest and the handler.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 from .memory import GuestViews
@@ -95,6 +96,16 @@ class Element:
         """
         if self._done:
             raise ValueError(f"element {self.id} on queue {self.queue.index} completed twice")
+        # Checked before the element is marked done: refused, it can still
+        # be completed (a wrong value must not keep it from the guest).
+        try:
+            written = operator.index(written)
+        except TypeError:
+            raise TypeError(f"element {self.id} on queue {self.queue.index}: written must be "
+                            f"an int, not {type(written).__name__}") from None
+        if not 0 <= written <= 0xFFFFFFFF:
+            raise ValueError(f"element {self.id} on queue {self.queue.index}: written "
+                             f"{written} out of range")
         self._done = True
         views, self._views = self._views, None
         for view in views or ():
@@ -102,8 +113,7 @@ class Element:
                 view.release()
             except BufferError:
                 pass
-        if notify is None:
-            notify = not self.queue._in_batch
+        notify = not self.queue._in_batch if notify is None else bool(notify)
         vq = self.queue._vq
         # Under the device read lock, published at once: a batch runs
         # without the lock, and the control plane remaps the ring, swaps the

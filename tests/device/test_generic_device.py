@@ -281,3 +281,33 @@ def test_a_view_kept_after_its_element_completed_is_released(serve):
                     v[:1] = b"x"
                 with pytest.raises(ValueError):
                     bytes(v)
+
+
+class BadLengthEcho(EchoDevice):
+    """Completes each element with a wrong `written` first, then right."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.errors = []
+
+    def handle_batch(self, queue, elements):
+        for element in elements:
+            n = element.write(element.read_all())
+            for wrong in (-1, 1 << 32, 2.0, "3", None):
+                try:
+                    element.complete(wrong)
+                except (TypeError, ValueError) as exc:
+                    self.errors.append(type(exc))
+            element.complete(n)
+
+
+def test_complete_with_a_wrong_length_is_refused_and_leaves_the_element_to_complete(serve):
+    """complete(-1) (or a float, a str) raised cffi's OverflowError or
+    TypeError after marking the element done: it could never be completed,
+    and the guest waited for it for ever. It is now refused before (a
+    ValueError or TypeError) and the element completes as usual."""
+    device = BadLengthEcho(num_queues=1)
+    with serve(device) as (srv, fe):
+        mem, (vq,) = setup(fe, packed=False, queues=1)
+        assert len(echo(mem, vq, [b"abc" * 100, b"de" * 7])) == 2
+    assert device.errors == [ValueError, ValueError, TypeError, TypeError, TypeError] * 2
