@@ -592,6 +592,63 @@ def test_a_cancelled_future_of_the_close_flush_is_a_failed_flush(caplog):
     assert "block back-end: flush before close failed: it was cancelled" in caplog.text
 
 
+class PipeReadDisk(Disk):
+    """read() hands os.readv(pipe, bufs) to an executor: the guest's
+    buffers are written when the test writes into the pipe."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.rfd, self.wfd = os.pipe()
+        self.started = threading.Event()
+
+    def read(self, offset, bufs):
+        def work():
+            self.started.set()
+            return os.readv(self.rfd, bufs)
+        return self.pool.submit(work)
+
+    def close(self):
+        self.pool.shutdown()
+        os.close(self.rfd)
+        os.close(self.wfd)
+
+
+def test_a_cancelled_request_waits_for_its_executor_work_still_running(blk_client):
+    """The request of a Future already running in its executor, cancelled
+    (its loop ending cancels what is left), was answered at once while the
+    work still wrote into its buffers: into memory the guest had back. It
+    is now answered once the work has ended."""
+    from vhostuser.frontend.connection import FrontendTimeout
+    disk = PipeReadDisk()
+    with blk_client(BlkDevice(disk)) as (srv, blk):
+        try:
+            blk.submit([BlkRequest.read(0, 512)])
+            assert disk.started.wait(5)
+
+            async def cancel_request():
+                # once it waits for the work (cancelled before it starts, a
+                # coroutine runs nothing at all)
+                while True:
+                    tasks = [t for t in asyncio.all_tasks()
+                             if "_complete_later" in t.get_coro().__qualname__
+                             and inspect.getcoroutinestate(t.get_coro()) == "CORO_SUSPENDED"]
+                    if tasks:
+                        break
+                    await asyncio.sleep(0.01)
+                for task in tasks:
+                    task.cancel()
+                return len(tasks)
+            assert asyncio.run_coroutine_threadsafe(cancel_request(), srv.loop).result(5) == 1
+            with pytest.raises(FrontendTimeout):
+                blk.reap(1, timeout=0.5)        # the work still writes into its buffer
+        finally:
+            os.write(disk.wfd, b"late" * 128)
+        [r] = blk.reap(1, timeout=5)
+        assert r.status == BlkStatus.IOERR
+        blk.write(8, b"still serving".ljust(512))
+
+
 class ChangingLifetime(Lifetime):
     """lifetime() has metrics when first asked, none afterwards."""
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
 import logging
@@ -919,8 +920,11 @@ class BlkDevice(Device):
                 status = BlkStatus.OK
             except asyncio.CancelledError as exc:
                 # The loop is going away (exit): answer, so the request is
-                # released rather than left in flight forever.
+                # released rather than left in flight forever; but not
+                # while an executor still runs its work, which writes into
+                # (or reads) the buffers the answer gives back to the guest.
                 status, reraise = BlkStatus.IOERR, exc
+                await _work_ended(awaitable)
             except Unsupported as exc:
                 log.debug("block back-end: %s at sector %d unsupported: %s", _op(r.type),
                           r.sector, exc)
@@ -990,6 +994,24 @@ async def _despite_cancel(future: asyncio.Future) -> None:
             cancelled = exc
     if cancelled is not None:
         raise cancelled
+
+
+async def _work_ended(awaitable) -> None:
+    """Returns once the executor work behind a back-end's Future (an
+    awaitable_result of one) has ended: cancelled if it has not started,
+    else awaited to its end, cancelled meanwhile or not. Nothing for a
+    coroutine: cancelled, it has ended."""
+    future = getattr(awaitable, "future", None)
+    if not isinstance(future, concurrent.futures.Future) or future.cancel() or future.done():
+        return
+    ended = asyncio.wrap_future(future)
+    while not ended.done():
+        try:
+            await asyncio.shield(ended)
+        except asyncio.CancelledError:
+            continue            # cancelled again (the loop ending): still waited for
+        except BaseException:
+            break               # its failure: the request fails anyway
 
 
 def _release(views) -> None:
