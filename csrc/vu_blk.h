@@ -39,6 +39,10 @@ struct vu_blk_group {
 
 struct vu_blk_dev {
     struct vu_blk_limits lim;
+    /* Read by every queue's worker at each parse, changed only under the
+     * device lock held for writing (workers parse under it for reading):
+     * kept with the limits, away from the counts that change per request. */
+    uint64_t barrier_epoch;
     int backend;
     int fd;                 /* FILE */
     bool direct;            /* FILE opened O_DIRECT: bounce unaligned buffers */
@@ -74,12 +78,11 @@ struct vu_blk_dev {
     uint64_t throttled[VU_BLK_MAX_QUEUES];   /* times the queue waited for QoS tokens */
     /* Barriers (vu_blk_barrier_begin): each request, from its parse to its
      * completion (or drop), counts in barrier_inflight[its queue][the parity
-     * of barrier_epoch when it was parsed]. barrier_epoch changes only under
-     * the device lock held for writing (workers parse under it for
-     * reading); the counts are atomic, as completions come from other
-     * threads (a Python back-end's coroutines). */
-    uint64_t barrier_epoch;
-    uint64_t barrier_inflight[VU_BLK_MAX_QUEUES][8];  /* [q][0..1]; 8: a cache line a queue */
+     * of barrier_epoch when it was parsed]. The counts are atomic, as
+     * completions come from other threads (a Python back-end's
+     * coroutines); a cache line a queue (vu_blk_new aligns the device), so
+     * queues' workers don't take lines from each other. */
+    uint64_t barrier_inflight[VU_BLK_MAX_QUEUES][8] __attribute__((aligned(64)));  /* [q][0..1] */
     struct vu_qos qos;
     int qos_timer[VU_BLK_MAX_QUEUES];        /* timerfd that wakes a throttled queue */
     uint64_t timer_worker[VU_BLK_MAX_QUEUES];  /* the same for qos_timer */
