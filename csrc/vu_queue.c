@@ -171,8 +171,12 @@ int vu_vq_set_num(struct vu_vq *vq, uint32_t num)
         /* The resubmit list, its blockers and the packed batch list are
          * sized with the ring when it starts and kept over a restart at
          * the same size: at another size they are made afresh (the
-         * inflight region reads as fresh then anyway, desc_num). */
+         * inflight region reads as fresh then anyway, desc_num). Under
+         * the queue lock, as in vu_vq_reset: an orphan's completion on
+         * another thread reads the blockers under it (release_resubmit). */
+        pthread_mutex_lock(&vq->lock);
         free_ring_state(vq);
+        pthread_mutex_unlock(&vq->lock);
     }
     vq->size = (uint16_t)num;
     return 0;
