@@ -88,10 +88,12 @@ static inline uint32_t net_put_header(struct vu_elem *e, const struct vu_net_hdr
     return net_scatter_flat(e, 0, (const uint8_t *)hdr, hdr_len);
 }
 
-/* Adds to a receive counter. A receive queue gets frames from several
+/* Adds to a receive drop counter. A receive queue gets frames from several
  * threads (the loop's inject(), a worker's TAP or loopback, the switch),
- * each counting outside the queue's receive lock or under none: an atomic
- * add, so none is lost (relaxed: only the sums matter). */
+ * and drops are counted outside the queue's receive lock or under none: an
+ * atomic add, so none is lost (relaxed: only the sums matter). The
+ * delivered counts (rx_packets, rx_bytes, rx_gso, rx_csum_partial) are
+ * plain adds under the receive lock, which every delivery holds. */
 static inline void net_rx_count(uint64_t *counter, uint64_t n)
 {
     if (n)

@@ -83,14 +83,16 @@ int vu_net_rx_deliver(struct vu_net_dev *n, uint32_t qp, const struct vu_net_hdr
     struct src_cursor src = {&one, 1, 0, 0};
     pthread_mutex_lock(&n->rx_lock[qp]);
     int why = deliver_locked(n, vq, &hdr, &src, len);
+    if (!why) {
+        struct vu_net_stats *st = &n->stats[qp];
+        st->rx_packets++;
+        st->rx_gso += hdr.gso_type != VIRTIO_NET_HDR_GSO_NONE;
+        st->rx_csum_partial += !!(hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM);
+        st->rx_bytes += len;
+    }
     pthread_mutex_unlock(&n->rx_lock[qp]);
     if (why)
         return net_rx_drop(n, qp, why);
-    struct vu_net_stats *st = &n->stats[qp];
-    net_rx_count(&st->rx_packets, 1);
-    net_rx_count(&st->rx_gso, hdr.gso_type != VIRTIO_NET_HDR_GSO_NONE);
-    net_rx_count(&st->rx_csum_partial, !!(hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM));
-    net_rx_count(&st->rx_bytes, len);
     return 0;
 }
 
@@ -154,8 +156,8 @@ static int inject_many(struct vu_net_dev *n, uint32_t qp, int count, inject_src_
             delivered++;
             bytes += len;
         }
-        net_rx_count(&st->rx_packets, (uint64_t)delivered);
-        net_rx_count(&st->rx_bytes, bytes);
+        st->rx_packets += (uint64_t)delivered;
+        st->rx_bytes += bytes;
     }
     pthread_mutex_unlock(&n->rx_lock[qp]);
     if (delivered) {

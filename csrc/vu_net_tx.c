@@ -156,10 +156,10 @@ static void loop_back_burst(struct vu_net_dev *n, uint32_t qp, struct vu_elem **
         for (int j = lb->got - 1; j >= done; j--)   /* newest first */
             vu_vq_unpop(rx, bufs[j]);
         vu_vq_push_burst(rx, bufs, used, done);
+        n->stats[qp].rx_packets += (uint64_t)done;
+        n->stats[qp].rx_bytes += bytes;
         pthread_mutex_unlock(&n->rx_lock[qp]);
         lb->locked = false;
-        net_rx_count(&n->stats[qp].rx_packets, (uint64_t)done);
-        net_rx_count(&n->stats[qp].rx_bytes, bytes);
     }
     for (int j = done; j < cnt; j++)
         loop_back(n, qp, tx[j], lens[j]);
