@@ -37,14 +37,25 @@ class Element:
         self._done = False
         self._views: list[memoryview] | None = None
 
-    def _handed_out(self, views: list[memoryview]) -> list[memoryview]:
+    def _check_live(self) -> None:
         if self._done:
             raise ValueError(f"element {self.id} on queue {self.queue.index} completed: "
                              f"its buffers are the guest's again")
+
+    def _handed_out(self, views: list[memoryview]) -> list[memoryview]:
         if self._views is None:
             self._views = list(views)
         else:
             self._views.extend(views)
+        if self._done:
+            # complete() ran in another thread while these were made: it
+            # released the list before they were in it.
+            for view in views:
+                try:
+                    view.release()
+                except BufferError:
+                    pass
+            self._check_live()
         return views
 
     @property
@@ -53,11 +64,15 @@ class Element:
 
     @property
     def readable(self) -> list[memoryview]:
+        # Checked before translating: once completed the C element's
+        # memory table is gone (NULL) and translating would fault.
+        self._check_live()
         e = self._elem
         return self._handed_out(self.queue._views.iov(e.mem, e.iov, 0, e.out_num))
 
     @property
     def writable(self) -> list[memoryview]:
+        self._check_live()
         e = self._elem
         return self._handed_out(self.queue._views.iov(e.mem, e.iov, e.out_num, e.in_num))
 

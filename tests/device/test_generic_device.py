@@ -283,6 +283,51 @@ def test_a_view_kept_after_its_element_completed_is_released(serve):
                     bytes(v)
 
 
+class AskingAfterCompleteEcho(EchoDevice):
+    """Misuses the API: asks for an element's views after completing it."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.errors = []
+
+    def handle_batch(self, queue, elements):
+        super().handle_batch(queue, elements)
+        for element in elements:
+            for name in ("readable", "writable"):
+                try:
+                    getattr(element, name)
+                except ValueError as exc:
+                    self.errors.append(str(exc))
+
+
+def ask_for_views_after_complete(path):
+    """Run in a child process (the old code died of a segfault)."""
+    device = AskingAfterCompleteEcho(num_queues=1)
+    with BackgroundServer(device, path):
+        with Frontend.connect(path) as fe:
+            mem, (vq,) = setup(fe, packed=False, queues=1)
+            echo(mem, vq, [b"abc" * 100, b"de" * 7])
+    assert len(device.errors) == 4, device.errors
+    assert all("completed" in e for e in device.errors), device.errors
+    print("refused")
+
+
+def test_views_asked_for_after_complete_are_refused(tmp_path):
+    """vhostuser/queue.py: readable/writable asked after complete() translated
+    the released element's buffers (its mem is NULL by then: a segfault)
+    before checking that it had completed. They now raise ValueError."""
+    import os
+    import subprocess
+    import sys
+    script = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+              f"import test_generic_device as t; "
+              f"t.ask_for_views_after_complete({str(tmp_path / 'dev.sock')!r})")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.strip() == "refused", out.stdout
+
+
 class BadLengthEcho(EchoDevice):
     """Completes each element with a wrong `written` first, then right."""
 
