@@ -649,6 +649,66 @@ def test_a_cancelled_request_waits_for_its_executor_work_still_running(blk_clien
         blk.write(8, b"still serving".ljust(512))
 
 
+class GatedWriteDisk(Disk):
+    """write() hands the copy of the guest's buffers to an executor, where
+    it waits for the test's go first; no write_fua of its own (the default,
+    write() then flush(), is a coroutine awaiting write()'s Future)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.started = threading.Event()
+        self.go = threading.Event()
+        self.copied = []
+
+    def write(self, offset, bufs):
+        def work():
+            self.started.set()
+            self.go.wait(10)
+            try:
+                self.copied.append(b"".join(bytes(b) for b in bufs))
+            except ValueError:
+                self.copied.append("released")
+        return self.pool.submit(work)
+
+    def close(self):
+        self.go.set()
+        self.pool.shutdown()
+
+
+def test_a_cancelled_write_through_write_waits_for_its_executor_work_still_running(blk_client):
+    """In write-through mode the default write_fua() wraps write()'s Future
+    in a coroutine; cancelled (the loop ending), the request was answered
+    at once while the executor still read its buffers (memory the guest had
+    back). It is now answered once the work has ended."""
+    from vhostuser.frontend.connection import FrontendTimeout
+    disk = GatedWriteDisk()
+    with blk_client(BlkDevice(disk), features=WRITE_THROUGH) as (srv, blk):
+        try:
+            blk.submit([BlkRequest.write(0, b"w" * 512)])
+            assert disk.started.wait(5)
+
+            async def cancel_request():
+                while True:
+                    tasks = [t for t in asyncio.all_tasks()
+                             if "_complete_later" in t.get_coro().__qualname__
+                             and inspect.getcoroutinestate(t.get_coro()) == "CORO_SUSPENDED"]
+                    if tasks:
+                        break
+                    await asyncio.sleep(0.01)
+                for task in tasks:
+                    task.cancel()
+                return len(tasks)
+            assert asyncio.run_coroutine_threadsafe(cancel_request(), srv.loop).result(5) == 1
+            with pytest.raises(FrontendTimeout):
+                blk.reap(1, timeout=0.5)        # the work still reads its buffers
+        finally:
+            disk.go.set()
+        [r] = blk.reap(1, timeout=5)
+        assert r.status == BlkStatus.IOERR
+        assert disk.copied == [b"w" * 512]
+
+
 class ChangingLifetime(Lifetime):
     """lifetime() has metrics when first asked, none afterwards."""
 

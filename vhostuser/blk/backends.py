@@ -219,7 +219,15 @@ def awaitable_result(outcome):
 class _Waiting:
     """A concurrent.futures.Future awaited on whichever event loop awaits
     this (not a coroutine: it is never closed unawaited, as its work runs
-    already)."""
+    already).
+
+    Cancelled while awaited (the loop ending cancels what is left), it
+    cancels the work if it has not started, else waits for it to its end
+    (cancelled again or not) before raising the CancelledError: the work
+    reads or writes a request's buffers, which the guest gets back once the
+    request is answered. So does any coroutine awaiting it (the default
+    write_fua, write_zeroes). A wait that must not outlast a timeout, and
+    touches no buffers (a flush), awaits :func:`_unbound` of it instead."""
 
     __slots__ = ("future",)
 
@@ -227,7 +235,31 @@ class _Waiting:
         self.future = future
 
     def __await__(self):
-        return asyncio.wrap_future(self.future).__await__()
+        return _to_its_end(self.future).__await__()
+
+
+async def _to_its_end(future: concurrent.futures.Future):
+    ended = asyncio.wrap_future(future)
+    cancelled = None
+    while not ended.done():
+        try:
+            await asyncio.shield(ended)
+        except asyncio.CancelledError as exc:
+            if ended.done() or future.cancel():
+                raise           # the work was cancelled, or has ended, or never starts
+            cancelled = exc     # still running: waited for, cancelled again or not
+    if cancelled is not None:
+        raise cancelled
+    return ended.result()
+
+
+def _unbound(awaitable):
+    """A _Waiting as a plain wait on its Future (cancelled, it returns at
+    once; wait_for's timeout holds); anything else as it is. For work that
+    touches no request buffers (a flush)."""
+    if isinstance(awaitable, _Waiting):
+        return asyncio.wrap_future(awaitable.future)
+    return awaitable
 
 
 async def _then_flush(backend: BlockBackend, written) -> None:
@@ -263,7 +295,7 @@ async def stabilising_flush_on_loop(backend: BlockBackend):
 
 async def _awaited_stabilising(flushed):
     try:
-        return await flushed
+        return await _unbound(flushed)
     except Unsupported as exc:
         raise _not_stable(exc) from None
 

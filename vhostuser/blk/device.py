@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import inspect
 import logging
@@ -25,7 +24,8 @@ from ..protocol import Request, bits
 from ..queue import Queue
 from ..qos import QosLimits
 from .backends import (BackendError, BlockBackend, FileBackend, RamBackend, Unsupported,
-                       awaitable_result, stabilising_flush, stabilising_flush_on_loop)
+                       _unbound, awaitable_result, stabilising_flush,
+                       stabilising_flush_on_loop)
 from .spec import (CONFIG_WRITEBACK_OFFSET, ID_BYTES, LIFETIME, SECTOR, BlkConfig, BlkFeature,
                    BlkStatus, BlkType)
 
@@ -920,11 +920,12 @@ class BlkDevice(Device):
                 status = BlkStatus.OK
             except asyncio.CancelledError as exc:
                 # The loop is going away (exit): answer, so the request is
-                # released rather than left in flight forever; but not
-                # while an executor still runs its work, which writes into
-                # (or reads) the buffers the answer gives back to the guest.
+                # released rather than left in flight forever. Not while an
+                # executor still runs its work, which writes into (or reads)
+                # the buffers the answer gives back to the guest: a _Waiting
+                # (backends.py), and so any coroutine awaiting one, raises
+                # this only once that work has ended.
                 status, reraise = BlkStatus.IOERR, exc
-                await _work_ended(awaitable)
             except Unsupported as exc:
                 log.debug("block back-end: %s at sector %d unsupported: %s", _op(r.type),
                           r.sector, exc)
@@ -965,7 +966,9 @@ async def _settle(awaitable, what: str, timeout: float) -> None:
     """Awaits a back-end call for at most ``timeout`` seconds; its failure
     is logged, not raised."""
     try:
-        await asyncio.wait_for(awaitable, timeout)
+        # A flush touches no request buffers: the timeout holds even for
+        # executor work that never ends.
+        await asyncio.wait_for(_unbound(awaitable), timeout)
     except asyncio.TimeoutError:
         log.error("block back-end: %s not done after %gs; going on without it (writes the "
                   "store still caches may be lost)", what, timeout)
@@ -994,24 +997,6 @@ async def _despite_cancel(future: asyncio.Future) -> None:
             cancelled = exc
     if cancelled is not None:
         raise cancelled
-
-
-async def _work_ended(awaitable) -> None:
-    """Returns once the executor work behind a back-end's Future (an
-    awaitable_result of one) has ended: cancelled if it has not started,
-    else awaited to its end, cancelled meanwhile or not. Nothing for a
-    coroutine: cancelled, it has ended."""
-    future = getattr(awaitable, "future", None)
-    if not isinstance(future, concurrent.futures.Future) or future.cancel() or future.done():
-        return
-    ended = asyncio.wrap_future(future)
-    while not ended.done():
-        try:
-            await asyncio.shield(ended)
-        except asyncio.CancelledError:
-            continue            # cancelled again (the loop ending): still waited for
-        except BaseException:
-            break               # its failure: the request fails anyway
 
 
 def _release(views) -> None:
