@@ -709,6 +709,51 @@ def test_a_cancelled_write_through_write_waits_for_its_executor_work_still_runni
         assert disk.copied == [b"w" * 512]
 
 
+class ReadOnlyFromInside(Disk):
+    """write() makes its own disk read-only (misuse: it waits for itself)."""
+
+    def __init__(self):
+        super().__init__()
+        self.device = None
+        self.errors = []
+
+    def write(self, offset, bufs):
+        try:
+            self.device.set_read_only(True)
+        except Exception as exc:
+            self.errors.append(exc)
+        return super().write(offset, bufs)
+
+
+class AsyncReadOnlyFromInside(ReadOnlyFromInside):
+    async def write(self, offset, bufs):
+        try:
+            await self.device.aset_read_only(True)
+        except Exception as exc:
+            self.errors.append(exc)
+        return Disk.write(self, offset, bufs)
+
+
+@pytest.mark.parametrize("cls", [ReadOnlyFromInside, AsyncReadOnlyFromInside])
+def test_read_only_asked_from_inside_a_request_is_refused(blk_client, cls):
+    """set_read_only(True) (or aset_read_only) called from a back-end's own
+    request waited for that very request: the queue (or the request) hung
+    for the whole drain timeout, then RequestsInFlight. It is now refused
+    at once (RuntimeError) and the disk left as it was."""
+    disk = cls()
+    device = BlkDevice(disk)
+    device.drain_timeout = 1.0
+    disk.device = device
+    with blk_client(device) as (srv, blk):
+        start = time.monotonic()
+        [w] = blk.execute([BlkRequest.write(0, b"w" * 512)])
+        assert time.monotonic() - start < 0.9
+        assert w.status == BlkStatus.OK
+        [exc] = disk.errors
+        assert isinstance(exc, RuntimeError) and "inside" in str(exc), exc
+        assert not device.read_only
+
+
 class ChangingLifetime(Lifetime):
     """lifetime() has metrics when first asked, none afterwards."""
 

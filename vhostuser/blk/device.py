@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import operator
@@ -44,6 +45,13 @@ _METHODS = {BlkType.IN: "read", BlkType.OUT: "write", BlkType.FLUSH: "flush",
             BlkType.DISCARD: "discard", BlkType.WRITE_ZEROES: "write_zeroes",
             BlkType.GET_LIFETIME: "lifetime", BlkType.GET_ID: "get_id"}
 _PENDING = int(lib.VU_BLK_S_PENDING)
+
+# (device, task) while a Python back-end's request runs: a plain method in
+# its queue worker's batch (task None), an async one in the task that awaits
+# it (_complete_later). A wait for the requests in flight started there
+# would wait for itself (_refuse_in_own_request).
+_IN_REQUEST: contextvars.ContextVar = contextvars.ContextVar("vhostuser_blk_in_request",
+                                                             default=None)
 assert _OK == 0
 _PYDESC = struct.Struct("=IIQQQQ")       # struct vu_blk_pydesc
 assert _PYDESC.size == ffi.sizeof("struct vu_blk_pydesc")
@@ -335,6 +343,7 @@ class BlkDevice(Device):
 
         if (isinstance(self.backend, FileBackend) and size_bytes is not None
                 and size_bytes < self.capacity * SECTOR):
+            self._refuse_in_own_request(f"resize to {size_bytes}")
             # In force for new requests first; the file shrinks once those
             # taken before ended (a write past the new end would grow it
             # again). It blocks meanwhile, as the ftruncate does.
@@ -379,6 +388,7 @@ class BlkDevice(Device):
         async with self._resizing:
             shrink = size_bytes < self.capacity * SECTOR
             if shrink:
+                self._refuse_in_own_request(f"resize to {size_bytes}")
                 with self._no_worker_checking():
                     self._refresh_capacity(size_bytes)
             # Its own fd: close() may close the back-end's meanwhile, and
@@ -459,6 +469,22 @@ class BlkDevice(Device):
             yield pause
             pause = min(pause * 2, 0.02)
 
+    def _refuse_in_own_request(self, what: str) -> None:
+        """RuntimeError when called from inside one of this disk's own
+        requests (a Python back-end's method, or the task running an async
+        one): the wait for the requests in flight would wait for that one
+        too, for the whole timeout. Nothing is changed then."""
+        inside = _IN_REQUEST.get()
+        if inside is None or inside[0] is not self:
+            return
+        task = inside[1]
+        if task is not None and task.done():
+            return              # a task it started, outliving it: no wait for itself
+        raise RuntimeError(f"{what} waits for the requests in flight, and was called from "
+                           f"inside one of this disk's requests: it would wait for itself. "
+                           f"Change the disk from outside the request: another thread, or a "
+                           f"task not started from the request while it runs")
+
     def _wait_barrier(self, what: str, timeout: float | None) -> None:
         """_barrier for a blocking caller."""
         for pause in self._barrier(what, timeout):
@@ -491,6 +517,7 @@ class BlkDevice(Device):
             else:
                 raise RuntimeError("set_read_only(True) waits for the writes in flight: on an "
                                    "event loop, await aset_read_only(True)")
+            self._refuse_in_own_request("set_read_only(True)")
         self._set_read_only_flag(read_only)
         if read_only:
             self._wait_barrier("read-only", timeout)
@@ -498,6 +525,8 @@ class BlkDevice(Device):
     async def aset_read_only(self, read_only: bool, timeout: float | None = None) -> None:
         """set_read_only() for the event loop: awaits the requests taken
         before it, the loop serving meanwhile."""
+        if read_only:
+            self._refuse_in_own_request("aset_read_only(True)")
         self._set_read_only_flag(read_only)
         if read_only:
             await self._await_barrier("read-only", timeout)
@@ -785,6 +814,7 @@ class BlkDevice(Device):
         (_settle_write_back) before it publishes them."""
         status = bytearray([_IOERR]) * n     # a request not reached fails
         written_back: list[int] = []
+        inside = _IN_REQUEST.set((self, None))
         try:
             self._run_batch(vq, reqs, n, status, written_back)
         except BaseException:
@@ -793,6 +823,7 @@ class BlkDevice(Device):
                 status[i] = _IOERR
             raise
         finally:
+            _IN_REQUEST.reset(inside)
             # Those handed to the event loop stay PENDING: it completes them.
             lib.vu_blk_py_set_results(reqs, n, ffi.from_buffer(status))
         self._written_back[vq.index] = written_back
@@ -910,6 +941,7 @@ class BlkDevice(Device):
 
         async def run():
             reraise = None
+            _IN_REQUEST.set((self, asyncio.current_task()))     # this task's context only
             try:
                 self._ignored(method, await awaitable)
                 if method == "write" and not self._blk.lim.writeback:
