@@ -520,6 +520,31 @@ def test_set_read_only_answers_once_the_writes_taken_before_have_ended(workdir):
         run(main())
 
 
+def test_an_export_removed_while_set_read_only_waits_answers_it_plainly(workdir, image):
+    """remove while set-read-only waits for the writes taken before: it
+    answered a success naming an export that no longer exists; it is now
+    answered no-such-export, as resize is."""
+    async def main():
+        d = Daemon()
+        await d.add_blk("f", os.path.join(workdir, "f.sock"), file=image)
+        device = d.get("f").device
+        gate = asyncio.Event()
+        waiting = device.aset_read_only
+
+        async def held(read_only, timeout=None):
+            await gate.wait()               # the writes taken before, still running
+            await waiting(read_only, timeout)
+        device.aset_read_only = held
+        answer = asyncio.create_task(d.set_read_only("f", True))
+        await asyncio.sleep(0.1)
+        await d.remove("f")
+        gate.set()
+        with pytest.raises(errors.NoSuchExport, match="removed"):
+            await answer
+        await d.close()
+    run(main())
+
+
 def test_set_read_only_that_times_out_with_a_write_in_flight_says_so(workdir):
     """A write still running after the drain timeout, even one whose front-end
     is gone (an orphan): set-read-only answers in-flight, naming it, rather

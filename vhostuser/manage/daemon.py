@@ -3,8 +3,8 @@ devices, each on its own vhost-user socket) in one asyncio event loop,
 added, changed and removed while the others keep serving.
 
 Every method runs on the daemon's event loop; lifecycle changes (add,
-remove, stop, start, close) and resize are coroutines, the rest are plain
-calls. Each checks all of its arguments before it changes anything, and
+remove, stop, start, close), resize and set_read_only are coroutines, the
+rest are plain calls. Each checks all of its arguments before it changes anything, and
 refuses with a
 :class:`~vhostuser.manage.errors.ManageError` subclass::
 
@@ -269,12 +269,19 @@ class Daemon:
         after the drain timeout (the disk stays read-only)."""
         export, device = self._blk(name, "set-read-only")
         read_only = checks.as_bool(read_only, "read_only")
+        # Not under the lifecycle lock (writes that never end must not hold
+        # up a remove): the export may go while this waits, its device closed.
         try:
             await device.aset_read_only(read_only)
-        except ValueError as exc:
-            raise BackendFailed(f"set-read-only {export.name}: {exc}") from None
-        except RequestsInFlight as exc:
-            raise StillInFlight(f"set-read-only {export.name}: read-only now, but {exc}") from None
+        except Exception as exc:
+            self._check_still_there(export, "set-read-only")
+            if isinstance(exc, ValueError):
+                raise BackendFailed(f"set-read-only {export.name}: {exc}") from None
+            if isinstance(exc, RequestsInFlight):
+                raise StillInFlight(f"set-read-only {export.name}: read-only now, but "
+                                    f"{exc}") from None
+            raise
+        self._check_still_there(export, "set-read-only")
         return {"name": export.name, "read_only": device.read_only}
 
     def set_qos(self, name: Any, limits: QosLimits | dict) -> dict:
