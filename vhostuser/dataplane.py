@@ -88,6 +88,10 @@ class DataPlane:
         if num_queues < 1:
             raise ValueError("a device needs at least one queue")
         self._dev = lib.vu_dev_new(num_queues)
+        # Held by locked() for its whole block and by close() while it frees
+        # the device: a thread in locked() (set_read_only, resize: any
+        # thread) never locks a freed device, nor has it freed under it.
+        self._life = threading.Lock()
         if self._dev == ffi.NULL:
             raise MemoryError("vu_dev_new")
         self._key = int(ffi.cast("uintptr_t", self._dev))
@@ -160,12 +164,19 @@ class DataPlane:
     # -- locking ---------------------------------------------------------
     @contextlib.contextmanager
     def locked(self):
-        """Holds the device write lock: no worker is inside a batch."""
-        lib.vu_dev_wrlock(self._dev)
-        try:
-            yield
-        finally:
-            lib.vu_dev_unlock(self._dev)
+        """Holds the device write lock: no worker is inside a batch. Once
+        closed there is no worker and no device: a no-op. close() frees the
+        device only once such a block has ended (nothing inside one may wait
+        for the event loop, where close() may run)."""
+        with self._life:
+            if self._dev == ffi.NULL:
+                yield
+                return
+            lib.vu_dev_wrlock(self._dev)
+            try:
+                yield
+            finally:
+                lib.vu_dev_unlock(self._dev)
 
     @property
     def features(self) -> int:
@@ -434,8 +445,9 @@ class DataPlane:
                 fds[i] = None
         self._close(self._log_fd)
         self.views.forget()
-        orphans = lib.vu_dev_close(self._dev)
+        with self._life:        # not while a thread holds its lock (locked())
+            orphans = lib.vu_dev_close(self._dev)
+            self._dev = ffi.NULL
         native.device_names.pop(self._key, None)
-        self._dev = ffi.NULL
         self._handles.clear()
         return orphans

@@ -356,3 +356,46 @@ def test_complete_with_a_wrong_length_is_refused_and_leaves_the_element_to_compl
         mem, (vq,) = setup(fe, packed=False, queues=1)
         assert len(echo(mem, vq, [b"abc" * 100, b"de" * 7])) == 2
     assert device.errors == [ValueError, ValueError, TypeError, TypeError, TypeError] * 2
+
+
+def lock_while_closing():
+    """Run in a child process (the old code died of a segfault)."""
+    from vhostuser.dataplane import DataPlane
+    dp = DataPlane(1)
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold():
+        with dp.locked():
+            inside.set()
+            leave.wait(5)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(5)
+    closer = threading.Thread(target=dp.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive(), "the device freed while a thread held its lock"
+    leave.set()
+    closer.join(5)
+    holder.join(5)
+    assert not closer.is_alive() and not holder.is_alive()
+    with dp.locked():       # closed: no worker left, nothing to lock
+        pass
+    print("excluded")
+
+
+def test_the_device_lock_and_close_exclude_each_other():
+    """vhostuser/dataplane.py: locked() (set_read_only, resize from any
+    thread) took the write lock of a device close() freed meanwhile, or
+    close() freed it under a thread holding it. close() now waits for a
+    locked() block to end, and locked() after close() is a no-op."""
+    import os
+    import subprocess
+    import sys
+    script = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+              f"import test_generic_device as t; "
+              f"t.lock_while_closing()")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.strip() == "excluded", out.stdout
