@@ -37,6 +37,7 @@ DEFAULT_WORKLOADS = ("randread-4k-qd32", "randread-4k-qd1", "randwrite-4k-qd32",
 BACKENDS = {
     "ram": lambda img, size: ["--ramdisk", str(size)],
     "file": lambda img, size: ["--blk-file", img],
+    "file-poll": lambda img, size: ["--blk-file", img, "--poll", "1000"],
     "direct": lambda img, size: ["--blk-file", img, "--direct"],
     "py": lambda img, size: ["--backend", "bench.backends:PreadDisk", "--backend-opt",
                              f"path={img}"],
