@@ -614,6 +614,24 @@ class PipeReadDisk(Disk):
         os.close(self.wfd)
 
 
+def cancel_waiting_requests(loop) -> int:
+    """Cancels, on `loop`, the tasks of the requests handed to it
+    (_complete_later) once they wait (a task cancelled before it starts
+    runs nothing at all); returns how many."""
+    async def cancel():
+        while True:
+            tasks = [t for t in asyncio.all_tasks()
+                     if "_complete_later" in t.get_coro().__qualname__
+                     and inspect.getcoroutinestate(t.get_coro()) == "CORO_SUSPENDED"]
+            if tasks:
+                break
+            await asyncio.sleep(0.01)
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
+    return asyncio.run_coroutine_threadsafe(cancel(), loop).result(5)
+
+
 def test_a_cancelled_request_waits_for_its_executor_work_still_running(blk_client):
     """The request of a Future already running in its executor, cancelled
     (its loop ending cancels what is left), was answered at once while the
@@ -626,20 +644,7 @@ def test_a_cancelled_request_waits_for_its_executor_work_still_running(blk_clien
             blk.submit([BlkRequest.read(0, 512)])
             assert disk.started.wait(5)
 
-            async def cancel_request():
-                # once it waits for the work (cancelled before it starts, a
-                # coroutine runs nothing at all)
-                while True:
-                    tasks = [t for t in asyncio.all_tasks()
-                             if "_complete_later" in t.get_coro().__qualname__
-                             and inspect.getcoroutinestate(t.get_coro()) == "CORO_SUSPENDED"]
-                    if tasks:
-                        break
-                    await asyncio.sleep(0.01)
-                for task in tasks:
-                    task.cancel()
-                return len(tasks)
-            assert asyncio.run_coroutine_threadsafe(cancel_request(), srv.loop).result(5) == 1
+            assert cancel_waiting_requests(srv.loop) == 1
             with pytest.raises(FrontendTimeout):
                 blk.reap(1, timeout=0.5)        # the work still writes into its buffer
         finally:
@@ -688,18 +693,7 @@ def test_a_cancelled_write_through_write_waits_for_its_executor_work_still_runni
             blk.submit([BlkRequest.write(0, b"w" * 512)])
             assert disk.started.wait(5)
 
-            async def cancel_request():
-                while True:
-                    tasks = [t for t in asyncio.all_tasks()
-                             if "_complete_later" in t.get_coro().__qualname__
-                             and inspect.getcoroutinestate(t.get_coro()) == "CORO_SUSPENDED"]
-                    if tasks:
-                        break
-                    await asyncio.sleep(0.01)
-                for task in tasks:
-                    task.cancel()
-                return len(tasks)
-            assert asyncio.run_coroutine_threadsafe(cancel_request(), srv.loop).result(5) == 1
+            assert cancel_waiting_requests(srv.loop) == 1
             with pytest.raises(FrontendTimeout):
                 blk.reap(1, timeout=0.5)        # the work still reads its buffers
         finally:
