@@ -18,6 +18,19 @@ from .native import check, ffi, lib
 from .protocol import MemRegion
 
 
+def release_views(views) -> None:
+    """Releases views over guest memory handed to a back-end once the
+    request (element, transmit batch) they belong to ended: using one
+    afterwards raises ValueError. One still exported (a buffer taken from
+    it and kept) can't be released and stays; its mapping, in any case,
+    stays until the last view of it is gone (GuestViews)."""
+    for v in views:
+        try:
+            v.release()
+        except BufferError:
+            pass
+
+
 class MemoryTable:
     """A table of the regions the front-end shared, mapped into this process.
 

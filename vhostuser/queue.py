@@ -8,7 +8,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
-from .memory import GuestViews
+from .memory import GuestViews, release_views
 from .native import check, error_name, ffi, lib, strerror
 
 
@@ -50,11 +50,7 @@ class Element:
         if self._done:
             # complete() ran in another thread while these were made: it
             # released the list before they were in it.
-            for view in views:
-                try:
-                    view.release()
-                except BufferError:
-                    pass
+            release_views(views)
             self._check_live()
         return views
 
@@ -123,11 +119,7 @@ class Element:
                              f"{written} out of range")
         self._done = True
         views, self._views = self._views, None
-        for view in views or ():
-            try:
-                view.release()
-            except BufferError:
-                pass
+        release_views(views or ())
         notify = not self.queue._in_batch if notify is None else bool(notify)
         vq = self.queue._vq
         # Under the device read lock, published at once: a batch runs

@@ -16,6 +16,7 @@ import time
 
 from ..dataplane import NativeHandler
 from ..memory import GuestViews
+from ..memory import release_views as _release
 from ..device import Device
 from ..errors import ProtocolError, RequestsInFlight
 from ..handler import drain_timeout
@@ -1029,18 +1030,6 @@ async def _despite_cancel(future: asyncio.Future) -> None:
             cancelled = exc
     if cancelled is not None:
         raise cancelled
-
-
-def _release(views) -> None:
-    """Releases the views a request's back-end method got, once the request
-    ended: using one afterwards raises ValueError. One the back-end still
-    exports (a buffer taken from it and kept) stays; its mapping, in any
-    case, stays until the last view of it is gone (GuestViews)."""
-    for v in views:
-        try:
-            v.release()
-        except BufferError:
-            pass
 
 
 def _op(t: int) -> str:

@@ -16,6 +16,7 @@ from ctypes import string_at
 from dataclasses import dataclass, field
 
 from ..errors import VhostUserError
+from ..memory import release_views
 from ..sandbox import access as sandbox_access
 
 TUNSETIFF = 0x400454CA
@@ -252,11 +253,7 @@ class FrameBatch(Sequence):
             self._live = False
         for f in self._frames or ():
             if f is not None and f._views:
-                for v in f._views:
-                    try:
-                        v.release()
-                    except BufferError:
-                        pass
+                release_views(f._views)
 
     # helpers for Frame, with the C types at hand
     def _describe(self) -> list:
